@@ -69,18 +69,18 @@ class RunConfig:
     num_server_rounds: int = 5
     fraction_train: float = 1.0
     fraction_evaluate: float = 0.5
-    min_nodes: int = 2  # nodes that must be connected before a round starts
+    min_nodes: int = 2  # nodes that must be connected before a round starts (>= 1)
     min_replies: int = 1  # valid training replies needed to aggregate a round
     round_timeout: float = 600.0  # seconds to wait for the replies of one round
     node_wait_timeout: float = 120.0  # seconds to wait for `min-nodes`, then stop
     # --- server-side strategy ---
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox
-    server_learning_rate: float = 0.01  # fedadam/fedyogi/fedadagrad eta; fedavgm lr
+    server_learning_rate: float = 0.0  # fedopt eta / fedavgm lr; 0 = Flower's default
     server_momentum: float = 0.9  # fedavgm
     trim_fraction: float = 0.2  # fedtrimmedavg: cut this share at each end
     num_malicious: int = 0  # krum/multikrum/bulyan: tolerated attackers
-    krum_keep: int = 0  # multikrum: updates kept (0 = all but the tolerated attackers)
+    krum_keep: int = 3  # multikrum: updates kept and averaged after selection
     # --- client-side optimisation ---
     local_steps: int = 10  # cap on optimizer steps per round; 0 = full local epochs
     local_epochs: int = 1
@@ -118,12 +118,13 @@ class RunConfig:
                 f"{self.text_column!r}"
             )
         for key in ("lora-r", "lora-alpha", "num-server-rounds", "batch-size",
-                    "max-length", "local-epochs", "min-replies", "builtin-examples"):
+                    "max-length", "local-epochs", "min-replies", "builtin-examples",
+                    "min-nodes", "krum-keep"):
             _check_range(key, getattr(self, _attr(key)), low=1)
-        for key in ("freeze-layers", "num-malicious", "krum-keep", "local-steps",
-                    "keep-checkpoints", "min-nodes", "seed"):
+        for key in ("freeze-layers", "num-malicious", "local-steps",
+                    "keep-checkpoints", "seed", "server-learning-rate"):
             _check_range(key, getattr(self, _attr(key)), low=0)
-        for key in ("learning-rate", "server-learning-rate", "round-timeout",
+        for key in ("learning-rate", "round-timeout",
                     "node-wait-timeout", "dirichlet-alpha"):
             _check_range(key, getattr(self, _attr(key)), low=0, low_open=True)
         for key in ("weight-decay", "grad-clip", "proximal-mu"):

@@ -1,0 +1,94 @@
+"""The fedsft ClientApp: fine-tune the global state locally, reply with the new state.
+
+Only the exchanged (trainable) tensors and scalar metrics leave the site; evaluation
+replies carry metrics only.
+"""
+
+from __future__ import annotations
+
+import logging
+import resource
+import time
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local_data import client_key, load_local_data
+from common.config import RunConfig
+from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
+from common.training import derive_seed, evaluate, train_local
+
+log = logging.getLogger(__name__)
+app = ClientApp()
+
+
+def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
+    """Config, model with the global state applied, and this site's data."""
+    cfg = RunConfig.from_flower(context.run_config)
+    config = msg.content["config"]
+    label_names = [str(name) for name in config["label-names"]]
+    device = select_device(cfg.device)
+    model, tokenizer = get_model(cfg, label_names, device)
+    set_exchanged_state(
+        model, {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    )
+    try:
+        data = load_local_data(cfg, context.node_config, label_names, tokenizer)
+    except Exception:
+        log.exception("fedsft client %s cannot load its data", context.node_id)
+        raise  # Flower reports it to the server as a failed reply with the reason
+    return cfg, config, model, tokenizer, data, device
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """Tell the server this client's stable key (used to order and sample nodes)."""
+    key = client_key(context.node_config, context.node_id)
+    return Message(RecordDict({"config": ConfigRecord({"client-key": key})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local fine-tuning on the site's data starting from the received global state."""
+    cfg, config, model, tokenizer, data, device = _setup(msg, context)
+    server_round = int(config["server-round"])
+    result = train_local(
+        model, data.train, cfg,
+        seed=derive_seed(cfg.seed, server_round, client_key(context.node_config,
+                                                            context.node_id)),
+        device=device,
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    arrays = ArrayRecord({k: Array(v) for k, v in get_exchanged_state(model).items()})
+    metrics = MetricRecord({
+        "num-examples": result.num_examples,
+        "train-loss": result.train_loss,
+        "train-first-loss": result.first_loss,
+        "train-steps": result.steps,
+        "train-seconds": result.seconds,
+        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    })
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Evaluate the global state on this site's local eval split: metrics only."""
+    cfg, _, model, tokenizer, data, device = _setup(msg, context)
+    started = time.monotonic()
+    if len(data.eval) == 0:
+        metrics = MetricRecord({"num-examples": 0})
+    else:
+        result = evaluate(
+            model, data.eval, batch_size=max(cfg.batch_size, 64), device=device,
+            pad_token_id=tokenizer.pad_token_id, precision=cfg.precision,
+        )
+        metrics = MetricRecord({
+            "num-examples": result.num_examples,
+            "eval-loss": result.loss,
+            "eval-accuracy": result.accuracy,
+            "eval-f1-macro": result.f1_macro,
+            "eval-seconds": time.monotonic() - started,
+        })
+    return Message(RecordDict({"metrics": metrics}), reply_to=msg)

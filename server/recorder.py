@@ -1,0 +1,151 @@
+"""Centralized evaluation each round, plus the results line and the checkpoint.
+
+``RoundRecorder`` is the ``evaluate_fn`` handed to Flower's ``Strategy.start``: Flower
+calls it with the new global arrays at the end of every round (and once before the
+first), which is exactly when a round is complete. It evaluates on the server's
+held-out data, merges the round's measurements from ``TrackedStrategy``, writes the
+checkpoint and then the results line (in that order: a results line means the
+round's checkpoint exists), and prints one progress line.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord
+
+from common.config import RunConfig
+from common.model import set_exchanged_state
+from common.training import EncodedData, evaluate
+from server.run_outputs import RunOutputs
+from server.strategies import strategy_state
+from server.tracked_strategy import RoundStats, TrackedStrategy, summarize_accuracy_spread
+
+
+def arrays_to_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """Flower ArrayRecord -> name-keyed numpy arrays."""
+    return {name: array.numpy() for name, array in arrays.items()}
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class RoundRecorder:
+    """``evaluate_fn`` for ``Strategy.start``; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        eval_data: EncodedData,
+        pad_token_id: int,
+        device: torch.device,
+        strategy: TrackedStrategy,
+        outputs: RunOutputs,
+        total_rounds: int,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.eval_data = eval_data
+        self.pad_token_id = pad_token_id
+        self.device = device
+        self.strategy = strategy
+        self.outputs = outputs
+        self.total_rounds = total_rounds
+        self.bytes_up_total = 0
+        self.bytes_down_total = 0
+        self.last_row: dict[str, Any] | None = None
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        rnd = server_round + self.strategy.round_offset
+        if server_round == 0 and rnd > 0:
+            return None  # resuming: this round is already recorded
+        started = time.monotonic()
+        state = arrays_to_state(arrays)
+        set_exchanged_state(self.model, state)
+        result = evaluate(
+            self.model, self.eval_data, batch_size=max(self.cfg.batch_size, 64),
+            device=self.device, pad_token_id=self.pad_token_id, precision=self.cfg.precision,
+        )
+        central = {"accuracy": result.accuracy, "f1_macro": result.f1_macro,
+                   "loss": result.loss, "num_examples": result.num_examples}
+        stats = self.strategy.stats.pop(rnd, None) or RoundStats(round=rnd, started=started)
+        row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
+        self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner))
+        self.outputs.append_result(row)
+        self.last_row = row
+        print(_progress_line(row, self.total_rounds), flush=True)
+        return MetricRecord({"accuracy": result.accuracy, "f1-macro": result.f1_macro,
+                             "loss": result.loss})
+
+    def _row(
+        self, rnd: int, central: dict[str, Any], stats: RoundStats, *, eval_seconds: float
+    ) -> dict[str, Any]:
+        self.bytes_up_total += stats.bytes_up
+        self.bytes_down_total += stats.bytes_down
+        seconds = time.monotonic() - stats.started
+        return {
+            "round": rnd,
+            "central": central,
+            "federated": {k.replace("-", "_"): v for k, v in stats.eval_metrics.items()},
+            "train": {k.replace("-", "_"): v for k, v in stats.train_metrics.items()},
+            "clients": {
+                "sampled": stats.sampled,
+                "replies": stats.replies,
+                "aggregated": stats.aggregated,
+                "failures": stats.failures,
+                "timeouts": stats.timeouts,
+                "invalid": stats.invalid,
+                "skipped": stats.skipped,
+                "problems": stats.problems,
+                "eval_accuracy": stats.client_eval_accuracy,
+                "eval_accuracy_spread": summarize_accuracy_spread(stats.client_eval_accuracy),
+            },
+            "bytes": {
+                "up": stats.bytes_up,
+                "down": stats.bytes_down,
+                "up_total": self.bytes_up_total,
+                "down_total": self.bytes_down_total,
+            },
+            "seconds": {
+                "round": seconds,
+                "wait": stats.wait_seconds,
+                "client_train_max": max(stats.client_train_seconds, default=0.0),
+                "client_train_mean": float(np.mean(stats.client_train_seconds))
+                if stats.client_train_seconds else 0.0,
+                "aggregate": stats.aggregate_seconds,
+                "central_eval": eval_seconds,
+            },
+            "memory_mb": {"server_peak": peak_rss_mb(), "client_peak": stats.client_peak_rss_mb},
+            "time": time.time(),
+        }
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _progress_line(row: dict[str, Any], total_rounds: int) -> str:
+    c, b, s, cl = row["central"], row["bytes"], row["seconds"], row["clients"]
+    line = (
+        f"[fedsft] round {row['round']}/{total_rounds}  "
+        f"acc {c['accuracy']:.4f}  f1 {c['f1_macro']:.4f}  loss {c['loss']:.4f}  |  "
+        f"up {_mb(b['up'])}  down {_mb(b['down'])}  |  {s['round']:.1f} s"
+    )
+    if row["round"] > 0:
+        line += f"  |  clients {cl['aggregated']}/{cl['sampled']}"
+        bad = cl["failures"] + cl["timeouts"] + cl["invalid"]
+        if bad:
+            line += f" ({bad} failed)"
+        if cl["skipped"]:
+            line += "  ROUND SKIPPED"
+    return line

@@ -1,0 +1,81 @@
+"""One federated fine-tuning run on the server side, from config to exported model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from common.config import RunConfig
+from common.data import load_splits
+from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
+from common.training import encode
+from server.export import export_final_model
+from server.grid import NodeWaitingGrid
+from server.recorder import RoundRecorder, arrays_to_state
+from server.run_outputs import RunOutputs, run_folder
+from server.strategies import build_strategy, restore_strategy_state
+from server.tracked_strategy import TrackedStrategy
+
+log = logging.getLogger(__name__)
+
+
+def run_federation(grid: Grid, cfg: RunConfig) -> Path:
+    """Run ``cfg.num_server_rounds`` rounds (or the rest of them, when resuming).
+
+    Returns the run folder, which then holds config.json, results.jsonl, checkpoints
+    and the final model (see server/run_outputs.py).
+    """
+    outputs = RunOutputs(run_folder(cfg), keep_checkpoints=cfg.keep_checkpoints)
+    if cfg.resume_from:
+        outputs.check_resumable(cfg)
+    splits = load_splits(cfg)
+    label_names = splits.label_names
+    device = select_device(cfg.device)
+    model, tokenizer = get_model(cfg, label_names, device)
+    eval_data = encode(
+        splits.eval["text"], splits.eval["label"], tokenizer, max_length=cfg.max_length
+    )
+
+    strategy = build_strategy(cfg)
+    state = get_exchanged_state(model)
+    done_rounds = 0
+    if cfg.resume_from:
+        checkpoint = outputs.last_checkpoint()
+        done_rounds, state = checkpoint.round, checkpoint.global_state
+        restore_strategy_state(strategy, checkpoint.strategy_state)
+        print(f"[fedsft] resuming {outputs.folder} after round {done_rounds}", flush=True)
+    outputs.start(cfg, label_names)
+    print(f"[fedsft] run folder: {outputs.folder}", flush=True)
+
+    tracked = TrackedStrategy(
+        strategy, seed=cfg.seed, min_replies=cfg.min_replies, round_offset=done_rounds
+    )
+    recorder = RoundRecorder(
+        cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,
+        device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
+    )
+    # Clients learn the label map from the server, so every site encodes labels alike.
+    round_config = ConfigRecord({"label-names": list(label_names)})
+    remaining = cfg.num_server_rounds - done_rounds
+    final_state = state
+    if remaining > 0:
+        result = tracked.start(
+            grid=NodeWaitingGrid(
+                grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
+            ),
+            initial_arrays=ArrayRecord({k: Array(v) for k, v in state.items()}),
+            num_rounds=remaining,
+            timeout=cfg.round_timeout,
+            train_config=round_config,
+            evaluate_config=ConfigRecord(dict(round_config)),
+            evaluate_fn=recorder,
+        )
+        final_state = arrays_to_state(result.arrays) if len(result.arrays) else state
+    set_exchanged_state(model, final_state)
+    paths = export_final_model(model, tokenizer, outputs.folder / "final")
+    print(f"[fedsft] final model: {paths['model']}", flush=True)
+    print(f"[fedsft] results: {outputs.results_path}", flush=True)
+    return outputs.folder

@@ -1,0 +1,92 @@
+"""Build a Flower Message-API strategy by name from the run config.
+
+Every strategy here is Flower's own class (``flwr.serverapp.strategy``); this module
+only maps config keys onto their constructor arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.serverapp import strategy as flwr_strategy
+
+from common.config import ConfigError, RunConfig
+
+# Strategies whose aggregate is a (weighted) mean of the replies.
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
+# Strategies that need every individual update (robust aggregation).
+ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+
+
+def build_strategy(cfg: RunConfig) -> flwr_strategy.Strategy:
+    """Return the Flower strategy named by ``cfg.strategy``.
+
+    Sampling minimums are set so that Flower's own wait loop never blocks: the
+    ``NodeWaitingGrid`` (server/grid.py) waits for ``min-nodes`` with a deadline
+    before Flower samples.
+    """
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": 1,
+        "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": cfg.min_nodes,
+        "weighted_by_key": "num-examples",
+    }
+    lr = {"eta": cfg.server_learning_rate} if cfg.server_learning_rate > 0 else {}
+    name = cfg.strategy
+    if name == "fedavg":
+        return flwr_strategy.FedAvg(**common)
+    if name == "fedprox":
+        return flwr_strategy.FedProx(**common, proximal_mu=cfg.proximal_mu)
+    if name == "fedadam":
+        return flwr_strategy.FedAdam(**common, **lr)
+    if name == "fedyogi":
+        return flwr_strategy.FedYogi(**common, **lr)
+    if name == "fedadagrad":
+        return flwr_strategy.FedAdagrad(**common, **lr)
+    if name == "fedavgm":
+        server_lr = (
+            {"server_learning_rate": cfg.server_learning_rate}
+            if cfg.server_learning_rate > 0
+            else {}
+        )
+        return flwr_strategy.FedAvgM(**common, **server_lr, server_momentum=cfg.server_momentum)
+    if name == "fedmedian":
+        return flwr_strategy.FedMedian(**common)
+    if name == "fedtrimmedavg":
+        return flwr_strategy.FedTrimmedAvg(**common, beta=cfg.trim_fraction)
+    if name == "krum":
+        return flwr_strategy.Krum(**common, num_malicious_nodes=cfg.num_malicious)
+    if name == "multikrum":
+        return flwr_strategy.MultiKrum(
+            **common,
+            num_malicious_nodes=cfg.num_malicious,
+            num_nodes_to_select=cfg.krum_keep,
+        )
+    if name == "bulyan":
+        return flwr_strategy.Bulyan(**common, num_malicious_nodes=cfg.num_malicious)
+    raise ConfigError(f"`strategy` {name!r} is not supported")  # RunConfig already checks
+
+
+# Attributes that Flower's stateful strategies keep between rounds (server optimiser
+# moments of FedAdam/FedYogi/FedAdagrad, FedAvgM's momentum). A checkpoint saves them so
+# that a resumed run continues exactly where the interrupted one stopped.
+_STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
+
+
+def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, Any]:
+    """The between-round state of a Flower strategy, for checkpoints (None = unset)."""
+    return {
+        name: getattr(strategy, name)
+        for name in _STATE_ATTRIBUTES
+        if getattr(strategy, name, None) is not None
+    }
+
+
+def restore_strategy_state(strategy: flwr_strategy.Strategy, state: dict[str, Any]) -> None:
+    """Put a state taken by :func:`strategy_state` back into a fresh strategy."""
+    for name, value in state.items():
+        if name not in _STATE_ATTRIBUTES:
+            raise ValueError(f"unknown strategy state {name!r} in checkpoint")
+        setattr(strategy, name, value)

@@ -1,0 +1,235 @@
+"""Wrap a Flower strategy: validate replies, survive faults, measure each round.
+
+Composition, not inheritance: ``TrackedStrategy`` holds any Flower Message-API strategy
+and forwards the four round hooks to it, adding around each
+
+- a round offset, so a resumed run continues its numbering (and its seeds);
+- a sampler seeded per (seed, round, phase): Flower samples with the module-level
+  ``random``, so seeding it right before delegating is the only way to make client
+  sampling reproducible without re-implementing Flower's sampling;
+- failure accounting: error replies, replies missing at the round timeout, and
+  invalid updates (server/validation.py) are counted and dropped; fewer than
+  ``min_replies`` valid replies skips the round (the global model stays);
+- a deterministic aggregation order (by content digest), so the floating-point sum
+  does not depend on reply arrival order — resumed runs end bit-identical;
+- bytes and seconds per round.
+
+Flower's ``Strategy.start`` runs the loop; nothing here copies it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from common.training import derive_seed
+from server.validation import update_problem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundStats:
+    """What happened in one round, beyond the metrics (one per round)."""
+
+    round: int
+    sampled: int = 0
+    replies: int = 0
+    failures: int = 0  # replies carrying an error (the client raised)
+    timeouts: int = 0  # no reply within `round-timeout`
+    invalid: int = 0  # replies dropped by validation
+    aggregated: int = 0
+    skipped: bool = False  # too few valid replies: global model unchanged
+    bytes_down: int = 0  # serialized array bytes sent to clients (train + evaluate)
+    bytes_up: int = 0  # serialized array bytes received from clients
+    started: float = field(default_factory=time.monotonic)
+    wait_seconds: float = 0.0  # messages out until replies in: client compute + comms
+    aggregate_seconds: float = 0.0
+    client_train_seconds: list[float] = field(default_factory=list)
+    client_peak_rss_mb: float = 0.0  # largest peak memory reported by a client process
+    train_metrics: dict[str, Any] = field(default_factory=dict)
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+    client_eval_accuracy: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def payload_bytes(message: Message) -> int:
+    """Serialized size of the arrays a message carries (Flower's ``Array.data``)."""
+    if message.has_error():
+        return 0
+    return sum(
+        len(array.data)
+        for record in message.content.array_records.values()
+        for array in record.values()
+    )
+
+
+def _digest(message: Message) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for record in message.content.array_records.values():
+        for name, array in record.items():
+            h.update(name.encode())
+            h.update(array.data)
+    return h.digest()
+
+
+class TrackedStrategy(Strategy):
+    """Forward to ``inner`` with validation, fault tolerance and measurements."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        *,
+        seed: int,
+        min_replies: int,
+        round_offset: int = 0,
+    ) -> None:
+        self.inner = inner
+        self.seed = seed
+        self.min_replies = min_replies
+        self.round_offset = round_offset
+        self.stats: dict[int, RoundStats] = {}
+        self._expected: dict[str, Any] = {}
+        self._sent_at = 0.0
+
+    def _round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    # --- training ---------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        rnd = self._round(server_round)
+        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
+        self._expected = {n: (tuple(a.shape), np.dtype(a.dtype)) for n, a in arrays.items()}
+        random.seed(derive_seed(self.seed, rnd, "train-sampling"))
+        messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+        stats.sampled = len(messages)
+        stats.bytes_down += sum(payload_bytes(m) for m in messages)
+        self._sent_at = time.monotonic()
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        rnd = self._round(server_round)
+        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
+        replies = list(replies)
+        stats.wait_seconds = time.monotonic() - self._sent_at
+        stats.replies = len(replies)
+        stats.timeouts = max(stats.sampled - len(replies), 0)
+        valid = []
+        for reply in replies:
+            stats.bytes_up += payload_bytes(reply)
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                stats.failures += 1
+                stats.problems.append(f"node {node}: error: {reply.error.reason}")
+                continue
+            problem = self._reply_problem(reply)
+            if problem:
+                stats.invalid += 1
+                stats.problems.append(f"node {node}: invalid update: {problem}")
+                continue
+            valid.append(reply)
+            metrics = next(iter(reply.content.metric_records.values()))
+            if "train-seconds" in metrics:
+                stats.client_train_seconds.append(float(metrics["train-seconds"]))
+            if "peak-rss-mb" in metrics:
+                stats.client_peak_rss_mb = max(
+                    stats.client_peak_rss_mb, float(metrics["peak-rss-mb"])
+                )
+        for problem in stats.problems:
+            log.warning("round %d: %s", rnd, problem)
+        if len(valid) < self.min_replies:
+            stats.skipped = True
+            log.warning(
+                "round %d skipped: %d valid training replies, `min-replies` is %d "
+                "(%d failed, %d timed out, %d invalid)",
+                rnd, len(valid), self.min_replies,
+                stats.failures, stats.timeouts, stats.invalid,
+            )
+            return None, None
+        valid.sort(key=_digest)  # arrival order must not change the float sum
+        started = time.monotonic()
+        arrays, metrics = self.inner.aggregate_train(rnd, valid)
+        stats.aggregate_seconds = time.monotonic() - started
+        stats.aggregated = len(valid)
+        stats.train_metrics = dict(metrics) if metrics else {}
+        if arrays is None:
+            stats.skipped = True
+        return arrays, metrics
+
+    def _reply_problem(self, reply: Message) -> str | None:
+        content = reply.content
+        if len(content.array_records) != 1 or len(content.metric_records) != 1:
+            return "expected exactly one ArrayRecord and one MetricRecord"
+        record = next(iter(content.array_records.values()))
+        try:
+            update = {name: array.numpy() for name, array in record.items()}
+        except Exception as exc:  # undecodable array bytes
+            return f"arrays cannot be decoded: {exc}"
+        metrics = next(iter(content.metric_records.values()))
+        return update_problem(
+            update, expected=self._expected, num_examples=metrics.get("num-examples")
+        )
+
+    # --- federated evaluation ---------------------------------------------------
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        rnd = self._round(server_round)
+        random.seed(derive_seed(self.seed, rnd, "evaluate-sampling"))
+        messages = list(
+            self.inner.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid)
+        )
+        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
+        stats.bytes_down += sum(payload_bytes(m) for m in messages)
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        rnd = self._round(server_round)
+        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
+        ok = []
+        for reply in replies:
+            if reply.has_error() or len(reply.content.metric_records) != 1:
+                continue
+            metrics = next(iter(reply.content.metric_records.values()))
+            weight = metrics.get("num-examples")
+            if update_problem({}, expected={}, num_examples=weight) is None:
+                ok.append(reply)
+                if "eval-accuracy" in metrics:
+                    stats.client_eval_accuracy.append(float(metrics["eval-accuracy"]))
+        if not ok:
+            return None
+        metrics = self.inner.aggregate_evaluate(rnd, ok)
+        stats.eval_metrics = dict(metrics) if metrics else {}
+        stats.client_eval_accuracy.sort()
+        return metrics
+
+
+def summarize_accuracy_spread(values: list[float]) -> dict[str, float]:
+    """Min, 10th percentile and median of per-client accuracies (fairness under skew)."""
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "min": float(array.min()),
+        "p10": float(np.percentile(array, 10)),
+        "median": float(np.median(array)),
+    }

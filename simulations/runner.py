@@ -1,0 +1,148 @@
+"""Run the fedsft Flower App in Flower's Simulation Engine, as a user would.
+
+``run_app`` calls ``flwr run`` with a private ``FLWR_HOME``, so the local SuperLink that
+``flwr run`` starts is this harness's own: it is started with runtime dependency
+installation turned off (Flower 1.42 would otherwise ``uv sync`` the app's
+dependencies, which pulls a CUDA build of torch), its state never mixes with the user's
+``~/.flwr``, and it is stopped (with its child processes) when the run ends.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import tomli_w
+
+APP_DIR = Path(__file__).resolve().parent.parent
+# The fixed ports of Flower's managed local SuperLink (flwr/cli/local_superlink.py).
+LOCAL_SUPERLINK_PORTS = (39091, 39093)
+
+
+class HarnessError(RuntimeError):
+    """The simulation could not be started or did not complete."""
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Where a finished simulation left its outputs."""
+
+    run_dir: Path
+    returncode: int
+    log_path: Path
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stop_processes_under(flwr_home: Path) -> None:
+    """Stop the SuperLink started for ``flwr_home`` and everything it spawned."""
+    marker = str(flwr_home)
+    roots = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if any(marker in part for part in proc.info["cmdline"] or []):
+                roots.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    procs = []
+    for root in roots:
+        try:
+            procs.extend([root, *root.children(recursive=True)])
+        except psutil.NoSuchProcess:
+            continue
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def run_app(
+    run_config: Mapping[str, Any],
+    *,
+    num_supernodes: int,
+    num_cpus: float = 1,
+    num_gpus: float = 0.0,
+    app_dir: Path = APP_DIR,
+    timeout: float | None = None,
+    quiet: bool = False,
+) -> SimulationResult:
+    """Run one simulation of the app with ``run_config`` overrides; wait for its end.
+
+    ``run_config`` must set ``output-dir`` (absolute) and ``run-name`` (or
+    ``resume-from``) so the run folder is known in advance. Output is streamed to
+    stdout unless ``quiet`` and always saved to ``<run folder>/flwr.log``.
+    """
+    busy = [p for p in LOCAL_SUPERLINK_PORTS if _port_in_use(p)]
+    if busy:
+        raise HarnessError(
+            f"port(s) {busy} on 127.0.0.1 are in use: a Flower local SuperLink started "
+            "outside fedsft is probably running. Stop it (e.g. `pkill -f flower-superlink`) "
+            "so the harness can start its own with runtime installs turned off."
+        )
+    if run_config.get("resume-from"):
+        run_dir = Path(str(run_config["resume-from"])).resolve()
+    else:
+        run_dir = Path(str(run_config["output-dir"])) / str(run_config["run-name"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home = Path(tempfile.mkdtemp(prefix="fedsft-flwr-home-"))
+    overrides = flwr_home / "run-config.toml"
+    overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
+    federation = (
+        f"num-supernodes={num_supernodes} client-resources-num-cpus={num_cpus} "
+        f"client-resources-num-gpus={float(num_gpus)}"
+    )
+    env = {
+        **os.environ,
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    flwr = shutil.which("flwr") or str(Path(sys.executable).with_name("flwr"))
+    command = [flwr, "run", str(app_dir), "--stream",
+               "--run-config", str(overrides), "--federation-config", federation]
+    log_path = run_dir / "flwr.log"
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            text=True, bufsize=1,
+        ) as proc:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.write(line)
+                if not quiet:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    raise HarnessError(f"simulation exceeded {timeout:g} s; log: {log_path}")
+            returncode = proc.wait()
+    finally:
+        _stop_processes_under(flwr_home)
+        shutil.rmtree(flwr_home, ignore_errors=True)
+    return SimulationResult(run_dir=run_dir, returncode=returncode, log_path=log_path)
