@@ -1,0 +1,65 @@
+import math
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from common.config import ConfigError, RunConfig
+
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+def test_pyproject_defaults_equal_the_dataclass_defaults():
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    assert declared == RunConfig().to_flower()
+    assert RunConfig.from_flower(declared) == RunConfig()
+
+
+def test_dashed_keys_map_to_fields_and_ints_become_floats():
+    cfg = RunConfig.from_flower({"learning-rate": 1, "num-server-rounds": 3, "method": "full"})
+    assert cfg.learning_rate == 1.0 and isinstance(cfg.learning_rate, float)
+    assert (cfg.num_server_rounds, cfg.method) == (3, "full")
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"learning-rate": -1}, "`learning-rate` must be > 0, got -1.0"),
+        ({"learning-rate": math.nan}, "`learning-rate` must be a finite number"),
+        ({"learning-rate": "fast"}, "`learning-rate` must be a number, got 'fast'"),
+        ({"batch-size": 1.5}, "`batch-size` must be an integer, got 1.5"),
+        ({"batch-size": 0}, "`batch-size` must be >= 1, got 0"),
+        ({"method": "prefix"}, "`method` must be one of lora, full, head, freeze, got 'prefix'"),
+        ({"strategy": "fedsgd"}, "`strategy` must be one of"),
+        ({"partitioner": "random"}, "column:<name>, got 'random'"),
+        ({"fraction-train": 0}, "`fraction-train` must be > 0"),
+        ({"fraction-evaluate": 1.5}, "`fraction-evaluate` must be <= 1"),
+        ({"trim-fraction": 0.5}, "`trim-fraction` must be < 0.5"),
+        ({"device": "tpu"}, "`device` must be one of auto, cpu, cuda"),
+        ({"text-column": "x", "label-column": "x"}, "must differ"),
+        ({"model": " "}, "`model` must not be empty"),
+        ({"eval-fraction": 0}, "`eval-fraction` must be > 0 when no `eval-dataset`"),
+        ({"min-nodes": 0}, "`min-nodes` must be >= 1"),
+        ({"lerning-rate": 0.1}, "unknown run-config key(s) 'lerning-rate'"),
+        ({"dataset": 3}, "`dataset` must be a string, got 3"),
+    ],
+)
+def test_bad_values_name_key_value_and_what_is_allowed(overrides, message):
+    with pytest.raises(ConfigError) as excinfo:
+        RunConfig.from_flower(overrides)
+    assert message in str(excinfo.value)
+
+
+def test_config_is_frozen_and_replace_validates():
+    cfg = RunConfig()
+    with pytest.raises(AttributeError):
+        cfg.seed = 1  # type: ignore[misc]
+    with pytest.raises(ConfigError):
+        cfg.replace(batch_size=0)
+
+
+def test_derived_views():
+    cfg = RunConfig(partitioner="column:site", lora_target_modules=" query, value ,")
+    assert cfg.partition_column == "site"
+    assert cfg.target_modules == ["query", "value"]
+    assert RunConfig().target_modules is None and RunConfig().partition_column is None

@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg, FedMedian
+
+from server.tracked_strategy import RoundStats, TrackedStrategy, summarize_accuracy_spread
+from tests.server.messages import error_reply, eval_reply, train_reply
+
+GLOBAL = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+
+
+def _tracked(inner=None, *, min_replies=1, round_offset=0):
+    strategy = TrackedStrategy(
+        inner or FedAvg(), seed=0, min_replies=min_replies, round_offset=round_offset
+    )
+    strategy._expected = {"w": ((2,), np.dtype("float32"))}  # as configure_train sets it
+    return strategy
+
+
+def _w(*values):
+    return {"w": np.asarray(values, dtype=np.float32)}
+
+
+def test_weighted_by_num_examples():
+    strategy = _tracked()
+    arrays, _ = strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 0.0), **{"num-examples": 1}),
+        train_reply(2, _w(4.0, 8.0), **{"num-examples": 3}),
+    ])
+    # (1*1 + 3*4)/4 = 3.25 ; (1*0 + 3*8)/4 = 6
+    np.testing.assert_allclose(arrays["w"].numpy(), [3.25, 6.0])
+
+
+def test_failed_and_invalid_replies_are_dropped_and_counted():
+    strategy = _tracked()
+    strategy.stats[1] = RoundStats(round=1, sampled=6)
+    arrays, _ = strategy.aggregate_train(1, [
+        train_reply(1, _w(2.0, 2.0), **{"num-examples": 2}),
+        train_reply(2, _w(np.nan, 0.0), **{"num-examples": 2}),
+        train_reply(3, _w(1e9, 1e9), **{"num-examples": -4}),
+        train_reply(4, {"w": np.zeros(3, np.float32)}, **{"num-examples": 2}),
+        error_reply(5, "CUDA out of memory"),
+    ])
+    np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
+    stats = strategy.stats[1]
+    assert (stats.failures, stats.invalid, stats.timeouts, stats.aggregated) == (1, 3, 1, 1)
+    assert any("CUDA out of memory" in p for p in stats.problems)
+    assert any("non-finite" in p for p in stats.problems)
+
+
+def test_too_few_valid_replies_skip_the_round():
+    strategy = _tracked(min_replies=2)
+    arrays, metrics = strategy.aggregate_train(3, [
+        train_reply(1, _w(1.0, 1.0), **{"num-examples": 2}), error_reply(2),
+    ])
+    assert arrays is None and metrics is None
+    assert strategy.stats[3].skipped
+
+
+def test_aggregation_does_not_depend_on_arrival_order():
+    rng = np.random.default_rng(0)
+    replies = [
+        train_reply(i, {"w": rng.normal(size=2).astype(np.float32) * 10 ** i},
+                    **{"num-examples": int(rng.integers(1, 50))})
+        for i in range(6)
+    ]
+    forward, _ = _tracked().aggregate_train(1, replies)
+    backward, _ = _tracked().aggregate_train(1, replies[::-1])
+    assert forward["w"].numpy().tobytes() == backward["w"].numpy().tobytes()
+
+
+def test_round_offset_numbers_the_stats():
+    strategy = _tracked(round_offset=4)
+    strategy.aggregate_train(1, [train_reply(1, _w(1.0, 1.0), **{"num-examples": 1})])
+    assert list(strategy.stats) == [5]
+
+
+def test_robust_inner_strategy_receives_only_valid_replies():
+    strategy = _tracked(FedMedian())
+    arrays, _ = strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 1.0), **{"num-examples": 1}),
+        train_reply(2, _w(2.0, 2.0), **{"num-examples": 1}),
+        train_reply(3, _w(np.inf, 3.0), **{"num-examples": 1}),
+        train_reply(4, _w(3.0, 3.0), **{"num-examples": 1}),
+    ])
+    np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
+
+
+def test_evaluation_aggregates_valid_replies_and_records_client_accuracy():
+    strategy = _tracked()
+    metrics = strategy.aggregate_evaluate(2, [
+        eval_reply(1, **{"num-examples": 1, "eval-accuracy": 0.5, "eval-loss": 1.0}),
+        eval_reply(2, **{"num-examples": 3, "eval-accuracy": 0.9, "eval-loss": 0.2}),
+        eval_reply(3, **{"num-examples": 0}),
+        error_reply(4),
+    ])
+    assert metrics["eval-accuracy"] == pytest.approx(0.8)
+    assert strategy.stats[2].client_eval_accuracy == [0.5, 0.9]
+
+
+def test_accuracy_spread():
+    spread = summarize_accuracy_spread([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert spread["min"] == 0.1 and spread["median"] == 0.3
+    assert spread["p10"] == pytest.approx(0.14)
+    assert summarize_accuracy_spread([]) == {}

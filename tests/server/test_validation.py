@@ -1,0 +1,39 @@
+import numpy as np
+import pytest
+
+from server.validation import MAX_NUM_EXAMPLES, array_specs, update_problem
+
+GOOD = {"a": np.zeros((2, 3), np.float32), "b": np.ones(4, np.float32)}
+SPEC = array_specs(GOOD)
+
+
+def test_a_matching_finite_update_passes():
+    assert update_problem(GOOD, expected=SPEC, num_examples=10) is None
+
+
+@pytest.mark.parametrize(
+    "num_examples, fragment",
+    [(0, "in [1,"), (-5, "in [1,"), (MAX_NUM_EXAMPLES + 1, "in [1,"), (2.5, "whole"),
+     (float("nan"), "whole"), (True, "number"), ("7", "number"), (None, "number")],
+)
+def test_bad_example_counts_are_rejected(num_examples, fragment):
+    assert fragment in update_problem(GOOD, expected=SPEC, num_examples=num_examples)
+
+
+def test_missing_and_unexpected_names_are_named():
+    problem = update_problem({"a": GOOD["a"], "c": GOOD["b"]}, expected=SPEC, num_examples=1)
+    assert "missing ['b']" in problem and "unexpected ['c']" in problem
+
+
+def test_wrong_shape_and_dtype_are_rejected():
+    assert "expected float32[2, 3]" in update_problem(
+        {**GOOD, "a": np.zeros((3, 2), np.float32)}, expected=SPEC, num_examples=1)
+    assert "float64" in update_problem(
+        {**GOOD, "a": np.zeros((2, 3), np.float64)}, expected=SPEC, num_examples=1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_values_are_rejected(bad):
+    b = GOOD["b"].copy()
+    b[2] = bad
+    assert "non-finite" in update_problem({**GOOD, "b": b}, expected=SPEC, num_examples=1)
