@@ -18,6 +18,7 @@ from server.recorder import RoundRecorder, arrays_to_state
 from server.run_outputs import RunOutputs, run_folder
 from server.strategies import build_strategy, restore_strategy_state
 from server.tracked_strategy import TrackedStrategy
+from server.validation import array_specs
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     print(f"[fedsft] run folder: {outputs.folder}", flush=True)
 
     tracked = TrackedStrategy(
-        strategy, seed=cfg.seed, min_replies=cfg.min_replies, round_offset=done_rounds
+        strategy, exchanged_spec=array_specs(get_exchanged_state(model)), seed=cfg.seed,
+        min_replies=cfg.min_replies, round_offset=done_rounds,
     )
     recorder = RoundRecorder(
         cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,

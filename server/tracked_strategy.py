@@ -12,6 +12,9 @@ and forwards the four round hooks to it, adding around each
   ``min_replies`` valid replies skips the round (the global model stays);
 - a deterministic aggregation order (by content digest), so the floating-point sum
   does not depend on reply arrival order — resumed runs end bit-identical;
+- the exchanged state keeps its names, shapes and dtypes: Flower's FedOpt family
+  returns float64 arrays, which are cast back to the model's dtype so that replies
+  (float32) and the global state keep matching;
 - bytes and seconds per round.
 
 Flower's ``Strategy.start`` runs the loop; nothing here copies it.
@@ -23,17 +26,17 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.training import derive_seed
-from server.validation import update_problem
+from server.validation import ArraySpec, update_problem
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,7 @@ class TrackedStrategy(Strategy):
         self,
         inner: Strategy,
         *,
+        exchanged_spec: Mapping[str, ArraySpec],
         seed: int,
         min_replies: int,
         round_offset: int = 0,
@@ -99,7 +103,7 @@ class TrackedStrategy(Strategy):
         self.min_replies = min_replies
         self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
-        self._expected: dict[str, Any] = {}
+        self.exchanged_spec = dict(exchanged_spec)
         self._sent_at = 0.0
 
     def _round(self, server_round: int) -> int:
@@ -114,7 +118,6 @@ class TrackedStrategy(Strategy):
     ) -> Iterable[Message]:
         rnd = self._round(server_round)
         stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
-        self._expected = {n: (tuple(a.shape), np.dtype(a.dtype)) for n, a in arrays.items()}
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
         stats.sampled = len(messages)
@@ -171,7 +174,16 @@ class TrackedStrategy(Strategy):
         stats.train_metrics = dict(metrics) if metrics else {}
         if arrays is None:
             stats.skipped = True
-        return arrays, metrics
+            return None, metrics
+        return self._in_exchanged_dtypes(arrays), metrics
+
+    def _in_exchanged_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
+        if all(np.dtype(a.dtype) == self.exchanged_spec[n][1] for n, a in arrays.items()):
+            return arrays
+        return ArrayRecord({
+            name: Array(array.numpy().astype(self.exchanged_spec[name][1]))
+            for name, array in arrays.items()
+        })
 
     def _reply_problem(self, reply: Message) -> str | None:
         content = reply.content
@@ -184,7 +196,7 @@ class TrackedStrategy(Strategy):
             return f"arrays cannot be decoded: {exc}"
         metrics = next(iter(content.metric_records.values()))
         return update_problem(
-            update, expected=self._expected, num_examples=metrics.get("num-examples")
+            update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples")
         )
 
     # --- federated evaluation ---------------------------------------------------

@@ -9,6 +9,7 @@ dependencies, which pulls a CUDA build of torch), its state never mixes with the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -66,16 +67,12 @@ def _stop_processes_under(flwr_home: Path) -> None:
         except psutil.NoSuchProcess:
             continue
     for proc in procs:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-        except psutil.NoSuchProcess:
-            pass
     _, alive = psutil.wait_procs(procs, timeout=10)
     for proc in alive:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 def run_app(

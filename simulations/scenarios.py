@@ -57,7 +57,9 @@ def load_scenario(name_or_path: str) -> Scenario:
     resources = raw.get("resources", {})
     bad = sorted(set(resources) - {"num-cpus", "num-gpus"})
     if bad:
-        raise ScenarioError(f"{path}: unknown [resources] key(s) {bad}; allowed: num-cpus, num-gpus")
+        raise ScenarioError(
+            f"{path}: unknown [resources] key(s) {bad}; allowed: num-cpus, num-gpus"
+        )
     return Scenario(
         name=path.stem,
         description=str(raw.get("description", "")),

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import FedAvg, FedMedian
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 
 from server.tracked_strategy import RoundStats, TrackedStrategy, summarize_accuracy_spread
 from tests.server.messages import error_reply, eval_reply, train_reply
@@ -10,11 +10,10 @@ GLOBAL = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
 
 
 def _tracked(inner=None, *, min_replies=1, round_offset=0):
-    strategy = TrackedStrategy(
-        inner or FedAvg(), seed=0, min_replies=min_replies, round_offset=round_offset
+    return TrackedStrategy(
+        inner or FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0,
+        min_replies=min_replies, round_offset=round_offset,
     )
-    strategy._expected = {"w": ((2,), np.dtype("float32"))}  # as configure_train sets it
-    return strategy
 
 
 def _w(*values):
@@ -103,3 +102,14 @@ def test_accuracy_spread():
     assert spread["min"] == 0.1 and spread["median"] == 0.3
     assert spread["p10"] == pytest.approx(0.14)
     assert summarize_accuracy_spread([]) == {}
+
+
+def test_float64_aggregates_are_cast_back_to_the_exchanged_dtype():
+    strategy = _tracked(FedAdam(eta=0.1))
+    strategy.inner.current_arrays = {"w": np.zeros(2, np.float32)}  # set by configure_train
+    for rnd in (1, 2):  # a float64 global would make every later float32 reply invalid
+        arrays, _ = strategy.aggregate_train(rnd, [
+            train_reply(1, _w(1.0, -1.0), **{"num-examples": 1}),
+        ])
+        assert arrays["w"].dtype == "float32"
+        assert strategy.stats[rnd].invalid == 0
