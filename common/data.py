@@ -1,0 +1,615 @@
+"""The data layer: read a table, map labels, hold out an eval split, partition clients.
+
+Every source is one of ``"builtin"`` (``common.builtin_data``), ``hf:<name>[:<split>]``
+(a Hugging Face data set) or a file (``.csv``, ``.tsv``, ``.jsonl``, ``.json``,
+``.parquet``). Problems with the data raise ``DataError``, whose message names the
+source and the problem.
+
+The server and every client compute the same splits and partitions independently from
+the same ``RunConfig``, so everything here is deterministic under ``cfg.seed``. Two
+explicit per-process caches (``_SPLITS_CACHE``, ``_PARTITIONER_CACHE``) avoid redoing
+that work: Flower's simulation runs many virtual clients in one worker process. Their
+keys hold every argument that changes the result; ``clear_caches`` empties them.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import numbers
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import datasets
+import numpy as np
+import pandas as pd
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalIdPartitioner,
+    Partitioner,
+    PathologicalPartitioner,
+)
+from sklearn.model_selection import train_test_split
+
+from common.builtin_data import generate_builtin
+from common.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+# Dirichlet partitions smaller than this are resampled (at most 10 times, then it fails):
+# a client needs one row to train on. 2 (a row for local eval too) fails far more often
+# at small alpha, and split_for_local_eval copes with a one-row partition.
+_DIRICHLET_MIN_PARTITION_SIZE = 1
+_PARTITIONER_HINTS = MappingProxyType({  # read-only: the only module dicts are caches
+    "dirichlet": "raise `dirichlet-alpha`, change `seed` or use fewer clients",
+    "pathological": "lower `classes-per-client` or use fewer clients",
+})
+_MAX_LISTED = 5  # unknown labels / columns quoted in an error message
+
+# Per-process caches (see the module docstring); keys are built by _splits_key and
+# partition_dataset and hold every argument that matters.
+_SPLITS_CACHE: dict[tuple[Any, ...], Splits] = {}
+_PARTITIONER_CACHE: dict[tuple[Any, ...], Partitioner] = {}
+
+
+class DataError(ValueError):
+    """A data source is missing, unreadable or unusable; the message names the source."""
+
+
+@dataclass(frozen=True)
+class Splits:
+    """The server's view of the data: training rows, held-out rows, class names.
+
+    Both data sets have a ``text`` (str) and a ``label`` (int64 index into
+    ``label_names``) column, plus any other column of the source. Shared through a
+    per-process cache: do not mutate ``label_names``.
+    """
+
+    train: datasets.Dataset
+    eval: datasets.Dataset
+    label_names: list[str]
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def read_table(
+    source: str,
+    *,
+    text_column: str,
+    label_column: str,
+    seed: int,
+    builtin_examples: int,
+) -> pd.DataFrame:
+    """Read a data source into a frame with clean text and label columns.
+
+    Parameters
+    ----------
+    source
+        ``"builtin"``, ``"hf:<name>"`` / ``"hf:<name>:<split>"`` (default split
+        ``train``), or the path of a ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or
+        ``.parquet`` file (UTF-8; TSV is read without quote handling, as SST-2 needs).
+    text_column, label_column
+        Column names of the text and the label. The built-in data's ``text`` and
+        ``label`` columns are renamed to these.
+    seed, builtin_examples
+        Seed and number of rows of the built-in data; unused for other sources.
+
+    Returns
+    -------
+    pandas.DataFrame
+        All columns of the source with a fresh index. Rows with an empty or missing text
+        or a missing label are dropped (with a logged warning); texts are ``str``;
+        integer labels stay integers, other labels keep their type.
+
+    Raises
+    ------
+    DataError
+        If the source is missing, has an unknown format, cannot be decoded or parsed, has
+        no rows, lacks one of the two columns, or has no row left after cleaning.
+    """
+    if source == "builtin":
+        frame = generate_builtin(builtin_examples, seed=seed).rename(
+            columns={"text": text_column, "label": label_column}
+        )
+    elif source.startswith("hf:"):
+        frame = _read_hf(source)
+    else:
+        frame = _read_file(source, text_column=text_column)
+    if frame.empty:
+        raise DataError(f"{source}: no data rows")
+    for column in (text_column, label_column):
+        if column not in frame.columns:
+            found = ", ".join(map(repr, map(str, frame.columns)))
+            raise DataError(f"{source}: missing column {column!r}; columns found: {found}")
+    return _clean(frame, source=source, text_column=text_column, label_column=label_column)
+
+
+def _read_hf(source: str) -> pd.DataFrame:
+    """Load ``hf:<name>[:<split>]`` through ``datasets.load_dataset``."""
+    name, _, split = source[len("hf:"):].partition(":")
+    if not name:
+        raise DataError(f"{source}: expected hf:<name> or hf:<name>:<split>")
+    try:
+        frame = datasets.load_dataset(name, split=split or "train").to_pandas()
+    except Exception as error:  # the hub, the cache and the builders raise many types
+        raise DataError(f"{source}: could not load the data set: {error}") from error
+    assert isinstance(frame, pd.DataFrame)  # to_pandas gives batches only when asked
+    return frame
+
+
+def _read_file(source: str, *, text_column: str) -> pd.DataFrame:
+    """Read a data file by its extension."""
+    path = Path(source).expanduser()
+    suffix = path.suffix.lower()
+    if not path.is_file():
+        raise DataError(f"data file not found: {source}")
+    if suffix not in FORMATS:
+        raise DataError(
+            f"{source}: unknown data format {path.suffix!r}; allowed: {', '.join(FORMATS)}"
+        )
+    try:
+        if suffix == ".parquet":
+            return pd.read_parquet(path)
+        raw = path.read_bytes()
+        try:
+            content = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as error:
+            raise DataError(
+                f"{source}: not valid UTF-8 at byte {error.start} ({error.reason})"
+            ) from error
+        if not content.strip():
+            raise DataError(f"{source}: the file is empty")
+        if suffix in (".csv", ".tsv"):
+            return pd.read_csv(
+                io.StringIO(content),
+                sep="\t" if suffix == ".tsv" else ",",
+                # SST-2 style TSVs hold unbalanced quotes inside sentences.
+                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+                dtype={text_column: str},
+                # Only a blank field is missing: "NA" or "null" may be real text/labels.
+                keep_default_na=False,
+                na_values=[""],
+            )
+        if suffix == ".jsonl":
+            return _read_json_lines(content, source=source)
+        return _read_json(content, source=source)
+    except DataError:
+        raise
+    except Exception as error:  # pandas / pyarrow parse errors have many types
+        raise DataError(f"{source}: could not parse the file: {error}") from error
+
+
+def _read_json_lines(content: str, *, source: str) -> pd.DataFrame:
+    """One JSON object per non-blank line."""
+    records = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{source}: invalid JSON on line {number}: {error}") from error
+        if not isinstance(record, dict):
+            raise DataError(f"{source}: line {number} is not a JSON object")
+        records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def _read_json(content: str, *, source: str) -> pd.DataFrame:
+    """A list of records or an object of columns; JSON Lines saved as .json also work."""
+    try:
+        data = json.loads(content)
+    except json.JSONDecodeError as error:
+        if error.msg == "Extra data":  # several top-level values: JSON Lines
+            return _read_json_lines(content, source=source)
+        raise DataError(f"{source}: invalid JSON: {error}") from error
+    if isinstance(data, list) and all(isinstance(item, dict) for item in data):
+        return pd.DataFrame.from_records(data)
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        return pd.DataFrame(data)
+    raise DataError(
+        f"{source}: expected a JSON list of objects or an object of column lists"
+    )
+
+
+def _clean(
+    frame: pd.DataFrame, *, source: str, text_column: str, label_column: str
+) -> pd.DataFrame:
+    """Drop rows without text or label; make texts ``str`` and whole-number labels int."""
+    texts = frame[text_column]
+    blank = texts.isna() | texts.map(lambda t: isinstance(t, str) and not t.strip())
+    drop = blank | frame[label_column].isna()
+    if drop.all():
+        raise DataError(
+            f"{source}: all {len(frame)} rows have an empty text or a missing label"
+        )
+    if drop.any():
+        logger.warning(
+            "%s: dropped %d of %d rows with an empty text or a missing label",
+            source, int(drop.sum()), len(frame),
+        )
+    frame = frame.loc[~drop].reset_index(drop=True)
+    frame[text_column] = frame[text_column].map(str)
+    labels = frame[label_column]
+    # A blank label in an integer column turns the column to float: undo that.
+    if pd.api.types.is_float_dtype(labels) and bool((labels % 1 == 0).all()):
+        frame[label_column] = labels.astype("int64")
+    return frame
+
+
+# --- labels ----------------------------------------------------------------------------
+
+
+def build_label_names(labels: Iterable[Any], *, source: str) -> list[str]:
+    """The sorted class names of a label column.
+
+    Parameters
+    ----------
+    labels
+        The labels (strings or integers).
+    source
+        Where they come from, for the error message.
+
+    Returns
+    -------
+    list[str]
+        Unique labels as strings; integer labels in numeric order (``"2"`` before
+        ``"10"``), others in string order.
+
+    Raises
+    ------
+    DataError
+        If there are fewer than two classes.
+    """
+    unique = list(pd.unique(pd.Series(list(labels), dtype=object)))
+    if all(_is_int(label) for label in unique):
+        names = [str(label) for label in sorted({int(label) for label in unique})]
+    else:
+        names = sorted({str(label) for label in unique})
+    if len(names) < 2:
+        found = f"only one class {names[0]!r}" if names else "no labels"
+        raise DataError(f"{found} found in {source}: classification needs at least 2")
+    return names
+
+
+def encode_labels(
+    labels: Iterable[Any], label_names: list[str], *, source: str
+) -> np.ndarray:
+    """Map labels to their int64 index in ``label_names`` (compared as ``str(label)``).
+
+    Parameters
+    ----------
+    labels
+        The labels to encode.
+    label_names
+        The class names, as ``build_label_names`` returns them.
+    source
+        Where the labels come from, for the error message.
+
+    Returns
+    -------
+    numpy.ndarray
+        int64 indices, one per label.
+
+    Raises
+    ------
+    DataError
+        If a label is not in ``label_names`` (e.g. eval labels not seen in training).
+    """
+    index = {name: i for i, name in enumerate(label_names)}
+    as_text = [str(int(label)) if _is_int(label) else str(label) for label in labels]
+    unknown = sorted({text for text in as_text if text not in index})
+    if unknown:
+        shown = ", ".join(map(repr, unknown[:_MAX_LISTED]))
+        more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
+        raise DataError(
+            f"{source}: labels {shown}{more} not seen in training "
+            f"(known: {', '.join(map(repr, label_names))})"
+        )
+    return np.array([index[text] for text in as_text], dtype=np.int64)
+
+
+def _is_int(value: Any) -> bool:
+    """An integer that is not a bool (numpy integers included)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+# --- server-side splits ----------------------------------------------------------------
+
+
+def load_splits(cfg: RunConfig) -> Splits:
+    """Read ``cfg.dataset``, map its labels and hold out the server's eval split.
+
+    With ``cfg.eval_dataset`` that file is the eval split (encoded with the training
+    label map) and the whole, seed-shuffled ``cfg.dataset`` is the training split.
+    Otherwise a stratified (when every class has at least two rows, else plain) seeded
+    ``cfg.eval_fraction`` of ``cfg.dataset`` is held out. The same config gives the same
+    splits in every process; results are cached per process.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration.
+
+    Returns
+    -------
+    Splits
+        Training and eval data sets with ``text`` and ``label`` columns, and the names.
+
+    Raises
+    ------
+    DataError
+        If a source cannot be read, has fewer than two classes, or the eval data set has
+        labels the training data lacks.
+    """
+    key = _splits_key(cfg)
+    if key not in _SPLITS_CACHE:
+        _SPLITS_CACHE[key] = _compute_splits(cfg)
+    return _SPLITS_CACHE[key]
+
+
+def clear_caches() -> None:
+    """Forget every cached split and partitioner of this process."""
+    _SPLITS_CACHE.clear()
+    _PARTITIONER_CACHE.clear()
+
+
+def _splits_key(cfg: RunConfig) -> tuple[Any, ...]:
+    """Every config field that changes ``load_splits``, plus the files' versions."""
+    return (
+        cfg.dataset, _file_stamp(cfg.dataset),
+        cfg.eval_dataset, _file_stamp(cfg.eval_dataset),
+        cfg.text_column, cfg.label_column, cfg.eval_fraction, cfg.seed,
+        cfg.builtin_examples,
+    )
+
+
+def _file_stamp(source: str) -> tuple[int, int] | None:
+    """Modification time and size of a data file, so an edited file is read again."""
+    path = Path(source).expanduser()
+    if not source or source == "builtin" or source.startswith("hf:") or not path.is_file():
+        return None
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+def _compute_splits(cfg: RunConfig) -> Splits:
+    frame = _read_source(cfg.dataset, cfg)
+    label_names = build_label_names(frame[cfg.label_column], source=cfg.dataset)
+    labels = encode_labels(frame[cfg.label_column], label_names, source=cfg.dataset)
+    train_frame = _normalise(frame, labels, cfg)
+    if cfg.eval_dataset:
+        eval_raw = _read_source(cfg.eval_dataset, cfg)
+        eval_labels = encode_labels(
+            eval_raw[cfg.label_column], label_names, source=cfg.eval_dataset
+        )
+        eval_frame = _normalise(eval_raw, eval_labels, cfg)
+        # Files are often sorted by label; IID partitioning takes contiguous shards.
+        order = np.random.default_rng(cfg.seed).permutation(len(train_frame))
+        train_frame = train_frame.iloc[order]
+    else:
+        train_frame, eval_frame = _hold_out(train_frame, cfg)
+    return Splits(
+        train=_to_dataset(train_frame, source=cfg.dataset),
+        eval=_to_dataset(eval_frame, source=cfg.eval_dataset or cfg.dataset),
+        label_names=label_names,
+    )
+
+
+def _read_source(source: str, cfg: RunConfig) -> pd.DataFrame:
+    """``read_table`` with the config's columns and built-in data settings."""
+    return read_table(
+        source, text_column=cfg.text_column, label_column=cfg.label_column,
+        seed=cfg.seed, builtin_examples=cfg.builtin_examples,
+    )
+
+
+def _normalise(frame: pd.DataFrame, labels: np.ndarray, cfg: RunConfig) -> pd.DataFrame:
+    """``text`` and encoded ``label`` first, then the other columns (minus clashes)."""
+    others = [
+        c for c in frame.columns
+        if c not in (cfg.text_column, cfg.label_column, "text", "label")
+    ]
+    return pd.concat(
+        [pd.DataFrame({"text": frame[cfg.text_column], "label": labels}), frame[others]],
+        axis=1,
+    )
+
+
+def _hold_out(frame: pd.DataFrame, cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded (stratified when possible) train / eval split of ``frame``."""
+    indices = np.arange(len(frame))
+    try:
+        train_idx, eval_idx = train_test_split(
+            indices, test_size=cfg.eval_fraction, random_state=cfg.seed,
+            stratify=frame["label"].to_numpy(),
+        )
+    except ValueError:  # a class with a single row, or fewer eval rows than classes
+        train_idx, eval_idx = train_test_split(
+            indices, test_size=cfg.eval_fraction, random_state=cfg.seed
+        )
+    return frame.iloc[train_idx], frame.iloc[eval_idx]
+
+
+def _to_dataset(frame: pd.DataFrame, *, source: str) -> datasets.Dataset:
+    try:
+        return datasets.Dataset.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+    except Exception as error:  # pyarrow rejects columns of mixed types
+        raise DataError(f"{source}: could not convert to a data set: {error}") from error
+
+
+# --- client partitions -----------------------------------------------------------------
+
+
+def partition_dataset(
+    train: datasets.Dataset,
+    cfg: RunConfig,
+    *,
+    num_partitions: int,
+    partition_id: int,
+) -> datasets.Dataset:
+    """One client's share of the training data, by ``cfg.partitioner``.
+
+    ``iid`` cuts ``train`` into contiguous, near-equal shards (``load_splits`` shuffled
+    it); ``dirichlet`` draws label shares per client with ``cfg.dirichlet_alpha``;
+    ``pathological`` gives each client ``cfg.classes_per_client`` classes (the first one
+    by client id, so every class is used once there are enough clients);
+    ``column:<name>`` gives each distinct value of that column to one client, in sorted
+    order. All are deterministic under ``cfg.seed``; the partitioner is cached per
+    process, so the other clients' calls do not repartition.
+
+    Parameters
+    ----------
+    train
+        The training split from ``load_splits``.
+    cfg
+        The run configuration.
+    num_partitions
+        Number of clients.
+    partition_id
+        This client, in ``[0, num_partitions)``.
+
+    Returns
+    -------
+    datasets.Dataset
+        The rows of this client.
+
+    Raises
+    ------
+    DataError
+        If the ids are out of range, the partition column is missing or has a number of
+        distinct values other than ``num_partitions``, or the partitioner fails.
+    """
+    if num_partitions < 1:
+        raise DataError(f"{cfg.dataset}: num_partitions must be >= 1, got {num_partitions}")
+    if not 0 <= partition_id < num_partitions:
+        raise DataError(
+            f"{cfg.dataset}: partition_id must be in [0, {num_partitions}), got {partition_id}"
+        )
+    if num_partitions > train.num_rows:
+        raise DataError(
+            f"{cfg.dataset}: {num_partitions} clients but only {train.num_rows} training "
+            f"rows: use fewer clients or more data"
+        )
+    key = (
+        train._fingerprint, cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client,
+        cfg.seed, num_partitions,
+    )
+    if key not in _PARTITIONER_CACHE:
+        partitioner = _build_partitioner(train, cfg, num_partitions=num_partitions)
+        partitioner.dataset = train
+        _PARTITIONER_CACHE[key] = partitioner
+    try:
+        with warnings.catch_warnings():
+            # Dirichlet resampling and unused pathological classes warn; failures raise.
+            warnings.simplefilter("ignore", UserWarning)
+            return _PARTITIONER_CACHE[key].load_partition(partition_id)
+    except ValueError as error:
+        del _PARTITIONER_CACHE[key]  # a failed partitioner is in a half-built state
+        hint = _PARTITIONER_HINTS.get(cfg.partitioner, "use fewer clients")
+        raise DataError(
+            f"{cfg.dataset}: partitioner {cfg.partitioner!r} failed for {num_partitions} "
+            f"clients: {error} (hint: {hint})"
+        ) from error
+
+
+def _build_partitioner(
+    train: datasets.Dataset, cfg: RunConfig, *, num_partitions: int
+) -> Partitioner:
+    column = cfg.partition_column
+    if column is not None:
+        if column not in train.column_names:
+            raise DataError(
+                f"{cfg.dataset}: partition column {column!r} not found; columns: "
+                f"{', '.join(map(repr, train.column_names))}"
+            )
+        distinct = len(train.unique(column))
+        if distinct != num_partitions:
+            raise DataError(
+                f"{cfg.dataset}: column {column!r} has {distinct} distinct values but the "
+                f"simulation has {num_partitions} clients: use num-supernodes={distinct}"
+            )
+        return NaturalIdPartitioner(partition_by=column)
+    if cfg.partitioner == "iid":
+        return IidPartitioner(num_partitions=num_partitions)
+    if cfg.partitioner == "dirichlet":
+        return DirichletPartitioner(
+            num_partitions=num_partitions, partition_by="label",
+            alpha=cfg.dirichlet_alpha, min_partition_size=_DIRICHLET_MIN_PARTITION_SIZE,
+            self_balancing=False, shuffle=True, seed=cfg.seed,
+        )
+    assert cfg.partitioner == "pathological", cfg.partitioner  # RunConfig validated it
+    return PathologicalPartitioner(
+        num_partitions=num_partitions, partition_by="label",
+        num_classes_per_partition=cfg.classes_per_client,
+        class_assignment_mode="first-deterministic", shuffle=True, seed=cfg.seed,
+    )
+
+
+def split_for_local_eval(
+    partition: datasets.Dataset, *, fraction: float, seed: int
+) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Seeded train / eval split of one client's partition.
+
+    Parameters
+    ----------
+    partition
+        The client's rows (at least one).
+    fraction
+        Share of rows for evaluation, in ``[0, 1)``; rounded down, and at least one row
+        always stays for training, so the eval part may be empty.
+    seed
+        Seed of the shuffle (derive it from the run seed and the partition id).
+
+    Returns
+    -------
+    tuple[datasets.Dataset, datasets.Dataset]
+        ``(train, eval)``.
+    """
+    if partition.num_rows == 0:
+        raise DataError("the client's partition is empty: nothing to train on")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    num_eval = min(int(fraction * partition.num_rows), partition.num_rows - 1)
+    order = np.random.default_rng(seed).permutation(partition.num_rows)
+    return partition.select(order[num_eval:]), partition.select(order[:num_eval])
+
+
+# --- deployment ------------------------------------------------------------------------
+
+
+def load_site_data(path: str, cfg: RunConfig, label_names: list[str]) -> datasets.Dataset:
+    """Read one site's data file for a deployed client.
+
+    Parameters
+    ----------
+    path
+        The site's file (any format ``read_table`` reads).
+    cfg
+        The run configuration (column names).
+    label_names
+        The class names of the federation, from the server.
+
+    Returns
+    -------
+    datasets.Dataset
+        Columns ``text`` (str) and ``label`` (int64 index into ``label_names``).
+
+    Raises
+    ------
+    DataError
+        If the file cannot be read or has labels outside ``label_names``.
+    """
+    frame = _read_source(path, cfg)
+    labels = encode_labels(frame[cfg.label_column], label_names, source=path)
+    site = pd.DataFrame({"text": frame[cfg.text_column], "label": labels})
+    return _to_dataset(site, source=path)
