@@ -85,7 +85,7 @@ class RunConfig:
     local_steps: int = 10  # cap on optimizer steps per round; 0 = full local epochs
     local_epochs: int = 1
     batch_size: int = 16
-    learning_rate: float = 5e-4  # LoRA wants a larger rate than full fine-tuning
+    learning_rate: float = 2e-3  # LoRA needs a large rate; use ~5e-5 with method=full
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping

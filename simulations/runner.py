@@ -132,6 +132,7 @@ def run_app(
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
+                log.flush()
                 if not quiet:
                     sys.stdout.write(line)
                     sys.stdout.flush()

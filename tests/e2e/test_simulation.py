@@ -125,8 +125,8 @@ def test_minilm_on_sst2_sample_beats_chance(tmp_path):
     result = run_app({
         "model": "minilm", "dataset": str(tmp_path / "train.tsv"),
         "eval-dataset": str(SST2 / "dev.tsv"), "text-column": "sentence",
-        "num-server-rounds": 3, "local-steps": 15, "batch-size": 16, "max-length": 64,
-        "learning-rate": 0.001, "fraction-evaluate": 0.0,
+        "num-server-rounds": 3, "local-steps": 20, "batch-size": 16, "max-length": 64,
+        "learning-rate": 0.003, "fraction-evaluate": 0.0,
         "output-dir": str(tmp_path), "run-name": "sst2",
     }, num_supernodes=4, timeout=900, quiet=True)
     assert result.returncode == 0, result.log_path.read_text()[-3000:]

@@ -15,7 +15,8 @@ def _outputs(tmp_path, keep=0):
 
 def test_start_writes_config_and_label_map(tmp_path):
     outputs = _outputs(tmp_path)
-    assert json.loads((outputs.folder / "config.json").read_text())["learning-rate"] == 5e-4
+    config = json.loads((outputs.folder / "config.json").read_text())
+    assert config["learning-rate"] == RunConfig().learning_rate
     assert json.loads((outputs.folder / "label_map.json").read_text()) == {"0": "neg", "1": "pos"}
 
 
@@ -56,7 +57,7 @@ def test_old_checkpoints_are_pruned(tmp_path):
 def test_resume_refuses_changed_settings_but_allows_more_rounds(tmp_path):
     outputs = _outputs(tmp_path)
     outputs.check_resumable(RunConfig(num_server_rounds=9, resume_from=str(outputs.folder)))
-    with pytest.raises(ConfigError, match="learning-rate: 0.0005 -> 0.1"):
+    with pytest.raises(ConfigError, match="learning-rate: 0.002 -> 0.1"):
         outputs.check_resumable(RunConfig(learning_rate=0.1))
 
 

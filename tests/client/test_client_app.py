@@ -1,0 +1,115 @@
+"""The ClientApp handlers called in-process with hand-made messages and contexts."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app.message.message import make_message
+from flwr.common import Metadata
+
+from client.app import evaluate_global, query, train
+from client.local_data import client_key, load_local_data
+from common.config import ConfigError, RunConfig
+from common.data import DataError
+from common.model import build_model, get_exchanged_state
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+def _run_config(model_dir) -> dict:
+    return RunConfig(
+        model=str(model_dir), builtin_examples=120, max_length=24, batch_size=4,
+        local_steps=3,
+    ).to_flower()
+
+
+def _message(message_type: str, state: dict | None, round_: int = 1):
+    content = {"config": ConfigRecord({"label-names": LABELS, "server-round": round_})}
+    if state is not None:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in state.items()})
+    metadata = Metadata(
+        run_id=1, message_id="m", src_node_id=0, dst_node_id=7, reply_to_message_id="",
+        group_id="1", created_at=time.time(), ttl=600.0, message_type=message_type,
+    )
+    return make_message(metadata=metadata, content=RecordDict(content))
+
+
+def _context(model_dir, node_config=None) -> Context:
+    return Context(
+        run_id=1, node_id=7, node_config=node_config or {"partition-id": 1, "num-partitions": 3},
+        state=RecordDict(), run_config=_run_config(model_dir),
+    )
+
+
+@pytest.fixture
+def global_state(tiny_model_dir):
+    model, _ = build_model(RunConfig.from_flower(_run_config(tiny_model_dir)), LABELS)
+    return get_exchanged_state(model)
+
+
+def test_train_reply_holds_only_the_exchanged_tensors_and_scalar_metrics(
+    tiny_model_dir, global_state
+):
+    reply = train(_message("train", global_state), _context(tiny_model_dir))
+    content = reply.content
+    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    assert not content.config_records
+    arrays = {k: v.numpy() for k, v in content["arrays"].items()}
+    assert arrays.keys() == global_state.keys()
+    assert any(not np.array_equal(arrays[k], global_state[k]) for k in arrays)  # it trained
+    metrics = content["metrics"]
+    # 3 steps of 4 examples from a partition larger than 12: 12 distinct examples.
+    assert metrics["num-examples"] == 12 and metrics["train-steps"] == 3
+    assert all(isinstance(v, (int, float)) for v in metrics.values())
+
+
+def test_train_is_seeded_per_round_and_client(tiny_model_dir, global_state):
+    first = train(_message("train", global_state, round_=2), _context(tiny_model_dir))
+    again = train(_message("train", global_state, round_=2), _context(tiny_model_dir))
+    other = train(_message("train", global_state, round_=3), _context(tiny_model_dir))
+    key = next(iter(global_state))
+
+    def weights(reply):
+        return reply.content["arrays"][key].numpy()
+
+    assert np.array_equal(weights(first), weights(again))
+    assert not np.array_equal(weights(first), weights(other))
+
+
+def test_evaluate_reply_carries_metrics_only(tiny_model_dir, global_state):
+    reply = evaluate_global(_message("evaluate", global_state), _context(tiny_model_dir))
+    assert not reply.content.array_records
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] > 0 and 0.0 <= metrics["eval-accuracy"] <= 1.0
+
+
+def test_query_reports_the_stable_client_key(tiny_model_dir):
+    reply = query(_message("query", None), _context(tiny_model_dir))
+    assert reply.content["config"]["client-key"] == "partition-000001"
+    assert client_key({"site-name": "hospital-a"}, 9) == "hospital-a"
+    assert client_key({}, 9) == "node-9"
+
+
+def test_deployment_site_reads_its_own_file(tmp_path, tiny_model_dir):
+    path = tmp_path / "site.csv"
+    path.write_text("body,y\n" + "".join(
+        f"text number {i},{LABELS[i % 3]}\n" for i in range(20)))
+    cfg = RunConfig.from_flower(_run_config(tiny_model_dir))
+    _, tokenizer = build_model(cfg, LABELS)
+    data = load_local_data(
+        cfg, {"data-path": str(path), "text-column": "body", "label-column": "y"},
+        LABELS, tokenizer,
+    )
+    assert len(data.train) + len(data.eval) == 20
+
+
+def test_deployment_site_with_a_bad_file_fails_with_the_reason(tmp_path, tiny_model_dir,
+                                                               global_state):
+    context = _context(tiny_model_dir, {"data-path": str(tmp_path / "missing.csv")})
+    with pytest.raises(DataError, match="missing.csv"):
+        train(_message("train", global_state), context)
+    with pytest.raises(ConfigError, match="data-path"):
+        train(_message("train", global_state), _context(tiny_model_dir, {"site-name": "x"}))
