@@ -55,6 +55,7 @@ class RunConfig:
     freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
     # --- data ---
     dataset: str = "builtin"  # builtin | path to a file | hf:<name>
+    labels: str = ""  # comma list of classes; set: the server never reads `dataset`
     text_column: str = "text"
     label_column: str = "label"
     eval_dataset: str = ""  # empty: a seeded held-out fraction of `dataset`
@@ -143,12 +144,22 @@ class RunConfig:
                 "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
             )
         _check_range("classes-per-client", self.classes_per_client, low=1)
+        names = self.label_list
+        if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
+            raise ConfigError(
+                f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
+            )
 
     # --- derived views -------------------------------------------------------
     @property
     def partition_column(self) -> str | None:
         """The column of a ``column:<name>`` partitioner, else None."""
         return _column_partition(self.partitioner)
+
+    @property
+    def label_list(self) -> list[str]:
+        """The classes named by ``labels`` (empty: discovered from ``dataset``)."""
+        return [name.strip() for name in self.labels.split(",") if name.strip()]
 
     @property
     def target_modules(self) -> list[str] | None:

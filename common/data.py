@@ -613,3 +613,21 @@ def load_site_data(path: str, cfg: RunConfig, label_names: list[str]) -> dataset
     labels = encode_labels(frame[cfg.label_column], label_names, source=path)
     site = pd.DataFrame({"text": frame[cfg.text_column], "label": labels})
     return _to_dataset(site, source=path)
+
+
+def load_server_eval(cfg: RunConfig) -> tuple[list[str], datasets.Dataset | None]:
+    """The server's class names and its evaluation data (None: no central evaluation).
+
+    With ``cfg.labels`` set (deployment: the sites hold the training data) the server
+    never reads ``cfg.dataset``; it evaluates on ``cfg.eval_dataset`` when given.
+    Otherwise both come from :func:`load_splits` (the held-out split or eval file).
+    """
+    if not cfg.label_list:
+        splits = load_splits(cfg)
+        return splits.label_names, splits.eval
+    if not cfg.eval_dataset:
+        return cfg.label_list, None
+    frame = _read_source(cfg.eval_dataset, cfg)
+    labels = encode_labels(frame[cfg.label_column], cfg.label_list, source=cfg.eval_dataset)
+    eval_frame = pd.DataFrame({"text": frame[cfg.text_column], "label": labels})
+    return cfg.label_list, _to_dataset(eval_frame, source=cfg.eval_dataset)

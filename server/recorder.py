@@ -46,7 +46,7 @@ class RoundRecorder:
         *,
         cfg: RunConfig,
         model: torch.nn.Module,
-        eval_data: EncodedData,
+        eval_data: EncodedData | None,
         pad_token_id: int,
         device: torch.device,
         strategy: TrackedStrategy,
@@ -71,24 +71,33 @@ class RoundRecorder:
             return None  # resuming: this round is already recorded
         started = time.monotonic()
         state = arrays_to_state(arrays)
-        set_exchanged_state(self.model, state)
-        result = evaluate(
-            self.model, self.eval_data, batch_size=max(self.cfg.batch_size, 64),
-            device=self.device, pad_token_id=self.pad_token_id, precision=self.cfg.precision,
-        )
-        central = {"accuracy": result.accuracy, "f1_macro": result.f1_macro,
-                   "loss": result.loss, "num_examples": result.num_examples}
+        central = self._evaluate(state)
         stats = self.strategy.stats.pop(rnd, None) or RoundStats(round=rnd, started=started)
         row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
         self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner))
         self.outputs.append_result(row)
         self.last_row = row
         print(_progress_line(row, self.total_rounds), flush=True)
-        return MetricRecord({"accuracy": result.accuracy, "f1-macro": result.f1_macro,
-                             "loss": result.loss})
+        if central is None:
+            return None
+        return MetricRecord({"accuracy": central["accuracy"], "f1-macro": central["f1_macro"],
+                             "loss": central["loss"]})
+
+    def _evaluate(self, state: dict[str, np.ndarray]) -> dict[str, Any] | None:
+        """Central metrics of ``state``; None when the server has no eval data."""
+        if self.eval_data is None or len(self.eval_data) == 0:
+            return None
+        set_exchanged_state(self.model, state)
+        result = evaluate(
+            self.model, self.eval_data, batch_size=max(self.cfg.batch_size, 64),
+            device=self.device, pad_token_id=self.pad_token_id, precision=self.cfg.precision,
+        )
+        return {"accuracy": result.accuracy, "f1_macro": result.f1_macro,
+                "loss": result.loss, "num_examples": result.num_examples}
 
     def _row(
-        self, rnd: int, central: dict[str, Any], stats: RoundStats, *, eval_seconds: float
+        self, rnd: int, central: dict[str, Any] | None, stats: RoundStats, *,
+        eval_seconds: float,
     ) -> dict[str, Any]:
         self.bytes_up_total += stats.bytes_up
         self.bytes_down_total += stats.bytes_down
@@ -136,9 +145,14 @@ def _mb(n: int) -> str:
 
 def _progress_line(row: dict[str, Any], total_rounds: int) -> str:
     c, b, s, cl = row["central"], row["bytes"], row["seconds"], row["clients"]
+    if c is not None:
+        metrics = f"acc {c['accuracy']:.4f}  f1 {c['f1_macro']:.4f}  loss {c['loss']:.4f}"
+    elif "eval_accuracy" in row["federated"]:
+        metrics = f"federated acc {row['federated']['eval_accuracy']:.4f}"
+    else:
+        metrics = "no central evaluation (no `eval-dataset`)"
     line = (
-        f"[fedsft] round {row['round']}/{total_rounds}  "
-        f"acc {c['accuracy']:.4f}  f1 {c['f1_macro']:.4f}  loss {c['loss']:.4f}  |  "
+        f"[fedsft] round {row['round']}/{total_rounds}  {metrics}  |  "
         f"up {_mb(b['up'])}  down {_mb(b['down'])}  |  {s['round']:.1f} s"
     )
     if row["round"] > 0:

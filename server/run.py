@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.data import load_splits
+from common.data import load_server_eval
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.training import encode
 from server.export import export_final_model
@@ -32,12 +32,11 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     outputs = RunOutputs(run_folder(cfg), keep_checkpoints=cfg.keep_checkpoints)
     if cfg.resume_from:
         outputs.check_resumable(cfg)
-    splits = load_splits(cfg)
-    label_names = splits.label_names
+    label_names, eval_set = load_server_eval(cfg)
     device = select_device(cfg.device)
     model, tokenizer = get_model(cfg, label_names, device)
-    eval_data = encode(
-        splits.eval["text"], splits.eval["label"], tokenizer, max_length=cfg.max_length
+    eval_data = None if eval_set is None else encode(
+        eval_set["text"], eval_set["label"], tokenizer, max_length=cfg.max_length
     )
 
     strategy = build_strategy(cfg)
