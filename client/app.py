@@ -15,29 +15,30 @@ from flwr.clientapp import ClientApp
 
 from client.local_data import client_key, load_local_data
 from common.config import RunConfig
+from common.encoding import encode_update
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.training import derive_seed, evaluate, train_local
 
 log = logging.getLogger(__name__)
 app = ClientApp()
+RESIDUAL_KEY = "topk-residual"  # in context.state: what top-k has not sent yet
 
 
 def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
-    """Config, model with the global state applied, and this site's data."""
+    """Config, the received global state, the model holding it, and this site's data."""
     cfg = RunConfig.from_flower(context.run_config)
     config = msg.content["config"]
     label_names = [str(name) for name in config["label-names"]]
     device = select_device(cfg.device)
     model, tokenizer = get_model(cfg, label_names, device)
-    set_exchanged_state(
-        model, {name: array.numpy() for name, array in msg.content["arrays"].items()}
-    )
+    received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    set_exchanged_state(model, received)
     try:
         data = load_local_data(cfg, context.node_config, label_names, tokenizer)
     except Exception:
         log.exception("fedsft client %s cannot load its data", context.node_id)
         raise  # Flower reports it to the server as a failed reply with the reason
-    return cfg, config, model, tokenizer, data, device
+    return cfg, config, received, model, tokenizer, data, device
 
 
 @app.query()
@@ -50,7 +51,7 @@ def query(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local fine-tuning on the site's data starting from the received global state."""
-    cfg, config, model, tokenizer, data, device = _setup(msg, context)
+    cfg, config, received, model, tokenizer, data, device = _setup(msg, context)
     server_round = int(config["server-round"])
     result = train_local(
         model, data.train, cfg,
@@ -60,7 +61,15 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         pad_token_id=tokenizer.pad_token_id,
     )
-    arrays = ArrayRecord({k: Array(v) for k, v in get_exchanged_state(model).items()})
+    residual_record = context.state.get(RESIDUAL_KEY)
+    payload, residual = encode_update(
+        get_exchanged_state(model), received, cfg.encoding,
+        residual=None if residual_record is None
+        else {k: a.numpy() for k, a in residual_record.items()},
+    )
+    if residual:  # top-k error feedback: kept on the site for the next round
+        context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})
+    arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "train-loss": result.train_loss,
@@ -75,7 +84,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the global state on this site's local eval split: metrics only."""
-    cfg, _, model, tokenizer, data, device = _setup(msg, context)
+    cfg, _, _, model, tokenizer, data, device = _setup(msg, context)
     started = time.monotonic()
     if len(data.eval) == 0:
         metrics = MetricRecord({"num-examples": 0})

@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from common.encoding import ENCODINGS, UpdateEncoding
+
 METHODS = ("lora", "full", "head", "freeze")
 STRATEGIES = (
     "fedavg",
@@ -90,6 +92,10 @@ class RunConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    # --- uplink encoding (common/encoding.py) ---
+    update_encoding: str = "fp32"  # fp32 | fp16 | int8 (lossy ones send deltas)
+    int8_block_size: int = 256  # values per int8 scale; 0 = one scale per tensor
+    topk_fraction: float = 0.0  # > 0: send only this share of entries, error feedback
     # --- hardware ---
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = "auto"  # auto = bf16 autocast on a GPU that has it, else fp32
@@ -104,6 +110,7 @@ class RunConfig:
         _check_choice("method", self.method, METHODS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)
+        _check_choice("update-encoding", self.update_encoding, ENCODINGS)
         _check_choice("precision", self.precision, PRECISIONS)
         if not (self.partitioner in PARTITIONERS or _column_partition(self.partitioner)):
             raise ConfigError(
@@ -123,7 +130,8 @@ class RunConfig:
                     "min-nodes", "krum-keep"):
             _check_range(key, getattr(self, _attr(key)), low=1)
         for key in ("freeze-layers", "num-malicious", "local-steps",
-                    "keep-checkpoints", "seed", "server-learning-rate"):
+                    "keep-checkpoints", "seed", "server-learning-rate",
+                    "int8-block-size"):
             _check_range(key, getattr(self, _attr(key)), low=0)
         for key in ("learning-rate", "round-timeout",
                     "node-wait-timeout", "dirichlet-alpha"):
@@ -137,6 +145,7 @@ class RunConfig:
         _check_range("warmup-ratio", self.warmup_ratio, low=0, high=1, high_open=True)
         _check_range("trim-fraction", self.trim_fraction, low=0, high=0.5, high_open=True)
         _check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
+        _check_range("topk-fraction", self.topk_fraction, low=0, high=1, high_open=True)
         _check_range("client-eval-fraction", self.client_eval_fraction,
                      low=0, high=1, high_open=True)
         if self.eval_fraction == 0 and not self.eval_dataset:
@@ -166,6 +175,14 @@ class RunConfig:
         """LoRA target modules from ``lora-target-modules``; None lets peft choose."""
         names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         return names or None
+
+    @property
+    def encoding(self) -> UpdateEncoding:
+        """The uplink encoding settings."""
+        return UpdateEncoding(
+            self.update_encoding, block_size=self.int8_block_size,
+            topk_fraction=self.topk_fraction,
+        )
 
     def to_flower(self) -> dict[str, Any]:
         """The dashed-key mapping this config was (or could have been) built from."""

@@ -52,7 +52,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
     tracked = TrackedStrategy(
         strategy, exchanged_spec=array_specs(get_exchanged_state(model)), seed=cfg.seed,
-        min_replies=cfg.min_replies, round_offset=done_rounds,
+        encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
     )
     recorder = RoundRecorder(
         cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,

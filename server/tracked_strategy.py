@@ -7,8 +7,10 @@ and forwards the four round hooks to it, adding around each
 - a sampler seeded per (seed, round, phase): Flower samples with the module-level
   ``random``, so seeding it right before delegating is the only way to make client
   sampling reproducible without re-implementing Flower's sampling;
+- decoding of compressed updates (common/encoding.py) back to full float32 values;
 - failure accounting: error replies, replies missing at the round timeout, and
-  invalid updates (server/validation.py) are counted and dropped; fewer than
+  invalid updates (undecodable, or rejected by server/validation.py) are counted
+  and dropped; fewer than
   ``min_replies`` valid replies skips the round (the global model stays);
 - a deterministic aggregation order (by content digest), so the floating-point sum
   does not depend on reply arrival order — resumed runs end bit-identical;
@@ -31,14 +33,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from common.encoding import UpdateEncoding, decode_update
 from common.training import derive_seed
 from server.validation import ArraySpec, update_problem
 
 log = logging.getLogger(__name__)
+FP32 = UpdateEncoding()  # exact values: the default uplink encoding
 
 
 @dataclass
@@ -95,6 +100,7 @@ class TrackedStrategy(Strategy):
         *,
         exchanged_spec: Mapping[str, ArraySpec],
         seed: int,
+        encoding: UpdateEncoding = FP32,
         min_replies: int,
         round_offset: int = 0,
     ) -> None:
@@ -104,6 +110,8 @@ class TrackedStrategy(Strategy):
         self.round_offset = round_offset
         self.stats: dict[int, RoundStats] = {}
         self.exchanged_spec = dict(exchanged_spec)
+        self.encoding = encoding
+        self._global: dict[str, np.ndarray] = {}  # the state sent this round
         self._sent_at = 0.0
 
     def _round(self, server_round: int) -> int:
@@ -118,6 +126,7 @@ class TrackedStrategy(Strategy):
     ) -> Iterable[Message]:
         rnd = self._round(server_round)
         stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
+        self._global = {name: array.numpy() for name, array in arrays.items()}
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
         stats.sampled = len(messages)
@@ -142,12 +151,12 @@ class TrackedStrategy(Strategy):
                 stats.failures += 1
                 stats.problems.append(f"node {node}: error: {reply.error.reason}")
                 continue
-            problem = self._reply_problem(reply)
+            decoded, problem = self._decoded(reply)
             if problem:
                 stats.invalid += 1
                 stats.problems.append(f"node {node}: invalid update: {problem}")
                 continue
-            valid.append(reply)
+            valid.append(decoded)
             metrics = next(iter(reply.content.metric_records.values()))
             if "train-seconds" in metrics:
                 stats.client_train_seconds.append(float(metrics["train-seconds"]))
@@ -185,19 +194,28 @@ class TrackedStrategy(Strategy):
             for name, array in arrays.items()
         })
 
-    def _reply_problem(self, reply: Message) -> str | None:
+    def _decoded(self, reply: Message) -> tuple[Message, str | None]:
+        """The reply with its update decoded to full values, or why it is invalid."""
         content = reply.content
         if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return "expected exactly one ArrayRecord and one MetricRecord"
-        record = next(iter(content.array_records.values()))
+            return reply, "expected exactly one ArrayRecord and one MetricRecord"
+        key, record = next(iter(content.array_records.items()))
+        metrics_key, metrics = next(iter(content.metric_records.items()))
         try:
-            update = {name: array.numpy() for name, array in record.items()}
-        except Exception as exc:  # undecodable array bytes
-            return f"arrays cannot be decoded: {exc}"
-        metrics = next(iter(content.metric_records.values()))
-        return update_problem(
+            payload = {name: array.numpy() for name, array in record.items()}
+            update = decode_update(payload, self._global, self.encoding)
+        except Exception as exc:  # undecodable bytes, or not what the encoding produces
+            return reply, f"cannot decode the {self.encoding.scheme} update: {exc}"
+        problem = update_problem(
             update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples")
         )
+        if problem or not self.encoding.sends_delta:
+            return reply, problem
+        decoded = RecordDict({
+            key: ArrayRecord({name: Array(value) for name, value in update.items()}),
+            metrics_key: metrics,
+        })
+        return make_message(metadata=reply.metadata, content=decoded), None
 
     # --- federated evaluation ---------------------------------------------------
     def configure_evaluate(

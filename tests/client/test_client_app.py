@@ -113,3 +113,19 @@ def test_deployment_site_with_a_bad_file_fails_with_the_reason(tmp_path, tiny_mo
         train(_message("train", global_state), context)
     with pytest.raises(ConfigError, match="data-path"):
         train(_message("train", global_state), _context(tiny_model_dir, {"site-name": "x"}))
+
+
+def test_compressed_reply_and_top_k_residual_kept_on_the_site(tiny_model_dir, global_state):
+    from common.encoding import decode_update
+
+    context = _context(tiny_model_dir)
+    context.run_config.update({"update-encoding": "int8", "topk-fraction": 0.1})
+    reply = train(_message("train", global_state), context)
+    payload = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert {v.dtype for k, v in payload.items() if "::" not in k} == {np.dtype(np.int8)}
+    cfg = RunConfig.from_flower(context.run_config)
+    decoded = decode_update(payload, global_state, cfg.encoding)
+    assert decoded.keys() == global_state.keys()
+    residual = context.state["topk-residual"]
+    assert set(residual.keys()) == set(global_state)
+    assert any(np.abs(residual[k].numpy()).sum() > 0 for k in residual.keys())

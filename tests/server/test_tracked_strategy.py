@@ -3,17 +3,20 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
 
-from server.tracked_strategy import RoundStats, TrackedStrategy, summarize_accuracy_spread
+from common.encoding import UpdateEncoding, encode_update
+from server.tracked_strategy import FP32, RoundStats, TrackedStrategy, summarize_accuracy_spread
 from tests.server.messages import error_reply, eval_reply, train_reply
 
 GLOBAL = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
 
 
-def _tracked(inner=None, *, min_replies=1, round_offset=0):
-    return TrackedStrategy(
+def _tracked(inner=None, *, min_replies=1, round_offset=0, encoding=FP32):
+    strategy = TrackedStrategy(
         inner or FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0,
-        min_replies=min_replies, round_offset=round_offset,
+        encoding=encoding, min_replies=min_replies, round_offset=round_offset,
     )
+    strategy._global = {"w": np.zeros(2, np.float32)}  # what configure_train sent
+    return strategy
 
 
 def _w(*values):
@@ -113,3 +116,18 @@ def test_float64_aggregates_are_cast_back_to_the_exchanged_dtype():
         ])
         assert arrays["w"].dtype == "float32"
         assert strategy.stats[rnd].invalid == 0
+
+
+def test_compressed_updates_are_decoded_before_aggregation():
+    enc = UpdateEncoding("int8", block_size=0)
+    strategy = _tracked(encoding=enc)
+    payload_1, _ = encode_update(_w(1.0, -2.0), strategy._global, enc)
+    payload_2, _ = encode_update(_w(3.0, 2.0), strategy._global, enc)
+    arrays, _ = strategy.aggregate_train(1, [
+        train_reply(1, payload_1, **{"num-examples": 1}),
+        train_reply(2, payload_2, **{"num-examples": 1}),
+        train_reply(3, _w(1.0, 1.0), **{"num-examples": 1}),  # not int8-encoded
+    ])
+    np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 0.0], atol=0.02)
+    assert strategy.stats[1].invalid == 1
+    assert "cannot decode the int8 update" in strategy.stats[1].problems[0]
