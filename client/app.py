@@ -10,9 +10,17 @@ import logging
 import resource
 import time
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    KEY_NORM_BIT,
+    compute_adaptive_clip_model_update,
+    compute_clip_model_update,
+)
 
+from client.attacks import attacker_partition, flip_labels, is_attacker, poison_update
 from client.local_data import client_key, load_local_data
 from common.config import RunConfig
 from common.encoding import encode_update
@@ -41,6 +49,26 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     return cfg, config, received, model, tokenizer, data, device
 
 
+def clip_update(
+    new: dict[str, np.ndarray], base: dict[str, np.ndarray], *, clipping_norm: float,
+    adaptive: bool,
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Clip ``new - base`` to L2 norm ``clipping_norm`` with Flower's DP helpers.
+
+    Done here rather than with Flower's clipping mods so that the clipped update can
+    still be compressed (the mods expect the plain arrays on the wire). Adaptive
+    clipping also reports Flower's norm bit (was the update clipped?).
+    """
+    names = list(new)
+    values = [new[k] for k in names]
+    if adaptive:
+        norm_bit = compute_adaptive_clip_model_update(values, [base[k] for k in names],
+                                                      clipping_norm)
+        return dict(zip(names, values, strict=True)), {KEY_NORM_BIT: int(norm_bit)}
+    compute_clip_model_update(values, [base[k] for k in names], clipping_norm)
+    return dict(zip(names, values, strict=True)), {}
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
     """Tell the server this client's stable key (used to order and sample nodes)."""
@@ -53,17 +81,36 @@ def train(msg: Message, context: Context) -> Message:
     """Local fine-tuning on the site's data starting from the received global state."""
     cfg, config, received, model, tokenizer, data, device = _setup(msg, context)
     server_round = int(config["server-round"])
+    key = client_key(context.node_config, context.node_id)
+    attacker = False
+    if cfg.attack != "none":  # simulation-only: the client knows its partition
+        partition, partitions = attacker_partition(context.node_config)
+        attacker = is_attacker(partition, num_partitions=partitions,
+                               fraction=cfg.attack_fraction, seed=cfg.seed)
+    train_data = data.train
+    if attacker and cfg.attack == "label-flip":
+        train_data = flip_labels(train_data, num_classes=len(config["label-names"]))
     result = train_local(
-        model, data.train, cfg,
-        seed=derive_seed(cfg.seed, server_round, client_key(context.node_config,
-                                                            context.node_id)),
+        model, train_data, cfg,
+        seed=derive_seed(cfg.seed, server_round, key),
         device=device,
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         pad_token_id=tokenizer.pad_token_id,
     )
+    new_state = get_exchanged_state(model)
+    if attacker:
+        new_state = poison_update(new_state, received, attack=cfg.attack,
+                                  scale=cfg.attack_scale,
+                                  seed=derive_seed(cfg.seed, server_round, key, "attack"))
+    dp_metrics = {}
+    if KEY_CLIPPING_NORM in config:  # Flower's client-side DP wrappers: clip here
+        new_state, dp_metrics = clip_update(
+            new_state, received, clipping_norm=float(config[KEY_CLIPPING_NORM]),
+            adaptive=cfg.dp_clipping == "adaptive",
+        )
     residual_record = context.state.get(RESIDUAL_KEY)
     payload, residual = encode_update(
-        get_exchanged_state(model), received, cfg.encoding,
+        new_state, received, cfg.encoding,
         residual=None if residual_record is None
         else {k: a.numpy() for k, a in residual_record.items()},
     )
@@ -77,6 +124,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **dp_metrics,
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -17,6 +17,8 @@ from typing import Any
 from common.encoding import ENCODINGS, UpdateEncoding
 
 METHODS = ("lora", "full", "head", "freeze")
+# Strategies whose aggregate is a (weighted) mean of the replies.
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 STRATEGIES = (
     "fedavg",
     "fedprox",
@@ -30,6 +32,7 @@ STRATEGIES = (
     "multikrum",
     "bulyan",
 )
+ATTACKS = ("none", "sign-flip", "scale", "gaussian", "label-flip", "nan")
 PARTITIONERS = ("iid", "dirichlet", "pathological")  # plus "column:<name>"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -96,6 +99,17 @@ class RunConfig:
     update_encoding: str = "fp32"  # fp32 | fp16 | int8 (lossy ones send deltas)
     int8_block_size: int = 256  # values per int8 scale; 0 = one scale per tensor
     topk_fraction: float = 0.0  # > 0: send only this share of entries, error feedback
+    # --- client-level differential privacy (server/privacy.py) ---
+    dp_noise_multiplier: float = 0.0  # noise std / clipping norm; 0 = DP off
+    dp_clipping_norm: float = 1.0  # L2 bound of a client's update (initial, if adaptive)
+    dp_clipping: str = "fixed"  # fixed | adaptive (Flower's wrappers)
+    dp_side: str = "server"  # server | client: where updates are clipped
+    dp_delta: float = 1e-5  # the delta epsilon is reported at
+    dp_target_epsilon: float = math.inf  # stop before a round would exceed it
+    # --- simulation-only attackers (client/attacks.py) ---
+    attack: str = "none"  # none | sign-flip | scale | gaussian | label-flip | nan
+    attack_fraction: float = 0.0  # share of virtual clients that attack
+    attack_scale: float = 1.0  # sign-flip/scale factor; gaussian noise std
     # --- hardware ---
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = "auto"  # auto = bf16 autocast on a GPU that has it, else fp32
@@ -111,6 +125,22 @@ class RunConfig:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("update-encoding", self.update_encoding, ENCODINGS)
+        _check_choice("attack", self.attack, ATTACKS)
+        _check_range("attack-fraction", self.attack_fraction, low=0, high=1)
+        _check_range("attack-scale", self.attack_scale, low=0)
+        if self.attack != "none" and self.attack_fraction == 0:
+            raise ConfigError(f"`attack` {self.attack!r} needs `attack-fraction` > 0, got 0")
+        _check_choice("dp-clipping", self.dp_clipping, ("fixed", "adaptive"))
+        _check_choice("dp-side", self.dp_side, ("server", "client"))
+        _check_range("dp-noise-multiplier", self.dp_noise_multiplier, low=0)
+        _check_range("dp-clipping-norm", self.dp_clipping_norm, low=0, low_open=True)
+        _check_range("dp-delta", self.dp_delta, low=0, high=1, low_open=True, high_open=True)
+        _check_range("dp-target-epsilon", self.dp_target_epsilon, low=0, low_open=True)
+        if self.dp_enabled and self.strategy not in MEAN_STRATEGIES:
+            raise ConfigError(
+                f"`dp-noise-multiplier` > 0 needs a mean-based `strategy` "
+                f"({', '.join(MEAN_STRATEGIES)}), got {self.strategy!r}"
+            )
         _check_choice("precision", self.precision, PRECISIONS)
         if not (self.partitioner in PARTITIONERS or _column_partition(self.partitioner)):
             raise ConfigError(
@@ -177,6 +207,11 @@ class RunConfig:
         return names or None
 
     @property
+    def dp_enabled(self) -> bool:
+        """Client-level DP is on when a positive noise multiplier is set."""
+        return self.dp_noise_multiplier > 0
+
+    @property
     def encoding(self) -> UpdateEncoding:
         """The uplink encoding settings."""
         return UpdateEncoding(
@@ -226,6 +261,10 @@ def _column_partition(partitioner: str) -> str | None:
     return None
 
 
+# Float keys where inf is meaningful ("no limit"); every other float must be finite.
+_INF_ALLOWED = frozenset({"dp-target-epsilon"})
+
+
 def _coerce(key: str, value: Any, type_name: Any) -> Any:
     """Check ``value`` against the field type (a string under postponed annotations)."""
     type_name = getattr(type_name, "__name__", type_name)
@@ -233,7 +272,7 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
         # TOML and --run-config give ints for whole numbers: accept them as floats.
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"`{key}` must be a number, got {value!r}")
-        if math.isnan(value) or math.isinf(value):
+        if math.isnan(value) or (math.isinf(value) and key not in _INF_ALLOWED):
             raise ConfigError(f"`{key}` must be a finite number, got {value!r}")
         return float(value)
     if type_name == "int":

@@ -22,6 +22,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from common.config import RunConfig
 from common.model import set_exchanged_state
 from common.training import EncodedData, evaluate
+from server.privacy import PrivacyReport
 from server.run_outputs import RunOutputs
 from server.strategies import strategy_state
 from server.tracked_strategy import RoundStats, TrackedStrategy, summarize_accuracy_spread
@@ -52,6 +53,7 @@ class RoundRecorder:
         strategy: TrackedStrategy,
         outputs: RunOutputs,
         total_rounds: int,
+        privacy: PrivacyReport | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -61,6 +63,7 @@ class RoundRecorder:
         self.strategy = strategy
         self.outputs = outputs
         self.total_rounds = total_rounds
+        self.privacy = privacy
         self.bytes_up_total = 0
         self.bytes_down_total = 0
         self.last_row: dict[str, Any] | None = None
@@ -74,6 +77,8 @@ class RoundRecorder:
         central = self._evaluate(state)
         stats = self.strategy.stats.pop(rnd, None) or RoundStats(round=rnd, started=started)
         row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
+        if self.privacy is not None:
+            row["privacy"] = self.privacy.row(rnd)
         self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner))
         self.outputs.append_result(row)
         self.last_row = row
@@ -155,6 +160,8 @@ def _progress_line(row: dict[str, Any], total_rounds: int) -> str:
         f"[fedsft] round {row['round']}/{total_rounds}  {metrics}  |  "
         f"up {_mb(b['up'])}  down {_mb(b['down'])}  |  {s['round']:.1f} s"
     )
+    if "privacy" in row:
+        line += f"  |  epsilon {row['privacy']['epsilon']:.3g}"
     if row["round"] > 0:
         line += f"  |  clients {cl['aggregated']}/{cl['sampled']}"
         bad = cl["failures"] + cl["timeouts"] + cl["invalid"]

@@ -14,6 +14,7 @@ from common.model import get_exchanged_state, get_model, select_device, set_exch
 from common.training import encode
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
+from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import RoundRecorder, arrays_to_state
 from server.run_outputs import RunOutputs, run_folder
 from server.strategies import build_strategy, restore_strategy_state
@@ -39,7 +40,17 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         eval_set["text"], eval_set["label"], tokenizer, max_length=cfg.max_length
     )
 
+    waiting_grid = NodeWaitingGrid(
+        grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
+    )
     strategy = build_strategy(cfg)
+    privacy = None
+    if cfg.dp_enabled:
+        # Flower's DP wrappers calibrate noise to the number sampled per round.
+        connected = len(waiting_grid.get_node_ids())
+        sampled = sampled_per_round(cfg, connected)
+        strategy = wrap_with_dp(strategy, cfg, num_sampled=sampled)
+        privacy = PrivacyReport(cfg, sampling_rate=sampled / connected)
     state = get_exchanged_state(model)
     done_rounds = 0
     if cfg.resume_from:
@@ -53,20 +64,27 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     tracked = TrackedStrategy(
         strategy, exchanged_spec=array_specs(get_exchanged_state(model)), seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
+        uniform_weights=cfg.dp_enabled,
     )
     recorder = RoundRecorder(
         cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,
         device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
+        privacy=privacy,
     )
     # Clients learn the label map from the server, so every site encodes labels alike.
     round_config = ConfigRecord({"label-names": list(label_names)})
-    remaining = cfg.num_server_rounds - done_rounds
+    last_round = cfg.num_server_rounds
+    if privacy is not None:
+        last_round = privacy.rounds_within_budget(cfg.num_server_rounds)
+        if last_round < cfg.num_server_rounds:
+            print(f"[fedsft] privacy budget: stopping after round {last_round}; round "
+                  f"{last_round + 1} would exceed dp-target-epsilon="
+                  f"{cfg.dp_target_epsilon:g} (delta {cfg.dp_delta:g})", flush=True)
+    remaining = last_round - done_rounds
     final_state = state
     if remaining > 0:
         result = tracked.start(
-            grid=NodeWaitingGrid(
-                grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
-            ),
+            grid=waiting_grid,
             initial_arrays=ArrayRecord({k: Array(v) for k, v in state.items()}),
             num_rounds=remaining,
             timeout=cfg.round_timeout,

@@ -12,11 +12,6 @@ from flwr.serverapp import strategy as flwr_strategy
 
 from common.config import ConfigError, RunConfig
 
-# Strategies whose aggregate is a (weighted) mean of the replies.
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
-# Strategies that need every individual update (robust aggregation).
-ROBUST_STRATEGIES = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
-
 
 def build_strategy(cfg: RunConfig) -> flwr_strategy.Strategy:
     """Return the Flower strategy named by ``cfg.strategy``.
@@ -75,18 +70,27 @@ def build_strategy(cfg: RunConfig) -> flwr_strategy.Strategy:
 _STATE_ATTRIBUTES = ("m_t", "v_t", "momentum_vector")
 
 
+def _innermost(strategy: flwr_strategy.Strategy) -> flwr_strategy.Strategy:
+    """The aggregating strategy inside Flower's DP wrappers (they keep it in .strategy)."""
+    while isinstance(getattr(strategy, "strategy", None), flwr_strategy.Strategy):
+        strategy = strategy.strategy  # type: ignore[attr-defined]
+    return strategy
+
+
 def strategy_state(strategy: flwr_strategy.Strategy) -> dict[str, Any]:
     """The between-round state of a Flower strategy, for checkpoints (None = unset)."""
+    inner = _innermost(strategy)
     return {
-        name: getattr(strategy, name)
+        name: getattr(inner, name)
         for name in _STATE_ATTRIBUTES
-        if getattr(strategy, name, None) is not None
+        if getattr(inner, name, None) is not None
     }
 
 
 def restore_strategy_state(strategy: flwr_strategy.Strategy, state: dict[str, Any]) -> None:
     """Put a state taken by :func:`strategy_state` back into a fresh strategy."""
+    inner = _innermost(strategy)
     for name, value in state.items():
         if name not in _STATE_ATTRIBUTES:
             raise ValueError(f"unknown strategy state {name!r} in checkpoint")
-        setattr(strategy, name, value)
+        setattr(inner, name, value)

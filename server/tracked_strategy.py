@@ -103,11 +103,15 @@ class TrackedStrategy(Strategy):
         encoding: UpdateEncoding = FP32,
         min_replies: int,
         round_offset: int = 0,
+        uniform_weights: bool = False,
     ) -> None:
         self.inner = inner
         self.seed = seed
         self.min_replies = min_replies
         self.round_offset = round_offset
+        # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only for
+        # an unweighted mean, so with DP every valid reply counts as one example.
+        self.uniform_weights = uniform_weights
         self.stats: dict[int, RoundStats] = {}
         self.exchanged_spec = dict(exchanged_spec)
         self.encoding = encoding
@@ -177,7 +181,13 @@ class TrackedStrategy(Strategy):
             return None, None
         valid.sort(key=_digest)  # arrival order must not change the float sum
         started = time.monotonic()
-        arrays, metrics = self.inner.aggregate_train(rnd, valid)
+        try:
+            arrays, metrics = self.inner.aggregate_train(rnd, valid)
+        except Exception as exc:  # a failing aggregation skips the round, not the run
+            log.exception("round %d: aggregation failed", rnd)
+            stats.skipped = True
+            stats.problems.append(f"aggregation failed: {type(exc).__name__}: {exc}")
+            return None, None
         stats.aggregate_seconds = time.monotonic() - started
         stats.aggregated = len(valid)
         stats.train_metrics = dict(metrics) if metrics else {}
@@ -209,8 +219,10 @@ class TrackedStrategy(Strategy):
         problem = update_problem(
             update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples")
         )
-        if problem or not self.encoding.sends_delta:
+        if problem or not (self.encoding.sends_delta or self.uniform_weights):
             return reply, problem
+        if self.uniform_weights:
+            metrics = MetricRecord({**dict(metrics), "num-examples": 1})
         decoded = RecordDict({
             key: ArrayRecord({name: Array(value) for name, value in update.items()}),
             metrics_key: metrics,

@@ -128,4 +128,4 @@ def test_compressed_reply_and_top_k_residual_kept_on_the_site(tiny_model_dir, gl
     assert decoded.keys() == global_state.keys()
     residual = context.state["topk-residual"]
     assert set(residual.keys()) == set(global_state)
-    assert any(np.abs(residual[k].numpy()).sum() > 0 for k in residual.keys())
+    assert any(np.abs(residual[k].numpy()).sum() > 0 for k in residual)

@@ -134,3 +134,19 @@ def test_minilm_on_sst2_sample_beats_chance(tmp_path):
     assert rows[0]["central"]["num_examples"] == 872
     assert rows[-1]["central"]["accuracy"] >= 0.70, [r["central"] for r in rows]
     assert rows[-1]["central"]["accuracy"] > rows[0]["central"]["accuracy"] + 0.1
+
+
+def test_dp_run_reports_epsilon_and_stops_at_the_budget(tmp_path, tiny_model_dir):
+    # z = 1, all 3 clients sampled: epsilon is ~4.8 after one round and ~7.0 after two.
+    result = _run(tmp_path, tiny_model_dir, "dp", **{
+        "num-server-rounds": 3, "dp-noise-multiplier": 1.0, "dp-clipping-norm": 0.5,
+        "dp-target-epsilon": 6.0, "fraction-evaluate": 0.0})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert "stopping after round 1" in log
+    rows = _results(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1]
+    assert 0 < rows[1]["privacy"]["epsilon"] <= 6.0
+    assert rows[1]["privacy"]["sampling_rate"] == 1.0
+    assert rows[1]["clients"]["aggregated"] == 3
+    assert (result.run_dir / "final" / "model" / "config.json").exists()

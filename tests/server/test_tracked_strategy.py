@@ -131,3 +131,14 @@ def test_compressed_updates_are_decoded_before_aggregation():
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 0.0], atol=0.02)
     assert strategy.stats[1].invalid == 1
     assert "cannot decode the int8 update" in strategy.stats[1].problems[0]
+
+
+def test_an_aggregation_error_skips_the_round_instead_of_crashing_the_run():
+    class Broken(FedAvg):
+        def aggregate_train(self, server_round, replies):
+            raise ZeroDivisionError("float division by zero")
+
+    strategy = _tracked(Broken())
+    arrays, _ = strategy.aggregate_train(1, [train_reply(1, _w(1.0, 1.0), **{"num-examples": 1})])
+    assert arrays is None and strategy.stats[1].skipped
+    assert "ZeroDivisionError" in strategy.stats[1].problems[-1]
