@@ -21,6 +21,7 @@ from flwr.supercore.differential_privacy import (
 )
 
 from client.attacks import attacker_partition, flip_labels, is_attacker, poison_update
+from client.egress_audit import egress_audit_mod
 from client.local_data import client_key, load_local_data
 from common.config import RunConfig
 from common.encoding import encode_update
@@ -28,7 +29,7 @@ from common.model import get_exchanged_state, get_model, select_device, set_exch
 from common.training import derive_seed, evaluate, train_local
 
 log = logging.getLogger(__name__)
-app = ClientApp()
+app = ClientApp(mods=[egress_audit_mod])
 RESIDUAL_KEY = "topk-residual"  # in context.state: what top-k has not sent yet
 
 

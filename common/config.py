@@ -110,6 +110,7 @@ class RunConfig:
     attack: str = "none"  # none | sign-flip | scale | gaussian | label-flip | nan
     attack_fraction: float = 0.0  # share of virtual clients that attack
     attack_scale: float = 1.0  # sign-flip/scale factor; gaussian noise std
+    audit_egress: bool = False  # clients refuse to send anything but updates + metrics
     # --- hardware ---
     device: str = "auto"  # auto = cuda when available, else cpu
     precision: str = "auto"  # auto = bf16 autocast on a GPU that has it, else fp32

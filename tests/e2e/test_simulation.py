@@ -48,7 +48,8 @@ def _final_checkpoint(run_dir: Path) -> dict[str, np.ndarray]:
 
 
 def test_tiny_bert_three_clients_two_rounds(tmp_path, tiny_model_dir):
-    result = _run(tmp_path, tiny_model_dir, "tiny", **{"num-server-rounds": 2})
+    result = _run(tmp_path, tiny_model_dir, "tiny", **{"num-server-rounds": 2,
+                                                       "audit-egress": True})
     log = result.log_path.read_text()
     assert result.returncode == 0, log[-3000:]
     rows = _results(result.run_dir)
@@ -61,6 +62,8 @@ def test_tiny_bert_three_clients_two_rounds(tmp_path, tiny_model_dir):
         assert row["bytes"]["up"] > 0 and row["bytes"]["down"] > row["bytes"]["up"] / 3
         assert row["federated"]["eval_accuracy"] >= 0.0
         assert row["train"]["train_loss"] > 0
+        # Every train reply passed the egress audit (only tensors + scalar metrics left).
+        assert row["train"]["egress_audited"] == 1
     assert "[fedsft] round 2/2" in log
 
     config = json.loads((result.run_dir / "config.json").read_text())
