@@ -10,17 +10,12 @@ import logging
 import resource
 import time
 
-import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import (
-    KEY_CLIPPING_NORM,
-    KEY_NORM_BIT,
-    compute_adaptive_clip_model_update,
-    compute_clip_model_update,
-)
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from client.attacks import attacker_partition, flip_labels, is_attacker, poison_update
+from client.dp_clipping import clip_update
 from client.egress_audit import egress_audit_mod
 from client.local_data import client_key, load_local_data
 from common.config import RunConfig
@@ -48,26 +43,6 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
         log.exception("fedsft client %s cannot load its data", context.node_id)
         raise  # Flower reports it to the server as a failed reply with the reason
     return cfg, config, received, model, tokenizer, data, device
-
-
-def clip_update(
-    new: dict[str, np.ndarray], base: dict[str, np.ndarray], *, clipping_norm: float,
-    adaptive: bool,
-) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Clip ``new - base`` to L2 norm ``clipping_norm`` with Flower's DP helpers.
-
-    Done here rather than with Flower's clipping mods so that the clipped update can
-    still be compressed (the mods expect the plain arrays on the wire). Adaptive
-    clipping also reports Flower's norm bit (was the update clipped?).
-    """
-    names = list(new)
-    values = [new[k] for k in names]
-    if adaptive:
-        norm_bit = compute_adaptive_clip_model_update(values, [base[k] for k in names],
-                                                      clipping_norm)
-        return dict(zip(names, values, strict=True)), {KEY_NORM_BIT: int(norm_bit)}
-    compute_clip_model_update(values, [base[k] for k in names], clipping_norm)
-    return dict(zip(names, values, strict=True)), {}
 
 
 @app.query()

@@ -52,6 +52,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         strategy = wrap_with_dp(strategy, cfg, num_sampled=sampled)
         privacy = PrivacyReport(cfg, sampling_rate=sampled / connected)
     state = get_exchanged_state(model)
+    exchanged_spec = array_specs(state)
     done_rounds = 0
     if cfg.resume_from:
         checkpoint = outputs.last_checkpoint()
@@ -62,7 +63,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     print(f"[fedsft] run folder: {outputs.folder}", flush=True)
 
     tracked = TrackedStrategy(
-        strategy, exchanged_spec=array_specs(get_exchanged_state(model)), seed=cfg.seed,
+        strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled,
     )

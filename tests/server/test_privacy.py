@@ -5,7 +5,7 @@ import pytest
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
-from client.app import clip_update
+from client.dp_clipping import clip_update
 from common.config import ConfigError, RunConfig
 from server.privacy import client_level_epsilon, max_rounds_within, wrap_with_dp
 from server.tracked_strategy import TrackedStrategy
