@@ -120,6 +120,7 @@ class RunConfig:
     run_name: str = ""  # empty: <strategy>-<method>-<timestamp>
     resume_from: str = ""  # a run folder whose last completed round to continue
     keep_checkpoints: int = 2  # per-round checkpoints kept (0 = keep all)
+    log_to: str = ""  # comma list of extra metric sinks: tensorboard, mlflow
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -184,6 +185,11 @@ class RunConfig:
                 "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
             )
         _check_range("classes-per-client", self.classes_per_client, low=1)
+        unknown_sinks = sorted(set(self.metric_sinks) - {"tensorboard", "mlflow"})
+        if unknown_sinks:
+            raise ConfigError(
+                f"`log-to` may name tensorboard and mlflow, got {', '.join(unknown_sinks)}"
+            )
         names = self.label_list
         if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
             raise ConfigError(
@@ -206,6 +212,11 @@ class RunConfig:
         """LoRA target modules from ``lora-target-modules``; None lets peft choose."""
         names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
         return names or None
+
+    @property
+    def metric_sinks(self) -> list[str]:
+        """The metric sinks named by ``log-to``."""
+        return [name.strip() for name in self.log_to.split(",") if name.strip()]
 
     @property
     def dp_enabled(self) -> bool:

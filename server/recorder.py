@@ -13,6 +13,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from flwr.app import ArrayRecord, MetricRecord
 from common.config import RunConfig
 from common.model import set_exchanged_state
 from common.training import EncodedData, evaluate
+from server.metric_sinks import MetricSink
 from server.privacy import PrivacyReport
 from server.run_outputs import RunOutputs
 from server.strategies import strategy_state
@@ -54,6 +56,7 @@ class RoundRecorder:
         outputs: RunOutputs,
         total_rounds: int,
         privacy: PrivacyReport | None = None,
+        sinks: Sequence[MetricSink] = (),
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -64,6 +67,7 @@ class RoundRecorder:
         self.outputs = outputs
         self.total_rounds = total_rounds
         self.privacy = privacy
+        self.sinks = sinks
         self.bytes_up_total = 0
         self.bytes_down_total = 0
         self.last_row: dict[str, Any] | None = None
@@ -81,6 +85,8 @@ class RoundRecorder:
             row["privacy"] = self.privacy.row(rnd)
         self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner))
         self.outputs.append_result(row)
+        for sink in self.sinks:
+            sink.log_round(row)
         self.last_row = row
         print(_progress_line(row, self.total_rounds), flush=True)
         if central is None:

@@ -14,6 +14,7 @@ from common.model import get_exchanged_state, get_model, select_device, set_exch
 from common.training import encode
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
+from server.metric_sinks import open_sinks
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import RoundRecorder, arrays_to_state
 from server.run_outputs import RunOutputs, run_folder
@@ -67,10 +68,12 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled,
     )
+    sinks = open_sinks(cfg.metric_sinks, outputs.folder, outputs.folder.name,
+                       cfg.to_flower())
     recorder = RoundRecorder(
         cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,
         device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
-        privacy=privacy,
+        privacy=privacy, sinks=sinks,
     )
     # Clients learn the label map from the server, so every site encodes labels alike.
     round_config = ConfigRecord({"label-names": list(label_names)})
@@ -83,17 +86,21 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
                   f"{cfg.dp_target_epsilon:g} (delta {cfg.dp_delta:g})", flush=True)
     remaining = last_round - done_rounds
     final_state = state
-    if remaining > 0:
-        result = tracked.start(
-            grid=waiting_grid,
-            initial_arrays=ArrayRecord({k: Array(v) for k, v in state.items()}),
-            num_rounds=remaining,
-            timeout=cfg.round_timeout,
-            train_config=round_config,
-            evaluate_config=ConfigRecord(dict(round_config)),
-            evaluate_fn=recorder,
-        )
-        final_state = arrays_to_state(result.arrays) if len(result.arrays) else state
+    try:
+        if remaining > 0:
+            result = tracked.start(
+                grid=waiting_grid,
+                initial_arrays=ArrayRecord({k: Array(v) for k, v in state.items()}),
+                num_rounds=remaining,
+                timeout=cfg.round_timeout,
+                train_config=round_config,
+                evaluate_config=ConfigRecord(dict(round_config)),
+                evaluate_fn=recorder,
+            )
+            final_state = arrays_to_state(result.arrays) if len(result.arrays) else state
+    finally:
+        for sink in sinks:
+            sink.close()
     set_exchanged_state(model, final_state)
     paths = export_final_model(model, tokenizer, outputs.folder / "final")
     print(f"[fedsft] final model: {paths['model']}", flush=True)

@@ -34,7 +34,7 @@ from common.config import ConfigError, RunConfig
 # change what is computed, only how long we wait or where we write.
 RESUMABLE_CHANGES = frozenset(
     {"num-server-rounds", "resume-from", "round-timeout", "node-wait-timeout",
-     "output-dir", "run-name", "keep-checkpoints", "device"}
+     "output-dir", "run-name", "keep-checkpoints", "device", "log-to", "audit-egress"}
 )
 
 

@@ -1,0 +1,261 @@
+"""The figures of run and comparison reports: one PNG per function.
+
+Each function takes plain data and a path, draws one figure and saves it. Figures are
+built with matplotlib's object API on an Agg canvas (``Figure`` + ``FigureCanvasAgg``):
+no pyplot, so no global backend or figure registry is touched and nothing needs a
+display.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+_SIZE = (8.0, 4.5)  # inches; 880 x 495 pixels at _DPI
+_DPI = 110
+_NAN = float("nan")
+
+
+def _figure(size: tuple[float, float] = _SIZE) -> Any:
+    """A new figure on an Agg canvas (the Agg backend, set per figure)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _round_axis(ax: Any, rounds: Sequence[int] = ()) -> None:
+    """Label the x axis as rounds, with integer ticks (every round when there are few)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.set_xlabel("round")
+    ticks = sorted(set(rounds))
+    if 0 < len(ticks) <= 25:
+        ax.set_xticks(ticks)
+        ax.set_xlim(ticks[0] - 0.5, ticks[-1] + 0.5)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png")
+    return path
+
+
+def _colors(n: int) -> list[Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def byte_unit(max_bytes: float) -> tuple[float, str]:
+    """Divisor and unit that keep ``max_bytes`` readable (kB, MB or GB)."""
+    for scale, unit in ((1e9, "GB"), (1e6, "MB")):
+        if max_bytes >= scale:
+            return scale, unit
+    return 1e3, "kB"
+
+
+def _has_values(values: Sequence[float]) -> bool:
+    return any(np.isfinite(v) for v in values)
+
+
+def _empty_note(ax: Any, text: str) -> None:
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, color="0.4")
+
+
+# --- single run -------------------------------------------------------------------------
+
+
+def plot_accuracy(
+    path: Path, *, rounds: Sequence[int], accuracy: Sequence[float],
+    f1_macro: Sequence[float], federated_accuracy: Sequence[float], title: str,
+) -> Path:
+    """Central accuracy and macro-F1 (and the clients' weighted accuracy) per round."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    if _has_values(accuracy):
+        ax.plot(rounds, accuracy, marker="o", label="central accuracy")
+        ax.plot(rounds, f1_macro, marker="s", label="central macro-F1")
+    if _has_values(federated_accuracy):
+        ax.plot(rounds, federated_accuracy, marker=".", linestyle="--",
+                label="federated accuracy (clients' local eval, weighted)")
+    if not (_has_values(accuracy) or _has_values(federated_accuracy)):
+        _empty_note(ax, "no evaluation results")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("score (0-1)")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_loss(
+    path: Path, *, rounds: Sequence[int], central: Sequence[float],
+    federated: Sequence[float], train: Sequence[float], title: str,
+) -> Path:
+    """Central, federated-evaluation and training loss per round."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for values, label, style in (
+        (central, "central eval loss", "-"),
+        (federated, "federated eval loss (weighted)", "--"),
+        (train, "client training loss (weighted)", ":"),
+    ):
+        if _has_values(values):
+            ax.plot(rounds, values, marker="o", linestyle=style, label=label)
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    if ax.lines:
+        ax.legend(loc="upper right")
+    else:
+        _empty_note(ax, "no loss recorded")
+    return _save(fig, path)
+
+
+def plot_client_spread(
+    path: Path, *, rounds: Sequence[int], minimum: Sequence[float], p10: Sequence[float],
+    median: Sequence[float], central: Sequence[float], title: str,
+) -> Path:
+    """Spread of the clients' local accuracy per round: min, 10th percentile, median."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.fill_between(rounds, minimum, median, alpha=0.15, color="C0")
+    ax.plot(rounds, median, marker="o", color="C0", label="median client")
+    ax.plot(rounds, p10, marker="v", color="C1", label="10th percentile client")
+    ax.plot(rounds, minimum, marker="x", color="C3", label="worst client (min)")
+    if _has_values(central):
+        ax.plot(rounds, central, color="0.5", linestyle="--", label="central accuracy")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("local eval accuracy (0-1)")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_label_distribution(
+    path: Path, *, counts: np.ndarray, label_names: Sequence[str],
+    client_ids: Sequence[int], title: str, share: bool = False,
+) -> Path:
+    """Stacked bars: examples of each class per client (``share``: as fractions)."""
+    if share:
+        totals = counts.sum(axis=1, keepdims=True)
+        counts = counts / np.maximum(totals, 1)
+    width = min(max(_SIZE[0], 0.22 * len(client_ids) + 2.5), 16.0)
+    fig = _figure((width, _SIZE[1]))
+    ax = fig.add_subplot()
+    x = np.arange(len(client_ids))
+    bottom = np.zeros(len(client_ids))
+    colors = _colors(len(label_names))
+    for k, name in enumerate(label_names):
+        ax.bar(x, counts[:, k], bottom=bottom, color=colors[k], label=str(name), width=0.8)
+        bottom += counts[:, k]
+    step = max(1, int(np.ceil(len(client_ids) / 40)))
+    ax.set_xticks(x[::step], [str(c) for c in client_ids[::step]],
+                  rotation=90 if len(client_ids) > 20 else 0)
+    ax.set_xlim(-0.6, len(client_ids) - 0.4)
+    ax.set_xlabel("client (partition id)")
+    ax.set_ylabel("share of the client's examples" if share else "training examples")
+    if share:
+        ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(title="class", loc="upper left", bbox_to_anchor=(1.0, 1.0),
+              fontsize="small", ncols=1 if len(label_names) <= 15 else 2)
+    return _save(fig, path)
+
+
+def plot_bytes(
+    path: Path, *, rounds: Sequence[int], up_total: Sequence[float],
+    down_total: Sequence[float], title: str,
+) -> Path:
+    """Cumulative bytes sent by the clients (up) and by the server (down)."""
+    scale, unit = byte_unit(max([*up_total, *down_total, 1.0]))
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(rounds, np.asarray(down_total) / scale, marker="o",
+            label="down (server -> clients)")
+    ax.plot(rounds, np.asarray(up_total) / scale, marker="s", label="up (clients -> server)")
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel(f"cumulative {unit} (serialized arrays)")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    ax.legend(loc="upper left")
+    return _save(fig, path)
+
+
+def plot_round_time(
+    path: Path, *, rounds: Sequence[int], parts: Mapping[str, Sequence[float]], title: str,
+) -> Path:
+    """Stacked bars: where each round's wall time went."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    bottom = np.zeros(len(rounds))
+    for i, (label, values) in enumerate(parts.items()):
+        ax.bar(rounds, values, bottom=bottom, label=label, color=f"C{i}", width=0.7)
+        bottom += np.asarray(values, dtype=float)
+    ax.set_ylabel("seconds")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    ax.grid(False, axis="x")
+    fig.legend(loc="outside lower center", ncols=3, fontsize="small")
+    return _save(fig, path)
+
+
+def plot_memory(
+    path: Path, *, rounds: Sequence[int], server: Sequence[float], client: Sequence[float],
+    title: str,
+) -> Path:
+    """Peak resident memory of the server process and of the client processes."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(rounds, server, marker="o", label="server process (peak RSS)")
+    if _has_values(client):
+        ax.plot(rounds, client, marker="s", label="client process, largest (peak RSS)")
+    top = np.nanmax([*server, *client, 1.0])
+    ax.set_ylim(0, top * 1.15)
+    ax.set_ylabel("MiB")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+# --- comparison -------------------------------------------------------------------------
+
+
+def plot_overlay(
+    path: Path, *, series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str, ylabel: str, title: str, ylim: tuple[float, float] | None = None,
+    rounds_axis: bool = True,
+) -> Path:
+    """One line per run (legend = run name) on shared axes."""
+    height = _SIZE[1] + 0.22 * len(series)
+    fig = _figure((_SIZE[0], height))
+    ax = fig.add_subplot()
+    for color, (name, (x, y)) in zip(_colors(len(series)), series.items(), strict=True):
+        marker = "o" if len(x) <= 30 else None
+        ax.plot(x, y, marker=marker, markersize=4, color=color, label=name)
+    if rounds_axis:
+        _round_axis(ax, [int(v) for x, _ in series.values() for v in x])
+    else:
+        ax.grid(True, alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.set_title(title)
+    if series:
+        fig.legend(loc="outside lower center", ncols=1 if len(series) <= 8 else 2,
+                   fontsize="small")
+    return _save(fig, path)

@@ -1,0 +1,539 @@
+"""Reports of finished runs: ``report.html`` per run and ``compare.html`` across runs.
+
+A run report reads what a run folder holds (``results.jsonl``, ``config.json``,
+``label_map.json`` and, for harness runs, ``simulation.json``), draws one PNG per
+figure into ``<run>/report/`` and writes ``<run>/report.html`` with the same figures
+embedded as base64 data URIs, so the HTML file opens offline on its own. The label
+distribution per client is recomputed from the config with the app's own data code
+(``load_splits`` + ``partition_dataset``); it needs the number of virtual clients,
+which only ``simulation.json`` records (deployment runs get a note instead).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations import plots
+
+SIMULATION_FILE = "simulation.json"
+REPORT_FILE = "report.html"
+REPORT_DIR = "report"
+COMPARE_FILE = "compare.html"
+MAX_CLIENTS_SHOWN = 50  # label-distribution bars beyond this are unreadable
+_NAN = float("nan")
+
+
+class ReportError(ValueError):
+    """A folder is not a run folder (no results.jsonl / config.json) or has no rows."""
+
+
+@dataclass(frozen=True)
+class RunData:
+    """What a report reads from one run folder."""
+
+    run_dir: Path
+    name: str
+    rows: list[dict[str, Any]]
+    config: dict[str, Any]
+    simulation: dict[str, Any] | None
+    label_names: list[str]
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl; a torn last line (a crash mid-write) ends the list."""
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def load_run(run_dir: Path | str) -> RunData:
+    """Read a run folder.
+
+    Raises
+    ------
+    ReportError
+        If ``results.jsonl`` or ``config.json`` is missing, or there is no results row.
+    """
+    run_dir = Path(run_dir).resolve()
+    results, config = run_dir / "results.jsonl", run_dir / "config.json"
+    for path in (results, config):
+        if not path.is_file():
+            raise ReportError(f"{run_dir} is not a fedsft run folder: {path.name} is missing")
+    rows = read_results(results)
+    if not rows:
+        raise ReportError(f"{results} has no results rows yet")
+    simulation = None
+    if (run_dir / SIMULATION_FILE).is_file():
+        simulation = json.loads((run_dir / SIMULATION_FILE).read_text(encoding="utf-8"))
+    label_names: list[str] = []
+    if (run_dir / "label_map.json").is_file():
+        label_map = json.loads((run_dir / "label_map.json").read_text(encoding="utf-8"))
+        label_names = [str(label_map[k]) for k in sorted(label_map, key=int)]
+    return RunData(
+        run_dir=run_dir, name=run_dir.name, rows=rows,
+        config=json.loads(config.read_text(encoding="utf-8")),
+        simulation=simulation, label_names=label_names,
+    )
+
+
+def write_simulation_file(
+    run_dir: Path, *, scenario: str, num_supernodes: int, num_cpus: float, num_gpus: float,
+    overrides: dict[str, Any] | None = None, scenario_file: str = "",
+) -> Path:
+    """Record how a run was simulated (``simulation.json``): reports need the client count."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / SIMULATION_FILE
+    path.write_text(json.dumps({
+        "scenario": scenario,
+        "scenario-file": scenario_file,
+        "num-supernodes": num_supernodes,
+        "resources": {"num-cpus": num_cpus, "num-gpus": num_gpus},
+        "overrides": overrides or {},
+        "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
+
+
+# --- numbers from the rows ----------------------------------------------------------------
+
+
+def _get(row: dict[str, Any], *keys: str) -> float:
+    """A nested numeric value of a row, NaN when absent or null."""
+    value: Any = row
+    for key in keys:
+        if not isinstance(value, dict) or value.get(key) is None:
+            return _NAN
+        value = value[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _NAN
+    return float(value)
+
+
+def _series(rows: Sequence[dict[str, Any]], *keys: str) -> list[float]:
+    return [_get(row, *keys) for row in rows]
+
+
+def _nanlast(values: Sequence[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return finite[-1] if finite else _NAN
+
+
+def time_split(row: dict[str, Any]) -> dict[str, float]:
+    """One round's wall time split into parts that add up to ``seconds.round``.
+
+    Client compute is the slowest client's training (``client_train_max``); the rest of
+    the wait for replies is communication, serialization and queueing; ``other`` is what
+    the round spent outside those (federated evaluation, sampling, checkpointing).
+    """
+    s = row.get("seconds") or {}
+    train = float(s.get("client_train_max") or 0.0)
+    comm = max(float(s.get("wait") or 0.0) - train, 0.0)
+    aggregate = float(s.get("aggregate") or 0.0)
+    central = float(s.get("central_eval") or 0.0)
+    other = max(float(s.get("round") or 0.0) - train - comm - aggregate - central, 0.0)
+    return {"client compute (slowest client)": train,
+            "communication + serialization + waiting": comm,
+            "aggregation": aggregate, "central evaluation": central,
+            "other (federated eval, sampling, checkpoint)": other}
+
+
+def summarize(run: RunData) -> dict[str, Any]:
+    """Final metrics and totals of a run (the report's summary table)."""
+    rows = run.rows
+    trained = [r for r in rows if r.get("round", 0) > 0]
+    accuracy = _series(rows, "central", "accuracy")
+    finite = [(a, r["round"]) for a, r in zip(accuracy, rows, strict=True) if math.isfinite(a)]
+    best = max(finite) if finite else (_NAN, None)
+    last = rows[-1]
+    clients = [r.get("clients") or {} for r in trained]
+    return {
+        "rounds": int(last.get("round", 0)),
+        "final accuracy": _nanlast(accuracy),
+        "final macro-F1": _nanlast(_series(rows, "central", "f1_macro")),
+        "final loss": _nanlast(_series(rows, "central", "loss")),
+        "best accuracy": best[0],
+        "best round": best[1],
+        "final federated accuracy": _nanlast(_series(rows, "federated", "eval_accuracy")),
+        "final worst-client accuracy": _nanlast(
+            _series(rows, "clients", "eval_accuracy_spread", "min")),
+        "bytes up": _get(last, "bytes", "up_total"),
+        "bytes down": _get(last, "bytes", "down_total"),
+        "mean round seconds": float(np.mean([_get(r, "seconds", "round") for r in trained]))
+        if trained else _NAN,
+        "failures": sum(int(c.get("failures", 0)) for c in clients),
+        "timeouts": sum(int(c.get("timeouts", 0)) for c in clients),
+        "invalid": sum(int(c.get("invalid", 0)) for c in clients),
+        "skipped rounds": sum(1 for c in clients if c.get("skipped")),
+        "server peak MiB": float(np.nanmax(_series(rows, "memory_mb", "server_peak") + [0.0])),
+        "client peak MiB": float(np.nanmax(_series(rows, "memory_mb", "client_peak") + [0.0])),
+    }
+
+
+# --- label distribution -------------------------------------------------------------------
+
+
+def label_distribution(
+    config: dict[str, Any], *, num_partitions: int, max_clients: int = MAX_CLIENTS_SHOWN,
+) -> tuple[np.ndarray, list[str], list[int]]:
+    """Class counts of each client's training partition, recomputed from the config.
+
+    Uses the app's own ``load_splits`` and ``partition_dataset`` with the run's seed, so
+    the partitions are the ones the clients trained on (before each client's local eval
+    hold-out). Only the first ``max_clients`` clients are computed.
+
+    Returns
+    -------
+    tuple
+        ``(counts, label_names, client_ids)``: ``counts[i, k]`` is the number of rows of
+        class ``k`` in client ``client_ids[i]``'s partition.
+    """
+    from common.config import RunConfig
+    from common.data import load_splits, partition_dataset
+
+    known = {f.name.replace("_", "-") for f in fields(RunConfig)}
+    cfg = RunConfig.from_flower({k: v for k, v in config.items() if k in known})
+    splits = load_splits(cfg)
+    client_ids = list(range(min(num_partitions, max_clients)))
+    counts = np.zeros((len(client_ids), len(splits.label_names)), dtype=np.int64)
+    for i in client_ids:
+        part = partition_dataset(splits.train, cfg, num_partitions=num_partitions,
+                                 partition_id=i)
+        counts[i] = np.bincount(np.asarray(part["label"], dtype=np.int64),
+                                minlength=len(splits.label_names))
+    return counts, list(splits.label_names), client_ids
+
+
+# --- single-run report --------------------------------------------------------------------
+
+
+def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
+        list[tuple[str, Path]], list[str]]:
+    """Draw the run's figures; returns ``[(caption, png)]`` and notes for the report."""
+    rows, name = run.rows, run.name
+    rounds = [int(r["round"]) for r in rows]
+    notes: list[str] = []
+    figs: list[tuple[str, Path]] = []
+    acc = _series(rows, "central", "accuracy")
+    central_title = "" if any(map(math.isfinite, acc)) else " (no central evaluation data)"
+    figs.append(("Central evaluation: accuracy and macro-F1 on the server's held-out data",
+                 plots.plot_accuracy(
+                     out / "accuracy.png", rounds=rounds, accuracy=acc,
+                     f1_macro=_series(rows, "central", "f1_macro"),
+                     federated_accuracy=_series(rows, "federated", "eval_accuracy"),
+                     title=f"Accuracy per round{central_title} - {name}")))
+    figs.append(("Loss per round", plots.plot_loss(
+        out / "loss.png", rounds=rounds, central=_series(rows, "central", "loss"),
+        federated=_series(rows, "federated", "eval_loss"),
+        train=_series(rows, "train", "train_loss"), title=f"Loss per round - {name}")))
+
+    spread_rows = [r for r in rows if (r.get("clients") or {}).get("eval_accuracy_spread")]
+    if spread_rows:
+        figs.append((
+            "Fairness: spread of the sampled clients' accuracy on their own local eval split",
+            plots.plot_client_spread(
+                out / "client_spread.png", rounds=[int(r["round"]) for r in spread_rows],
+                minimum=_series(spread_rows, "clients", "eval_accuracy_spread", "min"),
+                p10=_series(spread_rows, "clients", "eval_accuracy_spread", "p10"),
+                median=_series(spread_rows, "clients", "eval_accuracy_spread", "median"),
+                central=_series(spread_rows, "central", "accuracy"),
+                title=f"Per-client accuracy spread - {name}")))
+    else:
+        notes.append("No per-client accuracy spread: no round had federated evaluation "
+                     "(`fraction-evaluate` = 0?).")
+
+    nodes = num_supernodes or (run.simulation or {}).get("num-supernodes")
+    if not nodes:
+        notes.append("Label distribution per client skipped: this run has no "
+                      f"{SIMULATION_FILE} (not started by the simulation harness, e.g. a "
+                      "deployment), so the number of clients is unknown. "
+                      "`python -m simulations report RUN --num-supernodes N` recomputes it.")
+    elif run.config.get("labels"):
+        notes.append("Label distribution per client skipped: the server had no training "
+                     "data (`labels` set: the sites hold it).")
+    else:
+        try:
+            counts, label_names, ids = label_distribution(run.config, num_partitions=nodes)
+        except Exception as error:  # data missing or unreadable now: report, go on
+            notes.append(f"Label distribution per client could not be recomputed: {error}")
+        else:
+            shown = "" if len(ids) == nodes else f" (first {len(ids)} of {nodes} clients)"
+            part = run.config.get("partitioner", "?")
+            if part == "dirichlet":
+                part += f", alpha={run.config.get('dirichlet-alpha')}"
+            figs.append((f"Training examples per class and client: the partition ({part})"
+                         f"{shown}", plots.plot_label_distribution(
+                out / "label_distribution.png", counts=counts,
+                label_names=run.label_names or label_names, client_ids=ids,
+                title=f"Label distribution per client{shown}, partitioner {part}")))
+            figs.append(("Class shares per client: the label skew, whatever the client's size",
+                         plots.plot_label_distribution(
+                out / "label_share.png", counts=counts,
+                label_names=run.label_names or label_names, client_ids=ids, share=True,
+                title=f"Class shares per client{shown}, partitioner {part}")))
+
+    figs.append(("Communication: cumulative serialized bytes", plots.plot_bytes(
+        out / "bytes.png", rounds=rounds, up_total=_series(rows, "bytes", "up_total"),
+        down_total=_series(rows, "bytes", "down_total"),
+        title=f"Cumulative bytes up / down - {name}")))
+    trained = [r for r in rows if r["round"] > 0] or rows
+    splits = [time_split(r) for r in trained]
+    figs.append(("Round time split: the stacked parts add up to the round's wall time",
+                 plots.plot_round_time(
+                     out / "round_time.png", rounds=[int(r["round"]) for r in trained],
+                     parts={k: [s[k] for s in splits] for k in splits[0]},
+                     title=f"Where each round's time went - {name}")))
+    client_mem = [v if v > 0 else _NAN for v in _series(rows, "memory_mb", "client_peak")]
+    figs.append(("Peak memory (resident set size) of the server and client processes",
+                 plots.plot_memory(
+                     out / "memory.png", rounds=rounds,
+                     server=_series(rows, "memory_mb", "server_peak"), client=client_mem,
+                     title=f"Peak memory per round - {name}")))
+    return figs, notes
+
+
+def write_report(run_dir: Path | str, *, num_supernodes: int | None = None) -> Path:
+    """Write ``<run>/report.html`` and its PNGs in ``<run>/report/``; returns the HTML path.
+
+    ``num_supernodes`` overrides the client count of ``simulation.json`` (needed for the
+    label distribution of runs the harness did not start).
+    """
+    run = load_run(run_dir)
+    out = run.run_dir / REPORT_DIR
+    figs, notes = _figures(run, out, num_supernodes=num_supernodes)
+    summary = summarize(run)
+    body = [f"<h1>fedsft run report: {_esc(run.name)}</h1>",
+            f"<p class='meta'>{_esc(str(run.run_dir))} &middot; written "
+            f"{_esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>"]
+    if run.simulation:
+        sim = run.simulation
+        res = sim.get("resources", {})
+        body.append(f"<p>Scenario <b>{_esc(str(sim.get('scenario', '')))}</b>: "
+                    f"{_esc(str(sim.get('num-supernodes')))} virtual clients, "
+                    f"{_esc(str(res.get('num-cpus')))} CPU / {_esc(str(res.get('num-gpus')))} "
+                    "GPU per client.</p>")
+    body.append("<h2>Summary</h2>")
+    body.append(_table(["metric", "value"], [[k, _fmt_summary(k, v)]
+                                             for k, v in summary.items()]))
+    for note in notes:
+        body.append(f"<p class='note'>{_esc(note)}</p>")
+    body.append("<h2>Figures</h2>")
+    for caption, png in figs:
+        body.append(_figure_html(caption, png))
+    body.append("<h2>Resolved config</h2>")
+    body.append(_table(["key", "value"], [[k, _fmt(v)] for k, v in sorted(run.config.items())]))
+    if run.simulation:
+        body.append("<h2>Simulation</h2>")
+        body.append(f"<pre>{_esc(json.dumps(run.simulation, indent=2, sort_keys=True))}</pre>")
+    path = run.run_dir / REPORT_FILE
+    path.write_text(_page(f"fedsft report - {run.name}", body), encoding="utf-8")
+    return path
+
+
+# --- comparison -----------------------------------------------------------------------
+
+
+def _cumulative_bytes(run: RunData) -> list[float]:
+    return [a + b for a, b in zip(_series(run.rows, "bytes", "up_total"),
+                                  _series(run.rows, "bytes", "down_total"), strict=True)]
+
+
+def seed_group(name: str) -> str:
+    """A run name without its ``-seed=<n>`` suffix (runs differing only in seed)."""
+    return re.sub(r"-seed=\d+$", "", name)
+
+
+def write_comparison(
+    run_dirs: Sequence[Path | str], output_dir: Path | str, *, title: str = "",
+) -> Path:
+    """Overlay runs on shared axes: ``<output>/compare.html`` + ``<output>/compare/*.png``.
+
+    Runs are named by their folder name in legends and tables. Runs whose names differ
+    only in a ``-seed=<n>`` suffix are also summarised as mean and standard deviation.
+
+    Raises
+    ------
+    ReportError
+        If a folder is not a run folder or two runs have the same folder name.
+    """
+    runs = [load_run(d) for d in run_dirs]
+    if not runs:
+        raise ReportError("nothing to compare: no run folders given")
+    names = [r.name for r in runs]
+    if len(set(names)) != len(names):
+        raise ReportError(f"runs to compare must have distinct folder names, got {names}")
+    output_dir = Path(output_dir).resolve()
+    out = output_dir / "compare"
+    title = title or f"comparison of {len(runs)} runs"
+
+    def rounds(run: RunData, rows: Sequence[dict[str, Any]] | None = None) -> list[int]:
+        return [int(r["round"]) for r in (run.rows if rows is None else rows)]
+
+    max_bytes = max((max(_cumulative_bytes(r) + [1.0]) for r in runs), default=1.0)
+    scale, unit = plots.byte_unit(max_bytes)
+    figs = [
+        ("Central accuracy per round", plots.plot_overlay(
+            out / "accuracy.png", series={r.name: (rounds(r), _series(r.rows, "central",
+                                                                      "accuracy"))
+                                          for r in runs},
+            xlabel="round", ylabel="central accuracy (0-1)", ylim=(0, 1.02),
+            title="Central accuracy per round")),
+        ("Central macro-F1 per round", plots.plot_overlay(
+            out / "f1_macro.png", series={r.name: (rounds(r), _series(r.rows, "central",
+                                                                      "f1_macro"))
+                                          for r in runs},
+            xlabel="round", ylabel="central macro-F1 (0-1)", ylim=(0, 1.02),
+            title="Central macro-F1 per round")),
+        ("Central loss per round", plots.plot_overlay(
+            out / "loss.png", series={r.name: (rounds(r), _series(r.rows, "central", "loss"))
+                                      for r in runs},
+            xlabel="round", ylabel="central cross-entropy loss", title="Central loss per round")),
+        ("Cumulative bytes (up + down) per round", plots.plot_overlay(
+            out / "bytes.png", series={r.name: (rounds(r),
+                                                [b / scale for b in _cumulative_bytes(r)])
+                                       for r in runs},
+            xlabel="round", ylabel=f"cumulative {unit} (up + down)",
+            title="Communication: cumulative bytes up + down")),
+        ("Accuracy against communication: which run reaches an accuracy with fewer bytes",
+         plots.plot_overlay(
+             out / "accuracy_vs_bytes.png",
+             series={r.name: ([b / scale for b in _cumulative_bytes(r)],
+                              _series(r.rows, "central", "accuracy")) for r in runs},
+             xlabel=f"cumulative {unit} (up + down)", ylabel="central accuracy (0-1)",
+             ylim=(0, 1.02), rounds_axis=False, title="Central accuracy vs bytes exchanged")),
+        ("Round wall time", plots.plot_overlay(
+            out / "round_time.png",
+            series={r.name: (rounds(r, [x for x in r.rows if x["round"] > 0]),
+                             _series([x for x in r.rows if x["round"] > 0], "seconds", "round"))
+                    for r in runs},
+            xlabel="round", ylabel="seconds", title="Round wall time")),
+    ]
+    summaries = {r.name: summarize(r) for r in runs}
+    columns = ["rounds", "final accuracy", "final macro-F1", "final loss", "best accuracy",
+               "final worst-client accuracy", "bytes up", "bytes down",
+               "mean round seconds", "failures"]
+    body = [f"<h1>fedsft: {_esc(title)}</h1>",
+            f"<p class='meta'>written {_esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
+            "<h2>Final metrics</h2>",
+            _table(["run", *columns],
+                   [[_run_link(r, output_dir), *[_fmt_summary(c, summaries[r.name][c])
+                                                 for c in columns]] for r in runs],
+                   raw_first=True)]
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(seed_group(name), []).append(name)
+    if any(len(members) > 1 for members in groups.values()):
+        stat_cols = ["final accuracy", "final macro-F1", "final loss", "mean round seconds"]
+        table_rows = []
+        for group, members in groups.items():
+            cells = [_esc(group), str(len(members))]
+            for col in stat_cols:
+                values = np.array([summaries[m][col] for m in members], dtype=float)
+                cells.append(f"{np.nanmean(values):.4f} &plusmn; {np.nanstd(values):.4f}"
+                             if np.isfinite(values).any() else "-")
+            table_rows.append(cells)
+        body += ["<h2>Mean &plusmn; standard deviation over seeds</h2>",
+                 _table(["runs (seed removed)", "seeds", *stat_cols], table_rows,
+                        raw_cells=True)]
+    body.append("<h2>Figures</h2>")
+    for caption, png in figs:
+        body.append(_figure_html(caption, png))
+    path = output_dir / COMPARE_FILE
+    path.write_text(_page(f"fedsft - {title}", body), encoding="utf-8")
+    return path
+
+
+# --- HTML ------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1100px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.8em; }
+table { border-collapse: collapse; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }
+th { background: #f0f0f0; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1.2em 0; } figcaption { color: #444; font-size: 0.95em; }
+img { max-width: 100%; border: 1px solid #eee; }
+.meta { color: #666; font-size: 0.9em; } .note { color: #8a5a00; }
+pre { background: #f6f6f6; padding: 0.6em; overflow-x: auto; }
+"""
+
+
+def _esc(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def _page(title: str, body: list[str]) -> str:
+    return ("<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
+            f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+            + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def _figure_html(caption: str, png: Path) -> str:
+    data = base64.b64encode(png.read_bytes()).decode("ascii")
+    return (f"<figure><img alt='{_esc(caption)}' src='data:image/png;base64,{data}'>"
+            f"<figcaption>{_esc(caption)} <span class='meta'>({_esc(png.name)})</span>"
+            "</figcaption></figure>")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "-"
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.4e}"
+    return str(value)
+
+
+def _fmt_summary(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key.startswith("bytes") and isinstance(value, (int, float)) and math.isfinite(value):
+        scale, unit = plots.byte_unit(value)
+        return f"{value / scale:.2f} {unit}"
+    if isinstance(value, float) and math.isfinite(value) and key.endswith(
+            ("accuracy", "F1", "loss")):
+        return f"{value:.4f}"
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.1f}"
+    return _fmt(value)
+
+
+def _run_link(run: RunData, output_dir: Path) -> str:
+    """The run's name, linked to its report when one exists (relative path)."""
+    report = run.run_dir / REPORT_FILE
+    if not report.is_file():
+        return _esc(run.name)
+    href = Path(os.path.relpath(report, output_dir)).as_posix()
+    return f"<a href='{_esc(href)}'>{_esc(run.name)}</a>"
+
+
+def _table(header: list[str], rows: list[list[str]], *, raw_first: bool = False,
+           raw_cells: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw_*`` says they are HTML already."""
+    out = ["<table><tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"]
+    for row in rows:
+        cells = []
+        for i, cell in enumerate(row):
+            raw = raw_cells or (raw_first and i == 0)
+            text = cell if raw else _esc(cell)
+            numeric = bool(re.fullmatch(r"[-+0-9.e ]+[a-zA-Z]{0,3}", cell)) and i > 0
+            cells.append(f"<td class='num'>{text}</td>" if numeric else f"<td>{text}</td>")
+        out.append("<tr>" + "".join(cells) + "</tr>")
+    return "\n".join([*out, "</table>"])

@@ -1,0 +1,209 @@
+"""Run and comparison reports from synthetic run folders (no Flower)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from common.config import RunConfig
+from simulations.report import (
+    ReportError,
+    label_distribution,
+    load_run,
+    summarize,
+    time_split,
+    write_comparison,
+    write_report,
+    write_simulation_file,
+)
+
+TINY_DATA = {"dataset": "builtin", "builtin-examples": 200, "seed": 3}
+
+
+def _row(rnd: int, *, acc: float, up: int = 1000, failures: int = 0) -> dict:
+    trained = rnd > 0
+    spread = {"min": acc - 0.2, "p10": acc - 0.1, "median": acc} if trained else {}
+    return {
+        "round": rnd,
+        "central": {"accuracy": acc, "f1_macro": acc - 0.05, "loss": 1.0 - acc / 2,
+                    "num_examples": 20},
+        "federated": {"eval_accuracy": acc - 0.02, "eval_loss": 0.9} if trained else {},
+        "train": {"train_loss": 1.1 - acc / 2} if trained else {},
+        "clients": {"sampled": 2 * trained, "replies": 2 * trained,
+                    "aggregated": 2 * trained - failures, "failures": failures,
+                    "timeouts": 0, "invalid": 0, "skipped": False, "problems": [],
+                    "eval_accuracy": [acc - 0.2, acc] if trained else [],
+                    "eval_accuracy_spread": spread},
+        "bytes": {"up": up * trained, "down": 2 * up * trained, "up_total": up * rnd,
+                  "down_total": 2 * up * rnd},
+        "seconds": {"round": 10.0 * trained, "wait": 6.0 * trained,
+                    "client_train_max": 4.0 * trained, "client_train_mean": 3.0 * trained,
+                    "aggregate": 0.5 * trained, "central_eval": 1.0},
+        "memory_mb": {"server_peak": 800.0 + rnd, "client_peak": 900.0 * trained},
+        "time": 1.7e9 + 10 * rnd,
+    }
+
+
+def make_run(folder: Path, *, accs=(0.3, 0.5, 0.7, 0.8), nodes: int | None = 4,
+             failures: int = 0, **config) -> Path:
+    """A run folder as the app leaves it: config.json, label_map.json, results.jsonl."""
+    folder.mkdir(parents=True)
+    cfg = RunConfig.from_flower({**TINY_DATA, **config}).to_flower()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "label_map.json").write_text(
+        json.dumps({"0": "negative", "1": "neutral", "2": "positive"}))
+    rows = [_row(i, acc=a, failures=failures if i == 1 else 0) for i, a in enumerate(accs)]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if nodes:
+        write_simulation_file(folder, scenario="synthetic", num_supernodes=nodes,
+                              num_cpus=1, num_gpus=0.0)
+    return folder
+
+
+def assert_self_contained(html: str) -> None:
+    assert "http://" not in html and "https://" not in html
+    assert "<script" not in html and "<link" not in html
+    sources = re.findall(r"src=['\"]([^'\"]*)['\"]", html)
+    assert sources and all(s.startswith("data:image/png;base64,") for s in sources)
+
+
+def assert_pngs(folder: Path, names: set[str]) -> None:
+    assert {p.name for p in folder.glob("*.png")} == names
+    for png in folder.glob("*.png"):
+        with Image.open(png) as image:
+            image.verify()
+        with Image.open(png) as image:
+            assert image.format == "PNG" and image.size[0] >= 600 and image.size[1] >= 300
+
+
+def test_run_report_writes_self_contained_html_and_every_figure(tmp_path):
+    run = make_run(tmp_path / "run-a", failures=1)
+
+    path = write_report(run)
+
+    assert path == run / "report.html"
+    html = path.read_text()
+    assert_self_contained(html)
+    assert_pngs(run / "report", {"accuracy.png", "loss.png", "client_spread.png",
+                                 "label_distribution.png", "label_share.png", "bytes.png",
+                                 "round_time.png", "memory.png"})
+    assert html.count("<img") == 8
+    # Summary table and resolved config.
+    assert "final accuracy</td><td class='num'>0.8000" in html
+    assert "3.00 kB" in html  # bytes up total: 1000 B x 3 rounds
+    assert "<td>builtin-examples</td><td class='num'>200</td>" in html
+    assert "synthetic" in html  # the scenario from simulation.json
+
+
+def test_report_without_simulation_file_skips_the_label_distribution_with_a_note(tmp_path):
+    run = make_run(tmp_path / "deployed", nodes=None)
+
+    html = write_report(run).read_text()
+
+    assert "Label distribution per client skipped" in html
+    assert not (run / "report" / "label_distribution.png").exists()
+    # Given the client count on the command line, it is recomputed.
+    write_report(run, num_supernodes=2)
+    assert (run / "report" / "label_distribution.png").exists()
+
+
+def test_report_copes_with_runs_without_central_evaluation(tmp_path):
+    run = make_run(tmp_path / "no-central")
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["central"] = None
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows)
+                                       + '{"round": 4, "torn')  # a crash mid-write
+
+    html = write_report(run).read_text()
+
+    assert load_run(run).rows[-1]["round"] == 3  # the torn line is ignored
+    assert "final accuracy</td><td class='num'>-</td>" in html
+    assert summarize(load_run(run))["final federated accuracy"] == pytest.approx(0.78)
+
+
+def test_a_folder_without_results_is_a_clear_error(tmp_path):
+    with pytest.raises(ReportError, match="results.jsonl is missing"):
+        write_report(tmp_path)
+
+
+def test_summary_totals_by_hand(tmp_path):
+    run = load_run(make_run(tmp_path / "r", failures=1))
+
+    summary = summarize(run)
+
+    assert summary["rounds"] == 3
+    assert summary["best accuracy"] == 0.8 and summary["best round"] == 3
+    assert summary["bytes up"] == 3000 and summary["bytes down"] == 6000
+    assert summary["mean round seconds"] == 10.0  # round 0 is not a training round
+    assert summary["failures"] == 1
+    assert summary["final worst-client accuracy"] == pytest.approx(0.6)
+
+
+def test_time_split_adds_up_to_the_round_time():
+    parts = time_split(_row(1, acc=0.5))
+
+    assert parts["client compute (slowest client)"] == 4.0
+    assert parts["communication + serialization + waiting"] == 2.0  # wait 6 - train 4
+    assert sum(parts.values()) == pytest.approx(10.0)
+    # Waiting shorter than the slowest client's reported time: communication floors at 0.
+    row = _row(1, acc=0.5)
+    row["seconds"]["wait"] = 3.0
+    assert time_split(row)["communication + serialization + waiting"] == 0.0
+
+
+def test_label_distribution_recomputes_the_partitions(tmp_path):
+    config = RunConfig.from_flower({**TINY_DATA, "partitioner": "pathological",
+                                    "classes-per-client": 1}).to_flower()
+
+    counts, names, ids = label_distribution(config, num_partitions=3)
+
+    assert names == ["negative", "neutral", "positive"] and ids == [0, 1, 2]
+    # builtin-examples 200, 10 % held out for the server: 180 training rows in all.
+    assert counts.sum() == 180
+    # One class per client, each class to one client.
+    assert ((counts > 0).sum(axis=1) == 1).all()
+    assert sorted(np.argmax(counts, axis=1)) == [0, 1, 2]
+
+
+def test_label_distribution_shows_at_most_max_clients(tmp_path):
+    config = RunConfig.from_flower(TINY_DATA).to_flower()
+
+    counts, _, ids = label_distribution(config, num_partitions=30, max_clients=5)
+
+    assert ids == [0, 1, 2, 3, 4] and counts.shape == (5, 3)
+    assert counts.sum(axis=1).tolist() == [6, 6, 6, 6, 6]  # 180 rows over 30 clients
+
+
+def test_compare_overlays_runs_with_a_final_metrics_table(tmp_path):
+    a = make_run(tmp_path / "runs" / "sweep-seed=1", accs=(0.3, 0.6, 0.8))
+    b = make_run(tmp_path / "runs" / "sweep-seed=2", accs=(0.3, 0.5, 0.6))
+    write_report(a)
+
+    path = write_comparison([a, b], tmp_path / "cmp", title="two runs")
+
+    html = path.read_text()
+    assert path == tmp_path / "cmp" / "compare.html"
+    assert_self_contained(html)
+    assert_pngs(tmp_path / "cmp" / "compare", {
+        "accuracy.png", "f1_macro.png", "loss.png", "bytes.png", "accuracy_vs_bytes.png",
+        "round_time.png"})
+    assert "sweep-seed=1" in html and "sweep-seed=2" in html
+    assert "0.8000" in html and "0.6000" in html  # final accuracies
+    # Run a has a report: linked relatively. The two seeds are also averaged.
+    assert "href='../runs/sweep-seed=1/report.html'" in html
+    assert "sweep-seed=2/report.html" not in html
+    assert "Mean &plusmn; standard deviation over seeds" in html
+    assert "0.7000 &plusmn; 0.1000" in html
+
+
+def test_compare_refuses_runs_with_the_same_name(tmp_path):
+    a = make_run(tmp_path / "x" / "same")
+    b = make_run(tmp_path / "y" / "same")
+    with pytest.raises(ReportError, match="distinct folder names"):
+        write_comparison([a, b], tmp_path / "cmp")
