@@ -60,6 +60,15 @@ def _stop_processes_under(flwr_home: Path) -> None:
                 roots.append(proc)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    stop_process_trees(roots)
+
+
+def stop_process_trees(roots: list[psutil.Process], *, timeout: float = 10) -> None:
+    """SIGTERM each root and all its descendants; SIGKILL what is left after ``timeout``.
+
+    Descendants are listed before anything is signalled: Flower's SuperLink and
+    SuperNode start their SuperExec in a new session, so a process-group kill misses it.
+    """
     procs = []
     for root in roots:
         try:
@@ -69,10 +78,28 @@ def _stop_processes_under(flwr_home: Path) -> None:
     for proc in procs:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=10)
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+
+
+def _wait_for_free_ports(port_wait: float) -> None:
+    """Wait until no local SuperLink holds Flower's fixed ports, or fail clearly."""
+    deadline = time.monotonic() + port_wait
+    announced = False
+    while busy := [p for p in LOCAL_SUPERLINK_PORTS if _port_in_use(p)]:
+        if time.monotonic() >= deadline:
+            raise HarnessError(
+                f"port(s) {busy} on 127.0.0.1 stayed in use for {port_wait:g} s: another "
+                "Flower local SuperLink is running (another simulation, or one started "
+                "outside fedsft). Wait for it, or stop it (e.g. `pkill -f flower-superlink`)."
+            )
+        if not announced:
+            print(f"[fedsft] waiting for port(s) {busy}: another local SuperLink is running",
+                  file=sys.stderr, flush=True)
+            announced = True
+        time.sleep(2)
 
 
 def run_app(
@@ -84,20 +111,17 @@ def run_app(
     app_dir: Path = APP_DIR,
     timeout: float | None = None,
     quiet: bool = False,
+    port_wait: float = 900.0,
 ) -> SimulationResult:
     """Run one simulation of the app with ``run_config`` overrides; wait for its end.
 
     ``run_config`` must set ``output-dir`` (absolute) and ``run-name`` (or
     ``resume-from``) so the run folder is known in advance. Output is streamed to
     stdout unless ``quiet`` and always saved to ``<run folder>/flwr.log``.
+    Flower's local SuperLink has fixed ports, so one simulation runs at a time on a
+    machine: while another holds them, this waits up to ``port_wait`` seconds.
     """
-    busy = [p for p in LOCAL_SUPERLINK_PORTS if _port_in_use(p)]
-    if busy:
-        raise HarnessError(
-            f"port(s) {busy} on 127.0.0.1 are in use: a Flower local SuperLink started "
-            "outside fedsft is probably running. Stop it (e.g. `pkill -f flower-superlink`) "
-            "so the harness can start its own with runtime installs turned off."
-        )
+    _wait_for_free_ports(port_wait)
     if run_config.get("resume-from"):
         run_dir = Path(str(run_config["resume-from"])).resolve()
     else:

