@@ -12,20 +12,18 @@ import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from client.attacks import attacker_partition, flip_labels, is_attacker, poison_update
-from client.dp_clipping import clip_update
+from client.attacks import attacker_partition, flip_labels, is_attacker
 from client.egress_audit import egress_audit_mod
 from client.local_data import client_key, load_local_data
+from client.outgoing import outgoing_update
+from client.secagg import STAGE, handle_stage
 from common.config import RunConfig
-from common.encoding import encode_update
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.training import derive_seed, evaluate, train_local
 
 log = logging.getLogger(__name__)
 app = ClientApp(mods=[egress_audit_mod])
-RESIDUAL_KEY = "topk-residual"  # in context.state: what top-k has not sent yet
 
 
 def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
@@ -47,7 +45,9 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
 
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    """Tell the server this client's stable key (used to order and sample nodes)."""
+    """Answer a secure-aggregation stage, or tell the server this client's stable key."""
+    if STAGE in msg.content["config"]:
+        return handle_stage(msg, context)
     key = client_key(context.node_config, context.node_id)
     return Message(RecordDict({"config": ConfigRecord({"client-key": key})}), reply_to=msg)
 
@@ -73,34 +73,19 @@ def train(msg: Message, context: Context) -> Message:
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         pad_token_id=tokenizer.pad_token_id,
     )
-    new_state = get_exchanged_state(model)
-    if attacker:
-        new_state = poison_update(new_state, received, attack=cfg.attack,
-                                  scale=cfg.attack_scale,
-                                  seed=derive_seed(cfg.seed, server_round, key, "attack"))
-    dp_metrics = {}
-    if KEY_CLIPPING_NORM in config:  # Flower's client-side DP wrappers: clip here
-        new_state, dp_metrics = clip_update(
-            new_state, received, clipping_norm=float(config[KEY_CLIPPING_NORM]),
-            adaptive=cfg.dp_clipping == "adaptive",
-        )
-    residual_record = context.state.get(RESIDUAL_KEY)
-    payload, residual = encode_update(
-        new_state, received, cfg.encoding,
-        residual=None if residual_record is None
-        else {k: a.numpy() for k, a in residual_record.items()},
+    payload, extra = outgoing_update(
+        get_exchanged_state(model), received, cfg=cfg, config=config, context=context,
+        num_examples=result.num_examples,
+        attack_seed=derive_seed(cfg.seed, server_round, key, "attack") if attacker else None,
     )
-    if residual:  # top-k error feedback: kept on the site for the next round
-        context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})
     arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
     metrics = MetricRecord({
-        "num-examples": result.num_examples,
+        **extra,
         "train-loss": result.train_loss,
         "train-first-loss": result.first_loss,
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        **dp_metrics,
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -3,8 +3,9 @@
 With ``audit-egress=true`` each reply must hold only what fedsft is meant to send:
 
 - train replies: one ArrayRecord whose names are exactly the wire names of the
-  exchanged trainable tensors (for the configured encoding, or the masked vectors
-  under secure aggregation) with numeric dtypes, and one MetricRecord of scalars;
+  exchanged trainable tensors (for the configured encoding, or the masked vectors and
+  the masked weight under secure aggregation) with numeric dtypes, and one
+  MetricRecord of scalars;
 - evaluate replies: one MetricRecord of scalars, no arrays;
 - query replies: ConfigRecords whose values are the small scalars/bytes of the
   protocol (the client key, public keys, encrypted shares), no arrays.
@@ -22,6 +23,8 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.outgoing import SECAGG_ROUND_KEY
+from client.secagg import WEIGHT_KEY
 from common.config import RunConfig
 from common.encoding import expected_keys
 
@@ -74,6 +77,8 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         cfg = RunConfig.from_flower(context.run_config)
         received = {name: a.numpy() for name, a in msg.content["arrays"].items()}
         allowed = expected_keys(received, cfg.encoding) | set(received)
+        if SECAGG_ROUND_KEY in msg.content["config"]:  # masked update + masked weight
+            allowed = set(received) | {WEIGHT_KEY}
     problems = egress_problems(msg, reply, allowed_array_names=allowed)
     if problems:
         raise EgressViolation("egress audit refused the reply: " + "; ".join(problems))

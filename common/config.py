@@ -110,6 +110,11 @@ class RunConfig:
     attack: str = "none"  # none | sign-flip | scale | gaussian | label-flip | nan
     attack_fraction: float = 0.0  # share of virtual clients that attack
     attack_scale: float = 1.0  # sign-flip/scale factor; gaussian noise std
+    # --- secure aggregation (server/secure_aggregation.py) ---
+    secure_aggregation: bool = False  # the server learns only the sum of the updates
+    secagg_threshold: float = 0.66  # share of sampled clients that must reach the end
+    secagg_clip_range: float = 0.5  # each update value is clipped to +-this, then quantized
+    secagg_max_weight: int = 10000  # clients cap their num-examples weight at this
     audit_egress: bool = False  # clients refuse to send anything but updates + metrics
     # --- hardware ---
     device: str = "auto"  # auto = cuda when available, else cpu
@@ -132,6 +137,11 @@ class RunConfig:
         _check_range("attack-scale", self.attack_scale, low=0)
         if self.attack != "none" and self.attack_fraction == 0:
             raise ConfigError(f"`attack` {self.attack!r} needs `attack-fraction` > 0, got 0")
+        _check_range("secagg-threshold", self.secagg_threshold, low=0, high=1, low_open=True)
+        _check_range("secagg-clip-range", self.secagg_clip_range, low=0, low_open=True)
+        _check_range("secagg-max-weight", self.secagg_max_weight, low=1)
+        if self.secure_aggregation:
+            self._check_secure_aggregation()
         _check_choice("dp-clipping", self.dp_clipping, ("fixed", "adaptive"))
         _check_choice("dp-side", self.dp_side, ("server", "client"))
         _check_range("dp-noise-multiplier", self.dp_noise_multiplier, low=0)
@@ -194,6 +204,25 @@ class RunConfig:
         if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
             raise ConfigError(
                 f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
+            )
+
+    def _check_secure_aggregation(self) -> None:
+        if self.strategy not in MEAN_STRATEGIES:
+            raise ConfigError(
+                f"`secure-aggregation` hides individual updates, but `strategy` "
+                f"{self.strategy!r} needs them (robust aggregation); use one of "
+                f"{', '.join(MEAN_STRATEGIES)}"
+            )
+        if self.update_encoding != "fp32" or self.topk_fraction > 0:
+            raise ConfigError(
+                "`secure-aggregation` quantizes updates itself: keep `update-encoding`=fp32 "
+                f"and `topk-fraction`=0, got {self.update_encoding!r} and {self.topk_fraction}"
+            )
+        if self.dp_enabled and (self.dp_side != "client" or self.dp_clipping != "fixed"):
+            raise ConfigError(
+                "with `secure-aggregation` the server cannot clip individual updates: "
+                "DP needs `dp-side`=client and `dp-clipping`=fixed, got "
+                f"{self.dp_side!r} and {self.dp_clipping!r}"
             )
 
     # --- derived views -------------------------------------------------------

@@ -18,6 +18,7 @@ from server.metric_sinks import open_sinks
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import RoundRecorder, arrays_to_state
 from server.run_outputs import RunOutputs, run_folder
+from server.secure_aggregation import SecureAggregator
 from server.strategies import build_strategy, restore_strategy_state
 from server.tracked_strategy import TrackedStrategy
 from server.validation import array_specs
@@ -67,6 +68,10 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled,
+        secure=SecureAggregator(
+            threshold_fraction=cfg.secagg_threshold, clip_range=cfg.secagg_clip_range,
+            max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout,
+        ) if cfg.secure_aggregation else None,
     )
     sinks = open_sinks(cfg.metric_sinks, outputs.folder, outputs.folder.name,
                        cfg.to_flower())

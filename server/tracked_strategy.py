@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import Strategy
 
 from common.encoding import UpdateEncoding, decode_update
 from common.training import derive_seed
+from server.secure_aggregation import SecAggAbort, SecureAggregator
 from server.validation import ArraySpec, update_problem
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class TrackedStrategy(Strategy):
         min_replies: int,
         round_offset: int = 0,
         uniform_weights: bool = False,
+        secure: SecureAggregator | None = None,
     ) -> None:
         self.inner = inner
         self.seed = seed
@@ -112,6 +114,8 @@ class TrackedStrategy(Strategy):
         # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only for
         # an unweighted mean, so with DP every valid reply counts as one example.
         self.uniform_weights = uniform_weights
+        self.secure = secure
+        self._grid: Grid | None = None  # secure aggregation talks to clients after replies
         self.stats: dict[int, RoundStats] = {}
         self.exchanged_spec = dict(exchanged_spec)
         self.encoding = encoding
@@ -134,6 +138,8 @@ class TrackedStrategy(Strategy):
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
         stats.sampled = len(messages)
+        if self.secure is not None:
+            messages = self._secure_setup(rnd, messages, grid, stats)
         stats.bytes_down += sum(payload_bytes(m) for m in messages)
         self._sent_at = time.monotonic()
         return messages
@@ -155,6 +161,8 @@ class TrackedStrategy(Strategy):
                 stats.failures += 1
                 stats.problems.append(f"node {node}: error: {reply.error.reason}")
                 continue
+            if self.secure is not None:
+                continue  # masked: only the protocol can check (and open) the sum
             decoded, problem = self._decoded(reply)
             if problem:
                 stats.invalid += 1
@@ -168,6 +176,8 @@ class TrackedStrategy(Strategy):
                 stats.client_peak_rss_mb = max(
                     stats.client_peak_rss_mb, float(metrics["peak-rss-mb"])
                 )
+        if self.secure is not None:
+            return self._secure_aggregate(rnd, replies, stats)
         for problem in stats.problems:
             log.warning("round %d: %s", rnd, problem)
         if len(valid) < self.min_replies:
@@ -195,6 +205,78 @@ class TrackedStrategy(Strategy):
             stats.skipped = True
             return None, metrics
         return self._in_exchanged_dtypes(arrays), metrics
+
+    # --- secure aggregation ------------------------------------------------------
+    def _secure_setup(
+        self, rnd: int, messages: list[Message], grid: Grid, stats: RoundStats
+    ) -> list[Message]:
+        """Run the key stages; train messages only to nodes that completed them."""
+        assert self.secure is not None
+        self._grid = grid
+        try:
+            entries = self.secure.setup(grid, [m.metadata.dst_node_id for m in messages], rnd)
+        except SecAggAbort as exc:
+            stats.problems.append(f"secure aggregation set-up failed: {exc}")
+            entries = {}
+        finally:
+            info = self.secure.last_round_info
+            stats.bytes_down += int(info.get("setup-bytes-down", 0))
+            stats.bytes_up += int(info.get("setup-bytes-up", 0))
+            stats.problems.extend(info.get("problems", []))
+        out = []
+        for message in messages:
+            extra = entries.get(message.metadata.dst_node_id)
+            if extra is None:
+                continue
+            content = message.content
+            merged = RecordDict({
+                "arrays": content["arrays"],
+                "config": ConfigRecord({**dict(content["config"]), **dict(extra)}),
+            })
+            out.append(Message(content=merged, dst_node_id=message.metadata.dst_node_id,
+                               message_type=message.metadata.message_type))
+        return out
+
+    def _secure_aggregate(
+        self, rnd: int, replies: list[Message], stats: RoundStats
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum of the masked replies and hand its mean to the inner strategy."""
+        assert self.secure is not None and self._grid is not None
+        masked = [r for r in replies if not r.has_error()]
+        known = len(self.secure.last_round_info.get("problems", []))
+        try:
+            if len(masked) < self.min_replies:
+                raise SecAggAbort(f"{len(masked)} masked replies, `min-replies` is "
+                                  f"{self.min_replies}")
+            started = time.monotonic()
+            mean_delta, _ = self.secure.aggregate(self._grid, masked, spec=self.exchanged_spec)
+        except SecAggAbort as exc:
+            stats.skipped = True
+            stats.problems.append(f"secure aggregation failed, round skipped: {exc}")
+            log.warning("round %d skipped: %s", rnd, exc)
+            return None, None
+        finally:
+            info = self.secure.last_round_info
+            stats.bytes_down += int(info.get("unmask-bytes-down", 0))
+            stats.bytes_up += int(info.get("unmask-bytes-up", 0))
+            stats.problems.extend(info.get("problems", [])[known:])
+        new_state = {
+            name: (self._global[name] + mean_delta[name]).astype(self.exchanged_spec[name][1])
+            for name in self.exchanged_spec
+        }
+        # The inner strategy sees one reply holding the securely averaged state.
+        summed = make_message(metadata=masked[0].metadata, content=RecordDict({
+            "arrays": ArrayRecord({k: Array(v) for k, v in new_state.items()}),
+            "metrics": MetricRecord({"num-examples": 1}),
+        }))
+        arrays, _ = self.inner.aggregate_train(rnd, [summed])
+        stats.aggregate_seconds = time.monotonic() - started
+        stats.aggregated = int(self.secure.last_round_info.get("unmasked", len(masked)))
+        stats.train_metrics = _mean_scalar_metrics(masked)
+        if arrays is None:
+            stats.skipped = True
+            return None, None
+        return self._in_exchanged_dtypes(arrays), None
 
     def _in_exchanged_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
         if all(np.dtype(a.dtype) == self.exchanged_spec[n][1] for n, a in arrays.items()):
@@ -263,6 +345,17 @@ class TrackedStrategy(Strategy):
         stats.eval_metrics = dict(metrics) if metrics else {}
         stats.client_eval_accuracy.sort()
         return metrics
+
+
+def _mean_scalar_metrics(replies: list[Message]) -> dict[str, float]:
+    """Unweighted mean of each scalar metric over the replies (weights stay masked)."""
+    sums: dict[str, list[float]] = {}
+    for reply in replies:
+        for metrics in reply.content.metric_records.values():
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    sums.setdefault(name, []).append(float(value))
+    return {name: float(np.mean(values)) for name, values in sums.items()}
 
 
 def summarize_accuracy_spread(values: list[float]) -> dict[str, float]:

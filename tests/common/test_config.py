@@ -42,6 +42,13 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
         ({"min-nodes": 0}, "`min-nodes` must be >= 1"),
         ({"lerning-rate": 0.1}, "unknown run-config key(s) 'lerning-rate'"),
         ({"dataset": 3}, "`dataset` must be a string, got 3"),
+        ({"secure-aggregation": True, "strategy": "krum"},
+         "`strategy` 'krum' needs them (robust aggregation)"),
+        ({"secure-aggregation": True, "update-encoding": "int8"}, "quantizes updates itself"),
+        ({"secure-aggregation": True, "dp-noise-multiplier": 1.0},
+         "DP needs `dp-side`=client and `dp-clipping`=fixed"),
+        ({"secure-aggregation": "yes"}, "`secure-aggregation` must be true or false"),
+        ({"secagg-threshold": 0}, "`secagg-threshold` must be > 0"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(overrides, message):

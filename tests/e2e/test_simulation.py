@@ -153,3 +153,25 @@ def test_dp_run_reports_epsilon_and_stops_at_the_budget(tmp_path, tiny_model_dir
     assert rows[1]["privacy"]["sampling_rate"] == 1.0
     assert rows[1]["clients"]["aggregated"] == 3
     assert (result.run_dir / "final" / "model" / "config.json").exists()
+
+
+def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
+    common = {"num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True}
+    plain = _run(tmp_path, tiny_model_dir, "plain", nodes=4, **common)
+    secure = _run(tmp_path, tiny_model_dir, "secure", nodes=4,
+                  **{**common, "secure-aggregation": True})
+    for result in (plain, secure):
+        assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    rows = _results(secure.run_dir)
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 4 and not row["clients"]["skipped"]
+        assert row["train"]["egress_audited"] == 1  # masked arrays + weight only
+    # Masked uplink is the size of the update (uint32) plus the protocol's messages.
+    plain_up = _results(plain.run_dir)[1]["bytes"]["up"]
+    assert plain_up < rows[1]["bytes"]["up"] < 1.5 * plain_up
+    # The server only unmasked the weighted sum: same model as plaintext FedAvg, up to
+    # the quantization error (2^-frac_bits per value).
+    a, b = _final_checkpoint(plain.run_dir), _final_checkpoint(secure.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
