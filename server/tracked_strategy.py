@@ -55,7 +55,7 @@ class RoundStats:
     sampled: int = 0
     replies: int = 0
     failures: int = 0  # replies carrying an error (the client raised)
-    timeouts: int = 0  # no reply within `round-timeout`
+    timeouts: int = 0  # no reply within `round-timeout` (or dropped in secure set-up)
     invalid: int = 0  # replies dropped by validation
     aggregated: int = 0
     skipped: bool = False  # too few valid replies: global model unchanged
@@ -161,6 +161,11 @@ class TrackedStrategy(Strategy):
                 stats.failures += 1
                 stats.problems.append(f"node {node}: error: {reply.error.reason}")
                 continue
+            for metrics in reply.content.metric_records.values():
+                if (seconds := _finite(metrics.get("train-seconds"))) is not None:
+                    stats.client_train_seconds.append(seconds)
+                if (rss := _finite(metrics.get("peak-rss-mb"))) is not None:
+                    stats.client_peak_rss_mb = max(stats.client_peak_rss_mb, rss)
             if self.secure is not None:
                 continue  # masked: only the protocol can check (and open) the sum
             decoded, problem = self._decoded(reply)
@@ -169,13 +174,6 @@ class TrackedStrategy(Strategy):
                 stats.problems.append(f"node {node}: invalid update: {problem}")
                 continue
             valid.append(decoded)
-            metrics = next(iter(reply.content.metric_records.values()))
-            if "train-seconds" in metrics:
-                stats.client_train_seconds.append(float(metrics["train-seconds"]))
-            if "peak-rss-mb" in metrics:
-                stats.client_peak_rss_mb = max(
-                    stats.client_peak_rss_mb, float(metrics["peak-rss-mb"])
-                )
         if self.secure is not None:
             return self._secure_aggregate(rnd, replies, stats)
         for problem in stats.problems:
@@ -189,6 +187,7 @@ class TrackedStrategy(Strategy):
                 stats.failures, stats.timeouts, stats.invalid,
             )
             return None, None
+        valid = _with_common_metrics(valid)
         valid.sort(key=_digest)  # arrival order must not change the float sum
         started = time.monotonic()
         try:
@@ -300,7 +299,7 @@ class TrackedStrategy(Strategy):
             return reply, f"cannot decode the {self.encoding.scheme} update: {exc}"
         problem = update_problem(
             update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples")
-        )
+        ) or _metrics_problem(metrics)
         if problem or not (self.encoding.sends_delta or self.uniform_weights):
             return reply, problem
         if self.uniform_weights:
@@ -335,16 +334,57 @@ class TrackedStrategy(Strategy):
                 continue
             metrics = next(iter(reply.content.metric_records.values()))
             weight = metrics.get("num-examples")
-            if update_problem({}, expected={}, num_examples=weight) is None:
+            if (update_problem({}, expected={}, num_examples=weight) or
+                    _metrics_problem(metrics)) is None:
                 ok.append(reply)
-                if "eval-accuracy" in metrics:
-                    stats.client_eval_accuracy.append(float(metrics["eval-accuracy"]))
+                if (accuracy := _finite(metrics.get("eval-accuracy"))) is not None:
+                    stats.client_eval_accuracy.append(accuracy)
         if not ok:
             return None
-        metrics = self.inner.aggregate_evaluate(rnd, ok)
+        try:
+            metrics = self.inner.aggregate_evaluate(rnd, _with_common_metrics(ok))
+        except Exception as exc:  # federated evaluation must never stop the run
+            log.exception("round %d: aggregating the evaluation failed", rnd)
+            stats.problems.append(f"evaluation aggregation failed: {exc}")
+            return None
         stats.eval_metrics = dict(metrics) if metrics else {}
         stats.client_eval_accuracy.sort()
         return metrics
+
+
+def _metrics_problem(metrics: Mapping[str, object]) -> str | None:
+    """Why a reply's metrics cannot be averaged (each must be a finite number)."""
+    for name, value in metrics.items():
+        if _finite(value) is None:
+            return f"metric {name!r} is not a finite number: {value!r}"
+    return None
+
+
+def _with_common_metrics(replies: list[Message]) -> list[Message]:
+    """Replies whose MetricRecords keep only the keys all of them share.
+
+    Flower refuses to average metrics when the replies' keys differ; one client sending
+    an extra metric must not make the whole round fail.
+    """
+    records = [next(iter(r.content.metric_records.items())) for r in replies]
+    common = set.intersection(*(set(m.keys()) for _, m in records))
+    if all(set(m.keys()) == common for _, m in records):
+        return replies
+    out = []
+    for reply, (key, metrics) in zip(replies, records, strict=True):
+        content = RecordDict({
+            **{k: v for k, v in reply.content.array_records.items()},
+            key: MetricRecord({k: v for k, v in metrics.items() if k in common}),
+        })
+        out.append(make_message(metadata=reply.metadata, content=content))
+    return out
+
+
+def _finite(value: object) -> float | None:
+    """A reported number, or None when it is missing or not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if np.isfinite(value) else None
 
 
 def _mean_scalar_metrics(replies: list[Message]) -> dict[str, float]:

@@ -142,3 +142,20 @@ def test_an_aggregation_error_skips_the_round_instead_of_crashing_the_run():
     arrays, _ = strategy.aggregate_train(1, [train_reply(1, _w(1.0, 1.0), **{"num-examples": 1})])
     assert arrays is None and strategy.stats[1].skipped
     assert "ZeroDivisionError" in strategy.stats[1].problems[-1]
+
+
+def test_bad_or_extra_metrics_do_not_break_the_round():
+    strategy = _tracked()
+    arrays, metrics = strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 1.0), **{"num-examples": 1, "train-loss": 0.5}),
+        train_reply(2, _w(3.0, 3.0), **{"num-examples": 1, "train-loss": 0.7, "extra": 1.0}),
+        train_reply(3, _w(9.0, 9.0), **{"num-examples": 1, "train-loss": float("nan")}),
+    ])
+    np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
+    assert metrics["train-loss"] == pytest.approx(0.6) and "extra" not in metrics
+    assert strategy.stats[1].invalid == 1 and "train-loss" in strategy.stats[1].problems[0]
+    evaluated = strategy.aggregate_evaluate(1, [
+        eval_reply(1, **{"num-examples": 1, "eval-accuracy": 0.5}),
+        eval_reply(2, **{"num-examples": 1, "eval-accuracy": 0.7, "eval-extra": 2.0}),
+    ])
+    assert evaluated["eval-accuracy"] == pytest.approx(0.6)
