@@ -135,6 +135,9 @@ class TrackedStrategy(Strategy):
         rnd = self._round(server_round)
         stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
         self._global = {name: array.numpy() for name, array in arrays.items()}
+        # Listing the nodes first lets the grid finish any messaging (it asks new nodes
+        # for their keys), which may itself draw from `random`, before seeding it.
+        grid.get_node_ids()
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
         stats.sampled = len(messages)
@@ -315,6 +318,7 @@ class TrackedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self._round(server_round)
+        grid.get_node_ids()  # see configure_train
         random.seed(derive_seed(self.seed, rnd, "evaluate-sampling"))
         messages = list(
             self.inner.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid)
