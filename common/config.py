@@ -79,6 +79,7 @@ class RunConfig:
     min_replies: int = 1  # valid training replies needed to aggregate a round
     round_timeout: float = 600.0  # seconds to wait for the replies of one round
     node_wait_timeout: float = 120.0  # seconds to wait for `min-nodes`, then stop
+    max_update_norm: float = 0.0  # > 0: drop replies whose update is larger (L2)
     # --- server-side strategy ---
     strategy: str = "fedavg"
     proximal_mu: float = 0.01  # fedprox
@@ -178,7 +179,7 @@ class RunConfig:
         for key in ("learning-rate", "round-timeout",
                     "node-wait-timeout", "dirichlet-alpha"):
             _check_range(key, getattr(self, _attr(key)), low=0, low_open=True)
-        for key in ("weight-decay", "grad-clip", "proximal-mu"):
+        for key in ("weight-decay", "grad-clip", "proximal-mu", "max-update-norm"):
             _check_range(key, getattr(self, _attr(key)), low=0)
         _check_range("fraction-train", self.fraction_train, low=0, high=1, low_open=True)
         _check_range("fraction-evaluate", self.fraction_evaluate, low=0, high=1)

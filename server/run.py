@@ -67,7 +67,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     tracked = TrackedStrategy(
         strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
-        uniform_weights=cfg.dp_enabled,
+        uniform_weights=cfg.dp_enabled, max_update_norm=cfg.max_update_norm,
         secure=SecureAggregator(
             threshold_fraction=cfg.secagg_threshold, clip_range=cfg.secagg_clip_range,
             max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout,

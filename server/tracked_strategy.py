@@ -106,6 +106,7 @@ class TrackedStrategy(Strategy):
         round_offset: int = 0,
         uniform_weights: bool = False,
         secure: SecureAggregator | None = None,
+        max_update_norm: float = 0.0,
     ) -> None:
         self.inner = inner
         self.seed = seed
@@ -115,6 +116,7 @@ class TrackedStrategy(Strategy):
         # an unweighted mean, so with DP every valid reply counts as one example.
         self.uniform_weights = uniform_weights
         self.secure = secure
+        self.max_update_norm = max_update_norm
         self._grid: Grid | None = None  # secure aggregation talks to clients after replies
         self.stats: dict[int, RoundStats] = {}
         self.exchanged_spec = dict(exchanged_spec)
@@ -301,7 +303,8 @@ class TrackedStrategy(Strategy):
         except Exception as exc:  # undecodable bytes, or not what the encoding produces
             return reply, f"cannot decode the {self.encoding.scheme} update: {exc}"
         problem = update_problem(
-            update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples")
+            update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples"),
+            base=self._global, max_norm=self.max_update_norm,
         ) or _metrics_problem(metrics)
         if problem or not (self.encoding.sends_delta or self.uniform_weights):
             return reply, problem

@@ -29,12 +29,15 @@ def update_problem(
     *,
     expected: Mapping[str, ArraySpec],
     num_examples: object,
+    base: Mapping[str, np.ndarray] | None = None,
+    max_norm: float = 0.0,
 ) -> str | None:
     """Why ``update`` must not be aggregated, or None when it is fine.
 
     Checks, in order: the weight ``num_examples`` is a positive integer of at most
     ``MAX_NUM_EXAMPLES``; the array names equal the expected ones; each array has the
-    expected shape and dtype; all values are finite.
+    expected shape and dtype; all values are finite; and, when ``max_norm`` > 0, the
+    L2 norm of ``update - base`` over all arrays is at most ``max_norm``.
     """
     if isinstance(num_examples, bool) or not isinstance(num_examples, (int, float)):
         return f"num-examples must be a number, got {num_examples!r}"
@@ -55,4 +58,10 @@ def update_problem(
             )
         if not np.isfinite(array).all():
             return f"array {name!r} holds non-finite values"
+    if max_norm > 0 and base is not None:
+        norm = math.sqrt(sum(
+            float(np.sum((update[n].astype(np.float64) - base[n]) ** 2)) for n in expected
+        ))
+        if norm > max_norm:
+            return f"update norm {norm:.4g} exceeds `max-update-norm` {max_norm:g}"
     return None

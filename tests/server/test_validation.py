@@ -37,3 +37,12 @@ def test_non_finite_values_are_rejected(bad):
     b = GOOD["b"].copy()
     b[2] = bad
     assert "non-finite" in update_problem({**GOOD, "b": b}, expected=SPEC, num_examples=1)
+
+
+def test_update_norm_bound():
+    base = {"a": np.zeros((2, 3), np.float32), "b": np.zeros(4, np.float32)}
+    update = {"a": np.full((2, 3), 1.0, np.float32), "b": np.zeros(4, np.float32)}  # norm √6
+    assert update_problem(update, expected=SPEC, num_examples=1, base=base, max_norm=2.5) is None
+    problem = update_problem(update, expected=SPEC, num_examples=1, base=base, max_norm=2.0)
+    assert "update norm 2.449 exceeds `max-update-norm` 2" in problem
+    assert update_problem(update, expected=SPEC, num_examples=1, base=base) is None  # off
