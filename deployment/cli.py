@@ -134,7 +134,11 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedsft", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="fedsft", description=(
+        "Run fedsft across institutions with Flower's Deployment Engine: create a "
+        "consortium (CA, TLS, site keys), bundle, register and revoke sites, rehearse "
+        "the deployment on this machine, submit runs, export and use the final model. "
+        "See docs/deployment.md."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
