@@ -1,0 +1,1 @@
+"""Quickstart-style Hugging Face FedAvg app: the baseline fedsft is benchmarked against."""

@@ -1,0 +1,89 @@
+"""communication: bytes per round and accuracy of full vs LoRA fp32 / fp16 / int8 uplinks.
+
+Target: LoRA with the int8 uplink within 0.5 accuracy points of LoRA fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simulations.benchmarks.harness import Bench, sst2_config, target
+
+DESCRIPTION = (
+    "Full fine-tuning vs LoRA with fp32, fp16 and int8 update encodings on {data}: bytes "
+    "per round and final central accuracy. Target: int8 within 0.5 accuracy points of fp32."
+)
+SST2_TEXT = "SST-2 (train.tsv as `dataset`, dev.tsv as `eval-dataset`)"
+BUILTIN_TEXT = "the built-in data (quick mode)"
+SIZES = {  # clients, rounds, local steps
+    "quick": (2, 2, 2),
+    "default": (5, 4, 10),
+    "full": (10, 5, 20),
+}
+VARIANTS = (  # name, overrides
+    ("full", {"method": "full", "learning-rate": 5e-5}),
+    ("lora-fp32", {}),
+    ("lora-fp16", {"update-encoding": "fp16"}),
+    ("lora-int8", {"update-encoding": "int8"}),
+)
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    """Run the four variants; see the module docstring."""
+    clients, rounds, steps = SIZES[bench.mode]
+    data = {} if bench.mode == "quick" else sst2_config()
+    common = {**bench.base(), **data, "num-server-rounds": rounds, "local-steps": steps,
+              "fraction-train": 1.0, "min-nodes": clients}
+    results: dict[str, dict[str, float]] = {}
+    configs: dict[str, dict[str, Any]] = {}
+    for name, overrides in VARIANTS:
+        configs[name] = {**common, **overrides}
+        fed = bench.fedsft(f"communication-{name}", configs[name], num_supernodes=clients)
+        up, down = fed.mean_bytes("up"), fed.mean_bytes("down")
+        results[name] = {
+            "bytes_up_per_round": up, "bytes_down_per_round": down,
+            "bytes_up_per_client_round": up / clients, "bytes_per_round": up + down,
+            "final_accuracy": fed.final_accuracy(),
+            "final_f1_macro": float(fed.rows[-1]["central"]["f1_macro"]),
+            "mean_round_seconds": fed.mean_round_seconds(),
+            "eval_examples": int(fed.rows[-1]["central"]["num_examples"]),
+            "run_dir": str(fed.run_dir),
+        }
+    full_bytes = results["full"]["bytes_per_round"]
+    fp32_acc = results["lora-fp32"]["final_accuracy"]
+    rows = []
+    for name, r in results.items():
+        r["bytes_vs_full"] = r["bytes_per_round"] / full_bytes
+        r["accuracy_gap_vs_lora_fp32_points"] = (r["final_accuracy"] - fp32_acc) * 100
+        rows.append([name, r["bytes_up_per_round"], r["bytes_down_per_round"],
+                     r["bytes_up_per_client_round"], r["bytes_vs_full"], r["final_accuracy"],
+                     r["accuracy_gap_vs_lora_fp32_points"], r["mean_round_seconds"]])
+    int8_gap = abs(results["lora-int8"]["accuracy_gap_vs_lora_fp32_points"])
+    fp16_gap = abs(results["lora-fp16"]["accuracy_gap_vs_lora_fp32_points"])
+    eval_examples = results["lora-fp32"]["eval_examples"]
+    eval_rows = f"{'SST-2 dev' if data else 'the held-out split'} ({eval_examples} rows)"
+    return {
+        "description": DESCRIPTION.format(data=SST2_TEXT if data else BUILTIN_TEXT),
+        "config": {"common run-config": common,
+                   "variants": {name: overrides for name, overrides in VARIANTS},
+                   "num-supernodes": clients, "client-resources-num-cpus": 1},
+        "numbers": results,
+        "table": {
+            "columns": ["variant", "bytes up / round", "bytes down / round",
+                        "bytes up / client / round", "bytes vs full", "final accuracy",
+                        "acc. vs lora-fp32 (points)", "mean round s"],
+            "rows": rows,
+        },
+        "targets": [
+            target("|accuracy(lora-int8) - accuracy(lora-fp32)|", measured=int8_gap,
+                   limit=0.5, kind="max", unit="points"),
+            target("|accuracy(lora-fp16) - accuracy(lora-fp32)| (informational, same bound)",
+                   measured=fp16_gap, limit=0.5, kind="max", unit="points"),
+        ],
+        "notes": [
+            f"Accuracy is the server's central evaluation after the last round on {eval_rows};"
+            f" one example is {100 / eval_examples:.2g} points.",
+            "fp16/int8 encode only the uplink (client -> server, as deltas); the downlink "
+            "stays fp32, so 'bytes down' is the same for the three LoRA variants.",
+        ],
+    }

@@ -1,0 +1,282 @@
+"""What the benchmarks share: sizes per mode, fedsft runs, in-process training, targets.
+
+Every number a benchmark reports comes from a measurement taken in the same invocation;
+nothing here estimates. Federated runs go through ``simulations.runner.run_app`` (the
+same ``flwr run`` path a user takes) and are read back from the run folder's
+``results.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations.runner import APP_DIR, LOCAL_SUPERLINK_PORTS, HarnessError, run_app
+
+SST2_DIR = APP_DIR.parent / "shared" / "data" / "sst2"
+MODES = ("quick", "default", "full")
+
+
+class BenchmarkError(RuntimeError):
+    """A benchmark could not measure what it needs (a failed run, missing data)."""
+
+
+def base_config(mode: str, model: str) -> dict[str, Any]:
+    """Run-config overrides every benchmark starts from in ``mode``.
+
+    ``quick`` is tiny (smoke test: the tiny random BERT, 2 clients, 2 rounds) and is the
+    same for every benchmark, so that identical runs are shared through the run cache.
+    """
+    if mode == "quick":
+        return {
+            "model": model, "dataset": "builtin", "builtin-examples": 600,
+            "max-length": 32, "batch-size": 8, "local-steps": 2, "learning-rate": 0.005,
+            "num-server-rounds": 2, "fraction-train": 1.0, "fraction-evaluate": 1.0,
+            "min-nodes": 2, "node-wait-timeout": 120.0, "round-timeout": 600.0,
+        }
+    return {
+        "model": model, "dataset": "builtin", "builtin-examples": 3000,
+        "max-length": 64, "batch-size": 16, "local-steps": 10, "learning-rate": 0.002,
+        "num-server-rounds": 3, "fraction-train": 1.0, "fraction-evaluate": 0.0,
+        "min-nodes": 10, "node-wait-timeout": 300.0, "round-timeout": 1200.0,
+    }
+
+
+def sst2_config() -> dict[str, Any]:
+    """Overrides that train on SST-2 train.tsv and evaluate on dev.tsv (fails if absent)."""
+    train, dev = SST2_DIR / "train.tsv", SST2_DIR / "dev.tsv"
+    missing = [str(p) for p in (train, dev) if not p.is_file()]
+    if missing:
+        raise BenchmarkError(
+            f"SST-2 is missing: {', '.join(missing)} (expected GLUE SST-2 TSV files with a "
+            "header `sentence<TAB>label`); run this benchmark with --quick to use the "
+            "built-in data instead"
+        )
+    return {"dataset": str(train), "eval-dataset": str(dev), "text-column": "sentence",
+            "label-column": "label"}
+
+
+@dataclass(frozen=True)
+class FedRun:
+    """One finished fedsft (or baseline) simulation and what it measured."""
+
+    name: str
+    run_dir: Path
+    wall_seconds: float  # the whole `flwr run`, start-up and shut-down included
+    rows: list[dict[str, Any]]  # results.jsonl, round 0 (initial evaluation) first
+
+    @property
+    def rounds(self) -> list[dict[str, Any]]:
+        """The rows of training rounds (round >= 1)."""
+        return [r for r in self.rows if r["round"] >= 1]
+
+    def mean_round_seconds(self, *, skip_first: bool = False) -> float:
+        """Mean ``seconds.round`` over training rounds (optionally without round 1)."""
+        rows = self.rounds[1:] if skip_first and len(self.rounds) > 1 else self.rounds
+        return float(np.mean([r["seconds"]["round"] for r in rows]))
+
+    def mean_bytes(self, direction: str) -> float:
+        """Mean bytes per training round, ``up`` or ``down``."""
+        return float(np.mean([r["bytes"][direction] for r in self.rounds]))
+
+    def final_accuracy(self) -> float:
+        """Central accuracy after the last round."""
+        central = self.rows[-1]["central"]
+        if central is None:
+            raise BenchmarkError(f"{self.run_dir}: no central evaluation in the last round")
+        return float(central["accuracy"])
+
+
+@dataclass
+class Bench:
+    """The context every benchmark's ``run`` receives."""
+
+    mode: str
+    model: str  # "minilm" or the tiny BERT's directory (quick)
+    runs_dir: Path
+    parallel_workers: int  # virtual clients that run at once (1 CPU each)
+    run_timeout: float = 1800.0
+    _cache: dict[str, FedRun] = field(default_factory=dict)
+
+    def base(self) -> dict[str, Any]:
+        """This mode's base run-config overrides."""
+        return base_config(self.mode, self.model)
+
+    def fedsft(self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int) -> FedRun:
+        """Run fedsft with ``overrides``; an identical earlier run is reused."""
+        return self._run(name, overrides, num_supernodes=num_supernodes, app_dir=APP_DIR)
+
+    def app(
+        self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int, app_dir: Path
+    ) -> FedRun:
+        """Run another Flower App that writes fedsft-style ``results.jsonl`` rows."""
+        return self._run(name, overrides, num_supernodes=num_supernodes, app_dir=app_dir)
+
+    def _run(
+        self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int, app_dir: Path
+    ) -> FedRun:
+        key = json.dumps([str(app_dir), num_supernodes, sorted(overrides.items())])
+        if key in self._cache:
+            return self._cache[key]
+        run_name = f"{name}-{len(self._cache):02d}"
+        config = {**overrides, "output-dir": str(self.runs_dir), "run-name": run_name}
+        print(f"[bench] run {run_name}: {num_supernodes} supernodes", flush=True)
+        waited = _wait_for_local_superlink_ports(timeout=900.0)
+        if waited > 1:
+            print(f"[bench] waited {waited:.0f} s for another local SuperLink", flush=True)
+        started = time.monotonic()  # after the wait: another run's time is not ours
+        try:
+            result = run_app(config, num_supernodes=num_supernodes, num_cpus=1,
+                             app_dir=app_dir, timeout=self.run_timeout, quiet=True)
+        except HarnessError as error:
+            raise BenchmarkError(f"run {run_name} failed: {error}") from error
+        wall = time.monotonic() - started
+        results = result.run_dir / "results.jsonl"
+        if result.returncode != 0 or not results.is_file():
+            tail = result.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
+            raise BenchmarkError(
+                f"run {run_name} exited with {result.returncode}; log {result.log_path}:\n{tail}"
+            )
+        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        expected = int(overrides.get("num-server-rounds", 0))
+        if expected and (not rows or rows[-1]["round"] != expected):
+            raise BenchmarkError(
+                f"run {run_name} recorded rounds {[r['round'] for r in rows]}, "
+                f"expected up to {expected}; log {result.log_path}"
+            )
+        print(f"[bench] run {run_name}: done in {wall:.1f} s", flush=True)
+        run = FedRun(name=run_name, run_dir=result.run_dir, wall_seconds=wall, rows=rows)
+        self._cache[key] = run
+        return run
+
+
+def _port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _wait_for_local_superlink_ports(*, timeout: float) -> float:
+    """Wait while another simulation holds Flower's fixed local SuperLink ports.
+
+    ``run_app`` waits as well, but inside the timed call; waiting here first keeps
+    another engineer's simulation out of the measured wall time. Returns seconds waited.
+    """
+    started = time.monotonic()
+    while any(_port_in_use(p) for p in LOCAL_SUPERLINK_PORTS):
+        if time.monotonic() - started > timeout:
+            break  # run_app then reports the busy ports itself
+        time.sleep(2)
+    return time.monotonic() - started
+
+
+# --- in-process (non-federated) training -------------------------------------------------
+
+
+def train_in_process(
+    overrides: Mapping[str, Any], *, num_clients: int, total_steps: int
+) -> dict[str, float]:
+    """Train one model in this process on the union of the clients' training data.
+
+    The union is built exactly as the clients build their shares (``partition_dataset``
+    then ``split_for_local_eval``), so the examples are those of the federated run with
+    the same ``overrides``; ``total_steps`` optimizer steps of ``train_local`` with the
+    same batch size and learning rate, then ``evaluate`` on the server's eval split.
+    """
+    import torch
+
+    from common.config import RunConfig
+    from common.data import load_splits, partition_dataset, split_for_local_eval
+    from common.model import build_model
+    from common.training import encode, evaluate, train_local
+
+    started = time.perf_counter()
+    cfg = RunConfig.from_flower({**overrides, "local-steps": total_steps})
+    splits = load_splits(cfg)
+    texts: list[str] = []
+    labels: list[int] = []
+    for partition_id in range(num_clients):
+        part = partition_dataset(splits.train, cfg, num_partitions=num_clients,
+                                 partition_id=partition_id)
+        train, _ = split_for_local_eval(part, fraction=cfg.client_eval_fraction, seed=cfg.seed)
+        texts.extend(train["text"])
+        labels.extend(train["label"])
+    model, tokenizer = build_model(cfg, splits.label_names)
+    device = torch.device("cpu")
+    data = encode(texts, labels, tokenizer, max_length=cfg.max_length)
+    eval_data = encode(splits.eval["text"], splits.eval["label"], tokenizer,
+                       max_length=cfg.max_length)
+    prepared = time.perf_counter()
+    result = train_local(model, data, cfg, seed=cfg.seed, device=device,
+                         pad_token_id=tokenizer.pad_token_id)
+    trained = time.perf_counter()
+    metrics = evaluate(model, eval_data, batch_size=max(cfg.batch_size, 64), device=device,
+                       pad_token_id=tokenizer.pad_token_id)
+    finished = time.perf_counter()
+    return {
+        "examples_available": len(data),
+        "steps": result.steps,
+        "examples_seen": result.steps * cfg.batch_size,
+        "torch_threads": torch.get_num_threads(),
+        "prepare_seconds": prepared - started,
+        "train_seconds": trained - prepared,
+        "eval_seconds": finished - trained,
+        "total_seconds": finished - started,
+        "accuracy": metrics.accuracy,
+        "f1_macro": metrics.f1_macro,
+        "loss": metrics.loss,
+    }
+
+
+# --- targets and machine ----------------------------------------------------------------
+
+
+def target(what: str, *, measured: float, limit: float, kind: str, unit: str = "") -> dict:
+    """A target check: ``measured <= limit`` (kind "max") or ``>= limit`` (kind "min")."""
+    if kind not in ("max", "min"):
+        raise ValueError(f"kind must be 'max' or 'min', got {kind!r}")
+    met = bool(measured <= limit) if kind == "max" else bool(measured >= limit)
+    return {
+        "what": what, "kind": kind, "limit": limit, "measured": measured, "unit": unit,
+        "ratio_to_target": measured / limit if limit else None, "met": met,
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU, cores, memory, OS, library versions and the date of this invocation."""
+    import flwr
+    import peft
+    import psutil
+    import torch
+    import transformers
+
+    cpu = platform.processor() or "unknown"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "flwr": flwr.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }

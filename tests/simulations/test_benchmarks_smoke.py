@@ -1,0 +1,63 @@
+"""Smoke test of the benchmark suite: every benchmark in --quick mode, into a tmp folder."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
+    "compute-fraction": ["federated_wall_seconds", "plain_train_seconds",
+                         "client_compute_share_of_wall", "overhead_end_to_end",
+                         "overhead_rounds_vs_training"],
+    "baseline-app": ["fedsft.round_seconds", "baseline.round_seconds",
+                     "fedsft.bytes_per_round", "baseline.bytes_per_round",
+                     "round_speedup", "bytes_ratio"],
+    "communication": [f"{v}.{f}" for v in ("full", "lora-fp32", "lora-fp16", "lora-int8")
+                      for f in ("bytes_up_per_round", "bytes_down_per_round",
+                                "final_accuracy")],
+    "vs-centralized": ["centralized.accuracy", "iid.final_accuracy", "iid.gap_points",
+                       "dirichlet-1.0.gap_points", "dirichlet-0.1.gap_points"],
+    "scale": ["small.server_peak_mb_last_round", "many.server_peak_mb_last_round",
+              "many.client_peak_mb_max", "ratios.server_peak", "ratios.round_seconds"],
+}
+
+
+def _get(numbers: dict, path: str) -> float:
+    head, _, rest = path.partition(".")
+    if head not in numbers:  # names like "dirichlet-1.0" contain a dot
+        for key in numbers:
+            if path.startswith(key + "."):
+                head, rest = key, path[len(key) + 1:]
+    value = numbers[head]
+    return _get(value, rest) if rest else value
+
+
+def test_quick_suite_writes_every_benchmark(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "simulations.benchmarks", "--quick", "--output", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+
+    report = (out / "RESULTS.md").read_text()
+    for name, fields in EXPECTED.items():
+        result = json.loads((out / "results" / f"{name}.json").read_text())
+        assert result["status"] == "ok", result.get("error")
+        assert f"## {name}" in report
+        for field in fields:
+            value = _get(result["numbers"], field)
+            assert isinstance(value, (int, float)) and math.isfinite(value), (name, field)
+        assert result["targets"] and all(isinstance(t["met"], bool) for t in result["targets"])
+    # Bytes are measured, never zero; the baseline ships the full model.
+    baseline = json.loads((out / "results" / "baseline-app.json").read_text())["numbers"]
+    assert 0 < baseline["fedsft"]["bytes_per_round"] < baseline["baseline"]["bytes_per_round"]
+    assert "Machine" in report and "cores: " in report
