@@ -10,6 +10,7 @@ dependencies, which pulls a CUDA build of torch), its state never mixes with the
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import signal
@@ -29,6 +30,10 @@ import tomli_w
 APP_DIR = Path(__file__).resolve().parent.parent
 # The fixed ports of Flower's managed local SuperLink (flwr/cli/local_superlink.py).
 LOCAL_SUPERLINK_PORTS = (39091, 39093)
+# Held for a whole simulation: two fedsft processes that both saw the ports free would
+# otherwise start at once, and the second `flwr run` would submit to the first one's
+# SuperLink and lose it when that run ends.
+MACHINE_LOCK = Path(tempfile.gettempdir()) / "fedsft-local-superlink.lock"
 
 
 class HarnessError(RuntimeError):
@@ -119,9 +124,38 @@ def run_app(
     ``resume-from``) so the run folder is known in advance. Output is streamed to
     stdout unless ``quiet`` and always saved to ``<run folder>/flwr.log``.
     Flower's local SuperLink has fixed ports, so one simulation runs at a time on a
-    machine: while another holds them, this waits up to ``port_wait`` seconds.
+    machine: while another fedsft simulation (a file lock) or another SuperLink (the
+    ports) holds it, this waits up to ``port_wait`` seconds in all.
     """
-    _wait_for_free_ports(port_wait)
+    deadline = time.monotonic() + port_wait
+    with MACHINE_LOCK.open("a") as lock:
+        announced = False
+        while True:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise HarnessError(
+                        f"another fedsft simulation held {MACHINE_LOCK} for {port_wait:g} s; "
+                        "wait for it to finish"
+                    ) from None
+                if not announced:
+                    print("[fedsft] waiting for another fedsft simulation on this machine",
+                          file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(1)
+        # Released when the file closes, also if this process dies.
+        _wait_for_free_ports(max(deadline - time.monotonic(), 0.0))
+        return _run_locked(run_config, num_supernodes=num_supernodes, num_cpus=num_cpus,
+                           num_gpus=num_gpus, app_dir=app_dir, timeout=timeout, quiet=quiet)
+
+
+def _run_locked(
+    run_config: Mapping[str, Any], *, num_supernodes: int, num_cpus: float,
+    num_gpus: float, app_dir: Path, timeout: float | None, quiet: bool,
+) -> SimulationResult:
+    """``run_app`` once this process holds the machine's local SuperLink."""
     if run_config.get("resume-from"):
         run_dir = Path(str(run_config["resume-from"])).resolve()
     else:
