@@ -17,6 +17,7 @@ from client.attacks import attacker_partition, flip_labels, is_attacker
 from client.egress_audit import egress_audit_mod
 from client.local_data import client_key, load_local_data
 from client.outgoing import outgoing_update
+from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
 from common.config import RunConfig
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
@@ -66,13 +67,19 @@ def train(msg: Message, context: Context) -> Message:
     train_data = data.train
     if attacker and cfg.attack == "label-flip":
         train_data = flip_labels(train_data, num_classes=len(config["label-names"]))
-    result = train_local(
-        model, train_data, cfg,
-        seed=derive_seed(cfg.seed, server_round, key),
-        device=device,
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    seed = derive_seed(cfg.seed, server_round, key)
+    privacy: dict[str, float] = {}
+    if cfg.dp_sgd_enabled:
+        result, privacy = train_with_dp_sgd(
+            model, train_data, cfg, seed=seed, device=device,
+            pad_token_id=tokenizer.pad_token_id, state=context.state,
+        )
+    else:
+        result = train_local(
+            model, train_data, cfg, seed=seed, device=device,
+            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            pad_token_id=tokenizer.pad_token_id,
+        )
     payload, extra = outgoing_update(
         get_exchanged_state(model), received, cfg=cfg, config=config, context=context,
         num_examples=result.num_examples,
@@ -81,6 +88,7 @@ def train(msg: Message, context: Context) -> Message:
     arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
     metrics = MetricRecord({
         **extra,
+        **privacy,
         "train-loss": result.train_loss,
         "train-first-loss": result.first_loss,
         "train-steps": result.steps,

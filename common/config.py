@@ -107,6 +107,10 @@ class RunConfig:
     dp_side: str = "server"  # server | client: where updates are clipped
     dp_delta: float = 1e-5  # the delta epsilon is reported at
     dp_target_epsilon: float = math.inf  # stop before a round would exceed it
+    # --- sample-level DP-SGD inside each client (common/dp_sgd.py, Opacus) ---
+    dp_sgd_noise_multiplier: float = 0.0  # noise std / per-example clip; 0 = off
+    dp_sgd_max_grad_norm: float = 1.0  # L2 bound of each example's gradient
+    dp_sgd_delta: float = 1e-5  # the delta each client reports its epsilon at
     # --- simulation-only attackers (client/attacks.py) ---
     attack: str = "none"  # none | sign-flip | scale | gaussian | label-flip | nan
     attack_fraction: float = 0.0  # share of virtual clients that attack
@@ -149,6 +153,21 @@ class RunConfig:
         _check_range("dp-clipping-norm", self.dp_clipping_norm, low=0, low_open=True)
         _check_range("dp-delta", self.dp_delta, low=0, high=1, low_open=True, high_open=True)
         _check_range("dp-target-epsilon", self.dp_target_epsilon, low=0, low_open=True)
+        _check_range("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier, low=0)
+        _check_range("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm, low=0, low_open=True)
+        _check_range("dp-sgd-delta", self.dp_sgd_delta, low=0, high=1, low_open=True,
+                     high_open=True)
+        if self.dp_sgd_enabled and self.method == "full":
+            raise ConfigError(
+                "`dp-sgd-noise-multiplier` > 0 needs `method` lora, head or freeze, got "
+                "'full': per-example gradients of the embedding matrix cost batch x "
+                "vocabulary x hidden floats per step"
+            )
+        if self.dp_sgd_enabled and self.strategy == "fedprox":
+            raise ConfigError(
+                "`dp-sgd-noise-multiplier` > 0 cannot be combined with `strategy` fedprox: "
+                "its proximal term is not a per-example loss, so DP-SGD would not clip it"
+            )
         if self.dp_enabled and self.strategy not in MEAN_STRATEGIES:
             raise ConfigError(
                 f"`dp-noise-multiplier` > 0 needs a mean-based `strategy` "
@@ -254,6 +273,11 @@ class RunConfig:
         return self.dp_noise_multiplier > 0
 
     @property
+    def dp_sgd_enabled(self) -> bool:
+        """Sample-level DP-SGD runs in the clients when a positive noise is set."""
+        return self.dp_sgd_noise_multiplier > 0
+
+    @property
     def encoding(self) -> UpdateEncoding:
         """The uplink encoding settings."""
         return UpdateEncoding(
@@ -346,6 +370,8 @@ def _check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
+    if isinstance(value, float) and math.isnan(value):  # NaN compares False to any bound
+        raise ConfigError(f"`{key}` must be a finite number, got nan")
     if low is not None and (value <= low if low_open else value < low):
         raise ConfigError(f"`{key}` must be {'>' if low_open else '>='} {low}, got {value!r}")
     if high is not None and (value >= high if high_open else value > high):

@@ -82,16 +82,24 @@ def iterate_batches(
     else:
         order = torch.randperm(len(data), generator=generator)
     for start in range(0, len(data), batch_size):
-        index = order[start : start + batch_size].tolist()
-        rows = [data.input_ids[i] for i in index]
-        width = max(len(row) for row in rows)
-        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-        attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
-        for r, row in enumerate(rows):
-            input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.int64)
-            attention_mask[r, : len(row)] = 1
-        yield {"input_ids": input_ids, "attention_mask": attention_mask,
-               "labels": data.labels[index]}
+        yield collate(data, order[start : start + batch_size].tolist(), pad_token_id)
+
+
+def collate(data: EncodedData, index: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """The examples ``index`` of ``data`` as one batch, right-padded to the longest.
+
+    ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``labels``; an empty
+    ``index`` gives tensors with 0 rows.
+    """
+    rows = [data.input_ids[i] for i in index]
+    width = max((len(row) for row in rows), default=1)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        attention_mask[r, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": data.labels[index]}
 
 
 def derive_seed(*parts: int | str) -> int:

@@ -40,13 +40,44 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
 
 def privacy_summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"enabled": False}`` unless the run has ``dp-*`` settings and reports an epsilon."""
-    settings = {k: v for k, v in config.items() if k.startswith("dp-")}
-    epsilons = [r["privacy"]["epsilon"] for r in rows
-                if isinstance(r.get("privacy"), dict) and "epsilon" in r["privacy"]]
-    if not settings or not epsilons:
-        return {"enabled": False}
-    return {"enabled": True, "settings": settings, "epsilon": epsilons[-1]}
+    """The DP guarantees a run reported: client-level (DP-FedAvg) and sample-level (DP-SGD).
+
+    ``{"enabled": False}`` when the run reported neither; otherwise each reported kind
+    with its last epsilon, its delta and its settings.
+    """
+    summary: dict[str, Any] = {"enabled": False}
+    client = [r["privacy"] for r in rows if isinstance(r.get("privacy"), dict)
+              and "epsilon" in r["privacy"]]
+    if client:
+        summary["client-level"] = {
+            "epsilon": client[-1]["epsilon"], "delta": config.get("dp-delta"),
+            "settings": {k: v for k, v in config.items()
+                         if k.startswith("dp-") and not k.startswith("dp-sgd-")},
+        }
+    sample = [r["dp_sgd"] for r in rows if isinstance(r.get("dp_sgd"), dict)]
+    if sample:
+        summary["sample-level"] = {
+            "epsilon": max(s["epsilon_max"] for s in sample), "delta": sample[-1]["delta"],
+            "settings": {k: v for k, v in config.items() if k.startswith("dp-sgd-")},
+        }
+    summary["enabled"] = bool(client or sample)
+    return summary
+
+
+def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
+    """The model card's privacy bullet points."""
+    if not privacy["enabled"]:
+        return ["- differential privacy: off"]
+    names = {"client-level": "client-level DP (DP-FedAvg: any one site's participation)",
+             "sample-level": "sample-level DP-SGD (any one training record, at every site)"}
+    lines = []
+    for kind, text in names.items():
+        if kind in privacy:
+            p = privacy[kind]
+            settings = ", ".join(f"`{k}` = {v}" for k, v in sorted(p["settings"].items()))
+            lines.append(f"- differential privacy: {text}: epsilon = {p['epsilon']:.4g} at "
+                         f"delta = {p['delta']} ({settings})")
+    return lines
 
 
 def summarize(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -73,12 +104,6 @@ def summarize(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, A
 
 def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> str:
     """The README.md of the exported model (Hugging Face front matter + text)."""
-    privacy = summary["privacy"]
-    if privacy["enabled"]:
-        settings = ", ".join(f"`{k}` = {v}" for k, v in sorted(privacy["settings"].items()))
-        privacy_line = f"differential privacy: on (epsilon = {privacy['epsilon']:.4g}; {settings})"
-    else:
-        privacy_line = "differential privacy: off"
     final = summary["final-central"]
     if final:
         metrics = (f"accuracy {final['accuracy']:.4f}, macro-F1 {final['f1_macro']:.4f}, "
@@ -107,7 +132,7 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
         f"- final central evaluation: {metrics}",
         f"- max length: {summary['max-length']} tokens (use the same at inference)",
         f"- labels: {', '.join(labels)}",
-        f"- {privacy_line}", "",
+        *_privacy_lines(summary["privacy"]), "",
         "## Use", "",
         "```python",
         "from transformers import pipeline",

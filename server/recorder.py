@@ -83,6 +83,9 @@ class RoundRecorder:
         row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
         if self.privacy is not None:
             row["privacy"] = self.privacy.row(rnd)
+        if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
+            # Each client accounts its own records; the weakest guarantee is the largest.
+            row["dp_sgd"] = {"epsilon_max": stats.dp_sgd_epsilon, "delta": self.cfg.dp_sgd_delta}
         self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner))
         self.outputs.append_result(row)
         for sink in self.sinks:
@@ -168,6 +171,8 @@ def _progress_line(row: dict[str, Any], total_rounds: int) -> str:
     )
     if "privacy" in row:
         line += f"  |  epsilon {row['privacy']['epsilon']:.3g}"
+    if "dp_sgd" in row:
+        line += f"  |  DP-SGD epsilon <= {row['dp_sgd']['epsilon_max']:.3g}"
     if row["round"] > 0:
         line += f"  |  clients {cl['aggregated']}/{cl['sampled']}"
         bad = cl["failures"] + cl["timeouts"] + cl["invalid"]

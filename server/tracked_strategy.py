@@ -66,6 +66,7 @@ class RoundStats:
     aggregate_seconds: float = 0.0
     client_train_seconds: list[float] = field(default_factory=list)
     client_peak_rss_mb: float = 0.0  # largest peak memory reported by a client process
+    dp_sgd_epsilon: float | None = None  # largest sample-level epsilon a client reported
     train_metrics: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     client_eval_accuracy: list[float] = field(default_factory=list)
@@ -171,6 +172,8 @@ class TrackedStrategy(Strategy):
                     stats.client_train_seconds.append(seconds)
                 if (rss := _finite(metrics.get("peak-rss-mb"))) is not None:
                     stats.client_peak_rss_mb = max(stats.client_peak_rss_mb, rss)
+                if (eps := _finite(metrics.get("dp-sgd-epsilon"))) is not None:
+                    stats.dp_sgd_epsilon = max(stats.dp_sgd_epsilon or 0.0, eps)
             if self.secure is not None:
                 continue  # masked: only the protocol can check (and open) the sum
             decoded, problem = self._decoded(reply)

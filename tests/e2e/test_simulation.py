@@ -155,6 +155,25 @@ def test_dp_run_reports_epsilon_and_stops_at_the_budget(tmp_path, tiny_model_dir
     assert (result.run_dir / "final" / "model" / "config.json").exists()
 
 
+def test_dp_sgd_clients_account_across_rounds_and_the_card_says_so(tmp_path,
+                                                                    tiny_model_dir):
+    from deployment.export import export_run
+
+    result = _run(tmp_path, tiny_model_dir, "dpsgd", **{
+        "num-server-rounds": 2, "dp-sgd-noise-multiplier": 1.0, "fraction-evaluate": 0.0,
+        "audit-egress": True})
+    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    rows = _results(result.run_dir)
+    first, second = rows[1]["dp_sgd"]["epsilon_max"], rows[2]["dp_sgd"]["epsilon_max"]
+    # The node state carries each client's accountant from round 1 into round 2.
+    assert 0 < first < second
+    assert rows[2]["train"]["dp_sgd_steps"] == pytest.approx(2 * TINY["local-steps"])
+    exported = export_run(result.run_dir, tmp_path / "export")
+    card = (exported / "README.md").read_text()
+    assert ("sample-level DP-SGD (any one training record, at every site): "
+            f"epsilon = {second:.4g}") in card
+
+
 def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
     common = {"num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True}
     plain = _run(tmp_path, tiny_model_dir, "plain", nodes=4, **common)

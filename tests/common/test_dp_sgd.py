@@ -1,0 +1,125 @@
+"""Tests for common/dp_sgd.py and client/sample_dp.py: sample-level DP-SGD (Opacus)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import RecordDict
+
+from client.sample_dp import load_history, train_with_dp_sgd
+from common.config import ConfigError, RunConfig
+from common.dp_sgd import poisson_batches, sample_level_epsilon, train_local_dp_sgd
+from common.model import get_exchanged_state, set_exchanged_state
+from common.training import evaluate, train_local
+from tests.common.test_training import setup
+
+CPU = torch.device("cpu")
+
+
+def test_accountant_matches_the_opacus_reference() -> None:
+    # Opacus pins epsilon 7.329 (RDP) for noise 1.5, sampling rate 0.04, 90 epochs.
+    steps = round(90 / 0.04)
+    assert sample_level_epsilon([(1.5, 0.04, steps)], delta=1e-5) == pytest.approx(7.329,
+                                                                                     abs=1e-3)
+
+
+def test_epsilon_composes_over_rounds_and_grows() -> None:
+    one = sample_level_epsilon([(1.0, 0.1, 100)], delta=1e-5)
+    two = sample_level_epsilon([(1.0, 0.1, 100), (1.0, 0.1, 100)], delta=1e-5)
+    assert two == pytest.approx(sample_level_epsilon([(1.0, 0.1, 200)], delta=1e-5))
+    assert 0 < one < two
+    assert sample_level_epsilon([], delta=1e-5) == 0.0
+
+
+def test_poisson_batches_sample_at_the_rate() -> None:
+    batches = poisson_batches(1000, sample_rate=0.05,
+                              generator=torch.Generator().manual_seed(0))
+    sizes = [len(next(batches)) for _ in range(200)]
+    assert np.mean(sizes) == pytest.approx(50, rel=0.05)
+    assert len(set(map(len, [next(batches) for _ in range(20)]))) > 1  # sizes vary
+
+
+@pytest.mark.parametrize("changes, key", [
+    ({"dp_sgd_noise_multiplier": -1.0}, "dp-sgd-noise-multiplier"),
+    ({"dp_sgd_noise_multiplier": float("nan")}, "dp-sgd-noise-multiplier"),
+    ({"dp_sgd_max_grad_norm": 0.0}, "dp-sgd-max-grad-norm"),
+    ({"dp_sgd_delta": 1.0}, "dp-sgd-delta"),
+    ({"dp_sgd_noise_multiplier": 1.0, "method": "full"}, "method"),
+    ({"dp_sgd_noise_multiplier": 1.0, "strategy": "fedprox"}, "fedprox"),
+])
+def test_bad_dp_sgd_settings_are_config_errors(changes: dict, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        RunConfig(**changes)
+
+
+def _one_sgd_step(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, **changes: object):
+    """The weight change of one DP-SGD step with plain SGD (lr 1), all 16 examples sampled."""
+    monkeypatch.setattr(torch.optim, "AdamW",
+                        lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
+    cfg, model, data, pad = setup(tiny_model_dir, n=16, method="lora", local_steps=1,
+                                  batch_size=16, **changes)
+    before = get_exchanged_state(model)
+    train_local_dp_sgd(model, data, cfg, seed=3, device=CPU, pad_token_id=pad)
+    after = get_exchanged_state(model)
+    return np.concatenate([(after[k] - before[k]).ravel() for k in before])
+
+
+def test_per_example_clipping_bounds_the_step(monkeypatch, tiny_model_dir: Path) -> None:
+    # The update is the mean of per-example gradients clipped to C, so its norm is <= C.
+    loose = _one_sgd_step(monkeypatch, tiny_model_dir, dp_sgd_max_grad_norm=1e3)
+    tight = _one_sgd_step(monkeypatch, tiny_model_dir, dp_sgd_max_grad_norm=1e-3)
+    assert np.linalg.norm(loose) > 1e-2  # unclipped gradients are much larger than C
+    assert np.linalg.norm(tight) <= 1e-3 * (1 + 1e-4)
+
+
+def test_noise_of_the_right_scale_is_added(monkeypatch, tiny_model_dir: Path) -> None:
+    # Same seed, same batch: the difference is the noise, std z * C / batch per value.
+    clean = _one_sgd_step(monkeypatch, tiny_model_dir, dp_sgd_max_grad_norm=1.0)
+    noisy = _one_sgd_step(monkeypatch, tiny_model_dir, dp_sgd_max_grad_norm=1.0,
+                          dp_sgd_noise_multiplier=2.0)
+    assert np.std(noisy - clean) == pytest.approx(2.0 * 1.0 / 16, rel=0.1)
+    again = _one_sgd_step(monkeypatch, tiny_model_dir, dp_sgd_max_grad_norm=1.0,
+                          dp_sgd_noise_multiplier=2.0)
+    assert not np.array_equal(noisy, again)  # noise is not derived from the run's seed
+
+
+def test_dp_sgd_learns_and_leaves_the_cached_model_clean(tiny_model_dir: Path) -> None:
+    cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=60,
+                                  batch_size=16, learning_rate=2e-2,
+                                  dp_sgd_noise_multiplier=0.3, dp_sgd_max_grad_norm=1.0)
+    start = get_exchanged_state(model)
+    before = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
+
+    result, (z, q, steps) = train_local_dp_sgd(model, data, cfg, seed=1, device=CPU,
+                                               pad_token_id=pad)
+    after = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
+
+    assert (z, q, steps) == (0.3, 16 / 64, 60)
+    assert result.steps == 60 and 0 < result.num_examples <= 64
+    assert after.loss < before.loss
+    assert not model.training
+    assert all(not hasattr(p, "grad_sample") or p.grad_sample is None
+               for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    # The same (cached) model then trains without DP as before.
+    set_exchanged_state(model, start)
+    train_local(model, data, cfg, seed=1, device=CPU, pad_token_id=pad)
+
+
+def test_client_accounts_every_round_in_its_node_state(tiny_model_dir: Path) -> None:
+    cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=5, batch_size=8,
+                                  dp_sgd_noise_multiplier=1.0)
+    state = RecordDict()
+    _, first = train_with_dp_sgd(model, data, cfg, seed=1, device=CPU, pad_token_id=pad,
+                                 state=state)
+    _, second = train_with_dp_sgd(model, data, cfg, seed=2, device=CPU, pad_token_id=pad,
+                                  state=state)
+
+    assert load_history(state) == [(1.0, 8 / 64, 5), (1.0, 8 / 64, 5)]
+    assert (first["dp-sgd-steps"], second["dp-sgd-steps"]) == (5, 10)
+    assert second["dp-sgd-epsilon"] == pytest.approx(
+        sample_level_epsilon([(1.0, 8 / 64, 10)], delta=cfg.dp_sgd_delta))
+    assert 0 < first["dp-sgd-epsilon"] < second["dp-sgd-epsilon"]
