@@ -11,10 +11,14 @@ import torch
 from flwr.app import ConfigRecord, RecordDict
 
 from common.config import RunConfig
-from common.dp_sgd import sample_level_epsilon, train_local_dp_sgd
+from common.dp_sgd import planned_entry, sample_level_epsilon, train_local_dp_sgd
 from common.training import EncodedData, TrainResult
 
 STATE_KEY = "dp-sgd-history"
+
+
+class BudgetExhausted(RuntimeError):
+    """This round's DP-SGD steps would take the site past ``dp-sgd-target-epsilon``."""
 
 
 def load_history(state: RecordDict) -> list[tuple[float, float, int]]:
@@ -39,7 +43,22 @@ def train_with_dp_sgd(
     model: torch.nn.Module, data: EncodedData, cfg: RunConfig, *, seed: int,
     device: torch.device, pad_token_id: int, state: RecordDict,
 ) -> tuple[TrainResult, dict[str, float]]:
-    """One round of DP-SGD; returns the result and the metrics to report (epsilon, delta)."""
+    """One round of DP-SGD; returns the result and the metrics to report (epsilon, steps).
+
+    Raises
+    ------
+    BudgetExhausted
+        Before training, when this round would exceed ``dp-sgd-target-epsilon``: the
+        site then sends a failed reply with that reason, and every later round too.
+    """
+    planned = sample_level_epsilon([*load_history(state), planned_entry(cfg, len(data))],
+                                   delta=cfg.dp_sgd_delta)
+    if planned > cfg.dp_sgd_target_epsilon:
+        raise BudgetExhausted(
+            f"DP-SGD budget: this round would take the site's epsilon to {planned:.4g} > "
+            f"`dp-sgd-target-epsilon` {cfg.dp_sgd_target_epsilon:g} (delta "
+            f"{cfg.dp_sgd_delta:g}); the site trains no more in this run"
+        )
     result, entry = train_local_dp_sgd(model, data, cfg, seed=seed, device=device,
                                        pad_token_id=pad_token_id)
     history = [*load_history(state), entry]

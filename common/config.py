@@ -111,6 +111,7 @@ class RunConfig:
     dp_sgd_noise_multiplier: float = 0.0  # noise std / per-example clip; 0 = off
     dp_sgd_max_grad_norm: float = 1.0  # L2 bound of each example's gradient
     dp_sgd_delta: float = 1e-5  # the delta each client reports its epsilon at
+    dp_sgd_target_epsilon: float = math.inf  # a site stops training before exceeding it
     # --- simulation-only attackers (client/attacks.py) ---
     attack: str = "none"  # none | sign-flip | scale | gaussian | label-flip | nan
     attack_fraction: float = 0.0  # share of virtual clients that attack
@@ -157,6 +158,8 @@ class RunConfig:
         _check_range("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm, low=0, low_open=True)
         _check_range("dp-sgd-delta", self.dp_sgd_delta, low=0, high=1, low_open=True,
                      high_open=True)
+        _check_range("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon, low=0,
+                     low_open=True)
         if self.dp_sgd_enabled and self.method == "full":
             raise ConfigError(
                 "`dp-sgd-noise-multiplier` > 0 needs `method` lora, head or freeze, got "
@@ -328,7 +331,7 @@ def _column_partition(partitioner: str) -> str | None:
 
 
 # Float keys where inf is meaningful ("no limit"); every other float must be finite.
-_INF_ALLOWED = frozenset({"dp-target-epsilon"})
+_INF_ALLOWED = frozenset({"dp-target-epsilon", "dp-sgd-target-epsilon"})
 
 
 def _coerce(key: str, value: Any, type_name: Any) -> Any:

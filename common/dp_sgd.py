@@ -43,6 +43,14 @@ def sample_level_epsilon(
     return float(accountant.get_epsilon(delta))
 
 
+def planned_entry(cfg: RunConfig, num_examples: int) -> tuple[float, float, int]:
+    """The accountant entry ``(noise multiplier, sample rate, steps)`` one call will add."""
+    sample_rate = min(cfg.batch_size / num_examples, 1.0)
+    steps = (cfg.local_steps if cfg.local_steps > 0
+             else cfg.local_epochs * math.ceil(num_examples / cfg.batch_size))
+    return cfg.dp_sgd_noise_multiplier, sample_rate, steps
+
+
 def poisson_batches(
     num_examples: int, *, sample_rate: float, generator: torch.Generator
 ) -> Iterator[list[int]]:
@@ -84,9 +92,7 @@ def train_local_dp_sgd(
     start = time.perf_counter()
     torch.manual_seed(seed)  # dropout; sampling below has its own seeded generator
     sampling = torch.Generator().manual_seed(seed)
-    sample_rate = min(cfg.batch_size / len(data), 1.0)
-    batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total_steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * batches_per_epoch
+    _, sample_rate, total_steps = planned_entry(cfg, len(data))
 
     params = [p for p in model.parameters() if p.requires_grad]
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 from flwr.app import RecordDict
 
-from client.sample_dp import load_history, train_with_dp_sgd
+from client.sample_dp import BudgetExhausted, load_history, train_with_dp_sgd
 from common.config import ConfigError, RunConfig
 from common.dp_sgd import poisson_batches, sample_level_epsilon, train_local_dp_sgd
 from common.model import get_exchanged_state, set_exchanged_state
@@ -123,3 +124,21 @@ def test_client_accounts_every_round_in_its_node_state(tiny_model_dir: Path) -> 
     assert second["dp-sgd-epsilon"] == pytest.approx(
         sample_level_epsilon([(1.0, 8 / 64, 10)], delta=cfg.dp_sgd_delta))
     assert 0 < first["dp-sgd-epsilon"] < second["dp-sgd-epsilon"]
+
+
+def test_a_site_refuses_the_round_that_would_exceed_its_budget(tiny_model_dir: Path) -> None:
+    cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=5, batch_size=8,
+                                  dp_sgd_noise_multiplier=1.0)
+    one_round = sample_level_epsilon([(1.0, 8 / 64, 5)], delta=cfg.dp_sgd_delta)
+    two_rounds = sample_level_epsilon([(1.0, 8 / 64, 10)], delta=cfg.dp_sgd_delta)
+    cfg = replace(cfg, dp_sgd_target_epsilon=(one_round + two_rounds) / 2)
+    state = RecordDict()
+    train_with_dp_sgd(model, data, cfg, seed=1, device=CPU, pad_token_id=pad, state=state)
+    before = get_exchanged_state(model)
+
+    with pytest.raises(BudgetExhausted, match="dp-sgd-target-epsilon"):
+        train_with_dp_sgd(model, data, cfg, seed=2, device=CPU, pad_token_id=pad,
+                          state=state)
+    after = get_exchanged_state(model)
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
+    assert load_history(state) == [(1.0, 8 / 64, 5)]
