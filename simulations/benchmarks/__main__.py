@@ -32,6 +32,9 @@ BENCHMARKS = {  # name -> module
     "communication": "simulations.benchmarks.communication",
     "vs-centralized": "simulations.benchmarks.vs_centralized",
     "scale": "simulations.benchmarks.scale",
+    "secure-aggregation": "simulations.benchmarks.secure_aggregation",
+    "dp-accuracy": "simulations.benchmarks.dp_accuracy",
+    "robustness": "simulations.benchmarks.robustness",
 }
 HERE = Path(__file__).resolve().parent
 
@@ -128,7 +131,7 @@ def fmt(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value) or math.isinf(value):
             return str(value)
-        if abs(value) >= 1e5:
+        if abs(value) >= 1e4:
             return f"{value:,.0f}"
         return f"{value:.4g}"
     if isinstance(value, int):
@@ -138,7 +141,8 @@ def fmt(value: Any) -> str:
 
 def _table(columns: list[str], rows: list[list[Any]]) -> list[str]:
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(fmt(v).replace("|", "\\|") for v in row) + " |"
+              for row in rows]
     return lines
 
 
