@@ -280,3 +280,28 @@ def machine_info() -> dict[str, Any]:
         "peft": peft.__version__,
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
+
+
+# --- small readers shared by the privacy and robustness benchmarks ---------------------
+
+
+def trainable_values(run_dir: Path) -> int:
+    """Number of exchanged (trainable) values, counted in a run's last checkpoint."""
+    from safetensors.numpy import load_file
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))
+    if not checkpoints:
+        raise BenchmarkError(f"{run_dir}: no checkpoint to count the trainable values in")
+    state = load_file(str(checkpoints[-1]))
+    return int(sum(a.size for k, a in state.items() if k.startswith("global/")))
+
+
+def majority_share(path: Path, label_column: str = "label") -> float:
+    """Share of the most common label in a tab-separated file with a header (e.g. dev.tsv)."""
+    import csv
+    from collections import Counter
+
+    with path.open(encoding="utf-8", newline="") as f:
+        counts = Counter(row[label_column] for row in csv.DictReader(f, delimiter="\t",
+                                                                     quoting=csv.QUOTE_NONE))
+    return max(counts.values()) / sum(counts.values())

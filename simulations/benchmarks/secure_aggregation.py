@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from safetensors.numpy import load_file
-
-from simulations.benchmarks.harness import Bench, BenchmarkError, FedRun, target
+from simulations.benchmarks.harness import (
+    Bench,
+    BenchmarkError,
+    FedRun,
+    target,
+    trainable_values,
+)
 
 DESCRIPTION = (
     "fedavg LoRA with and without `secure-aggregation` (SecAgg+: key advertisement, "
@@ -30,15 +34,6 @@ SIZES = {  # client counts (small, larger), rounds, local steps
 }
 TIME_LIMIT = 2.0  # x, secure / plaintext mean round time
 BYTES_LIMIT = 1.1  # x, secure uplink / (trainable values x 4 bytes x clients)
-
-
-def trainable_values(run: FedRun) -> int:
-    """Number of exchanged (trainable) values, counted in the run's last checkpoint."""
-    checkpoints = sorted((run.run_dir / "checkpoints").glob("round-*.safetensors"))
-    if not checkpoints:
-        raise BenchmarkError(f"{run.run_dir}: no checkpoint to count the trainable values in")
-    state = load_file(str(checkpoints[-1]))
-    return int(sum(a.size for k, a in state.items() if k.startswith("global/")))
 
 
 def _summary(run: FedRun, clients: int) -> dict[str, Any]:
@@ -81,7 +76,7 @@ def run(bench: Bench) -> dict[str, Any]:
                 raise BenchmarkError(
                     f"{s['run_dir']}: {label} run aggregated only {s['aggregated_min']} of "
                     f"{clients} clients in some round ({s['skipped_rounds']} skipped)")
-        values = trainable_values(plain)
+        values = trainable_values(plain.run_dir)
         int32_reference = values * 4 * clients
         ratios = {
             "round_seconds": b["mean_round_seconds_after_first"]
