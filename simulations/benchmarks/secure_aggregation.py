@@ -61,6 +61,8 @@ def run(bench: Bench) -> dict[str, Any]:
     sizes, rounds, steps = SIZES[bench.mode]
     common = {**bench.base(), "num-server-rounds": rounds, "local-steps": steps,
               "fraction-train": 1.0, "fraction-evaluate": 0.0}
+    if bench.mode != "quick":
+        common["learning-rate"] = 0.006  # learns within these few short rounds
     numbers: dict[str, Any] = {}
     rows: list[list[Any]] = []
     targets: list[dict[str, Any]] = []
