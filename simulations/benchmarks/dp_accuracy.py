@@ -191,9 +191,9 @@ def run(bench: Bench) -> dict[str, Any]:
             f"of the mean. With {values:,} trainable values and {sampled} sampled client(s) "
             "per round, "
             "the noise vector's expected norm relative to the largest possible mean update "
-            f"(noise multiplier x sqrt(values) / sampled clients) is {noise_ratio}: "
-            "client-level DP needs far more clients per round than a 2-core machine can "
-            "simulate before it leaves a usable signal.",
+            f"(noise multiplier x sqrt(values) / sampled clients) is {noise_ratio}; "
+            "only a ratio well below 1 leaves most of the training signal, which needs "
+            "far more clients per round than a 2-core machine simulates.",
             f"Accuracy is the server's central evaluation after the last round on "
             f"{'SST-2 dev' if data else 'the held-out split'} ({eval_examples} rows); one "
             f"example is {100 / eval_examples:.2g} points. {majority}Single runs with one "
