@@ -47,6 +47,7 @@ class SimulationResult:
     run_dir: Path
     returncode: int
     log_path: Path
+    seconds: float = 0.0  # wall time of ``flwr run`` itself, not of waiting for the machine
 
 
 def _port_in_use(port: int) -> bool:
@@ -181,7 +182,8 @@ def _run_locked(
     command = [flwr, "run", str(app_dir), "--stream",
                "--run-config", str(overrides), "--federation-config", federation]
     log_path = run_dir / "flwr.log"
-    deadline = None if timeout is None else time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = None if timeout is None else started + timeout
     try:
         with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
             command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -201,4 +203,5 @@ def _run_locked(
     finally:
         _stop_processes_under(flwr_home)
         shutil.rmtree(flwr_home, ignore_errors=True)
-    return SimulationResult(run_dir=run_dir, returncode=returncode, log_path=log_path)
+    return SimulationResult(run_dir=run_dir, returncode=returncode, log_path=log_path,
+                            seconds=time.monotonic() - started)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.runner import APP_DIR, LOCAL_SUPERLINK_PORTS, HarnessError, run_app
+from simulations.runner import APP_DIR, HarnessError, run_app
 
 SST2_DIR = APP_DIR.parent / "shared" / "data" / "sst2"
 MODES = ("quick", "default", "full")
@@ -131,16 +130,12 @@ class Bench:
         run_name = f"{name}-{len(self._cache):02d}"
         config = {**overrides, "output-dir": str(self.runs_dir), "run-name": run_name}
         print(f"[bench] run {run_name}: {num_supernodes} supernodes", flush=True)
-        waited = _wait_for_local_superlink_ports(timeout=900.0)
-        if waited > 1:
-            print(f"[bench] waited {waited:.0f} s for another local SuperLink", flush=True)
-        started = time.monotonic()  # after the wait: another run's time is not ours
         try:
             result = run_app(config, num_supernodes=num_supernodes, num_cpus=1,
                              app_dir=app_dir, timeout=self.run_timeout, quiet=True)
         except HarnessError as error:
             raise BenchmarkError(f"run {run_name} failed: {error}") from error
-        wall = time.monotonic() - started
+        wall = result.seconds  # measured by run_app after it holds the machine
         results = result.run_dir / "results.jsonl"
         if result.returncode != 0 or not results.is_file():
             tail = result.log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
@@ -158,26 +153,6 @@ class Bench:
         run = FedRun(name=run_name, run_dir=result.run_dir, wall_seconds=wall, rows=rows)
         self._cache[key] = run
         return run
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _wait_for_local_superlink_ports(*, timeout: float) -> float:
-    """Wait while another simulation holds Flower's fixed local SuperLink ports.
-
-    ``run_app`` waits as well, but inside the timed call; waiting here first keeps
-    another engineer's simulation out of the measured wall time. Returns seconds waited.
-    """
-    started = time.monotonic()
-    while any(_port_in_use(p) for p in LOCAL_SUPERLINK_PORTS):
-        if time.monotonic() - started > timeout:
-            break  # run_app then reports the busy ports itself
-        time.sleep(2)
-    return time.monotonic() - started
 
 
 # --- in-process (non-federated) training -------------------------------------------------
