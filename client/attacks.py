@@ -15,6 +15,7 @@ runs this code path (the client refuses an attack setting outside simulation).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -22,14 +23,27 @@ import numpy as np
 from common.config import ATTACKS, ConfigError
 from common.training import EncodedData
 
-__all__ = ["ATTACKS", "attacker_partition", "flip_labels", "is_attacker", "poison_update"]
+__all__ = [
+    "ATTACKS", "attacker_count", "attacker_partition", "flip_labels", "is_attacker",
+    "poison_update",
+]
+
+
+def attacker_count(num_partitions: int, fraction: float) -> int:
+    """How many of ``num_partitions`` attack: the nearest whole number, halves up.
+
+    At least one when ``fraction`` > 0, so a small federation never runs an attack
+    scenario without attackers (``round`` would give 0 for 10 % of 5 clients).
+    """
+    count = math.floor(fraction * num_partitions + 0.5)
+    return max(count, 1) if fraction > 0 else 0
 
 
 def is_attacker(
     partition_id: int, *, num_partitions: int, fraction: float, seed: int
 ) -> bool:
     """Whether this partition is one of the seeded ``fraction`` of attackers."""
-    count = int(round(fraction * num_partitions))
+    count = attacker_count(num_partitions, fraction)
     attackers = np.random.default_rng(seed).permutation(num_partitions)[:count]
     return partition_id in set(attackers.tolist())
 

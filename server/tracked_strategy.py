@@ -36,7 +36,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Bulyan, Strategy
 
 from common.encoding import UpdateEncoding, decode_update
 from common.training import derive_seed
@@ -210,6 +210,8 @@ class TrackedStrategy(Strategy):
         stats.train_metrics = dict(metrics) if metrics else {}
         if arrays is None:
             stats.skipped = True
+            stats.problems.append(_why_no_aggregate(self.inner, len(valid)))
+            log.warning("round %d: %s", rnd, stats.problems[-1])
             return None, metrics
         return self._in_exchanged_dtypes(arrays), metrics
 
@@ -418,3 +420,12 @@ def summarize_accuracy_spread(values: list[float]) -> dict[str, float]:
         "p10": float(np.percentile(array, 10)),
         "median": float(np.median(array)),
     }
+
+
+def _why_no_aggregate(strategy: Strategy, replies: int) -> str:
+    """Why the inner strategy returned no model, for the results (Flower only logs it)."""
+    if isinstance(strategy, Bulyan):
+        needed = 4 * strategy.num_malicious_nodes + 3
+        return (f"round skipped: bulyan needs at least 4 * num-malicious + 3 = {needed} "
+                f"valid replies, got {replies} (sample more clients or lower num-malicious)")
+    return f"round skipped: {type(strategy).__name__} returned no model from {replies} replies"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from client.attacks import attacker_count
 from simulations.benchmarks.harness import (
     SST2_DIR,
     Bench,
@@ -47,14 +48,6 @@ SIZES: dict[str, tuple[int, int, int, dict[str, tuple[float, ...]], tuple[str, .
     "full": (20, 5, 10, {"sign-flip": (0.1, 0.2, 0.3), "scale": (0.1, 0.2, 0.3)},
              STRATEGIES),
 }
-
-
-def attackers(clients: int, fraction: float, seed: int) -> int:
-    """How many of the ``clients`` partitions attack (counted with the clients' own rule)."""
-    from client.attacks import is_attacker
-
-    return sum(is_attacker(p, num_partitions=clients, fraction=fraction, seed=seed)
-               for p in range(clients))
 
 
 def infeasible(strategy: str, *, sampled: int, malicious: int) -> str | None:
@@ -99,10 +92,9 @@ def run(bench: Bench) -> dict[str, Any]:
         # dev after 18 steps of batch 16); 0.008 keeps the runs short enough for 24 of them.
         common.update({"learning-rate": 0.008 if bench.mode == "default" else 0.006,
                        "fraction-evaluate": 0.0})
-    seed = int(common.get("seed", 42))
     settings = [("none", 0.0)] + [(a, f) for a, fractions in plan.items() for f in fractions]
     planned = sum(
-        infeasible(s, sampled=clients, malicious=attackers(clients, f, seed)
+        infeasible(s, sampled=clients, malicious=attacker_count(clients, f)
                    if s in ("krum", "bulyan") else 0) is None
         for s in strategies for _, f in settings)
     print(f"[bench] robustness: {planned} runs of {clients} clients", flush=True)
@@ -111,7 +103,7 @@ def run(bench: Bench) -> dict[str, Any]:
         numbers[strategy] = {}
         for attack, fraction in settings:
             name = setting_name(attack, fraction)
-            bad = attackers(clients, fraction, seed)
+            bad = attacker_count(clients, fraction)
             malicious = bad if strategy in ("krum", "bulyan") else 0
             entry: dict[str, Any] = {"attackers": bad, "num_malicious": malicious}
             why = infeasible(strategy, sampled=clients, malicious=malicious)
@@ -162,7 +154,7 @@ def run(bench: Bench) -> dict[str, Any]:
         f"{ATTACK_SCALE['scale']:g} x its honest delta. Attackers are a seeded subset of "
         "the partitions (client/attacks.py); with all clients sampled every round, each "
         "round has exactly that many attackers: "
-        + ", ".join(f"{setting_name(a, f)} {attackers(clients, f, seed)}"
+        + ", ".join(f"{setting_name(a, f)} {attacker_count(clients, f)}"
                     for a, f in settings if f > 0) + f" of {clients}.",
         "krum and bulyan get `num-malicious` = the number of attackers of the run (0 in the "
         "no-attack run, where bulyan then averages the replies closest to the coordinate "

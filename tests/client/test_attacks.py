@@ -2,7 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from client.attacks import attacker_partition, flip_labels, is_attacker, poison_update
+from client.attacks import (
+    attacker_count,
+    attacker_partition,
+    flip_labels,
+    is_attacker,
+    poison_update,
+)
 from common.config import ConfigError, RunConfig
 from common.training import EncodedData
 
@@ -17,6 +23,19 @@ def test_attacker_share_is_seeded_and_exact():
                       if is_attacker(p, num_partitions=20, fraction=0.3, seed=1)]
     assert chosen != [p for p in range(20)
                       if is_attacker(p, num_partitions=20, fraction=0.3, seed=2)]
+
+
+@pytest.mark.parametrize(
+    "clients, fraction, expected",
+    [(5, 0.1, 1), (5, 0.3, 2), (10, 0.25, 3), (10, 0.3, 3), (20, 0.3, 6), (7, 0.0, 0),
+     (4, 1.0, 4)],
+)
+def test_attacker_count_is_the_nearest_whole_number_and_never_zero_when_asked(
+        clients, fraction, expected):
+    assert attacker_count(clients, fraction) == expected
+    chosen = [p for p in range(clients)
+              if is_attacker(p, num_partitions=clients, fraction=fraction, seed=3)]
+    assert len(chosen) == expected
 
 
 @pytest.mark.parametrize(

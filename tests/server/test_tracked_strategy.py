@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian
+from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian
 
 from common.encoding import UpdateEncoding, encode_update
 from server.tracked_strategy import FP32, RoundStats, TrackedStrategy, summarize_accuracy_spread
@@ -57,6 +57,16 @@ def test_too_few_valid_replies_skip_the_round():
     ])
     assert arrays is None and metrics is None
     assert strategy.stats[3].skipped
+
+
+def test_bulyan_with_too_few_replies_skips_the_round_and_says_why():
+    strategy = _tracked(Bulyan(num_malicious_nodes=1))
+    arrays, _ = strategy.aggregate_train(1, [
+        train_reply(n, _w(float(n), 0.0), **{"num-examples": 1}) for n in range(1, 6)
+    ])
+    assert arrays is None and strategy.stats[1].skipped
+    assert "needs at least 4 * num-malicious + 3 = 7 valid replies, got 5" in (
+        strategy.stats[1].problems[-1])
 
 
 def test_aggregation_does_not_depend_on_arrival_order():
