@@ -27,7 +27,7 @@ EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
                        "dirichlet-1.0.gap_points", "dirichlet-0.1.gap_points"],
     "scale": ["small.server_peak_mb_last_round", "many.server_peak_mb_last_round",
               "many.client_peak_mb_max", "ratios.server_peak", "ratios.round_seconds"],
-    "secure-aggregation": [f"clients-{n}.{f}" for n in (2, 3)
+    "secure-aggregation": [f"clients-{n}.{f}" for n in (3,)
                            for f in ("plaintext.mean_round_seconds_after_first",
                                      "secure.mean_round_seconds_after_first",
                                      "plaintext.bytes_up_per_client_round",
@@ -36,12 +36,11 @@ EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
                                      "ratios.round_seconds", "ratios.bytes_up_vs_int32",
                                      "ratios.accuracy_difference_points")],
     "dp-accuracy": ["no-dp.final_accuracy"] + [
-        f"eps-{e}.{f}" for e in (8, 3, 1)
+        f"eps-{e}.{f}" for e in (8,)
         for f in ("final_accuracy", "epsilon", "noise_multiplier", "accuracy_drop_points")],
     "robustness": [f"{s}.{f}" for s in ("fedavg", "fedmedian")
                    for f in ("no-attack.final_accuracy", "sign-flip-20pct.final_accuracy",
-                             "sign-flip-20pct.drop_points", "scale-20pct.final_accuracy",
-                             "scale-20pct.drop_points")] + ["bulyan.no-attack.final_accuracy"],
+                             "sign-flip-20pct.drop_points")],
 }
 NO_TARGETS = {"dp-accuracy"}  # reports numbers only: the issue sets no target for it
 
@@ -79,13 +78,11 @@ def test_quick_suite_writes_every_benchmark(tmp_path):
     assert 0 < baseline["fedsft"]["bytes_per_round"] < baseline["baseline"]["bytes_per_round"]
     # Secure aggregation sends every value as a 32-bit word plus protocol messages.
     secagg = json.loads((out / "results" / "secure-aggregation.json").read_text())["numbers"]
-    for n in (2, 3):
-        assert secagg[f"clients-{n}"]["ratios"]["bytes_up_vs_int32"] > 1
+    assert secagg["clients-3"]["ratios"]["bytes_up_vs_int32"] > 1
     # The recorded epsilon is the planned one (the noise multiplier is rounded up).
     dp = json.loads((out / "results" / "dp-accuracy.json").read_text())["numbers"]
-    for e in (8, 3, 1):
-        assert 0.95 * e < dp[f"eps-{e}"]["epsilon"] <= e * 1.001
-    # Bulyan cannot tolerate one attacker among 5 replies (n >= 4f + 3): reported, not run.
+    assert 0.95 * 8 < dp["eps-8"]["epsilon"] <= 8 * 1.001
+    # One of 5 clients attacks at 20 %.
     robust = json.loads((out / "results" / "robustness.json").read_text())["numbers"]
-    assert "not applicable" in robust["bulyan"]["sign-flip-20pct"]["not_applicable"]
+    assert robust["fedavg"]["sign-flip-20pct"]["attackers"] == 1
     assert "Machine" in report and "cores: " in report
