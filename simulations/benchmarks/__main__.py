@@ -41,13 +41,16 @@ HERE = Path(__file__).resolve().parent
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks",
-                                     description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.benchmarks",
+        description="Run fedsft's benchmarks and write their measured numbers to RESULTS.md "
+                    "(one section per benchmark).")
     parser.add_argument("--only", default="",
                         help=f"comma list of benchmarks ({', '.join(BENCHMARKS)})")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
-                      help="tiny random BERT, built-in data, 2 clients, 2 rounds (smoke test)")
+                      help="tiny random BERT, built-in data, 2-5 clients, 2 rounds, fewer settings "
+                           "(the smoke test's run; checks that it runs, measures nothing useful)")
     size.add_argument("--full", action="store_true",
                       help="the issue's full-size settings (much longer than the default)")
     parser.add_argument("--output", type=Path, default=HERE,
