@@ -18,6 +18,7 @@ import itertools
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -124,7 +125,11 @@ def train_local_dp_sgd(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
                 ).logits
                 loss = F.cross_entropy(logits.float(), batch["labels"])
-                loss.backward()
+                with warnings.catch_warnings():
+                    # The first hooked module takes token ids (no gradient) as input:
+                    # torch warns every step, Opacus needs only the output gradients.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
                 losses.append(loss.item())
                 seen.update(index)
             else:  # an empty Poisson batch still takes its (noise-only) step
