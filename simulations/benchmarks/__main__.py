@@ -170,16 +170,17 @@ def render(
         "## Machine", "",
         *[f"- {k}: {v}" for k, v in machine.items() if k != "date"],
         "",
-        "Timings come from a 2-core machine that other work may share, so absolute "
-        "seconds are noisy; each benchmark measures its setups side by side in the same "
-        "invocation and reports ratios.", "",
+        f"Timings come from a {machine.get('cores', '?')}-core machine that other work "
+        "may share, so absolute seconds are noisy; each benchmark measures its setups side "
+        "by side in the same invocation and reports ratios.", "",
     ]
-    modes = {r.get("mode") for r in results.values()}
-    if "default" in modes:
+    default = [r["seconds"] for r in results.values() if r.get("mode") == "default"]
+    if default:
         lines += ["The default sizes are scaled down (fewer clients, rounds and local steps "
-                  "than the issue's full-size settings) so that the whole suite runs in "
-                  "about an hour on 2 cores; `--full` runs the full-size settings. "
-                  "Each benchmark's configuration is listed in its section.", ""]
+                  "than the issue's full-size settings) to fit a 2-core machine: the "
+                  f"{len(default)} default-size section(s) below took "
+                  f"{sum(default) / 60:.0f} minutes in all. `--full` runs the full-size "
+                  "settings. Each benchmark's configuration is listed in its section.", ""]
     if pending:
         lines += [f"Not yet run (suite still running or interrupted): {', '.join(pending)}.",
                   ""]
