@@ -161,7 +161,9 @@ def run(bench: Bench) -> dict[str, Any]:
         "0.2 at each end in every run; fedmedian has no parameter.",
         "Drop = no-attack accuracy - accuracy under attack, in points (a gain under attack "
         "counts as within the target). fedavg has no target: it averages the poisoned updates "
-        "and is expected to fail.",
+        "and is expected to fail. The scale attack amplifies the attacker's honest "
+        "direction, so on a run far from convergence it can act like a larger server step "
+        "and raise accuracy; it harms once the amplified step overshoots.",
         f"Accuracy is the server's central evaluation after the last round on "
         f"{'SST-2 dev' if data else 'the held-out split'} ({eval_examples} rows); one example "
         f"is {100 / eval_examples:.2g} points. Each cell is one run with one seed, so "
