@@ -58,9 +58,9 @@ def max_rounds_within(
     return low
 
 
-def sampled_per_round(cfg: RunConfig, connected: int) -> int:
+def sampled_per_round(connected: int, fraction_train: float) -> int:
     """How many clients Flower's FedAvg samples per round (its own formula)."""
-    return max(int(connected * cfg.fraction_train), 1)
+    return max(int(connected * fraction_train), 1)
 
 
 def wrap_with_dp(

@@ -50,7 +50,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     if cfg.dp_enabled:
         # Flower's DP wrappers calibrate noise to the number sampled per round.
         connected = len(waiting_grid.get_node_ids())
-        sampled = sampled_per_round(cfg, connected)
+        sampled = sampled_per_round(connected, cfg.fraction_train)
         strategy = wrap_with_dp(strategy, cfg, num_sampled=sampled)
         privacy = PrivacyReport(cfg, sampling_rate=sampled / connected)
     state = get_exchanged_state(model)

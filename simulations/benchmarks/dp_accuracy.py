@@ -46,11 +46,6 @@ DELTA = 1e-5  # fedsft's default `dp-delta`; below 1 / clients for every size ab
 CLIPPING_NORM = 1.0  # fedsft's default `dp-clipping-norm` (L2 bound of one update)
 
 
-def sampled_per_round(clients: int, fraction: float) -> int:
-    """Flower's FedAvg sample size (``server.privacy.sampled_per_round``'s formula)."""
-    return max(int(clients * fraction), 1)
-
-
 def noise_for_epsilon(
     target_epsilon: float, *, sampling_rate: float, rounds: int, delta: float
 ) -> float:
@@ -113,6 +108,8 @@ def run(bench: Bench) -> dict[str, Any]:
     """Run no DP and the three DP levels; see the module docstring."""
     clients, fraction, rounds, steps = SIZES[bench.mode]
     data = {} if bench.mode == "quick" else sst2_config()
+    from server.privacy import sampled_per_round
+
     sampled = sampled_per_round(clients, fraction)
     q = sampled / clients
     common = {**bench.base(), **data, "num-server-rounds": rounds, "local-steps": steps,
