@@ -49,6 +49,11 @@ SIZES: dict[str, tuple[int, int, int, dict[str, tuple[float, ...]], tuple[str, .
 }
 
 
+def num_malicious(strategy: str, attackers: int) -> int:
+    """The run's ``num-malicious``: the true attacker count for krum and bulyan, else 0."""
+    return attackers if strategy in ("krum", "bulyan") else 0
+
+
 def infeasible(strategy: str, *, sampled: int, malicious: int) -> str | None:
     """Why ``strategy`` cannot aggregate ``sampled`` replies with ``malicious`` attackers."""
     if strategy == "bulyan" and sampled < 4 * malicious + 3:
@@ -93,8 +98,8 @@ def run(bench: Bench) -> dict[str, Any]:
                        "fraction-evaluate": 0.0})
     settings = [("none", 0.0)] + [(a, f) for a, fractions in plan.items() for f in fractions]
     planned = sum(
-        infeasible(s, sampled=clients, malicious=attacker_count(clients, f)
-                   if s in ("krum", "bulyan") else 0) is None
+        infeasible(s, sampled=clients,
+                   malicious=num_malicious(s, attacker_count(clients, f))) is None
         for s in strategies for _, f in settings)
     print(f"[bench] robustness: {planned} runs of {clients} clients", flush=True)
     numbers: dict[str, Any] = {}
@@ -103,7 +108,7 @@ def run(bench: Bench) -> dict[str, Any]:
         for attack, fraction in settings:
             name = setting_name(attack, fraction)
             bad = attacker_count(clients, fraction)
-            malicious = bad if strategy in ("krum", "bulyan") else 0
+            malicious = num_malicious(strategy, bad)
             entry: dict[str, Any] = {"attackers": bad, "num_malicious": malicious}
             why = infeasible(strategy, sampled=clients, malicious=malicious)
             if why:

@@ -1,6 +1,6 @@
 """Pure parts of the benchmark plans (the smoke test runs the benchmarks themselves)."""
 
-from simulations.benchmarks.robustness import infeasible, setting_name
+from simulations.benchmarks.robustness import infeasible, num_malicious, setting_name
 
 
 def test_byzantine_settings_a_strategy_cannot_aggregate_are_reported_not_run():
@@ -18,3 +18,8 @@ def test_setting_names_have_no_dots():
     assert setting_name("none", 0.0) == "no-attack"
     assert setting_name("sign-flip", 0.2) == "sign-flip-20pct"
     assert setting_name("scale", 0.3) == "scale-30pct"
+
+
+def test_only_krum_and_bulyan_are_told_the_number_of_attackers():
+    assert num_malicious("krum", 4) == 4 and num_malicious("bulyan", 2) == 2
+    assert num_malicious("fedmedian", 4) == 0 and num_malicious("fedavg", 3) == 0
