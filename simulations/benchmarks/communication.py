@@ -7,14 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from simulations.benchmarks.harness import Bench, sst2_config, target
+from simulations.benchmarks.harness import Bench, data_text, sst2_config, target
 
 DESCRIPTION = (
     "Full fine-tuning vs LoRA with fp32, fp16 and int8 update encodings on {data}: bytes "
     "per round and final central accuracy. Target: int8 within 0.5 accuracy points of fp32."
 )
-SST2_TEXT = "SST-2 (train.tsv as `dataset`, dev.tsv as `eval-dataset`)"
-BUILTIN_TEXT = "the built-in data (quick mode)"
 SIZES = {  # clients, rounds, local steps
     "quick": (2, 2, 2),
     "default": (5, 5, 20),
@@ -66,7 +64,7 @@ def run(bench: Bench) -> dict[str, Any]:
     eval_examples = results["lora-fp32"]["eval_examples"]
     eval_rows = f"{'SST-2 dev' if data else 'the held-out split'} ({eval_examples} rows)"
     return {
-        "description": DESCRIPTION.format(data=SST2_TEXT if data else BUILTIN_TEXT),
+        "description": DESCRIPTION.format(data=data_text(data)),
         "config": {"common run-config": common,
                    "variants": {name: overrides for name, overrides in VARIANTS},
                    "num-supernodes": clients, "client-resources-num-cpus": 1},

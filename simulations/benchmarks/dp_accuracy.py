@@ -21,6 +21,7 @@ from simulations.benchmarks.harness import (
     Bench,
     BenchmarkError,
     FedRun,
+    data_text,
     majority_share,
     sst2_config,
     trainable_values,
@@ -34,8 +35,6 @@ DESCRIPTION = (
     "steps. Reported: final central accuracy, the epsilon each run recorded, the noise "
     "multiplier, the accuracy drop against no DP. No target."
 )
-SST2_TEXT = "SST-2 (train.tsv as `dataset`, dev.tsv as `eval-dataset`)"
-BUILTIN_TEXT = "the built-in data (quick mode)"
 SIZES = {  # virtual clients, fraction sampled per round, rounds, local steps
     "quick": (2, 0.5, 2, 2),
     "default": (100, 0.1, 4, 10),
@@ -160,7 +159,7 @@ def run(bench: Bench) -> dict[str, Any]:
                      "rounds, so these accuracies say nothing about the cost of DP.")
     return {
         "description": DESCRIPTION.format(
-            delta=DELTA, data=SST2_TEXT if data else BUILTIN_TEXT, clients=clients,
+            delta=DELTA, data=data_text(data), clients=clients,
             sampled=sampled, q=q, rounds=rounds, steps=steps),
         "config": {"run-config": common, "dp variants add": dp_common,
                    "noise multipliers": {name: o.get("dp-noise-multiplier", 0.0)

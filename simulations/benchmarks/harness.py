@@ -65,6 +65,13 @@ def sst2_config() -> dict[str, Any]:
             "label-column": "label"}
 
 
+def data_text(data: Mapping[str, Any]) -> str:
+    """How a description names the data: ``sst2_config()``'s, or the built-in set if empty."""
+    if data:
+        return "SST-2 (train.tsv as `dataset`, dev.tsv as `eval-dataset`)"
+    return "the built-in data (quick mode)"
+
+
 @dataclass(frozen=True)
 class FedRun:
     """One finished fedsft (or baseline) simulation and what it measured."""

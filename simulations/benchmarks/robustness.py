@@ -20,6 +20,7 @@ from simulations.benchmarks.harness import (
     Bench,
     BenchmarkError,
     FedRun,
+    data_text,
     majority_share,
     sst2_config,
     target,
@@ -33,8 +34,6 @@ DESCRIPTION = (
     "Target: each robust strategy at most {limit:g} points below its own no-attack accuracy "
     "at 20% sign-flip and at 20% scale attackers (fedavg: contrast, no target)."
 )
-SST2_TEXT = "SST-2 (train.tsv as `dataset`, dev.tsv as `eval-dataset`)"
-BUILTIN_TEXT = "the built-in data (quick mode)"
 STRATEGIES = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "bulyan")
 ROBUST = ("fedmedian", "fedtrimmedavg", "krum", "bulyan")
 ATTACK_SCALE = {"sign-flip": 4.0, "scale": 10.0}  # `attack-scale` per attack
@@ -186,7 +185,7 @@ def run(bench: Bench) -> dict[str, Any]:
                "points above the majority class)."))
     return {
         "description": DESCRIPTION.format(
-            data=SST2_TEXT if data else BUILTIN_TEXT, clients=clients, rounds=rounds,
+            data=data_text(data), clients=clients, rounds=rounds,
             steps=steps, limit=LIMIT_POINTS, strategies=", ".join(strategies),
             fractions=", ".join(sorted({f"{f:.0%}" for fs in plan.values() for f in fs})),
             attacks="; ".join(f"{a} (scale {ATTACK_SCALE[a]:g}) at "
