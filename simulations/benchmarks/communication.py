@@ -43,12 +43,9 @@ def run(bench: Bench) -> dict[str, Any]:
         results[name] = {
             "bytes_up_per_round": up, "bytes_down_per_round": down,
             "bytes_up_per_client_round": up / clients, "bytes_per_round": up + down,
-            "final_accuracy": fed.final_accuracy(),
-            "initial_accuracy": float(fed.rows[0]["central"]["accuracy"]),
+            **fed.outcome(),
             "final_f1_macro": float(fed.rows[-1]["central"]["f1_macro"]),
             "mean_round_seconds": fed.mean_round_seconds(),
-            "eval_examples": int(fed.rows[-1]["central"]["num_examples"]),
-            "run_dir": str(fed.run_dir),
         }
     full_bytes = results["full"]["bytes_per_round"]
     fp32_acc = results["lora-fp32"]["final_accuracy"]

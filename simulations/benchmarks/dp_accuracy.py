@@ -90,16 +90,12 @@ def _summary(run: FedRun, rounds: int) -> dict[str, Any]:
         raise BenchmarkError(f"{run.run_dir}: a round aggregated no client update")
     privacy = last.get("privacy")
     return {
-        "final_accuracy": run.final_accuracy(),
-        "initial_accuracy": float(run.rows[0]["central"]["accuracy"]),
+        **run.outcome(),
         "final_f1_macro": float(last["central"]["f1_macro"]),
-        "eval_examples": int(last["central"]["num_examples"]),
         "epsilon": float(privacy["epsilon"]) if privacy else math.inf,
         "recorded_sampling_rate": float(privacy["sampling_rate"]) if privacy else None,
         "sampled_per_round": int(run.rounds[-1]["clients"]["sampled"]),
         "mean_round_seconds": run.mean_round_seconds(),
-        "wall_seconds": run.wall_seconds,
-        "run_dir": str(run.run_dir),
     }
 
 

@@ -102,6 +102,16 @@ class FedRun:
             raise BenchmarkError(f"{self.run_dir}: no central evaluation in the last round")
         return float(central["accuracy"])
 
+    def outcome(self) -> dict[str, Any]:
+        """What every benchmark reports of a run: accuracy before and after, eval size, folder."""
+        return {
+            "final_accuracy": self.final_accuracy(),
+            "initial_accuracy": float(self.rows[0]["central"]["accuracy"]),
+            "eval_examples": int(self.rows[-1]["central"]["num_examples"]),
+            "wall_seconds": self.wall_seconds,
+            "run_dir": str(self.run_dir),
+        }
+
 
 @dataclass
 class Bench:

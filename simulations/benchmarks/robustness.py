@@ -73,13 +73,9 @@ def _summary(run: FedRun) -> dict[str, Any]:
         problems = [p for r in run.rounds for p in r["clients"]["problems"]][:3]
         raise BenchmarkError(f"{run.run_dir}: {skipped} round(s) skipped: {problems}")
     return {
-        "final_accuracy": run.final_accuracy(),
-        "initial_accuracy": float(run.rows[0]["central"]["accuracy"]),
-        "eval_examples": int(run.rows[-1]["central"]["num_examples"]),
+        **run.outcome(),
         "aggregated_last_round": int(run.rounds[-1]["clients"]["aggregated"]),
         "mean_round_seconds": run.mean_round_seconds(),
-        "wall_seconds": run.wall_seconds,
-        "run_dir": str(run.run_dir),
     }
 
 

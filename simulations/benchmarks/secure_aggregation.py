@@ -46,13 +46,9 @@ def _summary(run: FedRun, clients: int) -> dict[str, Any]:
         "bytes_up_per_round": up,
         "bytes_up_per_client_round": up / clients,
         "bytes_down_per_round": run.mean_bytes("down"),
-        "final_accuracy": run.final_accuracy(),
-        "initial_accuracy": float(run.rows[0]["central"]["accuracy"]),
-        "eval_examples": int(run.rows[-1]["central"]["num_examples"]),
+        **run.outcome(),
         "aggregated_min": min(int(r["clients"]["aggregated"]) for r in rounds),
         "skipped_rounds": sum(bool(r["clients"]["skipped"]) for r in rounds),
-        "wall_seconds": run.wall_seconds,
-        "run_dir": str(run.run_dir),
     }
 
 
