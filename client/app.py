@@ -7,6 +7,7 @@ replies carry metrics only.
 from __future__ import annotations
 
 import logging
+import math
 import resource
 import time
 
@@ -86,11 +87,13 @@ def train(msg: Message, context: Context) -> Message:
         attack_seed=derive_seed(cfg.seed, server_round, key, "attack") if attacker else None,
     )
     arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
+    # A DP-SGD round whose Poisson batches were all empty computed no loss (NaN): leave
+    # it out rather than send a metric that is not a number.
+    losses = {"train-loss": result.train_loss, "train-first-loss": result.first_loss}
     metrics = MetricRecord({
         **extra,
         **privacy,
-        "train-loss": result.train_loss,
-        "train-first-loss": result.first_loss,
+        **{name: loss for name, loss in losses.items() if math.isfinite(loss)},
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -241,6 +241,12 @@ class RunConfig:
                 "`secure-aggregation` quantizes updates itself: keep `update-encoding`=fp32 "
                 f"and `topk-fraction`=0, got {self.update_encoding!r} and {self.topk_fraction}"
             )
+        if self.max_update_norm > 0:
+            raise ConfigError(
+                "`max-update-norm` needs each client's update, but with `secure-aggregation` "
+                "the server sees only their sum: set `max-update-norm`=0 or turn secure "
+                f"aggregation off, got {self.max_update_norm:g}"
+            )
         if self.dp_enabled and (self.dp_side != "client" or self.dp_clipping != "fixed"):
             raise ConfigError(
                 "with `secure-aggregation` the server cannot clip individual updates: "

@@ -77,6 +77,11 @@ def train_local_dp_sgd(
     is replaced by the per-example bound ``dp-sgd-max-grad-norm``; autocast is off
     (Opacus computes per-example gradients in fp32).
 
+    A Poisson batch may be empty; its step still runs (noise only), as the accountant
+    assumes. When every batch of the call was empty no loss was computed:
+    ``train_loss`` and ``first_loss`` are NaN (the client leaves them out of its reply),
+    the weights moved by noise steps alone, and ``num_examples`` is 1.
+
     Returns
     -------
     tuple
@@ -144,6 +149,8 @@ def train_local_dp_sgd(
     steps = total_steps
     train_loss = float(np.mean(losses)) if losses else float("nan")
     result = TrainResult(
+        # A noise-only update is still a valid one: give it the smallest weight the
+        # server accepts rather than 0, which it would drop.
         num_examples=max(len(seen), 1), train_loss=train_loss, steps=steps,
         seconds=time.perf_counter() - start,
         first_loss=losses[0] if losses else float("nan"),

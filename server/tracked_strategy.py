@@ -10,8 +10,9 @@ and forwards the four round hooks to it, adding around each
 - decoding of compressed updates (common/encoding.py) back to full float32 values;
 - failure accounting: error replies, replies missing at the round timeout, and
   invalid updates (undecodable, or rejected by server/validation.py) are counted
-  and dropped; fewer than
-  ``min_replies`` valid replies skips the round (the global model stays);
+  and dropped; fewer than ``min_replies`` valid replies skips the round (the global
+  model stays). A non-finite informational metric (server/validation.py says which
+  metrics are checked) drops only itself from the round's averaged metrics;
 - a deterministic aggregation order (by content digest), so the floating-point sum
   does not depend on reply arrival order — resumed runs end bit-identical;
 - the exchanged state keeps its names, shapes and dtypes: Flower's FedOpt family
@@ -41,7 +42,13 @@ from flwr.serverapp.strategy import Bulyan, Strategy
 from common.encoding import UpdateEncoding, decode_update
 from common.training import derive_seed
 from server.secure_aggregation import SecAggAbort, SecureAggregator
-from server.validation import ArraySpec, update_problem
+from server.validation import (
+    ArraySpec,
+    is_finite_number,
+    metrics_problem,
+    unreadable_metrics,
+    update_problem,
+)
 
 log = logging.getLogger(__name__)
 FP32 = UpdateEncoding()  # exact values: the default uplink encoding
@@ -182,6 +189,9 @@ class TrackedStrategy(Strategy):
                 stats.problems.append(f"node {node}: invalid update: {problem}")
                 continue
             valid.append(decoded)
+            for name in unreadable_metrics(next(iter(decoded.content.metric_records.values()))):
+                stats.problems.append(f"node {node}: metric {name!r} is not a finite number; "
+                                      "left out of the round's metrics")
         if self.secure is not None:
             return self._secure_aggregate(rnd, replies, stats)
         for problem in stats.problems:
@@ -310,7 +320,7 @@ class TrackedStrategy(Strategy):
         problem = update_problem(
             update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples"),
             base=self._global, max_norm=self.max_update_norm,
-        ) or _metrics_problem(metrics)
+        ) or metrics_problem(metrics)
         if problem or not (self.encoding.sends_delta or self.uniform_weights):
             return reply, problem
         if self.uniform_weights:
@@ -347,7 +357,7 @@ class TrackedStrategy(Strategy):
             metrics = next(iter(reply.content.metric_records.values()))
             weight = metrics.get("num-examples")
             if (update_problem({}, expected={}, num_examples=weight) or
-                    _metrics_problem(metrics)) is None:
+                    metrics_problem(metrics)) is None:
                 ok.append(reply)
                 if (accuracy := _finite(metrics.get("eval-accuracy"))) is not None:
                     stats.client_eval_accuracy.append(accuracy)
@@ -364,22 +374,17 @@ class TrackedStrategy(Strategy):
         return metrics
 
 
-def _metrics_problem(metrics: Mapping[str, object]) -> str | None:
-    """Why a reply's metrics cannot be averaged (each must be a finite number)."""
-    for name, value in metrics.items():
-        if _finite(value) is None:
-            return f"metric {name!r} is not a finite number: {value!r}"
-    return None
-
-
 def _with_common_metrics(replies: list[Message]) -> list[Message]:
-    """Replies whose MetricRecords keep only the keys all of them share.
+    """Replies whose MetricRecords keep only the keys all of them share as finite numbers.
 
     Flower refuses to average metrics when the replies' keys differ; one client sending
-    an extra metric must not make the whole round fail.
+    an extra metric must not make the whole round fail, and one informational NaN (kept
+    by validation) must not turn the round's average into NaN.
     """
     records = [next(iter(r.content.metric_records.items())) for r in replies]
-    common = set.intersection(*(set(m.keys()) for _, m in records))
+    common = set.intersection(*(
+        {k for k, v in m.items() if is_finite_number(v)} for _, m in records
+    ))
     if all(set(m.keys()) == common for _, m in records):
         return replies
     out = []
@@ -405,7 +410,7 @@ def _mean_scalar_metrics(replies: list[Message]) -> dict[str, float]:
     for reply in replies:
         for metrics in reply.content.metric_records.values():
             for name, value in metrics.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if is_finite_number(value):
                     sums.setdefault(name, []).append(float(value))
     return {name: float(np.mean(values)) for name, values in sums.items()}
 

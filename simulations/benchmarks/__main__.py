@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.benchmarks.harness import Bench, machine_info
+from simulations.benchmarks.tiny_model import write_tiny_bert
 from simulations.runner import APP_DIR
 
 BENCHMARKS = {  # name -> module
@@ -89,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     tmp = Path(tempfile.mkdtemp(prefix="fedsft-bench-"))
     try:
-        if args.mode == "quick":
-            from tests.helpers import write_tiny_bert
-
-            model = str(write_tiny_bert(tmp / "tiny-bert"))
-        else:
-            model = "minilm"
+        model = str(write_tiny_bert(tmp / "tiny-bert")) if args.mode == "quick" else "minilm"
         bench = Bench(mode=args.mode, model=model, runs_dir=runs_dir,
                       parallel_workers=max(1, os.cpu_count() or 1))
         results: dict[str, dict[str, Any]] = {}

@@ -129,3 +129,29 @@ def test_compressed_reply_and_top_k_residual_kept_on_the_site(tiny_model_dir, gl
     residual = context.state["topk-residual"]
     assert set(residual.keys()) == set(global_state)
     assert any(np.abs(residual[k].numpy()).sum() > 0 for k in residual)
+
+
+def test_dp_sgd_round_without_a_nonempty_batch_sends_a_valid_reply(
+    monkeypatch, tiny_model_dir, global_state
+):
+    # Poisson sampling can leave every batch of a round empty (likely with a tiny local
+    # set and batch-size 1): DP-SGD then takes noise-only steps and computes no loss.
+    import common.dp_sgd
+    from server.validation import array_specs, metrics_problem, unreadable_metrics, update_problem
+
+    monkeypatch.setattr(common.dp_sgd, "poisson_batches",
+                        lambda num_examples, *, sample_rate, generator: iter(lambda: [], None))
+    context = _context(tiny_model_dir)
+    context.run_config.update({"dp-sgd-noise-multiplier": 1.0})
+
+    reply = train(_message("train", global_state), context)
+
+    metrics = dict(reply.content["metrics"])
+    arrays = {k: v.numpy() for k, v in reply.content["arrays"].items()}
+    assert "train-loss" not in metrics and "train-first-loss" not in metrics
+    assert metrics["train-steps"] == 3 and metrics["num-examples"] == 1
+    assert metrics["dp-sgd-steps"] == 3 and metrics["dp-sgd-epsilon"] > 0
+    assert any(not np.array_equal(arrays[k], global_state[k]) for k in arrays)  # noise
+    assert update_problem(arrays, expected=array_specs(global_state),
+                          num_examples=metrics["num-examples"]) is None
+    assert metrics_problem(metrics) is None and unreadable_metrics(metrics) == []

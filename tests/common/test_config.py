@@ -47,6 +47,8 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
         ({"secure-aggregation": True, "update-encoding": "int8"}, "quantizes updates itself"),
         ({"secure-aggregation": True, "dp-noise-multiplier": 1.0},
          "DP needs `dp-side`=client and `dp-clipping`=fixed"),
+        ({"secure-aggregation": True, "max-update-norm": 5.0},
+         "`max-update-norm` needs each client's update"),
         ({"secure-aggregation": "yes"}, "`secure-aggregation` must be true or false"),
         ({"secagg-threshold": 0}, "`secagg-threshold` must be > 0"),
     ],

@@ -142,3 +142,23 @@ def test_a_site_refuses_the_round_that_would_exceed_its_budget(tiny_model_dir: P
     after = get_exchanged_state(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
     assert load_history(state) == [(1.0, 8 / 64, 5)]
+
+
+def test_a_call_whose_batches_are_all_empty_takes_noise_steps_only(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    import common.dp_sgd
+
+    monkeypatch.setattr(common.dp_sgd, "poisson_batches",
+                        lambda num_examples, *, sample_rate, generator: iter(lambda: [], None))
+    cfg, model, data, pad = setup(tiny_model_dir, n=4, method="lora", local_steps=3,
+                                  batch_size=1, dp_sgd_noise_multiplier=1.0)
+    before = get_exchanged_state(model)
+
+    result, entry = train_local_dp_sgd(model, data, cfg, seed=1, device=CPU, pad_token_id=pad)
+
+    after = get_exchanged_state(model)
+    assert entry == (1.0, 1 / 4, 3) and (result.steps, result.num_examples) == (3, 1)
+    assert np.isnan(result.train_loss) and np.isnan(result.first_loss)  # no loss computed
+    assert all(np.isfinite(after[k]).all() for k in after)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)  # the noise steps

@@ -159,11 +159,29 @@ def test_bad_or_extra_metrics_do_not_break_the_round():
     arrays, metrics = strategy.aggregate_train(1, [
         train_reply(1, _w(1.0, 1.0), **{"num-examples": 1, "train-loss": 0.5}),
         train_reply(2, _w(3.0, 3.0), **{"num-examples": 1, "train-loss": 0.7, "extra": 1.0}),
-        train_reply(3, _w(9.0, 9.0), **{"num-examples": 1, "train-loss": float("nan")}),
+        train_reply(3, _w(9.0, 9.0), **{"num-examples": 1, "dp-sgd-epsilon": float("nan")}),
     ])
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
     assert metrics["train-loss"] == pytest.approx(0.6) and "extra" not in metrics
-    assert strategy.stats[1].invalid == 1 and "train-loss" in strategy.stats[1].problems[0]
+    assert strategy.stats[1].invalid == 1 and "dp-sgd-epsilon" in strategy.stats[1].problems[0]
+
+
+def test_a_nan_informational_metric_keeps_the_update_but_leaves_the_round_metrics():
+    # A DP-SGD round whose Poisson batches were all empty computed no loss: its update
+    # (noise steps) is valid and counts; only the NaN loss stays out of the average.
+    strategy = _tracked()
+    arrays, metrics = strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 1.0), **{"num-examples": 1, "train-loss": 0.5,
+                                        "train-steps": 2}),
+        train_reply(2, _w(3.0, 3.0), **{"num-examples": 1, "train-loss": float("nan"),
+                                        "train-steps": 4}),
+    ])
+    np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
+    assert metrics == {"train-steps": pytest.approx(3.0)}
+    stats = strategy.stats[1]
+    assert (stats.invalid, stats.aggregated) == (0, 2)
+    assert stats.problems == ["node 2: metric 'train-loss' is not a finite number; "
+                              "left out of the round's metrics"]
     evaluated = strategy.aggregate_evaluate(1, [
         eval_reply(1, **{"num-examples": 1, "eval-accuracy": 0.5}),
         eval_reply(2, **{"num-examples": 1, "eval-accuracy": 0.7, "eval-extra": 2.0}),
