@@ -13,29 +13,71 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
-import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
-from common.config import ConfigError
-from common.data import DataError
-from deployment import consortium as cons
-from deployment import pki
-from deployment.export import ExportError, export_run
-from deployment.predict import PredictError, predict_file
-from deployment.processes import ProcessError, executable, flower_env, flwr
-from deployment.rehearsal import Site, register_site, rehearse, revoke_site
-from simulations.runner import APP_DIR
-from simulations.scenarios import parse_set
+# Every handler imports what it needs when it runs: `fedsft --help` and usage errors
+# must not wait seconds for torch, transformers, datasets and pandas to load.
 
-_ERRORS = (ConfigError, DataError, ExportError, PredictError, ProcessError,
-           cons.ConsortiumError, pki.KeyExistsError, ValueError)
+# The errors whose message says all the user needs (exit 2, no traceback), by module.
+_KNOWN_ERRORS = (
+    ("common.config", "ConfigError"),
+    ("common.data", "DataError"),
+    ("deployment.consortium", "ConsortiumError"),
+    ("deployment.export", "ExportError"),
+    ("deployment.pki", "KeyExistsError"),
+    ("deployment.predict", "PredictError"),
+    ("deployment.processes", "ProcessError"),
+    ("simulations.scenarios", "ScenarioError"),
+)
+# How long `submit` waits for the SuperLink to mark a run finished after its log ends.
+_STATUS_WAIT_S = 15.0
+
+
+def known_errors() -> tuple[type[BaseException], ...]:
+    """The exception types reported as one ``fedsft: error:`` paragraph, without traceback.
+
+    Only modules already imported are looked at: an error type of a module never
+    imported cannot have been raised, and importing one here would cost seconds.
+    ``ValueError`` stands for the argument checks of pki (``--san``) and the like.
+    """
+    found: list[type[BaseException]] = [ValueError]
+    for module, name in _KNOWN_ERRORS:
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
+
+
+def error_message(error: BaseException, *, known: bool, debug: bool) -> str:
+    """The last line ``fedsft`` prints for an error."""
+    if known:
+        return f"fedsft: error: {error}"
+    hint = "" if debug else " (run with --debug for the traceback)"
+    return f"fedsft: error: {type(error).__name__}: {error}{hint}"
+
+
+def _app_dir(app: str | None) -> Path:
+    from simulations.runner import APP_DIR
+
+    return Path(app).resolve() if app else APP_DIR
+
+
+def _consortium(folder: str) -> Any:
+    from deployment import consortium as cons
+
+    c = cons.Consortium(Path(folder).resolve())
+    _ = c.settings  # raises ConsortiumError for a folder that is not a consortium
+    return c
 
 
 def _create(args: argparse.Namespace) -> int:
+    from deployment import consortium as cons
+    from deployment import pki
+
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
     c = cons.create(Path(args.dir), name=args.name, names=names, address=args.address,
                     sites=tuple(args.site), force=args.force)
@@ -48,7 +90,10 @@ def _create(args: argparse.Namespace) -> int:
 
 
 def _add_site(args: argparse.Namespace) -> int:
-    c = cons.Consortium(Path(args.dir).resolve())
+    from deployment import consortium as cons
+    from deployment.rehearsal import register_site
+
+    c = _consortium(args.dir)
     folder = cons.add_site(c, args.site, force=args.force, data_path=args.data_path)
     print(f"[fedsft] site bundle: {folder}")
     if args.register:
@@ -57,7 +102,9 @@ def _add_site(args: argparse.Namespace) -> int:
 
 
 def _bundle(args: argparse.Namespace) -> int:
-    c = cons.Consortium(Path(args.dir).resolve())
+    from deployment import consortium as cons
+
+    c = _consortium(args.dir)
     if not c.site_key(args.site).exists():
         raise cons.ConsortiumError(f"no site {args.site!r}; add it with `fedsft add-site`")
     script = cons.write_bundle_script(c, args.site, data_path=args.data_path,
@@ -68,40 +115,134 @@ def _bundle(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    c = cons.Consortium(Path(args.dir).resolve())
+    from deployment.rehearsal import register_site
+
+    c = _consortium(args.dir)
     print(f"[fedsft] registered {args.site} as node {register_site(c, args.site)}")
     return 0
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    c = cons.Consortium(Path(args.dir).resolve())
+    from deployment.rehearsal import revoke_site
+
+    c = _consortium(args.dir)
     print(f"[fedsft] unregistered {args.site} (node {revoke_site(c, args.site)})")
     return 0
 
 
 def _sites(args: argparse.Namespace) -> int:
-    c = cons.Consortium(Path(args.dir).resolve())
+    from deployment.processes import flwr_json
+
+    c = _consortium(args.dir)
     by_id = {str(v["node-id"]): k for k, v in c.registry().items()}
-    out = flwr(["supernode", "list", "--format", "json"], flwr_home=c.flwr_home).stdout
-    nodes = json.loads(out[out.find("{"):])["nodes"]
-    for node in nodes:
+    for node in flwr_json(["supernode", "list"], flwr_home=c.flwr_home)["nodes"]:
         print(f"{by_id.get(node['node-id'], '?'):20s} {node['node-id']:>22s} {node['status']}")
     return 0
 
 
-def _submit(args: argparse.Namespace) -> int:
-    c = cons.Consortium(Path(args.dir).resolve())
-    run_config = parse_set(args.set)
+def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
+    """The ``--set`` overrides of ``fedsft submit``, checked before anything is submitted.
+
+    ``output-dir`` is made absolute (the ServerApp runs in another working directory).
+    The overrides on top of the app's ``[tool.flwr.app.config]`` must make a valid
+    ``RunConfig``, as the ServerApp will build it.
+
+    Raises
+    ------
+    ConfigError
+        If a key is not a run-config key, a value is invalid, or ``app_dir`` has no
+        readable pyproject.toml.
+    """
+    import tomllib
+
+    from common.config import ConfigError, RunConfig
+    from simulations.scenarios import parse_set
+
+    run_config = parse_set(items)
     if "output-dir" in run_config:
         run_config["output-dir"] = str(Path(str(run_config["output-dir"])).resolve())
-    command = [executable("flwr"), "run", str(args.app), cons.CONNECTION, "--stream"]
+    pyproject = app_dir / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ConfigError(f"--app {app_dir}: cannot read {pyproject.name}: {error}") from error
+    defaults = project.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
+    RunConfig.from_flower({**defaults, **run_config})
+    return run_config
+
+
+def _run_status(c: Any, run_id: int) -> Any:
+    """The run's status at the SuperLink, waiting a little for it to be marked finished."""
+    from deployment import consortium as cons
+    from deployment.processes import flwr_json, parse_run_status
+
+    deadline = time.monotonic() + _STATUS_WAIT_S
+    while True:
+        status = parse_run_status(flwr_json(["list", cons.CONNECTION, "--run-id", str(run_id)],
+                                            flwr_home=c.flwr_home), run_id)
+        if status.finished or time.monotonic() > deadline:
+            return status
+        time.sleep(1)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import json
+    import subprocess
+
+    from deployment import consortium as cons
+    from deployment.processes import (
+        ProcessError,
+        executable,
+        flower_env,
+        follow_run,
+        started_run_id,
+    )
+
+    c = _consortium(args.dir)
+    app = _app_dir(args.app)
+    run_config = submit_run_config(app, args.set)
+    command = [executable("flwr"), "run", str(app), cons.CONNECTION, "--stream"]
     if run_config:
         command += ["--run-config", " ".join(f"{k}={json.dumps(v)}"
                                              for k, v in run_config.items())]
-    return subprocess.call(command, env=flower_env(c.flwr_home), cwd=args.app)
+    run_ids: list[int] = []
+
+    def show(line: str) -> None:
+        print(line, flush=True)
+        if not run_ids and (run_id := started_run_id(line)) is not None:
+            run_ids.append(run_id)
+
+    try:
+        code = follow_run(command, env=flower_env(c.flwr_home), cwd=app, on_line=show)
+    except KeyboardInterrupt:
+        if run_ids:
+            n = run_ids[0]
+            print(f"fedsft: stopped following run {n}; it goes on at the SuperLink "
+                  f"(`flwr log {n}` follows it, `flwr stop {n}` stops it)", file=sys.stderr)
+        raise
+    if not run_ids:
+        raise ProcessError(f"`flwr run` exited {code} without starting a run "
+                           "(its output is above)")
+    # `flwr run --stream` exits 0 also when the ServerApp failed: ask the SuperLink.
+    try:
+        status = _run_status(c, run_ids[0])
+    except (ProcessError, subprocess.TimeoutExpired) as error:
+        print(f"fedsft: error: run {run_ids[0]}: {error}; see `flwr log {run_ids[0]}`",
+              file=sys.stderr)
+        return 1
+    if status.completed:
+        print(f"[fedsft] {status.describe()}")
+        return 0
+    print(f"fedsft: error: {status.describe()}", file=sys.stderr)
+    return 1
 
 
 def _rehearse(args: argparse.Namespace) -> int:
+    from common.config import ConfigError
+    from deployment import consortium as cons
+    from deployment.rehearsal import Site, rehearse
+    from simulations.scenarios import parse_set
+
     sites = []
     for item in args.site:
         name, sep, path = item.partition("=")
@@ -113,19 +254,23 @@ def _rehearse(args: argparse.Namespace) -> int:
                   **parse_set(args.set)}
     work_dir = Path(args.work_dir or Path(run_config["output-dir"]) /
                     f"{run_config['run-name']}-deployment")
-    result = rehearse(sites, run_config, work_dir=work_dir, app_dir=Path(args.app))
+    result = rehearse(sites, run_config, work_dir=work_dir, app_dir=_app_dir(args.app))
     print(f"[fedsft] outputs: {result.run_dir}")
     print(f"[fedsft] process logs: {work_dir / 'logs'}")
     return result.returncode
 
 
 def _export(args: argparse.Namespace) -> int:
+    from deployment.export import export_run
+
     out = export_run(Path(args.run_dir), Path(args.out), force=args.force)
     print(f"[fedsft] exported model: {out}")
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
+    from deployment.predict import predict_file
+
     out = predict_file(Path(args.model), Path(args.input), Path(args.output),
                        text_column=args.text_column, max_length=args.max_length,
                        batch_size=args.batch_size)
@@ -140,9 +285,18 @@ def build_parser() -> argparse.ArgumentParser:
         "the deployment on this machine, submit runs, export and use the final model. "
         "See docs/deployment.md."),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    debug_help = "show the traceback of an error"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    # Also accepted after the subcommand; SUPPRESS keeps a --debug given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("create", help="a consortium: CA, SuperLink certificate, site keys")
+    def add(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    p = add("create", help="a consortium: CA, SuperLink certificate, site keys")
     p.add_argument("dir")
     p.add_argument("--name", default="fedsft")
     p.add_argument("--san", action="append", metavar="NAME_OR_IP",
@@ -153,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_create)
 
-    p = sub.add_parser("add-site", help="a new site's key pair and bundle")
+    p = add("add-site", help="a new site's key pair and bundle")
     p.add_argument("dir")
     p.add_argument("site")
     p.add_argument("--data-path", default="/path/to/site-data.csv")
@@ -162,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace the site's key")
     p.set_defaults(func=_add_site)
 
-    p = sub.add_parser("bundle", help="(re)write a site's start-supernode.sh")
+    p = add("bundle", help="(re)write a site's start-supernode.sh")
     p.add_argument("dir")
     p.add_argument("site")
     p.add_argument("--data-path", required=True, help="the data file, as seen at the site")
@@ -172,40 +326,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, text in (("register", _register, "flwr supernode register the site"),
                              ("revoke", _revoke, "flwr supernode unregister the site")):
-        p = sub.add_parser(name, help=text)
+        p = add(name, help=text)
         p.add_argument("dir")
         p.add_argument("site")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("sites", help="flwr supernode list, with site names")
+    p = add("sites", help="flwr supernode list, with site names")
     p.add_argument("dir")
     p.set_defaults(func=_sites)
 
-    p = sub.add_parser("submit", help="flwr run the app on the consortium's SuperLink")
+    p = add("submit", help="flwr run the app on the consortium's SuperLink",
+            description="flwr run the app on the consortium's SuperLink and stream its "
+                        "log. Exit code: 0 if the run completed, 1 if it failed, was "
+                        "stopped or its status is unknown, 2 if nothing was submitted "
+                        "(a bad --set, a folder that is not a consortium).")
     p.add_argument("dir")
-    p.add_argument("--app", default=str(APP_DIR))
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--app", help="the Flower App folder (default: this fedsft checkout)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a run-config key (repeat); checked before submitting")
     p.set_defaults(func=_submit)
 
-    p = sub.add_parser("rehearse", help="a local deployment on 127.0.0.1, end to end")
+    p = add("rehearse", help="a local deployment on 127.0.0.1, end to end")
     p.add_argument("--site", action="append", required=True, metavar="NAME=PATH")
     p.add_argument("--output-dir", default="outputs")
     p.add_argument("--run-name", default="")
     p.add_argument("--work-dir", help="keys, state and logs (default: next to the run)")
-    p.add_argument("--app", default=str(APP_DIR))
+    p.add_argument("--app", help="the Flower App folder (default: this fedsft checkout)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.set_defaults(func=_rehearse)
 
-    p = sub.add_parser("export", help="a run's final model + model card")
+    p = add("export", help="a run's final model + model card")
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_export)
 
-    p = sub.add_parser("predict", help="label a CSV/JSONL file with an exported model")
+    p = add("predict", help="label a CSV/JSONL file with an exported model")
     p.add_argument("model")
     p.add_argument("input")
-    p.add_argument("--output", required=True, help=".csv or .jsonl")
+    p.add_argument("--output", required=True,
+                   help=".csv or .jsonl; written when complete, never the input file")
     p.add_argument("--text-column")
     p.add_argument("--max-length", type=int, help="default: from the export's fedsft.json")
     p.add_argument("--batch-size", type=int, default=64)
@@ -218,16 +378,29 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one ``fedsft`` command; returns the exit code.
+
+    0: done; 1: an unexpected error (its type and message; ``--debug`` adds the
+    traceback) or, for ``submit``, a run that did not complete; 2: a usage error or an
+    error whose message names the problem (a missing file, a bad key, ...); 130:
+    interrupted.
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a usage error argparse has printed
+        return 0 if stop.code is None else stop.code if isinstance(stop.code, int) else 2
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args))
-    except _ERRORS as error:
-        print(f"fedsft: error: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("fedsft: interrupted; stopped the processes it started", file=sys.stderr)
         return 130
+    except Exception as error:  # the one place every error is reported
+        known = isinstance(error, known_errors())
+        if args.debug:
+            traceback.print_exc()
+        print(error_message(error, known=known, debug=args.debug), file=sys.stderr)
+        return 2 if known else 1
 
 
 if __name__ == "__main__":

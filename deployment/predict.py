@@ -2,24 +2,34 @@
 
 Texts are tokenized exactly as in training and evaluation (``common.training.encode``,
 right padding per batch, ``max-length`` from the export's fedsft.json unless given), so
-predictions on the server's eval file reproduce its final accuracy.
+predictions on the server's eval file reproduce its final accuracy. The model folder
+and the input file are checked before the model is loaded; the output appears only
+when it is complete (written to a temporary file, then renamed).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
-import torch
-from tqdm import tqdm
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-from common.training import encode, iterate_batches
 from deployment.export import EXPORT_META
 
+if TYPE_CHECKING:
+    import pandas as pd
+
+# pandas, torch and transformers are imported where they are used, after the cheap
+# checks: a wrong path is reported in a fraction of a second, not after ten.
+
 FORMATS = (".csv", ".jsonl")
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+# Any one of these holds a tokenizer's vocabulary (fast tokenizers, WordPiece, BPE,
+# SentencePiece), as `save_pretrained` writes them.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 class PredictError(ValueError):
@@ -28,11 +38,15 @@ class PredictError(ValueError):
 
 def read_input(path: Path, *, text_column: str) -> pd.DataFrame:
     """Read a CSV or JSONL file, keeping every row and column; texts as ``str``."""
+    if path.is_dir():
+        raise PredictError(f"input {path} is a folder; give a .csv or .jsonl file")
     if not path.is_file():
         raise PredictError(f"input file not found: {path}")
     suffix = path.suffix.lower()
     if suffix not in FORMATS:
         raise PredictError(f"{path}: unknown format {path.suffix!r}; allowed: .csv, .jsonl")
+    import pandas as pd
+
     try:
         if suffix == ".csv":
             frame = pd.read_csv(path, dtype={text_column: str}, keep_default_na=False,
@@ -44,14 +58,57 @@ def read_input(path: Path, *, text_column: str) -> pd.DataFrame:
     if text_column not in frame.columns:
         found = ", ".join(map(repr, map(str, frame.columns)))
         raise PredictError(f"{path}: missing text column {text_column!r}; columns found: {found}")
+    if frame.empty:
+        raise PredictError(f"{path}: no rows to label")
     frame[text_column] = frame[text_column].fillna("").map(str)
     return frame
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """Raise ``PredictError`` naming what ``model_dir`` lacks to be a text classifier.
+
+    A usable folder (an export of ``fedsft export``, or any Hugging Face
+    sequence-classification model) has config.json, weights (``*.safetensors`` or
+    ``*.bin``) and tokenizer files.
+    """
+    if not model_dir.exists():
+        raise PredictError(f"model folder not found: {model_dir}")
+    if not model_dir.is_dir():
+        raise PredictError(f"model {model_dir} is a file; give the folder `fedsft export` "
+                           "wrote")
+    missing = []
+    if not (model_dir / "config.json").is_file():
+        missing.append("config.json")
+    if not any(any(model_dir.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
+        missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise PredictError(f"{model_dir} is not an exported model (make one with `fedsft "
+                           f"export RUN_DIR OUT`): missing {'; '.join(missing)}")
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PredictError(f"{model_dir / 'config.json'}: not valid JSON: {error}") from error
+    architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
+    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
+        raise PredictError(f"{model_dir} is not a text classifier: config.json names "
+                           f"architectures {architectures}, none *ForSequenceClassification "
+                           "(a base model without a classification head?)")
 
 
 def export_settings(model_dir: Path) -> dict:
     """The export's fedsft.json, or {} for a model exported elsewhere."""
     path = model_dir / EXPORT_META
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PredictError(f"{path}: not valid JSON: {error}") from error
+    if not isinstance(settings, dict):
+        raise PredictError(f"{path}: expected a JSON object, got {type(settings).__name__}")
+    return settings
 
 
 def predict_labels(
@@ -63,10 +120,20 @@ def predict_labels(
     progress: bool = True,
 ) -> list[str]:
     """The predicted label name of each text (``id2label`` of the model config)."""
-    if not (model_dir / "config.json").is_file():
-        raise PredictError(f"not a Hugging Face model folder (no config.json): {model_dir}")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    import torch
+    from safetensors import SafetensorError
+    from tqdm import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from common.training import encode, iterate_batches
+
+    check_model_dir(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # bad files
+        raise PredictError(f"{model_dir}: could not load the model: "
+                           f"{type(error).__name__}: {error}") from error
     model.eval()
     id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
     data = encode(texts, [0] * len(texts), tokenizer, max_length=max_length)
@@ -92,9 +159,17 @@ def predict_file(
     batch_size: int = 64,
     progress: bool = True,
 ) -> Path:
-    """Write ``input_path`` plus a ``prediction`` column to ``output_path`` (.csv/.jsonl)."""
-    if not model_dir.is_dir():
-        raise PredictError(f"model folder not found: {model_dir}")
+    """Write ``input_path`` plus a ``prediction`` column to ``output_path`` (.csv/.jsonl).
+
+    ``output_path`` is replaced only once every row is labelled and written; it may not
+    be ``input_path``.
+
+    Raises
+    ------
+    PredictError
+        If the model folder, the input file or the output path cannot be used.
+    """
+    check_model_dir(model_dir)
     settings = export_settings(model_dir)
     text_column = text_column or str(settings.get("text-column") or "text")
     if max_length is None:
@@ -104,14 +179,33 @@ def predict_file(
         max_length = int(settings["max-length"])
     if output_path.suffix.lower() not in FORMATS:
         raise PredictError(f"{output_path}: output must end in .csv or .jsonl")
+    if _same_file(output_path, input_path):
+        raise PredictError(f"--output {output_path} is the input file; write the "
+                           "predictions to another file")
+    if output_path.is_dir():
+        raise PredictError(f"--output {output_path} is a folder; give a .csv or .jsonl file")
     frame = read_input(input_path, text_column=text_column)
     frame["prediction"] = predict_labels(
         model_dir, list(frame[text_column]), max_length=max_length, batch_size=batch_size,
         progress=progress,
     )
     output_path.parent.mkdir(parents=True, exist_ok=True)
-    if output_path.suffix.lower() == ".csv":
-        frame.to_csv(output_path, index=False, quoting=csv.QUOTE_MINIMAL)
-    else:
-        frame.to_json(output_path, orient="records", lines=True, force_ascii=False)
+    # A crash mid-write must not leave a file that looks like complete predictions.
+    tmp = output_path.with_name(f".{output_path.name}.{os.getpid()}.tmp")
+    try:
+        if output_path.suffix.lower() == ".csv":
+            frame.to_csv(tmp, index=False, quoting=csv.QUOTE_MINIMAL)
+        else:
+            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
+        tmp.replace(output_path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
     return output_path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (also through links, or before ``a`` exists)."""
+    if a.exists() and b.exists():
+        return a.samefile(b)
+    return a.resolve() == b.resolve()

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -82,7 +84,100 @@ def flwr_json(args: Sequence[str], *, flwr_home: Path, timeout: float = 60) -> A
     start = out.find("{")
     if start < 0:
         raise ProcessError(f"`flwr {' '.join(args)}` printed no JSON: {out[-1000:]}")
-    return json.JSONDecoder().raw_decode(out[start:])[0]
+    reply = json.JSONDecoder().raw_decode(out[start:])[0]
+    # With --format json, flwr reports its errors as {"success": false, ...} and exits 0.
+    if isinstance(reply, dict) and reply.get("success") is False:
+        raise ProcessError(f"`flwr {' '.join(args)}` failed: "
+                           f"{str(reply.get('error-message', reply)).strip()}")
+    return reply
+
+
+# `flwr run` prints this line (flwr/cli/run/run.py) once the SuperLink accepted the run.
+_RUN_STARTED = re.compile(r"Successfully started run (\d+)")
+
+
+def started_run_id(line: str) -> int | None:
+    """The run id in a line of ``flwr run`` output, or None if the line does not give one."""
+    match = _RUN_STARTED.search(line)
+    return int(match.group(1)) if match else None
+
+
+def follow_run(command: Sequence[str], *, env: Mapping[str, str], cwd: Path,
+               on_line: Callable[[str], None] = print) -> int:
+    """Run ``flwr run ... --stream``, passing each output line on; returns its exit code.
+
+    ``flwr run --stream`` exits 0 also when the run failed: ask the SuperLink
+    (:func:`parse_run_status`) for how it ended.
+    """
+    with subprocess.Popen(
+        list(command), env=dict(env), cwd=cwd, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, bufsize=1, errors="replace",
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                on_line(line.rstrip("\n"))
+            return proc.wait()
+        finally:
+            # Interrupted (Ctrl-C, SIGTERM): stop following; the run goes on at the SuperLink.
+            if proc.poll() is None:
+                proc.terminate()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                if proc.poll() is None:
+                    proc.kill()
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's state on the SuperLink, as ``flwr list`` shows it."""
+
+    run_id: int
+    status: str  # "pending", "starting", "running" or "finished:<completed|failed|stopped>"
+    details: str  # why it failed or stopped; "" when Flower gives none
+
+    @property
+    def finished(self) -> bool:
+        return self.status.startswith("finished")
+
+    @property
+    def completed(self) -> bool:
+        return self.status == "finished:completed"
+
+    def describe(self) -> str:
+        """One line: how the run ended (or that it has not), and where its log is."""
+        if self.completed:
+            return f"run {self.run_id} finished with status completed"
+        if self.finished:
+            outcome = self.status.partition(":")[2] or "unknown"
+            why = f": {self.details}" if self.details else ""
+            return (f"run {self.run_id} finished with status {outcome}{why}; "
+                    f"see `flwr log {self.run_id}`")
+        return (f"run {self.run_id} has not finished (status {self.status}); "
+                f"follow it with `flwr log {self.run_id}`")
+
+
+def parse_run_status(reply: Any, run_id: int) -> RunStatus:
+    """The status of ``run_id`` in the reply of ``flwr list --run-id N --format json``.
+
+    The reply is ``{"success": true, "runs": [{"run-id": "N", "status": ...,
+    "status-details": ...}, ...]}`` (flwr/cli/ls.py); Flower writes details it does
+    not have as "N/A".
+
+    Raises
+    ------
+    ProcessError
+        If the reply is an error or does not list the run.
+    """
+    if not isinstance(reply, dict) or reply.get("success") is not True:
+        message = reply.get("error-message", reply) if isinstance(reply, dict) else reply
+        raise ProcessError(f"could not read the status of run {run_id}: {message}")
+    for run in reply.get("runs", []):
+        if str(run.get("run-id")) == str(run_id):
+            details = str(run.get("status-details") or "").strip()
+            return RunStatus(run_id=run_id, status=str(run.get("status", "")),
+                             details="" if details == "N/A" else details)
+    raise ProcessError(f"the SuperLink does not list run {run_id}")
 
 
 class ProcessSet:

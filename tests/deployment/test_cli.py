@@ -1,0 +1,265 @@
+"""The fedsft command: light to import, one clear line per error, a true exit code for submit."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deployment import cli, pki
+from deployment import consortium as cons
+from deployment.cli import main
+from deployment.processes import ProcessError, parse_run_status, started_run_id
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    heavy = ["torch", "transformers", "datasets", "pandas"]
+    code = (f"import json, sys, deployment.cli; "
+            f"print(json.dumps([m for m in {heavy!r} if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out) == []
+
+
+@pytest.fixture
+def files(tmp_path) -> Path:
+    """A model folder without weights, a complete-looking one, inputs good and bad."""
+    tokenizer = {"tokenizer.json": "{}", "tokenizer_config.json": "{}"}
+    classifier = {"architectures": ["BertForSequenceClassification"]}
+    for name, weights in (("no-weights", False), ("model", True)):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(classifier))
+        for file, text in tokenizer.items():
+            (folder / file).write_text(text)
+        if weights:  # never loaded: every case below fails before the model is
+            (folder / "model.safetensors").write_bytes(b"")
+        (folder / "fedsft.json").write_text(json.dumps({"max-length": 16}))
+    (tmp_path / "in.csv").write_text("text\nhello\n")
+    (tmp_path / "body.csv").write_text("body,label\nhello,a\n")
+    (tmp_path / "a-folder.csv").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def consortium(tmp_path) -> Path:
+    return cons.create(tmp_path / "c", name="t", names=pki.Names(), sites=("a",)).root
+
+
+BAD = {
+    "unknown subcommand": (["bogus"], "invalid choice: 'bogus'"),
+    "predict, no model folder": (
+        ["predict", "{t}/nope", "{t}/in.csv", "--output", "{t}/p.csv"],
+        "model folder not found: {t}/nope"),
+    "predict, folder without weights": (
+        ["predict", "{t}/no-weights", "{t}/in.csv", "--output", "{t}/p.csv"],
+        "{t}/no-weights is not an exported model (make one with `fedsft export RUN_DIR OUT`):"
+        " missing weights (*.safetensors or *.bin)"),
+    "predict, missing input": (
+        ["predict", "{t}/model", "{t}/missing.csv", "--output", "{t}/p.csv"],
+        "input file not found: {t}/missing.csv"),
+    "predict, input is a folder": (
+        ["predict", "{t}/model", "{t}/a-folder.csv", "--output", "{t}/p.csv"],
+        "input {t}/a-folder.csv is a folder"),
+    "predict, no text column": (
+        ["predict", "{t}/model", "{t}/body.csv", "--output", "{t}/p.csv"],
+        "{t}/body.csv: missing text column 'text'; columns found: 'body', 'label'"),
+    "predict over its input": (
+        ["predict", "{t}/model", "{t}/in.csv", "--output", "{t}/./in.csv"],
+        "is the input file"),
+    "export of a missing run": (
+        ["export", "{t}/no-run", "{t}/out"],
+        "{t}/no-run is not a finished fedsft run: config.json is missing"),
+    "submit, not a consortium": (
+        ["submit", "{t}", "--set", "num-server-rounds=2"],
+        "is not a consortium folder (no consortium.json)"),
+    "submit, unknown --set key": (
+        ["submit", "{t}/c", "--set", "num-server-round=2"],
+        "unknown run-config key(s) 'num-server-round'"),
+    "submit, bad --set value": (
+        ["submit", "{t}/c", "--set", "learning-rate=-1"],
+        "learning-rate"),
+}
+
+
+@pytest.mark.parametrize("argv, fragment", BAD.values(), ids=BAD.keys())
+def test_bad_invocations_exit_2_with_one_clear_message(argv, fragment, files, consortium,
+                                                        capsys):
+    code = main([a.format(t=files) for a in argv])
+
+    captured = capsys.readouterr()
+    assert code == 2
+    assert fragment.format(t=files) in captured.err
+    assert "Traceback" not in captured.out + captured.err
+    assert (files / "in.csv").read_text() == "text\nhello\n"
+    assert not (files / "p.csv").exists()
+
+
+def _boom(*args, **kwargs):
+    raise OSError("disk on fire")
+
+
+def test_unexpected_errors_name_their_type_and_hint_at_debug(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("deployment.export.export_run", _boom)
+
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out")]) == 1
+
+    err = capsys.readouterr().err
+    assert err.strip() == ("fedsft: error: OSError: disk on fire "
+                           "(run with --debug for the traceback)")
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_debug_shows_the_traceback(where, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("deployment.export.export_run", _boom)
+    command = ["export", str(tmp_path / "run"), str(tmp_path / "out")]
+    argv = ["--debug", *command] if where == "before" else [*command, "--debug"]
+
+    assert main(argv) == 1
+
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "in _boom" in err
+    assert err.strip().splitlines()[-1] == "fedsft: error: OSError: disk on fire"
+
+
+def test_help_exits_0_without_an_error(capsys):
+    assert main(["export", "--help"]) == 0
+    assert "run_dir" in capsys.readouterr().out
+
+
+# --- submit: the run's real outcome ------------------------------------------------
+
+def _flwr_list_json(run_id: int, status: str, sub_status: str, details: str) -> str:
+    """What `flwr list --run-id N --format json` prints, made by flwr's own code."""
+    from flwr.cli.ls import _to_json
+    from flwr.cli.run_utils import format_runs
+    from flwr.supercore.run import Run, RunStatus
+
+    run = dataclasses.replace(
+        Run.create_empty(run_id), status=RunStatus(status, sub_status, details),
+        pending_at="2026-01-01T00:00:00+00:00", running_at="2026-01-01T00:00:01+00:00",
+        finished_at="2026-01-01T00:00:09+00:00" if status == "finished" else "")
+    return _to_json(format_runs([run], "2026-01-01T00:00:10+00:00"))
+
+
+STATUSES = {
+    "completed": (("finished", "completed", ""), True, True,
+                  "run 7 finished with status completed"),
+    "failed": (("finished", "failed", "ServerApp failed with exception: boom"), False, True,
+               "run 7 finished with status failed: ServerApp failed with exception: boom; "
+               "see `flwr log 7`"),
+    "stopped": (("finished", "stopped", ""), False, True,
+                "run 7 finished with status stopped; see `flwr log 7`"),
+    "running": (("running", "", ""), False, False,
+                "run 7 has not finished (status running); follow it with `flwr log 7`"),
+    "pending": (("pending", "", ""), False, False, "(status pending)"),
+}
+
+
+@pytest.mark.parametrize("status, completed, finished, text", STATUSES.values(),
+                         ids=STATUSES.keys())
+def test_parse_run_status(status, completed, finished, text):
+    reply = json.loads(_flwr_list_json(7, *status))
+
+    parsed = parse_run_status(reply, 7)
+
+    assert (parsed.completed, parsed.finished) == (completed, finished)
+    assert text in parsed.describe()
+
+
+def test_parse_run_status_refuses_errors_and_other_runs(capsys):
+    from flwr.supercore.logger import print_json_error
+
+    print_json_error("", Exception("Connection to the SuperLink is unavailable."))
+    error_reply = json.loads(capsys.readouterr().out)
+    with pytest.raises(ProcessError, match="SuperLink is unavailable"):
+        parse_run_status(error_reply, 7)
+    with pytest.raises(ProcessError, match="does not list run 8"):
+        parse_run_status(json.loads(_flwr_list_json(7, "finished", "completed", "")), 8)
+
+
+def test_the_run_id_is_read_from_flwr_runs_own_message():
+    # The line parsed below is the one the installed flwr prints (its module, not the
+    # function of the same name that flwr.cli.run exports).
+    flwr_run = importlib.import_module("flwr.cli.run.run")
+    assert 'f"Successfully started run {res.run_id}"' in inspect.getsource(flwr_run)
+    assert started_run_id("Successfully started run 1234567890123") == 1234567890123
+    assert started_run_id("Successfully started run 12 in federation @acme/x") == 12
+    assert started_run_id("INFO :      Starting logstream for run_id `12`") is None
+
+
+@pytest.fixture
+def fake_flwr(tmp_path, monkeypatch):
+    """A `flwr` that records its arguments, prints a canned `run` log and `list` reply."""
+    script = tmp_path / "flwr"
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        with open(os.environ["FAKE_CALLS"], "a") as f:
+            f.write(json.dumps(sys.argv[1:]) + "\\n")
+        if sys.argv[1] == "run":
+            print(open(os.environ["FAKE_RUN_OUT"]).read(), end="")
+            sys.exit(int(os.environ.get("FAKE_RUN_CODE", "0")))
+        print(open(os.environ["FAKE_LIST_OUT"]).read())
+        """))
+    script.chmod(0o755)
+    monkeypatch.setattr("deployment.processes.executable",
+                        lambda name: str(script) if name == "flwr" else name)
+    monkeypatch.setattr(cli, "_STATUS_WAIT_S", 0.0)
+    env = {"FAKE_CALLS": tmp_path / "calls.jsonl", "FAKE_RUN_OUT": tmp_path / "run.txt",
+           "FAKE_LIST_OUT": tmp_path / "list.json"}
+    for key, path in env.items():
+        monkeypatch.setenv(key, str(path))
+    return env
+
+
+def _calls(fake_flwr) -> list[list[str]]:
+    return [json.loads(x) for x in fake_flwr["FAKE_CALLS"].read_text().splitlines()]
+
+
+SUBMITS = {
+    "completed": (("finished", "completed", ""), 0,
+                  "[fedsft] run 42 finished with status completed"),
+    "failed": (("finished", "failed", "ServerApp failed with exception: no labels"), 1,
+               "fedsft: error: run 42 finished with status failed: ServerApp failed with "
+               "exception: no labels; see `flwr log 42`"),
+    "still running": (("running", "", ""), 1,
+                      "fedsft: error: run 42 has not finished (status running); "
+                      "follow it with `flwr log 42`"),
+}
+
+
+@pytest.mark.parametrize("status, code, last", SUBMITS.values(), ids=SUBMITS.keys())
+def test_submit_exits_with_the_runs_outcome(status, code, last, fake_flwr, consortium,
+                                            capsys):
+    fake_flwr["FAKE_RUN_OUT"].write_text("Successfully started run 42\nINFO : round 1\n")
+    fake_flwr["FAKE_LIST_OUT"].write_text(_flwr_list_json(42, *status))
+
+    assert main(["submit", str(consortium), "--set", "num-server-rounds=3"]) == code
+
+    captured = capsys.readouterr()
+    assert "INFO : round 1" in captured.out  # the log is streamed through
+    assert (captured.out + captured.err).strip().splitlines()[-1] == last
+    run_call, list_call = _calls(fake_flwr)
+    assert run_call[:4] == ["run", str(cli._app_dir(None)), cons.CONNECTION, "--stream"]
+    assert run_call[-2:] == ["--run-config", "num-server-rounds=3"]
+    assert list_call[:4] == ["list", cons.CONNECTION, "--run-id", "42"]
+
+
+def test_submit_that_starts_no_run_is_an_error(fake_flwr, consortium, monkeypatch, capsys):
+    fake_flwr["FAKE_RUN_OUT"].write_text("Error: SuperLink unavailable\n")
+    monkeypatch.setenv("FAKE_RUN_CODE", "1")
+
+    assert main(["submit", str(consortium)]) == 2
+
+    assert "`flwr run` exited 1 without starting a run" in capsys.readouterr().err
+    assert [c[0] for c in _calls(fake_flwr)] == ["run"]
