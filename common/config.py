@@ -63,6 +63,9 @@ class RunConfig:
     labels: str = ""  # comma list of classes; set: the server never reads `dataset`
     text_column: str = "text"
     label_column: str = "label"
+    # Labels are stripped; "Pos" and "pos" stay two classes (with a warning) unless this
+    # merges them: folding silently could join classes that really differ.
+    label_case_fold: bool = False
     eval_dataset: str = ""  # empty: a seeded held-out fraction of `dataset`
     eval_fraction: float = 0.1  # share of `dataset` held out for the server
     client_eval_fraction: float = 0.2  # share of each partition kept for local eval
@@ -223,6 +226,10 @@ class RunConfig:
             raise ConfigError(
                 f"`log-to` may name tensorboard and mlflow, got {', '.join(unknown_sinks)}"
             )
+        if not isinstance(self.label_case_fold, bool):
+            raise ConfigError(
+                f"`label-case-fold` must be true or false, got {self.label_case_fold!r}"
+            )
         names = self.label_list
         if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
             raise ConfigError(
@@ -262,8 +269,13 @@ class RunConfig:
 
     @property
     def label_list(self) -> list[str]:
-        """The classes named by ``labels`` (empty: discovered from ``dataset``)."""
-        return [name.strip() for name in self.labels.split(",") if name.strip()]
+        """The classes named by ``labels`` (empty: discovered from ``dataset``).
+
+        Each name is stripped, and case-folded with ``label-case-fold``: the rule
+        ``common.data`` applies to the labels of every data file.
+        """
+        names = [name.strip() for name in self.labels.split(",") if name.strip()]
+        return [name.casefold() for name in names] if self.label_case_fold else names
 
     @property
     def target_modules(self) -> list[str] | None:

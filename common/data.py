@@ -5,6 +5,15 @@ Every source is one of ``"builtin"`` (``common.builtin_data``), ``hf:<name>[:<sp
 ``.parquet``). Problems with the data raise ``DataError``, whose message names the
 source and the problem.
 
+Labels are normalised the same way wherever they are read (training data, eval data,
+site files; the ``labels`` run-config key follows the same rule in ``RunConfig``):
+string labels are stripped of surrounding whitespace (``" pos"`` and ``"pos"`` are one
+class; a label that is blank after stripping is missing) and, only with
+``label-case-fold=true``, case-folded (``"Pos"`` and ``"pos"`` are one class, named
+``"pos"``). Without folding, labels that differ only by case stay separate classes and a
+warning lists them. Whole-number float labels (``1.0``) become integers; float labels
+with a fractional part are refused, as is a text column that holds only numbers.
+
 The server and every client compute the same splits and partitions independently from
 the same ``RunConfig``, so everything here is deterministic under ``cfg.seed``. Two
 explicit per-process caches (``_SPLITS_CACHE``, ``_PARTITIONER_CACHE``) avoid redoing
@@ -19,6 +28,7 @@ import io
 import json
 import logging
 import numbers
+import re
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -53,6 +63,9 @@ _PARTITIONER_HINTS = MappingProxyType({  # read-only: the only module dicts are 
     "pathological": "lower `classes-per-client` or use fewer clients",
 })
 _MAX_LISTED = 5  # unknown labels / columns quoted in an error message
+# A text column whose every value matches this (or is a JSON / parquet number) holds
+# numbers, not text: most likely `text-column` names an id or score column.
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 # Per-process caches (see the module docstring); keys are built by _splits_key and
 # partition_dataset and hold every argument that matters.
@@ -88,6 +101,7 @@ def read_table(
     label_column: str,
     seed: int,
     builtin_examples: int,
+    label_case_fold: bool = False,
 ) -> pd.DataFrame:
     """Read a data source into a frame with clean text and label columns.
 
@@ -102,19 +116,24 @@ def read_table(
         ``label`` columns are renamed to these.
     seed, builtin_examples
         Seed and number of rows of the built-in data; unused for other sources.
+    label_case_fold
+        Case-fold string labels (``label-case-fold``), see the module docstring.
 
     Returns
     -------
     pandas.DataFrame
         All columns of the source with a fresh index. Rows with an empty or missing text
-        or a missing label are dropped (with a logged warning); texts are ``str``;
-        integer labels stay integers, other labels keep their type.
+        or a missing (or blank) label are dropped (with a logged warning); texts are
+        ``str``; string labels are stripped (and case-folded when asked); integer and
+        whole-number float labels are integers, other labels keep their type.
 
     Raises
     ------
     DataError
-        If the source is missing, has an unknown format, cannot be decoded or parsed, has
-        no rows, lacks one of the two columns, or has no row left after cleaning.
+        If the source is missing or a directory, has an unknown format, cannot be decoded
+        or parsed (a tab-separated ``.csv`` included), has no rows, lacks one of the two
+        columns, has no row left after cleaning, has a text column of numbers only, or
+        has float labels with a fractional part.
     """
     if source == "builtin":
         frame = generate_builtin(builtin_examples, seed=seed).rename(
@@ -130,7 +149,10 @@ def read_table(
         if column not in frame.columns:
             found = ", ".join(map(repr, map(str, frame.columns)))
             raise DataError(f"{source}: missing column {column!r}; columns found: {found}")
-    return _clean(frame, source=source, text_column=text_column, label_column=label_column)
+    return _clean(
+        frame, source=source, text_column=text_column, label_column=label_column,
+        label_case_fold=label_case_fold,
+    )
 
 
 def _read_hf(source: str) -> pd.DataFrame:
@@ -150,6 +172,8 @@ def _read_file(source: str, *, text_column: str) -> pd.DataFrame:
     """Read a data file by its extension."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
+    if path.is_dir():
+        raise DataError(f"data file {source} is a directory, not a file")
     if not path.is_file():
         raise DataError(f"data file not found: {source}")
     if suffix not in FORMATS:
@@ -168,6 +192,8 @@ def _read_file(source: str, *, text_column: str) -> pd.DataFrame:
             ) from error
         if not content.strip():
             raise DataError(f"{source}: the file is empty")
+        if suffix == ".csv":
+            _check_comma_separated(content, source=source)
         if suffix in (".csv", ".tsv"):
             return pd.read_csv(
                 io.StringIO(content),
@@ -185,7 +211,18 @@ def _read_file(source: str, *, text_column: str) -> pd.DataFrame:
     except DataError:
         raise
     except Exception as error:  # pandas / pyarrow parse errors have many types
+        # pandas names the line itself ("Expected 2 fields in line 3, saw 4").
         raise DataError(f"{source}: could not parse the file: {error}") from error
+
+
+def _check_comma_separated(content: str, *, source: str) -> None:
+    """Refuse a ``.csv`` whose header has tabs and no comma: it is a TSV."""
+    header = next((line for line in content.splitlines() if line.strip()), "")
+    if "\t" in header and "," not in header:
+        raise DataError(
+            f"{source}: the header line has tabs and no commas, so the file is "
+            f"tab-separated: rename it to .tsv (a .csv file must be comma-separated)"
+        )
 
 
 def _read_json_lines(content: str, *, source: str) -> pd.DataFrame:
@@ -222,12 +259,17 @@ def _read_json(content: str, *, source: str) -> pd.DataFrame:
 
 
 def _clean(
-    frame: pd.DataFrame, *, source: str, text_column: str, label_column: str
+    frame: pd.DataFrame,
+    *,
+    source: str,
+    text_column: str,
+    label_column: str,
+    label_case_fold: bool,
 ) -> pd.DataFrame:
-    """Drop rows without text or label; make texts ``str`` and whole-number labels int."""
+    """Drop rows without text or label; check and normalise both columns (module doc)."""
     texts = frame[text_column]
-    blank = texts.isna() | texts.map(lambda t: isinstance(t, str) and not t.strip())
-    drop = blank | frame[label_column].isna()
+    blank = texts.isna() | texts.map(_is_blank)
+    drop = blank | frame[label_column].isna() | frame[label_column].map(_is_blank)
     if drop.all():
         raise DataError(
             f"{source}: all {len(frame)} rows have an empty text or a missing label"
@@ -238,12 +280,75 @@ def _clean(
             source, int(drop.sum()), len(frame),
         )
     frame = frame.loc[~drop].reset_index(drop=True)
+    _check_text_is_text(frame, source=source, text_column=text_column)
     frame[text_column] = frame[text_column].map(str)
     labels = frame[label_column]
-    # A blank label in an integer column turns the column to float: undo that.
-    if pd.api.types.is_float_dtype(labels) and bool((labels % 1 == 0).all()):
+    _check_labels_are_classes(labels, source=source, label_column=label_column)
+    if pd.api.types.is_float_dtype(labels):
+        # Whole numbers only (checked above): a blank label in an integer column, or a
+        # JSON 1.0, turns the column to float; the classes are the integers.
         frame[label_column] = labels.astype("int64")
+    elif pd.api.types.is_object_dtype(labels) or pd.api.types.is_string_dtype(labels):
+        frame[label_column] = labels.map(
+            lambda label: _normalise_label(label, case_fold=label_case_fold)
+        )
     return frame
+
+
+def _is_blank(value: Any) -> bool:
+    """A string of whitespace only (missing values are caught by ``isna``)."""
+    return isinstance(value, str) and not value.strip()
+
+
+def _normalise_label(label: Any, *, case_fold: bool) -> Any:
+    """Strip a string label (and case-fold it when asked); other labels unchanged."""
+    if not isinstance(label, str):
+        return label
+    label = label.strip()
+    return label.casefold() if case_fold else label
+
+
+def _is_number(value: Any) -> bool:
+    """A number (bools included) or a string that reads as one."""
+    if isinstance(value, str):
+        return _NUMBER.fullmatch(value.strip()) is not None
+    return isinstance(value, (numbers.Number, np.bool_))
+
+
+def _check_text_is_text(frame: pd.DataFrame, *, source: str, text_column: str) -> None:
+    """Refuse a text column whose every value is a number (it names the wrong column)."""
+    texts = frame[text_column]
+    if not all(_is_number(text) for text in texts):  # stops at the first real text
+        return
+    examples = ", ".join(str(text) for text in pd.unique(texts)[:2])
+    columns = ", ".join(map(repr, map(str, frame.columns)))
+    raise DataError(
+        f"text column {text_column!r} in {source} holds numbers, not text (e.g. "
+        f"{examples}): set `text-column` to the column with the text; columns: {columns}"
+    )
+
+
+def _check_labels_are_classes(labels: pd.Series, *, source: str, label_column: str) -> None:
+    """Refuse float labels with a fractional part: they are measurements, not classes."""
+    if pd.api.types.is_float_dtype(labels):
+        values = labels[(labels % 1 != 0).to_numpy()]  # inf % 1 is nan: refused too
+    elif pd.api.types.is_object_dtype(labels):
+        values = labels[labels.map(
+            lambda v: isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral)
+            and not float(v).is_integer()
+        ).to_numpy(dtype=bool)]
+    else:
+        return
+    if values.empty:
+        return
+    distinct = pd.unique(values)
+    shown = ", ".join(f"{float(v):g}" for v in distinct[:3])
+    more = ", ..." if len(distinct) > 3 else ""
+    raise DataError(
+        f"label column {label_column!r} in {source} has {len(distinct)} distinct "
+        f"non-integer float values (e.g. {shown}{more}): fedsft does classification; "
+        f"bin the values into classes first"
+    )
 
 
 # --- labels ----------------------------------------------------------------------------
@@ -263,7 +368,9 @@ def build_label_names(labels: Iterable[Any], *, source: str) -> list[str]:
     -------
     list[str]
         Unique labels as strings; integer labels in numeric order (``"2"`` before
-        ``"10"``), others in string order.
+        ``"10"``), others in string order. Labels are taken as given: ``read_table``
+        has already normalised them (module docstring). Names that differ only by case
+        are logged as a warning.
 
     Raises
     ------
@@ -275,6 +382,7 @@ def build_label_names(labels: Iterable[Any], *, source: str) -> list[str]:
         names = [str(label) for label in sorted({int(label) for label in unique})]
     else:
         names = sorted({str(label) for label in unique})
+        warn_case_variants(names, source=source)
     if len(names) < 2:
         found = f"only one class {names[0]!r}" if names else "no labels"
         raise DataError(f"{found} found in {source}: classification needs at least 2")
@@ -311,11 +419,30 @@ def encode_labels(
     if unknown:
         shown = ", ".join(map(repr, unknown[:_MAX_LISTED]))
         more = f" and {len(unknown) - _MAX_LISTED} more" if len(unknown) > _MAX_LISTED else ""
+        folded = {name.casefold() for name in label_names}
+        by_case = [text for text in unknown if text.casefold() in folded]
+        hint = (
+            f"; {', '.join(map(repr, by_case[:_MAX_LISTED]))} differ from known labels "
+            f"only by case: set `label-case-fold`=true to merge them" if by_case else ""
+        )
         raise DataError(
             f"{source}: labels {shown}{more} not seen in training "
-            f"(known: {', '.join(map(repr, label_names))})"
+            f"(known: {', '.join(map(repr, label_names))}){hint}"
         )
     return np.array([index[text] for text in as_text], dtype=np.int64)
+
+
+def warn_case_variants(names: Iterable[str], *, source: str) -> None:
+    """Log a warning listing class names that differ only by case (``'Pos'/'pos'``)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    variants = ["/".join(map(repr, sorted(g))) for g in groups.values() if len(g) > 1]
+    if variants:
+        logger.warning(
+            "%s: labels that differ only by case: %s; set label-case-fold=true to merge "
+            "them", source, ", ".join(variants[:_MAX_LISTED]),
+        )
 
 
 def _is_int(value: Any) -> bool:
@@ -369,7 +496,7 @@ def _splits_key(cfg: RunConfig) -> tuple[Any, ...]:
         cfg.dataset, _file_stamp(cfg.dataset),
         cfg.eval_dataset, _file_stamp(cfg.eval_dataset),
         cfg.text_column, cfg.label_column, cfg.eval_fraction, cfg.seed,
-        cfg.builtin_examples,
+        cfg.builtin_examples, cfg.label_case_fold,
     )
 
 
@@ -410,6 +537,7 @@ def _read_source(source: str, cfg: RunConfig) -> pd.DataFrame:
     return read_table(
         source, text_column=cfg.text_column, label_column=cfg.label_column,
         seed=cfg.seed, builtin_examples=cfg.builtin_examples,
+        label_case_fold=cfg.label_case_fold,
     )
 
 
@@ -486,9 +614,125 @@ def partition_dataset(
     Raises
     ------
     DataError
-        If the ids are out of range, the partition column is missing or has a number of
-        distinct values other than ``num_partitions``, or the partitioner fails.
+        If the ids are out of range, there are fewer training rows than clients, the
+        partition column is missing or has a number of distinct values other than
+        ``num_partitions``, ``classes-per-client`` exceeds the number of classes, the
+        partitioner fails, or this client's partition would be empty.
     """
+    partition = _load_partition(
+        train, cfg, num_partitions=num_partitions, partition_id=partition_id
+    )
+    if partition.num_rows == 0:
+        raise _empty_partitions_error(cfg, [partition_id], num_partitions=num_partitions)
+    return partition
+
+
+@dataclass(frozen=True)
+class PartitionPlan:
+    """How ``partition_dataset`` shares the training rows among the clients.
+
+    ``rows[i]`` is the number of rows of client ``i``; ``label_counts[i][k]`` its rows of
+    class ``k`` (label id, up to the largest id in the training data);
+    ``local_eval_rows[i]`` how many of them ``split_for_local_eval`` holds out at
+    ``client-eval-fraction``, so client ``i`` trains on ``rows[i] - local_eval_rows[i]``.
+    """
+
+    rows: tuple[int, ...]
+    label_counts: tuple[tuple[int, ...], ...]
+    local_eval_rows: tuple[int, ...]
+
+    @property
+    def num_partitions(self) -> int:
+        """Number of clients."""
+        return len(self.rows)
+
+    @property
+    def classes_per_partition(self) -> tuple[int, ...]:
+        """Number of classes with at least one row, per client."""
+        return tuple(sum(1 for count in counts if count) for counts in self.label_counts)
+
+
+def check_partition_plan(
+    train: datasets.Dataset | pd.DataFrame, cfg: RunConfig, *, num_partitions: int
+) -> PartitionPlan:
+    """Partition ``train`` for ``num_partitions`` clients as they will, and check it.
+
+    Meant to run before Flower starts: the clients compute the same partitions with the
+    same code (``partition_dataset``), so a plan that passes here cannot fail there, and
+    one that fails here would fail in every client (every round skipped).
+
+    Parameters
+    ----------
+    train
+        The training split, ``load_splits(cfg).train`` (a frame with ``text`` and an
+        int ``label`` column is converted). Passing that same data set lets the clients
+        of this process reuse the cached partitioner.
+    cfg
+        The run configuration (``partitioner`` and its settings, ``seed``,
+        ``client-eval-fraction``).
+    num_partitions
+        Number of clients (simulation: ``num-supernodes``).
+
+    Returns
+    -------
+    PartitionPlan
+        Rows and label counts per client; ``sum(rows) == train.num_rows`` for every
+        partitioner.
+
+    Raises
+    ------
+    DataError
+        If ``partition_dataset`` would raise for some client (fewer rows than clients, a
+        missing or mismatched partition column, ``classes-per-client`` above the number
+        of classes, a failing partitioner) or any client would get no rows (all such
+        clients are named).
+    """
+    if isinstance(train, pd.DataFrame):
+        train = _to_dataset(train, source=cfg.dataset)
+    if "label" not in train.column_names:
+        raise DataError(
+            f"{cfg.dataset}: the training data has no 'label' column (columns: "
+            f"{', '.join(map(repr, train.column_names))}); pass load_splits(cfg).train"
+        )
+    num_classes = int(max(train["label"])) + 1 if train.num_rows else 0
+    parts = [
+        _load_partition(train, cfg, num_partitions=num_partitions, partition_id=i)
+        for i in range(num_partitions)
+    ]
+    empty = [i for i, part in enumerate(parts) if part.num_rows == 0]
+    if empty:
+        raise _empty_partitions_error(cfg, empty, num_partitions=num_partitions)
+    return PartitionPlan(
+        rows=tuple(part.num_rows for part in parts),
+        label_counts=tuple(
+            tuple(int(c) for c in np.bincount(
+                np.asarray(part["label"], dtype=np.int64), minlength=num_classes
+            ))
+            for part in parts
+        ),
+        local_eval_rows=tuple(
+            _local_eval_rows(part.num_rows, cfg.client_eval_fraction) for part in parts
+        ),
+    )
+
+
+def _empty_partitions_error(
+    cfg: RunConfig, empty: list[int], *, num_partitions: int
+) -> DataError:
+    """The error for clients whose partition has no rows."""
+    shown = ", ".join(map(str, empty[:_MAX_LISTED]))
+    more = f" and {len(empty) - _MAX_LISTED} more" if len(empty) > _MAX_LISTED else ""
+    hint = _PARTITIONER_HINTS.get(cfg.partitioner, "use fewer clients")
+    return DataError(
+        f"{cfg.dataset}: partitioner {cfg.partitioner!r} gives {len(empty)} of "
+        f"{num_partitions} clients no training rows (client {shown}{more}): {hint}"
+    )
+
+
+def _load_partition(
+    train: datasets.Dataset, cfg: RunConfig, *, num_partitions: int, partition_id: int
+) -> datasets.Dataset:
+    """``partition_dataset`` without the empty-partition check."""
     if num_partitions < 1:
         raise DataError(f"{cfg.dataset}: num_partitions must be >= 1, got {num_partitions}")
     if not 0 <= partition_id < num_partitions:
@@ -526,6 +770,14 @@ def _build_partitioner(
     train: datasets.Dataset, cfg: RunConfig, *, num_partitions: int
 ) -> Partitioner:
     column = cfg.partition_column
+    if cfg.partitioner == "pathological":
+        num_classes = len(train.unique("label"))
+        if cfg.classes_per_client > num_classes:
+            raise DataError(
+                f"{cfg.dataset}: `classes-per-client` is {cfg.classes_per_client} but the "
+                f"training data has only {num_classes} classes: lower it to at most "
+                f"{num_classes}"
+            )
     if column is not None:
         if column not in train.column_names:
             raise DataError(
@@ -579,9 +831,14 @@ def split_for_local_eval(
         raise DataError("the client's partition is empty: nothing to train on")
     if not 0 <= fraction < 1:
         raise ValueError(f"fraction must be in [0, 1), got {fraction}")
-    num_eval = min(int(fraction * partition.num_rows), partition.num_rows - 1)
+    num_eval = _local_eval_rows(partition.num_rows, fraction)
     order = np.random.default_rng(seed).permutation(partition.num_rows)
     return partition.select(order[num_eval:]), partition.select(order[:num_eval])
+
+
+def _local_eval_rows(num_rows: int, fraction: float) -> int:
+    """Rows ``split_for_local_eval`` holds out: rounded down, one row stays to train."""
+    return max(min(int(fraction * num_rows), num_rows - 1), 0)
 
 
 # --- deployment ------------------------------------------------------------------------
@@ -619,12 +876,14 @@ def load_server_eval(cfg: RunConfig) -> tuple[list[str], datasets.Dataset | None
     """The server's class names and its evaluation data (None: no central evaluation).
 
     With ``cfg.labels`` set (deployment: the sites hold the training data) the server
-    never reads ``cfg.dataset``; it evaluates on ``cfg.eval_dataset`` when given.
+    never reads ``cfg.dataset``; it evaluates on ``cfg.eval_dataset`` when given. The
+    names follow the label rule of the module docstring (``RunConfig.label_list``).
     Otherwise both come from :func:`load_splits` (the held-out split or eval file).
     """
     if not cfg.label_list:
         splits = load_splits(cfg)
         return splits.label_names, splits.eval
+    warn_case_variants(cfg.label_list, source="`labels`")
     if not cfg.eval_dataset:
         return cfg.label_list, None
     frame = _read_source(cfg.eval_dataset, cfg)

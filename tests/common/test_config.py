@@ -51,6 +51,9 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
          "`max-update-norm` needs each client's update"),
         ({"secure-aggregation": "yes"}, "`secure-aggregation` must be true or false"),
         ({"secagg-threshold": 0}, "`secagg-threshold` must be > 0"),
+        ({"label-case-fold": "yes"}, "`label-case-fold` must be true or false, got 'yes'"),
+        ({"labels": "Pos, pos", "label-case-fold": True},
+         "`labels` must name at least 2 distinct classes, got 'Pos, pos'"),
     ],
 )
 def test_bad_values_name_key_value_and_what_is_allowed(overrides, message):
@@ -72,3 +75,10 @@ def test_derived_views():
     assert cfg.partition_column == "site"
     assert cfg.target_modules == ["query", "value"]
     assert RunConfig().target_modules is None and RunConfig().partition_column is None
+
+
+def test_labels_are_stripped_and_case_folded_only_when_asked():
+    assert RunConfig(labels=" Neg ,POS,").label_list == ["Neg", "POS"]
+    assert RunConfig(labels=" Neg ,POS,", label_case_fold=True).label_list == ["neg", "pos"]
+    with pytest.raises(ConfigError, match="`label-case-fold` must be true or false, got 1"):
+        RunConfig(label_case_fold=1)  # type: ignore[arg-type]

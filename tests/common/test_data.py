@@ -16,9 +16,12 @@ from common import data
 from common.config import RunConfig
 from common.data import (
     DataError,
+    PartitionPlan,
     build_label_names,
+    check_partition_plan,
     clear_caches,
     encode_labels,
+    load_server_eval,
     load_site_data,
     load_splits,
     partition_dataset,
@@ -42,13 +45,14 @@ def _fresh_caches() -> Iterator[None]:
     clear_caches()
 
 
-def _read(path: Path | str, **columns: str) -> pd.DataFrame:
+def _read(path: Path | str, *, label_case_fold: bool = False, **columns: str) -> pd.DataFrame:
     return read_table(
         str(path),
         text_column=columns.get("text_column", "text"),
         label_column=columns.get("label_column", "label"),
         seed=0,
         builtin_examples=30,
+        label_case_fold=label_case_fold,
     )
 
 
@@ -195,7 +199,7 @@ def test_parse_errors(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"data\.jsonl: invalid JSON on line 2"):
         _read(jsonl)
-    with pytest.raises(DataError, match=r"data\.csv: could not parse"):
+    with pytest.raises(DataError, match=r"data\.csv: could not parse.*in line 3"):
         _read(csv_path)
     with pytest.raises(DataError, match=r"data\.parquet: could not parse"):
         _read(parquet)
@@ -528,13 +532,24 @@ def test_more_clients_than_rows() -> None:
         partition_dataset(_train(examples=30), RunConfig(), num_partitions=30, partition_id=0)
 
 
-@pytest.mark.parametrize(("cfg", "hint"), [
-    (RunConfig(partitioner="pathological", classes_per_client=4), "lower `classes-per-client`"),
-    (RunConfig(partitioner="dirichlet", dirichlet_alpha=0.05, seed=0), "raise `dirichlet-alpha`"),
+def _nine_rows() -> datasets.Dataset:
+    """One row of class 0, four each of classes 1 and 2."""
+    return datasets.Dataset.from_dict(
+        {"text": [f"t{i}" for i in range(9)], "label": [0] + [1] * 4 + [2] * 4}
+    )
+
+
+@pytest.mark.parametrize(("cfg", "train", "hint"), [
+    # Client 3 gets class 0 again, which has a single row to share.
+    (RunConfig(partitioner="pathological", classes_per_client=1), _nine_rows,
+     "lower `classes-per-client`"),
+    (RunConfig(partitioner="dirichlet", dirichlet_alpha=0.05, seed=0), _train,
+     "raise `dirichlet-alpha`"),
 ])
-def test_partitioner_failure_is_wrapped(cfg: RunConfig, hint: str) -> None:
+def test_partitioner_failure_is_wrapped(cfg: RunConfig, train, hint: str) -> None:
+    n = 4 if cfg.partitioner == "pathological" else 10
     with pytest.raises(DataError, match=f"partitioner '{cfg.partitioner}' failed.*{hint}"):
-        partition_dataset(_train(), cfg, num_partitions=10, partition_id=0)
+        partition_dataset(train(), cfg, num_partitions=n, partition_id=0)
     assert not data._PARTITIONER_CACHE  # the half-built partitioner is not kept
 
 
@@ -591,3 +606,212 @@ def test_site_data_with_unknown_labels(tmp_path: Path) -> None:
 
     with pytest.raises(DataError, match=r"site\.jsonl: labels 'pos' not seen in training"):
         load_site_data(str(path), RunConfig(), ["neg", "neutral"])
+
+
+# --- data that cannot be classification data -------------------------------------------
+
+
+def _raw(path: Path, content: str) -> Path:
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    return _raw(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.mark.parametrize(("name", "content", "message"), [
+    ("data.csv", "text,label\na,0.13\nb,0.57\nc,1.5\nd,2.25\n",
+     r"label column 'label' in .*data\.csv has 4 distinct non-integer float values "
+     r"\(e\.g\. 0\.13, 0\.57, 1\.5, \.\.\.\): fedsft does classification; bin the values"),
+    ("data.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0.5}\n',
+     r"label column 'label' in .*data\.jsonl has 1 distinct non-integer float values "
+     r"\(e\.g\. 0\.5\)"),
+    ("data.csv", "id,text,label\nx,3.5,a\ny,7,b\nz, -1e3 ,a\n",
+     r"text column 'text' in .*data\.csv holds numbers, not text \(e\.g\. 3\.5, 7\): set "
+     r"`text-column` to the column with the text; columns: 'id', 'text', 'label'"),
+    ("data.jsonl", '{"text": 3.5, "label": "a"}\n{"text": 7, "label": "b"}\n',
+     r"text column 'text' in .*data\.jsonl holds numbers, not text \(e\.g\. 3\.5, 7\.0\)"),
+    ("data.json", '[{"text": true, "label": "a"}, {"text": false, "label": "b"}]',
+     r"text column 'text' in .*data\.json holds numbers, not text"),
+    ("data.csv", "text\tlabel\ngood\t1\nbad\t0\n",
+     r"data\.csv: the header line has tabs and no commas, so the file is tab-separated: "
+     r"rename it to \.tsv"),
+])
+def test_bad_data_files_name_the_file_and_column(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = _raw(tmp_path / name, content)
+
+    with pytest.raises(DataError, match=message):
+        _read(path)
+
+
+def test_a_directory_is_not_a_data_file(tmp_path: Path) -> None:
+    folder = tmp_path / "data.csv"
+    folder.mkdir()
+
+    with pytest.raises(DataError, match=f"data file {folder} is a directory, not a file"):
+        _read(folder)
+
+
+def test_a_text_column_with_one_real_text_is_text(tmp_path: Path) -> None:
+    path = _raw(tmp_path / "data.csv", "text,label\n3.5,a\n7 days,b\n")
+
+    assert list(_read(path)["text"]) == ["3.5", "7 days"]
+
+
+def test_whole_number_float_labels_become_integers(tmp_path: Path) -> None:
+    path = _jsonl(tmp_path / "data.jsonl", [{"text": "a", "label": 1.0},
+                                            {"text": "b", "label": 2.0}])
+
+    frame = _read(path)
+
+    assert list(frame["label"]) == [1, 2]
+    assert pd.api.types.is_integer_dtype(frame["label"])
+
+
+def test_labels_are_stripped_and_blank_labels_dropped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _raw(tmp_path / "data.csv", "text,label\na, pos\nb,pos\nc,neg \nd,\"  \"\ne,neg\n")
+
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        frame = _read(path)
+
+    assert list(frame["label"]) == ["pos", "pos", "neg", "neg"]
+    assert build_label_names(frame["label"], source="s") == ["neg", "pos"]
+    assert "dropped 1 of 5 rows" in caplog.text
+
+
+def test_case_variants_stay_apart_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _raw(tmp_path / "data.csv", "text,label\na,Pos\nb,pos\nc,neg\nd,NEG\ne,neg\n")
+
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        names = build_label_names(_read(path)["label"], source="data.csv")
+
+    assert names == ["NEG", "Pos", "neg", "pos"]
+    assert ("data.csv: labels that differ only by case: 'NEG'/'neg', 'Pos'/'pos'; set "
+            "label-case-fold=true to merge them") in caplog.text
+
+
+def test_case_fold_merges_case_variants(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = _raw(tmp_path / "data.csv", "text,label\na,Pos\nb, pos\nc,neg\nd,NEG\n")
+
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        frame = _read(path, label_case_fold=True)
+        names = build_label_names(frame["label"], source="data.csv")
+
+    assert list(frame["label"]) == ["pos", "pos", "neg", "neg"]
+    assert names == ["neg", "pos"]
+    assert "differ only by case" not in caplog.text
+
+
+def test_eval_and_site_data_follow_the_same_label_rule(tmp_path: Path) -> None:
+    train = _labelled_csv(tmp_path / "train.csv", ["pos", "neg"] * 10)
+    held_out = _raw(tmp_path / "eval.csv", "text,label\nx, POS\ny,Neg\n")
+    cfg = RunConfig(dataset=str(train), eval_dataset=str(held_out))
+
+    with pytest.raises(DataError, match=r"eval\.csv: labels 'Neg', 'POS' not seen in "
+                                        r"training.*'Neg', 'POS' differ from known labels "
+                                        r"only by case: set `label-case-fold`=true"):
+        load_splits(cfg)
+    splits = load_splits(cfg.replace(label_case_fold=True))
+    site = load_site_data(str(held_out), cfg.replace(label_case_fold=True), splits.label_names)
+
+    assert splits.label_names == ["neg", "pos"]
+    assert list(splits.eval["label"]) == [1, 0]
+    assert list(site["label"]) == [1, 0]
+
+
+def test_labels_key_follows_the_label_rule(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    held_out = _raw(tmp_path / "eval.csv", "text,label\nx,POS \ny,neg\n")
+    cfg = RunConfig(labels=" Neg, pos", eval_dataset=str(held_out), label_case_fold=True)
+
+    names, eval_set = load_server_eval(cfg)
+    with caplog.at_level(logging.WARNING, logger="common.data"):
+        load_server_eval(RunConfig(labels="Pos,pos"))
+
+    assert names == ["neg", "pos"]
+    assert eval_set is not None and list(eval_set["label"]) == [1, 0]
+    assert "`labels`: labels that differ only by case: 'Pos'/'pos'" in caplog.text
+
+
+# --- the partition plan ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("cfg", "num_partitions", "message"), [
+    (RunConfig(partitioner="column:site"), 3,
+     r"partition column 'site' not found; columns: 'text', 'label', 'domain'"),
+    (RunConfig(partitioner="column:domain"), 10,
+     r"column 'domain' has 3 distinct values but the simulation has 10 clients"),
+    (RunConfig(partitioner="pathological", classes_per_client=4), 5,
+     r"`classes-per-client` is 4 but the training data has only 3 classes: lower it to "
+     r"at most 3"),
+    (RunConfig(), 300, r"300 clients but only 270 training rows"),
+])
+def test_an_infeasible_plan_is_refused(
+    cfg: RunConfig, num_partitions: int, message: str
+) -> None:
+    with pytest.raises(DataError, match=message):
+        check_partition_plan(_train(), cfg, num_partitions=num_partitions)
+
+
+def test_a_plan_with_an_empty_partition_is_refused_like_the_client(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Without the resampling that keeps every Dirichlet partition non-empty, this alpha
+    # and seed leave client 8 of 10 with no rows.
+    monkeypatch.setattr(data, "_DIRICHLET_MIN_PARTITION_SIZE", 0)
+    cfg = RunConfig(partitioner="dirichlet", dirichlet_alpha=0.1, seed=0)
+    message = (r"partitioner 'dirichlet' gives 1 of 10 clients no training rows \(client 8\)"
+               r": raise `dirichlet-alpha`")
+    train = _train()
+
+    with pytest.raises(DataError, match=message):
+        check_partition_plan(train, cfg, num_partitions=10)
+    with pytest.raises(DataError, match=message):
+        partition_dataset(train, cfg, num_partitions=10, partition_id=8)
+    assert partition_dataset(train, cfg, num_partitions=10, partition_id=0).num_rows > 0
+
+
+def test_a_feasible_plan_counts_rows_and_labels() -> None:
+    train = _train()  # 270 rows, 90 per class
+
+    plan = check_partition_plan(train, RunConfig(partitioner="iid"), num_partitions=4)
+
+    assert isinstance(plan, PartitionPlan) and plan.num_partitions == 4
+    assert plan.rows == (68, 68, 67, 67) and sum(plan.rows) == train.num_rows
+    assert [sum(counts) for counts in plan.label_counts] == list(plan.rows)
+    assert [sum(column) for column in zip(*plan.label_counts, strict=True)] == [90, 90, 90]
+    assert plan.classes_per_partition == (3, 3, 3, 3)
+    assert plan.local_eval_rows == (13, 13, 13, 13)  # int(0.2 * 68), int(0.2 * 67)
+
+
+@pytest.mark.parametrize("partitioner", ["dirichlet", "pathological", "column:domain"])
+def test_the_plan_is_what_the_clients_get(partitioner: str) -> None:
+    cfg = RunConfig(partitioner=partitioner, classes_per_client=1, seed=3)
+    n = 3 if partitioner.startswith("column:") else 6
+
+    plan = check_partition_plan(_train(), cfg, num_partitions=n)
+    clear_caches()  # the clients rebuild the partitioner in their own process
+    parts = _partitions(cfg, _train(), n)
+
+    assert plan.rows == tuple(p.num_rows for p in parts)
+    assert sum(plan.rows) == 270
+    if partitioner == "pathological":
+        assert plan.classes_per_partition == (1,) * n
+
+
+def test_a_plan_from_a_frame() -> None:
+    frame = _train().to_pandas()
+
+    plan = check_partition_plan(frame, RunConfig(), num_partitions=3)
+
+    assert plan.rows == (90, 90, 90)

@@ -11,11 +11,15 @@ import torch
 
 from common.config import ConfigError, RunConfig
 from common.model import (
+    ModelSource,
     autocast_context,
     build_model,
+    check_model,
     clear_model_cache,
     get_exchanged_state,
     get_model,
+    model_max_positions,
+    resolve_model,
     resolve_model_path,
     select_device,
     set_exchanged_state,
@@ -58,6 +62,127 @@ def test_resolve_directory_without_config_is_an_error(tmp_path: Path) -> None:
 
 def test_resolve_anything_else_is_a_hub_id() -> None:
     assert resolve_model_path("org/some-model") == "org/some-model"
+
+
+# --- resolve_model, model_max_positions, check_model (no weights, no network) ----------
+
+
+@pytest.fixture
+def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """HF_HUB_OFFLINE=1, an empty Hugging Face cache, and no socket may connect."""
+    import socket
+
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a model check tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return cache
+
+
+def _copy_model(source: Path, target: Path, *, skip: str = "") -> Path:
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        if not (skip and file.match(skip)):
+            (target / file.name).write_bytes(file.read_bytes())
+    return target
+
+
+def test_resolve_model_local_folder_and_its_positions(tiny_model_dir: Path, offline: Path) -> None:
+    source = resolve_model(str(tiny_model_dir))
+
+    assert source == ModelSource(name=str(tiny_model_dir), path=str(tiny_model_dir.resolve()),
+                                 local=True, cached=True)
+    assert model_max_positions(source) == 128  # write_tiny_bert's max_position_embeddings
+
+
+def test_minilm_allows_512_positions(offline: Path) -> None:
+    assert model_max_positions("minilm") == 512
+
+
+def test_a_folder_without_weights_is_refused(
+    tiny_model_dir: Path, tmp_path: Path, offline: Path
+) -> None:
+    folder = _copy_model(tiny_model_dir, tmp_path / "no-weights", skip="*.safetensors")
+
+    with pytest.raises(ConfigError, match=f"`model` folder {folder} has no weight files "
+                                          r"\(\*\.safetensors or \*\.bin\)"):
+        resolve_model(str(folder))
+
+
+def test_an_empty_folder_lacks_config_and_weights(tmp_path: Path, offline: Path) -> None:
+    with pytest.raises(ConfigError, match="has no config.json and no weight files"):
+        resolve_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("./no/such/folder", r"`model` folder './no/such/folder' does not exist"),
+    ("no such model", r"not a local model folder and not a valid Hugging Face Hub id"),
+])
+def test_names_that_are_neither_folders_nor_hub_ids(
+    name: str, message: str, offline: Path
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        resolve_model(name)
+
+
+def test_a_file_is_not_a_model(tiny_model_dir: Path, offline: Path) -> None:
+    with pytest.raises(ConfigError, match="config.json' is a file"):
+        resolve_model(str(tiny_model_dir / "config.json"))
+
+
+def test_an_uncached_hub_id_offline_is_a_clear_error(offline: Path) -> None:
+    cfg = RunConfig(model="no-such-model-xyz")
+    message = (r"`model` 'no-such-model-xyz' is not a local model folder and is not in the "
+               rf"Hugging Face cache \({offline}\); the Hub is not reachable \(offline: "
+               r"HF_HUB_OFFLINE=1\) — give `minilm`, a local folder")
+
+    with pytest.raises(ConfigError, match=message):
+        check_model(cfg)
+    with pytest.raises(ConfigError, match=message):  # not an OSError from from_pretrained
+        get_model(cfg, LABELS, torch.device("cpu"))
+
+
+def test_a_cached_hub_id_is_resolved_offline(tiny_model_dir: Path, offline: Path) -> None:
+    repo = offline / "models--org--tiny"
+    _copy_model(tiny_model_dir, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+
+    source = resolve_model("org/tiny")
+
+    assert source == ModelSource(name="org/tiny", path="org/tiny", local=False, cached=True)
+    assert model_max_positions(source) == 128
+
+
+def test_positions_after_the_padding_offset(tmp_path: Path, offline: Path) -> None:
+    from transformers import RobertaConfig
+
+    RobertaConfig(max_position_embeddings=514, pad_token_id=1).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # only its presence is checked
+
+    assert model_max_positions(str(tmp_path)) == 512
+
+
+def test_max_length_is_bounded_by_the_model(tiny_model_dir: Path, offline: Path) -> None:
+    ok = tiny_cfg(tiny_model_dir, max_length=128)
+    too_long = ok.replace(max_length=129)
+    message = "`max-length` 129 exceeds the model's maximum of 128 positions"
+    clear_model_cache()
+
+    assert check_model(ok).local
+    with pytest.raises(ConfigError, match=message):
+        check_model(too_long)
+    get_model(ok, LABELS, torch.device("cpu"))
+    with pytest.raises(ConfigError, match=message):  # the cached model is checked too
+        get_model(too_long, LABELS, torch.device("cpu"))
+    clear_model_cache()
 
 
 # --- methods: which parameters train ---------------------------------------------------
