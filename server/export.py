@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from server.run_outputs import replace_folder, staging_folder
 
 
 def export_final_model(
@@ -15,19 +18,26 @@ def export_final_model(
     """Write ``folder/model`` (standalone, LoRA merged) and, for peft models, ``folder/adapter``.
 
     The model must already hold the final global state. It is not modified: merging
-    happens on a copy, so the caller's (cached) model stays usable.
+    happens on a copy, so the caller's (cached) model stays usable. Everything is
+    written to a hidden sibling folder first and renamed to ``folder`` at the end:
+    ``folder/model/config.json`` is what says "finished", so an interrupted export
+    must never leave a partial ``folder`` (an earlier ``folder`` stays until then).
     Returns the written paths by name.
     """
-    paths: dict[str, str] = {}
-    standalone = model
-    if hasattr(model, "merge_and_unload"):  # a peft model
-        adapter_dir = folder / "adapter"
-        model.save_pretrained(str(adapter_dir))
-        tokenizer.save_pretrained(str(adapter_dir))
-        paths["adapter"] = str(adapter_dir)
-        standalone = copy.deepcopy(model).merge_and_unload()
-    model_dir = folder / "model"
-    standalone.save_pretrained(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
-    paths["model"] = str(model_dir)
-    return paths
+    staging = staging_folder(folder)
+    try:
+        names: dict[str, str] = {}
+        standalone = model
+        if hasattr(model, "merge_and_unload"):  # a peft model
+            model.save_pretrained(str(staging / "adapter"))
+            tokenizer.save_pretrained(str(staging / "adapter"))
+            names["adapter"] = "adapter"
+            standalone = copy.deepcopy(model).merge_and_unload()
+        standalone.save_pretrained(str(staging / "model"))
+        tokenizer.save_pretrained(str(staging / "model"))
+        names["model"] = "model"
+        replace_folder(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {name: str(folder / sub) for name, sub in names.items()}

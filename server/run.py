@@ -1,4 +1,10 @@
-"""One federated fine-tuning run on the server side, from config to exported model."""
+"""One federated fine-tuning run on the server side, from config to exported model.
+
+Every run that got as far as its folder ends with ``outcome.json`` (see
+server/run_outputs.py): ``completed`` with ``final/``, or ``failed`` with the reason,
+also when no round aggregated (then ``RunFailed`` is raised and no ``final/`` written:
+the initial model is not a result) or when anything else raised.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,16 @@ from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import RoundRecorder, arrays_to_state
-from server.run_outputs import RunOutputs, run_folder
+from server.run_outputs import (
+    RunFailed,
+    RunOutputs,
+    check_resume,
+    no_aggregation_message,
+    outcome_of,
+    rounds_aggregated,
+    run_folder,
+    write_outcome,
+)
 from server.secure_aggregation import SecureAggregator
 from server.strategies import build_strategy, restore_strategy_state
 from server.tracked_strategy import TrackedStrategy
@@ -29,12 +44,34 @@ log = logging.getLogger(__name__)
 def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     """Run ``cfg.num_server_rounds`` rounds (or the rest of them, when resuming).
 
-    Returns the run folder, which then holds config.json, results.jsonl, checkpoints
-    and the final model (see server/run_outputs.py).
+    Returns the run folder, which then holds config.json, results.jsonl, checkpoints,
+    the final model and outcome.json (see server/run_outputs.py).
+
+    Raises
+    ------
+    RunFailed
+        No round aggregated a client update (outcome.json says why, no final/).
+    ConfigError
+        ``resume-from`` names no resumable run (checked before anything is written).
     """
     outputs = RunOutputs(run_folder(cfg), keep_checkpoints=cfg.keep_checkpoints)
     if cfg.resume_from:
-        outputs.check_resumable(cfg)
+        check_resume(outputs.folder, cfg)
+    try:
+        return _run(grid, cfg, outputs)
+    except RunFailed:
+        raise  # its outcome is written
+    except BaseException as exc:
+        # Only a folder that is this run's: never an older run's that shares the name.
+        if outputs.started or cfg.resume_from:
+            message = f"the server stopped with {type(exc).__name__}: {exc}"
+            write_outcome(outputs.folder, outcome_of(
+                outputs.read_results(), status="failed", message=message, final_model=False))
+        raise
+
+
+def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
+    """``run_federation`` once the run folder is known (and any resume checked)."""
     label_names, eval_set = load_server_eval(cfg)
     device = select_device(cfg.device)
     model, tokenizer = get_model(cfg, label_names, device)
@@ -83,12 +120,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     # Clients learn the label map from the server, so every site encodes labels alike.
     round_config = ConfigRecord({"label-names": list(label_names)})
     last_round = cfg.num_server_rounds
+    stopped_early = None
     if privacy is not None:
         last_round = privacy.rounds_within_budget(cfg.num_server_rounds)
         if last_round < cfg.num_server_rounds:
-            print(f"[fedsft] privacy budget: stopping after round {last_round}; round "
-                  f"{last_round + 1} would exceed dp-target-epsilon="
-                  f"{cfg.dp_target_epsilon:g} (delta {cfg.dp_delta:g})", flush=True)
+            stopped_early = (f"privacy budget: stopping after round {last_round}; round "
+                             f"{last_round + 1} would exceed dp-target-epsilon="
+                             f"{cfg.dp_target_epsilon:g} (delta {cfg.dp_delta:g})")
+            print(f"[fedsft] {stopped_early}", flush=True)
     remaining = last_round - done_rounds
     final_state = state
     try:
@@ -106,8 +145,19 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     finally:
         for sink in sinks:
             sink.close()
+    rows = outputs.read_results()
+    if rounds_aggregated(rows) == 0:
+        message = no_aggregation_message(outputs.folder, rows, stopped_early=stopped_early)
+        write_outcome(outputs.folder, outcome_of(
+            rows, status="failed", message=message, final_model=False,
+            stopped_early=stopped_early))
+        raise RunFailed(message)
     set_exchanged_state(model, final_state)
     paths = export_final_model(model, tokenizer, outputs.folder / "final")
     print(f"[fedsft] final model: {paths['model']}", flush=True)
     print(f"[fedsft] results: {outputs.results_path}", flush=True)
+    done = rounds_aggregated(rows)
+    write_outcome(outputs.folder, outcome_of(
+        rows, status="completed", final_model=True, stopped_early=stopped_early,
+        message=f"{done} round(s) aggregated a client update; final model in {paths['model']}"))
     return outputs.folder

@@ -8,25 +8,48 @@
   checkpoints/round-NNNN.safetensors   global exchanged state + strategy state
   final/model/         the final model in Hugging Face layout (LoRA merged)
   final/adapter/       method=lora: the adapter, loadable with peft
+  outcome.json         how the run ended (written last, also when it failed)
 ```
 
 Files are written atomically (temporary file + rename) so an interrupted run never
-leaves a half-written checkpoint; ``resume-from`` continues from the last round that
-has both a results line and a checkpoint.
+leaves a half-written checkpoint; ``final/`` is built in a hidden sibling folder and
+renamed into place, so ``final/model/config.json`` only exists for a complete model.
+
+``resume-from`` continues from the newest round that has both a results line and an
+intact checkpoint: ``check_resume`` finds it without changing anything on disk (a
+corrupt newer checkpoint is skipped and reported), ``RunOutputs.last_checkpoint``
+loads it and drops the results lines after it.
+
+``outcome.json`` (``write_outcome`` / ``read_outcome``, one ``RunOutcomeRecord``)::
+
+    {"status": "completed" | "failed",  # failed: no round aggregated, or an error
+     "message": str,                    # one paragraph: what happened and why
+     "rounds_done": int,                # the last round with a results line
+     "rounds_aggregated": int,          # rounds (> 0) whose update was aggregated,
+                                        # earlier attempts of a resumed run included
+     "final_model": bool,               # this attempt wrote final/
+     "stopped_early": str | null}       # why fewer rounds ran (privacy budget)
+
+A run in which no round aggregated ends ``failed`` with no ``final/`` (the initial
+model is not a result) and raises ``RunFailed``, quoting the clients' problems.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from common.config import ConfigError, RunConfig
 
@@ -44,6 +67,42 @@ def run_folder(cfg: RunConfig) -> Path:
         return Path(cfg.resume_from).expanduser().resolve()
     name = cfg.run_name or f"{cfg.strategy}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
     return (Path(cfg.output_dir).expanduser() / name).resolve()
+
+
+def staging_folder(target: Path) -> Path:
+    """A new, empty hidden folder next to ``target`` to build its replacement in.
+
+    Made with ``mkdir`` (not ``tempfile.mkdtemp``, whose folders are private to the
+    user) so the finished folder gets the usual permissions.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.tmp")
+        try:
+            staging.mkdir()
+            return staging
+        except FileExistsError:
+            continue
+
+
+def replace_folder(new: Path, target: Path) -> None:
+    """Put the finished folder ``new`` at ``target``, replacing what is there.
+
+    Both must be in the same parent folder (a rename then never copies). The old
+    ``target`` is renamed aside first and deleted only once ``new`` is in place, so at
+    every moment either the old or the new folder is complete.
+    """
+    if not target.exists():
+        os.rename(new, target)
+        return
+    aside = new.with_name(f"{new.name}.old")
+    os.rename(target, aside)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(aside, target)
+        raise
+    shutil.rmtree(aside)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -98,6 +157,136 @@ class Checkpoint:
     strategy_state: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where ``resume-from`` would continue: after ``round``, from ``checkpoint``.
+
+    ``skipped`` lists the newer checkpoints (matching a results line) that could not be
+    read, each with the reason, newest first.
+    """
+
+    round: int
+    checkpoint: Path
+    skipped: tuple[tuple[Path, str], ...] = ()
+
+
+_CHECKPOINT_NAME = re.compile(r"round-(\d+)\.safetensors")
+
+
+def _checkpoint_files(checkpoint_dir: Path) -> list[tuple[int, Path]]:
+    """``(round, path)`` of the checkpoint files, oldest first (by round, not by name)."""
+    found = []
+    for path in checkpoint_dir.glob("round-*.safetensors"):
+        if match := _CHECKPOINT_NAME.fullmatch(path.name):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def _read_checkpoint(path: Path, round_: int) -> Checkpoint:
+    """Load one checkpoint file; raises whatever a truncated or foreign file raises."""
+    with safe_open(str(path), framework="np") as f:
+        saved_round = (f.metadata() or {}).get("round")
+        flat = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (not a dict)
+    if saved_round is not None and int(saved_round) != round_:
+        raise ValueError(f"it holds round {saved_round}, not {round_}")
+    global_state, strategy_state = _unflatten_state(flat)
+    if not global_state:
+        raise ValueError("it holds no global state")
+    return Checkpoint(round_, global_state, strategy_state)
+
+
+def _newest_intact(
+    folder: Path, rows: Sequence[Mapping[str, Any]]
+) -> tuple[Checkpoint, ResumePoint]:
+    """The newest checkpoint that matches a results line and loads; see ``check_resume``."""
+    done = {row.get("round") for row in rows}
+    skipped: list[tuple[Path, str]] = []
+    for round_, path in reversed(_checkpoint_files(folder / "checkpoints")):
+        if round_ not in done:
+            continue  # written, but the run stopped before its results line
+        try:
+            checkpoint = _read_checkpoint(path, round_)
+        except Exception as exc:  # any unreadable file: fall back to an older one
+            skipped.append((path, f"{type(exc).__name__}: {exc}"))
+            continue
+        return checkpoint, ResumePoint(round_, path, tuple(skipped))
+    if skipped:
+        tried = "; ".join(f"{path} ({why})" for path, why in skipped)
+        raise ConfigError(
+            f"`resume-from` folder {folder} has no completed round to resume: every "
+            f"checkpoint matching a results.jsonl line is unreadable: {tried}"
+        )
+    raise ConfigError(
+        f"`resume-from` folder {folder} has no completed round to resume "
+        "(no checkpoint matching a results.jsonl line)"
+    )
+
+
+def read_results(path: Path) -> list[dict[str, Any]]:
+    """Rows of a results.jsonl; a torn last line (crash mid-write) is ignored."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
+
+
+def _check_settings(folder: Path, cfg: RunConfig) -> None:
+    """Refuse to resume with settings that change what is computed."""
+    path = folder / "config.json"
+    if not path.exists():
+        raise ConfigError(f"`resume-from` folder {folder} has no config.json")
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}): cannot resume from it") from exc
+    current = cfg.to_flower()
+    changed = sorted(
+        k for k in current
+        if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise ConfigError(
+            f"cannot resume {folder} with changed settings ({details}); "
+            f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
+        )
+
+
+def check_resume(folder: Path, cfg: RunConfig) -> ResumePoint:
+    """Check that ``cfg`` can resume the run in ``folder``; nothing on disk changes.
+
+    Usable before Flower starts (the harness) and by the server itself. The resume
+    point is the newest round with both a results.jsonl line and a checkpoint that
+    loads; newer unreadable checkpoints are skipped and listed in ``skipped``.
+
+    Raises
+    ------
+    ConfigError
+        ``folder`` does not exist or is not a fedsft run (config.json or results.jsonl
+        missing), ``cfg`` changes a setting outside ``RESUMABLE_CHANGES``, or no intact
+        checkpoint matches a results line.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        raise ConfigError(f"`resume-from` folder {folder} does not exist")
+    if not folder.is_dir():
+        raise ConfigError(f"`resume-from` {folder} is not a folder")
+    missing = [name for name in ("config.json", "results.jsonl") if not (folder / name).is_file()]
+    if missing:
+        raise ConfigError(
+            f"`resume-from` folder {folder} is not a fedsft run: {' and '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} missing (a run folder holds "
+            "config.json, results.jsonl and checkpoints/)"
+        )
+    _check_settings(folder, cfg)
+    return _newest_intact(folder, read_results(folder / "results.jsonl"))[1]
+
+
 class RunOutputs:
     """Writes (and, for resume, reads) the files of one run folder."""
 
@@ -106,10 +295,12 @@ class RunOutputs:
         self.keep_checkpoints = keep_checkpoints
         self.checkpoint_dir = folder / "checkpoints"
         self.results_path = folder / "results.jsonl"
+        self.started = False  # start() ran: the folder is this run's
 
     def start(self, cfg: RunConfig, label_names: list[str]) -> None:
         """Create the folder and write config.json and label_map.json."""
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.started = True
         _atomic_write_json(self.folder / "config.json", cfg.to_flower())
         _atomic_write_json(self.folder / "label_map.json", dict(enumerate(label_names)))
 
@@ -135,61 +326,153 @@ class RunOutputs:
         )
         os.replace(tmp, path)
         if self.keep_checkpoints:
-            for old in sorted(self.checkpoint_dir.glob("round-*.safetensors"))[
-                : -self.keep_checkpoints
-            ]:
+            for _, old in _checkpoint_files(self.checkpoint_dir)[: -self.keep_checkpoints]:
                 old.unlink()
         return path
 
     # --- resume -----------------------------------------------------------------
     def read_results(self) -> list[dict[str, Any]]:
         """Rows of results.jsonl; a torn last line (crash mid-write) is ignored."""
-        if not self.results_path.exists():
-            return []
-        rows = []
-        for line in self.results_path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-        return rows
+        return read_results(self.results_path)
 
     def last_checkpoint(self) -> Checkpoint:
-        """The latest round with both a results line and a checkpoint file.
+        """The newest round with both a results line and an intact checkpoint.
 
+        Unreadable newer checkpoints are skipped with a warning naming each file.
         Results lines after that round are dropped, so the resumed run appends cleanly.
         """
-        done = {row["round"] for row in self.read_results()}
-        candidates = sorted(self.checkpoint_dir.glob("round-*.safetensors"), reverse=True)
-        for path in candidates:
-            round_ = int(path.stem.split("-")[1])
-            if round_ in done:
-                global_state, strategy_state = _unflatten_state(load_file(str(path)))
-                rows = [r for r in self.read_results() if r["round"] <= round_]
-                _atomic_write_bytes(
-                    self.results_path,
-                    "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
-                )
-                return Checkpoint(round_, global_state, strategy_state)
-        raise ConfigError(
-            f"`resume-from` folder {self.folder} has no completed round to resume "
-            "(no checkpoint matching a results.jsonl line)"
+        checkpoint, point = _newest_intact(self.folder, self.read_results())
+        for path, why in point.skipped:
+            print(f"[fedsft] warning: checkpoint {path} is unreadable ({why}); "
+                  "resuming from an older round", flush=True)
+        rows = [r for r in self.read_results() if r.get("round", 0) <= checkpoint.round]
+        _atomic_write_bytes(
+            self.results_path,
+            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
         )
+        return checkpoint
 
     def check_resumable(self, cfg: RunConfig) -> None:
         """Refuse to resume with settings that change what is computed."""
-        path = self.folder / "config.json"
-        if not path.exists():
-            raise ConfigError(f"`resume-from` folder {self.folder} has no config.json")
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        current = cfg.to_flower()
-        changed = sorted(
-            k for k in current
-            if k not in RESUMABLE_CHANGES and saved.get(k) != current[k]
-        )
-        if changed:
-            details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
-            raise ConfigError(
-                f"cannot resume {self.folder} with changed settings ({details}); "
-                f"only {', '.join(sorted(RESUMABLE_CHANGES))} may change"
-            )
+        _check_settings(self.folder, cfg)
+
+
+# --- how the run ended ---------------------------------------------------------
+OUTCOME_FILE = "outcome.json"
+OUTCOME_STATUSES = ("completed", "failed")
+
+
+class RunFailed(RuntimeError):
+    """The run ended without a result worth exporting (no round aggregated)."""
+
+
+class OutcomeError(ValueError):
+    """An outcome.json that is not valid (hand-edited or from another program)."""
+
+
+@dataclass(frozen=True)
+class RunOutcomeRecord:
+    """The content of ``outcome.json``; see the module docstring."""
+
+    status: str
+    message: str
+    rounds_done: int
+    rounds_aggregated: int
+    final_model: bool
+    stopped_early: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.status not in OUTCOME_STATUSES:
+            raise OutcomeError(f"outcome status must be one of {', '.join(OUTCOME_STATUSES)}, "
+                               f"got {self.status!r}")
+
+
+def round_aggregated(row: Mapping[str, Any]) -> bool:
+    """Whether a results row is a training round (> 0) whose update changed the model."""
+    clients = row.get("clients") or {}
+    return (int(row.get("round", 0)) > 0 and int(clients.get("aggregated", 0)) > 0
+            and not clients.get("skipped", False))
+
+
+def rounds_aggregated(rows: Sequence[Mapping[str, Any]]) -> int:
+    """How many rounds of ``rows`` aggregated at least one client update."""
+    return sum(1 for row in rows if round_aggregated(row))
+
+
+_NODE_PREFIX = re.compile(r"^node \d+: ")
+
+
+def failure_reasons(rows: Sequence[Mapping[str, Any]], *, limit: int = 3) -> tuple[list[str], int]:
+    """The distinct problems recorded in ``rows`` (first ``limit``) and how many there are.
+
+    The ``node N:`` prefix is dropped first, so one reason shared by every client (the
+    usual case: the same data error at each site) is quoted once.
+    """
+    distinct: list[str] = []
+    for row in rows:
+        for problem in (row.get("clients") or {}).get("problems") or []:
+            reason = _NODE_PREFIX.sub("", str(problem))
+            if reason not in distinct:
+                distinct.append(reason)
+    return distinct[:limit], len(distinct)
+
+
+def no_aggregation_message(
+    folder: Path, rows: Sequence[Mapping[str, Any]], *, stopped_early: str | None = None
+) -> str:
+    """The one-paragraph reason of a run in which no round aggregated (``RunFailed``)."""
+    trained = [row for row in rows if int(row.get("round", 0)) > 0]
+    reasons, total = failure_reasons(trained)
+    if trained:
+        what = (f"none of its {len(trained)} round(s) aggregated a client update (every "
+                "round was skipped)")
+    else:
+        what = "no training round ran"
+    text = f"run {folder}: {what}, so no final model was written (it would be the untrained "
+    text += "initial model)"
+    if stopped_early:
+        text += f"; {stopped_early}"
+    if reasons:
+        quoted = "; ".join(f"'{reason}'" for reason in reasons)
+        more = f" (and {total - len(reasons)} more)" if total > len(reasons) else ""
+        text += f". The clients' problems: {quoted}{more}"
+    return text + f". See {folder / 'results.jsonl'}."
+
+
+def outcome_of(
+    rows: Sequence[Mapping[str, Any]], *, status: str, message: str, final_model: bool,
+    stopped_early: str | None = None,
+) -> RunOutcomeRecord:
+    """The outcome record of a run whose results.jsonl holds ``rows``."""
+    return RunOutcomeRecord(
+        status=status, message=message,
+        rounds_done=max((int(row.get("round", 0)) for row in rows), default=0),
+        rounds_aggregated=rounds_aggregated(rows), final_model=final_model,
+        stopped_early=stopped_early,
+    )
+
+
+def write_outcome(folder: Path, outcome: RunOutcomeRecord) -> Path:
+    """Write ``folder/outcome.json`` atomically (replacing an earlier attempt's)."""
+    path = folder / OUTCOME_FILE
+    _atomic_write_json(path, asdict(outcome))
+    return path
+
+
+def read_outcome(folder: Path) -> RunOutcomeRecord | None:
+    """The run's ``outcome.json``; None when the run has not ended (or predates it).
+
+    Raises
+    ------
+    OutcomeError
+        The file is not valid JSON or lacks a field.
+    """
+    path = Path(folder) / OUTCOME_FILE
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return RunOutcomeRecord(**{f.name: data[f.name] for f in fields(RunOutcomeRecord)})
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise OutcomeError(f"{path} is not a fedsft outcome file: {type(exc).__name__}: "
+                           f"{exc}") from exc

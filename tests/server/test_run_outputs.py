@@ -4,7 +4,21 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, RunConfig
-from server.run_outputs import RunOutputs
+from server.run_outputs import (
+    OutcomeError,
+    ResumePoint,
+    RunOutcomeRecord,
+    RunOutputs,
+    check_resume,
+    failure_reasons,
+    no_aggregation_message,
+    outcome_of,
+    read_outcome,
+    replace_folder,
+    rounds_aggregated,
+    staging_folder,
+    write_outcome,
+)
 
 
 def _outputs(tmp_path, keep=0):
@@ -64,3 +78,159 @@ def test_resume_refuses_changed_settings_but_allows_more_rounds(tmp_path):
 def test_resume_without_completed_round_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="no completed round"):
         _outputs(tmp_path).last_checkpoint()
+
+
+# --- resume from damaged checkpoints, and the pure check -------------------------
+def _three_rounds(tmp_path, keep=0):
+    outputs = _outputs(tmp_path, keep=keep)
+    for rnd in (0, 1, 2):
+        outputs.save_checkpoint(rnd, {"w": np.full(1, rnd, np.float32)}, {})
+        outputs.append_result({"round": rnd})
+    return outputs
+
+
+def _snapshot(folder):
+    """Bytes and modification time of every file, and the set of paths (folders too)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else None,
+                                         p.stat().st_mtime_ns)
+            for p in folder.rglob("*")}
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_one_and_says_which(
+    tmp_path, capsys
+):
+    outputs = _three_rounds(tmp_path)
+    bad = outputs.checkpoint_dir / "round-0002.safetensors"
+    bad.write_bytes(bad.read_bytes()[:-7])  # truncated, as by a full disk
+    checkpoint = outputs.last_checkpoint()
+    assert checkpoint.round == 1 and checkpoint.global_state["w"][0] == 1
+    assert [r["round"] for r in outputs.read_results()] == [0, 1]
+    warning = capsys.readouterr().out
+    assert str(bad) in warning and "SafetensorError" in warning
+
+
+def test_check_resume_names_the_skipped_file_and_the_round_it_would_continue_after(tmp_path):
+    outputs = _three_rounds(tmp_path)
+    bad = outputs.checkpoint_dir / "round-0002.safetensors"
+    bad.write_bytes(b"garbage, not a safetensors file")
+    point = check_resume(outputs.folder, RunConfig())
+    assert isinstance(point, ResumePoint) and point.round == 1
+    assert point.checkpoint == outputs.checkpoint_dir / "round-0001.safetensors"
+    assert [path for path, _ in point.skipped] == [bad]
+    assert "SafetensorError" in point.skipped[0][1]
+
+
+def test_a_checkpoint_holding_another_round_is_not_trusted(tmp_path):
+    outputs = _three_rounds(tmp_path)
+    ckpt = outputs.checkpoint_dir
+    (ckpt / "round-0001.safetensors").replace(ckpt / "round-0002.safetensors")
+    point = check_resume(outputs.folder, RunConfig())
+    assert point.round == 0 and "holds round 1, not 2" in point.skipped[0][1]
+
+
+def test_all_checkpoints_corrupt_is_an_error_naming_each_file(tmp_path):
+    outputs = _three_rounds(tmp_path)
+    for path in outputs.checkpoint_dir.iterdir():
+        path.write_bytes(b"\x00" * 5)
+    with pytest.raises(ConfigError, match="unreadable") as err:
+        outputs.last_checkpoint()
+    for rnd in (0, 1, 2):
+        assert str(outputs.checkpoint_dir / f"round-{rnd:04d}.safetensors") in str(err.value)
+    assert [r["round"] for r in outputs.read_results()] == [0, 1, 2]  # nothing dropped
+
+
+def test_check_resume_on_a_missing_folder_does_not_create_it(tmp_path):
+    with pytest.raises(ConfigError, match="`resume-from` folder .*nope does not exist"):
+        check_resume(tmp_path / "nope", RunConfig())
+    assert not (tmp_path / "nope").exists()
+
+
+def test_check_resume_names_what_a_non_run_folder_lacks(tmp_path):
+    (tmp_path / "photos").mkdir()
+    with pytest.raises(ConfigError, match="not a fedsft run: config.json and results.jsonl"):
+        check_resume(tmp_path / "photos", RunConfig())
+    (tmp_path / "photos" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a fedsft run: results.jsonl is missing"):
+        check_resume(tmp_path / "photos", RunConfig())
+
+
+def test_check_resume_refuses_changed_settings(tmp_path):
+    outputs = _three_rounds(tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot resume .*\(learning-rate: 0.002 -> 0.01\)"):
+        check_resume(outputs.folder, RunConfig(learning_rate=0.01))
+
+
+def test_check_resume_changes_nothing_on_disk(tmp_path):
+    outputs = _three_rounds(tmp_path)
+    outputs.save_checkpoint(3, {"w": np.zeros(1, np.float32)}, {})  # no results line
+    (outputs.checkpoint_dir / "round-0002.safetensors").write_bytes(b"corrupt")
+    with outputs.results_path.open("a") as f:
+        f.write('{"round": 3, "to')
+    before = _snapshot(outputs.folder)
+    assert check_resume(outputs.folder, RunConfig(num_server_rounds=9)).round == 1
+    assert _snapshot(outputs.folder) == before
+
+
+# --- outcome.json --------------------------------------------------------------
+def _row(rnd, aggregated, *problems, skipped=False):
+    return {"round": rnd, "clients": {"aggregated": aggregated, "skipped": skipped,
+                                      "problems": list(problems)}}
+
+
+def test_only_rounds_with_an_aggregated_update_count():
+    rows = [_row(0, 0), _row(1, 0, skipped=True), _row(2, 3), _row(3, 2, skipped=True),
+            _row(4, 1)]
+    assert rounds_aggregated(rows) == 2  # round 0 is the initial model; 3 returned no model
+    assert rounds_aggregated([_row(0, 0), _row(1, 0, skipped=True)]) == 0
+
+
+def test_failure_reasons_quote_each_distinct_reason_once():
+    same = "error: DataError: /data/a.csv does not exist"
+    rows = [_row(0, 0), _row(1, 0, f"node 11: {same}", f"node 12: {same}", skipped=True),
+            _row(2, 0, f"node 11: {same}", "node 12: error: CUDA out of memory",
+                 "round skipped: too few", "aggregation failed: x", skipped=True)]
+    reasons, total = failure_reasons(rows)
+    assert reasons == [same, "error: CUDA out of memory", "round skipped: too few"]
+    assert total == 4
+
+
+def test_the_no_aggregation_message_is_one_paragraph_quoting_the_clients(tmp_path):
+    rows = [_row(0, 0), _row(1, 0, "node 3: error: DataError: no rows", skipped=True),
+            _row(2, 0, "node 3: error: DataError: no rows", skipped=True)]
+    message = no_aggregation_message(tmp_path / "run", rows)
+    assert "none of its 2 round(s) aggregated" in message and "\n" not in message
+    assert message.count("'error: DataError: no rows'") == 1
+    assert str(tmp_path / "run" / "results.jsonl") in message
+
+
+def test_outcome_round_trips_through_outcome_json(tmp_path):
+    rows = [_row(0, 0), _row(1, 2), _row(2, 0, skipped=True)]
+    outcome = outcome_of(rows, status="completed", message="ok", final_model=True,
+                         stopped_early="privacy budget: stopping after round 2")
+    assert (outcome.rounds_done, outcome.rounds_aggregated) == (2, 1)
+    write_outcome(tmp_path, outcome)
+    assert read_outcome(tmp_path) == outcome
+    assert json.loads((tmp_path / "outcome.json").read_text())["status"] == "completed"
+
+
+def test_read_outcome_is_none_before_the_end_and_an_error_when_malformed(tmp_path):
+    assert read_outcome(tmp_path) is None
+    (tmp_path / "outcome.json").write_text('{"status": "completed"}')
+    with pytest.raises(OutcomeError, match="outcome.json is not a fedsft outcome"):
+        read_outcome(tmp_path)
+    with pytest.raises(OutcomeError, match="must be one of completed, failed"):
+        RunOutcomeRecord(status="done", message="", rounds_done=0, rounds_aggregated=0,
+                         final_model=False)
+
+
+# --- replacing a folder atomically ---------------------------------------------
+def test_replace_folder_swaps_in_the_new_folder_and_drops_the_old(tmp_path):
+    target = tmp_path / "final"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    staging = staging_folder(target)
+    assert staging.parent == tmp_path and staging.name.startswith(".final.")
+    (staging / "new.txt").write_text("new")
+    replace_folder(staging, target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert [p.name for p in target.iterdir()] == ["new.txt"]

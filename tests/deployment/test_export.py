@@ -1,0 +1,163 @@
+"""``fedsft export``: what it writes, and that it never replaces a run or foreign files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+import deployment.export as export_module
+from deployment.export import EXPORT_KIND, EXPORT_META, ExportError, export_run
+
+ROWS = [
+    {"round": 0, "central": {"accuracy": 0.5, "f1_macro": 0.4, "loss": 0.7}, "clients": {}},
+    {"round": 1, "central": {"accuracy": 0.8, "f1_macro": 0.7, "loss": 0.5},
+     "clients": {"sampled": 2, "aggregated": 2}},
+]
+
+
+def _run(folder: Path) -> Path:
+    """A finished run folder as the server leaves it (fake weights: export copies bytes)."""
+    model = folder / "final" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"architectures": ["BertForSequenceClassification"]}')
+    (model / "model.safetensors").write_bytes(b"weights")
+    (folder / "config.json").write_text(json.dumps({"model": "minilm", "max-length": 32,
+                                                    "method": "lora"}))
+    (folder / "label_map.json").write_text(json.dumps({"0": "neg", "1": "pos"}))
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "round-0001.safetensors").write_bytes(b"checkpoint")
+    return folder
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` by relative path, with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_export_copies_the_model_and_marks_itself(tmp_path):
+    run = _run(tmp_path / "outputs" / "run")
+    out = export_run(run, tmp_path / "model")
+    assert (out / "model.safetensors").read_bytes() == b"weights"
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["kind"] == EXPORT_KIND and meta["labels"] == ["neg", "pos"]
+    assert meta["run"] == str(run.resolve()) and meta["rounds"] == 1
+    assert "# run: federated fine-tuned" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("force", [False, True])
+@pytest.mark.parametrize("target", [".", "final", "final/model", "exported", "checkpoints"])
+def test_a_target_inside_the_run_is_refused_and_the_run_survives(tmp_path, target, force):
+    run = _run(tmp_path / "outputs" / "run")
+    before = _files(run)
+    with pytest.raises(ExportError, match="inside the run folder") as err:
+        export_run(run, run / target, force=force)
+    assert str(run) in str(err.value)
+    assert _files(run) == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["final", "config.json", "label_map.json", "results.jsonl", "checkpoints"])
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_parent_of_the_run_is_refused_and_every_sibling_run_survives(tmp_path, force):
+    outputs = tmp_path / "outputs"
+    run, sibling = _run(outputs / "run"), _run(outputs / "other-run")
+    before = _files(tmp_path)
+    for parent in (outputs, tmp_path):
+        with pytest.raises(ExportError, match="contains the run folder"):
+            export_run(run, parent, force=force)
+    assert _files(tmp_path) == before and sibling.is_dir()
+
+
+def test_a_symlink_into_the_run_is_refused(tmp_path):
+    run = _run(tmp_path / "run")
+    link = tmp_path / "link"
+    link.symlink_to(run / "final", target_is_directory=True)
+    before = _files(run)
+    with pytest.raises(ExportError, match="inside the run folder"):
+        export_run(run, link, force=True)
+    assert _files(run) == before
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_folder_that_is_no_export_is_never_replaced(tmp_path, force):
+    run = _run(tmp_path / "outputs" / "run")
+    other = _run(tmp_path / "outputs" / "another-run")  # e.g. a second run, by mistake
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("keep me")
+    before = _files(tmp_path)
+    for target in (other, notes):
+        with pytest.raises(ExportError, match="not an earlier fedsft export") as err:
+            export_run(run, target, force=force)
+        assert str(target) in str(err.value) and "not even with --force" in str(err.value)
+    assert _files(tmp_path) == before
+
+
+def test_an_existing_file_is_refused(tmp_path):
+    run = _run(tmp_path / "run")
+    (tmp_path / "model").write_text("a file")
+    with pytest.raises(ExportError, match="not a folder"):
+        export_run(run, tmp_path / "model", force=True)
+    assert (tmp_path / "model").read_text() == "a file"
+
+
+def test_an_empty_folder_is_used(tmp_path):
+    run = _run(tmp_path / "run")
+    (tmp_path / "model").mkdir()
+    export_run(run, tmp_path / "model")
+    assert (tmp_path / "model" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_an_earlier_export_needs_force_and_is_then_replaced(tmp_path):
+    run = _run(tmp_path / "run")
+    out = export_run(run, tmp_path / "model")
+    (out / "stale.txt").write_text("from the earlier export")
+    (run / "final" / "model" / "model.safetensors").write_bytes(b"new weights")
+    with pytest.raises(ExportError, match="use --force"):
+        export_run(run, out)
+    assert (out / "stale.txt").exists()
+    export_run(run, out, force=True)
+    assert (out / "model.safetensors").read_bytes() == b"new weights"
+    assert not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]  # nothing left over
+
+
+def test_an_export_from_before_the_kind_field_is_recognised(tmp_path):
+    run = _run(tmp_path / "run")
+    old = tmp_path / "model"
+    old.mkdir()
+    (old / EXPORT_META).write_text(json.dumps({"run": "/x", "labels": ["a"], "max-length": 8}))
+    export_run(run, old, force=True)
+    assert json.loads((old / EXPORT_META).read_text())["kind"] == EXPORT_KIND
+
+
+def test_a_failure_mid_copy_keeps_the_earlier_export_and_leaves_no_temporary_folder(
+    tmp_path, monkeypatch
+):
+    run = _run(tmp_path / "run")
+    out = export_run(run, tmp_path / "model")
+    before = _files(out)
+
+    def copy_then_fail(src, dst, **kwargs):
+        shutil.copy2(Path(src) / "config.json", Path(dst) / "config.json")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_module.shutil, "copytree", copy_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        export_run(run, out, force=True)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]
+
+
+@pytest.mark.parametrize("missing", ["final/model/model.safetensors", "final/model/config.json",
+                                     "label_map.json", "results.jsonl"])
+def test_a_run_without_weights_or_config_is_a_clear_error(tmp_path, missing):
+    run = _run(tmp_path / "run")
+    (run / missing).unlink()
+    with pytest.raises(ExportError, match="is not a finished fedsft run"):
+        export_run(run, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
