@@ -304,3 +304,70 @@ def test_an_outcome_from_an_earlier_attempt_does_not_count(tmp_path):
 
     assert not outcome.ok
     assert "failed before writing its outcome" in outcome.message
+
+
+# --- end to end: SIGTERM to the harness stops the whole simulation -----------------------
+
+
+@pytest.mark.e2e
+def test_sigterm_to_the_harness_stops_the_simulation_and_frees_the_ports(
+        tmp_path, tiny_model_dir):
+    import queue
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import psutil
+
+    from simulations.runner import LOCAL_SUPERLINK_PORTS, MACHINE_LOCK, _port_in_use
+
+    (tmp_path / "tiny.toml").write_text(f"""
+description = "tiny BERT, 2 clients, 3 rounds"
+num-supernodes = 2
+[run-config]
+model = "{tiny_model_dir}"
+num-server-rounds = 3
+builtin-examples = 200
+max-length = 24
+batch-size = 4
+local-steps = 2
+node-wait-timeout = 60
+""")
+    harness = subprocess.Popen(
+        [sys.executable, "-m", "simulations", "run", str(tmp_path / "tiny.toml"),
+         "--output-dir", str(tmp_path / "out"), "--set", "run-name=r"],
+        cwd=Path(__file__).resolve().parents[2], stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in harness.stdout],
+                     daemon=True).start()
+    try:
+        # Round 0 is the initial model; the signal comes while round 1 trains.
+        while "[fedsft] round 0/3" not in lines.get(timeout=900):  # may wait for the lock
+            pass
+        harness.send_signal(signal.SIGTERM)
+        status = harness.wait(timeout=120)
+    finally:
+        harness.kill()
+    err = harness.stderr.read()
+
+    run = tmp_path / "out" / "r"
+    assert status == 130, err[-3000:]
+    assert err.splitlines()[-1] == (
+        f"[fedsft] interrupted; stopped the simulation; resume with --set resume-from={run}")
+    header = (run / "flwr.log").read_text().splitlines()[0]
+    flwr_home = header.split("--run-config ")[1].split("/run-config.toml")[0]
+    left = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        environ, cmdline = proc.info["environ"] or {}, proc.info["cmdline"] or []
+        if environ.get("FLWR_HOME") == flwr_home or any(flwr_home in c for c in cmdline):
+            left.append((proc.pid, cmdline))
+    assert left == []
+    # The ports are free, unless another simulation took the machine since.
+    if any(_port_in_use(p) for p in LOCAL_SUPERLINK_PORTS):
+        assert MACHINE_LOCK.read_text().strip(), "ports held with no simulation running"
+    # Stopped mid-run, and resumable: its config and round 0's checkpoint are there.
+    assert not (run / "final").exists()
+    assert (run / "config.json").is_file()
+    assert (run / "checkpoints" / "round-0000.safetensors").is_file()
