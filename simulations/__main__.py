@@ -86,8 +86,9 @@ def _command_run(args: argparse.Namespace) -> int:
     run_name = str(overrides.get("run-name") or scenario.run_config.get("run-name")
                    or f"{scenario.name}-{_stamp()}")
     nodes = args.num_supernodes or scenario.num_supernodes
-    print(f"[fedsft] scenario {scenario.name}: {scenario.description} "
-          f"({nodes} virtual clients)", flush=True)
+    how = (f"resuming {overrides['resume-from']}" if overrides.get("resume-from")
+           else f"{nodes} virtual clients")
+    print(f"[fedsft] scenario {scenario.name}: {scenario.description} ({how})", flush=True)
     started = time.monotonic()
     outcome = run_scenario(
         scenario, overrides, output_dir=output_dir, run_name=run_name,

@@ -167,8 +167,10 @@ class _Ticket:
     def alive(self) -> bool:
         try:
             return abs(psutil.Process(self.pid).create_time() - self.created) < 1.0
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+        except psutil.NoSuchProcess:
             return False
+        except psutil.AccessDenied:  # another user's waiter: keep its place
+            return True
 
 
 def _queue_path(lock_path: Path) -> Path:
