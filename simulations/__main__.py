@@ -6,6 +6,11 @@ python -m simulations sweep <scenario> --grid key=v1,v2 ... [--seeds 1,2,3]
 python -m simulations compare <run dir> <run dir> ... [--output DIR]
 python -m simulations report <run dir>
 ```
+
+Exit status: 0 the run did what was asked, 1 it failed (or an unexpected error), 2 a
+usage, configuration or data error found before anything started, 130 interrupted.
+The heavy modules (Flower's runner, data loading, reports) are imported by the
+command handlers, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -14,42 +19,86 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
+from typing import Any
 
-from common.config import ConfigError
-from simulations.report import ReportError, write_comparison, write_report
-from simulations.runner import HarnessError
-from simulations.scenarios import (
-    ScenarioError,
-    available,
-    load_scenario,
-    parse_set,
-    safe_name,
-)
-from simulations.sweep import parse_grid, parse_seeds, run_scenario, run_sweep
+from simulations.scenarios import available, load_scenario, parse_set, safe_name
 
 __all__ = ["build_parser", "main", "parse_set"]
+
+# The project's error types, by module: a user error prints one paragraph, no
+# traceback. Looked up in sys.modules, so checking an error imports nothing.
+_USER_ERRORS = {
+    "common.config": ("ConfigError",),
+    "common.data": ("DataError",),
+    "common.encoding": ("EncodingError",),
+    "simulations.scenarios": ("ScenarioError",),
+    "simulations.runner": ("HarnessError",),
+    "simulations.report": ("ReportError",),
+    "simulations.benchmarks.harness": ("BenchmarkError",),
+}
 
 
 def _stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
+def _is_user_error(error: BaseException) -> bool:
+    for module, names in _USER_ERRORS.items():
+        loaded = sys.modules.get(module)
+        for name in names:
+            cls = getattr(loaded, name, None)
+            if isinstance(cls, type) and isinstance(error, cls):
+                return True
+    return False
+
+
+def _config_error(message: str) -> Exception:
+    from common.config import ConfigError
+
+    return ConfigError(message)
+
+
+def _output_dir(args: argparse.Namespace, overrides: dict[str, Any],
+                scenario_config: dict[str, Any]) -> Path:
+    """The folder that receives the run: ``--output-dir``, else ``--set output-dir``,
+    else the scenario's ``output-dir``, else ./outputs; the two flags must agree."""
+    from_set = overrides.pop("output-dir", None)
+    if args.output_dir is not None:
+        if from_set is not None and Path(str(from_set)).resolve() != Path(
+                args.output_dir).resolve():
+            raise _config_error(
+                f"--output-dir {args.output_dir} and --set output-dir={from_set} disagree; "
+                "give the folder once, with --output-dir"
+            )
+        return Path(args.output_dir)
+    chosen = from_set if from_set is not None else scenario_config.get("output-dir")
+    return Path(str(chosen or "outputs"))
+
+
 def _command_run(args: argparse.Namespace) -> int:
+    from simulations.sweep import run_scenario
+
     scenario = load_scenario(args.scenario)
     overrides = parse_set(args.set)
+    output_dir = _output_dir(args, overrides, scenario.run_config)
+    run_name = str(overrides.get("run-name") or scenario.run_config.get("run-name")
+                   or f"{scenario.name}-{_stamp()}")
     nodes = args.num_supernodes or scenario.num_supernodes
-    print(f"[fedsft] scenario {scenario.name}: {scenario.description} "
-          f"({nodes} virtual clients)", flush=True)
+    how = (f"resuming {overrides['resume-from']}" if overrides.get("resume-from")
+           else f"{nodes} virtual clients")
+    print(f"[fedsft] scenario {scenario.name}: {scenario.description} ({how})", flush=True)
     started = time.monotonic()
     outcome = run_scenario(
-        scenario, overrides, output_dir=Path(args.output_dir),
-        run_name=f"{scenario.name}-{_stamp()}", num_supernodes=nodes, quiet=args.quiet,
+        scenario, overrides, output_dir=output_dir, run_name=run_name,
+        num_supernodes=args.num_supernodes, quiet=args.quiet,
     )
     if outcome.report:
         print(f"[fedsft] report: {outcome.report}")
     if not outcome.ok:
-        print(f"[fedsft] {outcome.message}", file=sys.stderr)
+        print(f"[fedsft] outputs: {outcome.run_dir}")
+        print(f"[fedsft] run failed: {outcome.message}", file=sys.stderr)
         return 1
     lines = (outcome.run_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()
     last = json.loads(lines[-1])
@@ -57,26 +106,32 @@ def _command_run(args: argparse.Namespace) -> int:
     if last.get("central"):
         metrics = (f"central accuracy {last['central']['accuracy']:.4f}, "
                    f"macro-F1 {last['central']['f1_macro']:.4f}")
-    print(f"[fedsft] done in {time.monotonic() - started:.0f} s: round {last['round']} "
-          f"{metrics}")
+    stopped = (outcome.outcome or {}).get("stopped_early")
     print(f"[fedsft] outputs: {outcome.run_dir}")
+    print(f"[fedsft] done in {time.monotonic() - started:.0f} s: round {last['round']} "
+          f"{metrics}" + (f" (stopped early: {stopped})" if stopped else ""))
     return 0
 
 
 def _command_sweep(args: argparse.Namespace) -> int:
+    from simulations.sweep import parse_grid, parse_seeds, run_sweep
+
     scenario = load_scenario(args.scenario)
     grid = parse_grid(args.grid)
     base = parse_set(args.set)
+    output_dir = _output_dir(args, base, scenario.run_config)
     if args.seeds:
         if "seed" in base:
-            raise ConfigError("give seeds either with --seeds or with --set seed=..., not both")
+            raise _config_error("give seeds either with --seeds or with --set seed=..., "
+                                "not both")
         seeds = parse_seeds(args.seeds)
     else:
         seeds = [int(base.pop("seed", scenario.run_config.get("seed", 42)))]
     if "run-name" in base or "resume-from" in base:
-        raise ConfigError("a sweep names its runs itself: drop --set run-name / resume-from")
+        raise _config_error("a sweep names its runs itself: drop --set run-name / "
+                            "resume-from")
     name = args.name or f"{scenario.name}-sweep-{_stamp()}"
-    sweep_dir = Path(args.output_dir).resolve() / safe_name(name)
+    sweep_dir = output_dir.resolve() / safe_name(name)
     total = len(seeds)
     for values in grid.values():
         total *= len(values)
@@ -84,19 +139,22 @@ def _command_sweep(args: argparse.Namespace) -> int:
           flush=True)
     outcomes, compare = run_sweep(
         scenario, grid=grid, seeds=seeds, base_overrides=base, sweep_dir=sweep_dir,
-        num_supernodes=args.num_supernodes or None, quiet=args.quiet,
+        num_supernodes=args.num_supernodes, quiet=args.quiet,
     )
     failed = [o for o in outcomes if not o.ok]
-    print(f"[fedsft] sweep finished: {len(outcomes) - len(failed)}/{len(outcomes)} runs ok")
-    for outcome in failed:
-        print(f"[fedsft] FAILED {outcome.name}: {outcome.message}", file=sys.stderr)
     if compare:
         print(f"[fedsft] comparison: {compare}")
     print(f"[fedsft] outputs: {sweep_dir}")
+    for outcome in failed:
+        print(f"[fedsft] FAILED {outcome.name}: {outcome.message}", file=sys.stderr)
+    summary = f"[fedsft] sweep finished: {len(outcomes) - len(failed)}/{len(outcomes)} runs ok"
+    print(summary, file=sys.stderr if failed else sys.stdout)
     return 1 if failed else 0
 
 
 def _command_compare(args: argparse.Namespace) -> int:
+    from simulations.report import write_comparison
+
     output = Path(args.output or Path("outputs") / f"compare-{_stamp()}")
     path = write_comparison([Path(d) for d in args.runs], output, title=args.title)
     print(f"[fedsft] comparison: {path}")
@@ -104,7 +162,9 @@ def _command_compare(args: argparse.Namespace) -> int:
 
 
 def _command_report(args: argparse.Namespace) -> int:
-    path = write_report(Path(args.run), num_supernodes=args.num_supernodes or None)
+    from simulations.report import write_report
+
+    path = write_report(Path(args.run), num_supernodes=args.num_supernodes)
     print(f"[fedsft] report: {path}")
     return 0
 
@@ -114,11 +174,12 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config key (repeatable), "
                         "e.g. --set strategy=fedprox")
-    parser.add_argument("--output-dir", default="outputs",
-                        help="folder that receives the run (or sweep) folder "
-                        "(default: ./outputs)")
-    parser.add_argument("--num-supernodes", type=int, default=0,
-                        help="override the scenario's number of virtual clients")
+    parser.add_argument("--output-dir", default=None,
+                        help="folder that receives the run (or sweep) folder (default: "
+                        "--set output-dir, else the scenario's, else ./outputs)")
+    parser.add_argument("--num-supernodes", type=int, default=None,
+                        help="override the scenario's number of virtual clients (a "
+                        "resumed run keeps the number it ran with)")
     parser.add_argument("--quiet", action="store_true",
                         help="do not stream Flower's log (it is still saved to flwr.log)")
 
@@ -130,12 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run fedsft federated fine-tuning simulations through Flower, "
         "sweep them, and write reports.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of an error, not only its message")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser(
         "run", help="run one scenario",
         description=f"Run a named scenario ({', '.join(available())}) or a scenario "
         "TOML file through `flwr run` on a private local SuperLink, then stop it. "
-        "Writes report.html into the run folder.",
+        "Writes report.html into the run folder. Exit status 0 only if the run "
+        "completed and wrote its final model.",
     )
     _add_common(run)
     run.set_defaults(handler=_command_run)
@@ -174,24 +238,56 @@ def build_parser() -> argparse.ArgumentParser:
         "plain `flwr run` runs and deployment runs alike).",
     )
     report.add_argument("run", help="run folder (holds results.jsonl and config.json)")
-    report.add_argument("--num-supernodes", type=int, default=0,
+    report.add_argument("--num-supernodes", type=int, default=None,
                         help="number of virtual clients, for the label distribution of "
                         "runs without simulation.json")
     report.set_defaults(handler=_command_report)
     return parser
 
 
+def _interrupted_message(error: KeyboardInterrupt) -> str:
+    run_dir = getattr(error, "run_dir", None)
+    if run_dir is None:
+        return "interrupted"
+    if (Path(run_dir) / "config.json").is_file():
+        return (f"interrupted; stopped the simulation; resume with "
+                f"--set resume-from={run_dir}")
+    return (f"interrupted; stopped the simulation before its first round was saved; "
+            f"nothing to resume in {run_dir}")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (2 for a usage or configuration error)."""
+    """Entry point; returns the exit status.
+
+    0: done as asked; 1: the run failed, or an unexpected error; 2: a usage,
+    configuration or data error (one paragraph, no traceback unless ``--debug``);
+    130: interrupted by Ctrl-C or SIGTERM (the simulation is stopped first).
+    """
     args = build_parser().parse_args(argv)
-    if getattr(args, "num_supernodes", 0) < 0:
-        print("error: --num-supernodes must be >= 1", file=sys.stderr)
+    nodes = getattr(args, "num_supernodes", None)
+    if nodes is not None and nodes < 1:
+        print(f"error: --num-supernodes must be >= 1, got {nodes}", file=sys.stderr)
         return 2
+    from simulations.runner import sigterm_interrupts
+
     try:
-        return int(args.handler(args))
-    except (ConfigError, ScenarioError, HarnessError, ReportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        with sigterm_interrupts():
+            return int(args.handler(args))
+    except KeyboardInterrupt as error:
+        if args.debug:
+            traceback.print_exc()
+        print(f"[fedsft] {_interrupted_message(error)}", file=sys.stderr)
+        return 130
+    except Exception as error:
+        if args.debug:
+            traceback.print_exc()
+        if _is_user_error(error):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        print(f"error: {type(error).__name__}: {error}", file=sys.stderr)
+        if not args.debug:
+            print("run with --debug for the traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -11,16 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,8 @@ LOCAL_SUPERLINK_PORTS = (39091, 39093)
 # otherwise start at once, and the second `flwr run` would submit to the first one's
 # SuperLink and lose it when that run ends.
 MACHINE_LOCK = Path(tempfile.gettempdir()) / "fedsft-local-superlink.lock"
+# Starts the header line of each attempt in a run's flwr.log.
+ATTEMPT_PREFIX = "==== fedsft attempt "
 
 
 class HarnessError(RuntimeError):
@@ -56,17 +62,33 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _stop_processes_under(flwr_home: Path) -> None:
-    """Stop the SuperLink started for ``flwr_home`` and everything it spawned."""
+def _processes_under(flwr_home: Path, child: int | None = None) -> list[psutil.Process]:
+    """Every process of this simulation: the ``flwr run`` child and its descendants, and
+    whatever carries ``flwr_home`` in its command line or its ``FLWR_HOME``.
+
+    The environment catches what the process tree misses: the SuperLink's SuperExec
+    runs in a new session, and Ray's workers are re-parented once their driver exits,
+    yet all of them inherit ``FLWR_HOME`` (psutil reads the environment of this user's
+    processes; others are skipped).
+    """
     marker = str(flwr_home)
-    roots = []
-    for proc in psutil.process_iter(["cmdline"]):
-        try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
-                roots.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
+    found: dict[int, psutil.Process] = {}
+    if child is not None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            found[child] = psutil.Process(child)
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        if proc.pid == os.getpid():
             continue
-    stop_process_trees(roots)
+        cmdline = proc.info.get("cmdline") or []
+        environ = proc.info.get("environ") or {}
+        if environ.get("FLWR_HOME") == marker or any(marker in part for part in cmdline):
+            found[proc.pid] = proc
+    return list(found.values())
+
+
+def _stop_processes_under(flwr_home: Path, child: int | None = None) -> None:
+    """Stop the SuperLink started for ``flwr_home``, the simulation and its Ray workers."""
+    stop_process_trees(_processes_under(flwr_home, child))
 
 
 def stop_process_trees(roots: list[psutil.Process], *, timeout: float = 10) -> None:
@@ -75,20 +97,167 @@ def stop_process_trees(roots: list[psutil.Process], *, timeout: float = 10) -> N
     Descendants are listed before anything is signalled: Flower's SuperLink and
     SuperNode start their SuperExec in a new session, so a process-group kill misses it.
     """
-    procs = []
+    procs: dict[int, psutil.Process] = {}
     for root in roots:
         try:
-            procs.extend([root, *root.children(recursive=True)])
+            for proc in [root, *root.children(recursive=True)]:
+                procs.setdefault(proc.pid, proc)
         except psutil.NoSuchProcess:
             continue
-    for proc in procs:
+    for proc in procs.values():
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=timeout)
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
 
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within the block SIGTERM raises ``KeyboardInterrupt``, as Ctrl-C does.
+
+    So ``kill <harness>`` takes the same path as Ctrl-C: the simulation is stopped and
+    the machine released. Only the main thread can install handlers: elsewhere this
+    does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM within the block (the clean-up after an interrupt), so a
+    second Ctrl-C does not abandon the simulation's processes half stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# --- the machine lock: one simulation at a time, first come first served -----------------
+
+
+@dataclass(frozen=True)
+class _Ticket:
+    """A process waiting for the machine, in the queue file next to the lock."""
+
+    pid: int
+    created: float  # the process's start time: a reused pid is not the same waiter
+    token: str
+    run: str
+    since: float
+
+    def alive(self) -> bool:
+        try:
+            return abs(psutil.Process(self.pid).create_time() - self.created) < 1.0
+        except psutil.NoSuchProcess:
+            return False
+        except psutil.AccessDenied:  # another user's waiter: keep its place
+            return True
+
+
+def _queue_path(lock_path: Path) -> Path:
+    return lock_path.with_name(lock_path.name + ".queue")
+
+
+def _update_queue(lock_path: Path, *, add: _Ticket | None = None,
+                  remove: str | None = None) -> list[_Ticket]:
+    """Read the queue, drop dead waiters (and ``remove``), append ``add``; under a lock."""
+    with _queue_path(lock_path).open("a+", encoding="utf-8") as queue:
+        fcntl.flock(queue, fcntl.LOCK_EX)  # held for a few reads and writes only
+        queue.seek(0)
+        tickets = []
+        for line in queue.read().splitlines():
+            try:
+                tickets.append(_Ticket(**json.loads(line)))
+            except (ValueError, TypeError):
+                continue  # a line from another version: not a waiter we can serve
+        tickets = [t for t in tickets if t.token != remove and t.alive()]
+        if add is not None and all(t.token != add.token for t in tickets):
+            tickets.append(add)
+        queue.seek(0)
+        queue.truncate()
+        queue.write("".join(json.dumps(asdict(t)) + "\n" for t in tickets))
+        return tickets
+
+
+def _holder(lock_path: Path) -> str:
+    """Who holds the machine, as its holder wrote into the lock file."""
+    try:
+        info = json.loads(lock_path.read_text(encoding="utf-8"))
+        since = time.strftime("%H:%M:%S UTC", time.gmtime(float(info["since"])))
+        return f"pid {info['pid']} (run {info['run']!r}, since {since})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another fedsft simulation"
+
+
+@contextlib.contextmanager
+def hold_machine(*, run_name: str, timeout: float,
+                 lock_path: Path | None = None) -> Iterator[float]:
+    """Hold the machine's simulation lock within the block; yields the seconds left.
+
+    Waiters are served in the order they arrived (a queue file next to the lock; dead
+    waiters are dropped), and the holder writes its pid, run name and start time into
+    the lock file, so a waiter says once whom it waits for. The lock is an ``flock``:
+    it is released when the block ends, also if this process dies. Raises
+    ``HarnessError`` after ``timeout`` seconds.
+    """
+    lock_path = MACHINE_LOCK if lock_path is None else lock_path
+    deadline = time.monotonic() + timeout
+    me = _Ticket(pid=os.getpid(), created=psutil.Process().create_time(),
+                 token=uuid.uuid4().hex, run=run_name, since=time.time())
+    with lock_path.open("a+", encoding="utf-8") as lock:
+        try:
+            announced = False
+            tickets = _update_queue(lock_path, add=me)
+            while True:
+                position = [t.token for t in tickets].index(me.token)
+                if position == 0:
+                    try:
+                        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        pass
+                if time.monotonic() >= deadline:
+                    raise HarnessError(
+                        f"another fedsft simulation held {lock_path} for {timeout:g} s "
+                        f"({_holder(lock_path)}); wait for it to finish"
+                    )
+                if not announced:
+                    print(f"[fedsft] waiting for the machine: held by {_holder(lock_path)}; "
+                          f"{position} waiter(s) ahead of this one; waiting up to "
+                          f"{timeout:g} s", file=sys.stderr, flush=True)
+                    announced = True
+                time.sleep(0.5)
+                tickets = _update_queue(lock_path, add=me)  # re-adds it if pruned
+        finally:
+            _update_queue(lock_path, remove=me.token)
+        lock.seek(0)
+        lock.truncate()
+        lock.write(json.dumps({"pid": me.pid, "run": run_name, "since": time.time()}))
+        lock.flush()
+        try:
+            yield max(deadline - time.monotonic(), 0.0)
+        finally:
+            lock.seek(0)
+            lock.truncate()
 
 def _wait_for_free_ports(port_wait: float) -> None:
     """Wait until no local SuperLink holds Flower's fixed ports, or fail clearly."""
@@ -122,34 +291,40 @@ def run_app(
     """Run one simulation of the app with ``run_config`` overrides; wait for its end.
 
     ``run_config`` must set ``output-dir`` (absolute) and ``run-name`` (or
-    ``resume-from``) so the run folder is known in advance. Output is streamed to
-    stdout unless ``quiet`` and always saved to ``<run folder>/flwr.log``.
+    ``resume-from``, an existing folder) so the run folder is known in advance. Output
+    is streamed to stdout unless ``quiet`` and always appended to
+    ``<run folder>/flwr.log``, after a header line per attempt.
     Flower's local SuperLink has fixed ports, so one simulation runs at a time on a
-    machine: while another fedsft simulation (a file lock) or another SuperLink (the
-    ports) holds it, this waits up to ``port_wait`` seconds in all.
+    machine: while another fedsft simulation (a file lock, served in order of arrival)
+    or another SuperLink (the ports) holds it, this waits up to ``port_wait`` seconds in
+    all. An interrupt (``KeyboardInterrupt``; SIGTERM within :func:`sigterm_interrupts`)
+    stops every process of the simulation before it propagates.
     """
-    deadline = time.monotonic() + port_wait
-    with MACHINE_LOCK.open("a") as lock:
-        announced = False
-        while True:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise HarnessError(
-                        f"another fedsft simulation held {MACHINE_LOCK} for {port_wait:g} s; "
-                        "wait for it to finish"
-                    ) from None
-                if not announced:
-                    print("[fedsft] waiting for another fedsft simulation on this machine",
-                          file=sys.stderr, flush=True)
-                    announced = True
-                time.sleep(1)
-        # Released when the file closes, also if this process dies.
-        _wait_for_free_ports(max(deadline - time.monotonic(), 0.0))
+    run_dir = _run_dir(run_config)
+    with hold_machine(run_name=run_dir.name, timeout=port_wait) as left:
+        _wait_for_free_ports(left)
         return _run_locked(run_config, num_supernodes=num_supernodes, num_cpus=num_cpus,
                            num_gpus=num_gpus, app_dir=app_dir, timeout=timeout, quiet=quiet)
+
+
+def _run_dir(run_config: Mapping[str, Any]) -> Path:
+    """The run folder; a ``resume-from`` folder must exist (it is never created)."""
+    if run_config.get("resume-from"):
+        run_dir = Path(str(run_config["resume-from"])).expanduser().resolve()
+        if not run_dir.is_dir():
+            raise HarnessError(f"`resume-from` folder {run_dir} does not exist")
+        return run_dir
+    return Path(str(run_config["output-dir"])) / str(run_config["run-name"])
+
+
+def _attempt_header(log_path: Path, command: list[str]) -> str:
+    """``==== fedsft attempt N, <UTC time>, <command> ====`` for this attempt's log."""
+    attempt = 1
+    if log_path.is_file():
+        with log_path.open(encoding="utf-8", errors="replace") as log:
+            attempt += sum(1 for line in log if line.startswith(ATTEMPT_PREFIX))
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return f"{ATTEMPT_PREFIX}{attempt}, {stamp}, {shlex.join(command)} ====\n"
 
 
 def _run_locked(
@@ -157,10 +332,7 @@ def _run_locked(
     num_gpus: float, app_dir: Path, timeout: float | None, quiet: bool,
 ) -> SimulationResult:
     """``run_app`` once this process holds the machine's local SuperLink."""
-    if run_config.get("resume-from"):
-        run_dir = Path(str(run_config["resume-from"])).resolve()
-    else:
-        run_dir = Path(str(run_config["output-dir"])) / str(run_config["run-name"])
+    run_dir = _run_dir(run_config)
     run_dir.mkdir(parents=True, exist_ok=True)
     flwr_home = Path(tempfile.mkdtemp(prefix="fedsft-flwr-home-"))
     overrides = flwr_home / "run-config.toml"
@@ -184,11 +356,15 @@ def _run_locked(
     log_path = run_dir / "flwr.log"
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
+    proc = None
     try:
-        with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
-            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, bufsize=1,
-        ) as proc:
+        # Appended, never replaced: the log of an interrupted attempt is kept for its
+        # resumption, and each attempt starts with a header line.
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write(_attempt_header(log_path, command))
+            log.flush()
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True, bufsize=1)
             assert proc.stdout is not None
             for line in proc.stdout:
                 log.write(line)
@@ -197,11 +373,16 @@ def _run_locked(
                     sys.stdout.write(line)
                     sys.stdout.flush()
                 if deadline is not None and time.monotonic() > deadline:
-                    proc.kill()
                     raise HarnessError(f"simulation exceeded {timeout:g} s; log: {log_path}")
             returncode = proc.wait()
     finally:
-        _stop_processes_under(flwr_home)
-        shutil.rmtree(flwr_home, ignore_errors=True)
+        with _signals_deferred():
+            _stop_processes_under(flwr_home, None if proc is None else proc.pid)
+            if proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=10)  # reap it
+                if proc.stdout is not None:
+                    proc.stdout.close()
+            shutil.rmtree(flwr_home, ignore_errors=True)
     return SimulationResult(run_dir=run_dir, returncode=returncode, log_path=log_path,
                             seconds=time.monotonic() - started)

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, RunConfig
-
 SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
 REPO_DIR = Path(__file__).resolve().parent.parent
 _TOP_LEVEL_KEYS = {"description", "num-supernodes", "resources", "run-config", "requires"}
@@ -58,7 +56,16 @@ def load_scenario(name_or_path: str) -> Scenario:
             f"scenario {name_or_path!r} not found ({path}); available: {', '.join(available())}"
         )
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ScenarioError(
+            f"{path}: not UTF-8 text (byte offset {exc.start}: {exc.reason}); save the "
+            "scenario file as UTF-8"
+        ) from exc
+    except OSError as exc:
+        raise ScenarioError(f"{path}: cannot read the scenario file: {exc}") from exc
+    try:
+        raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ScenarioError(f"{path}: invalid TOML: {exc}") from exc
     unknown = sorted(set(raw) - _TOP_LEVEL_KEYS)
@@ -69,7 +76,15 @@ def load_scenario(name_or_path: str) -> Scenario:
     nodes = raw.get("num-supernodes")
     if not isinstance(nodes, int) or isinstance(nodes, bool) or nodes < 1:
         raise ScenarioError(f"{path}: `num-supernodes` must be an integer >= 1, got {nodes!r}")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise ScenarioError(f"{path}: `description` must be a string, got {description!r}")
     resources = raw.get("resources", {})
+    if not isinstance(resources, dict):
+        raise ScenarioError(
+            f"{path}: [resources] must be a table (e.g. `[resources]` then "
+            f"`num-cpus = 1`), got {resources!r}"
+        )
     bad = sorted(set(resources) - {"num-cpus", "num-gpus"})
     if bad:
         raise ScenarioError(
@@ -81,14 +96,15 @@ def load_scenario(name_or_path: str) -> Scenario:
             raise ScenarioError(f"{path}: [resources] `{key}` must be a number >= 0, "
                                 f"got {value!r}")
     requires = raw.get("requires", [])
-    if not isinstance(requires, list) or not all(isinstance(p, str) for p in requires):
-        raise ScenarioError(f"{path}: `requires` must be a list of paths, got {requires!r}")
+    if not isinstance(requires, list) or not all(isinstance(p, str) and p for p in requires):
+        raise ScenarioError(f"{path}: `requires` must be a list of paths (strings), "
+                            f"got {requires!r}")
     run_config = raw.get("run-config", {})
     if not isinstance(run_config, dict):
         raise ScenarioError(f"{path}: [run-config] must be a table, got {run_config!r}")
     return Scenario(
         name=path.stem,
-        description=str(raw.get("description", "")),
+        description=description,
         num_supernodes=nodes,
         num_cpus=resources.get("num-cpus", 1),
         num_gpus=resources.get("num-gpus", 0.0),
@@ -109,7 +125,13 @@ def check_requires(scenario: Scenario, *, repo_dir: Path = REPO_DIR) -> None:
         )
 
 
+# common.config (and numpy with it) is imported by the functions that need it, so
+# `python -m simulations --help`, which lists the scenarios, starts at once.
+
+
 def _string_keys() -> frozenset[str]:
+    from common.config import RunConfig
+
     return frozenset(f.name.replace("_", "-") for f in fields(RunConfig)
                      if getattr(f.type, "__name__", f.type) == "str")
 
@@ -136,6 +158,8 @@ def parse_set(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or not key:
+            from common.config import ConfigError
+
             raise ConfigError(f"--set expects key=value, got {item!r}")
         overrides[key] = parse_value(key, value.strip())
     return overrides
@@ -168,6 +192,8 @@ def resolve_run_config(
     run_config = resolve_paths({**scenario.run_config, **overrides})
     run_config["output-dir"] = str(Path(output_dir).resolve())
     run_config.setdefault("run-name", run_name)
+    from common.config import RunConfig
+
     RunConfig.from_flower(run_config)
     return run_config
 

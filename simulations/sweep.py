@@ -1,15 +1,20 @@
 """Run scenarios: one run (``run_scenario``) or a grid of them (``run_sweep``).
 
-A run writes ``simulation.json`` (how it was simulated) into its folder before Flower
-starts and ``report.html`` after it ends. A sweep runs the cartesian product of a grid
-of run-config values and seeds one run after another, goes on when a run fails,
-records every run's outcome in ``sweep.json`` and ends with a comparison report.
+A run is checked before Flower starts (``server.preflight``), writes
+``simulation.json`` (how it was simulated) into its folder and ``report.html`` after
+it ends. It is ``ok`` only if it did what was asked: ``flwr run`` exited with 0, the
+ServerApp wrote ``outcome.json`` with status ``completed`` during this attempt and the
+final model exists (``flwr run --stream`` exits with 0 even when the ServerApp
+crashed). A sweep runs the cartesian product of a grid of run-config values and seeds
+one run after another, goes on when a run fails, records every run's outcome in
+``sweep.json`` and ends with a comparison report.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import re
 import sys
 import time
 import traceback
@@ -19,8 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, RunConfig
-from simulations.report import ReportError, write_comparison, write_report, write_simulation_file
-from simulations.runner import HarnessError, SimulationResult, run_app
+from server.preflight import preflight
+from simulations.report import (
+    SIMULATION_FILE,
+    ReportError,
+    write_comparison,
+    write_report,
+    write_simulation_file,
+)
+from simulations.runner import ATTEMPT_PREFIX, HarnessError, SimulationResult, run_app
 from simulations.scenarios import (
     Scenario,
     check_requires,
@@ -30,6 +42,23 @@ from simulations.scenarios import (
 )
 
 RunFn = Callable[..., SimulationResult]
+OUTCOME_FILE = "outcome.json"
+# The last line of a Python traceback: "ValueError: ...", "common.data.DataError: ...".
+_EXCEPTION_LINE = re.compile(
+    r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Abort|Refusal|Violation|"
+    r"Exhausted|Exit)(?::\s.*)?$"
+)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LOG_LEVEL = re.compile(r"^(?:ERROR|WARNING|INFO|DEBUG)\s*:\s*")
+_LOG_TAIL = 1 << 20  # bytes of the log searched for the last exception
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was interrupted (Ctrl-C, SIGTERM); its simulation has been stopped."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(f"interrupted run {run_dir}")
+        self.run_dir = run_dir
 
 
 @dataclass(frozen=True)
@@ -43,10 +72,108 @@ class RunOutcome:
     message: str = ""
     report: Path | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
+    outcome: dict[str, Any] | None = None  # the server's outcome.json of this attempt
 
 
 def _finished(run_dir: Path) -> bool:
     return (run_dir / "final" / "model" / "config.json").exists()
+
+
+def _read_outcome(run_dir: Path) -> dict[str, Any] | None:
+    """``<run_dir>/outcome.json`` as written by the server; None if absent or unreadable."""
+    try:
+        outcome = json.loads((run_dir / OUTCOME_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return outcome if isinstance(outcome, dict) else None
+
+
+def _outcome_stamp(run_dir: Path) -> int | None:
+    """When outcome.json was last written, to tell this attempt's from an earlier one's."""
+    try:
+        return (run_dir / OUTCOME_FILE).stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+def last_exception_line(log_text: str) -> str | None:
+    """The last ``SomethingError: message`` line of a log (Flower's level prefix and
+    colours removed), or None."""
+    found = None
+    for raw in log_text.splitlines():
+        line = _LOG_LEVEL.sub("", _ANSI.sub("", raw).strip()).strip()
+        if _EXCEPTION_LINE.match(line):
+            found = line
+    return found
+
+
+def _attempt_log(log_path: Path) -> str:
+    """The tail of the log written by the last attempt (after its header line)."""
+    try:
+        with log_path.open("rb") as log:
+            log.seek(max(log_path.stat().st_size - _LOG_TAIL, 0))
+            text = log.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    start = text.rfind(ATTEMPT_PREFIX)
+    return text[start:] if start >= 0 else text
+
+
+def run_verdict(
+    *, returncode: int, outcome: Mapping[str, Any] | None, final_model: bool,
+    log_text: str, log_path: Path | str,
+) -> tuple[bool, str]:
+    """Did the run do what was asked? ``(ok, message)``; the message says why not.
+
+    ``outcome`` is this attempt's ``outcome.json`` (None: not written), ``final_model``
+    whether ``final/model`` exists, ``log_text`` the attempt's log.
+    """
+    if outcome is None:
+        message = f"the ServerApp failed before writing its outcome; see {log_path}"
+        error = last_exception_line(log_text)
+        if error:
+            message += f" (last error in the log: {error})"
+        if returncode != 0:
+            message += f" (flwr run exit code {returncode})"
+        return False, message
+    status = outcome.get("status")
+    if status != "completed":
+        text = str(outcome.get("message") or f"the run ended with status {status!r}")
+        return False, f"{text} (log: {log_path})"
+    if not final_model:
+        return False, (f"the run reported completion but its final model is missing; "
+                       f"see {log_path}")
+    if returncode != 0:
+        return False, (f"the run completed but `flwr run` exited with code {returncode}; "
+                       f"see {log_path}")
+    return True, ""
+
+
+def _recorded_supernodes(run_dir: Path) -> int | None:
+    """The number of virtual clients a run folder's simulation.json records."""
+    try:
+        recorded = json.loads((run_dir / SIMULATION_FILE).read_text(encoding="utf-8"))
+        nodes = recorded["num-supernodes"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return nodes if isinstance(nodes, int) and not isinstance(nodes, bool) else None
+
+
+def _supernodes(scenario: Scenario, num_supernodes: int | None, resume_dir: Path | None
+                ) -> int:
+    """The number of virtual clients: a resumed run keeps the one it ran with."""
+    if num_supernodes is not None and num_supernodes < 1:
+        raise ConfigError(f"--num-supernodes must be >= 1, got {num_supernodes}")
+    recorded = None if resume_dir is None else _recorded_supernodes(resume_dir)
+    if recorded is not None:
+        if num_supernodes is not None and num_supernodes != recorded:
+            raise ConfigError(
+                f"cannot resume {resume_dir} with {num_supernodes} virtual clients: it ran "
+                f"with {recorded} (its {SIMULATION_FILE}); the data would be partitioned "
+                "differently. Drop --num-supernodes or pass the same number."
+            )
+        return recorded
+    return num_supernodes or scenario.num_supernodes
 
 
 def run_scenario(
@@ -62,32 +189,42 @@ def run_scenario(
 ) -> RunOutcome:
     """Run ``scenario`` once with ``overrides``; write simulation.json and the report.
 
-    Configuration errors raise (``ConfigError``, ``ScenarioError``) before anything
-    starts; a simulation that fails or does not finish gives ``ok=False`` (its partial
-    results still get a report).
+    Configuration errors raise (``ConfigError``, ``ScenarioError``, ``DataError``)
+    before anything is written or started; a simulation that fails or does not finish
+    gives ``ok=False`` (its partial results still get a report). A resumed run keeps
+    its number of virtual clients and its simulation.json. An interrupt stops the
+    simulation and raises :class:`Interrupted`.
     """
     check_requires(scenario)
     run_config = resolve_run_config(scenario, overrides, output_dir=output_dir,
                                     run_name=run_name)
     cfg = RunConfig.from_flower(run_config)
-    nodes = num_supernodes or scenario.num_supernodes
-    run_dir = (Path(cfg.resume_from).resolve() if cfg.resume_from
-               else Path(cfg.output_dir) / cfg.run_name)
-    write_simulation_file(
-        run_dir, scenario=scenario.name, num_supernodes=nodes, num_cpus=scenario.num_cpus,
-        num_gpus=scenario.num_gpus, overrides=dict(overrides),
-        scenario_file=str(scenario.path or ""),
-    )
+    resume_dir = Path(cfg.resume_from).expanduser().resolve() if cfg.resume_from else None
+    run_dir = resume_dir or Path(cfg.output_dir) / cfg.run_name
+    nodes = _supernodes(scenario, num_supernodes, resume_dir)
+    preflight(cfg, num_partitions=nodes)
+    if resume_dir is None or not (run_dir / SIMULATION_FILE).exists():
+        write_simulation_file(
+            run_dir, scenario=scenario.name, num_supernodes=nodes,
+            num_cpus=scenario.num_cpus, num_gpus=scenario.num_gpus,
+            overrides=dict(overrides), scenario_file=str(scenario.path or ""),
+        )
+    before = _outcome_stamp(run_dir)
+    outcome = None
     try:
         result = run_fn(run_config, num_supernodes=nodes, num_cpus=scenario.num_cpus,
                         num_gpus=scenario.num_gpus, quiet=quiet, timeout=timeout)
-        returncode, message = result.returncode, ""
-        if returncode != 0 or not _finished(run_dir):
-            message = (f"simulation failed (exit code {returncode}, "
-                       f"final model {'written' if _finished(run_dir) else 'missing'}); "
-                       f"log: {result.log_path}")
+        returncode = result.returncode
+        fresh = _outcome_stamp(run_dir) not in (None, before)
+        outcome = _read_outcome(run_dir) if fresh else None
+        ok, message = run_verdict(
+            returncode=returncode, outcome=outcome, final_model=_finished(run_dir),
+            log_text=_attempt_log(result.log_path), log_path=result.log_path,
+        )
     except HarnessError as error:
-        returncode, message = -1, str(error)
+        returncode, ok, message = -1, False, str(error)
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir) from None
     report = None
     if (run_dir / "results.jsonl").is_file():
         try:
@@ -96,9 +233,9 @@ def run_scenario(
             message = (message + "; " if message else "") + f"report failed: {error}"
             print(f"[fedsft] could not write the report: {error}", file=sys.stderr)
             traceback.print_exc(file=sys.stderr)
-    ok = returncode == 0 and _finished(run_dir)
     return RunOutcome(name=run_dir.name, run_dir=run_dir, ok=ok, returncode=returncode,
-                      message=message, report=report, overrides=dict(overrides))
+                      message=message, report=report, overrides=dict(overrides),
+                      outcome=outcome)
 
 
 # --- sweeps ----------------------------------------------------------------------------
@@ -176,15 +313,18 @@ def run_sweep(
 ) -> tuple[list[RunOutcome], Path | None]:
     """Run every grid point x seed in turn; returns the outcomes and compare.html.
 
-    Every run's config is validated before the first starts. A failing run (the
-    simulation fails, times out or cannot start) is recorded and the sweep goes on.
+    Every run's config is validated and preflighted before the first starts. A failing
+    run (the simulation fails, times out or cannot start) is recorded and the sweep goes
+    on; an interrupt stops the sweep (:class:`Interrupted`).
     ``sweep.json`` in ``sweep_dir`` lists each run's overrides and outcome.
     """
     check_requires(scenario)
     points = grid_points(scenario.name, grid, seeds)
-    for name, overrides in points:  # fail fast on a bad grid value
-        resolve_run_config(scenario, {**base_overrides, **overrides},
-                           output_dir=sweep_dir, run_name=name)
+    nodes = _supernodes(scenario, num_supernodes, None)
+    for name, overrides in points:  # fail fast on a bad grid value or data
+        run_config = resolve_run_config(scenario, {**base_overrides, **overrides},
+                                        output_dir=sweep_dir, run_name=name)
+        preflight(RunConfig.from_flower(run_config), num_partitions=nodes)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     outcomes: list[RunOutcome] = []
     started = time.monotonic()

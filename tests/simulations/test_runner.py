@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fcntl
+import os
 
+import psutil
 import pytest
 
 from simulations import runner
@@ -50,3 +52,149 @@ def test_reported_seconds_exclude_waiting_for_the_machine(tmp_path, monkeypatch)
     assert "simulated run" in result.log_path.read_text()
     assert waited_and_ran >= 2.0
     assert 0 < result.seconds < waited_and_ran - 1.5
+
+
+# --- a fair machine lock ----------------------------------------------------------------
+
+
+def _take_turn(lock_path: str, name: str, order_file: str) -> None:
+    """A waiter (in its own process): hold the machine, note its turn, let go."""
+    from pathlib import Path
+
+    from simulations import runner as child_runner
+
+    with (child_runner.hold_machine(run_name=name, timeout=60, lock_path=Path(lock_path)),
+          open(order_file, "a") as order):
+        order.write(name + "\n")
+
+
+def _queued(lock_path, count: int) -> None:
+    """Wait until ``count`` waiters stand in the queue next to ``lock_path``."""
+    import time
+
+    queue = lock_path.with_name(lock_path.name + ".queue")
+    while not queue.exists() or len(queue.read_text().splitlines()) < count:
+        time.sleep(0.05)
+
+
+def test_waiters_get_the_machine_in_the_order_they_came(tmp_path, capfd):
+    import multiprocessing
+
+    lock_path, order = tmp_path / "superlink.lock", tmp_path / "order.txt"
+    spawn = multiprocessing.get_context("spawn")  # fork would inherit the held lock
+    with runner.hold_machine(run_name="first", timeout=5, lock_path=lock_path):
+        waiters = []
+        for i, name in enumerate(["second", "third", "fourth"], start=1):
+            proc = spawn.Process(target=_take_turn, args=(str(lock_path), name, str(order)))
+            proc.start()
+            waiters.append(proc)
+            _queued(lock_path, i)  # it stands in the queue before the next one comes
+        holder = lock_path.read_text()
+    for proc in waiters:
+        proc.join(60)
+
+    assert [p.exitcode for p in waiters] == [0, 0, 0]
+    assert order.read_text().splitlines() == ["second", "third", "fourth"]
+    assert '"run": "first"' in holder and f'"pid": {os.getpid()}' in holder
+    waited = capfd.readouterr().err
+    assert "held by pid" in waited and "(run 'first', since" in waited
+    assert "2 waiter(s) ahead of this one" in waited  # the fourth one's first look
+    assert lock_path.read_text() == ""  # no stale holder once released
+
+
+def test_dead_waiters_do_not_block_the_queue(tmp_path):
+    import json
+    import subprocess
+
+    lock_path = tmp_path / "superlink.lock"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "superlink.lock.queue").write_text(json.dumps({
+        "pid": gone.pid, "created": 0.0, "token": "dead", "run": "crashed",
+        "since": 0.0}) + "\nnot a ticket\n")
+
+    with runner.hold_machine(run_name="me", timeout=3, lock_path=lock_path):
+        queue = (tmp_path / "superlink.lock.queue").read_text()
+
+    assert queue == ""  # the dead ticket was dropped, and this one left on acquiring
+
+
+# --- logs and interrupts ----------------------------------------------------------------
+
+
+def _fake_flwr(tmp_path, body: str):
+    import stat
+
+    script = tmp_path / "flwr"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    return script
+
+
+def test_every_attempt_appends_to_the_log_after_a_header(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "MACHINE_LOCK", tmp_path / "superlink.lock")
+    monkeypatch.setattr(runner, "_wait_for_free_ports", lambda wait: None)
+    fake = _fake_flwr(tmp_path, "echo attempt output\n")
+    monkeypatch.setattr(runner.shutil, "which", lambda name: str(fake))
+    config = {"output-dir": str(tmp_path), "run-name": "r"}
+
+    runner.run_app(config, num_supernodes=1, quiet=True)
+    result = runner.run_app(config, num_supernodes=1, quiet=True)
+
+    lines = result.log_path.read_text().splitlines()
+    assert [line.split(",")[0] for line in lines[::2]] == [
+        "==== fedsft attempt 1", "==== fedsft attempt 2"]
+    assert lines[1] == lines[3] == "attempt output"
+    assert lines[0].endswith(" ====") and f"{fake} run " in lines[0]
+
+
+def test_resume_from_a_missing_folder_is_not_created(tmp_path):
+    with pytest.raises(runner.HarnessError, match="does not exist"):
+        runner.run_app({"resume-from": str(tmp_path / "gone")}, num_supernodes=1)
+    assert not (tmp_path / "gone").exists()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def test_sigterm_stops_the_whole_simulation_tree(tmp_path, monkeypatch):
+    """The fake `flwr run` starts what Flower does: a child, a child in a new session
+    (SuperExec) and an orphan re-parented away from it (a Ray worker after its driver
+    exited) that only its FLWR_HOME ties to the run."""
+    import signal
+    import threading
+    import time
+
+    monkeypatch.setattr(runner, "MACHINE_LOCK", tmp_path / "superlink.lock")
+    monkeypatch.setattr(runner, "_wait_for_free_ports", lambda wait: None)
+    pids = tmp_path / "pids"
+    fake = _fake_flwr(tmp_path, f"""
+sleep 300 & echo $! >> {pids}
+setsid sleep 301 & echo $! >> {pids}
+sh -c 'sleep 302 & echo $! >> {pids}' &
+echo $$ >> {pids}
+echo '[fedsft] round 1/3'
+wait
+""")
+    monkeypatch.setattr(runner.shutil, "which", lambda name: str(fake))
+
+    def interrupt_when_started() -> None:
+        while not pids.exists() or len(pids.read_text().split()) < 4:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=interrupt_when_started, daemon=True).start()
+    before = signal.getsignal(signal.SIGTERM)
+    with runner.sigterm_interrupts(), pytest.raises(KeyboardInterrupt):
+        runner.run_app({"output-dir": str(tmp_path), "run-name": "r"}, num_supernodes=1,
+                       quiet=True, timeout=60)
+
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 4
+    assert all(_gone(pid) for pid in started), [p for p in started if not _gone(p)]
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone again
+    assert "[fedsft] round 1/3" in (tmp_path / "r" / "flwr.log").read_text()

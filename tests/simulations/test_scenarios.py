@@ -70,11 +70,31 @@ def test_shipped_scenarios_differ_only_where_they_should():
     ("num-supernodes = 2\n[resources]\nnum-cpu = 1\n", r"unknown \[resources\] key"),
     ("num-supernodes = 2\n[resources]\nnum-gpus = -1\n", "`num-gpus` must be a number >= 0"),
     ("num-supernodes = 2\nrequires = 'a'\n", "`requires` must be a list"),
+    ("num-supernodes = 2\nrequires = [1]\n", r"`requires` must be a list of paths \(strings\)"),
+    ("num-supernodes = 2\nresources = 4\n", r"\[resources\] must be a table.*got 4"),
+    ("num-supernodes = 2\ndescription = 3\n", "`description` must be a string, got 3"),
+    ("num-supernodes = 2\nrun-config = 'x'\n", r"\[run-config\] must be a table"),
     ("num-supernodes = [\n", "invalid TOML"),
 ])
 def test_malformed_scenarios_are_clear_errors(tmp_path, text, message):
     with pytest.raises(ScenarioError, match=message):
         load_scenario(str(_write(tmp_path, text)))
+
+
+def test_a_scenario_file_that_is_not_utf8_names_the_file_and_byte(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes("num-supernodes = 2\ndescription = 'caf\u00e9'\n".encode("latin-1"))
+
+    with pytest.raises(ScenarioError, match=r"latin1\.toml: not UTF-8 text \(byte offset 37"):
+        load_scenario(str(path))
+
+
+def test_run_config_values_of_the_wrong_type_are_left_to_run_config(tmp_path):
+    scenario = load_scenario(str(_write(
+        tmp_path, "num-supernodes = 2\n[run-config]\nlocal-steps = 'many'\n")))
+
+    with pytest.raises(ConfigError, match="local-steps"):
+        resolve_run_config(scenario, {}, output_dir=tmp_path, run_name="r")
 
 
 def test_missing_scenario_lists_the_available_ones():
@@ -167,6 +187,9 @@ def _fake_runner(fail_names: set[str], raise_names: set[str]):
         if name not in fail_names:
             (run_dir / "final" / "model").mkdir(parents=True)
             (run_dir / "final" / "model" / "config.json").write_text("{}")
+            (run_dir / "outcome.json").write_text(json.dumps({
+                "status": "completed", "message": "", "rounds_done": 3,
+                "rounds_aggregated": 3, "final_model": True, "stopped_early": None}))
         (run_dir / "flwr.log").write_text("log")
         return SimulationResult(run_dir=run_dir, returncode=1 if name in fail_names else 0,
                                 log_path=run_dir / "flwr.log")
