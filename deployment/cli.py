@@ -143,7 +143,8 @@ def _sites(args: argparse.Namespace) -> int:
 def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
     """The ``--set`` overrides of ``fedsft submit``, checked before anything is submitted.
 
-    ``output-dir`` is made absolute (the ServerApp runs in another working directory).
+    ``output-dir`` and ``resume-from`` are made absolute (the ServerApp runs in another
+    working directory).
     The overrides on top of the app's ``[tool.flwr.app.config]`` must make a valid
     ``RunConfig``, as the ServerApp will build it.
 
@@ -153,22 +154,29 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
         If a key is not a run-config key, a value is invalid, or ``app_dir`` has no
         readable pyproject.toml.
     """
-    import tomllib
-
-    from common.config import ConfigError, RunConfig
+    from common.config import RunConfig
     from simulations.scenarios import parse_set
 
     run_config = parse_set(items)
-    if "output-dir" in run_config:
-        run_config["output-dir"] = str(Path(str(run_config["output-dir"])).resolve())
+    for key in ("output-dir", "resume-from"):
+        if run_config.get(key):
+            run_config[key] = str(Path(str(run_config[key])).expanduser().resolve())
+    RunConfig.from_flower({**_app_defaults(app_dir), **run_config})
+    return run_config
+
+
+def _app_defaults(app_dir: Path) -> dict[str, Any]:
+    """The app's run-config defaults (``[tool.flwr.app.config]`` of its pyproject.toml)."""
+    import tomllib
+
+    from common.config import ConfigError
+
     pyproject = app_dir / "pyproject.toml"
     try:
         project = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as error:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"--app {app_dir}: cannot read {pyproject.name}: {error}") from error
-    defaults = project.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {})
-    RunConfig.from_flower({**defaults, **run_config})
-    return run_config
+    return dict(project.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
 
 
 def _run_status(c: Any, run_id: int) -> Any:
@@ -201,6 +209,15 @@ def _submit(args: argparse.Namespace) -> int:
     c = _consortium(args.dir)
     app = _app_dir(args.app)
     run_config = submit_run_config(app, args.set)
+    if not args.no_preflight:
+        from common.config import RunConfig
+        from server.preflight import preflight
+
+        # The paths are read here as the ServerApp will read them at the SuperLink:
+        # submit from the SuperLink's host, or pass --no-preflight.
+        cfg = RunConfig.from_flower({**_app_defaults(app), **run_config})
+        for note in preflight(cfg, num_partitions=None):
+            print(f"[fedsft] preflight: {note}", flush=True)
     command = [executable("flwr"), "run", str(app), cons.CONNECTION, "--stream"]
     if run_config:
         command += ["--run-config", " ".join(f"{k}={json.dumps(v)}"
@@ -257,6 +274,8 @@ def _rehearse(args: argparse.Namespace) -> int:
     result = rehearse(sites, run_config, work_dir=work_dir, app_dir=_app_dir(args.app))
     print(f"[fedsft] outputs: {result.run_dir}")
     print(f"[fedsft] process logs: {work_dir / 'logs'}")
+    if result.message:
+        print(f"fedsft: error: the rehearsal's run failed: {result.message}", file=sys.stderr)
     return result.returncode
 
 
@@ -339,11 +358,17 @@ def build_parser() -> argparse.ArgumentParser:
             description="flwr run the app on the consortium's SuperLink and stream its "
                         "log. Exit code: 0 if the run completed, 1 if it failed, was "
                         "stopped or its status is unknown, 2 if nothing was submitted "
-                        "(a bad --set, a folder that is not a consortium).")
+                        "(a bad --set, a folder that is not a consortium, a preflight "
+                        "check that failed).")
     p.add_argument("dir")
     p.add_argument("--app", help="the Flower App folder (default: this fedsft checkout)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a run-config key (repeat); checked before submitting")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the checks of the server's data, model, output and "
+                        "resume folders (they read paths as seen from this machine: "
+                        "skip them when submitting from another host than the "
+                        "SuperLink's)")
     p.set_defaults(func=_submit)
 
     p = add("rehearse", help="a local deployment on 127.0.0.1, end to end")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,9 @@ from deployment.processes import (
     free_port,
     wait_for_port,
 )
+from server.run_outputs import OutcomeError, read_outcome
 from simulations.runner import APP_DIR
+from simulations.sweep import run_verdict
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,10 @@ class RehearsalResult:
     """What a rehearsal leaves behind."""
 
     run_dir: Path
-    returncode: int
+    returncode: int  # 0 only if the run completed (outcome.json) with its final model
     log_path: Path
     work_dir: Path
+    message: str = ""  # why the run did not complete
 
 
 class Rehearsal:
@@ -198,7 +201,8 @@ def labels_of(sites: Sequence[Site], cfg: RunConfig) -> str:
         if site.data_path.is_file():
             frame = read_table(str(site.data_path), text_column=site.text_column or
                                cfg.text_column, label_column=site.label_column or
-                               cfg.label_column, seed=cfg.seed, builtin_examples=1)
+                               cfg.label_column, seed=cfg.seed, builtin_examples=1,
+                               label_case_fold=cfg.label_case_fold)
             found.extend(frame[site.label_column or cfg.label_column])
     return ",".join(build_label_names(found, source="the site files"))
 
@@ -238,5 +242,15 @@ def rehearse(
         on_line(f"[fedsft] {len(sites)} SuperNodes online; submitting the run")
         returncode, log_path = rehearsal.submit(run_config, app_dir=app_dir,
                                                 on_line=on_line, timeout=timeout)
-    return RehearsalResult(run_dir=run_dir, returncode=returncode, log_path=log_path,
-                           work_dir=work_dir)
+    # `flwr run --stream` exits 0 also when the ServerApp failed: the run folder says.
+    try:
+        outcome = read_outcome(run_dir)
+    except OutcomeError:
+        outcome = None
+    ok, message = run_verdict(
+        returncode=returncode, outcome=None if outcome is None else asdict(outcome),
+        final_model=(run_dir / "final" / "model" / "config.json").is_file(),
+        log_text=log_path.read_text(encoding="utf-8", errors="replace"), log_path=log_path,
+    )
+    return RehearsalResult(run_dir=run_dir, returncode=0 if ok else (returncode or 1),
+                           log_path=log_path, work_dir=work_dir, message=message)

@@ -9,16 +9,17 @@ file and what would work. A check never creates or changes a file.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
+from common import model_source
 from common.config import ConfigError, RunConfig
-from common.data import load_server_eval
-from server.run_outputs import RunOutputs, run_folder
+from common.data import check_partition_plan, load_server_eval, load_splits
+from server.run_outputs import check_resume, run_folder
 
-Check = Callable[[RunConfig, "int | None"], None]
+# A check raises on a problem and may return a note worth printing.
+Check = Callable[[RunConfig, "int | None"], "str | None"]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -28,10 +29,10 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
-def check_output_dir(cfg: RunConfig, num_partitions: int | None = None) -> None:
+def check_output_dir(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
     """A new run's ``output-dir`` is a folder this process can create and write into."""
     if cfg.resume_from:
-        return
+        return None
     output_dir = Path(cfg.output_dir).expanduser().resolve()
     existing = _nearest_existing(output_dir)
     if not existing.is_dir():
@@ -50,44 +51,72 @@ def check_output_dir(cfg: RunConfig, num_partitions: int | None = None) -> None:
         if run_dir.exists() and not run_dir.is_dir():
             raise ConfigError(f"the run folder {run_dir} (`output-dir`/`run-name`) is a "
                               "file; choose another `run-name`.")
+    return None
 
 
-def check_resume_folder(cfg: RunConfig, num_partitions: int | None = None) -> None:
-    """``resume-from`` names an existing run folder whose settings match this run's."""
+def check_new_run_folder(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
+    """A new run never writes into the folder of an earlier run (it would mix results)."""
+    if cfg.resume_from or not cfg.run_name:
+        return None  # without `run-name` the folder is named after the current time
+    run_dir = Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
+    found = [name for name in ("results.jsonl", "config.json", "checkpoints")
+             if (run_dir / name).exists()]
+    if found:
+        raise ConfigError(
+            f"the run folder {run_dir} already holds a run ({', '.join(found)}): a new run "
+            "there would mix its results with the earlier ones. Choose another `run-name`, "
+            f"or continue that run with `resume-from={run_dir}`."
+        )
+    return None
+
+
+def check_resume_folder(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
+    """``resume-from`` names a run folder this run can continue (nothing is changed)."""
     if not cfg.resume_from:
-        return
+        return None
     folder = run_folder(cfg)
-    if not folder.is_dir():
-        state = "is not a folder" if folder.exists() else "does not exist"
-        raise ConfigError(
-            f"`resume-from` folder {folder} {state}; give the folder of an interrupted "
-            "run (it holds config.json, results.jsonl and checkpoints/)."
-        )
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"`resume-from` folder {folder} is not a fedsft run folder (it has no "
-            "config.json): give the folder of an interrupted run."
-        )
+    point = check_resume(folder, cfg)
     if not os.access(folder, os.W_OK | os.X_OK):
         raise ConfigError(f"`resume-from` folder {folder} is not writable by this user")
-    try:
-        RunOutputs(folder, keep_checkpoints=cfg.keep_checkpoints).check_resumable(cfg)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"`resume-from` folder {folder}: config.json is not valid JSON "
-                          f"({error}); it cannot be resumed") from error
+    note = f"resuming {folder} after round {point.round} ({point.checkpoint.name})"
+    if point.skipped:
+        bad = "; ".join(f"{path.name}: {why}" for path, why in point.skipped)
+        note += f"; skipping unreadable newer checkpoint(s): {bad}"
+    return note
 
 
-def check_server_data(cfg: RunConfig, num_partitions: int | None = None) -> None:
+def check_model(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
+    """``model`` resolves offline (folder with config and weights, or a cached Hub id) and
+    ``max-length`` fits its position embeddings."""
+    source = model_source.check_model(cfg)
+    if not source.cached:
+        return f"model {cfg.model!r} is not cached: it will be downloaded from the Hub"
+    return None
+
+
+def check_server_data(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
     """The server's training data (or label list) and its evaluation split load."""
     # Cached per process: the points of a sweep that share their data load it once.
     load_server_eval(cfg)
+    return None
+
+
+def check_partitions(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
+    """Simulation: every virtual client gets rows of the training data, as the clients
+    themselves will partition it (same code, same seed)."""
+    if num_partitions is None:
+        return None  # deployment: each site reads its own file
+    plan = check_partition_plan(load_splits(cfg).train, cfg, num_partitions=num_partitions)
+    return (f"{plan.num_partitions} clients get {min(plan.rows)}-{max(plan.rows)} training "
+            f"rows each ({cfg.partitioner})")
 
 
 # In order: the cheap file-system checks first, the data last.
-CHECKS: tuple[Check, ...] = (check_output_dir, check_resume_folder, check_server_data)
+CHECKS: tuple[Check, ...] = (check_output_dir, check_new_run_folder, check_resume_folder,
+                             check_model, check_server_data, check_partitions)
 
 
-def preflight(cfg: RunConfig, *, num_partitions: int | None) -> None:
+def preflight(cfg: RunConfig, *, num_partitions: int | None) -> list[str]:
     """Check ``cfg`` before anything starts; raise on the first problem.
 
     Parameters
@@ -98,13 +127,22 @@ def preflight(cfg: RunConfig, *, num_partitions: int | None) -> None:
         The number of clients the training data is split into (simulation: the number
         of virtual clients); ``None`` when the sites hold their own data.
 
+    Returns
+    -------
+    list of str
+        Notes worth printing (where a resume continues, a checkpoint it skips, the
+        partition sizes); each check may add one.
+
     Raises
     ------
     ConfigError
-        A setting cannot work: an output folder that cannot be written, a
-        ``resume-from`` folder that is missing, unrelated or ran with other settings.
+        A setting cannot work: an output folder that cannot be written or that holds
+        an earlier run, a ``resume-from`` folder that is missing, unrelated, ran with
+        other settings or has no intact checkpoint, a model that cannot be found
+        offline or whose positions ``max-length`` exceeds.
     DataError
-        The server's data or evaluation split cannot be read or used.
+        The server's data or evaluation split cannot be read or used, or the
+        partition plan leaves a virtual client without rows.
     """
-    for check in CHECKS:
-        check(cfg, num_partitions)
+    notes = [check(cfg, num_partitions) for check in CHECKS]
+    return [note for note in notes if note]

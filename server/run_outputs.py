@@ -242,7 +242,7 @@ def _check_settings(folder: Path, cfg: RunConfig) -> None:
         raise ConfigError(f"`resume-from` folder {folder} has no config.json")
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc}): cannot resume from it") from exc
     current = cfg.to_flower()
     changed = sorted(

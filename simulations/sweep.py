@@ -25,6 +25,7 @@ from typing import Any
 
 from common.config import ConfigError, RunConfig
 from server.preflight import preflight
+from server.run_outputs import OUTCOME_FILE, OutcomeError, read_outcome
 from simulations.report import (
     SIMULATION_FILE,
     ReportError,
@@ -42,7 +43,6 @@ from simulations.scenarios import (
 )
 
 RunFn = Callable[..., SimulationResult]
-OUTCOME_FILE = "outcome.json"
 # The last line of a Python traceback: "ValueError: ...", "common.data.DataError: ...".
 _EXCEPTION_LINE = re.compile(
     r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Abort|Refusal|Violation|"
@@ -82,10 +82,10 @@ def _finished(run_dir: Path) -> bool:
 def _read_outcome(run_dir: Path) -> dict[str, Any] | None:
     """``<run_dir>/outcome.json`` as written by the server; None if absent or unreadable."""
     try:
-        outcome = json.loads((run_dir / OUTCOME_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        outcome = read_outcome(run_dir)
+    except (OSError, OutcomeError):
         return None
-    return outcome if isinstance(outcome, dict) else None
+    return None if outcome is None else asdict(outcome)
 
 
 def _outcome_stamp(run_dir: Path) -> int | None:
@@ -202,7 +202,8 @@ def run_scenario(
     resume_dir = Path(cfg.resume_from).expanduser().resolve() if cfg.resume_from else None
     run_dir = resume_dir or Path(cfg.output_dir) / cfg.run_name
     nodes = _supernodes(scenario, num_supernodes, resume_dir)
-    preflight(cfg, num_partitions=nodes)
+    for note in preflight(cfg, num_partitions=nodes):
+        print(f"[fedsft] preflight: {note}", flush=True)
     if resume_dir is None or not (run_dir / SIMULATION_FILE).exists():
         write_simulation_file(
             run_dir, scenario=scenario.name, num_supernodes=nodes,

@@ -11,20 +11,17 @@ import torch
 
 from common.config import ConfigError, RunConfig
 from common.model import (
-    ModelSource,
     autocast_context,
     build_model,
-    check_model,
     clear_model_cache,
     get_exchanged_state,
     get_model,
-    model_max_positions,
-    resolve_model,
     resolve_model_path,
     select_device,
     set_exchanged_state,
     trainable_parameter_count,
 )
+from common.model_source import ModelSource, check_model, model_max_positions, resolve_model
 
 LABELS = ["neg", "pos"]
 
@@ -183,6 +180,19 @@ def test_max_length_is_bounded_by_the_model(tiny_model_dir: Path, offline: Path)
     with pytest.raises(ConfigError, match=message):  # the cached model is checked too
         get_model(too_long, LABELS, torch.device("cpu"))
     clear_model_cache()
+
+
+def test_model_checks_import_neither_torch_nor_transformers() -> None:
+    """A preflight runs them before Flower starts: they must stay cheap to import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, common.model_source; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[2]).stdout
+
+    assert out.strip() == "[]"
 
 
 # --- methods: which parameters train ---------------------------------------------------

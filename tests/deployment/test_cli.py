@@ -88,6 +88,12 @@ BAD = {
     "submit, bad --set value": (
         ["submit", "{t}/c", "--set", "learning-rate=-1"],
         "learning-rate"),
+    "submit, preflight: missing eval file": (
+        ["submit", "{t}/c", "--set", "labels=neg,pos", "--set", "eval-dataset={t}/gone.csv"],
+        "data file not found: {t}/gone.csv"),
+    "submit, preflight: missing resume folder": (
+        ["submit", "{t}/c", "--set", "resume-from={t}/no-run"],
+        "`resume-from` folder {t}/no-run does not exist"),
 }
 
 

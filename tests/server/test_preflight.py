@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from server import preflight as pf
+from server.run_outputs import RunOutputs
 
 TINY = {"builtin-examples": 200, "num-server-rounds": 2}
 
@@ -44,8 +45,11 @@ def test_an_output_dir_that_cannot_be_a_folder_is_named(tmp_path, output_dir, ru
 
 
 def _run_folder(folder: Path, **config) -> Path:
-    folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(_cfg(**config).to_flower()))
+    """A run folder as an interrupted run leaves it: round 1 recorded and checkpointed."""
+    outputs = RunOutputs(folder, keep_checkpoints=0)
+    outputs.start(_cfg(**config), ["neg", "pos"])
+    outputs.save_checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, {})
+    outputs.append_result({"round": 1, "clients": {"aggregated": 1}})
     return folder
 
 
@@ -53,10 +57,11 @@ def test_resume_checks_the_folder_without_creating_or_changing_it(tmp_path):
     run = _run_folder(tmp_path / "run")
     before = _tree(tmp_path)
 
-    pf.check_resume_folder(_cfg(**{"resume-from": str(run), "num-server-rounds": 5}))
+    note = pf.check_resume_folder(_cfg(**{"resume-from": str(run), "num-server-rounds": 5}))
+    assert note == f"resuming {run} after round 1 (round-0001.safetensors)"
     for folder, message in ((tmp_path / "gone", "gone does not exist"),
                             (run / "config.json", "is not a folder"),
-                            (tmp_path, "is not a fedsft run folder")):
+                            (tmp_path, "is not a fedsft run: config.json and results.jsonl")):
         with pytest.raises(ConfigError, match=message):
             pf.check_resume_folder(_cfg(**{"resume-from": str(folder)}))
 
@@ -95,3 +100,63 @@ def test_checks_run_in_order_and_stop_at_the_first_problem(tmp_path, monkeypatch
     with pytest.raises(ConfigError, match="first problem"):
         pf.preflight(_cfg(), num_partitions=3)
     assert seen == [("ok", 3), ("failing", 3)]
+
+
+def test_a_new_run_never_writes_into_an_earlier_runs_folder(tmp_path):
+    run = _run_folder(tmp_path / "r")
+    cfg = _cfg(**{"output-dir": str(tmp_path), "run-name": "r"})
+
+    with pytest.raises(ConfigError, match=f"the run folder {run} already holds a run "
+                                          r"\(results.jsonl, config.json, checkpoints\).*"
+                                          f"resume-from={run}"):
+        pf.check_new_run_folder(cfg)
+    assert pf.check_new_run_folder(cfg.replace(run_name="other")) is None
+    (tmp_path / "empty").mkdir()  # an empty folder (e.g. made by hand) is fine
+    assert pf.check_new_run_folder(cfg.replace(run_name="empty")) is None
+
+
+def test_resume_names_the_corrupt_checkpoint_it_will_skip(tmp_path):
+    run = _run_folder(tmp_path / "run")
+    outputs = RunOutputs(run, keep_checkpoints=0)
+    outputs.save_checkpoint(2, {"w": np.ones(2, dtype=np.float32)}, {})
+    outputs.append_result({"round": 2, "clients": {"aggregated": 1}})
+    (run / "checkpoints" / "round-0002.safetensors").write_bytes(b"not a checkpoint")
+
+    note = pf.check_resume_folder(_cfg(**{"resume-from": str(run)}))
+
+    assert note.startswith(f"resuming {run} after round 1 (round-0001.safetensors); "
+                           "skipping unreadable newer checkpoint(s): round-0002.safetensors")
+
+
+def test_model_and_max_length_are_checked_before_flower(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    with pytest.raises(ConfigError, match="`model` 'no-such-model-xyz' is not a local "
+                                          "model folder"):
+        pf.preflight(_cfg(model="no-such-model-xyz", **{"output-dir": str(tmp_path)}),
+                     num_partitions=2)
+    with pytest.raises(ConfigError, match="`max-length` 100000 exceeds the model's "
+                                          "maximum of 512 positions"):
+        pf.preflight(_cfg(**{"max-length": 100000, "output-dir": str(tmp_path)}),
+                     num_partitions=2)
+
+
+@pytest.mark.parametrize(("overrides", "clients", "message"), [
+    ({"partitioner": "column:hospital"}, 2, "column 'hospital'"),
+    ({"partitioner": "pathological", "classes-per-client": 4}, 2,
+     "`classes-per-client` is 4 but the training data has only 3 classes"),
+    ({"builtin-examples": 20}, 50, "fewer"),
+])
+def test_a_partition_plan_that_starves_a_client_is_refused(tmp_path, overrides, clients,
+                                                           message):
+    cfg = _cfg(**{**overrides, "output-dir": str(tmp_path)})
+
+    with pytest.raises(DataError, match=message):
+        pf.preflight(cfg, num_partitions=clients)
+    assert pf.check_partitions(cfg, None) is None  # deployment: the sites hold the data
+
+
+def test_a_feasible_plan_is_described(tmp_path):
+    note = pf.check_partitions(_cfg(**{"output-dir": str(tmp_path)}), 4)
+
+    assert note is not None and note.startswith("4 clients get ") and note.endswith("(iid)")
