@@ -184,6 +184,12 @@ def predict_file(
                            "predictions to another file")
     if output_path.is_dir():
         raise PredictError(f"--output {output_path} is a folder; give a .csv or .jsonl file")
+    owner = fedsft_folder_of(output_path)
+    if owner is not None and output_path.exists():
+        raise PredictError(
+            f"--output {output_path} would replace a file of the fedsft run or export "
+            f"{owner}; write the predictions somewhere else"
+        )
     frame = read_input(input_path, text_column=text_column)
     frame["prediction"] = predict_labels(
         model_dir, list(frame[text_column]), max_length=max_length, batch_size=batch_size,
@@ -202,6 +208,17 @@ def predict_file(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return output_path
+
+
+def fedsft_folder_of(path: Path) -> Path | None:
+    """The fedsft run folder (config.json + results.jsonl) or model export (fedsft.json)
+    that ``path`` lies in, or None: predict never replaces a file of one."""
+    for folder in path.resolve().parents:
+        if (folder / EXPORT_META).is_file() or (
+            (folder / "config.json").is_file() and (folder / "results.jsonl").is_file()
+        ):
+            return folder
+    return None
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -270,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from simulations.runner import sigterm_interrupts
 
+    # The simulation runs with the Hub off unless the user turned it on (runner.py):
+    # the preflight must judge `model` by the same rule.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         with sigterm_interrupts():
             return int(args.handler(args))

@@ -128,3 +128,21 @@ def test_an_input_without_rows_is_an_error(exported, tmp_path):
     source.write_text("text\n")
     with pytest.raises(PredictError, match="no rows to label"):
         predict_file(exported, source, tmp_path / "p.csv", progress=False)
+
+
+def test_predict_never_replaces_a_file_of_a_run_or_an_export(exported, tmp_path):
+    source = tmp_path / "in.csv"
+    pd.DataFrame({"text": TEXTS[:2]}).to_csv(source, index=False)
+    run = exported.parent / "tiny"
+    results = (run / "results.jsonl").read_bytes()
+
+    for target, owner in ((run / "results.jsonl", run), (exported / "labels.csv", exported)):
+        target.write_bytes(target.read_bytes() if target.exists() else b"keep")
+        before = target.read_bytes()
+        with pytest.raises(PredictError, match=f"would replace a file of the fedsft run or "
+                                               f"export {owner}"):
+            predict_file(exported, source, target, progress=False)
+        assert target.read_bytes() == before
+    assert (run / "results.jsonl").read_bytes() == results
+    # A new file beside the run's files is fine.
+    assert predict_file(exported, source, run / "predictions.csv", progress=False).is_file()

@@ -20,12 +20,8 @@ TINY = "num-supernodes = 2\n[run-config]\nbuiltin-examples = 200\nnum-server-rou
 
 
 def _run_folder(folder: Path, nodes: int = 2) -> Path:
-    """A run folder as an interrupted harness run leaves it."""
-    from common.config import RunConfig
-
-    folder.mkdir(parents=True)
-    cfg = RunConfig.from_flower({"builtin-examples": 200, "num-server-rounds": 1})
-    (folder / "config.json").write_text(json.dumps(cfg.to_flower()))
+    """A run folder as an interrupted harness run leaves it (round 1 done)."""
+    _resumable_run(folder, **{"num-server-rounds": 1})
     (folder / "simulation.json").write_text(json.dumps({"num-supernodes": nodes}))
     return folder
 
@@ -84,6 +80,93 @@ def _case_bad_value(tmp_path):
     return ["run", "quickstart", "--set", "fraction-train=2", "--output-dir", str(tmp_path)]
 
 
+def _quick(tmp_path, *sets: str, nodes: int = 2) -> list[str]:
+    """`run quickstart` on 200 built-in rows with ``--set`` items."""
+    argv = ["run", "quickstart", "--output-dir", str(tmp_path / "out"),
+            "--num-supernodes", str(nodes), "--set", "builtin-examples=200"]
+    for item in sets:
+        argv += ["--set", item]
+    return argv
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _case_partition_column_missing(tmp_path):
+    return _quick(tmp_path, "partitioner=column:hospital")
+
+
+def _case_pathological_infeasible(tmp_path):
+    return _quick(tmp_path, "partitioner=pathological", "classes-per-client=5")
+
+
+def _case_fewer_rows_than_clients(tmp_path):
+    data = _write(tmp_path / "d.csv", "text,label\n" + "".join(
+        f"row {i},{'ab'[i % 2]}\n" for i in range(12)))
+    return _quick(tmp_path, f"dataset={data}", nodes=20)
+
+
+def _case_max_length_beyond_the_model(tmp_path):
+    return _quick(tmp_path, "max-length=100000")
+
+
+def _case_unknown_model(tmp_path):
+    return _quick(tmp_path, "model=no-such-model-xyz")
+
+
+def _case_float_labels(tmp_path):
+    data = _write(tmp_path / "d.csv", "text,label\n" + "".join(
+        f"row {i},{i / 7:.3f}\n" for i in range(40)))
+    return _quick(tmp_path, f"dataset={data}")
+
+
+def _case_numeric_text_column(tmp_path):
+    data = _write(tmp_path / "d.csv", "text,label\n" + "".join(
+        f"{i * 1.5},{'ab'[i % 2]}\n" for i in range(40)))
+    return _quick(tmp_path, f"dataset={data}")
+
+
+def _case_dataset_is_a_folder(tmp_path):
+    (tmp_path / "data.csv").mkdir()
+    return _quick(tmp_path, f"dataset={tmp_path / 'data.csv'}")
+
+
+def _case_csv_that_is_tab_separated(tmp_path):
+    data = _write(tmp_path / "d.csv", "text\tlabel\n" + "".join(
+        f"row, {i}\t{'ab'[i % 2]}\n" for i in range(40)))
+    return _quick(tmp_path, f"dataset={data}")
+
+
+def _resumable_run(folder: Path, **config) -> Path:
+    """A run folder as an interrupted run leaves it: round 1 recorded and checkpointed."""
+    import numpy as np
+
+    from common.config import RunConfig
+    from server.run_outputs import RunOutputs
+
+    outputs = RunOutputs(folder, keep_checkpoints=0)
+    outputs.start(RunConfig.from_flower({"builtin-examples": 200, **config}), ["a", "b"])
+    outputs.save_checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, {})
+    outputs.append_result({"round": 1, "clients": {"aggregated": 1}})
+    if not (folder / "simulation.json").exists():
+        (folder / "simulation.json").write_text(json.dumps({"num-supernodes": 2}))
+    return folder
+
+
+def _case_resume_with_changed_settings(tmp_path):
+    run = _resumable_run(tmp_path / "run", **{"num-server-rounds": 1, "learning-rate": 0.003})
+    (tmp_path / "s.toml").write_text(TINY)
+    return ["run", str(tmp_path / "s.toml"), "--set", "learning-rate=0.01",
+            "--set", f"resume-from={run}"]
+
+
+def _case_new_run_into_an_earlier_run(tmp_path):
+    _resumable_run(tmp_path / "out" / "mine")
+    return _quick(tmp_path, "run-name=mine")
+
+
 BAD_INPUTS = [
     (_case_nodes_zero, "--num-supernodes must be >= 1, got 0"),
     (_case_nodes_negative_sweep, "--num-supernodes must be >= 1, got -3"),
@@ -92,10 +175,24 @@ BAD_INPUTS = [
     (_case_resources_not_table, "[resources] must be a table"),
     (_case_not_utf8, "not UTF-8 text (byte offset 18"),
     (_case_resume_missing, "gone does not exist"),
-    (_case_resume_unrelated, "is not a fedsft run folder (it has no config.json)"),
+    (_case_resume_unrelated, "is not a fedsft run: config.json and results.jsonl are missing"),
     (_case_resume_other_nodes, "with 3 virtual clients: it ran with 2"),
     (_case_two_output_dirs, "disagree; give the folder once, with --output-dir"),
     (_case_bad_value, "`fraction-train`"),
+    (_case_partition_column_missing, "partition column 'hospital' not found; columns:"),
+    (_case_pathological_infeasible,
+     "`classes-per-client` is 5 but the training data has only 3 classes"),
+    (_case_fewer_rows_than_clients, "20 clients"),
+    (_case_max_length_beyond_the_model,
+     "`max-length` 100000 exceeds the model's maximum of 512 positions"),
+    (_case_unknown_model, "`model` 'no-such-model-xyz' is not a local model folder and is "
+                          "not in the Hugging Face cache"),
+    (_case_float_labels, "distinct non-integer float values"),
+    (_case_numeric_text_column, "holds numbers, not text"),
+    (_case_dataset_is_a_folder, "data.csv is a directory, not a file"),
+    (_case_csv_that_is_tab_separated, ".tsv"),
+    (_case_resume_with_changed_settings, "changed settings (learning-rate: 0.003 -> 0.01)"),
+    (_case_new_run_into_an_earlier_run, "already holds a run"),
 ]
 
 
@@ -107,6 +204,7 @@ def test_bad_inputs_are_one_paragraph_errors_before_anything_starts(
     monkeypatch.setattr(sweep, "run_scenario", functools.partial(
         sweep.run_scenario, run_fn=lambda *a, **k: started.append(a)))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # main() turns the Hub off
     argv = case(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
