@@ -27,6 +27,8 @@ from common.model_source import check_max_length, max_positions, resolve_model
 # Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
 # most decoder-style and newer encoders ".layers.<i>.".
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+
+
 def resolve_model_path(name: str) -> str:
     """Where to load the pretrained model from.
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from common.config import ConfigError, RunConfig
 
-_WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # what from_pretrained loads for torch
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # what from_pretrained loads for torch
 # Architectures whose position ids start after the padding index (fairseq heritage):
 # max_position_embeddings counts pad_token_id + 1 slots that no token can use.
 _PADDING_OFFSET_TYPES = frozenset({
@@ -155,13 +155,18 @@ def check_model(cfg: RunConfig) -> ModelSource:
     return source
 
 
+def has_weights(folder: Path) -> bool:
+    """Whether a model folder holds weight files ``from_pretrained`` can load."""
+    return any(any(folder.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+
+
 def _check_model_folder(path: Path) -> None:
     """A model folder needs a config.json and at least one weight file."""
     missing = []
     if not (path / "config.json").is_file():
         missing.append("config.json")
-    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
-        missing.append(f"weight files ({' or '.join(_WEIGHT_PATTERNS)})")
+    if not has_weights(path):
+        missing.append(f"weight files ({' or '.join(WEIGHT_PATTERNS)})")
     if missing:
         raise ConfigError(f"`model` folder {path} has no {' and no '.join(missing)}")
 

@@ -143,8 +143,9 @@ def _sites(args: argparse.Namespace) -> int:
 def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
     """The ``--set`` overrides of ``fedsft submit``, checked before anything is submitted.
 
-    ``output-dir`` and ``resume-from`` are made absolute (the ServerApp runs in another
-    working directory).
+    ``output-dir`` (default: the app's, ``outputs``) and ``resume-from`` are sent as
+    absolute paths, resolved against this command's working directory (the ServerApp
+    runs in another one).
     The overrides on top of the app's ``[tool.flwr.app.config]`` must make a valid
     ``RunConfig``, as the ServerApp will build it.
 
@@ -158,10 +159,14 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
     from simulations.scenarios import parse_set
 
     run_config = parse_set(items)
+    defaults = _app_defaults(app_dir)
+    # Sent absolute, so the ServerApp writes where this command (and its preflight)
+    # looked, not relative to the SuperLink's working directory.
+    run_config.setdefault("output-dir", defaults.get("output-dir", "outputs"))
     for key in ("output-dir", "resume-from"):
         if run_config.get(key):
             run_config[key] = str(Path(str(run_config[key])).expanduser().resolve())
-    RunConfig.from_flower({**_app_defaults(app_dir), **run_config})
+    RunConfig.from_flower({**defaults, **run_config})
     return run_config
 
 

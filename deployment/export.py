@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from common.model_source import has_weights
 from server.run_outputs import replace_folder, staging_folder
 
 EXPORT_META = "fedsft.json"
@@ -41,7 +42,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         if not path.exists():
             raise ExportError(f"{run_dir} is not a finished fedsft run: "
                               f"{path.relative_to(run_dir)} is missing")
-    if not any(model_dir.glob("*.safetensors")) and not any(model_dir.glob("*.bin")):
+    if not has_weights(model_dir):
         raise ExportError(f"{run_dir} is not a finished fedsft run: {model_dir} holds no "
                           "weights (*.safetensors or *.bin)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
@@ -194,6 +195,37 @@ def check_target(run_dir: Path, out_dir: Path, *, force: bool) -> None:
                           "folder")
     if not force:
         raise ExportError(f"{out_dir} holds an earlier export; use --force to replace it")
+    foreign = sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                     if p.is_file() and str(p.relative_to(out)) not in _export_files(out))
+    if foreign:
+        listed = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise ExportError(f"cannot replace the export {out_dir}: it also holds files the "
+                          f"export did not write ({listed}); move them out first, --force "
+                          "replaces only what an export wrote")
+
+
+def _export_files(folder: Path) -> frozenset[str]:
+    """The files (relative paths) an earlier export wrote, from its fedsft.json ``files``.
+
+    Exports made before that list existed: the model files a run's final/model holds
+    (config, weights, tokenizer) and the export's own two files.
+    """
+    try:
+        meta = json.loads((folder / EXPORT_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        meta = {}
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return frozenset(files) | {EXPORT_META}
+    return frozenset(
+        p.name for p in folder.iterdir()
+        if p.is_file() and (p.name in {EXPORT_META, "README.md", "config.json",
+                                       "generation_config.json", "special_tokens_map.json",
+                                       "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                                       "merges.txt", "vocab.json", "added_tokens.json"}
+                            or p.suffix in (".safetensors", ".bin")
+                            or p.name.endswith(".safetensors.index.json"))
+    )
 
 
 def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
@@ -217,11 +249,14 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
     staging = staging_folder(target)
     try:
         shutil.copytree(run_dir / "final" / "model", staging, dirs_exist_ok=True)
-        (staging / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n",
-                                           encoding="utf-8")
         (staging / "README.md").write_text(
             model_card(summary, labels=labels, run_name=run_dir.name), encoding="utf-8"
         )
+        # What this export wrote: a later --force replaces these and nothing else.
+        meta["files"] = sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
+                               if p.is_file())
+        (staging / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n",
+                                           encoding="utf-8")
         replace_folder(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

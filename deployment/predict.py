@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from common.model_source import has_weights
 from deployment.export import EXPORT_META
 
 if TYPE_CHECKING:
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 # checks: a wrong path is reported in a fraction of a second, not after ten.
 
 FORMATS = (".csv", ".jsonl")
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
 # Any one of these holds a tokenizer's vocabulary (fast tokenizers, WordPiece, BPE,
 # SentencePiece), as `save_pretrained` writes them.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -79,7 +79,7 @@ def check_model_dir(model_dir: Path) -> None:
     missing = []
     if not (model_dir / "config.json").is_file():
         missing.append("config.json")
-    if not any(any(model_dir.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+    if not has_weights(model_dir):
         missing.append("weights (*.safetensors or *.bin)")
     if not any((model_dir / name).is_file() for name in TOKENIZER_FILES):
         missing.append(f"tokenizer files (one of {', '.join(TOKENIZER_FILES)})")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +32,10 @@ from deployment.processes import (
     free_port,
     wait_for_port,
 )
-from server.run_outputs import OutcomeError, read_outcome
+from server.preflight import preflight
+from server.run_outputs import run_folder
+from server.run_verdict import attempt_outcome, has_final_model, outcome_stamp, run_verdict
 from simulations.runner import APP_DIR
-from simulations.sweep import run_verdict
 
 
 @dataclass(frozen=True)
@@ -221,15 +222,24 @@ def rehearse(
     ``run_config`` must name the run folder (``output-dir``, ``run-name``); ``output-dir``
     is made absolute (the ServerApp runs in another working directory). ``labels``
     defaults to the classes of the site files; ``min-nodes`` to the number of sites.
+    The run is preflighted (``server.preflight``) before any process starts, and the
+    result's ``returncode`` is 0 only if this attempt completed with its final model.
     """
     run_config = dict(run_config)
     if "output-dir" not in run_config or "run-name" not in run_config:
         raise ValueError("run_config must set `output-dir` and `run-name`")
     run_config["output-dir"] = str(Path(str(run_config["output-dir"])).expanduser().resolve())
+    if run_config.get("resume-from"):
+        run_config["resume-from"] = str(Path(str(run_config["resume-from"])).expanduser()
+                                        .resolve())
     cfg = RunConfig.from_flower(run_config)  # fail here, not in the ServerApp
     run_config.setdefault("labels", labels_of(sites, cfg))
     run_config.setdefault("min-nodes", len(sites))
-    run_dir = Path(run_config["output-dir"]) / str(run_config["run-name"])
+    cfg = RunConfig.from_flower(run_config)
+    for note in preflight(cfg, num_partitions=None):  # before any process starts
+        on_line(f"[fedsft] preflight: {note}")
+    run_dir = run_folder(cfg)
+    stamp_before = outcome_stamp(run_dir)
     with Rehearsal(work_dir, [s.name for s in sites]) as rehearsal:
         rehearsal.start_superlink()
         on_line(f"[fedsft] SuperLink on 127.0.0.1:{rehearsal.port} (TLS, node auth)")
@@ -243,13 +253,9 @@ def rehearse(
         returncode, log_path = rehearsal.submit(run_config, app_dir=app_dir,
                                                 on_line=on_line, timeout=timeout)
     # `flwr run --stream` exits 0 also when the ServerApp failed: the run folder says.
-    try:
-        outcome = read_outcome(run_dir)
-    except OutcomeError:
-        outcome = None
     ok, message = run_verdict(
-        returncode=returncode, outcome=None if outcome is None else asdict(outcome),
-        final_model=(run_dir / "final" / "model" / "config.json").is_file(),
+        returncode=returncode, outcome=attempt_outcome(run_dir, stamp_before=stamp_before),
+        final_model=has_final_model(run_dir),
         log_text=log_path.read_text(encoding="utf-8", errors="replace"), log_path=log_path,
     )
     return RehearsalResult(run_dir=run_dir, returncode=0 if ok else (returncode or 1),

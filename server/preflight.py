@@ -9,8 +9,9 @@ file and what would work. A check never creates or changes a file.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common import model_source
@@ -19,7 +20,7 @@ from common.data import check_partition_plan, load_server_eval, load_splits
 from server.run_outputs import check_resume, run_folder
 
 # A check raises on a problem and may return a note worth printing.
-Check = Callable[[RunConfig, "int | None"], "str | None"]
+Check = Callable[[RunConfig, int | None], str | None]
 
 
 def _nearest_existing(path: Path) -> Path:
@@ -85,10 +86,26 @@ def check_resume_folder(cfg: RunConfig, num_partitions: int | None = None) -> st
     return note
 
 
+@contextlib.contextmanager
+def _hub_off_unless_set() -> Iterator[None]:
+    """``HF_HUB_OFFLINE=1`` unless the user set it, for the duration of the block: the
+    harness and the deployment start Flower's processes so (simulations/runner.py,
+    deployment/processes.py), and the model must be judged by the same rule."""
+    if "HF_HUB_OFFLINE" in os.environ:
+        yield
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("HF_HUB_OFFLINE", None)
+
+
 def check_model(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
     """``model`` resolves offline (folder with config and weights, or a cached Hub id) and
     ``max-length`` fits its position embeddings."""
-    source = model_source.check_model(cfg)
+    with _hub_off_unless_set():
+        source = model_source.check_model(cfg)
     if not source.cached:
         return f"model {cfg.model!r} is not cached: it will be downloaded from the Hub"
     return None

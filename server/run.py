@@ -21,6 +21,7 @@ from common.training import encode
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
+from server.preflight import check_new_run_folder
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import RoundRecorder, arrays_to_state
 from server.run_outputs import (
@@ -52,11 +53,14 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     RunFailed
         No round aggregated a client update (outcome.json says why, no final/).
     ConfigError
-        ``resume-from`` names no resumable run (checked before anything is written).
+        ``resume-from`` names no resumable run, or a new run's folder holds an earlier
+        run (checked before anything is written, also when no preflight ran).
     """
     outputs = RunOutputs(run_folder(cfg), keep_checkpoints=cfg.keep_checkpoints)
     if cfg.resume_from:
         check_resume(outputs.folder, cfg)
+    else:
+        check_new_run_folder(cfg)
     try:
         return _run(grid, cfg, outputs)
     except RunFailed:

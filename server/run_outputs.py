@@ -102,17 +102,23 @@ def replace_folder(new: Path, target: Path) -> None:
     except BaseException:
         os.rename(aside, target)
         raise
-    shutil.rmtree(aside)
+    # The new folder is in place: a failure to delete the old one loses nothing.
+    shutil.rmtree(aside, ignore_errors=True)
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary sibling and a rename: readers see the old or the
+    new content, never a part. The temporary name is per process, so writers never collide."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _flatten_state(
@@ -220,6 +226,15 @@ def _newest_intact(
         f"`resume-from` folder {folder} has no completed round to resume "
         "(no checkpoint matching a results.jsonl line)"
     )
+
+
+def resumable_round(folder: Path) -> int | None:
+    """The round a resume of ``folder`` would continue after, or None if there is none
+    (no results line with an intact checkpoint). Settings are not compared."""
+    try:
+        return _newest_intact(folder, read_results(folder / "results.jsonl"))[1].round
+    except ConfigError:
+        return None
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
@@ -346,7 +361,7 @@ class RunOutputs:
             print(f"[fedsft] warning: checkpoint {path} is unreadable ({why}); "
                   "resuming from an older round", flush=True)
         rows = [r for r in self.read_results() if r.get("round", 0) <= checkpoint.round]
-        _atomic_write_bytes(
+        atomic_write_bytes(
             self.results_path,
             "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
         )

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 import traceback
@@ -250,8 +249,11 @@ def _interrupted_message(error: KeyboardInterrupt) -> str:
     run_dir = getattr(error, "run_dir", None)
     if run_dir is None:
         return "interrupted"
-    if (Path(run_dir) / "config.json").is_file():
-        return (f"interrupted; stopped the simulation; resume with "
+    from server.run_outputs import resumable_round
+
+    done = resumable_round(Path(run_dir))
+    if done is not None:
+        return (f"interrupted; stopped the simulation after round {done}; resume with "
                 f"--set resume-from={run_dir}")
     return (f"interrupted; stopped the simulation before its first round was saved; "
             f"nothing to resume in {run_dir}")
@@ -271,9 +273,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from simulations.runner import sigterm_interrupts
 
-    # The simulation runs with the Hub off unless the user turned it on (runner.py):
-    # the preflight must judge `model` by the same rule.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         with sigterm_interrupts():
             return int(args.handler(args))

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psutil
 import tomli_w
@@ -173,6 +173,16 @@ class _Ticket:
             return True
 
 
+def _shared_file(path: Path) -> IO[str]:
+    """Open a machine-wide file for appending and reading, writable by every user: the
+    first user to create it must not lock out the others."""
+    handle = path.open("a+", encoding="utf-8")
+    with contextlib.suppress(OSError):  # only the owner may chmod; others need not
+        if path.stat().st_uid == os.getuid():
+            os.chmod(path, 0o666)
+    return handle
+
+
 def _queue_path(lock_path: Path) -> Path:
     return lock_path.with_name(lock_path.name + ".queue")
 
@@ -180,7 +190,7 @@ def _queue_path(lock_path: Path) -> Path:
 def _update_queue(lock_path: Path, *, add: _Ticket | None = None,
                   remove: str | None = None) -> list[_Ticket]:
     """Read the queue, drop dead waiters (and ``remove``), append ``add``; under a lock."""
-    with _queue_path(lock_path).open("a+", encoding="utf-8") as queue:
+    with _shared_file(_queue_path(lock_path)) as queue:
         fcntl.flock(queue, fcntl.LOCK_EX)  # held for a few reads and writes only
         queue.seek(0)
         tickets = []
@@ -223,7 +233,7 @@ def hold_machine(*, run_name: str, timeout: float,
     deadline = time.monotonic() + timeout
     me = _Ticket(pid=os.getpid(), created=psutil.Process().create_time(),
                  token=uuid.uuid4().hex, run=run_name, since=time.time())
-    with lock_path.open("a+", encoding="utf-8") as lock:
+    with _shared_file(lock_path) as lock:
         try:
             announced = False
             tickets = _update_queue(lock_path, add=me)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import sys
 import time
 import traceback
@@ -25,7 +24,8 @@ from typing import Any
 
 from common.config import ConfigError, RunConfig
 from server.preflight import preflight
-from server.run_outputs import OUTCOME_FILE, OutcomeError, read_outcome
+from server.run_outputs import atomic_write_bytes
+from server.run_verdict import attempt_outcome, has_final_model, outcome_stamp, run_verdict
 from simulations.report import (
     SIMULATION_FILE,
     ReportError,
@@ -43,13 +43,6 @@ from simulations.scenarios import (
 )
 
 RunFn = Callable[..., SimulationResult]
-# The last line of a Python traceback: "ValueError: ...", "common.data.DataError: ...".
-_EXCEPTION_LINE = re.compile(
-    r"^(?:[A-Za-z_]\w*\.)*[A-Z]\w*(?:Error|Exception|Interrupt|Abort|Refusal|Violation|"
-    r"Exhausted|Exit)(?::\s.*)?$"
-)
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_LOG_LEVEL = re.compile(r"^(?:ERROR|WARNING|INFO|DEBUG)\s*:\s*")
 _LOG_TAIL = 1 << 20  # bytes of the log searched for the last exception
 
 
@@ -75,38 +68,6 @@ class RunOutcome:
     outcome: dict[str, Any] | None = None  # the server's outcome.json of this attempt
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "final" / "model" / "config.json").exists()
-
-
-def _read_outcome(run_dir: Path) -> dict[str, Any] | None:
-    """``<run_dir>/outcome.json`` as written by the server; None if absent or unreadable."""
-    try:
-        outcome = read_outcome(run_dir)
-    except (OSError, OutcomeError):
-        return None
-    return None if outcome is None else asdict(outcome)
-
-
-def _outcome_stamp(run_dir: Path) -> int | None:
-    """When outcome.json was last written, to tell this attempt's from an earlier one's."""
-    try:
-        return (run_dir / OUTCOME_FILE).stat().st_mtime_ns
-    except OSError:
-        return None
-
-
-def last_exception_line(log_text: str) -> str | None:
-    """The last ``SomethingError: message`` line of a log (Flower's level prefix and
-    colours removed), or None."""
-    found = None
-    for raw in log_text.splitlines():
-        line = _LOG_LEVEL.sub("", _ANSI.sub("", raw).strip()).strip()
-        if _EXCEPTION_LINE.match(line):
-            found = line
-    return found
-
-
 def _attempt_log(log_path: Path) -> str:
     """The tail of the log written by the last attempt (after its header line)."""
     try:
@@ -117,36 +78,6 @@ def _attempt_log(log_path: Path) -> str:
         return ""
     start = text.rfind(ATTEMPT_PREFIX)
     return text[start:] if start >= 0 else text
-
-
-def run_verdict(
-    *, returncode: int, outcome: Mapping[str, Any] | None, final_model: bool,
-    log_text: str, log_path: Path | str,
-) -> tuple[bool, str]:
-    """Did the run do what was asked? ``(ok, message)``; the message says why not.
-
-    ``outcome`` is this attempt's ``outcome.json`` (None: not written), ``final_model``
-    whether ``final/model`` exists, ``log_text`` the attempt's log.
-    """
-    if outcome is None:
-        message = f"the ServerApp failed before writing its outcome; see {log_path}"
-        error = last_exception_line(log_text)
-        if error:
-            message += f" (last error in the log: {error})"
-        if returncode != 0:
-            message += f" (flwr run exit code {returncode})"
-        return False, message
-    status = outcome.get("status")
-    if status != "completed":
-        text = str(outcome.get("message") or f"the run ended with status {status!r}")
-        return False, f"{text} (log: {log_path})"
-    if not final_model:
-        return False, (f"the run reported completion but its final model is missing; "
-                       f"see {log_path}")
-    if returncode != 0:
-        return False, (f"the run completed but `flwr run` exited with code {returncode}; "
-                       f"see {log_path}")
-    return True, ""
 
 
 def _recorded_supernodes(run_dir: Path) -> int | None:
@@ -173,6 +104,12 @@ def _supernodes(scenario: Scenario, num_supernodes: int | None, resume_dir: Path
                 "differently. Drop --num-supernodes or pass the same number."
             )
         return recorded
+    if resume_dir is not None and num_supernodes is None:
+        raise ConfigError(
+            f"cannot tell how many virtual clients {resume_dir} ran with: it has no "
+            f"readable {SIMULATION_FILE} (it was not run by this harness). Pass "
+            "--num-supernodes with that number: another one partitions the data differently."
+        )
     return num_supernodes or scenario.num_supernodes
 
 
@@ -210,16 +147,15 @@ def run_scenario(
             num_cpus=scenario.num_cpus, num_gpus=scenario.num_gpus,
             overrides=dict(overrides), scenario_file=str(scenario.path or ""),
         )
-    before = _outcome_stamp(run_dir)
+    before = outcome_stamp(run_dir)
     outcome = None
     try:
         result = run_fn(run_config, num_supernodes=nodes, num_cpus=scenario.num_cpus,
                         num_gpus=scenario.num_gpus, quiet=quiet, timeout=timeout)
         returncode = result.returncode
-        fresh = _outcome_stamp(run_dir) not in (None, before)
-        outcome = _read_outcome(run_dir) if fresh else None
+        outcome = attempt_outcome(run_dir, stamp_before=before)
         ok, message = run_verdict(
-            returncode=returncode, outcome=outcome, final_model=_finished(run_dir),
+            returncode=returncode, outcome=outcome, final_model=has_final_model(run_dir),
             log_text=_attempt_log(result.log_path), log_path=result.log_path,
         )
     except HarnessError as error:
@@ -369,7 +305,7 @@ def _write_sweep_file(
         entry["run_dir"] = str(o.run_dir)
         entry["report"] = str(o.report) if o.report else None
         runs.append(entry)
-    (sweep_dir / "sweep.json").write_text(json.dumps({
+    atomic_write_bytes(sweep_dir / "sweep.json", (json.dumps({
         "scenario": scenario.name, "grid": dict(grid), "seeds": list(seeds),
         "overrides": dict(base_overrides), "seconds": round(seconds, 1), "runs": runs,
-    }, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    }, indent=2, sort_keys=True, default=str) + "\n").encode())

@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output: Path = args.output.resolve()
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    # A new folder per invocation: a run never goes into an earlier run's folder.
     runs_dir = args.runs_dir or (
-        output / "runs" if output != HERE else APP_DIR / "outputs" / f"benchmarks-{stamp}"
+        output / "runs" / stamp if output != HERE else APP_DIR / "outputs" / f"benchmarks-{stamp}"
     )
     (output / "results").mkdir(parents=True, exist_ok=True)
     runs_dir.mkdir(parents=True, exist_ok=True)

@@ -257,7 +257,8 @@ def test_submit_exits_with_the_runs_outcome(status, code, last, fake_flwr, conso
     assert (captured.out + captured.err).strip().splitlines()[-1] == last
     run_call, list_call = _calls(fake_flwr)
     assert run_call[:4] == ["run", str(cli._app_dir(None)), cons.CONNECTION, "--stream"]
-    assert run_call[-2:] == ["--run-config", "num-server-rounds=3"]
+    assert run_call[-2:] == ["--run-config", "num-server-rounds=3 output-dir="
+                             f"{json.dumps(str(Path('outputs').resolve()))}"]
     assert list_call[:4] == ["list", cons.CONNECTION, "--run-id", "42"]
 
 

@@ -115,15 +115,32 @@ def test_an_empty_folder_is_used(tmp_path):
 def test_an_earlier_export_needs_force_and_is_then_replaced(tmp_path):
     run = _run(tmp_path / "run")
     out = export_run(run, tmp_path / "model")
-    (out / "stale.txt").write_text("from the earlier export")
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["files"] == ["README.md", "config.json", "model.safetensors"]  # + itself
+    # A file the earlier export wrote (its list says so) that the new one will not write.
+    (out / "stale.bin").write_text("from the earlier export")
+    (out / EXPORT_META).write_text(json.dumps({**meta, "files": [*meta["files"], "stale.bin"]}))
     (run / "final" / "model" / "model.safetensors").write_bytes(b"new weights")
     with pytest.raises(ExportError, match="use --force"):
         export_run(run, out)
-    assert (out / "stale.txt").exists()
+    assert (out / "stale.bin").exists()
     export_run(run, out, force=True)
     assert (out / "model.safetensors").read_bytes() == b"new weights"
-    assert not (out / "stale.txt").exists()
+    assert not (out / "stale.bin").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "run"]  # nothing left over
+
+
+@pytest.mark.parametrize("placed", ["preds.csv", "notes/today.txt"])
+def test_force_never_deletes_a_file_the_export_did_not_write(tmp_path, placed):
+    run = _run(tmp_path / "run")
+    out = export_run(run, tmp_path / "model")
+    (out / placed).parent.mkdir(parents=True, exist_ok=True)
+    (out / placed).write_text("the user's own file")
+    before = _files(out)
+
+    with pytest.raises(ExportError, match=f"holds files the export did not write \\({placed}\\)"):
+        export_run(run, out, force=True)
+    assert _files(out) == before
 
 
 def test_an_export_from_before_the_kind_field_is_recognised(tmp_path):

@@ -147,7 +147,7 @@ def test_model_and_max_length_are_checked_before_flower(tmp_path, monkeypatch):
      "`classes-per-client` is 4 but the training data has only 3 classes"),
     ({"builtin-examples": 20}, 50, "fewer"),
 ])
-def test_a_partition_plan_that_starves_a_client_is_refused(tmp_path, overrides, clients,
+def test_an_infeasible_partition_plan_is_refused(tmp_path, overrides, clients,
                                                            message):
     cfg = _cfg(**{**overrides, "output-dir": str(tmp_path)})
 

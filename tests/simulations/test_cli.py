@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from server.run_verdict import last_exception_line, run_verdict
 from simulations import __main__ as cli
 from simulations import sweep
 from simulations.runner import SimulationResult
 from simulations.scenarios import load_scenario
-from simulations.sweep import last_exception_line, run_verdict
 from tests.simulations.test_scenarios import _fake_runner
 
 TINY = "num-supernodes = 2\n[run-config]\nbuiltin-examples = 200\nnum-server-rounds = 1\n"
@@ -69,6 +69,13 @@ def _case_resume_other_nodes(tmp_path):
     (tmp_path / "s.toml").write_text(TINY)
     return ["run", str(tmp_path / "s.toml"), "--num-supernodes", "3",
             "--set", f"resume-from={run}"]
+
+
+def _case_resume_without_simulation_file(tmp_path):
+    run = _resumable_run(tmp_path / "run", **{"num-server-rounds": 1})
+    (run / "simulation.json").unlink()
+    (tmp_path / "s.toml").write_text(TINY)
+    return ["run", str(tmp_path / "s.toml"), "--set", f"resume-from={run}"]
 
 
 def _case_two_output_dirs(tmp_path):
@@ -177,6 +184,7 @@ BAD_INPUTS = [
     (_case_resume_missing, "gone does not exist"),
     (_case_resume_unrelated, "is not a fedsft run: config.json and results.jsonl are missing"),
     (_case_resume_other_nodes, "with 3 virtual clients: it ran with 2"),
+    (_case_resume_without_simulation_file, "has no readable simulation.json"),
     (_case_two_output_dirs, "disagree; give the folder once, with --output-dir"),
     (_case_bad_value, "`fraction-train`"),
     (_case_partition_column_missing, "partition column 'hospital' not found; columns:"),
@@ -204,7 +212,7 @@ def test_bad_inputs_are_one_paragraph_errors_before_anything_starts(
     monkeypatch.setattr(sweep, "run_scenario", functools.partial(
         sweep.run_scenario, run_fn=lambda *a, **k: started.append(a)))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # main() turns the Hub off
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # the preflight judges it off
     argv = case(tmp_path)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
 
@@ -307,7 +315,7 @@ def test_unexpected_errors_say_their_type_and_debug_gives_the_traceback(
 def test_an_interrupt_exits_130_with_the_resume_command(tmp_path, capsys, monkeypatch):
     def interrupted(run_config, **kwargs):
         run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
-        (run_dir / "config.json").write_text("{}")  # round 0 was saved
+        _resumable_run(run_dir, **{"num-server-rounds": 1})  # round 1 was saved
         raise KeyboardInterrupt
 
     monkeypatch.setattr(sweep, "run_scenario",
@@ -319,8 +327,27 @@ def test_an_interrupt_exits_130_with_the_resume_command(tmp_path, capsys, monkey
 
     assert status == 130
     assert capsys.readouterr().err.splitlines()[-1] == (
-        "[fedsft] interrupted; stopped the simulation; resume with "
+        "[fedsft] interrupted; stopped the simulation after round 1; resume with "
         f"--set resume-from={tmp_path.resolve() / 'r'}")
+
+
+def test_an_interrupt_before_any_saved_round_offers_no_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(run_config, **kwargs):
+        run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
+        (run_dir / "config.json").write_text("{}")  # written before round 0 is saved
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "run_scenario",
+                        functools.partial(sweep.run_scenario, run_fn=interrupted))
+    (tmp_path / "s.toml").write_text(TINY)
+
+    status = cli.main(["run", str(tmp_path / "s.toml"), "--set", "run-name=r",
+                       "--output-dir", str(tmp_path)])
+
+    assert status == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "[fedsft] interrupted; stopped the simulation before its first round was saved; "
+        f"nothing to resume in {tmp_path.resolve() / 'r'}")
 
 
 def test_resume_keeps_the_recorded_clients_and_simulation_file(tmp_path, capsys,
