@@ -104,7 +104,9 @@ def _supernodes(scenario: Scenario, num_supernodes: int | None, resume_dir: Path
                 "differently. Drop --num-supernodes or pass the same number."
             )
         return recorded
-    if resume_dir is not None and num_supernodes is None:
+    # (A folder that is no run at all gets the preflight's clearer message.)
+    if resume_dir is not None and num_supernodes is None and (
+            resume_dir / "config.json").is_file():
         raise ConfigError(
             f"cannot tell how many virtual clients {resume_dir} ran with: it has no "
             f"readable {SIMULATION_FILE} (it was not run by this harness). Pass "
