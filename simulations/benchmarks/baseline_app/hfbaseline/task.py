@@ -29,9 +29,9 @@ def _data_config(run_config: Mapping[str, Any]):  # type: ignore[no-untyped-def]
 
 def model_path(run_config: Mapping[str, Any]) -> str:
     """The model directory (``minilm``: the packaged MiniLM-L6)."""
-    from common.model import resolve_model_path
+    from common.model_source import resolve_model
 
-    return resolve_model_path(str(run_config["model"]))
+    return resolve_model(str(run_config["model"])).path
 
 
 def label_names(run_config: Mapping[str, Any]) -> list[str]:
