@@ -531,6 +531,11 @@ def _compute_splits(cfg: RunConfig) -> Splits:
                                             seed=cfg.seed)
     validation = None
     if cfg.validation_fraction > 0:
+        if len(train_frame) < 2:
+            raise DataError(
+                f"{cfg.dataset}: `validation-fraction` {cfg.validation_fraction:g} needs at "
+                f"least 2 training rows to hold some out, got {len(train_frame)}"
+            )
         train_frame, validation_frame = _hold_out(
             train_frame, fraction=cfg.validation_fraction, seed=cfg.seed)
         validation = _to_dataset(validation_frame, source=cfg.dataset)
