@@ -63,7 +63,8 @@ def load_local_data(
             "(start it with --node-config \"data-path='/path/to/site.csv'\")"
         )
     key = (source, cfg.dataset, cfg.eval_dataset, cfg.text_column, cfg.label_column,
-           cfg.label_case_fold, cfg.eval_fraction, cfg.client_eval_fraction, cfg.builtin_examples,
+           cfg.label_case_fold, cfg.eval_fraction, cfg.validation_fraction,
+           cfg.client_eval_fraction, cfg.builtin_examples,
            cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client, cfg.seed,
            cfg.max_length, tuple(label_names), tokenizer.name_or_path)
     if key not in _CACHE:

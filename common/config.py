@@ -36,6 +36,8 @@ ATTACKS = ("none", "sign-flip", "scale", "gaussian", "label-flip", "nan")
 PARTITIONERS = ("iid", "dirichlet", "pathological")  # plus "column:<name>"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SELECT_MODELS = ("best", "last")
+SELECTION_METRICS = ("accuracy", "f1_macro", "loss")  # loss is minimised
 
 
 class ConfigError(ValueError):
@@ -135,6 +137,14 @@ class RunConfig:
     resume_from: str = ""  # a run folder whose last completed round to continue
     keep_checkpoints: int = 2  # per-round checkpoints kept (0 = keep all)
     log_to: str = ""  # comma list of extra metric sinks: tensorboard, mlflow
+    # --- which round's model is delivered (server/model_selection.py) ---
+    select_model: str = "best"  # best | last; best: by `selection-metric`, not luck
+    selection_metric: str = "accuracy"  # accuracy | f1_macro | loss (minimised)
+    early_stopping_patience: int = 0  # stop after this many rounds without gain; 0 = off
+    early_stopping_min_delta: float = 0.0  # a gain must exceed this to count
+    # Share of the training rows held out (before partitioning) to select the model on,
+    # so the central eval split stays an untouched test set; 0 = select on eval (optimistic).
+    validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
@@ -221,6 +231,7 @@ class RunConfig:
                 "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
             )
         _check_range("classes-per-client", self.classes_per_client, low=1)
+        self._check_model_selection()
         unknown_sinks = sorted(set(self.metric_sinks) - {"tensorboard", "mlflow"})
         if unknown_sinks:
             raise ConfigError(
@@ -234,6 +245,26 @@ class RunConfig:
         if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
             raise ConfigError(
                 f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
+            )
+
+    def _check_model_selection(self) -> None:
+        _check_choice("select-model", self.select_model, SELECT_MODELS)
+        _check_choice("selection-metric", self.selection_metric, SELECTION_METRICS)
+        _check_range("early-stopping-patience", self.early_stopping_patience, low=0)
+        _check_range("early-stopping-min-delta", self.early_stopping_min_delta, low=0)
+        _check_range("validation-fraction", self.validation_fraction, low=0, high=0.5,
+                     high_open=True)
+        if self.labels and self.validation_fraction > 0:
+            raise ConfigError(
+                "`validation-fraction` > 0 holds out part of `dataset`, but with `labels` "
+                "set the server never reads `dataset` (the sites hold the training data): "
+                f"set `validation-fraction`=0, got {self.validation_fraction:g}"
+            )
+        if self.labels and not self.eval_dataset and self.early_stopping_patience > 0:
+            raise ConfigError(
+                "`early-stopping-patience` > 0 needs evaluation data on the server, but "
+                "with `labels` set and no `eval-dataset` it has none: give an "
+                f"`eval-dataset` or set the patience to 0, got {self.early_stopping_patience}"
             )
 
     def _check_secure_aggregation(self) -> None:

@@ -77,14 +77,17 @@ class DataError(ValueError):
 class Splits:
     """The server's view of the data: training rows, held-out rows, class names.
 
-    Both data sets have a ``text`` (str) and a ``label`` (int64 index into
-    ``label_names``) column, plus any other column of the source. Shared through a
-    per-process cache: do not mutate ``label_names``.
+    The data sets have a ``text`` (str) and a ``label`` (int64 index into
+    ``label_names``) column, plus any other column of the source. ``validation`` (only
+    with ``validation-fraction`` > 0) is held out of the training rows, so ``train``
+    lacks them: the model is selected on it, and ``eval`` stays the test set. Shared
+    through a per-process cache: do not mutate ``label_names``.
     """
 
     train: datasets.Dataset
     eval: datasets.Dataset
     label_names: list[str]
+    validation: datasets.Dataset | None = None
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -455,8 +458,12 @@ def load_splits(cfg: RunConfig) -> Splits:
     With ``cfg.eval_dataset`` that file is the eval split (encoded with the training
     label map) and the whole, seed-shuffled ``cfg.dataset`` is the training split.
     Otherwise a stratified (when every class has at least two rows, else plain) seeded
-    ``cfg.eval_fraction`` of ``cfg.dataset`` is held out. The same config gives the same
-    splits in every process; results are cached per process.
+    ``cfg.eval_fraction`` of ``cfg.dataset`` is held out. With ``cfg.validation_fraction``
+    > 0 that share of the training split is then held out the same way (seeded,
+    stratified when possible) as ``validation``, before any client partitions
+    ``train``; at 0 the splits are exactly those without it. The same config gives the
+    same splits in every process (the server's and the clients'); results are cached
+    per process.
 
     Parameters
     ----------
@@ -492,7 +499,7 @@ def _splits_key(cfg: RunConfig) -> tuple[Any, ...]:
         cfg.dataset, _file_stamp(cfg.dataset),
         cfg.eval_dataset, _file_stamp(cfg.eval_dataset),
         cfg.text_column, cfg.label_column, cfg.eval_fraction, cfg.seed,
-        cfg.builtin_examples, cfg.label_case_fold,
+        cfg.builtin_examples, cfg.label_case_fold, cfg.validation_fraction,
     )
 
 
@@ -520,11 +527,23 @@ def _compute_splits(cfg: RunConfig) -> Splits:
         order = np.random.default_rng(cfg.seed).permutation(len(train_frame))
         train_frame = train_frame.iloc[order]
     else:
-        train_frame, eval_frame = _hold_out(train_frame, cfg)
+        train_frame, eval_frame = _hold_out(train_frame, fraction=cfg.eval_fraction,
+                                            seed=cfg.seed)
+    validation = None
+    if cfg.validation_fraction > 0:
+        if len(train_frame) < 2:
+            raise DataError(
+                f"{cfg.dataset}: `validation-fraction` {cfg.validation_fraction:g} needs at "
+                f"least 2 training rows to hold some out, got {len(train_frame)}"
+            )
+        train_frame, validation_frame = _hold_out(
+            train_frame, fraction=cfg.validation_fraction, seed=cfg.seed)
+        validation = _to_dataset(validation_frame, source=cfg.dataset)
     return Splits(
         train=_to_dataset(train_frame, source=cfg.dataset),
         eval=_to_dataset(eval_frame, source=cfg.eval_dataset or cfg.dataset),
         label_names=label_names,
+        validation=validation,
     )
 
 
@@ -549,18 +568,18 @@ def _normalise(frame: pd.DataFrame, labels: np.ndarray, cfg: RunConfig) -> pd.Da
     )
 
 
-def _hold_out(frame: pd.DataFrame, cfg: RunConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Seeded (stratified when possible) train / eval split of ``frame``."""
+def _hold_out(
+    frame: pd.DataFrame, *, fraction: float, seed: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Seeded (stratified when possible) split of ``frame``: the rest and ``fraction``."""
     indices = np.arange(len(frame))
     try:
         train_idx, eval_idx = train_test_split(
-            indices, test_size=cfg.eval_fraction, random_state=cfg.seed,
+            indices, test_size=fraction, random_state=seed,
             stratify=frame["label"].to_numpy(),
         )
     except ValueError:  # a class with a single row, or fewer eval rows than classes
-        train_idx, eval_idx = train_test_split(
-            indices, test_size=cfg.eval_fraction, random_state=cfg.seed
-        )
+        train_idx, eval_idx = train_test_split(indices, test_size=fraction, random_state=seed)
     return frame.iloc[train_idx], frame.iloc[eval_idx]
 
 

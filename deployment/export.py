@@ -3,7 +3,8 @@
 ```
 <export>/
   config.json, model.safetensors, tokenizer files   final/model of the run (LoRA merged)
-  README.md        the model card: base model, method, rounds, sites, metrics, privacy
+  README.md        the model card: base model, method, rounds, sites, metrics, privacy,
+                   which round was exported and why (outcome.json "selection")
   fedsft.json      what inference needs to match training: max-length, columns, labels;
                    "kind": "fedsft-export" marks the folder as an export
 ```
@@ -22,7 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from common.model_source import has_weights
-from server.run_outputs import read_results, replace_folder, staging_folder
+from server.run_outputs import (
+    OutcomeError,
+    read_outcome,
+    read_results,
+    replace_folder,
+    staging_folder,
+)
 
 EXPORT_META = "fedsft.json"
 EXPORT_KIND = "fedsft-export"  # fedsft.json "kind": the folder is safe to replace
@@ -90,11 +97,22 @@ def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
     return lines
 
 
-def summarize(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The facts the model card states, as data (also written to fedsft.json)."""
+def summarize(
+    config: dict[str, Any], rows: list[dict[str, Any]],
+    selection: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The facts the model card states, as data (also written to fedsft.json).
+
+    ``selection`` is outcome.json's: the exported round, whose central metrics are
+    then ``final-central``; without it (older runs) the last round's are.
+    """
     trained = [r for r in rows if int(r.get("round", 0)) > 0]
     clients = [r.get("clients") or {} for r in trained]
-    final = next((r["central"] for r in reversed(rows) if r.get("central")), None)
+    if selection is not None:
+        final = next((r.get("central") for r in rows
+                      if int(r.get("round", 0)) == selection.get("round")), None)
+    else:
+        final = next((r["central"] for r in reversed(rows) if r.get("central")), None)
     return {
         "base-model": _PACKAGED_MINILM if config.get("model") == "minilm" else config.get("model"),
         "method": config.get("method"),
@@ -109,6 +127,7 @@ def summarize(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, A
         "label-column": config.get("label-column", "label"),
         "learning-rate": config.get("learning-rate"),
         "privacy": privacy_summary(config, rows),
+        "selection": selection,
     }
 
 
@@ -121,6 +140,11 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
                    + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
     else:
         metrics = "no central evaluation (the run had no `eval-dataset`)"
+    selection = summary.get("selection")
+    selected = []
+    if selection:
+        selected = [f"- exported model: round {selection['round']} of "
+                    f"{selection['last_round']} ({selection['note']})"]
     base = summary["base-model"]
     front = ["---", "library_name: transformers", "pipeline_tag: text-classification",
              "tags: [fedsft, flower, federated-learning]"]
@@ -139,7 +163,9 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
         f"- rounds: {summary['rounds']}",
         f"- sites: {summary['sites-aggregated']} took part "
         f"(at most {summary['sites-sampled']} sampled in a round)",
-        f"- final central evaluation: {metrics}",
+        *selected,
+        f"- central evaluation of the exported model: {metrics}" if selection
+        else f"- final central evaluation: {metrics}",
         f"- max length: {summary['max-length']} tokens (use the same at inference)",
         f"- labels: {', '.join(labels)}",
         *_privacy_lines(summary["privacy"]), "",
@@ -237,7 +263,11 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
     check_target(run_dir, out_dir, force=force)
     label_map = json.loads((run_dir / "label_map.json").read_text(encoding="utf-8"))
     labels = [label_map[k] for k in sorted(label_map, key=int)]
-    summary = summarize(config, rows)
+    try:
+        outcome = read_outcome(run_dir)
+    except OutcomeError as exc:
+        raise ExportError(f"{run_dir}: {exc}") from exc
+    summary = summarize(config, rows, None if outcome is None else outcome.selection)
     meta = {**summary, "labels": labels, "run": str(run_dir.resolve()), "kind": EXPORT_KIND}
     target = out_dir.resolve()  # a symlinked target: replace what it points to
     staging = staging_folder(target)

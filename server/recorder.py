@@ -6,6 +6,16 @@ first), which is exactly when a round is complete. It evaluates on the server's
 held-out data, merges the round's measurements from ``TrackedStrategy``, writes the
 checkpoint and then the results line (in that order: a results line means the
 round's checkpoint exists), and prints one progress line.
+
+With a validation split (``validation-fraction`` > 0) it is evaluated too, into the
+row's ``validation``. The recorder keeps the best round's state in memory and protects
+its checkpoint from pruning (``select-model=best``, server/model_selection.py). When
+``early-stopping-patience`` rounds brought no improvement it raises ``EarlyStop``, last
+of all: Flower calls ``evaluate_fn`` as the final step of a round, so the exception
+leaves ``Strategy.start`` between rounds, after this round's checkpoint and results
+line are on disk, and before the next round sends anything. That needs no copy of
+Flower's loop and loses no round, where emptying the later rounds' ``configure_train``
+would still run (and record) them as skipped rounds.
 """
 
 from __future__ import annotations
@@ -24,6 +34,12 @@ from common.config import RunConfig
 from common.model import set_exchanged_state
 from common.training import EncodedData, evaluate
 from server.metric_sinks import MetricSink
+from server.model_selection import (
+    Selection,
+    early_stop_reason,
+    select_round,
+    selection_split,
+)
 from server.privacy import PrivacyReport
 from server.run_outputs import RunOutputs
 from server.strategies import strategy_state
@@ -39,6 +55,13 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
+
+
+class EarlyStop(Exception):  # noqa: N818 (not an error: a normal end of the run)
+    """Raised by ``RoundRecorder`` after the round that exhausted the patience.
+
+    ``str(exc)`` is the reason, for ``outcome.json`` ``stopped_early``.
+    """
 
 
 class RoundRecorder:
@@ -57,6 +80,7 @@ class RoundRecorder:
         total_rounds: int,
         privacy: PrivacyReport | None = None,
         sinks: Sequence[MetricSink] = (),
+        validation_data: EncodedData | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -71,6 +95,13 @@ class RoundRecorder:
         self.bytes_up_total = 0
         self.bytes_down_total = 0
         self.last_row: dict[str, Any] | None = None
+        self.validation_data = validation_data
+        self.split = selection_split(cfg.validation_fraction)
+        # Rows so far: on resume, those of the earlier attempts (already cut back to the
+        # resumed round), so the best round and the patience count carry over.
+        self.rows: list[dict[str, Any]] = outputs.read_results()
+        self.last_state: dict[str, np.ndarray] | None = None
+        self.best_state: tuple[int, dict[str, np.ndarray]] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         rnd = server_round + self.strategy.round_offset
@@ -78,32 +109,70 @@ class RoundRecorder:
             return None  # resuming: this round is already recorded
         started = time.monotonic()
         state = arrays_to_state(arrays)
-        central = self._evaluate(state)
+        central = self._evaluate(state, self.eval_data)
+        validation = self._evaluate(state, self.validation_data)
         stats = self.strategy.stats.pop(rnd, None) or RoundStats(round=rnd, started=started)
         row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
+        row["validation"] = validation
         if self.privacy is not None:
             row["privacy"] = self.privacy.row(rnd)
         if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
             # Each client accounts its own records; the weakest guarantee is the largest.
             row["dp_sgd"] = {"epsilon_max": stats.dp_sgd_epsilon, "delta": self.cfg.dp_sgd_delta}
-        self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner))
+        # Until this row is on disk, a resume would still select the previous best: keep
+        # both checkpoints.
+        protect = {self._best(), self._best([*self.rows, row])} - {None}
+        self.rows.append(row)
+        if self._best() == rnd:
+            self.best_state = (rnd, state)
+        self.last_state = state
+        self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner),
+                                     protect=protect)
         self.outputs.append_result(row)
         for sink in self.sinks:
             sink.log_round(row)
         self.last_row = row
         print(_progress_line(row, self.total_rounds), flush=True)
+        if rnd > 0 and (reason := self.early_stop_reason()):
+            print(f"[fedsft] {reason}", flush=True)
+            raise EarlyStop(reason)
         if central is None:
             return None
         return MetricRecord({"accuracy": central["accuracy"], "f1-macro": central["f1_macro"],
                              "loss": central["loss"]})
 
-    def _evaluate(self, state: dict[str, np.ndarray]) -> dict[str, Any] | None:
-        """Central metrics of ``state``; None when the server has no eval data."""
-        if self.eval_data is None or len(self.eval_data) == 0:
+    def selection(self) -> Selection | None:
+        """Which round's model to export (``select-model``), from the rows so far."""
+        return select_round(self.rows, rule=self.cfg.select_model,
+                            metric=self.cfg.selection_metric, split=self.split,
+                            min_delta=self.cfg.early_stopping_min_delta)
+
+    def early_stop_reason(self) -> str | None:
+        """Why the run should stop after the rows so far (patience), else None."""
+        return early_stop_reason(
+            self.rows, patience=self.cfg.early_stopping_patience,
+            min_delta=self.cfg.early_stopping_min_delta, metric=self.cfg.selection_metric,
+            split=self.split, total_rounds=self.total_rounds)
+
+    def _best(self, rows: Sequence[dict[str, Any]] | None = None) -> int | None:
+        """The best round of ``rows`` (default: so far) under ``select-model=best``."""
+        if self.cfg.select_model != "best":
+            return None  # `last` exports the newest round: nothing old to protect
+        selection = select_round(
+            self.rows if rows is None else rows, rule="best",
+            metric=self.cfg.selection_metric, split=self.split,
+            min_delta=self.cfg.early_stopping_min_delta)
+        return selection.round if selection is not None and selection.rule == "best" else None
+
+    def _evaluate(
+        self, state: dict[str, np.ndarray], data: EncodedData | None
+    ) -> dict[str, Any] | None:
+        """Metrics of ``state`` on ``data``; None when there is no such data."""
+        if data is None or len(data) == 0:
             return None
         set_exchanged_state(self.model, state)
         result = evaluate(
-            self.model, self.eval_data, batch_size=max(self.cfg.batch_size, 64),
+            self.model, data, batch_size=max(self.cfg.batch_size, 64),
             device=self.device, pad_token_id=self.pad_token_id, precision=self.cfg.precision,
         )
         return {"accuracy": result.accuracy, "f1_macro": result.f1_macro,
@@ -169,6 +238,8 @@ def _progress_line(row: dict[str, Any], total_rounds: int) -> str:
         f"[fedsft] round {row['round']}/{total_rounds}  {metrics}  |  "
         f"up {_mb(b['up'])}  down {_mb(b['down'])}  |  {s['round']:.1f} s"
     )
+    if row.get("validation"):
+        line += f"  |  validation acc {row['validation']['accuracy']:.4f}"
     if "privacy" in row:
         line += f"  |  epsilon {row['privacy']['epsilon']:.3g}"
     if "dp_sgd" in row:

@@ -1,7 +1,8 @@
 """One federated fine-tuning run on the server side, from config to exported model.
 
 Every run that got as far as its folder ends with ``outcome.json`` (see
-server/run_outputs.py): ``completed`` with ``final/``, or ``failed`` with the reason,
+server/run_outputs.py): ``completed`` with ``final/`` (the round ``select-model``
+chose, server/model_selection.py, named in ``selection``), or ``failed`` with the reason,
 also when no round aggregated (then ``RunFailed`` is raised and no ``final/`` written:
 the initial model is not a result) or when anything else raised.
 """
@@ -11,19 +12,21 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.data import load_server_eval
+from common.data import load_server_eval, load_splits
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.training import encode
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
+from server.model_selection import Selection
 from server.preflight import check_new_run_folder
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
-from server.recorder import RoundRecorder, arrays_to_state
+from server.recorder import EarlyStop, RoundRecorder, arrays_to_state
 from server.run_outputs import (
     RunFailed,
     RunOutputs,
@@ -82,6 +85,12 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     eval_data = None if eval_set is None else encode(
         eval_set["text"], eval_set["label"], tokenizer, max_length=cfg.max_length
     )
+    validation_data = None
+    if cfg.validation_fraction > 0:  # RunConfig refuses it with `labels` (no dataset)
+        validation_set = load_splits(cfg).validation
+        assert validation_set is not None  # load_splits holds it out at this fraction
+        validation_data = encode(validation_set["text"], validation_set["label"], tokenizer,
+                                 max_length=cfg.max_length)
 
     waiting_grid = NodeWaitingGrid(
         grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
@@ -119,7 +128,7 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     recorder = RoundRecorder(
         cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,
         device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
-        privacy=privacy, sinks=sinks,
+        privacy=privacy, sinks=sinks, validation_data=validation_data,
     )
     # Clients learn the label map from the server, so every site encodes labels alike.
     round_config = ConfigRecord({"label-names": list(label_names)})
@@ -132,6 +141,10 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
                              f"{last_round + 1} would exceed dp-target-epsilon="
                              f"{cfg.dp_target_epsilon:g} (delta {cfg.dp_delta:g})")
             print(f"[fedsft] {stopped_early}", flush=True)
+    if done_rounds and (patience_spent := recorder.early_stop_reason()):
+        # Resuming a run whose earlier rows already exhausted the patience.
+        stopped_early, last_round = patience_spent, done_rounds
+        print(f"[fedsft] {stopped_early}", flush=True)
     remaining = last_round - done_rounds
     final_state = state
     try:
@@ -146,6 +159,10 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
                 evaluate_fn=recorder,
             )
             final_state = arrays_to_state(result.arrays) if len(result.arrays) else state
+    except EarlyStop as stop:
+        # Raised after the round's checkpoint and results line (see server/recorder.py).
+        stopped_early = str(stop)
+        final_state = recorder.last_state if recorder.last_state is not None else state
     finally:
         for sink in sinks:
             sink.close()
@@ -156,12 +173,34 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
             rows, status="failed", message=message, final_model=False,
             stopped_early=stopped_early))
         raise RunFailed(message)
-    set_exchanged_state(model, final_state)
+    selection = recorder.selection()
+    assert selection is not None  # a round aggregated, so the rows hold a round > 0
+    set_exchanged_state(model, _selected_state(selection, recorder, outputs, final_state))
     paths = export_final_model(model, tokenizer, outputs.folder / "final")
-    print(f"[fedsft] final model: {paths['model']}", flush=True)
+    print(f"[fedsft] final model: {paths['model']} ({selection.note})", flush=True)
     print(f"[fedsft] results: {outputs.results_path}", flush=True)
     done = rounds_aggregated(rows)
     write_outcome(outputs.folder, outcome_of(
         rows, status="completed", final_model=True, stopped_early=stopped_early,
-        message=f"{done} round(s) aggregated a client update; final model in {paths['model']}"))
+        selection=selection.to_json(),
+        message=f"{done} round(s) aggregated a client update; final model in "
+                f"{paths['model']}: {selection.note}"))
     return outputs.folder
+
+
+def _selected_state(
+    selection: Selection, recorder: RoundRecorder, outputs: RunOutputs,
+    last_state: dict[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """The exchanged state of the selected round: in memory, or its checkpoint.
+
+    ``last_state`` is the state after the last round of the rows (this attempt's, or
+    the resumed checkpoint's when this attempt ran no round).
+    """
+    if selection.round == selection.last_round:
+        return last_state
+    if recorder.best_state is not None and recorder.best_state[0] == selection.round:
+        return recorder.best_state[1]
+    # The best round of an earlier attempt of a resumed run: the recorder kept its
+    # checkpoint from being pruned.
+    return outputs.load_checkpoint(selection.round).global_state

@@ -6,7 +6,7 @@
   label_map.json       class index -> label, as discovered from the training data
   results.jsonl        one JSON object per round (round 0 = the initial model)
   checkpoints/round-NNNN.safetensors   global exchanged state + strategy state
-  final/model/         the final model in Hugging Face layout (LoRA merged)
+  final/model/         the selected round's model in Hugging Face layout (LoRA merged)
   final/adapter/       method=lora: the adapter, loadable with peft
   outcome.json         how the run ended (written last, also when it failed)
 ```
@@ -18,7 +18,9 @@ renamed into place, so ``final/model/config.json`` only exists for a complete mo
 ``resume-from`` continues from the newest round that has both a results line and an
 intact checkpoint: ``check_resume`` finds it without changing anything on disk (a
 corrupt newer checkpoint is skipped and reported), ``RunOutputs.last_checkpoint``
-loads it and drops the results lines after it.
+loads it and drops the results lines after it. ``keep-checkpoints`` prunes the oldest
+checkpoints, but never those the recorder protects: the best round's (see
+server/model_selection.py), which ``select-model=best`` exports, also after a resume.
 
 ``outcome.json`` (``write_outcome`` / ``read_outcome``, one ``RunOutcomeRecord``)::
 
@@ -28,7 +30,10 @@ loads it and drops the results lines after it.
      "rounds_aggregated": int,          # rounds (> 0) whose update was aggregated,
                                         # earlier attempts of a resumed run included
      "final_model": bool,               # this attempt wrote final/
-     "stopped_early": str | null}       # why fewer rounds ran (privacy budget)
+     "stopped_early": str | null,       # why fewer rounds ran (privacy budget,
+                                        # early-stopping patience: still completed)
+     "selection": {...} | null}         # which round final/ holds and why
+                                        # (model_selection.Selection.to_json)
 
 A run in which no round aggregated ends ``failed`` with no ``final/`` (the initial
 model is not a result) and raises ``RunFailed``, quoting the clients' problems.
@@ -42,7 +47,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -331,8 +336,14 @@ class RunOutputs:
         round_: int,
         global_state: Mapping[str, np.ndarray],
         strategy_state: Mapping[str, Any],
+        *,
+        protect: Collection[int] = (),
     ) -> Path:
-        """Write ``round-NNNN.safetensors`` atomically and prune old checkpoints."""
+        """Write ``round-NNNN.safetensors`` atomically and prune old checkpoints.
+
+        ``keep-checkpoints`` newest checkpoints stay, and so do those of the rounds in
+        ``protect`` (the best round's, whatever its age).
+        """
         path = self.checkpoint_dir / f"round-{round_:04d}.safetensors"
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(
@@ -341,9 +352,23 @@ class RunOutputs:
         )
         os.replace(tmp, path)
         if self.keep_checkpoints:
-            for _, old in _checkpoint_files(self.checkpoint_dir)[: -self.keep_checkpoints]:
-                old.unlink()
+            for rnd, old in _checkpoint_files(self.checkpoint_dir)[: -self.keep_checkpoints]:
+                if rnd not in protect:
+                    old.unlink()
         return path
+
+    def load_checkpoint(self, round_: int) -> Checkpoint:
+        """The checkpoint of ``round_`` (the best round's, to export it after a resume).
+
+        Raises
+        ------
+        FileNotFoundError
+            No checkpoint of that round is on disk.
+        """
+        path = self.checkpoint_dir / f"round-{round_:04d}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint of round {round_} not found: {path}")
+        return _read_checkpoint(path, round_)
 
     # --- resume -----------------------------------------------------------------
     def read_results(self) -> list[dict[str, Any]]:
@@ -395,6 +420,7 @@ class RunOutcomeRecord:
     rounds_aggregated: int
     final_model: bool
     stopped_early: str | None = None
+    selection: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.status not in OUTCOME_STATUSES:
@@ -456,14 +482,14 @@ def no_aggregation_message(
 
 def outcome_of(
     rows: Sequence[Mapping[str, Any]], *, status: str, message: str, final_model: bool,
-    stopped_early: str | None = None,
+    stopped_early: str | None = None, selection: Mapping[str, Any] | None = None,
 ) -> RunOutcomeRecord:
     """The outcome record of a run whose results.jsonl holds ``rows``."""
     return RunOutcomeRecord(
         status=status, message=message,
         rounds_done=max((int(row.get("round", 0)) for row in rows), default=0),
         rounds_aggregated=rounds_aggregated(rows), final_model=final_model,
-        stopped_early=stopped_early,
+        stopped_early=stopped_early, selection=None if selection is None else dict(selection),
     )
 
 
@@ -480,14 +506,16 @@ def read_outcome(folder: Path) -> RunOutcomeRecord | None:
     Raises
     ------
     OutcomeError
-        The file is not valid JSON or lacks a field.
+        The file is not valid JSON or lacks a field (``selection``, added later, may be
+        missing: an older run's file).
     """
     path = Path(folder) / OUTCOME_FILE
     if not path.exists():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return RunOutcomeRecord(**{f.name: data[f.name] for f in fields(RunOutcomeRecord)})
+        return RunOutcomeRecord(**{f.name: data[f.name] for f in fields(RunOutcomeRecord)
+                                   if f.name in data or f.name != "selection"})
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise OutcomeError(f"{path} is not a fedsft outcome file: {type(exc).__name__}: "
                            f"{exc}") from exc

@@ -82,3 +82,35 @@ def test_labels_are_stripped_and_case_folded_only_when_asked():
     assert RunConfig(labels=" Neg ,POS,", label_case_fold=True).label_list == ["neg", "pos"]
     with pytest.raises(ConfigError, match="`label-case-fold` must be true or false, got 1"):
         RunConfig(label_case_fold=1)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"select-model": "first"}, "`select-model` must be one of best, last, got 'first'"),
+        ({"selection-metric": "f1-macro"},
+         "`selection-metric` must be one of accuracy, f1_macro, loss, got 'f1-macro'"),
+        ({"early-stopping-patience": -1}, "`early-stopping-patience` must be >= 0, got -1"),
+        ({"early-stopping-patience": 1.5}, "`early-stopping-patience` must be an integer"),
+        ({"early-stopping-min-delta": -0.1}, "`early-stopping-min-delta` must be >= 0"),
+        ({"validation-fraction": 0.5}, "`validation-fraction` must be < 0.5, got 0.5"),
+        ({"validation-fraction": -0.1}, "`validation-fraction` must be >= 0"),
+        ({"validation-fraction": 0.1, "labels": "neg,pos"},
+         "with `labels` set the server never reads `dataset`"),
+        ({"early-stopping-patience": 2, "labels": "neg,pos"},
+         "`early-stopping-patience` > 0 needs evaluation data on the server"),
+    ],
+)
+def test_model_selection_keys_are_validated(overrides, message):
+    with pytest.raises(ConfigError) as excinfo:
+        RunConfig.from_flower(overrides)
+    assert message in str(excinfo.value)
+
+
+def test_model_selection_defaults_select_the_best_round_without_stopping_early():
+    cfg = RunConfig()
+    assert (cfg.select_model, cfg.selection_metric) == ("best", "accuracy")
+    assert (cfg.early_stopping_patience, cfg.validation_fraction) == (0, 0.0)
+    cfg = RunConfig.from_flower({"early-stopping-patience": 2, "labels": "neg,pos",
+                                 "eval-dataset": "eval.csv"})
+    assert cfg.early_stopping_patience == 2

@@ -815,3 +815,23 @@ def test_a_plan_from_a_frame() -> None:
     plan = check_partition_plan(frame, RunConfig(), num_partitions=3)
 
     assert plan.rows == (90, 90, 90)
+
+
+def test_validation_is_held_out_of_the_training_rows_only() -> None:
+    base = RunConfig(dataset="builtin", builtin_examples=300, eval_fraction=0.2, seed=5)
+    plain = load_splits(base)
+    splits = load_splits(base.replace(validation_fraction=0.25))
+
+    assert plain.validation is None
+    # The test set is untouched; the validation rows leave the training rows.
+    assert list(splits.eval["text"]) == list(plain.eval["text"])
+    train, validation = set(splits.train["text"]), set(splits.validation["text"])
+    assert not train & validation and not validation & set(splits.eval["text"])
+    assert train | validation == set(plain.train["text"])
+    assert (splits.train.num_rows, splits.validation.num_rows) == (180, 60)
+    assert np.bincount(list(splits.validation["label"])).tolist() == [20, 20, 20]
+    # Clients partition `train`: no client ever trains on a validation row.
+    cfg = base.replace(validation_fraction=0.25)
+    parts = [partition_dataset(load_splits(cfg).train, cfg, num_partitions=3, partition_id=i)
+             for i in range(3)]
+    assert not set().union(*(set(p["text"]) for p in parts)) & validation

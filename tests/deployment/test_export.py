@@ -10,6 +10,7 @@ import pytest
 
 import deployment.export as export_module
 from deployment.export import EXPORT_KIND, EXPORT_META, ExportError, export_run
+from server.run_outputs import outcome_of, write_outcome
 
 ROWS = [
     {"round": 0, "central": {"accuracy": 0.5, "f1_macro": 0.4, "loss": 0.7}, "clients": {}},
@@ -178,3 +179,21 @@ def test_a_run_without_weights_or_config_is_a_clear_error(tmp_path, missing):
     with pytest.raises(ExportError, match="is not a finished fedsft run"):
         export_run(run, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_the_card_names_the_exported_round_and_its_metrics(tmp_path):
+    run = _run(tmp_path / "run")
+    rows = [*ROWS, {"round": 2, "central": {"accuracy": 0.6, "f1_macro": 0.5, "loss": 0.9},
+                    "clients": {"sampled": 2, "aggregated": 2}}]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    selection = {"rule": "best", "round": 1, "last_round": 2, "metric": "accuracy",
+                 "split": "validation", "value": 0.84,
+                 "note": "best validation accuracy 0.8400 at round 1 of 2"}
+    write_outcome(run, outcome_of(rows, status="completed", message="ok", final_model=True,
+                                  selection=selection))
+    out = export_run(run, tmp_path / "model")
+    card = (out / "README.md").read_text()
+    assert ("- exported model: round 1 of 2 (best validation accuracy 0.8400 at round 1 of 2)"
+            in card)
+    assert "- central evaluation of the exported model: accuracy 0.8000" in card  # round 1's
+    assert json.loads((out / EXPORT_META).read_text())["selection"]["round"] == 1

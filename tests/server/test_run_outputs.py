@@ -2,8 +2,11 @@ import json
 
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
+from flwr.serverapp.strategy import FedAvg
 
 from common.config import ConfigError, RunConfig
+from server.recorder import EarlyStop, RoundRecorder
 from server.run_outputs import (
     OutcomeError,
     ResumePoint,
@@ -19,6 +22,7 @@ from server.run_outputs import (
     staging_folder,
     write_outcome,
 )
+from server.tracked_strategy import RoundStats
 
 
 def _outputs(tmp_path, keep=0):
@@ -234,3 +238,102 @@ def test_replace_folder_swaps_in_the_new_folder_and_drops_the_old(tmp_path):
     replace_folder(staging, target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert [p.name for p in target.iterdir()] == ["new.txt"]
+
+
+# --- the best round's checkpoint (select-model=best) ----------------------------------
+def test_pruning_never_removes_a_protected_checkpoint(tmp_path):
+    outputs = _outputs(tmp_path, keep=2)
+    for rnd in range(5):
+        outputs.save_checkpoint(rnd, {"w": np.full(1, rnd, np.float32)}, {}, protect={1})
+    assert sorted(p.name for p in outputs.checkpoint_dir.iterdir()) == [
+        "round-0001.safetensors", "round-0003.safetensors", "round-0004.safetensors"]
+    assert outputs.load_checkpoint(1).global_state["w"][0] == 1
+    with pytest.raises(FileNotFoundError, match="checkpoint of round 0 not found"):
+        outputs.load_checkpoint(0)
+
+
+class _Strategy:
+    """What RoundRecorder reads of a TrackedStrategy."""
+
+    def __init__(self, round_offset: int = 0) -> None:
+        self.stats: dict = {}
+        self.round_offset = round_offset
+        self.inner = FedAvg()
+
+
+def _recorder(outputs, accuracies, *, round_offset=0, **cfg_changes):
+    """A RoundRecorder whose validation accuracy in round r is ``accuracies[r]``."""
+    cfg = RunConfig(validation_fraction=0.1, keep_checkpoints=outputs.keep_checkpoints,
+                    **cfg_changes)
+    recorder = RoundRecorder(cfg=cfg, model=None, eval_data=None, pad_token_id=0,
+                             device=None, strategy=_Strategy(round_offset), outputs=outputs,
+                             total_rounds=len(accuracies) - 1)
+
+    def evaluate(state, data):  # type: ignore[no-untyped-def]
+        if data is None:
+            return None
+        return {"accuracy": accuracies[int(state["w"][0])], "f1_macro": 0.0, "loss": 1.0,
+                "num_examples": 4}
+
+    recorder._evaluate = evaluate  # type: ignore[method-assign]
+    recorder.validation_data = object()  # any non-None: evaluate above ignores it
+    return recorder
+
+
+def _round(recorder, rnd, offset=0):  # type: ignore[no-untyped-def]
+    # State "w" is the round number, so evaluate() looks up that round's accuracy.
+    recorder.strategy.stats[rnd] = RoundStats(round=rnd, sampled=2, aggregated=2)
+    recorder(rnd - offset, ArrayRecord({"w": Array(np.full(1, rnd, np.float32))}))
+
+
+def test_the_best_checkpoint_survives_pruning_and_resume_recomputes_the_best(
+    tmp_path, capsys
+):
+    accuracies = [0.5, 0.7, 0.9, 0.6, 0.6, 0.95, 0.5]
+    outputs = _outputs(tmp_path, keep=1)
+    recorder = _recorder(outputs, accuracies)
+    for rnd in range(5):
+        _round(recorder, rnd)
+    assert recorder.best_state is not None and recorder.best_state[0] == 2
+    assert sorted(p.name for p in outputs.checkpoint_dir.iterdir()) == [
+        "round-0002.safetensors", "round-0004.safetensors"]
+    assert [r["validation"]["accuracy"] for r in outputs.read_results()] == accuracies[:5]
+
+    # Resume after round 4: the best so far comes from results.jsonl, its state from disk.
+    resumed_outputs = RunOutputs(outputs.folder, keep_checkpoints=1)
+    assert resumed_outputs.last_checkpoint().round == 4
+    resumed = _recorder(resumed_outputs, accuracies, round_offset=4)
+    selection = resumed.selection()
+    assert (selection.round, selection.last_round) == (2, 4)
+    assert resumed_outputs.load_checkpoint(2).global_state["w"][0] == 2
+    _round(resumed, 5, offset=4)  # a new best: round 2's checkpoint stays until row 5 is on disk
+    assert sorted(p.name for p in outputs.checkpoint_dir.iterdir()) == [
+        "round-0002.safetensors", "round-0005.safetensors"]
+    _round(resumed, 6, offset=4)
+    assert sorted(p.name for p in outputs.checkpoint_dir.iterdir()) == [
+        "round-0005.safetensors", "round-0006.safetensors"]
+    assert resumed.selection().note == "best validation accuracy 0.9500 at round 5 of 6"
+
+
+def test_the_recorder_stops_early_after_the_round_line_is_written(tmp_path):
+    outputs = _outputs(tmp_path, keep=0)
+    recorder = _recorder(outputs, [0.5, 0.7, 0.6, 0.7, 0.9], early_stopping_patience=2)
+    for rnd in range(3):
+        _round(recorder, rnd)
+    with pytest.raises(EarlyStop, match="after round 3 of 4"):
+        _round(recorder, 3)
+    assert [r["round"] for r in outputs.read_results()] == [0, 1, 2, 3]
+    assert (outputs.checkpoint_dir / "round-0003.safetensors").is_file()
+
+
+def test_outcome_records_the_selection_and_reads_older_files_without_it(tmp_path):
+    selection = {"rule": "best", "round": 2, "last_round": 3, "metric": "accuracy",
+                 "split": "validation", "value": 0.8, "note": "best validation accuracy"}
+    outcome = outcome_of([{"round": 3}], status="completed", message="ok", final_model=True,
+                         stopped_early="early stopping: ...", selection=selection)
+    write_outcome(tmp_path, outcome)
+    assert read_outcome(tmp_path) == outcome and outcome.selection == selection
+    data = json.loads((tmp_path / "outcome.json").read_text())
+    del data["selection"]  # written before the field existed
+    (tmp_path / "outcome.json").write_text(json.dumps(data))
+    assert read_outcome(tmp_path).selection is None

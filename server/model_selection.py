@@ -1,0 +1,215 @@
+"""Which round's model the run delivers, and when to stop early: pure functions.
+
+``select-model=best`` exports the round with the best ``selection-metric`` on the
+validation split (``validation-fraction`` > 0: held out of the training data, see
+``common.data.load_splits``) or, without one, on the central eval split, which then
+also reports the model's accuracy: that number is optimistic, and the note says so.
+``select-model=last`` exports the last round. ``early-stopping-patience`` > 0 ends the
+run once that many rounds in a row brought no improvement larger than
+``early-stopping-min-delta``.
+
+Only rounds > 0 whose update was aggregated are candidates (round 0 is the untrained
+initial model; a skipped round repeats the previous round's model). A round without a
+finite metric is never the best. Ties go to the earliest round: it reached the same
+score with fewer rounds of training, and a skipped round, which re-evaluates the
+previous model, then never takes the credit of the round that made it. The same rule
+(an improvement must beat the best so far by more than ``min-delta``) decides both the
+best round and the patience count, so the exported round is the one patience waited on.
+
+No Flower, no torch (``server.run_outputs`` is plain file I/O): the recorder and the
+run call these with results rows.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
+from typing import Any
+
+from common.config import SELECT_MODELS
+from server.run_outputs import round_aggregated
+
+# Selection metric -> whether larger ("max") or smaller ("min") is better.
+METRIC_MODES = MappingProxyType({"accuracy": "max", "f1_macro": "max", "loss": "min"})
+_METRIC_NAMES = MappingProxyType({"accuracy": "accuracy", "f1_macro": "macro-F1",
+                                  "loss": "loss"})
+# The results-row key each split's metrics are under -> how notes name it.
+SPLITS = MappingProxyType({"validation": "validation", "central": "eval"})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The round whose model a run exports, and why (``outcome.json`` ``selection``).
+
+    ``rule`` is what was applied: ``best`` or ``last`` (also when ``best`` was asked
+    for but no round had the metric: ``note`` then says so). ``split`` is the
+    results-row key the metric was read from (``validation`` or ``central``),
+    ``value`` the selected round's metric (None under ``last``). ``note`` is one
+    sentence for people, e.g. "best validation accuracy 0.8400 at round 5 of 8".
+    """
+
+    rule: str
+    round: int
+    last_round: int
+    metric: str | None = None
+    split: str | None = None
+    value: float | None = None
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``outcome.json``."""
+        return asdict(self)
+
+
+def finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number, else None (NaN, None, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _improves(value: float, best: float | None, *, mode: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if mode == "max" else value < best - min_delta
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
+
+
+def best_round(
+    values: Mapping[int, Any], *, mode: str, min_delta: float = 0.0
+) -> int | None:
+    """The round of ``values`` (round -> metric) with the best finite metric.
+
+    Rounds are taken in increasing order; a round becomes the best only when it beats
+    the best so far by more than ``min_delta``, so ties go to the earliest round.
+    Non-finite and missing values are ignored; None when no value is finite.
+    """
+    _check_mode(mode)
+    best, best_value = None, None
+    for rnd in sorted(values):
+        value = finite(values[rnd])
+        if value is not None and _improves(value, best_value, mode=mode, min_delta=min_delta):
+            best, best_value = rnd, value
+    return best
+
+
+def rounds_without_improvement(
+    history: Sequence[Any], *, mode: str, min_delta: float = 0.0
+) -> int:
+    """How many values of ``history`` (oldest first) came after its best one.
+
+    A missing or non-finite value counts as a round without improvement (a diverged
+    model is no progress), but only once some value was finite: before that there is
+    nothing to improve on, and 0 is returned.
+    """
+    _check_mode(mode)
+    best_value, since = None, 0
+    for raw in history:
+        value = finite(raw)
+        if value is not None and _improves(value, best_value, mode=mode, min_delta=min_delta):
+            best_value, since = value, 0
+        elif best_value is not None:
+            since += 1
+    return since
+
+
+def should_stop(
+    history: Sequence[Any], *, patience: int, min_delta: float, mode: str
+) -> bool:
+    """Whether the last ``patience`` rounds of ``history`` brought no improvement.
+
+    ``history`` holds the selection metric of each training round, oldest first.
+    ``patience`` 0 never stops.
+    """
+    if patience < 0:
+        raise ValueError(f"patience must be >= 0, got {patience}")
+    if patience == 0:
+        return False
+    return rounds_without_improvement(history, mode=mode, min_delta=min_delta) >= patience
+
+
+def row_metric(row: Mapping[str, Any], *, split: str, metric: str) -> float | None:
+    """``row[split][metric]`` as a finite float, else None."""
+    block = row.get(split)
+    return finite(block.get(metric)) if isinstance(block, Mapping) else None
+
+
+def metric_history(
+    rows: Sequence[Mapping[str, Any]], *, split: str, metric: str
+) -> list[float | None]:
+    """The metric of every training round (> 0) of ``rows``, in round order."""
+    trained = sorted((r for r in rows if int(r.get("round", 0)) > 0), key=lambda r: r["round"])
+    return [row_metric(r, split=split, metric=metric) for r in trained]
+
+
+def select_round(
+    rows: Sequence[Mapping[str, Any]], *, rule: str, metric: str, split: str,
+    min_delta: float = 0.0,
+) -> Selection | None:
+    """The round of ``rows`` (results.jsonl rows) whose model to export, and why.
+
+    ``rule`` ``best`` picks among the aggregated rounds by ``row[split][metric]``
+    (``best_round``); with no such metric in any of them it falls back to the last
+    round, and the note says why. None when ``rows`` hold no round > 0.
+    """
+    if rule not in SELECT_MODELS:
+        raise ValueError(f"rule must be one of {', '.join(SELECT_MODELS)}, got {rule!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    mode = METRIC_MODES[metric]
+    rounds = [int(r.get("round", 0)) for r in rows]
+    last = max(rounds, default=0)
+    if last == 0:
+        return None
+    if rule == "last":
+        return Selection(rule="last", round=last, last_round=last,
+                         note=f"the last round, {last} (`select-model` = last)")
+    values = {int(r["round"]): row_metric(r, split=split, metric=metric)
+              for r in rows if round_aggregated(r)}
+    best = best_round(values, mode=mode, min_delta=min_delta)
+    what = f"{SPLITS[split]} {_METRIC_NAMES[metric]}"
+    if best is None:
+        return Selection(
+            rule="last", round=last, last_round=last, metric=metric, split=split,
+            note=f"the last round, {last}: no aggregated round has a {what} to select "
+                 "the best by (no evaluation data), so `select-model` = best fell back "
+                 "to the last round")
+    value = values[best]
+    note = f"best {what} {value:.4f} at round {best} of {last}"
+    if split == "central":
+        note += ("; selected on the same eval split that reports the model's accuracy "
+                 "(no `validation-fraction`), so that accuracy is optimistic")
+    return Selection(rule="best", round=best, last_round=last, metric=metric, split=split,
+                     value=value, note=note)
+
+
+def early_stop_reason(
+    rows: Sequence[Mapping[str, Any]], *, patience: int, min_delta: float, metric: str,
+    split: str, total_rounds: int,
+) -> str | None:
+    """Why the run stops after the last round of ``rows`` (``should_stop``), else None.
+
+    The sentence goes to ``outcome.json`` ``stopped_early``; stopping for patience is a
+    normal end of the run.
+    """
+    history = metric_history(rows, split=split, metric=metric)
+    if not should_stop(history, patience=patience, min_delta=min_delta,
+                       mode=METRIC_MODES[metric]):
+        return None
+    last = max(int(r.get("round", 0)) for r in rows)
+    what = f"{SPLITS[split]} {_METRIC_NAMES[metric]}"
+    gain = f"more than {min_delta:g}" if min_delta > 0 else "at all"
+    return (f"early stopping: the {what} did not improve {gain} in the last {patience} "
+            f"round(s) (`early-stopping-patience` = {patience}); stopped after round "
+            f"{last} of {total_rounds}")
+
+
+def selection_split(validation_fraction: float) -> str:
+    """The results-row key the model is selected on: ``validation`` when held out."""
+    return "validation" if validation_fraction > 0 else "central"
