@@ -16,7 +16,7 @@ from flwr.clientapp import ClientApp
 
 from client.attacks import attacker_partition, flip_labels, is_attacker
 from client.egress_audit import egress_audit_mod
-from client.local_data import client_key, load_local_data
+from client.local_data import client_key, data_stats_metrics, load_local_data
 from client.outgoing import outgoing_update
 from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
@@ -97,6 +97,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": result.steps,
         "train-seconds": result.seconds,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **data_stats_metrics(data, context.node_config, context.state),  # site opt-in
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -5,27 +5,52 @@ and ``num-partitions`` in the node config, set by Flower). In deployment a Super
 reads its own file from ``data-path`` in its node config (column names may be given
 there too as ``text-column`` / ``label-column``). Either way the result is split into
 local train and local eval parts and tokenized once; later rounds hit the cache.
+
+A deployed site's file is first checked with ``common.data_check.check_site_data``
+(with the model's tokenizer and the federation's labels): a blocking problem raises
+``DataError`` naming the file and the problem, so the server records it as that
+client's failure; warnings are logged at the site. The report is cached with the data.
+With ``share-data-stats = true`` in its node config (default false) the site adds the
+report's ``aggregate_stats`` (counts per label and shares, never texts) to its first
+training reply's metrics (``data_stats_metrics``). In simulation the check is skipped:
+a partition is a piece of the server's data, which the preflight and ``load_splits``
+already checked, and its only per-partition problems (no rows, labels the server does
+not know) already raise in ``partition_dataset`` and ``load_local_data``.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from flwr.app import ConfigRecord, RecordDict
 from transformers import PreTrainedTokenizerBase
 
 from common.config import ConfigError, RunConfig
-from common.data import load_site_data, load_splits, partition_dataset, split_for_local_eval
+from common.data import (
+    DataError,
+    load_site_data,
+    load_splits,
+    partition_dataset,
+    split_for_local_eval,
+)
+from common.data_check import DataReport, check_site_data
 from common.training import EncodedData, encode
+
+log = logging.getLogger(__name__)
+SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
+_STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
 
 
 @dataclass(frozen=True)
 class LocalData:
-    """A client's tokenized local train and eval sets."""
+    """A client's tokenized local train and eval sets (and its site file's check)."""
 
     train: EncodedData
     eval: EncodedData
+    report: DataReport | None = None  # None in simulation (module docstring)
 
 
 # Per-process cache: Flower's simulation reuses worker processes across virtual clients
@@ -68,7 +93,9 @@ def load_local_data(
            cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client, cfg.seed,
            cfg.max_length, tuple(label_names), tokenizer.name_or_path)
     if key not in _CACHE:
+        report = None
         if source[0] == "site":
+            report = check_site_file(source[1], cfg, label_names, tokenizer)
             dataset = load_site_data(source[1], cfg, label_names)
         else:
             splits = load_splits(cfg)
@@ -90,8 +117,61 @@ def load_local_data(
             eval=encode(
                 local_eval["text"], local_eval["label"], tokenizer, max_length=cfg.max_length
             ),
+            report=report,
         )
     return _CACHE[key]
+
+
+def check_site_file(
+    path: str, cfg: RunConfig, label_names: list[str], tokenizer: PreTrainedTokenizerBase
+) -> DataReport:
+    """Check a site's file before training on it; warnings are logged.
+
+    Raises
+    ------
+    DataError
+        If the file cannot be read or the check finds a blocking problem (the message
+        names the file, each problem, and ``fedsft check-data`` for the full report).
+    """
+    report = check_site_data(
+        path, text_column=cfg.text_column, label_column=cfg.label_column,
+        max_length=cfg.max_length, label_names=label_names, tokenizer=tokenizer,
+        label_case_fold=cfg.label_case_fold,
+    )
+    for finding in report.warnings:
+        log.warning("site data %s: %s", path, finding.message)
+    if report.blocking:
+        problems = "; ".join(finding.message for finding in report.blocking)
+        raise DataError(
+            f"site data {path} cannot be used: {problems} (run `fedsft check-data "
+            f"{path}` at the site for the full report)"
+        )
+    return report
+
+
+def data_stats_metrics(
+    data: LocalData, node_config: Mapping[str, Any], state: RecordDict
+) -> dict[str, int | float]:
+    """The aggregate data statistics for this training reply, or nothing.
+
+    Only when the node config sets ``share-data-stats = true``, the data has a report
+    (deployment) and this node has not sent them yet (marked in ``state``, the node's
+    ``context.state``): once per node and run, in its first training reply.
+
+    Raises
+    ------
+    ConfigError
+        If ``share-data-stats`` is not a boolean.
+    """
+    share = node_config.get(SHARE_STATS_KEY, False)
+    if not isinstance(share, bool):
+        raise ConfigError(
+            f"node config `{SHARE_STATS_KEY}` must be true or false, got {share!r}"
+        )
+    if not share or data.report is None or _STATS_SENT in state:
+        return {}
+    state[_STATS_SENT] = ConfigRecord({"sent": True})
+    return data.report.aggregate_stats()
 
 
 def clear_local_data_cache() -> None:

@@ -134,6 +134,25 @@ def read_table(
         columns, has no row left after cleaning, has a text column of numbers only, or
         has float labels with a fractional part.
     """
+    frame = read_raw_table(
+        source, text_column=text_column, label_column=label_column, seed=seed,
+        builtin_examples=builtin_examples,
+    )
+    return clean_table(
+        frame, source=source, text_column=text_column, label_column=label_column,
+        label_case_fold=label_case_fold,
+    )
+
+
+def read_raw_table(
+    source: str, *, text_column: str, label_column: str, seed: int, builtin_examples: int
+) -> pd.DataFrame:
+    """The first half of ``read_table``: read the source and check the two columns exist.
+
+    Rows are as in the source (nothing dropped or normalised); ``clean_table`` is the
+    second half. Raises ``DataError`` as ``read_table`` does for reading problems, no
+    rows and missing columns.
+    """
     if source == "builtin":
         frame = generate_builtin(builtin_examples, seed=seed).rename(
             columns={"text": text_column, "label": label_column}
@@ -148,10 +167,7 @@ def read_table(
         if column not in frame.columns:
             found = ", ".join(map(repr, map(str, frame.columns)))
             raise DataError(f"{source}: missing column {column!r}; columns found: {found}")
-    return _clean(
-        frame, source=source, text_column=text_column, label_column=label_column,
-        label_case_fold=label_case_fold,
-    )
+    return frame
 
 
 def _read_hf(source: str) -> pd.DataFrame:
@@ -257,7 +273,19 @@ def _read_json(content: str, *, source: str) -> pd.DataFrame:
     )
 
 
-def _clean(
+def unusable_rows(
+    frame: pd.DataFrame, *, text_column: str, label_column: str
+) -> tuple[pd.Series, pd.Series]:
+    """Boolean masks of the rows ``clean_table`` drops: (empty text, missing label).
+
+    A text is empty when missing or blank after stripping; a label is missing when
+    missing or blank after stripping. A row may be in both masks.
+    """
+    texts, labels = frame[text_column], frame[label_column]
+    return texts.isna() | texts.map(_is_blank), labels.isna() | labels.map(_is_blank)
+
+
+def clean_table(
     frame: pd.DataFrame,
     *,
     source: str,
@@ -265,10 +293,15 @@ def _clean(
     label_column: str,
     label_case_fold: bool,
 ) -> pd.DataFrame:
-    """Drop rows without text or label; check and normalise both columns (module doc)."""
-    texts = frame[text_column]
-    blank = texts.isna() | texts.map(_is_blank)
-    drop = blank | frame[label_column].isna() | frame[label_column].map(_is_blank)
+    """Drop rows without text or label; check and normalise both columns (module doc).
+
+    The second half of ``read_table`` (same contract), for a frame of
+    ``read_raw_table``; the input frame is not changed.
+    """
+    empty_text, missing_label = unusable_rows(
+        frame, text_column=text_column, label_column=label_column
+    )
+    drop = empty_text | missing_label
     if drop.all():
         raise DataError(
             f"{source}: all {len(frame)} rows have an empty text or a missing label"
@@ -413,7 +446,7 @@ def encode_labels(
         If a label is not in ``label_names`` (e.g. eval labels not seen in training).
     """
     index = {name: i for i, name in enumerate(label_names)}
-    as_text = [str(int(label)) if _is_int(label) else str(label) for label in labels]
+    as_text = [label_text(label) for label in labels]
     unknown = sorted({text for text in as_text if text not in index})
     if unknown:
         shown = ", ".join(map(repr, unknown[:_MAX_LISTED]))
@@ -429,6 +462,11 @@ def encode_labels(
             f"(known: {', '.join(map(repr, label_names))}){hint}"
         )
     return np.array([index[text] for text in as_text], dtype=np.int64)
+
+
+def label_text(label: Any) -> str:
+    """A cleaned label as its class name: integers in decimal, others as ``str``."""
+    return str(int(label)) if _is_int(label) else str(label)
 
 
 def warn_case_variants(names: Iterable[str], *, source: str) -> None:

@@ -8,6 +8,7 @@
     fedsft rehearse --site a=/data/a.csv --site b=/data/b.csv --output-dir out ...
     fedsft export RUN_DIR OUT
     fedsft predict MODEL INPUT --output OUT
+    fedsft check-data FILE [--site-config KEY=VALUE|node.toml ...] [--labels a,b] ...
 """
 
 from __future__ import annotations
@@ -302,6 +303,77 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# A node-config item: KEY=VALUE, the value a TOML value or a bare word (Flower's syntax).
+_SITE_PAIR = r"""(\S+?)=('[^']*'|"[^"]*"|\S+)"""
+
+
+def parse_site_config(items: list[str]) -> dict[str, Any]:
+    """The node config of ``--site-config``: a TOML file, or ``KEY=VALUE`` items.
+
+    Each item is the path of a ``.toml`` file (its top-level keys) or one or more
+    space-separated ``KEY=VALUE`` pairs as in ``flower-supernode --node-config``
+    (``data-path="/data/a.csv" text-column="note"``); an unquoted value that is not a
+    TOML value is taken as a string (``data-path=/data/a.csv``). Later items win.
+
+    Raises
+    ------
+    ConfigError
+        If a TOML file cannot be read or an item holds no ``KEY=VALUE`` pair.
+    """
+    import re
+    import tomllib
+
+    from common.config import ConfigError
+
+    config: dict[str, Any] = {}
+    for item in items:
+        if item.endswith(".toml"):
+            try:
+                config.update(tomllib.loads(Path(item).expanduser().read_text("utf-8")))
+            except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as error:
+                raise ConfigError(f"--site-config {item}: cannot read it: {error}") from error
+            continue
+        pairs = re.findall(_SITE_PAIR, item)
+        if not pairs:
+            raise ConfigError(f"--site-config expects KEY=VALUE or a .toml file, got {item!r}")
+        for key, value in pairs:
+            try:
+                config[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                config[key] = value
+    return config
+
+
+def _check_data(args: argparse.Namespace) -> int:
+    import json
+
+    from common.config import ConfigError, RunConfig
+    from common.data_check import check_site_data
+
+    site = parse_site_config(args.site_config)
+    path = args.file or site.get("data-path")
+    if not path:
+        raise ConfigError("check-data needs a FILE or a --site-config with data-path")
+    # RunConfig validates the values as a run would and applies the `labels` rule.
+    cfg = RunConfig(
+        text_column=str(args.text_column or site.get("text-column") or "text"),
+        label_column=str(args.label_column or site.get("label-column") or "label"),
+        labels=args.labels or "", label_case_fold=args.label_case_fold,
+        max_length=args.max_length if args.max_length is not None else 64,
+    )
+    report = check_site_data(
+        str(path), text_column=cfg.text_column, label_column=cfg.label_column,
+        max_length=cfg.max_length, label_names=cfg.label_list or None,
+        eval_data=args.eval, label_case_fold=cfg.label_case_fold,
+    )
+    print("\n".join(report.lines()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
+                                   encoding="utf-8")
+        print(f"[fedsft] report: {args.json}")
+    return 1 if report.blocking else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedsft", description=(
         "Run fedsft across institutions with Flower's Deployment Engine: create a "
@@ -400,6 +472,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="default: from the export's fedsft.json")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(func=_predict)
+
+    p = add("check-data", help="check a site's data file before it joins",
+            description="Check a site's classification data before it joins a federation: "
+                        "rows dropped and why, label distribution and imbalance, "
+                        "duplicates, short and over-long texts, eval overlap, labels "
+                        "unknown to the federation. Exit code: 0 if no blocking problem "
+                        "(warnings allowed), 1 if a blocking problem, 2 if the file or "
+                        "an argument is unusable.")
+    p.add_argument("file", nargs="?", help="the data file (default: data-path of "
+                                           "--site-config)")
+    p.add_argument("--site-config", action="append", default=[],
+                   metavar="KEY=VALUE|NODE_CONFIG.toml",
+                   help="the site's node config (data-path, text-column, label-column), "
+                        "as given to flower-supernode --node-config (repeat)")
+    p.add_argument("--text-column", help="default: the node config's, else 'text'")
+    p.add_argument("--label-column", help="default: the node config's, else 'label'")
+    p.add_argument("--labels", help="the federation's classes, a,b,c (the run's `labels`)")
+    p.add_argument("--label-case-fold", action="store_true",
+                   help="case-fold string labels (the run's `label-case-fold`)")
+    p.add_argument("--max-length", type=int,
+                   help="the run's max-length in tokens (default 64); counted as "
+                        "whitespace words, a lower bound")
+    p.add_argument("--eval", help="an eval file whose texts should not be in FILE")
+    p.add_argument("--json", help="also write the report as JSON to this file")
+    p.set_defaults(func=_check_data)
     return parser
 
 

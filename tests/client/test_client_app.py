@@ -155,3 +155,68 @@ def test_dp_sgd_round_without_a_nonempty_batch_sends_a_valid_reply(
     assert update_problem(arrays, expected=array_specs(global_state),
                           num_examples=metrics["num-examples"]) is None
     assert metrics_problem(metrics) is None and unreadable_metrics(metrics) == []
+
+
+def _site_file(path, labels=LABELS, rows=20):
+    path.write_text("text,label\n" + "".join(
+        f"text number {i},{labels[i % len(labels)]}\n" for i in range(rows)))
+    return path
+
+
+@pytest.mark.parametrize("labels, fragment", [
+    (["negative", "neutral", "positive", "angry"], "label(s) 'angry' not in the federation"),
+    (["neutral"], "only one class 'neutral' (20 rows)"),
+], ids=["unknown label", "single class"])
+def test_deployment_site_refuses_a_blocking_file_with_the_reason(
+    tmp_path, tiny_model_dir, global_state, labels, fragment
+):
+    path = _site_file(tmp_path / "site.csv", labels)
+    context = _context(tiny_model_dir, {"data-path": str(path)})
+
+    with pytest.raises(DataError) as raised:
+        train(_message("train", global_state), context)
+
+    message = str(raised.value)
+    assert message.startswith(f"site data {path} cannot be used: ")
+    assert fragment in message and f"fedsft check-data {path}" in message
+
+
+def _stats(reply) -> dict:
+    return {k: v for k, v in reply.content["metrics"].items() if k.startswith("data-")}
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_data_stats_go_out_once_and_only_when_the_site_allows(
+    tmp_path, tiny_model_dir, global_state, share
+):
+    from client.egress_audit import egress_audit_mod
+
+    path = _site_file(tmp_path / "site.csv", rows=21)  # 7 rows of each class
+    context = _context(tiny_model_dir, {"data-path": str(path), "share-data-stats": share})
+    context.run_config["audit-egress"] = True
+
+    first = egress_audit_mod(_message("train", global_state), context, train)
+    second = egress_audit_mod(_message("train", global_state, round_=2), context, train)
+
+    assert first.content["metrics"]["egress-audited"] == 1  # the audit let them through
+    expected = {"data-rows-read": 21, "data-rows": 21, "data-duplicate-share": 0.0,
+                "data-short-share": 0.0, "data-truncated-share": 0.0}
+    for index in range(3):
+        expected |= {f"data-label-count-{index}": 7, f"data-label-share-{index}": 1 / 3}
+    assert _stats(first) == (expected if share else {})
+    assert _stats(second) == {}
+
+
+def test_share_data_stats_must_be_a_boolean(tmp_path, tiny_model_dir, global_state):
+    path = _site_file(tmp_path / "site.csv")
+    context = _context(tiny_model_dir, {"data-path": str(path), "share-data-stats": "yes"})
+
+    with pytest.raises(ConfigError, match="`share-data-stats` must be true or false"):
+        train(_message("train", global_state), context)
+
+
+def test_simulated_clients_send_no_data_stats(tiny_model_dir, global_state):
+    context = _context(tiny_model_dir, {"partition-id": 1, "num-partitions": 3,
+                                        "share-data-stats": True})
+
+    assert _stats(train(_message("train", global_state), context)) == {}

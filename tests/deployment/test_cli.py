@@ -270,3 +270,63 @@ def test_submit_that_starts_no_run_is_an_error(fake_flwr, consortium, monkeypatc
 
     assert "`flwr run` exited 1 without starting a run" in capsys.readouterr().err
     assert [c[0] for c in _calls(fake_flwr)] == ["run"]
+
+
+# --- check-data: a site's data before it joins ---------------------------------------
+
+CLEAN_SITE = "note,triage\n" + "".join(
+    f"patient note number {i},{'urgent' if i % 2 else 'routine'}\n" for i in range(6))
+CHECK_DATA = {
+    "clean": (["{t}/site.csv", "--text-column", "note", "--label-column", "triage",
+               "--labels", "routine,urgent"], 0, "result: no blocking problem, 0 warning(s)"),
+    "label unknown to the federation": (
+        ["{t}/site.csv", "--text-column", "note", "--label-column", "triage",
+         "--labels", "routine,later"],
+        1, "BLOCKING: label(s) 'urgent' not in the federation's labels ('routine', 'later')"),
+    "missing file": (["{t}/gone.csv"], 2, "fedsft: error: data file not found: {t}/gone.csv"),
+    "wrong column": (["{t}/site.csv"], 2, "missing column 'text'; columns found: 'note'"),
+    "neither FILE nor data-path": ([], 2, "check-data needs a FILE or a --site-config"),
+    "bad --site-config item": (["{t}/site.csv", "--site-config", "data-path"], 2,
+                               "--site-config expects KEY=VALUE or a .toml file"),
+    "bad --labels": (["{t}/site.csv", "--labels", "only"], 2,
+                     "`labels` must name at least 2 distinct classes"),
+}
+
+
+@pytest.mark.parametrize("argv, code, line", CHECK_DATA.values(), ids=CHECK_DATA.keys())
+def test_check_data_exit_codes(argv, code, line, tmp_path, capsys):
+    (tmp_path / "site.csv").write_text(CLEAN_SITE)
+
+    assert main(["check-data", *(a.format(t=tmp_path) for a in argv)]) == code
+
+    captured = capsys.readouterr()
+    assert line.format(t=tmp_path) in captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+
+
+@pytest.mark.parametrize("site_config", [
+    ['data-path="{t}/site.csv" text-column="note"', "label-column=triage"],
+    ["{t}/node.toml"],
+], ids=["key=value items", "toml file"])
+def test_check_data_reads_the_sites_node_config(site_config, tmp_path, capsys):
+    (tmp_path / "site.csv").write_text(CLEAN_SITE + "patient note number 0,routine\n")
+    (tmp_path / "node.toml").write_text(
+        f'data-path = "{tmp_path}/site.csv"\ntext-column = "note"\nlabel-column = "triage"\n'
+        f'site-name = "hospital-a"\n')
+    out = tmp_path / "report.json"
+
+    items = [arg for item in site_config for arg in ("--site-config", item.format(t=tmp_path))]
+
+    code = main(["check-data", *items, "--json", str(out)])
+
+    assert code == 0  # a duplicate is a warning
+    assert "WARNING: 1 duplicate texts (1 exact)" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert (report["rows-read"], report["exact-duplicates"], report["blocking"]) == (7, 1, False)
+    assert report["label-counts"] == {"routine": 4, "urgent": 3}
+
+
+def test_parse_site_config():
+    assert cli.parse_site_config(['data-path="/d/a b.csv" share-data-stats=true',
+                                  "max=3", "data-path=/d/c.csv"]) == {
+        "data-path": "/d/c.csv", "share-data-stats": True, "max": 3}
