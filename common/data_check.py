@@ -27,9 +27,10 @@ The rules, so the numbers can be checked by hand:
 - **Imbalance ratio**: rows of the largest class / rows of the smallest class, over the
   classes present in the file.
 
-Warnings fire above the thresholds below; blocking findings are no row left after
-cleaning, a column ``clean_table`` refuses (numbers as text, fractional float labels),
-fewer than two classes, and labels outside ``label_names``.
+Warnings fire above the thresholds below (and for a site holding a single class, which
+label skew makes normal); blocking findings are no row left after cleaning, a column
+``clean_table`` refuses (numbers as text, fractional float labels), and labels outside
+``label_names``.
 """
 
 from __future__ import annotations
@@ -434,10 +435,13 @@ def _findings(report: DataReport) -> list[Finding]:
             f"to add the classes to `labels`")))
     present = [(name, count) for name, count in report.label_counts if count]
     if len(present) < 2:
+        # Not blocking: under label skew a site holding one class is normal, and the
+        # federation's other sites supply the contrast (pathological partitioning).
         name, count = present[0]
-        findings.append(Finding("blocking", "single-class", (
-            f"only one class {name!r} ({count} rows): local training would learn to "
-            f"predict it for everything; classification needs at least 2 classes")))
+        findings.append(Finding("warning", "single-class", (
+            f"only one class {name!r} ({count} rows): this site's updates alone pull the "
+            "model towards that class and its local evaluation is trivial; that is "
+            "expected under label skew, when other sites hold the other classes")))
     ratio = report.imbalance_ratio
     if ratio is not None and ratio > IMBALANCE_WARNING:
         findings.append(Finding("warning", "imbalance", (

@@ -158,9 +158,17 @@ def test_conflicting_labels():
     assert "conflicting-labels" in [f.check for f in report.warnings]
 
 
+def test_a_single_class_is_a_warning_not_blocking():
+    """Under label skew a site holding one class is normal (pathological partitions)."""
+    report = _check(pd.DataFrame({"text": ["one two three", "four five six"],
+                                  "label": ["a", "a"]}))
+
+    assert report.blocking == ()
+    assert [f.check for f in report.warnings] == ["single-class"]
+    assert "only one class 'a' (2 rows)" in report.warnings[0].message
+
+
 BLOCKED = {
-    "a single class": ({"text": ["one two three", "four five six"], "label": ["a", "a"]},
-                       "single-class", "only one class 'a' (2 rows)"),
     "every text empty": ({"text": ["", "  "], "label": ["a", "b"]},
                          "unusable-data", "all 2 rows have an empty text or a missing label"),
     "numbers as text": ({"text": ["1", "2"], "label": ["a", "b"]},
