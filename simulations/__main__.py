@@ -100,15 +100,20 @@ def _command_run(args: argparse.Namespace) -> int:
         print(f"[fedsft] outputs: {outcome.run_dir}")
         print(f"[fedsft] run failed: {outcome.message}", file=sys.stderr)
         return 1
-    lines = (outcome.run_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()
-    last = json.loads(lines[-1])
+    rows = [json.loads(line) for line in
+            (outcome.run_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    selection = (outcome.outcome or {}).get("selection") or {}
+    exported = next((r for r in rows if r["round"] == selection.get("round")), rows[-1])
     metrics = "no central evaluation"
-    if last.get("central"):
-        metrics = (f"central accuracy {last['central']['accuracy']:.4f}, "
-                   f"macro-F1 {last['central']['f1_macro']:.4f}")
+    if exported.get("central"):
+        metrics = (f"central accuracy {exported['central']['accuracy']:.4f}, "
+                   f"macro-F1 {exported['central']['f1_macro']:.4f}")
     stopped = (outcome.outcome or {}).get("stopped_early")
+    which = f"round {exported['round']}"
+    if exported is not rows[-1]:
+        which = f"final model = round {exported['round']} of {rows[-1]['round']}"
     print(f"[fedsft] outputs: {outcome.run_dir}")
-    print(f"[fedsft] done in {time.monotonic() - started:.0f} s: round {last['round']} "
+    print(f"[fedsft] done in {time.monotonic() - started:.0f} s: {which} "
           f"{metrics}" + (f" (stopped early: {stopped})" if stopped else ""))
     return 0
 

@@ -100,7 +100,7 @@ def test_rehearsal_leaves_no_process_running(run):
     assert left == []
 
 
-def test_export_then_predict_reproduces_the_final_central_accuracy(run, tmp_path):
+def test_export_then_predict_reproduces_the_exported_rounds_central_accuracy(run, tmp_path):
     result, _, tmp = run
     model = export_run(result.run_dir, tmp_path / "model")
     card = (model / "README.md").read_text()
@@ -114,8 +114,10 @@ def test_export_then_predict_reproduces_the_final_central_accuracy(run, tmp_path
                  "--output", str(tmp_path / "pred.csv")]) == 0
     predicted = pd.read_csv(tmp_path / "pred.csv")
     accuracy = float((predicted["prediction"] == predicted["label"]).mean())
-    assert accuracy == pytest.approx(_rows(result.run_dir)[-1]["central"]["accuracy"],
-                                     abs=1e-6)
+    # The export holds the round the run selected (select-model=best by default).
+    selected = json.loads((result.run_dir / "outcome.json").read_text())["selection"]["round"]
+    row = next(r for r in _rows(result.run_dir) if r["round"] == selected)
+    assert accuracy == pytest.approx(row["central"]["accuracy"], abs=1e-6)
 
     out = predict_file(model, tmp / "eval.csv", tmp_path / "pred.jsonl", progress=False)
     assert len(out.read_text().splitlines()) == len(predicted)
