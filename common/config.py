@@ -17,6 +17,7 @@ from typing import Any
 from common.encoding import ENCODINGS, UpdateEncoding
 
 METHODS = ("lora", "full", "head", "freeze")
+SKEW_LOSSES = ("none", "logit-adjusted")
 # Strategies whose aggregate is a (weighted) mean of the replies.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 STRATEGIES = (
@@ -101,6 +102,9 @@ class RunConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
+    # none | logit-adjusted (common/losses.py): the site's class prior in the local loss
+    skew_loss: str = "none"
+    skew_loss_tau: float = 1.0  # logit-adjusted: weight of the log prior (1 = balanced softmax)
     # --- uplink encoding (common/encoding.py) ---
     update_encoding: str = "fp32"  # fp32 | fp16 | int8 (lossy ones send deltas)
     int8_block_size: int = 256  # values per int8 scale; 0 = one scale per tensor
@@ -178,6 +182,14 @@ class RunConfig:
                 "`dp-sgd-noise-multiplier` > 0 needs `method` lora, head or freeze, got "
                 "'full': per-example gradients of the embedding matrix cost batch x "
                 "vocabulary x hidden floats per step"
+            )
+        _check_choice("skew-loss", self.skew_loss, SKEW_LOSSES)
+        _check_range("skew-loss-tau", self.skew_loss_tau, low=0, low_open=True)
+        if self.dp_sgd_enabled and self.skew_loss != "none":
+            raise ConfigError(
+                "`skew-loss` logit-adjusted cannot be combined with DP-SGD "
+                "(`dp-sgd-noise-multiplier` > 0): the site's class prior is computed from "
+                "its records, outside the privacy accounting; set skew-loss=none"
             )
         if self.dp_sgd_enabled and self.strategy == "fedprox":
             raise ConfigError(

@@ -21,6 +21,7 @@ from sklearn.metrics import f1_score
 from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
 
 from common.config import RunConfig
+from common.losses import class_log_prior, logit_adjusted_cross_entropy
 from common.model import autocast_context
 
 
@@ -118,7 +119,8 @@ class TrainResult:
     """What one call of ``train_local`` did."""
 
     num_examples: int  # distinct examples trained on: the FedAvg aggregation weight
-    train_loss: float  # mean task loss (cross-entropy, no proximal term) over the steps
+    train_loss: float  # mean task loss (cross-entropy, adjusted with skew-loss; no
+    # proximal term) over the steps
     steps: int  # optimizer steps taken
     seconds: float  # wall time of the loop
     first_loss: float  # task loss of the first step (before any update)
@@ -140,7 +142,8 @@ def train_local(
     warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient-norm
     clipping at ``grad_clip`` (0: off) and, when ``proximal_mu > 0``, FedProx's term
     ``mu/2 * sum ||w - w_global||^2`` with ``w_global`` the weights at the start of
-    this call.
+    this call. With ``skew_loss="logit-adjusted"`` the task loss is
+    ``common.losses.logit_adjusted_cross_entropy`` with this site's class prior.
 
     Parameters
     ----------
@@ -152,7 +155,7 @@ def train_local(
         Uses ``local_steps`` (> 0: exactly that many optimizer steps, cycling through
         reshuffled epochs if needed), else ``local_epochs`` full epochs;
         ``batch_size``, ``learning_rate``, ``weight_decay``, ``warmup_ratio``,
-        ``grad_clip`` and ``precision``.
+        ``grad_clip``, ``precision``, ``skew_loss`` and ``skew_loss_tau``.
     seed
         Seeds dropout and the shuffling order; derive it with ``derive_seed`` from
         (run seed, round, client) so every round and client differs reproducibly.
@@ -195,6 +198,9 @@ def train_local(
         device.type, enabled=cfg.precision == "fp16" and device.type == "cuda"
     )
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    # The site's class prior, from its own labels: it never leaves the site.
+    log_prior = None if cfg.skew_loss == "none" else class_log_prior(
+        data.labels, int(model.config.num_labels))
 
     def endless_batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:  # a fresh shuffle per epoch
@@ -210,7 +216,11 @@ def train_local(
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"])
+        if log_prior is None:
+            loss = F.cross_entropy(logits.float(), batch["labels"])
+        else:
+            loss = logit_adjusted_cross_entropy(logits.float(), batch["labels"],
+                                                log_prior=log_prior, tau=cfg.skew_loss_tau)
         objective = loss
         if proximal_mu > 0:
             distance = sum(
