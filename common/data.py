@@ -161,13 +161,19 @@ def read_raw_table(
         frame = _read_hf(source)
     else:
         frame = _read_file(source, text_column=text_column)
+    check_columns(frame, source=source, text_column=text_column, label_column=label_column)
+    return frame
+
+
+def check_columns(frame: pd.DataFrame, *, source: str, text_column: str,
+                  label_column: str) -> None:
+    """Raise ``DataError`` if ``frame`` has no rows or lacks the text or label column."""
     if frame.empty:
         raise DataError(f"{source}: no data rows")
     for column in (text_column, label_column):
         if column not in frame.columns:
             found = ", ".join(map(repr, map(str, frame.columns)))
             raise DataError(f"{source}: missing column {column!r}; columns found: {found}")
-    return frame
 
 
 def _read_hf(source: str) -> pd.DataFrame:

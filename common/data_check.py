@@ -49,6 +49,7 @@ import pandas as pd
 from common.data import (
     DataError,
     build_label_names,
+    check_columns,
     clean_table,
     label_text,
     read_raw_table,
@@ -374,12 +375,7 @@ def _raw(
         # seed and builtin_examples only matter for the built-in data, never a site's.
         return read_raw_table(str(data), text_column=text_column,
                               label_column=label_column, seed=0, builtin_examples=1000)
-    if data.empty:
-        raise DataError(f"{source}: no data rows")
-    for column in (text_column, label_column):
-        if column not in data.columns:
-            found = ", ".join(map(repr, map(str, data.columns)))
-            raise DataError(f"{source}: missing column {column!r}; columns found: {found}")
+    check_columns(data, source=source, text_column=text_column, label_column=label_column)
     return data
 
 
