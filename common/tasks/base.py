@@ -1,0 +1,105 @@
+"""The task interface: everything that depends on *what* is fine-tuned.
+
+A task (sequence classification, chat SFT of a causal LM, ...) is one module in
+``common/tasks/`` with one object that satisfies ``Task``. It owns which model class is
+loaded and how its head is set up, how cleaned rows become encoded examples, the collate
+function, the training loss, the evaluation metrics and the predict step. The federated
+machinery (config, exchanged state, strategies, encodings, secure aggregation, DP,
+validation, resume, outputs) only ever calls these methods and never imports a task
+module: it gets the task object from ``common.tasks.get_task(cfg.task)``.
+
+Tasks are stateless singletons; everything a call needs comes in as arguments, so a
+task object may be shared by every virtual client of a worker process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import pandas as pd
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common.config import RunConfig
+
+# One training batch as tensors (input_ids, attention_mask, labels, ...), the output of
+# ``Task.collate``.
+Batch = dict[str, torch.Tensor]
+# The loss of one batch under the model: a scalar tensor, mean over the batch's examples.
+LossFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+class Examples(Protocol):
+    """A task's encoded examples (token ids and targets), indexable by position."""
+
+    def __len__(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class EvalContext:
+    """What an evaluation call may need besides the model and the examples."""
+
+    batch_size: int
+    device: torch.device
+    precision: str  # the `precision` key: autocast choice
+    server_round: int = 0  # a task may do expensive metrics only every N rounds
+    final: bool = False  # the last round: expensive metrics always run
+
+
+class Task(Protocol):
+    """What a task module provides (see the module docstring)."""
+
+    name: str  # the `task` config value
+    peft_task_type: str  # peft's TaskType name for LoRA: "SEQ_CLS", "CAUSAL_LM"
+
+    def label_names(self, frame: pd.DataFrame, *, source: str, cfg: RunConfig) -> list[str]:
+        """The federation's output classes from the training table; [] if none."""
+        ...
+
+    def prepare(
+        self, frame: pd.DataFrame, *, source: str, cfg: RunConfig, label_names: Sequence[str]
+    ) -> pd.DataFrame:
+        """A raw table (as read from a file) as the task's canonical rows.
+
+        Validates and cleans (raising ``common.data.DataError`` naming ``source``, the
+        column and what is allowed) and returns the canonical columns first (e.g.
+        ``text``/``label``, or ``messages``) followed by the other columns.
+        """
+        ...
+
+    def load_model(
+        self, path: str, *, label_names: Sequence[str], seed: int
+    ) -> PreTrainedModel:
+        """The pretrained model of this task from ``path``, with its head set up."""
+        ...
+
+    def encode(
+        self, rows: Any, tokenizer: PreTrainedTokenizerBase, *, cfg: RunConfig
+    ) -> Examples:
+        """Canonical rows (a ``datasets.Dataset`` from ``prepare``) as encoded examples."""
+        ...
+
+    def collate(self, examples: Examples, index: list[int], pad_token_id: int) -> Batch:
+        """The examples at ``index`` as one right-padded batch (0 rows for [])."""
+        ...
+
+    def make_loss(self, examples: Examples, *, cfg: RunConfig, num_labels: int) -> LossFn:
+        """The local training loss for this site's ``examples`` (e.g. with its prior)."""
+        ...
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+        examples: Examples, ctx: EvalContext,
+    ) -> dict[str, float]:
+        """Metrics of ``model`` on ``examples``: always ``loss`` and ``num_examples``."""
+        ...
+
+    def predict(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+        rows: Sequence[Any], *, max_length: int, batch_size: int, device: torch.device,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """One output string per input row (a label name, a generated answer)."""
+        ...
