@@ -22,7 +22,10 @@ from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
 from common.config import RunConfig
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
-from common.training import derive_seed, evaluate, train_local
+from common.specs import ModelSpec
+from common.tasks import get_task
+from common.tasks.base import EvalContext
+from common.training import derive_seed, train_local
 
 log = logging.getLogger(__name__)
 app = ClientApp(mods=[egress_audit_mod])
@@ -34,7 +37,8 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     config = msg.content["config"]
     label_names = [str(name) for name in config["label-names"]]
     device = select_device(cfg.device)
-    model, tokenizer = get_model(cfg, label_names, device)
+    model, tokenizer = get_model(ModelSpec.of(cfg, label_names), device,
+                                 max_length=cfg.max_length)
     received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
     set_exchanged_state(model, received)
     try:
@@ -58,6 +62,7 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     """Local fine-tuning on the site's data starting from the received global state."""
     cfg, config, received, model, tokenizer, data, device = _setup(msg, context)
+    task = get_task(cfg.task)
     server_round = int(config["server-round"])
     key = client_key(context.node_config, context.node_id)
     attacker = False
@@ -72,12 +77,12 @@ def train(msg: Message, context: Context) -> Message:
     privacy: dict[str, float] = {}
     if cfg.dp_sgd_enabled:
         result, privacy = train_with_dp_sgd(
-            model, train_data, cfg, seed=seed, device=device,
+            model, train_data, cfg, task=task, seed=seed, device=device,
             pad_token_id=tokenizer.pad_token_id, state=context.state,
         )
     else:
         result = train_local(
-            model, train_data, cfg, seed=seed, device=device,
+            model, train_data, cfg, task=task, seed=seed, device=device,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             pad_token_id=tokenizer.pad_token_id,
         )
@@ -105,20 +110,19 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
     """Evaluate the global state on this site's local eval split: metrics only."""
-    cfg, _, _, model, tokenizer, data, device = _setup(msg, context)
+    cfg, config, _, model, tokenizer, data, device = _setup(msg, context)
     started = time.monotonic()
     if len(data.eval) == 0:
         metrics = MetricRecord({"num-examples": 0})
     else:
-        result = evaluate(
-            model, data.eval, batch_size=max(cfg.batch_size, 64), device=device,
-            pad_token_id=tokenizer.pad_token_id, precision=cfg.precision,
-        )
+        result = get_task(cfg.task).evaluate(model, tokenizer, data.eval, EvalContext(
+            batch_size=max(cfg.batch_size, 64), device=device, precision=cfg.precision,
+            server_round=int(config.get("server-round", 0))))
+        # Reply metric names: "eval-" + the task's metric name, dashed (eval-f1-macro).
         metrics = MetricRecord({
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
-            "eval-f1-macro": result.f1_macro,
+            "num-examples": int(result["num_examples"]),
+            **{f"eval-{name.replace('_', '-')}": value
+               for name, value in result.items() if name != "num_examples"},
             "eval-seconds": time.monotonic() - started,
         })
     return Message(RecordDict({"metrics": metrics}), reply_to=msg)

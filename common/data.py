@@ -43,6 +43,8 @@ from sklearn.model_selection import train_test_split
 
 from common.builtin_data import generate_builtin
 from common.config import RunConfig
+from common.specs import DataSpec, PartitionSpec
+from common.tasks import get_task
 
 if TYPE_CHECKING:
     from flwr_datasets.partitioner import Partitioner
@@ -63,9 +65,9 @@ _MAX_LISTED = 5  # unknown labels / columns quoted in an error message
 # numbers, not text: most likely `text-column` names an id or score column.
 _NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
-# Per-process caches (see the module docstring); keys are built by _splits_key and
-# partition_dataset and hold every argument that matters.
-_SPLITS_CACHE: dict[tuple[Any, ...], Splits] = {}
+# Per-process caches (see the module docstring), keyed by the frozen specs of
+# common/specs.py (every config field that changes the result).
+_SPLITS_CACHE: dict[DataSpec, Splits] = {}
 _PARTITIONER_CACHE: dict[tuple[Any, ...], Partitioner] = {}
 
 
@@ -497,38 +499,30 @@ def _is_int(value: Any) -> bool:
 
 
 def load_splits(cfg: RunConfig) -> Splits:
-    """Read ``cfg.dataset``, map its labels and hold out the server's eval split.
+    """Read ``cfg.dataset`` as the task's rows and hold out the server's eval split.
 
-    With ``cfg.eval_dataset`` that file is the eval split (encoded with the training
-    label map) and the whole, seed-shuffled ``cfg.dataset`` is the training split.
-    Otherwise a stratified (when every class has at least two rows, else plain) seeded
-    ``cfg.eval_fraction`` of ``cfg.dataset`` is held out. With ``cfg.validation_fraction``
-    > 0 that share of the training split is then held out the same way (seeded,
-    stratified when possible) as ``validation``, before any client partitions
-    ``train``; at 0 the splits are exactly those without it. The same config gives the
-    same splits in every process (the server's and the clients'); results are cached
-    per process.
-
-    Parameters
-    ----------
-    cfg
-        The run configuration.
-
-    Returns
-    -------
-    Splits
-        Training and eval data sets with ``text`` and ``label`` columns, and the names.
+    The task (``cfg.task``, ``common/tasks/``) turns each raw table into its canonical
+    rows and, for the training data, derives the class names. With ``cfg.eval_dataset``
+    that file is the eval split (with the training class names) and the whole,
+    seed-shuffled ``cfg.dataset`` is the training split. Otherwise a stratified (when
+    the rows have a ``label`` and every class has at least two rows, else plain) seeded
+    ``cfg.eval_fraction`` of ``cfg.dataset`` is held out. With
+    ``cfg.validation_fraction`` > 0 that share of the training split is then held out
+    the same way as ``validation``, before any client partitions ``train``; at 0 the
+    splits are exactly those without it. The same config gives the same splits in every
+    process (the server's and the clients'); results are cached per process, keyed by
+    the ``DataSpec`` (every field that changes them, and the files' versions).
 
     Raises
     ------
     DataError
-        If a source cannot be read, has fewer than two classes, or the eval data set has
-        labels the training data lacks.
+        If a source cannot be read or the task refuses its rows (e.g. fewer than two
+        classes, eval labels the training data lacks).
     """
-    key = _splits_key(cfg)
-    if key not in _SPLITS_CACHE:
-        _SPLITS_CACHE[key] = _compute_splits(cfg)
-    return _SPLITS_CACHE[key]
+    spec = DataSpec.of(cfg)
+    if spec not in _SPLITS_CACHE:
+        _SPLITS_CACHE[spec] = _compute_splits(spec)
+    return _SPLITS_CACHE[spec]
 
 
 def clear_caches() -> None:
@@ -537,79 +531,50 @@ def clear_caches() -> None:
     _PARTITIONER_CACHE.clear()
 
 
-def _splits_key(cfg: RunConfig) -> tuple[Any, ...]:
-    """Every config field that changes ``load_splits``, plus the files' versions."""
-    return (
-        cfg.dataset, _file_stamp(cfg.dataset),
-        cfg.eval_dataset, _file_stamp(cfg.eval_dataset),
-        cfg.text_column, cfg.label_column, cfg.eval_fraction, cfg.seed,
-        cfg.builtin_examples, cfg.label_case_fold, cfg.validation_fraction,
-    )
-
-
-def _file_stamp(source: str) -> tuple[int, int] | None:
-    """Modification time and size of a data file, so an edited file is read again."""
-    path = Path(source).expanduser()
-    if not source or source == "builtin" or source.startswith("hf:") or not path.is_file():
-        return None
-    stat = path.stat()
-    return (stat.st_mtime_ns, stat.st_size)
-
-
-def _compute_splits(cfg: RunConfig) -> Splits:
-    frame = _read_source(cfg.dataset, cfg)
-    label_names = build_label_names(frame[cfg.label_column], source=cfg.dataset)
-    labels = encode_labels(frame[cfg.label_column], label_names, source=cfg.dataset)
-    train_frame = _normalise(frame, labels, cfg)
-    if cfg.eval_dataset:
-        eval_raw = _read_source(cfg.eval_dataset, cfg)
-        eval_labels = encode_labels(
-            eval_raw[cfg.label_column], label_names, source=cfg.eval_dataset
-        )
-        eval_frame = _normalise(eval_raw, eval_labels, cfg)
+def _compute_splits(spec: DataSpec) -> Splits:
+    task = get_task(spec.task)
+    train_frame, label_names = task.prepare(
+        read_rows(spec.dataset, spec), source=spec.dataset, spec=spec, label_names=None)
+    if spec.eval_dataset:
+        eval_frame, _ = task.prepare(read_rows(spec.eval_dataset, spec),
+                                     source=spec.eval_dataset, spec=spec,
+                                     label_names=label_names)
         # Files are often sorted by label; IID partitioning takes contiguous shards.
-        order = np.random.default_rng(cfg.seed).permutation(len(train_frame))
+        order = np.random.default_rng(spec.seed).permutation(len(train_frame))
         train_frame = train_frame.iloc[order]
     else:
-        train_frame, eval_frame = _hold_out(train_frame, fraction=cfg.eval_fraction,
-                                            seed=cfg.seed)
+        train_frame, eval_frame = _hold_out(train_frame, fraction=spec.eval_fraction,
+                                            seed=spec.seed)
     validation = None
-    if cfg.validation_fraction > 0:
+    if spec.validation_fraction > 0:
         if len(train_frame) < 2:
             raise DataError(
-                f"{cfg.dataset}: `validation-fraction` {cfg.validation_fraction:g} needs at "
-                f"least 2 training rows to hold some out, got {len(train_frame)}"
+                f"{spec.dataset}: `validation-fraction` {spec.validation_fraction:g} needs "
+                f"at least 2 training rows to hold some out, got {len(train_frame)}"
             )
         train_frame, validation_frame = _hold_out(
-            train_frame, fraction=cfg.validation_fraction, seed=cfg.seed)
-        validation = _to_dataset(validation_frame, source=cfg.dataset)
+            train_frame, fraction=spec.validation_fraction, seed=spec.seed)
+        validation = _to_dataset(validation_frame, source=spec.dataset)
     return Splits(
-        train=_to_dataset(train_frame, source=cfg.dataset),
-        eval=_to_dataset(eval_frame, source=cfg.eval_dataset or cfg.dataset),
+        train=_to_dataset(train_frame, source=spec.dataset),
+        eval=_to_dataset(eval_frame, source=spec.eval_dataset or spec.dataset),
         label_names=label_names,
         validation=validation,
     )
 
 
-def _read_source(source: str, cfg: RunConfig) -> pd.DataFrame:
-    """``read_table`` with the config's columns and built-in data settings."""
-    return read_table(
-        source, text_column=cfg.text_column, label_column=cfg.label_column,
-        seed=cfg.seed, builtin_examples=cfg.builtin_examples,
-        label_case_fold=cfg.label_case_fold,
-    )
-
-
-def _normalise(frame: pd.DataFrame, labels: np.ndarray, cfg: RunConfig) -> pd.DataFrame:
-    """``text`` and encoded ``label`` first, then the other columns (minus clashes)."""
-    others = [
-        c for c in frame.columns
-        if c not in (cfg.text_column, cfg.label_column, "text", "label")
-    ]
-    return pd.concat(
-        [pd.DataFrame({"text": frame[cfg.text_column], "label": labels}), frame[others]],
-        axis=1,
-    )
+def read_rows(source: str, spec: DataSpec) -> pd.DataFrame:
+    """The raw table of ``source`` (the task's built-in data for ``"builtin"``)."""
+    if source == "builtin":
+        frame = get_task(spec.task).builtin_rows(spec.builtin_examples, seed=spec.seed,
+                                                 spec=spec)
+    elif source.startswith("hf:"):
+        frame = _read_hf(source)
+    else:
+        frame = _read_file(source, text_column=spec.text_column)
+    if frame.empty:
+        raise DataError(f"{source}: no data rows")
+    return frame
 
 
 def _hold_out(
@@ -618,6 +583,8 @@ def _hold_out(
     """Seeded (stratified when possible) split of ``frame``: the rest and ``fraction``."""
     indices = np.arange(len(frame))
     try:
+        if "label" not in frame.columns:
+            raise ValueError("no classes to stratify by")
         train_idx, eval_idx = train_test_split(
             indices, test_size=fraction, random_state=seed,
             stratify=frame["label"].to_numpy(),
@@ -803,10 +770,7 @@ def _load_partition(
             f"{cfg.dataset}: {num_partitions} clients but only {train.num_rows} training "
             f"rows: use fewer clients or more data"
         )
-    key = (
-        train._fingerprint, cfg.partitioner, cfg.dirichlet_alpha, cfg.classes_per_client,
-        cfg.seed, num_partitions,
-    )
+    key = (train._fingerprint, PartitionSpec.of(cfg), num_partitions)
     if key not in _PARTITIONER_CACHE:
         partitioner = _build_partitioner(train, cfg, num_partitions=num_partitions)
         partitioner.dataset = train
@@ -913,31 +877,21 @@ def _local_eval_rows(num_rows: int, fraction: float) -> int:
 
 
 def load_site_data(path: str, cfg: RunConfig, label_names: list[str]) -> datasets.Dataset:
-    """Read one site's data file for a deployed client.
+    """Read one site's data file for a deployed client, as the task's canonical rows.
 
-    Parameters
-    ----------
-    path
-        The site's file (any format ``read_table`` reads).
-    cfg
-        The run configuration (column names).
-    label_names
-        The class names of the federation, from the server.
-
-    Returns
-    -------
-    datasets.Dataset
-        Columns ``text`` (str) and ``label`` (int64 index into ``label_names``).
+    ``label_names`` are the federation's classes, from the server (labels outside them
+    are refused); [] for a task without classes.
 
     Raises
     ------
     DataError
-        If the file cannot be read or has labels outside ``label_names``.
+        If the file cannot be read or the task refuses its rows.
     """
-    frame = _read_source(path, cfg)
-    labels = encode_labels(frame[cfg.label_column], label_names, source=path)
-    site = pd.DataFrame({"text": frame[cfg.text_column], "label": labels})
-    return _to_dataset(site, source=path)
+    spec = DataSpec.of(cfg)
+    task = get_task(spec.task)
+    rows, _ = task.prepare(read_rows(path, spec), source=path, spec=spec,
+                           label_names=label_names)
+    return _to_dataset(rows[list(task.columns)], source=path)
 
 
 def load_server_eval(cfg: RunConfig) -> tuple[list[str], datasets.Dataset | None]:
@@ -954,7 +908,8 @@ def load_server_eval(cfg: RunConfig) -> tuple[list[str], datasets.Dataset | None
     warn_case_variants(cfg.label_list, source="`labels`")
     if not cfg.eval_dataset:
         return cfg.label_list, None
-    frame = _read_source(cfg.eval_dataset, cfg)
-    labels = encode_labels(frame[cfg.label_column], cfg.label_list, source=cfg.eval_dataset)
-    eval_frame = pd.DataFrame({"text": frame[cfg.text_column], "label": labels})
-    return cfg.label_list, _to_dataset(eval_frame, source=cfg.eval_dataset)
+    spec = DataSpec.of(cfg)
+    task = get_task(spec.task)
+    rows, _ = task.prepare(read_rows(cfg.eval_dataset, spec), source=cfg.eval_dataset,
+                           spec=spec, label_names=cfg.label_list)
+    return cfg.label_list, _to_dataset(rows[list(task.columns)], source=cfg.eval_dataset)

@@ -23,14 +23,14 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from transformers import get_linear_schedule_with_warmup
 
 from common.config import RunConfig
-from common.training import EncodedData, TrainResult, collate
+from common.tasks.base import Examples, Task
+from common.training import TrainResult
 
 
 def sample_level_epsilon(
@@ -63,9 +63,10 @@ def poisson_batches(
 
 def train_local_dp_sgd(
     model: torch.nn.Module,
-    data: EncodedData,
+    data: Examples,
     cfg: RunConfig,
     *,
+    task: Task,
     seed: int,
     device: torch.device,
     pad_token_id: int,
@@ -114,6 +115,7 @@ def train_local_dp_sgd(
         num_warmup_steps=round(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    loss_of = task.make_loss(data, cfg=cfg)
     model.train()  # Opacus records activations in training mode only
     per_example = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     losses: list[float] = []
@@ -125,11 +127,9 @@ def train_local_dp_sgd(
         ):
             optimizer.zero_grad(set_to_none=True)
             if index:
-                batch = {k: t.to(device) for k, t in collate(data, index, pad_token_id).items()}
-                logits = per_example(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-                loss = F.cross_entropy(logits.float(), batch["labels"])
+                batch = {k: t.to(device)
+                         for k, t in task.collate(data, index, pad_token_id).items()}
+                loss = loss_of(per_example, batch)
                 with warnings.catch_warnings():
                     # The first hooked module takes token ids (no gradient) as input:
                     # torch warns every step, Opacus needs only the output gradients.

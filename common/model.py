@@ -1,8 +1,9 @@
 """The model: loading, the fine-tuning method, the exchanged state, device and precision.
 
-``build_model`` turns a ``RunConfig`` into a sequence classifier whose *trainable*
-parameters are exactly what the method says (LoRA adapters + head, the head alone, the
-upper encoder layers, or everything). Only those trainable tensors ever cross the wire,
+``build_model`` turns a ``ModelSpec`` into the task's model (the task, in
+``common/tasks/``, says which model class and head) whose *trainable* parameters are
+exactly what the method says (LoRA adapters + head, the head alone, the upper layers,
+or everything). Only those trainable tensors ever cross the wire,
 through ``get_exchanged_state`` / ``set_exchanged_state``; the frozen rest is rebuilt
 identically on the server and on every client from the same checkpoint and seed.
 
@@ -18,31 +19,30 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from common.config import ConfigError, RunConfig
-from common.model_source import check_max_length, max_positions, resolve_model
+from common.config import ConfigError
+from common.model_source import check_max_length, max_positions
+from common.specs import ModelSpec
 
 # Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
 # most decoder-style and newer encoders ".layers.<i>.".
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 
 
-def build_model(
-    cfg: RunConfig, label_names: list[str]
-) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """Load the pretrained classifier and apply the fine-tuning method of ``cfg``.
+def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
+    """Load the task's pretrained model and apply the fine-tuning method of ``spec``.
 
-    Construction runs right after ``torch.manual_seed(cfg.seed)``, so every process
-    builds bit-identical initial weights, including the fresh classification head, any
-    other weight missing from the checkpoint and the LoRA matrices.
+    Construction runs right after ``torch.manual_seed(spec.seed)``, so every process
+    builds bit-identical initial weights, including a fresh head, any other weight
+    missing from the checkpoint and the LoRA matrices.
 
     Parameters
     ----------
-    cfg
-        Uses ``model``, ``method``, ``lora_*``, ``freeze_layers`` and ``seed``.
-    label_names
-        One name per class, index = label id (any number of classes).
+    spec
+        The model spec: task (which model class and head), resolved path, method,
+        LoRA settings, freeze layers, seed and the class names (index = label id;
+        empty for a task without classes).
 
     Returns
     -------
@@ -52,52 +52,46 @@ def build_model(
     Raises
     ------
     ConfigError
-        For a ``model`` that ``resolve_model`` refuses or that cannot be loaded,
-        ``max-length`` above the model's positions, LoRA target modules the model does
-        not have, or more ``freeze-layers`` than the model has layers.
+        For a model that cannot be loaded, LoRA target modules the model does not
+        have, or more ``freeze-layers`` than the model has layers.
     """
-    source = resolve_model(cfg.model)
-    torch.manual_seed(cfg.seed)
+    from common.tasks import get_task
+
+    task = get_task(spec.task)
+    torch.manual_seed(spec.seed)
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            source.path,
-            num_labels=len(label_names),
-            id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)},
-            # A checkpoint that already has a head for another number of classes gets a
-            # fresh (seeded) head instead of an error.
-            ignore_mismatched_sizes=True,
-        )
+        model = task.load_model(spec.model_path, label_names=spec.label_names,
+                                seed=spec.seed)
     except OSError as error:  # a download that failed, a corrupt or partial folder
-        raise ConfigError(f"`model` {cfg.model!r} could not be loaded: {error}") from error
-    check_max_length(cfg.max_length, max_positions(model.config.to_dict()))
-    if cfg.method == "lora":
-        model = _apply_lora(model, cfg)
-    elif cfg.method == "full":
+        raise ConfigError(
+            f"`model` {spec.model_path!r} could not be loaded: {error}") from error
+    if spec.method == "lora":
+        model = _apply_lora(model, spec, task_type=task.peft_task_type)
+    elif spec.method == "full":
         model.requires_grad_(True)
-    elif cfg.method == "head":
+    elif spec.method == "head":
         body = model.base_model_prefix + "."
         for name, param in model.named_parameters():
             param.requires_grad_(not name.startswith(body))
-    elif cfg.method == "freeze":
-        _freeze_bottom_layers(model, cfg.freeze_layers, model_name=cfg.model)
+    elif spec.method == "freeze":
+        _freeze_bottom_layers(model, spec.freeze_layers, model_name=spec.model_path)
     else:  # RunConfig validates `method`; reaching this is a programming error
-        raise AssertionError(f"unhandled method {cfg.method!r}")
+        raise AssertionError(f"unhandled method {spec.method!r}")
     model.eval()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path)
+        tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
     except OSError as error:  # e.g. a model folder saved without its tokenizer
         raise ConfigError(
-            f"`model` {cfg.model!r}: could not load its tokenizer: {error}"
+            f"`model` {spec.model_path!r}: could not load its tokenizer: {error}"
         ) from error
     return model, tokenizer
 
 
-def _apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
+def _apply_lora(model: torch.nn.Module, spec: ModelSpec, *, task_type: str) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters; SEQ_CLS makes peft train the head as well."""
     from peft import LoraConfig, TaskType, get_peft_model
 
-    targets = cfg.target_modules
+    targets = spec.target_modules
     if targets is not None:
         module_names = [name for name, _ in model.named_modules()]
         missing = [
@@ -107,10 +101,10 @@ def _apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         if missing:
             raise _unknown_targets_error(model, missing)
     lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
+        task_type=TaskType[task_type],
+        r=spec.lora_r,
+        lora_alpha=spec.lora_alpha,
+        lora_dropout=spec.lora_dropout,
         target_modules=targets,  # None: peft's per-architecture default (BERT: query, value)
     )
     try:
@@ -274,45 +268,32 @@ def autocast_context(
 
 # An explicit per-process cache. Flower's simulation reuses worker processes for many
 # virtual clients and rounds, so the pretrained weights are read from disk once per
-# process, not once per round. The key holds every argument that changes the built
-# model. A cached model is shared: callers overwrite its trainable parameters with
-# `set_exchanged_state` before each use, which fully resets it, because training only
-# ever changes trainable parameters. At most `_MODEL_CACHE_SIZE` models are kept, so a
-# long-lived process that serves several runs does not accumulate models.
-_MODEL_CACHE: dict[tuple[object, ...], tuple[torch.nn.Module, PreTrainedTokenizerBase]] = {}
+# process, not once per round. The key is the model spec (every config field that
+# changes the built model) and the device. A cached model is shared: callers overwrite
+# its trainable parameters with `set_exchanged_state` before each use, which fully
+# resets it, because training only ever changes trainable parameters. At most
+# `_MODEL_CACHE_SIZE` models are kept, so a long-lived process that serves several runs
+# does not accumulate models.
+_MODEL_CACHE: dict[tuple[ModelSpec, str], tuple[torch.nn.Module, PreTrainedTokenizerBase]] = {}
 _MODEL_CACHE_SIZE = 2
 
 
 def get_model(
-    cfg: RunConfig, label_names: list[str], device: torch.device
+    spec: ModelSpec, device: torch.device, *, max_length: int
 ) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
-    """``build_model(cfg, label_names)`` moved to ``device``, cached per process.
+    """``build_model(spec)`` moved to ``device``, cached per process by (spec, device).
 
-    Returns the same objects for the same key (resolved model path, method, LoRA
-    settings, freeze layers, labels, seed, device); the caller must set the exchanged
-    state before using the model.
+    The caller must set the exchanged state before using the model. ``max_length`` is
+    checked against the model's positions (it changes no weight, so it is not in the
+    key: a longer one fails here, not as an index error in the first forward pass).
     """
-    key = (
-        resolve_model(cfg.model).path,
-        cfg.method,
-        cfg.lora_r,
-        cfg.lora_alpha,
-        cfg.lora_dropout,
-        tuple(cfg.target_modules or ()),
-        cfg.freeze_layers,
-        tuple(label_names),
-        cfg.seed,
-        str(device),
-    )
+    key = (spec, str(device))
     if key not in _MODEL_CACHE:
         while len(_MODEL_CACHE) >= _MODEL_CACHE_SIZE:
             _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))  # the oldest entry
-        model, tokenizer = build_model(cfg, label_names)
+        model, tokenizer = build_model(spec)
         _MODEL_CACHE[key] = (model.to(device), tokenizer)
-    # `max-length` is not in the key: check it against the cached model too, so a longer
-    # one fails here and not as an index error in the first forward pass.
-    check_max_length(cfg.max_length,
-                     max_positions(_MODEL_CACHE[key][0].config.to_dict()))
+    check_max_length(max_length, max_positions(_MODEL_CACHE[key][0].config.to_dict()))
     return _MODEL_CACHE[key]
 
 

@@ -1,7 +1,9 @@
-"""Tokenization into batches, the local training loop and evaluation.
+"""Batches and the local training loop, for any task.
 
-The training loop is written out in full in ``train_local`` (forward, loss, optional
-proximal term, backward, clipping, step): no ``Trainer``, nothing hidden.
+The training loop is written out in full in ``train_local`` (forward and loss through
+the task, optional proximal term, backward, clipping, step): no ``Trainer``, nothing
+hidden. What a batch holds and what the loss is belong to the task
+(``common/tasks/``); this module never looks inside a batch.
 """
 
 from __future__ import annotations
@@ -10,97 +12,38 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from sklearn.metrics import f1_score
-from transformers import PreTrainedTokenizerBase, get_linear_schedule_with_warmup
+from transformers import get_linear_schedule_with_warmup
 
 from common.config import RunConfig
-from common.losses import class_log_prior, logit_adjusted_cross_entropy
 from common.model import autocast_context
-
-
-@dataclass(frozen=True)
-class EncodedData:
-    """Token ids (truncated, unpadded) and int64 labels of a set of examples."""
-
-    input_ids: list[list[int]]
-    labels: torch.Tensor
-
-    def __post_init__(self) -> None:
-        if len(self.input_ids) != len(self.labels):
-            raise ValueError(f"{len(self.input_ids)} examples but {len(self.labels)} labels")
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
-
-
-def encode(
-    texts: Sequence[str],
-    labels: Sequence[int],
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    max_length: int,
-) -> EncodedData:
-    """Tokenize ``texts`` once, in one batched call, truncating to ``max_length`` tokens.
-
-    Padding is left to ``iterate_batches`` (to the longest sequence of each batch).
-
-    Raises
-    ------
-    ValueError
-        If ``texts`` and ``labels`` differ in length.
-    """
-    if len(texts) != len(labels):
-        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    return EncodedData(
-        input_ids=[list(ids) for ids in input_ids],
-        labels=torch.tensor(list(labels), dtype=torch.int64),
-    )
+from common.tasks.base import Batch, Examples, Task
 
 
 def iterate_batches(
-    data: EncodedData,
+    examples: Examples,
+    collate: Callable[[Any, list[int], int], Batch],
     *,
     batch_size: int,
     pad_token_id: int,
     generator: torch.Generator | None,
-) -> Iterator[dict[str, torch.Tensor]]:
-    """One pass over ``data`` in batches of ``batch_size`` (the last may be smaller).
+) -> Iterator[Batch]:
+    """One pass over ``examples`` in batches of ``batch_size`` (the last may be smaller).
 
-    Shuffled with ``generator`` when one is given, in order otherwise. Each batch is
-    right-padded with ``pad_token_id`` to its longest sequence and has ``input_ids``,
-    ``attention_mask`` (1 = token, 0 = padding) and ``labels``.
+    Shuffled with ``generator`` when one is given, in order otherwise; each batch is
+    the task's ``collate`` of its indices (right-padded with ``pad_token_id``).
     """
     if generator is None:
-        order = torch.arange(len(data))
+        order = torch.arange(len(examples))
     else:
-        order = torch.randperm(len(data), generator=generator)
-    for start in range(0, len(data), batch_size):
-        yield collate(data, order[start : start + batch_size].tolist(), pad_token_id)
-
-
-def collate(data: EncodedData, index: list[int], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """The examples ``index`` of ``data`` as one batch, right-padded to the longest.
-
-    ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``labels``; an empty
-    ``index`` gives tensors with 0 rows.
-    """
-    rows = [data.input_ids[i] for i in index]
-    width = max((len(row) for row in rows), default=1)
-    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
-    for r, row in enumerate(rows):
-        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.int64)
-        attention_mask[r, : len(row)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask,
-            "labels": data.labels[index]}
+        order = torch.randperm(len(examples), generator=generator)
+    for start in range(0, len(examples), batch_size):
+        yield collate(examples, order[start : start + batch_size].tolist(), pad_token_id)
 
 
 def derive_seed(*parts: int | str) -> int:
@@ -119,8 +62,7 @@ class TrainResult:
     """What one call of ``train_local`` did."""
 
     num_examples: int  # distinct examples trained on: the FedAvg aggregation weight
-    train_loss: float  # mean task loss (cross-entropy, adjusted with skew-loss; no
-    # proximal term) over the steps
+    train_loss: float  # mean task loss (no proximal term) over the steps
     steps: int  # optimizer steps taken
     seconds: float  # wall time of the loop
     first_loss: float  # task loss of the first step (before any update)
@@ -128,9 +70,10 @@ class TrainResult:
 
 def train_local(
     model: torch.nn.Module,
-    data: EncodedData,
+    data: Examples,
     cfg: RunConfig,
     *,
+    task: Task,
     seed: int,
     device: torch.device,
     proximal_mu: float = 0.0,
@@ -142,8 +85,8 @@ def train_local(
     warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient-norm
     clipping at ``grad_clip`` (0: off) and, when ``proximal_mu > 0``, FedProx's term
     ``mu/2 * sum ||w - w_global||^2`` with ``w_global`` the weights at the start of
-    this call. With ``skew_loss="logit-adjusted"`` the task loss is
-    ``common.losses.logit_adjusted_cross_entropy`` with this site's class prior.
+    this call. The loss of a batch is the task's (``task.make_loss``: e.g. cross-entropy,
+    or with ``skew-loss`` the logit-adjusted loss with this site's class prior).
 
     Parameters
     ----------
@@ -155,7 +98,9 @@ def train_local(
         Uses ``local_steps`` (> 0: exactly that many optimizer steps, cycling through
         reshuffled epochs if needed), else ``local_epochs`` full epochs;
         ``batch_size``, ``learning_rate``, ``weight_decay``, ``warmup_ratio``,
-        ``grad_clip``, ``precision``, ``skew_loss`` and ``skew_loss_tau``.
+        ``grad_clip``, ``precision`` (and what the task's loss reads).
+    task
+        The run's task: its ``collate`` and ``make_loss``.
     seed
         Seeds dropout and the shuffling order; derive it with ``derive_seed`` from
         (run seed, round, client) so every round and client differs reproducibly.
@@ -198,29 +143,19 @@ def train_local(
         device.type, enabled=cfg.precision == "fp16" and device.type == "cuda"
     )
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    # The site's class prior, from its own labels: it never leaves the site.
-    log_prior = None if cfg.skew_loss == "none" else class_log_prior(
-        data.labels, int(model.config.num_labels))
+    loss_of = task.make_loss(data, cfg=cfg)
 
     def endless_batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:  # a fresh shuffle per epoch
-            yield from iterate_batches(
-                data, batch_size=cfg.batch_size, pad_token_id=pad_token_id, generator=shuffle
-            )
+            yield from iterate_batches(data, task.collate, batch_size=cfg.batch_size,
+                                       pad_token_id=pad_token_id, generator=shuffle)
 
     model.train()
     losses: list[float] = []
     for batch in itertools.islice(endless_batches(), total_steps):
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast_context(cfg.precision, device):
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
-        if log_prior is None:
-            loss = F.cross_entropy(logits.float(), batch["labels"])
-        else:
-            loss = logit_adjusted_cross_entropy(logits.float(), batch["labels"],
-                                                log_prior=log_prior, tau=cfg.skew_loss_tau)
+            loss = loss_of(model, batch)
         objective = loss
         if proximal_mu > 0:
             distance = sum(
@@ -244,65 +179,4 @@ def train_local(
         steps=len(losses),
         seconds=time.perf_counter() - start,
         first_loss=losses[0],
-    )
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    """Metrics of ``evaluate`` over ``num_examples`` examples."""
-
-    loss: float  # mean cross-entropy per example
-    accuracy: float
-    f1_macro: float  # over all the model's classes; a class never seen nor predicted is 0
-    num_examples: int
-
-
-def evaluate(
-    model: torch.nn.Module,
-    data: EncodedData,
-    *,
-    batch_size: int,
-    device: torch.device,
-    pad_token_id: int,
-    precision: str = "fp32",
-) -> EvalResult:
-    """Loss, accuracy and macro-F1 of ``model`` (already on ``device``) on ``data``.
-
-    Macro-F1 averages over every class of the model (``model.config.num_labels``),
-    counting a class with no true and no predicted example as 0.
-
-    Raises
-    ------
-    ValueError
-        If ``data`` is empty (callers skip empty evaluation sets).
-    """
-    if len(data) == 0:
-        raise ValueError("cannot evaluate on an empty data set")
-    config: Any = model.config  # a PretrainedConfig (typed as Module attribute access)
-    num_labels = int(config.num_labels)
-    model.eval()
-    loss_sum = 0.0
-    predictions: list[torch.Tensor] = []
-    with torch.inference_mode():
-        for batch in iterate_batches(
-            data, batch_size=batch_size, pad_token_id=pad_token_id, generator=None
-        ):
-            batch = {name: tensor.to(device) for name, tensor in batch.items()}
-            with autocast_context(precision, device):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-            logits = logits.float()
-            loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-            predictions.append(logits.argmax(dim=-1).cpu())
-    predicted = torch.cat(predictions).numpy()
-    labels = data.labels.numpy()
-    return EvalResult(
-        loss=loss_sum / len(data),
-        accuracy=float(np.mean(predicted == labels)),
-        f1_macro=float(
-            f1_score(labels, predicted, average="macro", labels=list(range(num_labels)),
-                     zero_division=0)
-        ),
-        num_examples=len(data),
     )

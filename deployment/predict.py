@@ -14,7 +14,7 @@ import csv
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from common.model_source import has_weights
 from deployment.export import EXPORT_META
@@ -113,40 +113,33 @@ def export_settings(model_dir: Path) -> dict:
 
 def predict_labels(
     model_dir: Path,
-    texts: list[str],
+    rows: list[Any],
     *,
     max_length: int,
+    task_name: str = "classification",
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[str]:
-    """The predicted label name of each text (``id2label`` of the model config)."""
+    """The task's prediction for each input row (a class name, a generated answer)."""
     import torch
     from safetensors import SafetensorError
     from tqdm import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from common.training import encode, iterate_batches
+    from common.tasks import get_task
 
     check_model_dir(model_dir)
+    task = get_task(task_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForSequenceClassification.from_pretrained(str(model_dir))
+        model = task.load_trained(str(model_dir))
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # bad files
         raise PredictError(f"{model_dir}: could not load the model: "
                            f"{type(error).__name__}: {error}") from error
-    model.eval()
-    id2label = {int(k): str(v) for k, v in model.config.id2label.items()}
-    data = encode(texts, [0] * len(texts), tokenizer, max_length=max_length)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    predicted: list[int] = []
-    batches = iterate_batches(data, batch_size=batch_size, pad_token_id=pad, generator=None)
-    with torch.inference_mode(), tqdm(total=len(texts), unit="text", disable=not progress) as bar:
-        for batch in batches:
-            logits = model(input_ids=batch["input_ids"],
-                           attention_mask=batch["attention_mask"]).logits
-            predicted.extend(logits.float().argmax(dim=-1).tolist())
-            bar.update(len(batch["input_ids"]))
-    return [id2label[i] for i in predicted]
+    with tqdm(total=len(rows), unit="row", disable=not progress) as bar:
+        return task.predict(model, tokenizer, rows, max_length=max_length,
+                            batch_size=batch_size, device=torch.device("cpu"),
+                            progress=bar.update)
 
 
 def predict_file(
@@ -192,7 +185,8 @@ def predict_file(
         )
     frame = read_input(input_path, text_column=text_column)
     frame["prediction"] = predict_labels(
-        model_dir, list(frame[text_column]), max_length=max_length, batch_size=batch_size,
+        model_dir, list(frame[text_column]), max_length=max_length,
+        task_name=str(settings.get("task") or "classification"), batch_size=batch_size,
         progress=progress,
     )
     output_path.parent.mkdir(parents=True, exist_ok=True)

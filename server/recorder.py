@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, MetricRecord
+from transformers import PreTrainedTokenizerBase
 
 from common.config import RunConfig
 from common.model import set_exchanged_state
-from common.training import EncodedData, evaluate
+from common.tasks.base import EvalContext, Examples, Task
 from server.metric_sinks import MetricSink
 from server.model_selection import (
     Selection,
@@ -71,21 +72,23 @@ class RoundRecorder:
         self,
         *,
         cfg: RunConfig,
+        task: Task,
         model: torch.nn.Module,
-        eval_data: EncodedData | None,
-        pad_token_id: int,
+        tokenizer: PreTrainedTokenizerBase,
+        eval_data: Examples | None,
         device: torch.device,
         strategy: TrackedStrategy,
         outputs: RunOutputs,
         total_rounds: int,
         privacy: PrivacyReport | None = None,
         sinks: Sequence[MetricSink] = (),
-        validation_data: EncodedData | None = None,
+        validation_data: Examples | None = None,
     ) -> None:
         self.cfg = cfg
+        self.task = task
         self.model = model
+        self.tokenizer = tokenizer
         self.eval_data = eval_data
-        self.pad_token_id = pad_token_id
         self.device = device
         self.strategy = strategy
         self.outputs = outputs
@@ -109,8 +112,8 @@ class RoundRecorder:
             return None  # resuming: this round is already recorded
         started = time.monotonic()
         state = arrays_to_state(arrays)
-        central = self._evaluate(state, self.eval_data)
-        validation = self._evaluate(state, self.validation_data)
+        central = self._evaluate(state, self.eval_data, rnd)
+        validation = self._evaluate(state, self.validation_data, rnd)
         stats = self.strategy.stats.pop(rnd, None) or RoundStats(round=rnd, started=started)
         row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
         row["validation"] = validation
@@ -138,8 +141,8 @@ class RoundRecorder:
             raise EarlyStop(reason)
         if central is None:
             return None
-        return MetricRecord({"accuracy": central["accuracy"], "f1-macro": central["f1_macro"],
-                             "loss": central["loss"]})
+        return MetricRecord({name.replace("_", "-"): value for name, value in central.items()
+                             if name != "num_examples"})
 
     def selection(self) -> Selection | None:
         """Which round's model to export (``select-model``), from the rows so far."""
@@ -165,18 +168,16 @@ class RoundRecorder:
         return selection.round if selection is not None and selection.rule == "best" else None
 
     def _evaluate(
-        self, state: dict[str, np.ndarray], data: EncodedData | None
+        self, state: dict[str, np.ndarray], data: Examples | None, rnd: int
     ) -> dict[str, Any] | None:
-        """Metrics of ``state`` on ``data``; None when there is no such data."""
+        """The task's metrics of ``state`` on ``data``; None when there is no such data."""
         if data is None or len(data) == 0:
             return None
         set_exchanged_state(self.model, state)
-        result = evaluate(
-            self.model, data, batch_size=max(self.cfg.batch_size, 64),
-            device=self.device, pad_token_id=self.pad_token_id, precision=self.cfg.precision,
-        )
-        return {"accuracy": result.accuracy, "f1_macro": result.f1_macro,
-                "loss": result.loss, "num_examples": result.num_examples}
+        return self.task.evaluate(self.model, self.tokenizer, data, EvalContext(
+            batch_size=max(self.cfg.batch_size, 64), device=self.device,
+            precision=self.cfg.precision, server_round=rnd,
+            final=rnd >= self.total_rounds))
 
     def _row(
         self, rnd: int, central: dict[str, Any] | None, stats: RoundStats, *,

@@ -19,7 +19,8 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.data import load_server_eval, load_splits
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
-from common.training import encode
+from common.specs import EncodeSpec, ModelSpec
+from common.tasks import get_task
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
@@ -79,18 +80,18 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
 
 def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     """``run_federation`` once the run folder is known (and any resume checked)."""
+    task = get_task(cfg.task)
     label_names, eval_set = load_server_eval(cfg)
     device = select_device(cfg.device)
-    model, tokenizer = get_model(cfg, label_names, device)
-    eval_data = None if eval_set is None else encode(
-        eval_set["text"], eval_set["label"], tokenizer, max_length=cfg.max_length
-    )
+    model, tokenizer = get_model(ModelSpec.of(cfg, label_names), device,
+                                 max_length=cfg.max_length)
+    encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
+    eval_data = None if eval_set is None else task.encode(eval_set, tokenizer, spec=encoding)
     validation_data = None
     if cfg.validation_fraction > 0:  # RunConfig refuses it with `labels` (no dataset)
         validation_set = load_splits(cfg).validation
         assert validation_set is not None  # load_splits holds it out at this fraction
-        validation_data = encode(validation_set["text"], validation_set["label"], tokenizer,
-                                 max_length=cfg.max_length)
+        validation_data = task.encode(validation_set, tokenizer, spec=encoding)
 
     waiting_grid = NodeWaitingGrid(
         grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
@@ -126,7 +127,7 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     sinks = open_sinks(cfg.metric_sinks, outputs.folder, outputs.folder.name,
                        cfg.to_flower())
     recorder = RoundRecorder(
-        cfg=cfg, model=model, eval_data=eval_data, pad_token_id=tokenizer.pad_token_id,
+        cfg=cfg, task=task, model=model, tokenizer=tokenizer, eval_data=eval_data,
         device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
         privacy=privacy, sinks=sinks, validation_data=validation_data,
     )

@@ -8,4 +8,18 @@ from __future__ import annotations
 
 from simulations.benchmarks.tiny_model import write_tiny_bert
 
-__all__ = ["write_tiny_bert"]
+__all__ = ["classify_eval", "write_tiny_bert"]
+
+
+def classify_eval(model, data, *, batch_size, device, pad_token_id,  # type: ignore[no-untyped-def]
+                  precision="fp32"):
+    """The classification task's evaluation, with its metrics as attributes."""
+    from types import SimpleNamespace
+
+    from common.tasks.base import EvalContext
+    from common.tasks.classification import TASK
+
+    metrics = TASK.evaluate(model, SimpleNamespace(pad_token_id=pad_token_id), data,
+                            EvalContext(batch_size=batch_size, device=device,
+                                        precision=precision))
+    return SimpleNamespace(**metrics)

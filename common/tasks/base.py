@@ -23,6 +23,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.config import RunConfig
+from common.data_check import DataReport
+from common.specs import DataSpec, EncodeSpec
 
 # One training batch as tensors (input_ids, attention_mask, labels, ...), the output of
 # ``Task.collate``.
@@ -53,30 +55,49 @@ class Task(Protocol):
 
     name: str  # the `task` config value
     peft_task_type: str  # peft's TaskType name for LoRA: "SEQ_CLS", "CAUSAL_LM"
+    columns: tuple[str, ...]  # the canonical columns of ``prepare``'s rows
 
-    def label_names(self, frame: pd.DataFrame, *, source: str, cfg: RunConfig) -> list[str]:
-        """The federation's output classes from the training table; [] if none."""
+    def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
+        """The task's seeded, offline built-in data (``dataset = "builtin"``), raw."""
         ...
 
     def prepare(
-        self, frame: pd.DataFrame, *, source: str, cfg: RunConfig, label_names: Sequence[str]
-    ) -> pd.DataFrame:
+        self, frame: pd.DataFrame, *, source: str, spec: DataSpec,
+        label_names: Sequence[str] | None,
+    ) -> tuple[pd.DataFrame, list[str]]:
         """A raw table (as read from a file) as the task's canonical rows.
 
         Validates and cleans (raising ``common.data.DataError`` naming ``source``, the
         column and what is allowed) and returns the canonical columns first (e.g.
-        ``text``/``label``, or ``messages``) followed by the other columns.
+        ``text``/``label``, or ``messages``) followed by the other columns, with the
+        class names: derived from this table when ``label_names`` is None (the training
+        data), else ``label_names`` (eval and site data: other labels are refused).
+        A task without classes returns [].
         """
+        ...
+
+    def check_site(
+        self, path: str, *, spec: DataSpec, max_length: int, label_names: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> DataReport:
+        """A deployed site's file checked before it trains (``fedsft check-data`` too)."""
         ...
 
     def load_model(
         self, path: str, *, label_names: Sequence[str], seed: int
     ) -> PreTrainedModel:
-        """The pretrained model of this task from ``path``, with its head set up."""
+        """The pretrained model of this task from ``path``, with its head set up.
+
+        Called right after ``torch.manual_seed(seed)``: a fresh head is seeded.
+        """
+        ...
+
+    def load_trained(self, path: str) -> PreTrainedModel:
+        """A model this task trained and exported (``final/``, an export), for predict."""
         ...
 
     def encode(
-        self, rows: Any, tokenizer: PreTrainedTokenizerBase, *, cfg: RunConfig
+        self, rows: Any, tokenizer: PreTrainedTokenizerBase, *, spec: EncodeSpec
     ) -> Examples:
         """Canonical rows (a ``datasets.Dataset`` from ``prepare``) as encoded examples."""
         ...
@@ -85,8 +106,11 @@ class Task(Protocol):
         """The examples at ``index`` as one right-padded batch (0 rows for [])."""
         ...
 
-    def make_loss(self, examples: Examples, *, cfg: RunConfig, num_labels: int) -> LossFn:
-        """The local training loss for this site's ``examples`` (e.g. with its prior)."""
+    def make_loss(self, examples: Examples, *, cfg: RunConfig) -> LossFn:
+        """The local training loss for this site's ``examples`` (e.g. with its prior).
+
+        Called once per local training call; the loss runs under the caller's autocast.
+        """
         ...
 
     def evaluate(

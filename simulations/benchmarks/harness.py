@@ -185,35 +185,38 @@ def train_in_process(
     the same ``overrides``; ``total_steps`` optimizer steps of ``train_local`` with the
     same batch size and learning rate, then ``evaluate`` on the server's eval split.
     """
+    import datasets
     import torch
 
     from common.config import RunConfig
     from common.data import load_splits, partition_dataset, split_for_local_eval
     from common.model import build_model
-    from common.training import encode, evaluate, train_local
+    from common.specs import EncodeSpec, ModelSpec
+    from common.tasks import get_task
+    from common.tasks.base import EvalContext
+    from common.training import train_local
 
     started = time.perf_counter()
     cfg = RunConfig.from_flower({**overrides, "local-steps": total_steps})
     splits = load_splits(cfg)
-    texts: list[str] = []
-    labels: list[int] = []
+    task = get_task(cfg.task)
+    parts = []
     for partition_id in range(num_clients):
         part = partition_dataset(splits.train, cfg, num_partitions=num_clients,
                                  partition_id=partition_id)
         train, _ = split_for_local_eval(part, fraction=cfg.client_eval_fraction, seed=cfg.seed)
-        texts.extend(train["text"])
-        labels.extend(train["label"])
-    model, tokenizer = build_model(cfg, splits.label_names)
+        parts.append(train)
+    model, tokenizer = build_model(ModelSpec.of(cfg, splits.label_names))
     device = torch.device("cpu")
-    data = encode(texts, labels, tokenizer, max_length=cfg.max_length)
-    eval_data = encode(splits.eval["text"], splits.eval["label"], tokenizer,
-                       max_length=cfg.max_length)
+    encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
+    data = task.encode(datasets.concatenate_datasets(parts), tokenizer, spec=encoding)
+    eval_data = task.encode(splits.eval, tokenizer, spec=encoding)
     prepared = time.perf_counter()
-    result = train_local(model, data, cfg, seed=cfg.seed, device=device,
+    result = train_local(model, data, cfg, task=task, seed=cfg.seed, device=device,
                          pad_token_id=tokenizer.pad_token_id)
     trained = time.perf_counter()
-    metrics = evaluate(model, eval_data, batch_size=max(cfg.batch_size, 64), device=device,
-                       pad_token_id=tokenizer.pad_token_id)
+    metrics = task.evaluate(model, tokenizer, eval_data, EvalContext(
+        batch_size=max(cfg.batch_size, 64), device=device, precision=cfg.precision))
     finished = time.perf_counter()
     return {
         "examples_available": len(data),
@@ -224,9 +227,7 @@ def train_in_process(
         "train_seconds": trained - prepared,
         "eval_seconds": finished - trained,
         "total_seconds": finished - started,
-        "accuracy": metrics.accuracy,
-        "f1_macro": metrics.f1_macro,
-        "loss": metrics.loss,
+        **{name: value for name, value in metrics.items() if name != "num_examples"},
     }
 
 

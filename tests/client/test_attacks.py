@@ -10,7 +10,7 @@ from client.attacks import (
     poison_update,
 )
 from common.config import ConfigError, RunConfig
-from common.training import EncodedData
+from common.tasks.classification import EncodedData
 
 BASE = {"w": np.array([1.0, 1.0, 1.0], np.float32)}
 NEW = {"w": np.array([1.5, 0.5, 1.0], np.float32)}

@@ -15,6 +15,7 @@ from client.local_data import client_key, load_local_data
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from common.model import build_model, get_exchanged_state
+from common.specs import ModelSpec
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -46,7 +47,7 @@ def _context(model_dir, node_config=None) -> Context:
 
 @pytest.fixture
 def global_state(tiny_model_dir):
-    model, _ = build_model(RunConfig.from_flower(_run_config(tiny_model_dir)), LABELS)
+    model, _ = build_model(ModelSpec.of(RunConfig.from_flower(_run_config(tiny_model_dir)), LABELS))
     return get_exchanged_state(model)
 
 
@@ -98,7 +99,7 @@ def test_deployment_site_reads_its_own_file(tmp_path, tiny_model_dir):
     path.write_text("body,y\n" + "".join(
         f"text number {i},{LABELS[i % 3]}\n" for i in range(20)))
     cfg = RunConfig.from_flower(_run_config(tiny_model_dir))
-    _, tokenizer = build_model(cfg, LABELS)
+    _, tokenizer = build_model(ModelSpec.of(cfg, LABELS))
     data = load_local_data(
         cfg, {"data-path": str(path), "text-column": "body", "label-column": "y"},
         LABELS, tokenizer,

@@ -14,8 +14,10 @@ from client.sample_dp import BudgetExhausted, load_history, train_with_dp_sgd
 from common.config import ConfigError, RunConfig
 from common.dp_sgd import poisson_batches, sample_level_epsilon, train_local_dp_sgd
 from common.model import get_exchanged_state, set_exchanged_state
-from common.training import evaluate, train_local
+from common.tasks.classification import TASK
+from common.training import train_local
 from tests.common.test_training import setup
+from tests.helpers import classify_eval as evaluate
 
 CPU = torch.device("cpu")
 
@@ -63,7 +65,7 @@ def _one_sgd_step(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, **chang
     cfg, model, data, pad = setup(tiny_model_dir, n=16, method="lora", local_steps=1,
                                   batch_size=16, **changes)
     before = get_exchanged_state(model)
-    train_local_dp_sgd(model, data, cfg, seed=3, device=CPU, pad_token_id=pad)
+    train_local_dp_sgd(model, data, cfg, task=TASK, seed=3, device=CPU, pad_token_id=pad)
     after = get_exchanged_state(model)
     return np.concatenate([(after[k] - before[k]).ravel() for k in before])
 
@@ -94,7 +96,7 @@ def test_dp_sgd_learns_and_leaves_the_cached_model_clean(tiny_model_dir: Path) -
     start = get_exchanged_state(model)
     before = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
-    result, (z, q, steps) = train_local_dp_sgd(model, data, cfg, seed=1, device=CPU,
+    result, (z, q, steps) = train_local_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU,
                                                pad_token_id=pad)
     after = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
@@ -107,16 +109,16 @@ def test_dp_sgd_learns_and_leaves_the_cached_model_clean(tiny_model_dir: Path) -
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     # The same (cached) model then trains without DP as before.
     set_exchanged_state(model, start)
-    train_local(model, data, cfg, seed=1, device=CPU, pad_token_id=pad)
+    train_local(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
 
 
 def test_client_accounts_every_round_in_its_node_state(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=5, batch_size=8,
                                   dp_sgd_noise_multiplier=1.0)
     state = RecordDict()
-    _, first = train_with_dp_sgd(model, data, cfg, seed=1, device=CPU, pad_token_id=pad,
+    _, first = train_with_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad,
                                  state=state)
-    _, second = train_with_dp_sgd(model, data, cfg, seed=2, device=CPU, pad_token_id=pad,
+    _, second = train_with_dp_sgd(model, data, cfg, task=TASK, seed=2, device=CPU, pad_token_id=pad,
                                   state=state)
 
     assert load_history(state) == [(1.0, 8 / 64, 5), (1.0, 8 / 64, 5)]
@@ -133,11 +135,12 @@ def test_a_site_refuses_the_round_that_would_exceed_its_budget(tiny_model_dir: P
     two_rounds = sample_level_epsilon([(1.0, 8 / 64, 10)], delta=cfg.dp_sgd_delta)
     cfg = replace(cfg, dp_sgd_target_epsilon=(one_round + two_rounds) / 2)
     state = RecordDict()
-    train_with_dp_sgd(model, data, cfg, seed=1, device=CPU, pad_token_id=pad, state=state)
+    train_with_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad,
+                      state=state)
     before = get_exchanged_state(model)
 
     with pytest.raises(BudgetExhausted, match="dp-sgd-target-epsilon"):
-        train_with_dp_sgd(model, data, cfg, seed=2, device=CPU, pad_token_id=pad,
+        train_with_dp_sgd(model, data, cfg, task=TASK, seed=2, device=CPU, pad_token_id=pad,
                           state=state)
     after = get_exchanged_state(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
@@ -155,7 +158,8 @@ def test_a_call_whose_batches_are_all_empty_takes_noise_steps_only(
                                   batch_size=1, dp_sgd_noise_multiplier=1.0)
     before = get_exchanged_state(model)
 
-    result, entry = train_local_dp_sgd(model, data, cfg, seed=1, device=CPU, pad_token_id=pad)
+    result, entry = train_local_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU,
+                                       pad_token_id=pad)
 
     after = get_exchanged_state(model)
     assert entry == (1.0, 1 / 4, 3) and (result.steps, result.num_examples) == (3, 1)

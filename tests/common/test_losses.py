@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from common.losses import class_log_prior, logit_adjusted_cross_entropy
-from common.training import EncodedData, train_local
+from common.tasks.classification import TASK, EncodedData
+from common.training import train_local
 from tests.common.test_training import CPU, rule_data, setup
 
 
@@ -77,7 +78,7 @@ def test_logit_adjustment_removes_most_of_a_skewed_sites_bias(tiny_model_dir: Pa
     for skew_loss in ("none", "logit-adjusted"):
         cfg, model, site, balanced, pad = _skewed_site(tiny_model_dir, skew_loss=skew_loss)
         before = _mean_gap(model, balanced, pad)
-        train_local(model, site, cfg, seed=0, device=CPU, pad_token_id=pad)
+        train_local(model, site, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
         moved[skew_loss] = _mean_gap(model, balanced, pad) - before
 
     assert moved["none"] > 0.5
@@ -87,6 +88,6 @@ def test_logit_adjustment_removes_most_of_a_skewed_sites_bias(tiny_model_dir: Pa
 def test_rule_data_still_learnable_with_the_adjusted_loss(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, n=64, local_steps=30, batch_size=8,
                                   learning_rate=0.01, skew_loss="logit-adjusted")
-    result = train_local(model, data, cfg, seed=0, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
     assert result.train_loss < result.first_loss
     assert len(rule_data(4)[0]) == 4

@@ -21,6 +21,7 @@ from common.model import (
     trainable_parameter_count,
 )
 from common.model_source import ModelSource, check_model, model_max_positions, resolve_model
+from common.specs import ModelSpec
 
 LABELS = ["neg", "pos"]
 
@@ -31,7 +32,7 @@ def tiny_cfg(model_dir: Path, **changes: object) -> RunConfig:
 
 def build(cfg: RunConfig, labels: list[str]) -> tuple[Any, Any]:
     """build_model, typed loosely so tests can reach model attributes (classifier, ...)."""
-    return build_model(cfg, labels)
+    return build_model(ModelSpec.of(cfg, labels))
 
 
 def trainable_names(model: torch.nn.Module) -> list[str]:
@@ -126,7 +127,7 @@ def test_an_uncached_hub_id_offline_is_a_clear_error(offline: Path) -> None:
     with pytest.raises(ConfigError, match=message):
         check_model(cfg)
     with pytest.raises(ConfigError, match=message):  # not an OSError from from_pretrained
-        get_model(cfg, LABELS, torch.device("cpu"))
+        get_model(ModelSpec.of(cfg, LABELS), torch.device("cpu"), max_length=cfg.max_length)
 
 
 def test_a_cached_hub_id_is_resolved_offline(tiny_model_dir: Path, offline: Path) -> None:
@@ -159,9 +160,10 @@ def test_max_length_is_bounded_by_the_model(tiny_model_dir: Path, offline: Path)
     assert check_model(ok).local
     with pytest.raises(ConfigError, match=message):
         check_model(too_long)
-    get_model(ok, LABELS, torch.device("cpu"))
+    get_model(ModelSpec.of(ok, LABELS), torch.device("cpu"), max_length=ok.max_length)
     with pytest.raises(ConfigError, match=message):  # the cached model is checked too
-        get_model(too_long, LABELS, torch.device("cpu"))
+        get_model(ModelSpec.of(too_long, LABELS), torch.device("cpu"),
+                  max_length=too_long.max_length)
     clear_model_cache()
 
 
@@ -392,16 +394,17 @@ def test_get_model_caches_by_every_key(tiny_model_dir: Path) -> None:
     cfg = tiny_cfg(tiny_model_dir, method="head")
     cpu = torch.device("cpu")
 
-    first = get_model(cfg, LABELS, cpu)
-    again = get_model(cfg, LABELS, cpu)
-    other_labels = get_model(cfg, ["a", "b"], cpu)
-    other_method = get_model(cfg.replace(method="full"), LABELS, cpu)
+    first = get_model(ModelSpec.of(cfg, LABELS), cpu, max_length=cfg.max_length)
+    again = get_model(ModelSpec.of(cfg, LABELS), cpu, max_length=cfg.max_length)
+    other_labels = get_model(ModelSpec.of(cfg, ["a", "b"]), cpu, max_length=cfg.max_length)
+    other_method = get_model(ModelSpec.of(cfg.replace(method="full"), LABELS), cpu,
+                             max_length=cfg.max_length)
 
     assert again[0] is first[0] and again[1] is first[1]
     assert other_labels[0] is not first[0]
     assert other_method[0] is not first[0]
     clear_model_cache()
-    assert get_model(cfg, LABELS, cpu)[0] is not first[0]
+    assert get_model(ModelSpec.of(cfg, LABELS), cpu, max_length=cfg.max_length)[0] is not first[0]
     clear_model_cache()
 
 

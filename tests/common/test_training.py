@@ -14,14 +14,10 @@ from transformers import AutoTokenizer
 
 from common.config import RunConfig
 from common.model import build_model, get_exchanged_state, set_exchanged_state
-from common.training import (
-    EncodedData,
-    derive_seed,
-    encode,
-    evaluate,
-    iterate_batches,
-    train_local,
-)
+from common.specs import ModelSpec
+from common.tasks.classification import TASK, EncodedData, collate, encode
+from common.training import derive_seed, iterate_batches, train_local
+from tests.helpers import classify_eval as evaluate
 
 CPU = torch.device("cpu")
 LABELS = ["neg", "pos"]
@@ -45,7 +41,7 @@ def rule_data(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
 def setup(model_dir: Path, n: int = 64, **changes: object):  # type: ignore[no-untyped-def]
     cfg = RunConfig(model=str(model_dir), lora_r=4, lora_alpha=8, precision="fp32",
                     **changes)  # type: ignore[arg-type]
-    model, tokenizer = build_model(cfg, LABELS)
+    model, tokenizer = build_model(ModelSpec.of(cfg, LABELS))
     texts, labels = rule_data(n)
     data = encode(texts, labels, tokenizer, max_length=cfg.max_length)
     return cfg, model, data, tokenizer.pad_token_id
@@ -69,7 +65,7 @@ def test_encode_truncates_and_keeps_labels(tiny_model_dir: Path) -> None:
 def test_iterate_batches_pads_each_batch_in_order() -> None:
     data = EncodedData(input_ids=[[1, 2, 3], [4], [5, 6]], labels=torch.tensor([0, 1, 0]))
 
-    batches = list(iterate_batches(data, batch_size=2, pad_token_id=0, generator=None))
+    batches = list(iterate_batches(data, collate, batch_size=2, pad_token_id=0, generator=None))
 
     assert len(batches) == 2
     assert batches[0]["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
@@ -84,7 +80,8 @@ def test_iterate_batches_shuffles_reproducibly() -> None:
 
     def order(seed: int) -> list[int]:
         gen = torch.Generator().manual_seed(seed)
-        return [i for b in iterate_batches(data, batch_size=3, pad_token_id=0, generator=gen)
+        batches = iterate_batches(data, collate, batch_size=3, pad_token_id=0, generator=gen)
+        return [i for b in batches
                 for i in b["input_ids"][:, 0].tolist()]
 
     assert sorted(order(1)) == list(range(20))
@@ -110,7 +107,7 @@ def test_training_lowers_the_loss_and_learns_the_rule(tiny_model_dir: Path) -> N
                                   batch_size=16, learning_rate=1e-2)
     before = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
-    result = train_local(model, data, cfg, seed=1, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
     after = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
     assert result.steps == 60
@@ -124,7 +121,7 @@ def test_training_lowers_the_loss_and_learns_the_rule(tiny_model_dir: Path) -> N
 def test_first_loss_regression(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=2)
 
-    result = train_local(model, data, cfg, seed=derive_seed(42, 1, 0), device=CPU,
+    result = train_local(model, data, cfg, task=TASK, seed=derive_seed(42, 1, 0), device=CPU,
                          pad_token_id=pad)
 
     # pinned: tiny BERT (seed 0), head and LoRA seeded by RunConfig.seed=42
@@ -137,7 +134,7 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_model_dir: Path) -
 
     def train(seed: int) -> dict[str, np.ndarray]:
         set_exchanged_state(model, start)
-        train_local(model, data, cfg, seed=seed, device=CPU, pad_token_id=pad)
+        train_local(model, data, cfg, task=TASK, seed=seed, device=CPU, pad_token_id=pad)
         return get_exchanged_state(model)
 
     first, again, other = train(1), train(1), train(2)
@@ -160,7 +157,7 @@ def test_step_cap_and_num_examples(tiny_model_dir: Path, local_steps: int, local
     cfg, model, data, pad = setup(tiny_model_dir, n=10, method="head", batch_size=4,
                                   local_steps=local_steps, local_epochs=local_epochs)
 
-    result = train_local(model, data, cfg, seed=0, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
 
     assert (result.steps, result.num_examples) == (steps, num_examples)
     assert result.seconds > 0
@@ -173,7 +170,8 @@ def test_proximal_term_keeps_weights_near_the_global_ones(tiny_model_dir: Path) 
 
     def distance_moved(mu: float) -> float:
         set_exchanged_state(model, start)
-        train_local(model, data, cfg, seed=0, device=CPU, pad_token_id=pad, proximal_mu=mu)
+        train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad,
+                    proximal_mu=mu)
         end = get_exchanged_state(model)
         return math.sqrt(sum(float(((end[k] - start[k]) ** 2).sum()) for k in start))
 
@@ -185,7 +183,7 @@ def test_proximal_term_keeps_weights_near_the_global_ones(tiny_model_dir: Path) 
 def test_training_under_bf16_autocast_on_cpu(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, n=8, method="lora", local_steps=1)
 
-    result = train_local(model, data, cfg.replace(precision="bf16"), seed=0, device=CPU,
+    result = train_local(model, data, cfg.replace(precision="bf16"), task=TASK, seed=0, device=CPU,
                          pad_token_id=pad)
 
     assert math.isfinite(result.train_loss)
@@ -196,7 +194,7 @@ def test_empty_data_is_an_error(tiny_model_dir: Path) -> None:
     empty = EncodedData(input_ids=[], labels=torch.zeros(0, dtype=torch.int64))
 
     with pytest.raises(ValueError, match="empty"):
-        train_local(model, empty, cfg, seed=0, device=CPU, pad_token_id=pad)
+        train_local(model, empty, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, empty, batch_size=4, device=CPU, pad_token_id=pad)
 

@@ -13,6 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from common.config import RunConfig
 from common.model import build_model
+from common.specs import ModelSpec
 from deployment.cli import main
 from deployment.export import export_run
 from deployment.predict import PredictError, check_model_dir, predict_file
@@ -26,7 +27,8 @@ TEXTS = ["a terrible awful day", "great", "", "an excellent, wonderful and long 
 def exported(tmp_path_factory, tiny_model_dir) -> Path:
     """A run folder as the ServerApp leaves it (untrained LoRA model), then exported."""
     run = tmp_path_factory.mktemp("run") / "tiny"
-    model, tokenizer = build_model(RunConfig(model=str(tiny_model_dir), method="lora"), LABELS)
+    model, tokenizer = build_model(
+        ModelSpec.of(RunConfig(model=str(tiny_model_dir), method="lora"), LABELS))
     export_final_model(model, tokenizer, run / "final")
     (run / "config.json").write_text(json.dumps({"max-length": 16, "method": "lora",
                                                  "text-column": "text"}))

@@ -265,11 +265,11 @@ def _recorder(outputs, accuracies, *, round_offset=0, **cfg_changes):
     """A RoundRecorder whose validation accuracy in round r is ``accuracies[r]``."""
     cfg = RunConfig(validation_fraction=0.1, keep_checkpoints=outputs.keep_checkpoints,
                     **cfg_changes)
-    recorder = RoundRecorder(cfg=cfg, model=None, eval_data=None, pad_token_id=0,
+    recorder = RoundRecorder(cfg=cfg, task=None, model=None, tokenizer=None, eval_data=None,
                              device=None, strategy=_Strategy(round_offset), outputs=outputs,
                              total_rounds=len(accuracies) - 1)
 
-    def evaluate(state, data):  # type: ignore[no-untyped-def]
+    def evaluate(state, data, rnd):  # type: ignore[no-untyped-def]
         if data is None:
             return None
         return {"accuracy": accuracies[int(state["w"][0])], "f1_macro": 0.0, "loss": 1.0,

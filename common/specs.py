@@ -1,0 +1,124 @@
+"""Frozen specs: the parts of the run config that determine a built object.
+
+The per-process caches (the model in ``common/model.py``, the splits in
+``common/data.py``, the tokenized site data in ``client/local_data.py``) are keyed by
+these specs as a whole: a spec holds *every* config field that changes what it builds,
+so adding a field to a spec is the only step needed to key the caches by it. A
+component takes the spec it needs, not the whole ``RunConfig``.
+
+Each spec's fields are named exactly like the ``RunConfig`` fields they copy and are
+filled by name (``spec_from_config``). ``tests/common/test_specs.py`` checks that every
+``RunConfig`` field is in a spec or listed as changing no cached object, so a new
+config field cannot be forgotten in the cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from common.config import RunConfig
+
+T = TypeVar("T")
+
+
+def spec_from_config(cls: type[T], cfg: RunConfig, **extra: Any) -> T:
+    """An instance of the spec dataclass ``cls`` with its fields copied from ``cfg``.
+
+    Fields not in ``RunConfig`` come from ``extra`` (e.g. the resolved model path).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    values = {name: getattr(cfg, name) for name in names - extra.keys()}
+    return cls(**values, **extra)
+
+
+def file_stamp(source: str) -> tuple[int, int] | None:
+    """Modification time and size of a data file, so an edited file is read again."""
+    path = Path(source).expanduser()
+    if not source or source == "builtin" or source.startswith("hf:") or not path.is_file():
+        return None
+    stat = path.stat()
+    return (stat.st_mtime_ns, stat.st_size)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything that changes the built model (before any exchanged state is set)."""
+
+    task: str
+    model_path: str  # resolved by common.model_source.resolve_model
+    method: str
+    lora_r: int
+    lora_alpha: int
+    lora_dropout: float
+    lora_target_modules: str
+    freeze_layers: int
+    seed: int
+    label_names: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg: RunConfig, label_names: list[str] | tuple[str, ...]) -> ModelSpec:
+        from common.model_source import resolve_model  # no torch import
+
+        return spec_from_config(cls, cfg, model_path=resolve_model(cfg.model).path,
+                                label_names=tuple(label_names))
+
+    @property
+    def target_modules(self) -> list[str] | None:
+        """``lora-target-modules`` as a list; None lets peft pick per architecture."""
+        names = [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+        return names or None
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Everything that changes the server's splits (``common.data.load_splits``)."""
+
+    task: str
+    dataset: str
+    eval_dataset: str
+    text_column: str
+    label_column: str
+    label_case_fold: bool
+    eval_fraction: float
+    validation_fraction: float
+    builtin_examples: int
+    seed: int
+    # The files' versions: an edited file is read again by a long-lived process.
+    dataset_stamp: tuple[int, int] | None
+    eval_dataset_stamp: tuple[int, int] | None
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> DataSpec:
+        return spec_from_config(cls, cfg, dataset_stamp=file_stamp(cfg.dataset),
+                                eval_dataset_stamp=file_stamp(cfg.eval_dataset))
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """Everything that changes how the training split is shared among the clients."""
+
+    partitioner: str
+    dirichlet_alpha: float
+    classes_per_client: int
+    client_eval_fraction: float
+    seed: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> PartitionSpec:
+        return spec_from_config(cls, cfg)
+
+
+@dataclass(frozen=True)
+class EncodeSpec:
+    """Everything that changes how rows become token ids (with the tokenizer's path)."""
+
+    task: str
+    max_length: int
+    tokenizer_path: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig, tokenizer_path: str) -> EncodeSpec:
+        return spec_from_config(cls, cfg, tokenizer_path=tokenizer_path)

@@ -1,0 +1,250 @@
+"""Sequence classification: a text in, one class out (the task fedsft started with).
+
+The model is ``AutoModelForSequenceClassification`` with a fresh, seeded head for the
+federation's classes; rows are ``text`` / ``label`` (the label rules of
+``common/data.py``: stripped, optionally case-folded, integer ids into the sorted class
+names); the loss is cross-entropy (or the logit-adjusted loss of ``common/losses.py``
+with the site's own class prior); metrics are accuracy, macro-F1 and the mean loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import f1_score
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common.builtin_data import generate_builtin
+from common.config import RunConfig
+from common.data import (
+    build_label_names,
+    check_columns,
+    clean_table,
+    encode_labels,
+)
+from common.data_check import DataReport, check_site_data
+from common.losses import class_log_prior, logit_adjusted_cross_entropy
+from common.model import autocast_context
+from common.specs import DataSpec, EncodeSpec
+from common.tasks.base import Batch, EvalContext, LossFn
+from common.training import iterate_batches
+
+
+@dataclass(frozen=True)
+class EncodedData:
+    """Token ids (truncated, unpadded) and int64 labels of a set of examples."""
+
+    input_ids: list[list[int]]
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"{len(self.input_ids)} examples but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def encode(
+    texts: Sequence[str],
+    labels: Sequence[int],
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    max_length: int,
+) -> EncodedData:
+    """Tokenize ``texts`` once, in one batched call, truncating to ``max_length`` tokens.
+
+    Padding is left to ``collate`` (to the longest sequence of each batch).
+
+    Raises
+    ------
+    ValueError
+        If ``texts`` and ``labels`` differ in length.
+    """
+    if len(texts) != len(labels):
+        raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
+    input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return EncodedData(
+        input_ids=[list(ids) for ids in input_ids],
+        labels=torch.tensor(list(labels), dtype=torch.int64),
+    )
+
+
+def collate(data: EncodedData, index: list[int], pad_token_id: int) -> Batch:
+    """The examples ``index`` of ``data`` as one batch, right-padded to the longest.
+
+    ``input_ids``, ``attention_mask`` (1 = token, 0 = padding) and ``labels``; an empty
+    ``index`` gives tensors with 0 rows.
+    """
+    rows = [data.input_ids[i] for i in index]
+    width = max((len(row) for row in rows), default=1)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for r, row in enumerate(rows):
+        input_ids[r, : len(row)] = torch.tensor(row, dtype=torch.int64)
+        attention_mask[r, : len(row)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": data.labels[index]}
+
+
+def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+class ClassificationTask:
+    """The ``Task`` of sequence classification (see ``common/tasks/base.py``)."""
+
+    name = "classification"
+    peft_task_type = "SEQ_CLS"  # peft then also trains (and exchanges) the head
+    columns = ("text", "label")
+
+    def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
+        return generate_builtin(num_examples, seed=seed).rename(
+            columns={"text": spec.text_column, "label": spec.label_column})
+
+    def prepare(
+        self, frame: pd.DataFrame, *, source: str, spec: DataSpec,
+        label_names: Sequence[str] | None,
+    ) -> tuple[pd.DataFrame, list[str]]:
+        text, label = spec.text_column, spec.label_column
+        check_columns(frame, source=source, text_column=text, label_column=label)
+        frame = clean_table(frame, source=source, text_column=text, label_column=label,
+                            label_case_fold=spec.label_case_fold)
+        names = (build_label_names(frame[label], source=source)
+                 if label_names is None else list(label_names))
+        labels = encode_labels(frame[label], names, source=source)
+        others = [c for c in frame.columns if c not in (text, label, "text", "label")]
+        rows = pd.concat(
+            [pd.DataFrame({"text": frame[text], "label": labels}), frame[others]], axis=1)
+        return rows, names
+
+    def check_site(
+        self, path: str, *, spec: DataSpec, max_length: int, label_names: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> DataReport:
+        return check_site_data(
+            path, text_column=spec.text_column, label_column=spec.label_column,
+            max_length=max_length, label_names=list(label_names), tokenizer=tokenizer,
+            label_case_fold=spec.label_case_fold)
+
+    def load_model(
+        self, path: str, *, label_names: Sequence[str], seed: int
+    ) -> PreTrainedModel:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            # A checkpoint that already has a head for another number of classes gets a
+            # fresh (seeded by the caller) head instead of an error.
+            ignore_mismatched_sizes=True,
+        )
+
+    def load_trained(self, path: str) -> PreTrainedModel:
+        from transformers import AutoModelForSequenceClassification
+
+        return AutoModelForSequenceClassification.from_pretrained(path)
+
+    def encode(
+        self, rows: Any, tokenizer: PreTrainedTokenizerBase, *, spec: EncodeSpec
+    ) -> EncodedData:
+        return encode(rows["text"], rows["label"], tokenizer, max_length=spec.max_length)
+
+    def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
+        return collate(examples, index, pad_token_id)
+
+    def make_loss(self, examples: Any, *, cfg: RunConfig) -> LossFn:
+        if cfg.skew_loss == "none":
+            def cross_entropy(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+                return F.cross_entropy(_logits(model, batch).float(), batch["labels"])
+            return cross_entropy
+        prior: list[torch.Tensor] = []  # the site's class prior, from its own labels
+
+        def adjusted(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            logits = _logits(model, batch).float()
+            if not prior:  # the number of classes is the head's width
+                prior.append(class_log_prior(examples.labels, logits.shape[-1]))
+            return logit_adjusted_cross_entropy(
+                logits, batch["labels"], log_prior=prior[0].to(logits.device),
+                tau=cfg.skew_loss_tau)
+        return adjusted
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+        examples: Any, ctx: EvalContext,
+    ) -> dict[str, float]:
+        """Loss, accuracy and macro-F1 of ``model`` (already on ``ctx.device``).
+
+        Macro-F1 averages over every class of the model (``model.config.num_labels``),
+        counting a class with no true and no predicted example as 0.
+
+        Raises
+        ------
+        ValueError
+            If ``examples`` is empty (callers skip empty evaluation sets).
+        """
+        if len(examples) == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        num_labels = int(model.config.num_labels)  # type: ignore[union-attr]
+        model.eval()
+        loss_sum = 0.0
+        predictions: list[torch.Tensor] = []
+        with torch.inference_mode():
+            for batch in _batches(self, examples, ctx.batch_size, tokenizer):
+                batch = {name: tensor.to(ctx.device) for name, tensor in batch.items()}
+                with autocast_context(ctx.precision, ctx.device):
+                    logits = _logits(model, batch)
+                logits = logits.float()
+                loss_sum += F.cross_entropy(logits, batch["labels"], reduction="sum").item()
+                predictions.append(logits.argmax(dim=-1).cpu())
+        predicted = torch.cat(predictions).numpy()
+        labels = examples.labels.numpy()
+        return {
+            "accuracy": float(np.mean(predicted == labels)),
+            "f1_macro": float(f1_score(labels, predicted, average="macro",
+                                       labels=list(range(num_labels)), zero_division=0)),
+            "loss": loss_sum / len(examples),
+            "num_examples": len(examples),
+        }
+
+    def predict(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+        rows: Sequence[Any], *, max_length: int, batch_size: int, device: torch.device,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """The predicted class name (``id2label``) of each text in ``rows``."""
+        id2label = {int(k): str(v)
+                    for k, v in model.config.id2label.items()}  # type: ignore[union-attr]
+        data = encode([str(text) for text in rows], [0] * len(rows), tokenizer,
+                      max_length=max_length)
+        predicted: list[int] = []
+        model.eval()
+        with torch.inference_mode():
+            for batch in _batches(self, data, batch_size, tokenizer):
+                logits = _logits(model, {k: t.to(device) for k, t in batch.items()})
+                predicted.extend(logits.float().argmax(dim=-1).tolist())
+                if progress is not None:
+                    progress(len(batch["input_ids"]))
+        return [id2label[i] for i in predicted]
+
+
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's padding id (0 for a tokenizer without one)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _batches(task: ClassificationTask, examples: Any, batch_size: int,
+             tokenizer: PreTrainedTokenizerBase) -> Iterator[Batch]:
+    return iterate_batches(examples, task.collate, batch_size=batch_size,
+                           pad_token_id=pad_id(tokenizer), generator=None)
+
+
+TASK = ClassificationTask()
