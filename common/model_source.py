@@ -143,14 +143,14 @@ def model_max_positions(source: ModelSource | str) -> int | None:
 
 
 def check_model(cfg: RunConfig) -> ModelSource:
-    """``resolve_model(cfg.model)`` and check ``max-length`` against the model (no weights).
+    """``resolve_model(cfg.model_name)`` and check ``max-length`` against the model (no weights).
 
     Raises
     ------
     ConfigError
         As ``resolve_model``, or if ``max-length`` exceeds the model's positions.
     """
-    source = resolve_model(cfg.model)
+    source = resolve_model(cfg.model_name)
     check_max_length(cfg.max_length, model_max_positions(source))
     return source
 

@@ -55,6 +55,7 @@ class ModelSpec:
     lora_dropout: float
     lora_target_modules: str
     freeze_layers: int
+    gradient_checkpointing: bool
     seed: int
     label_names: tuple[str, ...]
 
@@ -62,7 +63,7 @@ class ModelSpec:
     def of(cls, cfg: RunConfig, label_names: list[str] | tuple[str, ...]) -> ModelSpec:
         from common.model_source import resolve_model  # no torch import
 
-        return spec_from_config(cls, cfg, model_path=resolve_model(cfg.model).path,
+        return spec_from_config(cls, cfg, model_path=resolve_model(cfg.model_name).path,
                                 label_names=tuple(label_names))
 
     @property
@@ -86,6 +87,15 @@ class DataSpec:
     validation_fraction: float
     builtin_examples: int
     seed: int
+    # task sft: which columns hold the conversations, and the system turn added
+    chat_format: str
+    messages_column: str
+    instruction_column: str
+    input_column: str
+    output_column: str
+    prompt_column: str
+    response_column: str
+    system_prompt: str
     # The files' versions: an edited file is read again by a long-lived process.
     dataset_stamp: tuple[int, int] | None
     eval_dataset_stamp: tuple[int, int] | None
@@ -118,6 +128,10 @@ class EncodeSpec:
     task: str
     max_length: int
     tokenizer_path: str
+    # task sft: the template applied, the tokens trained on, what happens to long ones
+    chat_template: str
+    train_on: str
+    overflow: str
 
     @classmethod
     def of(cls, cfg: RunConfig, tokenizer_path: str) -> EncodeSpec:

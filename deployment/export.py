@@ -114,7 +114,7 @@ def summarize(
     else:
         final = next((r["central"] for r in reversed(rows) if r.get("central")), None)
     return {
-        "base-model": _PACKAGED_MINILM if config.get("model") == "minilm" else config.get("model"),
+        "base-model": _base_model(config),
         "method": config.get("method"),
         "strategy": config.get("strategy"),
         "rounds": max((int(r["round"]) for r in trained), default=0),
@@ -129,6 +129,14 @@ def summarize(
         "privacy": privacy_summary(config, rows),
         "selection": selection,
     }
+
+
+def _base_model(config: dict[str, Any]) -> str:
+    """The run's pretrained model as the card names it (a packaged default by name)."""
+    from common.tasks import DEFAULT_MODELS
+
+    name = str(config.get("model") or DEFAULT_MODELS[str(config.get("task") or "classification")])
+    return _PACKAGED_MINILM if name == "minilm" else name
 
 
 def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> str:

@@ -107,7 +107,7 @@ def check_model(cfg: RunConfig, num_partitions: int | None = None) -> str | None
     with _hub_off_unless_set():
         source = model_source.check_model(cfg)
     if not source.cached:
-        return f"model {cfg.model!r} is not cached: it will be downloaded from the Hub"
+        return f"model {cfg.model_name!r} is not cached: it will be downloaded from the Hub"
     return None
 
 

@@ -35,3 +35,25 @@ def test_no_product_module_imports_tests():
         if name == "tests" or name.startswith("tests.")
     ]
     assert offenders == []
+
+
+def _task_modules() -> set[str]:
+    """The task implementations: every module of common/tasks/ but the interface."""
+    folder = ROOT / "common" / "tasks"
+    return {f"common.tasks.{path.stem}" for path in folder.glob("*.py")
+            if path.stem not in ("__init__", "base")}
+
+
+def test_no_module_outside_the_task_layer_imports_a_task():
+    # The federated machinery reaches a task only through common.tasks.get_task and the
+    # interface in common/tasks/base.py, so adding a task is one module in common/tasks/.
+    tasks = _task_modules()
+    assert "common.tasks.classification" in tasks
+    files = [path for package in PRODUCT for path in sorted((ROOT / package).rglob("*.py"))
+             if (ROOT / "common" / "tasks") not in path.parents]
+    offenders = [
+        f"{path.relative_to(ROOT)}: {name}"
+        for path in files
+        for name in sorted(_imported_modules(path.read_text(encoding="utf-8")) & tasks)
+    ]
+    assert offenders == []

@@ -40,6 +40,8 @@ TASK_METRICS: dict[str, tuple[MetricInfo, ...]] = {
     ),
 }
 TASK_NAMES = tuple(TASK_METRICS)
+# The packaged, offline model a task uses when `model` is empty (common/model_source.py).
+DEFAULT_MODELS = {"classification": "minilm", "sft": "smollm2"}
 _MODULES = {"classification": "common.tasks.classification", "sft": "common.tasks.sft"}
 
 

@@ -37,7 +37,15 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
         ({"trim-fraction": 0.5}, "`trim-fraction` must be < 0.5"),
         ({"device": "tpu"}, "`device` must be one of auto, cpu, cuda"),
         ({"text-column": "x", "label-column": "x"}, "must differ"),
-        ({"model": " "}, "`model` must not be empty"),
+        ({"task": "regression"}, "`task` must be one of classification, sft, got 'regression'"),
+        ({"task": "sft", "skew-loss": "logit-adjusted"},
+         "`skew-loss`: only for task classification"),
+        ({"task": "sft", "label-column": "y"}, "`label-column`: only for task classification"),
+        ({"train-on": "all"}, "`train-on`: only for task sft"),
+        ({"task": "sft", "partitioner": "dirichlet"}, "shares out class labels"),
+        ({"task": "sft", "train-on": "prompt"}, "`train-on` must be one of assistant, all"),
+        ({"task": "sft", "overflow": "wrap"}, "`overflow` must be one of truncate, drop"),
+        ({"task": "sft", "chat-format": "chatml"}, "`chat-format` must be one of auto"),
         ({"eval-fraction": 0}, "`eval-fraction` must be > 0 when no `eval-dataset`"),
         ({"min-nodes": 0}, "`min-nodes` must be >= 1"),
         ({"lerning-rate": 0.1}, "unknown run-config key(s) 'lerning-rate'"),
@@ -114,3 +122,10 @@ def test_model_selection_defaults_select_the_best_round_without_stopping_early()
     cfg = RunConfig.from_flower({"early-stopping-patience": 2, "labels": "neg,pos",
                                  "eval-dataset": "eval.csv"})
     assert cfg.early_stopping_patience == 2
+
+
+def test_an_empty_model_is_the_tasks_packaged_default():
+    assert RunConfig().model_name == "minilm"
+    assert RunConfig(task="sft").model_name == "smollm2"
+    assert RunConfig(model=" ").model_name == "minilm"
+    assert RunConfig(task="sft", model="/m").model_name == "/m"

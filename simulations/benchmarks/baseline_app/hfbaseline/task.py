@@ -31,7 +31,7 @@ def model_path(run_config: Mapping[str, Any]) -> str:
     """The model directory (``minilm``: the packaged MiniLM-L6)."""
     from common.model_source import resolve_model
 
-    return resolve_model(str(run_config["model"])).path
+    return resolve_model(str(run_config["model"] or "minilm")).path
 
 
 def label_names(run_config: Mapping[str, Any]) -> list[str]:
