@@ -117,7 +117,7 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     else:
         result = get_task(cfg.task).evaluate(model, tokenizer, data.eval, EvalContext(
             batch_size=max(cfg.batch_size, 64), device=device, precision=cfg.precision,
-            server_round=int(config.get("server-round", 0))))
+            server_round=int(config.get("server-round", 0)), cfg=cfg))
         # Reply metric names: "eval-" + the task's metric name, dashed (eval-f1-macro).
         metrics = MetricRecord({
             "num-examples": int(result["num_examples"]),

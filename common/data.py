@@ -191,8 +191,8 @@ def _read_hf(source: str) -> pd.DataFrame:
     return frame
 
 
-def _read_file(source: str, *, text_column: str) -> pd.DataFrame:
-    """Read a data file by its extension."""
+def _read_file(source: str, *, text_column: str, all_text: bool = False) -> pd.DataFrame:
+    """Read a data file by its extension (CSV/TSV cells all as strings with ``all_text``)."""
     path = Path(source).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():
@@ -223,7 +223,7 @@ def _read_file(source: str, *, text_column: str) -> pd.DataFrame:
                 sep="\t" if suffix == ".tsv" else ",",
                 # SST-2 style TSVs hold unbalanced quotes inside sentences.
                 quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
-                dtype={text_column: str},
+                dtype=str if all_text else {text_column: str},
                 # Only a blank field is missing: "NA" or "null" may be real text/labels.
                 keep_default_na=False,
                 na_values=[""],
@@ -571,7 +571,8 @@ def read_rows(source: str, spec: DataSpec) -> pd.DataFrame:
     elif source.startswith("hf:"):
         frame = _read_hf(source)
     else:
-        frame = _read_file(source, text_column=spec.text_column)
+        frame = _read_file(source, text_column=spec.text_column,
+                           all_text=get_task(spec.task).read_as_text)
     if frame.empty:
         raise DataError(f"{source}: no data rows")
     return frame

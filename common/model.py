@@ -66,7 +66,8 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
         raise ConfigError(
             f"`model` {spec.model_path!r} could not be loaded: {error}") from error
     if spec.method == "lora":
-        model = _apply_lora(model, spec, task_type=task.peft_task_type)
+        model = _apply_lora(model, spec, task_type=task.peft_task_type,
+                            default_targets=task.lora_targets)
     elif spec.method == "full":
         model.requires_grad_(True)
     elif spec.method == "head":
@@ -77,6 +78,12 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
         _freeze_bottom_layers(model, spec.freeze_layers, model_name=spec.model_path)
     else:  # RunConfig validates `method`; reaching this is a programming error
         raise AssertionError(f"unhandled method {spec.method!r}")
+    if spec.gradient_checkpointing:
+        # Recompute activations in the backward pass; with frozen embeddings (LoRA) the
+        # inputs must require grad for the checkpointed blocks to get gradients.
+        model.gradient_checkpointing_enable()
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path)
@@ -87,12 +94,18 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
     return model, tokenizer
 
 
-def _apply_lora(model: torch.nn.Module, spec: ModelSpec, *, task_type: str) -> torch.nn.Module:
+def _apply_lora(
+    model: torch.nn.Module, spec: ModelSpec, *, task_type: str,
+    default_targets: tuple[str, ...] | None = None,
+) -> torch.nn.Module:
     """Wrap ``model`` with LoRA adapters; SEQ_CLS makes peft train the head as well."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     targets = spec.target_modules
-    if targets is not None:
+    if targets is None and default_targets is not None:  # the task's choice, as present
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        targets = [t for t in default_targets if t in present] or None
+    elif targets is not None:
         module_names = [name for name, _ in model.named_modules()]
         missing = [
             t for t in targets

@@ -114,6 +114,7 @@ def summarize(
     else:
         final = next((r["central"] for r in reversed(rows) if r.get("central")), None)
     return {
+        "task": config.get("task") or "classification",
         "base-model": _base_model(config),
         "method": config.get("method"),
         "strategy": config.get("strategy"),
@@ -126,6 +127,10 @@ def summarize(
         "text-column": config.get("text-column", "text"),
         "label-column": config.get("label-column", "label"),
         "learning-rate": config.get("learning-rate"),
+        # what generation at inference must match (task sft)
+        "system-prompt": config.get("system-prompt") or "",
+        "chat-template": config.get("chat-template") or "",
+        "max-new-tokens": config.get("max-new-tokens"),
         "privacy": privacy_summary(config, rows),
         "selection": selection,
     }

@@ -36,8 +36,11 @@ class PredictError(ValueError):
     """The model or the input file cannot be used; the message names which and why."""
 
 
-def read_input(path: Path, *, text_column: str) -> pd.DataFrame:
-    """Read a CSV or JSONL file, keeping every row and column; texts as ``str``."""
+def read_input(path: Path, *, text_column: str | None) -> pd.DataFrame:
+    """Read a CSV or JSONL file, keeping every row and column; texts as ``str``.
+
+    ``text_column`` must exist when given (None: the task finds its input columns).
+    """
     if path.is_dir():
         raise PredictError(f"input {path} is a folder; give a .csv or .jsonl file")
     if not path.is_file():
@@ -49,28 +52,33 @@ def read_input(path: Path, *, text_column: str) -> pd.DataFrame:
 
     try:
         if suffix == ".csv":
-            frame = pd.read_csv(path, dtype={text_column: str}, keep_default_na=False,
+            frame = pd.read_csv(path, dtype=str if text_column is None else {text_column: str},
+                                keep_default_na=False,
                                 na_values=[""], encoding="utf-8-sig")
         else:
             frame = pd.read_json(path, lines=True, dtype=False)
     except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
         raise PredictError(f"{path}: could not parse the file: {error}") from error
-    if text_column not in frame.columns:
+    if text_column is not None and text_column not in frame.columns:
         found = ", ".join(map(repr, map(str, frame.columns)))
         raise PredictError(f"{path}: missing text column {text_column!r}; columns found: {found}")
     if frame.empty:
         raise PredictError(f"{path}: no rows to label")
-    frame[text_column] = frame[text_column].fillna("").map(str)
+    if text_column is not None:
+        frame[text_column] = frame[text_column].fillna("").map(str)
     return frame
 
 
-def check_model_dir(model_dir: Path) -> None:
-    """Raise ``PredictError`` naming what ``model_dir`` lacks to be a text classifier.
+def check_model_dir(model_dir: Path, *, task: str = "classification") -> None:
+    """Raise ``PredictError`` naming what ``model_dir`` lacks to be a model of ``task``.
 
-    A usable folder (an export of ``fedsft export``, or any Hugging Face
-    sequence-classification model) has config.json, weights (``*.safetensors`` or
-    ``*.bin``) and tokenizer files.
+    A usable folder (an export of ``fedsft export``, or any Hugging Face model of the
+    task's kind: a sequence classifier, a causal LM) has config.json, weights
+    (``*.safetensors`` or ``*.bin``) and tokenizer files.
     """
+    from common.tasks import get_task
+
+    suffix = get_task(task).architecture_suffix
     if not model_dir.exists():
         raise PredictError(f"model folder not found: {model_dir}")
     if not model_dir.is_dir():
@@ -91,10 +99,10 @@ def check_model_dir(model_dir: Path) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise PredictError(f"{model_dir / 'config.json'}: not valid JSON: {error}") from error
     architectures = (config.get("architectures") if isinstance(config, dict) else None) or []
-    if not any(str(a).endswith("ForSequenceClassification") for a in architectures):
-        raise PredictError(f"{model_dir} is not a text classifier: config.json names "
-                           f"architectures {architectures}, none *ForSequenceClassification "
-                           "(a base model without a classification head?)")
+    if not any(str(a).endswith(suffix) for a in architectures):
+        raise PredictError(f"{model_dir} is not a model of task {task}: config.json names "
+                           f"architectures {architectures}, none *{suffix} "
+                           "(a base model without the task's head?)")
 
 
 def export_settings(model_dir: Path) -> dict:
@@ -113,14 +121,16 @@ def export_settings(model_dir: Path) -> dict:
 
 def predict_labels(
     model_dir: Path,
-    rows: list[Any],
+    inputs: list[Any],
     *,
     max_length: int,
-    task_name: str = "classification",
+    settings: dict[str, Any],
     batch_size: int = 64,
     progress: bool = True,
 ) -> list[str]:
-    """The task's prediction for each input row (a class name, a generated answer)."""
+    """The task's prediction for each input (``Task.predict_inputs``): a class name, an
+    answer. The task is the export's (``settings["task"]``; classification for older
+    exports)."""
     import torch
     from safetensors import SafetensorError
     from tqdm import tqdm
@@ -128,7 +138,8 @@ def predict_labels(
 
     from common.tasks import get_task
 
-    check_model_dir(model_dir)
+    task_name = str(settings.get("task") or "classification")
+    check_model_dir(model_dir, task=task_name)
     task = get_task(task_name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
@@ -136,10 +147,10 @@ def predict_labels(
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # bad files
         raise PredictError(f"{model_dir}: could not load the model: "
                            f"{type(error).__name__}: {error}") from error
-    with tqdm(total=len(rows), unit="row", disable=not progress) as bar:
-        return task.predict(model, tokenizer, rows, max_length=max_length,
-                            batch_size=batch_size, device=torch.device("cpu"),
-                            progress=bar.update)
+    with tqdm(total=len(inputs), unit="row", disable=not progress) as bar:
+        return task.predict(model, tokenizer, inputs, settings=settings,
+                            max_length=max_length, batch_size=batch_size,
+                            device=torch.device("cpu"), progress=bar.update)
 
 
 def predict_file(
@@ -162,9 +173,12 @@ def predict_file(
     PredictError
         If the model folder, the input file or the output path cannot be used.
     """
-    check_model_dir(model_dir)
+    from common.data import DataError
+    from common.tasks import get_task
+
     settings = export_settings(model_dir)
-    text_column = text_column or str(settings.get("text-column") or "text")
+    task_name = str(settings.get("task") or "classification")
+    check_model_dir(model_dir, task=task_name)
     if max_length is None:
         if not settings.get("max-length"):
             raise PredictError(f"{model_dir} has no {EXPORT_META}: pass --max-length "
@@ -184,10 +198,14 @@ def predict_file(
             f"{owner}; write the predictions somewhere else"
         )
     frame = read_input(input_path, text_column=text_column)
+    try:  # every input checked before the model loads
+        inputs = get_task(task_name).predict_inputs(frame, column=text_column,
+                                                    settings=settings, source=str(input_path))
+    except DataError as error:
+        raise PredictError(str(error)) from error
     frame["prediction"] = predict_labels(
-        model_dir, list(frame[text_column]), max_length=max_length,
-        task_name=str(settings.get("task") or "classification"), batch_size=batch_size,
-        progress=progress,
+        model_dir, inputs, max_length=max_length, settings=settings,
+        batch_size=batch_size, progress=progress,
     )
     output_path.parent.mkdir(parents=True, exist_ok=True)
     # A crash mid-write must not leave a file that looks like complete predictions.

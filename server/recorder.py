@@ -177,7 +177,7 @@ class RoundRecorder:
         return self.task.evaluate(self.model, self.tokenizer, data, EvalContext(
             batch_size=max(self.cfg.batch_size, 64), device=self.device,
             precision=self.cfg.precision, server_round=rnd,
-            final=rnd >= self.total_rounds))
+            final=rnd >= self.total_rounds, cfg=self.cfg))
 
     def _row(
         self, rnd: int, central: dict[str, Any] | None, stats: RoundStats, *,

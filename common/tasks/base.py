@@ -14,7 +14,7 @@ task object may be shared by every virtual client of a worker process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -48,6 +48,7 @@ class EvalContext:
     precision: str  # the `precision` key: autocast choice
     server_round: int = 0  # a task may do expensive metrics only every N rounds
     final: bool = False  # the last round: expensive metrics always run
+    cfg: RunConfig | None = None  # the run's config, for a task's own evaluation keys
 
 
 class Task(Protocol):
@@ -56,6 +57,11 @@ class Task(Protocol):
     name: str  # the `task` config value
     peft_task_type: str  # peft's TaskType name for LoRA: "SEQ_CLS", "CAUSAL_LM"
     columns: tuple[str, ...]  # the canonical columns of ``prepare``'s rows
+    # LoRA targets when `lora-target-modules` is empty (those the model has); None: peft's
+    # per-architecture default.
+    lora_targets: tuple[str, ...] | None
+    read_as_text: bool  # read every CSV/TSV cell as a string (answers like "42" stay text)
+    architecture_suffix: str  # what config.json `architectures` of its models end with
 
     def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
         """The task's seeded, offline built-in data (``dataset = "builtin"``), raw."""
@@ -120,10 +126,23 @@ class Task(Protocol):
         """Metrics of ``model`` on ``examples``: always ``loss`` and ``num_examples``."""
         ...
 
+    def predict_inputs(
+        self, frame: pd.DataFrame, *, column: str | None, settings: Mapping[str, Any],
+        source: str,
+    ) -> list[Any]:
+        """The model inputs of each row of a predict file, checked before any model loads.
+
+        ``column`` is the input column the user named (None: the task's default);
+        ``settings`` the export's ``fedsft.json`` (the run's keys). Raises
+        ``common.data.DataError`` naming ``source`` (and the row) for unusable input.
+        """
+        ...
+
     def predict(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-        rows: Sequence[Any], *, max_length: int, batch_size: int, device: torch.device,
+        inputs: Sequence[Any], *, settings: Mapping[str, Any], max_length: int,
+        batch_size: int, device: torch.device,
         progress: Callable[[int], None] | None = None,
     ) -> list[str]:
-        """One output string per input row (a label name, a generated answer)."""
+        """One output string per input (a class name, a generated answer)."""
         ...

@@ -9,7 +9,7 @@ with the site's own class prior); metrics are accuracy, macro-F1 and the mean lo
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.builtin_data import generate_builtin
 from common.config import RunConfig
 from common.data import (
+    DataError,
     build_label_names,
     check_columns,
     clean_table,
@@ -103,6 +104,9 @@ class ClassificationTask:
     name = "classification"
     peft_task_type = "SEQ_CLS"  # peft then also trains (and exchanges) the head
     columns = ("text", "label")
+    lora_targets = None  # peft's default per architecture (BERT: query, value)
+    read_as_text = False
+    architecture_suffix = "ForSequenceClassification"
 
     def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
         return generate_builtin(num_examples, seed=seed).rename(
@@ -215,16 +219,27 @@ class ClassificationTask:
             "num_examples": len(examples),
         }
 
+    def predict_inputs(
+        self, frame: pd.DataFrame, *, column: str | None, settings: Mapping[str, Any],
+        source: str,
+    ) -> list[str]:
+        """The texts of ``column`` (default: the run's ``text-column``)."""
+        name = column or str(settings.get("text-column") or "text")
+        if name not in frame.columns:
+            found = ", ".join(map(repr, map(str, frame.columns)))
+            raise DataError(f"{source}: missing text column {name!r}; columns found: {found}")
+        return ["" if pd.isna(text) else str(text) for text in frame[name]]
+
     def predict(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
-        rows: Sequence[Any], *, max_length: int, batch_size: int, device: torch.device,
+        inputs: Sequence[Any], *, settings: Mapping[str, Any], max_length: int,
+        batch_size: int, device: torch.device,
         progress: Callable[[int], None] | None = None,
     ) -> list[str]:
-        """The predicted class name (``id2label``) of each text in ``rows``."""
+        """The predicted class name (``id2label``) of each text."""
         id2label = {int(k): str(v)
                     for k, v in model.config.id2label.items()}  # type: ignore[union-attr]
-        data = encode([str(text) for text in rows], [0] * len(rows), tokenizer,
-                      max_length=max_length)
+        data = encode(list(inputs), [0] * len(inputs), tokenizer, max_length=max_length)
         predicted: list[int] = []
         model.eval()
         with torch.inference_mode():

@@ -121,8 +121,10 @@ def test_check_model_dir_names_everything_missing(tmp_path):
 
 def test_a_bare_encoder_is_not_a_classifier(tiny_model_dir):
     # tiny_model_dir is a BertModel without a classification head, like the packaged MiniLM
-    with pytest.raises(PredictError, match="not a text classifier.*BertModel"):
+    with pytest.raises(PredictError, match="not a model of task classification.*BertModel"):
         check_model_dir(tiny_model_dir)
+    with pytest.raises(PredictError, match="not a model of task sft.*ForCausalLM"):
+        check_model_dir(tiny_model_dir, task="sft")
 
 
 def test_an_input_without_rows_is_an_error(exported, tmp_path):
