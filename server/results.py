@@ -212,6 +212,8 @@ def read_results(path: Path) -> list[ResultsRow]:
         return []
     rows = []
     for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
         try:
             obj = json.loads(line)
         except json.JSONDecodeError:
