@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from common.model_source import has_weights
+from server.results import ResultsError, ResultsRow, read_results
 from server.run_outputs import (
     OutcomeError,
     read_outcome,
-    read_results,
     replace_folder,
     staging_folder,
 )
@@ -40,7 +40,7 @@ class ExportError(RuntimeError):
     """The run folder lacks what an export needs, or the target may not be written."""
 
 
-def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_run(run_dir: Path) -> tuple[dict[str, Any], list[ResultsRow]]:
     """The run's config.json and results.jsonl rows (a torn last line is ignored)."""
     config_path, results_path = run_dir / "config.json", run_dir / "results.jsonl"
     model_dir = run_dir / "final" / "model"
@@ -53,28 +53,30 @@ def read_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         raise ExportError(f"{run_dir} is not a finished fedsft run: {model_dir} holds no "
                           "weights (*.safetensors or *.bin)")
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    return config, read_results(results_path)
+    try:
+        return config, read_results(results_path)
+    except ResultsError as exc:
+        raise ExportError(f"{results_path}: {exc}") from exc
 
 
-def privacy_summary(config: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+def privacy_summary(config: dict[str, Any], rows: list[ResultsRow]) -> dict[str, Any]:
     """The DP guarantees a run reported: client-level (DP-FedAvg) and sample-level (DP-SGD).
 
     ``{"enabled": False}`` when the run reported neither; otherwise each reported kind
     with its last epsilon, its delta and its settings.
     """
     summary: dict[str, Any] = {"enabled": False}
-    client = [r["privacy"] for r in rows if isinstance(r.get("privacy"), dict)
-              and "epsilon" in r["privacy"]]
+    client = [r.privacy for r in rows if r.privacy is not None]
     if client:
         summary["client-level"] = {
-            "epsilon": client[-1]["epsilon"], "delta": config.get("dp-delta"),
+            "epsilon": client[-1].epsilon, "delta": config.get("dp-delta"),
             "settings": {k: v for k, v in config.items()
                          if k.startswith("dp-") and not k.startswith("dp-sgd-")},
         }
-    sample = [r["dp_sgd"] for r in rows if isinstance(r.get("dp_sgd"), dict)]
+    sample = [r.dp_sgd for r in rows if r.dp_sgd is not None]
     if sample:
         summary["sample-level"] = {
-            "epsilon": max(s["epsilon_max"] for s in sample), "delta": sample[-1]["delta"],
+            "epsilon": max(s.epsilon_max for s in sample), "delta": sample[-1].delta,
             "settings": {k: v for k, v in config.items() if k.startswith("dp-sgd-")},
         }
     summary["enabled"] = bool(client or sample)
@@ -98,7 +100,7 @@ def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
 
 
 def summarize(
-    config: dict[str, Any], rows: list[dict[str, Any]],
+    config: dict[str, Any], rows: list[ResultsRow],
     selection: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The facts the model card states, as data (also written to fedsft.json).
@@ -106,22 +108,21 @@ def summarize(
     ``selection`` is outcome.json's: the exported round, whose central metrics are
     then ``final-central``; without it (older runs) the last round's are.
     """
-    trained = [r for r in rows if int(r.get("round", 0)) > 0]
-    clients = [r.get("clients") or {} for r in trained]
+    trained = [r for r in rows if r.round > 0]
+    clients = [r.clients for r in trained]
     if selection is not None:
-        final = next((r.get("central") for r in rows
-                      if int(r.get("round", 0)) == selection.get("round")), None)
+        final = next((r.central for r in rows if r.round == selection.get("round")), None)
     else:
-        final = next((r["central"] for r in reversed(rows) if r.get("central")), None)
+        final = next((r.central for r in reversed(rows) if r.central), None)
     return {
         "task": config.get("task") or "classification",
         "base-model": _base_model(config),
         "method": config.get("method"),
         "strategy": config.get("strategy"),
-        "rounds": max((int(r["round"]) for r in trained), default=0),
-        "sites-sampled": max((int(c.get("sampled", 0)) for c in clients), default=0),
-        "sites-aggregated": max((int(c.get("aggregated", 0)) for c in clients), default=0),
-        "final-central": final,
+        "rounds": max((r.round for r in trained), default=0),
+        "sites-sampled": max((c.sampled for c in clients), default=0),
+        "sites-aggregated": max((c.aggregated for c in clients), default=0),
+        "final-central": None if final is None else dict(final),
         "eval-dataset": config.get("eval-dataset") or None,
         "max-length": config.get("max-length"),
         "text-column": config.get("text-column", "text"),

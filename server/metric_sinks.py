@@ -24,6 +24,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
+from server.results import ResultsRow
+
 SINK_NAMES = ("tensorboard", "mlflow")
 _EXTRA_HINT = 'pip install -e ".[tracking]"'
 _SKIPPED_FIELDS = frozenset({"round", "time"})  # the step itself and a wall-clock stamp
@@ -39,8 +41,8 @@ class MetricSinkError(RuntimeError):
 class MetricSink(Protocol):
     """Receives every results row of a run."""
 
-    def log_round(self, row: Mapping[str, Any]) -> None:
-        """Log the numeric fields of one results row at ``step = row["round"]``."""
+    def log_round(self, row: ResultsRow) -> None:
+        """Log the numeric fields of one results row at ``step = row.round``."""
 
     def close(self) -> None:
         """Flush and release; the sink is not used afterwards."""
@@ -122,9 +124,9 @@ class TensorBoardSink:
         table = "\n".join(f"| {k} | {v} |" for k, v in sorted(config.items()))
         self._writer.add_text("config", f"| key | value |\n| --- | --- |\n{table}", 0)
 
-    def log_round(self, row: Mapping[str, Any]) -> None:
-        step = int(row["round"])
-        for name, value in flatten_metrics(row).items():
+    def log_round(self, row: ResultsRow) -> None:
+        step = row.round
+        for name, value in flatten_metrics(row.to_json()).items():
             self._writer.add_scalar(name, value, global_step=step)
         self._writer.flush()  # a live `tensorboard --logdir` sees each round at once
 
@@ -193,13 +195,13 @@ class MLflowSink:
         for i in range(0, len(params), _MLFLOW_PARAMS_BATCH):
             self._client.log_batch(self.run_id, params=params[i:i + _MLFLOW_PARAMS_BATCH])
 
-    def log_round(self, row: Mapping[str, Any]) -> None:
+    def log_round(self, row: ResultsRow) -> None:
         from mlflow.entities import Metric
 
-        step = int(row["round"])
-        stamp = int(float(row.get("time", time.time())) * 1000)
+        step = row.round
+        stamp = int(float(row.time or time.time()) * 1000)
         metrics = [Metric(name, value, stamp, step)
-                   for name, value in flatten_metrics(row).items()]
+                   for name, value in flatten_metrics(row.to_json()).items()]
         for i in range(0, len(metrics), _MLFLOW_BATCH):
             self._client.log_batch(self.run_id, metrics=metrics[i:i + _MLFLOW_BATCH])
 

@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from common.config import SELECT_MODELS
+from server.results import ResultsRow
 from server.run_outputs import round_aggregated
 
 # Selection metric -> whether larger ("max") or smaller ("min") is better.
@@ -134,27 +135,27 @@ def should_stop(
     return rounds_without_improvement(history, mode=mode, min_delta=min_delta) >= patience
 
 
-def row_metric(row: Mapping[str, Any], *, split: str, metric: str) -> float | None:
-    """``row[split][metric]`` as a finite float, else None."""
-    block = row.get(split)
-    return finite(block.get(metric)) if isinstance(block, Mapping) else None
+def row_metric(row: ResultsRow, *, split: str, metric: str) -> float | None:
+    """The row's ``split`` part's ``metric`` as a finite float, else None."""
+    block = row.metrics(split)
+    return None if block is None else finite(block.get(metric))
 
 
 def metric_history(
-    rows: Sequence[Mapping[str, Any]], *, split: str, metric: str
+    rows: Sequence[ResultsRow], *, split: str, metric: str
 ) -> list[float | None]:
     """The metric of every training round (> 0) of ``rows``, in round order."""
-    trained = sorted((r for r in rows if int(r.get("round", 0)) > 0), key=lambda r: r["round"])
+    trained = sorted((r for r in rows if r.round > 0), key=lambda r: r.round)
     return [row_metric(r, split=split, metric=metric) for r in trained]
 
 
 def select_round(
-    rows: Sequence[Mapping[str, Any]], *, rule: str, metric: str, split: str,
+    rows: Sequence[ResultsRow], *, rule: str, metric: str, split: str,
     min_delta: float = 0.0,
 ) -> Selection | None:
     """The round of ``rows`` (results.jsonl rows) whose model to export, and why.
 
-    ``rule`` ``best`` picks among the aggregated rounds by ``row[split][metric]``
+    ``rule`` ``best`` picks among the aggregated rounds by the ``split`` part's ``metric``
     (``best_round``); with no such metric in any of them it falls back to the last
     round, and the note says why. None when ``rows`` hold no round > 0.
     """
@@ -163,14 +164,14 @@ def select_round(
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     mode = METRIC_MODES[metric]
-    rounds = [int(r.get("round", 0)) for r in rows]
+    rounds = [r.round for r in rows]
     last = max(rounds, default=0)
     if last == 0:
         return None
     if rule == "last":
         return Selection(rule="last", round=last, last_round=last,
                          note=f"the last round, {last} (`select-model` = last)")
-    values = {int(r["round"]): row_metric(r, split=split, metric=metric)
+    values = {r.round: row_metric(r, split=split, metric=metric)
               for r in rows if round_aggregated(r)}
     best = best_round(values, mode=mode, min_delta=min_delta)
     what = f"{SPLITS[split]} {_METRIC_NAMES[metric]}"
@@ -190,7 +191,7 @@ def select_round(
 
 
 def early_stop_reason(
-    rows: Sequence[Mapping[str, Any]], *, patience: int, min_delta: float, metric: str,
+    rows: Sequence[ResultsRow], *, patience: int, min_delta: float, metric: str,
     split: str, total_rounds: int,
 ) -> str | None:
     """Why the run stops after the last round of ``rows`` (``should_stop``), else None.
@@ -202,7 +203,7 @@ def early_stop_reason(
     if not should_stop(history, patience=patience, min_delta=min_delta,
                        mode=METRIC_MODES[metric]):
         return None
-    last = max(int(r.get("round", 0)) for r in rows)
+    last = max(r.round for r in rows)
     what = f"{SPLITS[split]} {_METRIC_NAMES[metric]}"
     gain = f"more than {min_delta:g}" if min_delta > 0 else "at all"
     return (f"early stopping: the {what} did not improve {gain} in the last {patience} "

@@ -3,7 +3,8 @@
 ``RoundRecorder`` is the ``evaluate_fn`` handed to Flower's ``Strategy.start``: Flower
 calls it with the new global arrays at the end of every round (and once before the
 first), which is exactly when a round is complete. It evaluates on the server's
-held-out data, merges the round's measurements from ``TrackedStrategy``, writes the
+held-out data, takes the round's ``RoundStats`` from ``TrackedStrategy``
+(``take_round_stats``), builds the typed ``ResultsRow`` (server/results.py), writes the
 checkpoint and then the results line (in that order: a results line means the
 round's checkpoint exists), and prints one progress line.
 
@@ -42,9 +43,18 @@ from server.model_selection import (
     selection_split,
 )
 from server.privacy import PrivacyReport
+from server.results import (
+    Bytes,
+    Clients,
+    DpSgd,
+    Memory,
+    Privacy,
+    ResultsRow,
+    Seconds,
+    summarize_accuracy_spread,
+)
 from server.run_outputs import RunOutputs
-from server.strategies import strategy_state
-from server.tracked_strategy import RoundStats, TrackedStrategy, summarize_accuracy_spread
+from server.tracked_strategy import RoundStats, TrackedStrategy
 
 
 def arrays_to_state(arrays: ArrayRecord) -> dict[str, np.ndarray]:
@@ -97,31 +107,26 @@ class RoundRecorder:
         self.sinks = sinks
         self.bytes_up_total = 0
         self.bytes_down_total = 0
-        self.last_row: dict[str, Any] | None = None
+        self.last_row: ResultsRow | None = None
         self.validation_data = validation_data
         self.split = selection_split(cfg.validation_fraction)
         # Rows so far: on resume, those of the earlier attempts (already cut back to the
         # resumed round), so the best round and the patience count carry over.
-        self.rows: list[dict[str, Any]] = outputs.read_results()
+        self.rows: list[ResultsRow] = outputs.read_results()
         self.last_state: dict[str, np.ndarray] | None = None
         self.best_state: tuple[int, dict[str, np.ndarray]] | None = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        rnd = server_round + self.strategy.round_offset
+        rnd = self.strategy.to_round(server_round)
         if server_round == 0 and rnd > 0:
             return None  # resuming: this round is already recorded
         started = time.monotonic()
         state = arrays_to_state(arrays)
         central = self._evaluate(state, self.eval_data, rnd)
         validation = self._evaluate(state, self.validation_data, rnd)
-        stats = self.strategy.stats.pop(rnd, None) or RoundStats(round=rnd, started=started)
-        row = self._row(rnd, central, stats, eval_seconds=time.monotonic() - started)
-        row["validation"] = validation
-        if self.privacy is not None:
-            row["privacy"] = self.privacy.row(rnd)
-        if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
-            # Each client accounts its own records; the weakest guarantee is the largest.
-            row["dp_sgd"] = {"epsilon_max": stats.dp_sgd_epsilon, "delta": self.cfg.dp_sgd_delta}
+        stats = self.strategy.take_round_stats(rnd) or RoundStats(round=rnd, started=started)
+        row = self._row(rnd, central, validation, stats,
+                        eval_seconds=time.monotonic() - started)
         # Until this row is on disk, a resume would still select the previous best: keep
         # both checkpoints.
         protect = {self._best(), self._best([*self.rows, row])} - {None}
@@ -129,8 +134,7 @@ class RoundRecorder:
         if self._best() == rnd:
             self.best_state = (rnd, state)
         self.last_state = state
-        self.outputs.save_checkpoint(rnd, state, strategy_state(self.strategy.inner),
-                                     protect=protect)
+        self.outputs.save_checkpoint(rnd, state, self.strategy.inner_state(), protect=protect)
         self.outputs.append_result(row)
         for sink in self.sinks:
             sink.log_round(row)
@@ -157,7 +161,7 @@ class RoundRecorder:
             min_delta=self.cfg.early_stopping_min_delta, metric=self.cfg.selection_metric,
             split=self.split, total_rounds=self.total_rounds)
 
-    def _best(self, rows: Sequence[dict[str, Any]] | None = None) -> int | None:
+    def _best(self, rows: Sequence[ResultsRow] | None = None) -> int | None:
         """The best round of ``rows`` (default: so far) under ``select-model=best``."""
         if self.cfg.select_model != "best":
             return None  # `last` exports the newest round: nothing old to protect
@@ -180,76 +184,73 @@ class RoundRecorder:
             final=rnd >= self.total_rounds, cfg=self.cfg))
 
     def _row(
-        self, rnd: int, central: dict[str, Any] | None, stats: RoundStats, *,
-        eval_seconds: float,
-    ) -> dict[str, Any]:
+        self, rnd: int, central: dict[str, Any] | None, validation: dict[str, Any] | None,
+        stats: RoundStats, *, eval_seconds: float,
+    ) -> ResultsRow:
         self.bytes_up_total += stats.bytes_up
         self.bytes_down_total += stats.bytes_down
-        seconds = time.monotonic() - stats.started
-        return {
-            "round": rnd,
-            "central": central,
-            "federated": {k.replace("-", "_"): v for k, v in stats.eval_metrics.items()},
-            "train": {k.replace("-", "_"): v for k, v in stats.train_metrics.items()},
-            "clients": {
-                "sampled": stats.sampled,
-                "replies": stats.replies,
-                "aggregated": stats.aggregated,
-                "failures": stats.failures,
-                "timeouts": stats.timeouts,
-                "invalid": stats.invalid,
-                "skipped": stats.skipped,
-                "problems": stats.problems,
-                "eval_accuracy": stats.client_eval_accuracy,
-                "eval_accuracy_spread": summarize_accuracy_spread(stats.client_eval_accuracy),
-            },
-            "bytes": {
-                "up": stats.bytes_up,
-                "down": stats.bytes_down,
-                "up_total": self.bytes_up_total,
-                "down_total": self.bytes_down_total,
-            },
-            "seconds": {
-                "round": seconds,
-                "wait": stats.wait_seconds,
-                "client_train_max": max(stats.client_train_seconds, default=0.0),
-                "client_train_mean": float(np.mean(stats.client_train_seconds))
-                if stats.client_train_seconds else 0.0,
-                "aggregate": stats.aggregate_seconds,
-                "central_eval": eval_seconds,
-            },
-            "memory_mb": {"server_peak": peak_rss_mb(), "client_peak": stats.client_peak_rss_mb},
-            "time": time.time(),
-        }
+        dp_sgd = None
+        if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
+            # Each client accounts its own records; the weakest guarantee is the largest.
+            dp_sgd = DpSgd(epsilon_max=stats.dp_sgd_epsilon, delta=self.cfg.dp_sgd_delta)
+        train_seconds = stats.client_train_seconds
+        return ResultsRow(
+            round=rnd,
+            central=central,
+            validation=validation,
+            federated={k.replace("-", "_"): v for k, v in stats.eval_metrics.items()},
+            train={k.replace("-", "_"): v for k, v in stats.train_metrics.items()},
+            clients=Clients(
+                sampled=stats.sampled, replies=stats.replies, aggregated=stats.aggregated,
+                failures=stats.failures, timeouts=stats.timeouts, invalid=stats.invalid,
+                skipped=stats.skipped, problems=stats.problems,
+                eval_accuracy=stats.client_eval_accuracy,
+                eval_accuracy_spread=summarize_accuracy_spread(stats.client_eval_accuracy),
+            ),
+            bytes=Bytes(up=stats.bytes_up, down=stats.bytes_down,
+                        up_total=self.bytes_up_total, down_total=self.bytes_down_total),
+            seconds=Seconds(
+                round=time.monotonic() - stats.started,
+                wait=stats.wait_seconds,
+                client_train_max=max(train_seconds, default=0.0),
+                client_train_mean=float(np.mean(train_seconds)) if train_seconds else 0.0,
+                aggregate=stats.aggregate_seconds,
+                central_eval=eval_seconds,
+            ),
+            memory_mb=Memory(server_peak=peak_rss_mb(), client_peak=stats.client_peak_rss_mb),
+            time=time.time(),
+            privacy=None if self.privacy is None else Privacy(**self.privacy.row(rnd)),
+            dp_sgd=dp_sgd,
+        )
 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _progress_line(row: dict[str, Any], total_rounds: int) -> str:
-    c, b, s, cl = row["central"], row["bytes"], row["seconds"], row["clients"]
+def _progress_line(row: ResultsRow, total_rounds: int) -> str:
+    c, b, s, cl = row.central, row.bytes, row.seconds, row.clients
     if c is not None:
         metrics = f"acc {c['accuracy']:.4f}  f1 {c['f1_macro']:.4f}  loss {c['loss']:.4f}"
-    elif "eval_accuracy" in row["federated"]:
-        metrics = f"federated acc {row['federated']['eval_accuracy']:.4f}"
+    elif "eval_accuracy" in row.federated:
+        metrics = f"federated acc {row.federated['eval_accuracy']:.4f}"
     else:
         metrics = "no central evaluation (no `eval-dataset`)"
     line = (
-        f"[fedsft] round {row['round']}/{total_rounds}  {metrics}  |  "
-        f"up {_mb(b['up'])}  down {_mb(b['down'])}  |  {s['round']:.1f} s"
+        f"[fedsft] round {row.round}/{total_rounds}  {metrics}  |  "
+        f"up {_mb(b.up)}  down {_mb(b.down)}  |  {s.round:.1f} s"
     )
-    if row.get("validation"):
-        line += f"  |  validation acc {row['validation']['accuracy']:.4f}"
-    if "privacy" in row:
-        line += f"  |  epsilon {row['privacy']['epsilon']:.3g}"
-    if "dp_sgd" in row:
-        line += f"  |  DP-SGD epsilon <= {row['dp_sgd']['epsilon_max']:.3g}"
-    if row["round"] > 0:
-        line += f"  |  clients {cl['aggregated']}/{cl['sampled']}"
-        bad = cl["failures"] + cl["timeouts"] + cl["invalid"]
+    if row.validation:
+        line += f"  |  validation acc {row.validation['accuracy']:.4f}"
+    if row.privacy is not None:
+        line += f"  |  epsilon {row.privacy.epsilon:.3g}"
+    if row.dp_sgd is not None:
+        line += f"  |  DP-SGD epsilon <= {row.dp_sgd.epsilon_max:.3g}"
+    if row.round > 0:
+        line += f"  |  clients {cl.aggregated}/{cl.sampled}"
+        bad = cl.failures + cl.timeouts + cl.invalid
         if bad:
             line += f" ({bad} failed)"
-        if cl["skipped"]:
+        if cl.skipped:
             line += "  ROUND SKIPPED"
     return line

@@ -57,6 +57,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from common.config import ConfigError, RunConfig
+from server.results import ResultsRow, read_results
 
 # Keys that may differ between an interrupted run and its resumption: they do not
 # change what is computed, only how long we wait or where we write.
@@ -207,10 +208,10 @@ def _read_checkpoint(path: Path, round_: int) -> Checkpoint:
 
 
 def _newest_intact(
-    folder: Path, rows: Sequence[Mapping[str, Any]]
+    folder: Path, rows: Sequence[ResultsRow]
 ) -> tuple[Checkpoint, ResumePoint]:
     """The newest checkpoint that matches a results line and loads; see ``check_resume``."""
-    done = {row.get("round") for row in rows}
+    done = {row.round for row in rows}
     skipped: list[tuple[Path, str]] = []
     for round_, path in reversed(_checkpoint_files(folder / "checkpoints")):
         if round_ not in done:
@@ -240,19 +241,6 @@ def resumable_round(folder: Path) -> int | None:
         return _newest_intact(folder, read_results(folder / "results.jsonl"))[1].round
     except ConfigError:
         return None
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a torn last line (crash mid-write) is ignored."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
 
 
 def _check_settings(folder: Path, cfg: RunConfig) -> None:
@@ -324,10 +312,10 @@ class RunOutputs:
         _atomic_write_json(self.folder / "config.json", cfg.to_flower())
         _atomic_write_json(self.folder / "label_map.json", dict(enumerate(label_names)))
 
-    def append_result(self, row: Mapping[str, Any]) -> None:
+    def append_result(self, row: ResultsRow) -> None:
         """Append one round's results line (flushed and synced: it marks the round done)."""
         with self.results_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row, sort_keys=True, allow_nan=True) + "\n")
+            f.write(row.to_line())
             f.flush()
             os.fsync(f.fileno())
 
@@ -371,7 +359,7 @@ class RunOutputs:
         return _read_checkpoint(path, round_)
 
     # --- resume -----------------------------------------------------------------
-    def read_results(self) -> list[dict[str, Any]]:
+    def read_results(self) -> list[ResultsRow]:
         """Rows of results.jsonl; a torn last line (crash mid-write) is ignored."""
         return read_results(self.results_path)
 
@@ -385,11 +373,8 @@ class RunOutputs:
         for path, why in point.skipped:
             print(f"[fedsft] warning: checkpoint {path} is unreadable ({why}); "
                   "resuming from an older round", flush=True)
-        rows = [r for r in self.read_results() if r.get("round", 0) <= checkpoint.round]
-        atomic_write_bytes(
-            self.results_path,
-            "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode(),
-        )
+        rows = [r for r in self.read_results() if r.round <= checkpoint.round]
+        atomic_write_bytes(self.results_path, "".join(r.to_line() for r in rows).encode())
         return checkpoint
 
     def check_resumable(self, cfg: RunConfig) -> None:
@@ -428,14 +413,12 @@ class RunOutcomeRecord:
                                f"got {self.status!r}")
 
 
-def round_aggregated(row: Mapping[str, Any]) -> bool:
+def round_aggregated(row: ResultsRow) -> bool:
     """Whether a results row is a training round (> 0) whose update changed the model."""
-    clients = row.get("clients") or {}
-    return (int(row.get("round", 0)) > 0 and int(clients.get("aggregated", 0)) > 0
-            and not clients.get("skipped", False))
+    return row.round > 0 and row.clients.aggregated > 0 and not row.clients.skipped
 
 
-def rounds_aggregated(rows: Sequence[Mapping[str, Any]]) -> int:
+def rounds_aggregated(rows: Sequence[ResultsRow]) -> int:
     """How many rounds of ``rows`` aggregated at least one client update."""
     return sum(1 for row in rows if round_aggregated(row))
 
@@ -443,7 +426,7 @@ def rounds_aggregated(rows: Sequence[Mapping[str, Any]]) -> int:
 _NODE_PREFIX = re.compile(r"^node \d+: ")
 
 
-def failure_reasons(rows: Sequence[Mapping[str, Any]], *, limit: int = 3) -> tuple[list[str], int]:
+def failure_reasons(rows: Sequence[ResultsRow], *, limit: int = 3) -> tuple[list[str], int]:
     """The distinct problems recorded in ``rows`` (first ``limit``) and how many there are.
 
     The ``node N:`` prefix is dropped first, so one reason shared by every client (the
@@ -451,7 +434,7 @@ def failure_reasons(rows: Sequence[Mapping[str, Any]], *, limit: int = 3) -> tup
     """
     distinct: list[str] = []
     for row in rows:
-        for problem in (row.get("clients") or {}).get("problems") or []:
+        for problem in row.clients.problems:
             reason = _NODE_PREFIX.sub("", str(problem))
             if reason not in distinct:
                 distinct.append(reason)
@@ -459,10 +442,10 @@ def failure_reasons(rows: Sequence[Mapping[str, Any]], *, limit: int = 3) -> tup
 
 
 def no_aggregation_message(
-    folder: Path, rows: Sequence[Mapping[str, Any]], *, stopped_early: str | None = None
+    folder: Path, rows: Sequence[ResultsRow], *, stopped_early: str | None = None
 ) -> str:
     """The one-paragraph reason of a run in which no round aggregated (``RunFailed``)."""
-    trained = [row for row in rows if int(row.get("round", 0)) > 0]
+    trained = [row for row in rows if row.round > 0]
     reasons, total = failure_reasons(trained)
     if trained:
         what = (f"none of its {len(trained)} round(s) aggregated a client update (every "
@@ -481,13 +464,13 @@ def no_aggregation_message(
 
 
 def outcome_of(
-    rows: Sequence[Mapping[str, Any]], *, status: str, message: str, final_model: bool,
+    rows: Sequence[ResultsRow], *, status: str, message: str, final_model: bool,
     stopped_early: str | None = None, selection: Mapping[str, Any] | None = None,
 ) -> RunOutcomeRecord:
     """The outcome record of a run whose results.jsonl holds ``rows``."""
     return RunOutcomeRecord(
         status=status, message=message,
-        rounds_done=max((int(row.get("round", 0)) for row in rows), default=0),
+        rounds_done=max((row.round for row in rows), default=0),
         rounds_aggregated=rounds_aggregated(rows), final_model=final_model,
         stopped_early=stopped_early, selection=None if selection is None else dict(selection),
     )

@@ -11,7 +11,9 @@ round; the round aborts (:class:`SecAggAbort`) only when fewer than the threshol
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,9 +41,79 @@ from common.secagg_protocol import (
     get_bytes,
     get_pairs,
 )
+from server.reply_pipeline import (
+    Aggregate,
+    AggregationRule,
+    Reply,
+    State,
+    Update,
+    error_problems,
+    mean_scalar_metrics,
+    restore_dtypes,
+)
+from server.validation import ArraySpec
 
-__all__ = ["SecAggAbort", "SecureAggregator"]
+__all__ = ["SecAggAbort", "SecAggRoundInfo", "SecureAggregationStep", "SecureAggregator"]
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SecAggRoundInfo:
+    """What the protocol did in one round: counts per stage, bytes per phase, problems.
+
+    The counts of a stage that did not run (the round aborted before it) are 0.
+    """
+
+    round: int = 0
+    sampled: int = 0
+    threshold: int = 0
+    advertised: int = 0
+    dropped_advertise: int = 0
+    shared: int = 0
+    dropped_share_keys: int = 0
+    frac_bits: int = 0
+    masked: int = 0
+    dropped_masked_input: int = 0
+    unmasked: int = 0
+    dropped_unmask: int = 0
+    total_weight: float = 0.0
+    error_bound: float = 0.0
+    setup_bytes_down: int = 0
+    setup_bytes_up: int = 0
+    unmask_bytes_down: int = 0
+    unmask_bytes_up: int = 0
+    problems: tuple[str, ...] = ()
+
+
+@dataclass
+class _RoundLog:
+    """The mutable record a round's stages fill in; frozen as ``SecAggRoundInfo``."""
+
+    round: int = 0
+    sampled: int = 0
+    threshold: int = 0
+    advertised: int = 0
+    dropped_advertise: int = 0
+    shared: int = 0
+    dropped_share_keys: int = 0
+    frac_bits: int = 0
+    masked: int = 0
+    dropped_masked_input: int = 0
+    unmasked: int = 0
+    dropped_unmask: int = 0
+    total_weight: float = 0.0
+    error_bound: float = 0.0
+    bytes_down: dict[str, int] = field(default_factory=lambda: {"setup": 0, "unmask": 0})
+    bytes_up: dict[str, int] = field(default_factory=lambda: {"setup": 0, "unmask": 0})
+    problems: list[str] = field(default_factory=list)
+
+    def frozen(self) -> SecAggRoundInfo:
+        counts = {k: v for k, v in asdict(self).items()
+                  if k not in ("bytes_down", "bytes_up", "problems")}
+        return SecAggRoundInfo(
+            **counts, setup_bytes_down=self.bytes_down["setup"],
+            setup_bytes_up=self.bytes_up["setup"], unmask_bytes_down=self.bytes_down["unmask"],
+            unmask_bytes_up=self.bytes_up["unmask"], problems=tuple(self.problems))
 
 
 def content_bytes(message: Message) -> int:
@@ -81,9 +153,13 @@ class SecureAggregator:
         self.max_weight = int(max_weight)
         self.timeout = timeout
         self.seed = seed
-        self.last_round_info: dict[str, Any] = {}
+        self._info = _RoundLog()
         self._round: ServerRound | None = None
         self._frac_bits = 0
+
+    def round_info(self) -> SecAggRoundInfo:
+        """What the protocol did in the latest round so far (set-up, then unmasking)."""
+        return self._info.frozen()
 
     # --- key stages ---------------------------------------------------------------------
     def setup(self, grid: Grid, node_ids: list[int], server_round: int) -> dict[int, ConfigRecord]:
@@ -91,12 +167,9 @@ class SecureAggregator:
         self._round = None
         protocol = ServerRound(server_round=server_round, sampled=node_ids,
                                threshold_fraction=self.threshold_fraction)
-        info: dict[str, Any] = {
-            "round": server_round, "sampled": len(protocol.sampled),
-            "threshold": protocol.threshold, "setup-bytes-down": 0, "setup-bytes-up": 0,
-            "problems": [],
-        }
-        self.last_round_info = info
+        info = _RoundLog(round=server_round, sampled=len(protocol.sampled),
+                         threshold=protocol.threshold)
+        self._info = info
         if len(protocol.sampled) < protocol.threshold:
             raise SecAggAbort(f"secure aggregation needs at least {protocol.threshold} "
                               f"clients, {len(protocol.sampled)} sampled")
@@ -110,10 +183,10 @@ class SecureAggregator:
                                           s_pk=get_bytes(config, "secagg-s-pk"),
                                           b_commit=get_bytes(config, "secagg-b-commit"))
             except ValueError as exc:
-                info["problems"].append(f"node {node}: malformed advert: {exc!r}")
-        info["dropped-advertise"] = len(protocol.sampled) - len(adverts)
+                info.problems.append(f"node {node}: malformed advert: {exc!r}")
+        info.dropped_advertise = len(protocol.sampled) - len(adverts)
         adverts = protocol.receive_adverts(adverts)
-        info["advertised"] = len(adverts)
+        info.advertised = len(adverts)
 
         nodes = list(adverts)
         request = {STAGE: SHARE_KEYS, "secagg-round": server_round, "secagg-nodes": nodes,
@@ -126,15 +199,15 @@ class SecureAggregator:
             try:
                 shares[node] = get_pairs(config, "secagg-share-dst", "secagg-share-ct")
             except ValueError as exc:
-                info["problems"].append(f"node {node}: malformed shares: {exc!r}")
-        info["dropped-share-keys"] = len(adverts) - len(
+                info.problems.append(f"node {node}: malformed shares: {exc!r}")
+        info.dropped_share_keys = len(adverts) - len(
             [n for n in shares if set(shares[n]) == set(adverts) - {n}])
         routed = protocol.receive_shares(shares)
-        info["shared"] = len(routed)
+        info.shared = len(routed)
 
         self._frac_bits = frac_bits_for(num_clients=len(routed), max_weight=self.max_weight,
                                         clip_range=self.clip_range)
-        info["frac-bits"] = self._frac_bits
+        info.frac_bits = self._frac_bits
         self._round = protocol
         participants = list(protocol.participants)
         train_entries = {}
@@ -148,7 +221,7 @@ class SecureAggregator:
                 "secagg-clip-range": self.clip_range,
                 "secagg-max-weight": self.max_weight,
             })
-            info["setup-bytes-down"] += recorddict_to_proto(
+            info.bytes_down["setup"] += recorddict_to_proto(
                 RecordDict({"config": train_entries[node]})).ByteSize()
         return train_entries
 
@@ -167,8 +240,8 @@ class SecureAggregator:
         if protocol is None:
             raise SecAggAbort("secure aggregation: aggregate() without a completed setup()")
         self._round = None  # one aggregation per set-up
-        info = self.last_round_info
-        info.update({"unmask-bytes-down": 0, "unmask-bytes-up": 0})
+        info = self._info
+        info.bytes_down["unmask"] = info.bytes_up["unmask"] = 0
         shapes = _shapes(spec) if spec is not None else _common_shapes(replies)
         masked: dict[int, np.ndarray] = {}
         seen: set[int] = set()
@@ -176,14 +249,14 @@ class SecureAggregator:
             node = reply.metadata.src_node_id
             vector = None if reply.has_error() else _masked_vector(reply, shapes)
             if node in seen or node not in protocol.participants or vector is None:
-                info["problems"].append(f"node {node}: malformed or unexpected masked input")
+                info.problems.append(f"node {node}: malformed or unexpected masked input")
                 masked.pop(node, None)  # a node that replied twice is dropped altogether
             else:
                 masked[node] = vector
             seen.add(node)
         survivors, dropped = protocol.unmask_request(sorted(masked))
-        info["masked"] = len(survivors)
-        info["dropped-masked-input"] = len(dropped)
+        info.masked = len(survivors)
+        info.dropped_masked_input = len(dropped)
         request = {STAGE: UNMASK, "secagg-round": protocol.server_round,
                    "secagg-survivors": survivors, "secagg-dropped": dropped}
         responses = {}
@@ -193,45 +266,123 @@ class SecureAggregator:
                 responses[node] = (get_pairs(config, "secagg-b-nodes", "secagg-b-shares"),
                                    get_pairs(config, "secagg-sk-nodes", "secagg-sk-shares"))
             except ValueError as exc:
-                info["problems"].append(f"node {node}: malformed unmask shares: {exc!r}")
-        info["unmasked"] = len(responses)
-        info["dropped-unmask"] = len(survivors) - len(responses)
+                info.problems.append(f"node {node}: malformed unmask shares: {exc!r}")
+        info.unmasked = len(responses)
+        info.dropped_unmask = len(survivors) - len(responses)
         total = protocol.unmasked_sum({n: masked[n] for n in survivors}, responses)
         weight = decode_weight(total[-WEIGHT_WORDS:])
         if weight <= 0:
             raise SecAggAbort("secure aggregation: the summed weight is 0")
         mean = dequantize_sum(total[:-WEIGHT_WORDS], frac_bits=self._frac_bits) / weight
-        info["total-weight"] = weight
-        info["error-bound"] = mean_error_bound(num_clients=len(survivors),
+        info.total_weight = weight
+        info.error_bound = mean_error_bound(num_clients=len(survivors),
                                                frac_bits=self._frac_bits, total_weight=weight)
         arrays = {k: v.astype(np.float32) for k, v in unflatten(mean, shapes).items()}
         return arrays, float(weight)
 
     # --- messaging ----------------------------------------------------------------------
     def _exchange(self, grid: Grid, configs: Mapping[int, Mapping[str, Any]],
-                  info: dict[str, Any], phase: str) -> dict[int, ConfigRecord]:
+                  info: _RoundLog, phase: str) -> dict[int, ConfigRecord]:
         """Send one query per node; the config of each valid reply by node id."""
         messages = [
             Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=node,
                     message_type="query")
             for node, config in configs.items()
         ]
-        info[f"{phase}-bytes-down"] += sum(content_bytes(m) for m in messages)
+        info.bytes_down[phase] += sum(content_bytes(m) for m in messages)
         out: dict[int, ConfigRecord] = {}
-        known = len(info["problems"])
+        known = len(info.problems)
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
-            info[f"{phase}-bytes-up"] += content_bytes(reply)
+            info.bytes_up[phase] += content_bytes(reply)
             if reply.has_error():
-                info["problems"].append(f"node {node}: {reply.error.reason}")
+                info.problems.append(f"node {node}: {reply.error.reason}")
                 continue
             if node not in configs or node in out or "config" not in reply.content:
-                info["problems"].append(f"node {node}: unexpected reply")
+                info.problems.append(f"node {node}: unexpected reply")
                 continue
             out[node] = reply.content.config_records["config"]
-        for problem in info["problems"][known:]:
-            log.warning("secure aggregation round %s: %s", info.get("round"), problem)
+        for problem in info.problems[known:]:
+            log.warning("secure aggregation round %s: %s", info.round, problem)
         return out
+
+
+@dataclass(frozen=True)
+class SetupOutcome:
+    """The key stages of one round: train-config entries per remaining node, and cost."""
+
+    entries: dict[int, ConfigRecord]
+    bytes_down: int
+    bytes_up: int
+    problems: tuple[str, ...]
+
+
+class SecureAggregationStep:
+    """Secure aggregation as an aggregation step (server/reply_pipeline.py's shape).
+
+    ``setup`` runs the key stages before the train messages go out; calling the step
+    with the round's (masked) replies unmasks their weighted mean delta, adds it to the
+    state sent, and hands that one averaged update to ``rule`` (the inner strategy, so
+    server-side optimizers still apply). Masked replies cannot be validated one by one:
+    only their sum is ever opened.
+    """
+
+    def __init__(self, secure: SecureAggregator, *, rule: AggregationRule,
+                 spec: Mapping[str, ArraySpec], min_replies: int) -> None:
+        self.secure = secure
+        self.rule = rule
+        self.spec = dict(spec)
+        self.min_replies = min_replies
+        self._grid: Grid | None = None  # the unmask stage talks to the clients again
+
+    def setup(self, rnd: int, node_ids: list[int], grid: Grid) -> SetupOutcome:
+        """The key stages for ``node_ids``; no entries when the set-up aborts."""
+        self._grid = grid
+        problems: list[str] = []
+        try:
+            entries = self.secure.setup(grid, node_ids, rnd)
+        except SecAggAbort as exc:
+            problems.append(f"secure aggregation set-up failed: {exc}")
+            entries = {}
+        info = self.secure.round_info()
+        return SetupOutcome(entries=entries, bytes_down=info.setup_bytes_down,
+                            bytes_up=info.setup_bytes_up,
+                            problems=(*problems, *info.problems))
+
+    def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate:
+        assert self._grid is not None, "setup() runs before the replies are aggregated"
+        masked = [r for r in replies if r.error is None]
+        failures = len(replies) - len(masked)
+        problems = error_problems(replies)
+        known = len(self.secure.round_info().problems)
+        started = time.monotonic()
+        try:
+            if len(masked) < self.min_replies:
+                raise SecAggAbort(f"{len(masked)} masked replies, `min-replies` is "
+                                  f"{self.min_replies}")
+            messages: list[Message] = [r.source for r in masked]  # type: ignore[misc]
+            mean_delta, _ = self.secure.aggregate(self._grid, messages, spec=self.spec)
+        except SecAggAbort as exc:
+            log.warning("round %d skipped: %s", rnd, exc)
+            problems.append(f"secure aggregation failed, round skipped: {exc}")
+            info = self.secure.round_info()
+            return Aggregate(arrays=None, failures=failures,
+                             problems=(*problems, *info.problems[known:]),
+                             bytes_down=info.unmask_bytes_down, bytes_up=info.unmask_bytes_up)
+        info = self.secure.round_info()
+        new_state = {name: (sent[name] + mean_delta[name]).astype(self.spec[name][1])
+                     for name in self.spec}
+        # The inner strategy sees one reply holding the securely averaged state.
+        summed = Update(node=masked[0].node, arrays=new_state, metrics={"num-examples": 1},
+                        source=masked[0].source)
+        arrays, _ = self.rule(rnd, [summed])
+        return Aggregate(
+            arrays=None if arrays is None else restore_dtypes(arrays, self.spec),
+            aggregated=info.unmasked, failures=failures,
+            problems=(*problems, *info.problems[known:]),
+            train_metrics=mean_scalar_metrics([r.metrics for r in masked]),
+            seconds=time.monotonic() - started,
+            bytes_down=info.unmask_bytes_down, bytes_up=info.unmask_bytes_up)
 
 
 def _shapes(spec: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:

@@ -1,36 +1,29 @@
-"""Wrap a Flower strategy: validate replies, survive faults, measure each round.
+"""Wire Flower's round hooks onto the reply pipeline (server/reply_pipeline.py).
 
 Composition, not inheritance: ``TrackedStrategy`` holds any Flower Message-API strategy
-and forwards the four round hooks to it, adding around each
+(``inner``) and forwards the four round hooks to it. What it adds is wiring:
 
 - a round offset, so a resumed run continues its numbering (and its seeds);
 - a sampler seeded per (seed, round, phase): Flower samples with the module-level
   ``random``, so seeding it right before delegating is the only way to make client
   sampling reproducible without re-implementing Flower's sampling;
-- decoding of compressed updates (common/encoding.py) back to full float32 values;
-- failure accounting: error replies, replies missing at the round timeout, and
-  invalid updates (undecodable, or rejected by server/validation.py) are counted
-  and dropped; fewer than ``min_replies`` valid replies skips the round (the global
-  model stays). A non-finite informational metric (server/validation.py says which
-  metrics are checked) drops only itself from the round's averaged metrics;
-- a deterministic aggregation order (by content digest), so the floating-point sum
-  does not depend on reply arrival order — resumed runs end bit-identical;
-- the exchanged state keeps its names, shapes and dtypes: Flower's FedOpt family
-  returns float64 arrays, which are cast back to the model's dtype so that replies
-  (float32) and the global state keep matching;
-- bytes and seconds per round.
+- the state sent each round, kept by round and handed explicitly to the aggregation
+  step, which decodes, validates, orders and aggregates the replies as plain data
+  (``ValidatedAggregation``, or ``SecureAggregationStep`` with secure aggregation);
+  fewer than ``min_replies`` valid replies skips the round (the global model stays);
+- one frozen :class:`RoundStats` per round (counts, bytes, seconds, problems), taken
+  by the recorder with ``take_round_stats``.
 
 Flower's ``Strategy.start`` runs the loop; nothing here copies it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,22 +32,26 @@ from flwr.app.message.message import make_message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, Strategy
 
-from common.encoding import UpdateEncoding, decode_update
+from common.encoding import UpdateEncoding
 from common.training import derive_seed
-from server.secure_aggregation import SecAggAbort, SecureAggregator
-from server.validation import (
-    ArraySpec,
-    is_finite_number,
-    metrics_problem,
-    unreadable_metrics,
-    update_problem,
+from server.reply_pipeline import (
+    AggregationStep,
+    Reply,
+    Update,
+    ValidatedAggregation,
+    client_measurements,
+    common_metric_names,
+    finite,
 )
+from server.secure_aggregation import SecureAggregationStep, SecureAggregator
+from server.strategies import strategy_state
+from server.validation import ArraySpec, metrics_problem, update_problem
 
 log = logging.getLogger(__name__)
 FP32 = UpdateEncoding()  # exact values: the default uplink encoding
 
 
-@dataclass
+@dataclass(frozen=True)
 class RoundStats:
     """What happened in one round, beyond the metrics (one per round)."""
 
@@ -71,13 +68,13 @@ class RoundStats:
     started: float = field(default_factory=time.monotonic)
     wait_seconds: float = 0.0  # messages out until replies in: client compute + comms
     aggregate_seconds: float = 0.0
-    client_train_seconds: list[float] = field(default_factory=list)
+    client_train_seconds: tuple[float, ...] = ()
     client_peak_rss_mb: float = 0.0  # largest peak memory reported by a client process
     dp_sgd_epsilon: float | None = None  # largest sample-level epsilon a client reported
-    train_metrics: dict[str, Any] = field(default_factory=dict)
-    eval_metrics: dict[str, Any] = field(default_factory=dict)
-    client_eval_accuracy: list[float] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
+    train_metrics: Mapping[str, Any] = field(default_factory=dict)
+    eval_metrics: Mapping[str, Any] = field(default_factory=dict)
+    client_eval_accuracy: tuple[float, ...] = ()  # sorted
+    problems: tuple[str, ...] = ()
 
 
 def payload_bytes(message: Message) -> int:
@@ -91,13 +88,62 @@ def payload_bytes(message: Message) -> int:
     )
 
 
-def _digest(message: Message) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    for record in message.content.array_records.values():
-        for name, array in record.items():
-            h.update(name.encode())
-            h.update(array.data)
-    return h.digest()
+def reply_from_message(message: Message, *, load_arrays: bool = True) -> Reply:
+    """A Flower training reply as a plain :class:`Reply` (the message kept as ``source``).
+
+    ``arrays`` is set only for a reply with exactly one ArrayRecord and one MetricRecord
+    whose bytes load; otherwise ``problem`` says what is wrong.
+    """
+    node = message.metadata.src_node_id
+    if message.has_error():
+        return Reply(node=node, error=str(message.error.reason), source=message)
+    content = message.content
+    metrics: dict[str, Any] = {}
+    for record in content.metric_records.values():
+        metrics.update(record)
+    if len(content.array_records) != 1 or len(content.metric_records) != 1:
+        return Reply(node=node, metrics=metrics, source=message,
+                     problem="expected exactly one ArrayRecord and one MetricRecord")
+    if not load_arrays:
+        return Reply(node=node, metrics=metrics, source=message)
+    record = next(iter(content.array_records.values()))
+    try:
+        arrays = {name: array.numpy() for name, array in record.items()}
+    except Exception as exc:  # bytes that are not a numpy array
+        return Reply(node=node, metrics=metrics, source=message,
+                     problem=f"cannot load the arrays: {exc}")
+    return Reply(node=node, arrays=arrays, metrics=metrics, source=message)
+
+
+class InnerRule:
+    """A Flower strategy's ``aggregate_train`` as an aggregation rule over plain updates."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        self.strategy = strategy
+
+    def __call__(self, rnd: int, updates: Sequence[Update]
+                 ) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]:
+        messages = [_as_message(u) for u in updates]
+        arrays, metrics = self.strategy.aggregate_train(rnd, messages)
+        state = None if arrays is None else {n: a.numpy() for n, a in arrays.items()}
+        return state, None if metrics is None else dict(metrics)
+
+    def why_no_model(self, replies: int) -> str:
+        """Why the strategy returned no model, for the results (Flower only logs it)."""
+        return _why_no_aggregate(self.strategy, replies)
+
+
+def _as_message(update: Update) -> Message:
+    """An update as the reply message the inner strategy expects (same metadata)."""
+    source = update.source
+    assert isinstance(source, Message), "updates reach the inner strategy from messages"
+    array_key = next(iter(source.content.array_records), "arrays")
+    metric_key = next(iter(source.content.metric_records), "metrics")
+    content = RecordDict({
+        array_key: ArrayRecord({k: Array(np.asarray(v)) for k, v in update.arrays.items()}),
+        metric_key: MetricRecord(dict(update.metrics)),
+    })
+    return make_message(metadata=source.metadata, content=content)
 
 
 class TrackedStrategy(Strategy):
@@ -120,237 +166,116 @@ class TrackedStrategy(Strategy):
         self.seed = seed
         self.min_replies = min_replies
         self.round_offset = round_offset
-        # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only for
-        # an unweighted mean, so with DP every valid reply counts as one example.
-        self.uniform_weights = uniform_weights
-        self.secure = secure
-        self.max_update_norm = max_update_norm
-        self._grid: Grid | None = None  # secure aggregation talks to clients after replies
-        self.stats: dict[int, RoundStats] = {}
         self.exchanged_spec = dict(exchanged_spec)
         self.encoding = encoding
-        self._global: dict[str, np.ndarray] = {}  # the state sent this round
-        self._sent_at = 0.0
+        rule = InnerRule(inner)
+        self.secure_step = None if secure is None else SecureAggregationStep(
+            secure, rule=rule, spec=self.exchanged_spec, min_replies=min_replies)
+        # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only for
+        # an unweighted mean, so with DP every valid reply counts as one example.
+        self.aggregation: AggregationStep = self.secure_step or ValidatedAggregation(
+            rule=rule, spec=self.exchanged_spec, encoding=encoding, min_replies=min_replies,
+            max_update_norm=max_update_norm, uniform_weights=uniform_weights,
+            why_no_model=rule.why_no_model)
+        self._stats: dict[int, RoundStats] = {}
+        self._sent: dict[int, dict[str, np.ndarray]] = {}  # the state sent, by round
+        self._sent_at: dict[int, float] = {}
 
-    def _round(self, server_round: int) -> int:
+    def to_round(self, server_round: int) -> int:
+        """The run's round number of Flower's ``server_round`` (after the offset)."""
         return server_round + self.round_offset
+
+    def take_round_stats(self, rnd: int) -> RoundStats | None:
+        """The statistics of round ``rnd`` (the run's numbering), handed over once."""
+        self._sent.pop(rnd, None)
+        self._sent_at.pop(rnd, None)
+        return self._stats.pop(rnd, None)
+
+    def inner_state(self) -> dict[str, Any]:
+        """The inner strategy's state for a checkpoint (server/strategies.py)."""
+        return strategy_state(self.inner)
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def _update(self, rnd: int, **changes: Any) -> RoundStats:
+        stats = replace(self._stats.get(rnd) or RoundStats(round=rnd), **changes)
+        self._stats[rnd] = stats
+        return stats
+
+    def _stats_of(self, rnd: int) -> RoundStats:
+        return self._stats.get(rnd) or self._update(rnd)
 
     # --- training ---------------------------------------------------------------
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        rnd = self._round(server_round)
-        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
-        self._global = {name: array.numpy() for name, array in arrays.items()}
+        rnd = self.to_round(server_round)
+        stats = self._stats_of(rnd)
+        self._sent[rnd] = {name: array.numpy() for name, array in arrays.items()}
         # Listing the nodes first lets the grid finish any messaging (it asks new nodes
         # for their keys), which may itself draw from `random`, before seeding it.
         grid.get_node_ids()
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
-        stats.sampled = len(messages)
-        if self.secure is not None:
-            messages = self._secure_setup(rnd, messages, grid, stats)
-        stats.bytes_down += sum(payload_bytes(m) for m in messages)
-        self._sent_at = time.monotonic()
+        stats = self._update(rnd, sampled=len(messages))
+        if self.secure_step is not None:
+            setup = self.secure_step.setup(rnd, [m.metadata.dst_node_id for m in messages], grid)
+            messages = _with_entries(messages, setup.entries)
+            stats = self._update(rnd, bytes_down=stats.bytes_down + setup.bytes_down,
+                                 bytes_up=stats.bytes_up + setup.bytes_up,
+                                 problems=(*stats.problems, *setup.problems))
+        self._update(rnd, bytes_down=stats.bytes_down + sum(payload_bytes(m) for m in messages))
+        self._sent_at[rnd] = time.monotonic()
         return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        rnd = self._round(server_round)
-        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
-        replies = list(replies)
-        stats.wait_seconds = time.monotonic() - self._sent_at
-        stats.replies = len(replies)
-        stats.timeouts = max(stats.sampled - len(replies), 0)
-        valid = []
-        for reply in replies:
-            stats.bytes_up += payload_bytes(reply)
-            node = reply.metadata.src_node_id
-            if reply.has_error():
-                stats.failures += 1
-                stats.problems.append(f"node {node}: error: {reply.error.reason}")
-                continue
-            for metrics in reply.content.metric_records.values():
-                if (seconds := _finite(metrics.get("train-seconds"))) is not None:
-                    stats.client_train_seconds.append(seconds)
-                if (rss := _finite(metrics.get("peak-rss-mb"))) is not None:
-                    stats.client_peak_rss_mb = max(stats.client_peak_rss_mb, rss)
-                if (eps := _finite(metrics.get("dp-sgd-epsilon"))) is not None:
-                    stats.dp_sgd_epsilon = max(stats.dp_sgd_epsilon or 0.0, eps)
-            if self.secure is not None:
-                continue  # masked: only the protocol can check (and open) the sum
-            decoded, problem = self._decoded(reply)
-            if problem:
-                stats.invalid += 1
-                stats.problems.append(f"node {node}: invalid update: {problem}")
-                continue
-            valid.append(decoded)
-            for name in unreadable_metrics(next(iter(decoded.content.metric_records.values()))):
-                stats.problems.append(f"node {node}: metric {name!r} is not a finite number; "
-                                      "left out of the round's metrics")
-        if self.secure is not None:
-            return self._secure_aggregate(rnd, replies, stats)
-        for problem in stats.problems:
-            log.warning("round %d: %s", rnd, problem)
-        if len(valid) < self.min_replies:
-            stats.skipped = True
-            log.warning(
-                "round %d skipped: %d valid training replies, `min-replies` is %d "
-                "(%d failed, %d timed out, %d invalid)",
-                rnd, len(valid), self.min_replies,
-                stats.failures, stats.timeouts, stats.invalid,
-            )
-            return None, None
-        valid = _with_common_metrics(valid)
-        valid.sort(key=_digest)  # arrival order must not change the float sum
-        started = time.monotonic()
-        try:
-            arrays, metrics = self.inner.aggregate_train(rnd, valid)
-        except Exception as exc:  # a failing aggregation skips the round, not the run
-            log.exception("round %d: aggregation failed", rnd)
-            stats.skipped = True
-            stats.problems.append(f"aggregation failed: {type(exc).__name__}: {exc}")
-            return None, None
-        stats.aggregate_seconds = time.monotonic() - started
-        stats.aggregated = len(valid)
-        stats.train_metrics = dict(metrics) if metrics else {}
-        if arrays is None:
-            stats.skipped = True
-            stats.problems.append(_why_no_aggregate(self.inner, len(valid)))
-            log.warning("round %d: %s", rnd, stats.problems[-1])
+        rnd = self.to_round(server_round)
+        stats = self._stats_of(rnd)
+        messages = list(replies)
+        wait = time.monotonic() - self._sent_at.get(rnd, stats.started)
+        plain = [reply_from_message(m, load_arrays=self.secure_step is None) for m in messages]
+        measured = client_measurements(plain)
+        result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
+        self._update(
+            rnd, wait_seconds=wait, replies=len(messages),
+            timeouts=max(stats.sampled - len(messages), 0),
+            bytes_up=stats.bytes_up + sum(payload_bytes(m) for m in messages) + result.bytes_up,
+            bytes_down=stats.bytes_down + result.bytes_down,
+            failures=result.failures, invalid=result.invalid, aggregated=result.aggregated,
+            skipped=result.arrays is None, aggregate_seconds=result.seconds,
+            train_metrics=dict(result.train_metrics),
+            problems=(*stats.problems, *result.problems),
+            client_train_seconds=measured.train_seconds,
+            client_peak_rss_mb=measured.peak_rss_mb, dp_sgd_epsilon=measured.dp_sgd_epsilon,
+        )
+        metrics = None if result.metrics is None else MetricRecord(result.metrics)
+        if result.arrays is None:
             return None, metrics
-        return self._in_exchanged_dtypes(arrays), metrics
-
-    # --- secure aggregation ------------------------------------------------------
-    def _secure_setup(
-        self, rnd: int, messages: list[Message], grid: Grid, stats: RoundStats
-    ) -> list[Message]:
-        """Run the key stages; train messages only to nodes that completed them."""
-        assert self.secure is not None
-        self._grid = grid
-        try:
-            entries = self.secure.setup(grid, [m.metadata.dst_node_id for m in messages], rnd)
-        except SecAggAbort as exc:
-            stats.problems.append(f"secure aggregation set-up failed: {exc}")
-            entries = {}
-        finally:
-            info = self.secure.last_round_info
-            stats.bytes_down += int(info.get("setup-bytes-down", 0))
-            stats.bytes_up += int(info.get("setup-bytes-up", 0))
-            stats.problems.extend(info.get("problems", []))
-        out = []
-        for message in messages:
-            extra = entries.get(message.metadata.dst_node_id)
-            if extra is None:
-                continue
-            content = message.content
-            merged = RecordDict({
-                "arrays": content["arrays"],
-                "config": ConfigRecord({**dict(content["config"]), **dict(extra)}),
-            })
-            out.append(Message(content=merged, dst_node_id=message.metadata.dst_node_id,
-                               message_type=message.metadata.message_type))
-        return out
-
-    def _secure_aggregate(
-        self, rnd: int, replies: list[Message], stats: RoundStats
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Unmask the sum of the masked replies and hand its mean to the inner strategy."""
-        assert self.secure is not None and self._grid is not None
-        masked = [r for r in replies if not r.has_error()]
-        known = len(self.secure.last_round_info.get("problems", []))
-        try:
-            if len(masked) < self.min_replies:
-                raise SecAggAbort(f"{len(masked)} masked replies, `min-replies` is "
-                                  f"{self.min_replies}")
-            started = time.monotonic()
-            mean_delta, _ = self.secure.aggregate(self._grid, masked, spec=self.exchanged_spec)
-        except SecAggAbort as exc:
-            stats.skipped = True
-            stats.problems.append(f"secure aggregation failed, round skipped: {exc}")
-            log.warning("round %d skipped: %s", rnd, exc)
-            return None, None
-        finally:
-            info = self.secure.last_round_info
-            stats.bytes_down += int(info.get("unmask-bytes-down", 0))
-            stats.bytes_up += int(info.get("unmask-bytes-up", 0))
-            stats.problems.extend(info.get("problems", [])[known:])
-        new_state = {
-            name: (self._global[name] + mean_delta[name]).astype(self.exchanged_spec[name][1])
-            for name in self.exchanged_spec
-        }
-        # The inner strategy sees one reply holding the securely averaged state.
-        summed = make_message(metadata=masked[0].metadata, content=RecordDict({
-            "arrays": ArrayRecord({k: Array(v) for k, v in new_state.items()}),
-            "metrics": MetricRecord({"num-examples": 1}),
-        }))
-        arrays, _ = self.inner.aggregate_train(rnd, [summed])
-        stats.aggregate_seconds = time.monotonic() - started
-        stats.aggregated = int(self.secure.last_round_info.get("unmasked", len(masked)))
-        stats.train_metrics = _mean_scalar_metrics(masked)
-        if arrays is None:
-            stats.skipped = True
-            return None, None
-        return self._in_exchanged_dtypes(arrays), None
-
-    def _in_exchanged_dtypes(self, arrays: ArrayRecord) -> ArrayRecord:
-        if all(np.dtype(a.dtype) == self.exchanged_spec[n][1] for n, a in arrays.items()):
-            return arrays
-        return ArrayRecord({
-            name: Array(array.numpy().astype(self.exchanged_spec[name][1]))
-            for name, array in arrays.items()
-        })
-
-    def _decoded(self, reply: Message) -> tuple[Message, str | None]:
-        """The reply with its update decoded to full values, or why it is invalid."""
-        content = reply.content
-        if len(content.array_records) != 1 or len(content.metric_records) != 1:
-            return reply, "expected exactly one ArrayRecord and one MetricRecord"
-        key, record = next(iter(content.array_records.items()))
-        metrics_key, metrics = next(iter(content.metric_records.items()))
-        try:
-            payload = {name: array.numpy() for name, array in record.items()}
-            update = decode_update(payload, self._global, self.encoding)
-        except Exception as exc:  # undecodable bytes, or not what the encoding produces
-            return reply, f"cannot decode the {self.encoding.scheme} update: {exc}"
-        problem = update_problem(
-            update, expected=self.exchanged_spec, num_examples=metrics.get("num-examples"),
-            base=self._global, max_norm=self.max_update_norm,
-        ) or metrics_problem(metrics)
-        if problem or not (self.encoding.sends_delta or self.uniform_weights):
-            return reply, problem
-        if self.uniform_weights:
-            metrics = MetricRecord({**dict(metrics), "num-examples": 1})
-        decoded = RecordDict({
-            key: ArrayRecord({name: Array(value) for name, value in update.items()}),
-            metrics_key: metrics,
-        })
-        return make_message(metadata=reply.metadata, content=decoded), None
+        return ArrayRecord({n: Array(a) for n, a in result.arrays.items()}), metrics
 
     # --- federated evaluation ---------------------------------------------------
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        rnd = self._round(server_round)
+        rnd = self.to_round(server_round)
         grid.get_node_ids()  # see configure_train
         random.seed(derive_seed(self.seed, rnd, "evaluate-sampling"))
         messages = list(
             self.inner.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid)
         )
-        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
-        stats.bytes_down += sum(payload_bytes(m) for m in messages)
+        stats = self._stats_of(rnd)
+        self._update(rnd, bytes_down=stats.bytes_down + sum(payload_bytes(m) for m in messages))
         return messages
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
-        rnd = self._round(server_round)
-        stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
+        rnd = self.to_round(server_round)
         ok = []
+        accuracies: list[float] = []
         for reply in replies:
             if reply.has_error() or len(reply.content.metric_records) != 1:
                 continue
@@ -359,32 +284,46 @@ class TrackedStrategy(Strategy):
             if (update_problem({}, expected={}, num_examples=weight) or
                     metrics_problem(metrics)) is None:
                 ok.append(reply)
-                if (accuracy := _finite(metrics.get("eval-accuracy"))) is not None:
-                    stats.client_eval_accuracy.append(accuracy)
+                if (accuracy := finite(metrics.get("eval-accuracy"))) is not None:
+                    accuracies.append(accuracy)
+        stats = self._update(rnd, client_eval_accuracy=(
+            *self._stats_of(rnd).client_eval_accuracy, *accuracies))
         if not ok:
             return None
         try:
             metrics = self.inner.aggregate_evaluate(rnd, _with_common_metrics(ok))
         except Exception as exc:  # federated evaluation must never stop the run
             log.exception("round %d: aggregating the evaluation failed", rnd)
-            stats.problems.append(f"evaluation aggregation failed: {exc}")
+            self._update(rnd, problems=(*stats.problems,
+                                        f"evaluation aggregation failed: {exc}"))
             return None
-        stats.eval_metrics = dict(metrics) if metrics else {}
-        stats.client_eval_accuracy.sort()
+        self._update(rnd, eval_metrics=dict(metrics) if metrics else {},
+                     client_eval_accuracy=tuple(sorted(stats.client_eval_accuracy)))
         return metrics
 
 
-def _with_common_metrics(replies: list[Message]) -> list[Message]:
-    """Replies whose MetricRecords keep only the keys all of them share as finite numbers.
+def _with_entries(messages: list[Message], entries: Mapping[int, ConfigRecord]) -> list[Message]:
+    """Train messages only to the nodes with secure-aggregation entries, which they get."""
+    out = []
+    for message in messages:
+        extra = entries.get(message.metadata.dst_node_id)
+        if extra is None:
+            continue
+        content = message.content
+        merged = RecordDict({
+            "arrays": content["arrays"],
+            "config": ConfigRecord({**dict(content["config"]), **dict(extra)}),
+        })
+        out.append(Message(content=merged, dst_node_id=message.metadata.dst_node_id,
+                           message_type=message.metadata.message_type))
+    return out
 
-    Flower refuses to average metrics when the replies' keys differ; one client sending
-    an extra metric must not make the whole round fail, and one informational NaN (kept
-    by validation) must not turn the round's average into NaN.
-    """
+
+def _with_common_metrics(replies: list[Message]) -> list[Message]:
+    """Evaluation replies whose MetricRecords keep only the names all share as finite
+    numbers (see server/reply_pipeline.py ``with_common_metrics``)."""
     records = [next(iter(r.content.metric_records.items())) for r in replies]
-    common = set.intersection(*(
-        {k for k, v in m.items() if is_finite_number(v)} for _, m in records
-    ))
+    common = common_metric_names([m for _, m in records])
     if all(set(m.keys()) == common for _, m in records):
         return replies
     out = []
@@ -395,36 +334,6 @@ def _with_common_metrics(replies: list[Message]) -> list[Message]:
         })
         out.append(make_message(metadata=reply.metadata, content=content))
     return out
-
-
-def _finite(value: object) -> float | None:
-    """A reported number, or None when it is missing or not a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if np.isfinite(value) else None
-
-
-def _mean_scalar_metrics(replies: list[Message]) -> dict[str, float]:
-    """Unweighted mean of each scalar metric over the replies (weights stay masked)."""
-    sums: dict[str, list[float]] = {}
-    for reply in replies:
-        for metrics in reply.content.metric_records.values():
-            for name, value in metrics.items():
-                if is_finite_number(value):
-                    sums.setdefault(name, []).append(float(value))
-    return {name: float(np.mean(values)) for name, values in sums.items()}
-
-
-def summarize_accuracy_spread(values: list[float]) -> dict[str, float]:
-    """Min, 10th percentile and median of per-client accuracies (fairness under skew)."""
-    if not values:
-        return {}
-    array = np.asarray(values, dtype=np.float64)
-    return {
-        "min": float(array.min()),
-        "p10": float(np.percentile(array, 10)),
-        "median": float(np.median(array)),
-    }
 
 
 def _why_no_aggregate(strategy: Strategy, replies: int) -> str:

@@ -16,7 +16,6 @@ command handlers, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import traceback
@@ -78,6 +77,7 @@ def _output_dir(args: argparse.Namespace, overrides: dict[str, Any],
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    from server.results import read_results
     from simulations.sweep import run_scenario
 
     scenario = load_scenario(args.scenario)
@@ -100,18 +100,17 @@ def _command_run(args: argparse.Namespace) -> int:
         print(f"[fedsft] outputs: {outcome.run_dir}")
         print(f"[fedsft] run failed: {outcome.message}", file=sys.stderr)
         return 1
-    rows = [json.loads(line) for line in
-            (outcome.run_dir / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    rows = read_results(outcome.run_dir / "results.jsonl")
     selection = (outcome.outcome or {}).get("selection") or {}
-    exported = next((r for r in rows if r["round"] == selection.get("round")), rows[-1])
+    exported = next((r for r in rows if r.round == selection.get("round")), rows[-1])
     metrics = "no central evaluation"
-    if exported.get("central"):
-        metrics = (f"central accuracy {exported['central']['accuracy']:.4f}, "
-                   f"macro-F1 {exported['central']['f1_macro']:.4f}")
+    if exported.central:
+        metrics = (f"central accuracy {exported.central['accuracy']:.4f}, "
+                   f"macro-F1 {exported.central['f1_macro']:.4f}")
     stopped = (outcome.outcome or {}).get("stopped_early")
-    which = f"round {exported['round']}"
+    which = f"round {exported.round}"
     if exported is not rows[-1]:
-        which = f"final model = round {exported['round']} of {rows[-1]['round']}"
+        which = f"final model = round {exported.round} of {rows[-1].round}"
     print(f"[fedsft] outputs: {outcome.run_dir}")
     print(f"[fedsft] done in {time.monotonic() - started:.0f} s: {which} "
           f"{metrics}" + (f" (stopped early: {stopped})" if stopped else ""))

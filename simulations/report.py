@@ -18,13 +18,14 @@ import math
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from server.results import ResultsError, ResultsRow, read_results
 from simulations import plots
 
 SIMULATION_FILE = "simulation.json"
@@ -45,23 +46,10 @@ class RunData:
 
     run_dir: Path
     name: str
-    rows: list[dict[str, Any]]
+    rows: list[ResultsRow]
     config: dict[str, Any]
     simulation: dict[str, Any] | None
     label_names: list[str]
-
-
-def read_results(path: Path) -> list[dict[str, Any]]:
-    """Rows of a results.jsonl; a torn last line (a crash mid-write) ends the list."""
-    rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
 
 
 def load_run(run_dir: Path | str) -> RunData:
@@ -77,7 +65,10 @@ def load_run(run_dir: Path | str) -> RunData:
     for path in (results, config):
         if not path.is_file():
             raise ReportError(f"{run_dir} is not a fedsft run folder: {path.name} is missing")
-    rows = read_results(results)
+    try:
+        rows = read_results(results)
+    except ResultsError as exc:
+        raise ReportError(f"{results}: {exc}") from exc
     if not rows:
         raise ReportError(f"{results} has no results rows yet")
     simulation = None
@@ -115,20 +106,25 @@ def write_simulation_file(
 # --- numbers from the rows ----------------------------------------------------------------
 
 
-def _get(row: dict[str, Any], *keys: str) -> float:
-    """A nested numeric value of a row, NaN when absent or null."""
-    value: Any = row
-    for key in keys:
-        if not isinstance(value, dict) or value.get(key) is None:
-            return _NAN
-        value = value[key]
+def _num(value: object) -> float:
+    """A reported number as a float, NaN when absent, null or not a number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return _NAN
     return float(value)
 
 
-def _series(rows: Sequence[dict[str, Any]], *keys: str) -> list[float]:
-    return [_get(row, *keys) for row in rows]
+def _metric(row: ResultsRow, split: str, name: str) -> float:
+    """Metric ``name`` of the row's evaluation part ``split``, NaN when absent."""
+    block = row.metrics(split)
+    return _NAN if block is None else _num(block.get(name))
+
+
+def _metrics(rows: Sequence[ResultsRow], split: str, name: str) -> list[float]:
+    return [_metric(row, split, name) for row in rows]
+
+
+def _series(rows: Sequence[ResultsRow], pick: Callable[[ResultsRow], object]) -> list[float]:
+    return [_num(pick(row)) for row in rows]
 
 
 def _nanlast(values: Sequence[float]) -> float:
@@ -136,19 +132,19 @@ def _nanlast(values: Sequence[float]) -> float:
     return finite[-1] if finite else _NAN
 
 
-def time_split(row: dict[str, Any]) -> dict[str, float]:
+def time_split(row: ResultsRow) -> dict[str, float]:
     """One round's wall time split into parts that add up to ``seconds.round``.
 
     Client compute is the slowest client's training (``client_train_max``); the rest of
     the wait for replies is communication, serialization and queueing; ``other`` is what
     the round spent outside those (federated evaluation, sampling, checkpointing).
     """
-    s = row.get("seconds") or {}
-    train = float(s.get("client_train_max") or 0.0)
-    comm = max(float(s.get("wait") or 0.0) - train, 0.0)
-    aggregate = float(s.get("aggregate") or 0.0)
-    central = float(s.get("central_eval") or 0.0)
-    other = max(float(s.get("round") or 0.0) - train - comm - aggregate - central, 0.0)
+    s = row.seconds
+    train = float(s.client_train_max or 0.0)
+    comm = max(float(s.wait or 0.0) - train, 0.0)
+    aggregate = float(s.aggregate or 0.0)
+    central = float(s.central_eval or 0.0)
+    other = max(float(s.round or 0.0) - train - comm - aggregate - central, 0.0)
     return {"client compute (slowest client)": train,
             "communication + serialization + waiting": comm,
             "aggregation": aggregate, "central evaluation": central,
@@ -158,32 +154,34 @@ def time_split(row: dict[str, Any]) -> dict[str, float]:
 def summarize(run: RunData) -> dict[str, Any]:
     """Final metrics and totals of a run (the report's summary table)."""
     rows = run.rows
-    trained = [r for r in rows if r.get("round", 0) > 0]
-    accuracy = _series(rows, "central", "accuracy")
-    finite = [(a, r["round"]) for a, r in zip(accuracy, rows, strict=True) if math.isfinite(a)]
+    trained = [r for r in rows if r.round > 0]
+    accuracy = _metrics(rows, "central", "accuracy")
+    finite = [(a, r.round) for a, r in zip(accuracy, rows, strict=True) if math.isfinite(a)]
     best = max(finite) if finite else (_NAN, None)
     last = rows[-1]
-    clients = [r.get("clients") or {} for r in trained]
+    clients = [r.clients for r in trained]
     return {
-        "rounds": int(last.get("round", 0)),
+        "rounds": last.round,
         "final accuracy": _nanlast(accuracy),
-        "final macro-F1": _nanlast(_series(rows, "central", "f1_macro")),
-        "final loss": _nanlast(_series(rows, "central", "loss")),
+        "final macro-F1": _nanlast(_metrics(rows, "central", "f1_macro")),
+        "final loss": _nanlast(_metrics(rows, "central", "loss")),
         "best accuracy": best[0],
         "best round": best[1],
-        "final federated accuracy": _nanlast(_series(rows, "federated", "eval_accuracy")),
+        "final federated accuracy": _nanlast(_metrics(rows, "federated", "eval_accuracy")),
         "final worst-client accuracy": _nanlast(
-            _series(rows, "clients", "eval_accuracy_spread", "min")),
-        "bytes up": _get(last, "bytes", "up_total"),
-        "bytes down": _get(last, "bytes", "down_total"),
-        "mean round seconds": float(np.mean([_get(r, "seconds", "round") for r in trained]))
+            _series(rows, lambda r: r.clients.eval_accuracy_spread.get("min"))),
+        "bytes up": _num(last.bytes.up_total),
+        "bytes down": _num(last.bytes.down_total),
+        "mean round seconds": float(np.mean(_series(trained, lambda r: r.seconds.round)))
         if trained else _NAN,
-        "failures": sum(int(c.get("failures", 0)) for c in clients),
-        "timeouts": sum(int(c.get("timeouts", 0)) for c in clients),
-        "invalid": sum(int(c.get("invalid", 0)) for c in clients),
-        "skipped rounds": sum(1 for c in clients if c.get("skipped")),
-        "server peak MiB": float(np.nanmax(_series(rows, "memory_mb", "server_peak") + [0.0])),
-        "client peak MiB": float(np.nanmax(_series(rows, "memory_mb", "client_peak") + [0.0])),
+        "failures": sum(c.failures for c in clients),
+        "timeouts": sum(c.timeouts for c in clients),
+        "invalid": sum(c.invalid for c in clients),
+        "skipped rounds": sum(1 for c in clients if c.skipped),
+        "server peak MiB": float(np.nanmax(
+            _series(rows, lambda r: r.memory_mb.server_peak) + [0.0])),
+        "client peak MiB": float(np.nanmax(
+            _series(rows, lambda r: r.memory_mb.client_peak) + [0.0])),
     }
 
 
@@ -228,32 +226,32 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
         list[tuple[str, Path]], list[str]]:
     """Draw the run's figures; returns ``[(caption, png)]`` and notes for the report."""
     rows, name = run.rows, run.name
-    rounds = [int(r["round"]) for r in rows]
+    rounds = [r.round for r in rows]
     notes: list[str] = []
     figs: list[tuple[str, Path]] = []
-    acc = _series(rows, "central", "accuracy")
+    acc = _metrics(rows, "central", "accuracy")
     central_title = "" if any(map(math.isfinite, acc)) else " (no central evaluation data)"
     figs.append(("Central evaluation: accuracy and macro-F1 on the server's held-out data",
                  plots.plot_accuracy(
                      out / "accuracy.png", rounds=rounds, accuracy=acc,
-                     f1_macro=_series(rows, "central", "f1_macro"),
-                     federated_accuracy=_series(rows, "federated", "eval_accuracy"),
+                     f1_macro=_metrics(rows, "central", "f1_macro"),
+                     federated_accuracy=_metrics(rows, "federated", "eval_accuracy"),
                      title=f"Accuracy per round{central_title} - {name}")))
     figs.append(("Loss per round", plots.plot_loss(
-        out / "loss.png", rounds=rounds, central=_series(rows, "central", "loss"),
-        federated=_series(rows, "federated", "eval_loss"),
-        train=_series(rows, "train", "train_loss"), title=f"Loss per round - {name}")))
+        out / "loss.png", rounds=rounds, central=_metrics(rows, "central", "loss"),
+        federated=_metrics(rows, "federated", "eval_loss"),
+        train=_metrics(rows, "train", "train_loss"), title=f"Loss per round - {name}")))
 
-    spread_rows = [r for r in rows if (r.get("clients") or {}).get("eval_accuracy_spread")]
+    spread_rows = [r for r in rows if r.clients.eval_accuracy_spread]
     if spread_rows:
         figs.append((
             "Fairness: spread of the sampled clients' accuracy on their own local eval split",
             plots.plot_client_spread(
-                out / "client_spread.png", rounds=[int(r["round"]) for r in spread_rows],
-                minimum=_series(spread_rows, "clients", "eval_accuracy_spread", "min"),
-                p10=_series(spread_rows, "clients", "eval_accuracy_spread", "p10"),
-                median=_series(spread_rows, "clients", "eval_accuracy_spread", "median"),
-                central=_series(spread_rows, "central", "accuracy"),
+                out / "client_spread.png", rounds=[r.round for r in spread_rows],
+                minimum=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("min")),
+                p10=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("p10")),
+                median=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("median")),
+                central=_metrics(spread_rows, "central", "accuracy"),
                 title=f"Per-client accuracy spread - {name}")))
     else:
         notes.append("No per-client accuracy spread: no round had federated evaluation "
@@ -290,21 +288,21 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                 title=f"Class shares per client{shown}, partitioner {part}")))
 
     figs.append(("Communication: cumulative serialized bytes", plots.plot_bytes(
-        out / "bytes.png", rounds=rounds, up_total=_series(rows, "bytes", "up_total"),
-        down_total=_series(rows, "bytes", "down_total"),
+        out / "bytes.png", rounds=rounds, up_total=_series(rows, lambda r: r.bytes.up_total),
+        down_total=_series(rows, lambda r: r.bytes.down_total),
         title=f"Cumulative bytes up / down - {name}")))
-    trained = [r for r in rows if r["round"] > 0] or rows
+    trained = [r for r in rows if r.round > 0] or rows
     splits = [time_split(r) for r in trained]
     figs.append(("Round time split: the stacked parts add up to the round's wall time",
                  plots.plot_round_time(
-                     out / "round_time.png", rounds=[int(r["round"]) for r in trained],
+                     out / "round_time.png", rounds=[r.round for r in trained],
                      parts={k: [s[k] for s in splits] for k in splits[0]},
                      title=f"Where each round's time went - {name}")))
-    client_mem = [v if v > 0 else _NAN for v in _series(rows, "memory_mb", "client_peak")]
+    client_mem = [v if v > 0 else _NAN for v in _series(rows, lambda r: r.memory_mb.client_peak)]
     figs.append(("Peak memory (resident set size) of the server and client processes",
                  plots.plot_memory(
                      out / "memory.png", rounds=rounds,
-                     server=_series(rows, "memory_mb", "server_peak"), client=client_mem,
+                     server=_series(rows, lambda r: r.memory_mb.server_peak), client=client_mem,
                      title=f"Peak memory per round - {name}")))
     return figs, notes
 
@@ -351,8 +349,8 @@ def write_report(run_dir: Path | str, *, num_supernodes: int | None = None) -> P
 
 
 def _cumulative_bytes(run: RunData) -> list[float]:
-    return [a + b for a, b in zip(_series(run.rows, "bytes", "up_total"),
-                                  _series(run.rows, "bytes", "down_total"), strict=True)]
+    return [a + b for a, b in zip(_series(run.rows, lambda r: r.bytes.up_total),
+                                  _series(run.rows, lambda r: r.bytes.down_total), strict=True)]
 
 
 def seed_group(name: str) -> str:
@@ -383,26 +381,24 @@ def write_comparison(
     out = output_dir / "compare"
     title = title or f"comparison of {len(runs)} runs"
 
-    def rounds(run: RunData, rows: Sequence[dict[str, Any]] | None = None) -> list[int]:
-        return [int(r["round"]) for r in (run.rows if rows is None else rows)]
+    def rounds(run: RunData, rows: Sequence[ResultsRow] | None = None) -> list[int]:
+        return [r.round for r in (run.rows if rows is None else rows)]
 
     max_bytes = max((max(_cumulative_bytes(r) + [1.0]) for r in runs), default=1.0)
     scale, unit = plots.byte_unit(max_bytes)
     figs = [
         ("Central accuracy per round", plots.plot_overlay(
-            out / "accuracy.png", series={r.name: (rounds(r), _series(r.rows, "central",
-                                                                      "accuracy"))
-                                          for r in runs},
+            out / "accuracy.png",
+            series={r.name: (rounds(r), _metrics(r.rows, "central", "accuracy")) for r in runs},
             xlabel="round", ylabel="central accuracy (0-1)", ylim=(0, 1.02),
             title="Central accuracy per round")),
         ("Central macro-F1 per round", plots.plot_overlay(
-            out / "f1_macro.png", series={r.name: (rounds(r), _series(r.rows, "central",
-                                                                      "f1_macro"))
-                                          for r in runs},
+            out / "f1_macro.png",
+            series={r.name: (rounds(r), _metrics(r.rows, "central", "f1_macro")) for r in runs},
             xlabel="round", ylabel="central macro-F1 (0-1)", ylim=(0, 1.02),
             title="Central macro-F1 per round")),
         ("Central loss per round", plots.plot_overlay(
-            out / "loss.png", series={r.name: (rounds(r), _series(r.rows, "central", "loss"))
+            out / "loss.png", series={r.name: (rounds(r), _metrics(r.rows, "central", "loss"))
                                       for r in runs},
             xlabel="round", ylabel="central cross-entropy loss", title="Central loss per round")),
         ("Cumulative bytes (up + down) per round", plots.plot_overlay(
@@ -415,13 +411,13 @@ def write_comparison(
          plots.plot_overlay(
              out / "accuracy_vs_bytes.png",
              series={r.name: ([b / scale for b in _cumulative_bytes(r)],
-                              _series(r.rows, "central", "accuracy")) for r in runs},
+                              _metrics(r.rows, "central", "accuracy")) for r in runs},
              xlabel=f"cumulative {unit} (up + down)", ylabel="central accuracy (0-1)",
              ylim=(0, 1.02), rounds_axis=False, title="Central accuracy vs bytes exchanged")),
         ("Round wall time", plots.plot_overlay(
             out / "round_time.png",
-            series={r.name: (rounds(r, [x for x in r.rows if x["round"] > 0]),
-                             _series([x for x in r.rows if x["round"] > 0], "seconds", "round"))
+            series={r.name: (rounds(r, [x for x in r.rows if x.round > 0]),
+                             _series([x for x in r.rows if x.round > 0], lambda r: r.seconds.round))
                     for r in runs},
             xlabel="round", ylabel="seconds", title="Round wall time")),
     ]

@@ -36,11 +36,11 @@ SIZES = {  # clients, rounds, local steps, fraction-evaluate
 def _summary(run: FedRun) -> dict[str, float]:
     up, down = run.mean_bytes("up"), run.mean_bytes("down")
     return {"round_seconds": run.mean_round_seconds(skip_first=True),
-            "first_round_seconds": run.rounds[0]["seconds"]["round"],
+            "first_round_seconds": run.rounds[0].seconds.round,
             "bytes_up_per_round": up,
             "bytes_down_per_round": down, "bytes_per_round": up + down,
             "wall_seconds": run.wall_seconds,
-            "server_peak_mb": max(r["memory_mb"]["server_peak"] for r in run.rows)}
+            "server_peak_mb": max(r.memory_mb.server_peak for r in run.rows)}
 
 
 def _check_fedsft_installed() -> None:

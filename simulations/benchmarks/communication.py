@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from simulations.benchmarks.harness import Bench, data_text, sst2_config, target
+from simulations.benchmarks.harness import Bench, central_metrics, data_text, sst2_config, target
 
 DESCRIPTION = (
     "Full fine-tuning vs LoRA with fp32, fp16 and int8 update encodings on {data}: bytes "
@@ -44,7 +44,7 @@ def run(bench: Bench) -> dict[str, Any]:
             "bytes_up_per_round": up, "bytes_down_per_round": down,
             "bytes_up_per_client_round": up / clients, "bytes_per_round": up + down,
             **fed.outcome(),
-            "final_f1_macro": float(fed.rows[-1]["central"]["f1_macro"]),
+            "final_f1_macro": float(central_metrics(fed.rows[-1], fed.run_dir)["f1_macro"]),
             "mean_round_seconds": fed.mean_round_seconds(),
         }
     full_bytes = results["full"]["bytes_per_round"]

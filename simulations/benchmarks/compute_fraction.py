@@ -35,8 +35,8 @@ def run(bench: Bench) -> dict[str, Any]:
     plain = train_in_process(overrides, num_clients=clients, total_steps=clients * rounds * steps)
 
     workers = min(bench.parallel_workers, clients)
-    rounds_seconds = sum(r["seconds"]["round"] for r in fed.rounds)
-    client_train = sum(r["seconds"]["client_train_mean"] * r["clients"]["aggregated"]
+    rounds_seconds = sum(r.seconds.round for r in fed.rounds)
+    client_train = sum(r.seconds.client_train_mean * r.clients.aggregated
                        for r in fed.rounds)
     overhead_total = fed.wall_seconds / plain["total_seconds"] - 1
     overhead_rounds = rounds_seconds / plain["train_seconds"] - 1

@@ -21,6 +21,7 @@ from simulations.benchmarks.harness import (
     Bench,
     BenchmarkError,
     FedRun,
+    central_metrics,
     data_text,
     majority_share,
     sst2_config,
@@ -83,18 +84,18 @@ def noise_for_epsilon(
 
 def _summary(run: FedRun, rounds: int) -> dict[str, Any]:
     last = run.rows[-1]
-    if last["round"] != rounds:
-        raise BenchmarkError(f"{run.run_dir}: stopped after round {last['round']} of {rounds}")
-    aggregated = [int(r["clients"]["aggregated"]) for r in run.rounds]
+    if last.round != rounds:
+        raise BenchmarkError(f"{run.run_dir}: stopped after round {last.round} of {rounds}")
+    aggregated = [int(r.clients.aggregated) for r in run.rounds]
     if min(aggregated) == 0:
         raise BenchmarkError(f"{run.run_dir}: a round aggregated no client update")
-    privacy = last.get("privacy")
+    privacy = last.privacy
     return {
         **run.outcome(),
-        "final_f1_macro": float(last["central"]["f1_macro"]),
-        "epsilon": float(privacy["epsilon"]) if privacy else math.inf,
-        "recorded_sampling_rate": float(privacy["sampling_rate"]) if privacy else None,
-        "sampled_per_round": int(run.rounds[-1]["clients"]["sampled"]),
+        "final_f1_macro": float(central_metrics(last, run.run_dir)["f1_macro"]),
+        "epsilon": float(privacy.epsilon) if privacy else math.inf,
+        "recorded_sampling_rate": float(privacy.sampling_rate) if privacy else None,
+        "sampled_per_round": int(run.rounds[-1].clients.sampled),
         "mean_round_seconds": run.mean_round_seconds(),
     }
 

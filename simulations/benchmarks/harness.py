@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from server.results import ResultsRow, read_results
 from simulations.runner import APP_DIR, HarnessError, run_app
 
 SST2_DIR = APP_DIR.parent / "shared" / "data" / "sst2"
@@ -79,25 +80,28 @@ class FedRun:
     name: str
     run_dir: Path
     wall_seconds: float  # the whole `flwr run`, start-up and shut-down included
-    rows: list[dict[str, Any]]  # results.jsonl, round 0 (initial evaluation) first
+    rows: list[ResultsRow]  # results.jsonl, round 0 (initial evaluation) first
 
     @property
-    def rounds(self) -> list[dict[str, Any]]:
+    def rounds(self) -> list[ResultsRow]:
         """The rows of training rounds (round >= 1)."""
-        return [r for r in self.rows if r["round"] >= 1]
+        return [r for r in self.rows if r.round >= 1]
 
     def mean_round_seconds(self, *, skip_first: bool = False) -> float:
         """Mean ``seconds.round`` over training rounds (optionally without round 1)."""
         rows = self.rounds[1:] if skip_first and len(self.rounds) > 1 else self.rounds
-        return float(np.mean([r["seconds"]["round"] for r in rows]))
+        return float(np.mean([r.seconds.round for r in rows]))
 
     def mean_bytes(self, direction: str) -> float:
         """Mean bytes per training round, ``up`` or ``down``."""
-        return float(np.mean([r["bytes"][direction] for r in self.rounds]))
+        if direction not in ("up", "down"):
+            raise ValueError(f"direction must be 'up' or 'down', got {direction!r}")
+        return float(np.mean([r.bytes.up if direction == "up" else r.bytes.down
+                              for r in self.rounds]))
 
     def final_accuracy(self) -> float:
         """Central accuracy after the last round."""
-        central = self.rows[-1]["central"]
+        central = self.rows[-1].central
         if central is None:
             raise BenchmarkError(f"{self.run_dir}: no central evaluation in the last round")
         return float(central["accuracy"])
@@ -106,11 +110,18 @@ class FedRun:
         """What every benchmark reports of a run: accuracy before and after, eval size, folder."""
         return {
             "final_accuracy": self.final_accuracy(),
-            "initial_accuracy": float(self.rows[0]["central"]["accuracy"]),
-            "eval_examples": int(self.rows[-1]["central"]["num_examples"]),
+            "initial_accuracy": float(central_metrics(self.rows[0], self.run_dir)["accuracy"]),
+            "eval_examples": int(central_metrics(self.rows[-1], self.run_dir)["num_examples"]),
             "wall_seconds": self.wall_seconds,
             "run_dir": str(self.run_dir),
         }
+
+
+def central_metrics(row: ResultsRow, run_dir: Path) -> Mapping[str, float]:
+    """The row's central evaluation; a BenchmarkError naming the run when there is none."""
+    if row.central is None:
+        raise BenchmarkError(f"{run_dir}: no central evaluation in round {row.round}")
+    return row.central
 
 
 @dataclass
@@ -159,11 +170,11 @@ class Bench:
             raise BenchmarkError(
                 f"run {run_name} exited with {result.returncode}; log {result.log_path}:\n{tail}"
             )
-        rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+        rows = read_results(results)
         expected = int(overrides.get("num-server-rounds", 0))
-        if expected and (not rows or rows[-1]["round"] != expected):
+        if expected and (not rows or rows[-1].round != expected):
             raise BenchmarkError(
-                f"run {run_name} recorded rounds {[r['round'] for r in rows]}, "
+                f"run {run_name} recorded rounds {[r.round for r in rows]}, "
                 f"expected up to {expected}; log {result.log_path}"
             )
         print(f"[bench] run {run_name}: done in {wall:.1f} s", flush=True)

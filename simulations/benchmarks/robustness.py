@@ -68,13 +68,13 @@ def setting_name(attack: str, fraction: float) -> str:
 
 
 def _summary(run: FedRun) -> dict[str, Any]:
-    skipped = sum(bool(r["clients"]["skipped"]) for r in run.rounds)
+    skipped = sum(bool(r.clients.skipped) for r in run.rounds)
     if skipped:
-        problems = [p for r in run.rounds for p in r["clients"]["problems"]][:3]
+        problems = [p for r in run.rounds for p in r.clients.problems][:3]
         raise BenchmarkError(f"{run.run_dir}: {skipped} round(s) skipped: {problems}")
     return {
         **run.outcome(),
-        "aggregated_last_round": int(run.rounds[-1]["clients"]["aggregated"]),
+        "aggregated_last_round": int(run.rounds[-1].clients.aggregated),
         "mean_round_seconds": run.mean_round_seconds(),
     }
 

@@ -31,14 +31,14 @@ TIME_TOLERANCE = 1.25
 def _summary(run: FedRun) -> dict[str, float]:
     rounds = run.rounds
     return {
-        "server_peak_mb_first_round": rounds[0]["memory_mb"]["server_peak"],
-        "server_peak_mb_last_round": rounds[-1]["memory_mb"]["server_peak"],
-        "client_peak_mb_first_round": rounds[0]["memory_mb"]["client_peak"],
-        "client_peak_mb_last_round": rounds[-1]["memory_mb"]["client_peak"],
-        "client_peak_mb_max": max(r["memory_mb"]["client_peak"] for r in rounds),
+        "server_peak_mb_first_round": rounds[0].memory_mb.server_peak,
+        "server_peak_mb_last_round": rounds[-1].memory_mb.server_peak,
+        "client_peak_mb_first_round": rounds[0].memory_mb.client_peak,
+        "client_peak_mb_last_round": rounds[-1].memory_mb.client_peak,
+        "client_peak_mb_max": max(r.memory_mb.client_peak for r in rounds),
         "mean_round_seconds_after_first": run.mean_round_seconds(skip_first=True),
-        "first_round_seconds": rounds[0]["seconds"]["round"],
-        "clients_sampled_per_round": float(rounds[-1]["clients"]["sampled"]),
+        "first_round_seconds": rounds[0].seconds.round,
+        "clients_sampled_per_round": float(rounds[-1].clients.sampled),
         "wall_seconds": run.wall_seconds,
     }
 

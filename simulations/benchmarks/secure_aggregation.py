@@ -42,13 +42,13 @@ def _summary(run: FedRun, clients: int) -> dict[str, Any]:
     return {
         "clients": clients,
         "mean_round_seconds_after_first": run.mean_round_seconds(skip_first=True),
-        "first_round_seconds": float(rounds[0]["seconds"]["round"]),
+        "first_round_seconds": float(rounds[0].seconds.round),
         "bytes_up_per_round": up,
         "bytes_up_per_client_round": up / clients,
         "bytes_down_per_round": run.mean_bytes("down"),
         **run.outcome(),
-        "aggregated_min": min(int(r["clients"]["aggregated"]) for r in rounds),
-        "skipped_rounds": sum(bool(r["clients"]["skipped"]) for r in rounds),
+        "aggregated_min": min(int(r.clients.aggregated) for r in rounds),
+        "skipped_rounds": sum(bool(r.clients.skipped) for r in rounds),
     }
 
 

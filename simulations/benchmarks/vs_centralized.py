@@ -12,6 +12,7 @@ from typing import Any
 from simulations.benchmarks.harness import (
     Bench,
     BenchmarkError,
+    central_metrics,
     sst2_config,
     target,
     train_in_process,
@@ -54,18 +55,19 @@ def run(bench: Bench) -> dict[str, Any]:
     for name, overrides, allowed in SETTINGS:
         fed = bench.fedsft(f"vs-centralized-{name}", {**common, **overrides},
                            num_supernodes=clients)
-        seen = sum(r["clients"]["aggregated"] for r in fed.rounds) * steps * common["batch-size"]
+        seen = sum(r.clients.aggregated for r in fed.rounds) * steps * common["batch-size"]
         if seen == 0:
-            problems = [p for r in fed.rounds for p in r["clients"]["problems"]]
+            problems = [p for r in fed.rounds for p in r.clients.problems]
             raise BenchmarkError(f"{fed.run_dir}: no client update was aggregated; first "
                                  f"problem: {problems[0][-400:] if problems else 'none'}")
         accuracy = fed.final_accuracy()
-        eval_examples = int(fed.rows[-1]["central"]["num_examples"])
+        final = central_metrics(fed.rows[-1], fed.run_dir)
+        eval_examples = int(final["num_examples"])
         gap = (central["accuracy"] - accuracy) * 100
         numbers[name] = {"final_accuracy": accuracy,
-                         "final_f1_macro": float(fed.rows[-1]["central"]["f1_macro"]),
+                         "final_f1_macro": float(final["f1_macro"]),
                          "gap_points": gap, "examples_seen": seen,
-                         "failed_clients": sum(r["clients"]["failures"] for r in fed.rounds),
+                         "failed_clients": sum(r.clients.failures for r in fed.rounds),
                          "run_dir": str(fed.run_dir)}
         rows.append([f"federated, {name}", seen, accuracy, numbers[name]["final_f1_macro"],
                      gap])

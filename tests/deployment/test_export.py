@@ -10,6 +10,7 @@ import pytest
 
 import deployment.export as export_module
 from deployment.export import EXPORT_KIND, EXPORT_META, ExportError, export_run
+from server.results import ResultsRow
 from server.run_outputs import outcome_of, write_outcome
 
 ROWS = [
@@ -189,7 +190,8 @@ def test_the_card_names_the_exported_round_and_its_metrics(tmp_path):
     selection = {"rule": "best", "round": 1, "last_round": 2, "metric": "accuracy",
                  "split": "validation", "value": 0.84,
                  "note": "best validation accuracy 0.8400 at round 1 of 2"}
-    write_outcome(run, outcome_of(rows, status="completed", message="ok", final_model=True,
+    typed = [ResultsRow.from_json(r) for r in rows]
+    write_outcome(run, outcome_of(typed, status="completed", message="ok", final_model=True,
                                   selection=selection))
     out = export_run(run, tmp_path / "model")
     card = (out / "README.md").read_text()

@@ -35,3 +35,25 @@ def eval_reply(node_id: int, **metrics: float) -> Message:
 
 def error_reply(node_id: int, reason: str = "client raised") -> Message:
     return make_message(metadata=_metadata(node_id), error=Error(code=0, reason=reason))
+
+
+class NodesGrid:
+    """Just enough of a Grid for a strategy's ``configure_*``: ``nodes`` connected nodes."""
+
+    def __init__(self, nodes: int) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return list(range(1, self.nodes + 1))
+
+
+def send_round(strategy, server_round: int, state: dict[str, np.ndarray],  # type: ignore[no-untyped-def]
+               *, nodes: int = 6) -> None:
+    """Run ``strategy.configure_train`` for ``server_round`` with ``state`` as the global.
+
+    Flower's messages need a task identity: use with the ``task_identity`` fixture.
+    """
+    from flwr.app import ConfigRecord
+
+    arrays = ArrayRecord({k: Array(v) for k, v in state.items()})
+    list(strategy.configure_train(server_round, arrays, ConfigRecord({}), NodesGrid(nodes)))

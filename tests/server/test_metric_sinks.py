@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from server.metric_sinks import MetricSinkError, flatten_metrics, open_sinks
+from server.results import ResultsRow
 
 ROW0 = {
     "round": 0, "time": 1.7e9,
@@ -63,8 +64,8 @@ def test_tensorboard_scalars_read_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     [sink] = open_sinks(["tensorboard"], tmp_path, "run", CONFIG)
-    sink.log_round(ROW0)
-    sink.log_round(ROW1)
+    sink.log_round(ResultsRow.from_json(ROW0))
+    sink.log_round(ResultsRow.from_json(ROW1))
     sink.close()
 
     events = EventAccumulator(str(tmp_path / "tensorboard"))
@@ -85,8 +86,8 @@ def test_mlflow_metrics_and_params_read_back_from_the_local_file_store(
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     [sink] = open_sinks(["mlflow"], tmp_path, "my-run", CONFIG)
-    sink.log_round(ROW0)
-    sink.log_round(ROW1)
+    sink.log_round(ResultsRow.from_json(ROW0))
+    sink.log_round(ResultsRow.from_json(ROW1))
     sink.close()
 
     import os
@@ -105,7 +106,7 @@ def test_mlflow_metrics_and_params_read_back_from_the_local_file_store(
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")
     [again] = open_sinks(["mlflow"], tmp_path, "my-run", CONFIG)
     assert again.run_id == sink.run_id
-    again.log_round({**ROW1, "round": 2})
+    again.log_round(ResultsRow.from_json({**ROW1, "round": 2}))
     again.close()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     history = client.get_metric_history(sink.run_id, "central/accuracy")

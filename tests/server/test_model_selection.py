@@ -15,6 +15,7 @@ from server.model_selection import (
     select_round,
     should_stop,
 )
+from server.results import ResultsRow
 
 
 def _rows(values, *, split="validation", metric="accuracy", skipped=()):
@@ -22,9 +23,10 @@ def _rows(values, *, split="validation", metric="accuracy", skipped=()):
     rows = []
     for rnd, value in enumerate(values):
         block = None if value is None else {metric: value}
-        rows.append({"round": rnd, split: block,
-                     "clients": {"aggregated": 0 if rnd == 0 or rnd in skipped else 2,
-                                 "skipped": rnd in skipped}})
+        rows.append(ResultsRow.from_json({
+            "round": rnd, split: block,
+            "clients": {"aggregated": 0 if rnd == 0 or rnd in skipped else 2,
+                        "skipped": rnd in skipped}}))
     return rows
 
 

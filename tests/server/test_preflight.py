@@ -10,6 +10,7 @@ import pytest
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from server import preflight as pf
+from server.results import ResultsRow
 from server.run_outputs import RunOutputs
 
 TINY = {"builtin-examples": 200, "num-server-rounds": 2}
@@ -49,7 +50,7 @@ def _run_folder(folder: Path, **config) -> Path:
     outputs = RunOutputs(folder, keep_checkpoints=0)
     outputs.start(_cfg(**config), ["neg", "pos"])
     outputs.save_checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, {})
-    outputs.append_result({"round": 1, "clients": {"aggregated": 1}})
+    outputs.append_result(ResultsRow.from_json({"round": 1, "clients": {"aggregated": 1}}))
     return folder
 
 
@@ -119,7 +120,7 @@ def test_resume_names_the_corrupt_checkpoint_it_will_skip(tmp_path):
     run = _run_folder(tmp_path / "run")
     outputs = RunOutputs(run, keep_checkpoints=0)
     outputs.save_checkpoint(2, {"w": np.ones(2, dtype=np.float32)}, {})
-    outputs.append_result({"round": 2, "clients": {"aggregated": 1}})
+    outputs.append_result(ResultsRow.from_json({"round": 2, "clients": {"aggregated": 1}}))
     (run / "checkpoints" / "round-0002.safetensors").write_bytes(b"not a checkpoint")
 
     note = pf.check_resume_folder(_cfg(**{"resume-from": str(run)}))

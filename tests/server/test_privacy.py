@@ -9,7 +9,7 @@ from client.dp_clipping import clip_update
 from common.config import ConfigError, RunConfig
 from server.privacy import client_level_epsilon, max_rounds_within, wrap_with_dp
 from server.tracked_strategy import TrackedStrategy
-from tests.server.messages import train_reply
+from tests.server.messages import send_round, train_reply
 
 
 def test_accountant_matches_the_published_opacus_reference():
@@ -66,13 +66,14 @@ def _dp_round(cfg, updates, *, num_sampled):
         inner, exchanged_spec={"w": ((size,), np.dtype("float32"))}, seed=0,
         min_replies=1, uniform_weights=True,
     )
-    strategy._global = {"w": np.zeros(size, np.float32)}
+    send_round(strategy, 1, {"w": np.zeros(size, np.float32)}, nodes=num_sampled)
     replies = [train_reply(i, {"w": u.astype(np.float32)}, **{"num-examples": 10 * (i + 1)})
                for i, u in enumerate(updates)]
     arrays, _ = strategy.aggregate_train(1, replies)
     return arrays["w"].numpy()
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_server_side_noise_has_the_calibrated_scale():
     cfg = RunConfig(dp_noise_multiplier=2.0, dp_clipping_norm=0.5)
     tiny = np.full(20000, 1e-6)  # Flower's clipping divides by the norm: not exactly 0
@@ -82,6 +83,7 @@ def test_server_side_noise_has_the_calibrated_scale():
     assert abs(result.mean()) < 0.01
 
 
+@pytest.mark.usefixtures("task_identity")
 def test_server_side_clipping_bounds_each_update_and_weights_are_uniform():
     cfg = RunConfig(dp_noise_multiplier=1e-9, dp_clipping_norm=1.0)
     big, small = np.full(4, 10.0), np.array([0.1, 0.0, 0.0, 0.0])

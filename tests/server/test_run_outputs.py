@@ -7,6 +7,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.config import ConfigError, RunConfig
 from server.recorder import EarlyStop, RoundRecorder
+from server.results import Clients, ResultsRow
 from server.run_outputs import (
     OutcomeError,
     ResumePoint,
@@ -22,6 +23,7 @@ from server.run_outputs import (
     staging_folder,
     write_outcome,
 )
+from server.strategies import strategy_state
 from server.tracked_strategy import RoundStats
 
 
@@ -43,7 +45,7 @@ def test_checkpoint_round_trip_is_bit_exact_with_strategy_state(tmp_path):
     state = {"a.weight": np.random.default_rng(0).normal(size=(3, 2)).astype(np.float32)}
     strategy_state = {"m_t": {"a.weight": np.ones((3, 2))}, "momentum_vector": [np.zeros(2)]}
     outputs.save_checkpoint(1, state, strategy_state)
-    outputs.append_result({"round": 1})
+    outputs.append_result(ResultsRow.from_json({"round": 1}))
     checkpoint = outputs.last_checkpoint()
     assert checkpoint.round == 1
     assert checkpoint.global_state["a.weight"].tobytes() == state["a.weight"].tobytes()
@@ -55,13 +57,13 @@ def test_resume_point_is_the_last_round_with_results_and_checkpoint(tmp_path):
     outputs = _outputs(tmp_path)
     for rnd in (0, 1, 2):
         outputs.save_checkpoint(rnd, {"w": np.full(1, rnd, np.float32)}, {})
-        outputs.append_result({"round": rnd})
+        outputs.append_result(ResultsRow.from_json({"round": rnd}))
     outputs.save_checkpoint(3, {"w": np.full(1, 3, np.float32)}, {})  # crashed before line
     with outputs.results_path.open("a") as f:
         f.write('{"round": 4, "torn')  # crashed mid-write
     checkpoint = outputs.last_checkpoint()
     assert checkpoint.round == 2 and checkpoint.global_state["w"][0] == 2
-    assert [r["round"] for r in outputs.read_results()] == [0, 1, 2]
+    assert [r.round for r in outputs.read_results()] == [0, 1, 2]
 
 
 def test_old_checkpoints_are_pruned(tmp_path):
@@ -89,7 +91,7 @@ def _three_rounds(tmp_path, keep=0):
     outputs = _outputs(tmp_path, keep=keep)
     for rnd in (0, 1, 2):
         outputs.save_checkpoint(rnd, {"w": np.full(1, rnd, np.float32)}, {})
-        outputs.append_result({"round": rnd})
+        outputs.append_result(ResultsRow.from_json({"round": rnd}))
     return outputs
 
 
@@ -108,7 +110,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_older_one_and_says_which(
     bad.write_bytes(bad.read_bytes()[:-7])  # truncated, as by a full disk
     checkpoint = outputs.last_checkpoint()
     assert checkpoint.round == 1 and checkpoint.global_state["w"][0] == 1
-    assert [r["round"] for r in outputs.read_results()] == [0, 1]
+    assert [r.round for r in outputs.read_results()] == [0, 1]
     warning = capsys.readouterr().out
     assert str(bad) in warning and "SafetensorError" in warning
 
@@ -140,7 +142,7 @@ def test_all_checkpoints_corrupt_is_an_error_naming_each_file(tmp_path):
         outputs.last_checkpoint()
     for rnd in (0, 1, 2):
         assert str(outputs.checkpoint_dir / f"round-{rnd:04d}.safetensors") in str(err.value)
-    assert [r["round"] for r in outputs.read_results()] == [0, 1, 2]  # nothing dropped
+    assert [r.round for r in outputs.read_results()] == [0, 1, 2]  # nothing dropped
 
 
 def test_check_resume_on_a_missing_folder_does_not_create_it(tmp_path):
@@ -177,8 +179,8 @@ def test_check_resume_changes_nothing_on_disk(tmp_path):
 
 # --- outcome.json --------------------------------------------------------------
 def _row(rnd, aggregated, *problems, skipped=False):
-    return {"round": rnd, "clients": {"aggregated": aggregated, "skipped": skipped,
-                                      "problems": list(problems)}}
+    return ResultsRow(round=rnd, clients=Clients(aggregated=aggregated, skipped=skipped,
+                                                 problems=problems))
 
 
 def test_only_rounds_with_an_aggregated_update_count():
@@ -253,12 +255,20 @@ def test_pruning_never_removes_a_protected_checkpoint(tmp_path):
 
 
 class _Strategy:
-    """What RoundRecorder reads of a TrackedStrategy."""
+    """TrackedStrategy's public seams the recorder uses: every round aggregated 2 of 2."""
 
     def __init__(self, round_offset: int = 0) -> None:
-        self.stats: dict = {}
         self.round_offset = round_offset
         self.inner = FedAvg()
+
+    def to_round(self, server_round: int) -> int:
+        return server_round + self.round_offset
+
+    def take_round_stats(self, rnd: int) -> RoundStats:
+        return RoundStats(round=rnd, sampled=2, aggregated=2)
+
+    def inner_state(self) -> dict:
+        return strategy_state(self.inner)
 
 
 def _recorder(outputs, accuracies, *, round_offset=0, **cfg_changes):
@@ -282,7 +292,6 @@ def _recorder(outputs, accuracies, *, round_offset=0, **cfg_changes):
 
 def _round(recorder, rnd, offset=0):  # type: ignore[no-untyped-def]
     # State "w" is the round number, so evaluate() looks up that round's accuracy.
-    recorder.strategy.stats[rnd] = RoundStats(round=rnd, sampled=2, aggregated=2)
     recorder(rnd - offset, ArrayRecord({"w": Array(np.full(1, rnd, np.float32))}))
 
 
@@ -297,7 +306,7 @@ def test_the_best_checkpoint_survives_pruning_and_resume_recomputes_the_best(
     assert recorder.best_state is not None and recorder.best_state[0] == 2
     assert sorted(p.name for p in outputs.checkpoint_dir.iterdir()) == [
         "round-0002.safetensors", "round-0004.safetensors"]
-    assert [r["validation"]["accuracy"] for r in outputs.read_results()] == accuracies[:5]
+    assert [r.validation["accuracy"] for r in outputs.read_results()] == accuracies[:5]
 
     # Resume after round 4: the best so far comes from results.jsonl, its state from disk.
     resumed_outputs = RunOutputs(outputs.folder, keep_checkpoints=1)
@@ -322,14 +331,14 @@ def test_the_recorder_stops_early_after_the_round_line_is_written(tmp_path):
         _round(recorder, rnd)
     with pytest.raises(EarlyStop, match="after round 3 of 4"):
         _round(recorder, 3)
-    assert [r["round"] for r in outputs.read_results()] == [0, 1, 2, 3]
+    assert [r.round for r in outputs.read_results()] == [0, 1, 2, 3]
     assert (outputs.checkpoint_dir / "round-0003.safetensors").is_file()
 
 
 def test_outcome_records_the_selection_and_reads_older_files_without_it(tmp_path):
     selection = {"rule": "best", "round": 2, "last_round": 3, "metric": "accuracy",
                  "split": "validation", "value": 0.8, "note": "best validation accuracy"}
-    outcome = outcome_of([{"round": 3}], status="completed", message="ok", final_model=True,
+    outcome = outcome_of([ResultsRow(round=3)], status="completed", message="ok", final_model=True,
                          stopped_early="early stopping: ...", selection=selection)
     write_outcome(tmp_path, outcome)
     assert read_outcome(tmp_path) == outcome and outcome.selection == selection

@@ -158,14 +158,14 @@ def test_round_returns_the_weighted_mean_of_deltas_and_the_total_weight():
 
     expected, expected_total = plain_mean(deltas, weights, sorted(deltas))
     assert total == expected_total
-    bound = mean_error_bound(num_clients=5, frac_bits=agg.last_round_info["frac-bits"],
+    bound = mean_error_bound(num_clients=5, frac_bits=agg.round_info().frac_bits,
                              total_weight=total)
     assert_close(mean, expected, bound)
     assert sorted(entries) == sorted(deltas)
-    info = agg.last_round_info
-    assert (info["sampled"], info["advertised"], info["shared"], info["masked"],
-            info["unmasked"]) == (5, 5, 5, 5, 5)
-    assert info["frac-bits"] == frac_bits_for(num_clients=5, max_weight=MAX_WEIGHT,
+    info = agg.round_info()
+    assert (info.sampled, info.advertised, info.shared, info.masked,
+            info.unmasked) == (5, 5, 5, 5, 5)
+    assert info.frac_bits == frac_bits_for(num_clients=5, max_weight=MAX_WEIGHT,
                                               clip_range=CLIP)
     assert grid.errors == []
 
@@ -213,7 +213,7 @@ def test_malformed_masked_input_counts_as_dropped():
     expected, expected_total = plain_mean(deltas, weights, kept)
     assert total == expected_total
     assert_close(mean, expected, 1e-5)
-    assert agg.last_round_info["dropped-masked-input"] == 1
+    assert agg.round_info().dropped_masked_input == 1
 
 
 class LyingAggregator(SecureAggregator):
@@ -239,7 +239,7 @@ def test_clients_refuse_the_both_lists_attack_over_flower():
 
     assert len(grid.errors) == 5
     assert all("both surviving and dropped" in e for e in grid.errors)
-    assert agg.last_round_info["unmasked"] == 0
+    assert agg.round_info().unmasked == 0
 
 
 def test_keys_are_fresh_every_round_and_stale_requests_are_refused():
@@ -310,8 +310,8 @@ def test_uplink_bytes_of_a_lora_payload_within_1_1x_int32():
 
     int32_bytes = 10 * sum(len(Array(a.astype(np.int32)).data)
                            for a in deltas[next(iter(deltas))].values())
-    info = agg.last_round_info
-    uplink = grid.train_bytes_up + info["setup-bytes-up"] + info["unmask-bytes-up"]
+    info = agg.round_info()
+    uplink = grid.train_bytes_up + info.setup_bytes_up + info.unmask_bytes_up
     assert grid.train_bytes_up / int32_bytes < 1.01
     assert uplink / int32_bytes < 1.1
     assert len(mean) == 26
@@ -323,9 +323,9 @@ def test_message_sizes_are_measured():
 
     run_round(grid, agg)
 
-    info = agg.last_round_info
-    assert info["setup-bytes-down"] > 0 and info["setup-bytes-up"] > 0
-    assert info["unmask-bytes-down"] > 0 and info["unmask-bytes-up"] > 0
+    info = agg.round_info()
+    assert info.setup_bytes_down > 0 and info.setup_bytes_up > 0
+    assert info.unmask_bytes_down > 0 and info.unmask_bytes_up > 0
     probe = Message(RecordDict({"config": ConfigRecord({"a": b"1234"})}), dst_node_id=3,
                     message_type="query")
     assert content_bytes(probe) > 4

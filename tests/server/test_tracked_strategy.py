@@ -1,21 +1,24 @@
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian
 
 from common.encoding import UpdateEncoding, encode_update
-from server.tracked_strategy import FP32, RoundStats, TrackedStrategy, summarize_accuracy_spread
-from tests.server.messages import error_reply, eval_reply, train_reply
+from server.results import summarize_accuracy_spread
+from server.tracked_strategy import FP32, TrackedStrategy
+from tests.server.messages import error_reply, eval_reply, send_round, train_reply
 
-GLOBAL = ArrayRecord({"w": Array(np.zeros(2, np.float32))})
+ZERO = {"w": np.zeros(2, np.float32)}
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
-def _tracked(inner=None, *, min_replies=1, round_offset=0, encoding=FP32):
+def _tracked(inner=None, *, min_replies=1, round_offset=0, encoding=FP32, rounds=(1,)):
+    """A strategy that sent ZERO to 6 sampled nodes in each of ``rounds``."""
     strategy = TrackedStrategy(
         inner or FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0,
         encoding=encoding, min_replies=min_replies, round_offset=round_offset,
     )
-    strategy._global = {"w": np.zeros(2, np.float32)}  # what configure_train sent
+    for rnd in rounds:
+        send_round(strategy, rnd, ZERO)
     return strategy
 
 
@@ -34,8 +37,7 @@ def test_weighted_by_num_examples():
 
 
 def test_failed_and_invalid_replies_are_dropped_and_counted():
-    strategy = _tracked()
-    strategy.stats[1] = RoundStats(round=1, sampled=6)
+    strategy = _tracked()  # 6 sampled, 5 replies: one timed out
     arrays, _ = strategy.aggregate_train(1, [
         train_reply(1, _w(2.0, 2.0), **{"num-examples": 2}),
         train_reply(2, _w(np.nan, 0.0), **{"num-examples": 2}),
@@ -44,19 +46,19 @@ def test_failed_and_invalid_replies_are_dropped_and_counted():
         error_reply(5, "CUDA out of memory"),
     ])
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
-    stats = strategy.stats[1]
+    stats = strategy.take_round_stats(1)
     assert (stats.failures, stats.invalid, stats.timeouts, stats.aggregated) == (1, 3, 1, 1)
     assert any("CUDA out of memory" in p for p in stats.problems)
     assert any("non-finite" in p for p in stats.problems)
 
 
 def test_too_few_valid_replies_skip_the_round():
-    strategy = _tracked(min_replies=2)
+    strategy = _tracked(min_replies=2, rounds=(3,))
     arrays, metrics = strategy.aggregate_train(3, [
         train_reply(1, _w(1.0, 1.0), **{"num-examples": 2}), error_reply(2),
     ])
     assert arrays is None and metrics is None
-    assert strategy.stats[3].skipped
+    assert strategy.take_round_stats(3).skipped
 
 
 def test_bulyan_with_too_few_replies_skips_the_round_and_says_why():
@@ -64,9 +66,9 @@ def test_bulyan_with_too_few_replies_skips_the_round_and_says_why():
     arrays, _ = strategy.aggregate_train(1, [
         train_reply(n, _w(float(n), 0.0), **{"num-examples": 1}) for n in range(1, 6)
     ])
-    assert arrays is None and strategy.stats[1].skipped
-    assert "needs at least 4 * num-malicious + 3 = 7 valid replies, got 5" in (
-        strategy.stats[1].problems[-1])
+    stats = strategy.take_round_stats(1)
+    assert arrays is None and stats.skipped
+    assert "needs at least 4 * num-malicious + 3 = 7 valid replies, got 5" in stats.problems[-1]
 
 
 def test_aggregation_does_not_depend_on_arrival_order():
@@ -84,7 +86,9 @@ def test_aggregation_does_not_depend_on_arrival_order():
 def test_round_offset_numbers_the_stats():
     strategy = _tracked(round_offset=4)
     strategy.aggregate_train(1, [train_reply(1, _w(1.0, 1.0), **{"num-examples": 1})])
-    assert list(strategy.stats) == [5]
+    assert strategy.take_round_stats(1) is None
+    assert strategy.take_round_stats(5).aggregated == 1
+    assert strategy.take_round_stats(5) is None  # handed over once
 
 
 def test_robust_inner_strategy_receives_only_valid_replies():
@@ -107,7 +111,7 @@ def test_evaluation_aggregates_valid_replies_and_records_client_accuracy():
         error_reply(4),
     ])
     assert metrics["eval-accuracy"] == pytest.approx(0.8)
-    assert strategy.stats[2].client_eval_accuracy == [0.5, 0.9]
+    assert strategy.take_round_stats(2).client_eval_accuracy == (0.5, 0.9)
 
 
 def test_accuracy_spread():
@@ -118,29 +122,29 @@ def test_accuracy_spread():
 
 
 def test_float64_aggregates_are_cast_back_to_the_exchanged_dtype():
-    strategy = _tracked(FedAdam(eta=0.1))
-    strategy.inner.current_arrays = {"w": np.zeros(2, np.float32)}  # set by configure_train
+    strategy = _tracked(FedAdam(eta=0.1), rounds=(1, 2))
     for rnd in (1, 2):  # a float64 global would make every later float32 reply invalid
         arrays, _ = strategy.aggregate_train(rnd, [
             train_reply(1, _w(1.0, -1.0), **{"num-examples": 1}),
         ])
         assert arrays["w"].dtype == "float32"
-        assert strategy.stats[rnd].invalid == 0
+        assert strategy.take_round_stats(rnd).invalid == 0
 
 
 def test_compressed_updates_are_decoded_before_aggregation():
     enc = UpdateEncoding("int8", block_size=0)
     strategy = _tracked(encoding=enc)
-    payload_1, _ = encode_update(_w(1.0, -2.0), strategy._global, enc)
-    payload_2, _ = encode_update(_w(3.0, 2.0), strategy._global, enc)
+    payload_1, _ = encode_update(_w(1.0, -2.0), ZERO, enc)
+    payload_2, _ = encode_update(_w(3.0, 2.0), ZERO, enc)
     arrays, _ = strategy.aggregate_train(1, [
         train_reply(1, payload_1, **{"num-examples": 1}),
         train_reply(2, payload_2, **{"num-examples": 1}),
         train_reply(3, _w(1.0, 1.0), **{"num-examples": 1}),  # not int8-encoded
     ])
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 0.0], atol=0.02)
-    assert strategy.stats[1].invalid == 1
-    assert "cannot decode the int8 update" in strategy.stats[1].problems[0]
+    stats = strategy.take_round_stats(1)
+    assert stats.invalid == 1
+    assert "cannot decode the int8 update" in stats.problems[0]
 
 
 def test_an_aggregation_error_skips_the_round_instead_of_crashing_the_run():
@@ -150,8 +154,9 @@ def test_an_aggregation_error_skips_the_round_instead_of_crashing_the_run():
 
     strategy = _tracked(Broken())
     arrays, _ = strategy.aggregate_train(1, [train_reply(1, _w(1.0, 1.0), **{"num-examples": 1})])
-    assert arrays is None and strategy.stats[1].skipped
-    assert "ZeroDivisionError" in strategy.stats[1].problems[-1]
+    stats = strategy.take_round_stats(1)
+    assert arrays is None and stats.skipped
+    assert "ZeroDivisionError" in stats.problems[-1]
 
 
 def test_bad_or_extra_metrics_do_not_break_the_round():
@@ -163,7 +168,8 @@ def test_bad_or_extra_metrics_do_not_break_the_round():
     ])
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
     assert metrics["train-loss"] == pytest.approx(0.6) and "extra" not in metrics
-    assert strategy.stats[1].invalid == 1 and "dp-sgd-epsilon" in strategy.stats[1].problems[0]
+    stats = strategy.take_round_stats(1)
+    assert stats.invalid == 1 and "dp-sgd-epsilon" in stats.problems[0]
 
 
 def test_a_nan_informational_metric_keeps_the_update_but_leaves_the_round_metrics():
@@ -178,10 +184,10 @@ def test_a_nan_informational_metric_keeps_the_update_but_leaves_the_round_metric
     ])
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
     assert metrics == {"train-steps": pytest.approx(3.0)}
-    stats = strategy.stats[1]
+    stats = strategy.take_round_stats(1)
     assert (stats.invalid, stats.aggregated) == (0, 2)
-    assert stats.problems == ["node 2: metric 'train-loss' is not a finite number; "
-                              "left out of the round's metrics"]
+    assert stats.problems == ("node 2: metric 'train-loss' is not a finite number; "
+                              "left out of the round's metrics",)
     evaluated = strategy.aggregate_evaluate(1, [
         eval_reply(1, **{"num-examples": 1, "eval-accuracy": 0.5}),
         eval_reply(2, **{"num-examples": 1, "eval-accuracy": 0.7, "eval-extra": 2.0}),

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from server.results import ResultsRow
 from server.run_verdict import last_exception_line, run_verdict
 from simulations import __main__ as cli
 from simulations import sweep
@@ -157,7 +158,7 @@ def _resumable_run(folder: Path, **config) -> Path:
     outputs = RunOutputs(folder, keep_checkpoints=0)
     outputs.start(RunConfig.from_flower({"builtin-examples": 200, **config}), ["a", "b"])
     outputs.save_checkpoint(1, {"w": np.zeros(2, dtype=np.float32)}, {})
-    outputs.append_result({"round": 1, "clients": {"aggregated": 1}})
+    outputs.append_result(ResultsRow.from_json({"round": 1, "clients": {"aggregated": 1}}))
     if not (folder / "simulation.json").exists():
         (folder / "simulation.json").write_text(json.dumps({"num-supernodes": 2}))
     return folder

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from common.config import RunConfig
+from server.results import ResultsRow
 from simulations.report import (
     ReportError,
     label_distribution,
@@ -122,7 +123,7 @@ def test_report_copes_with_runs_without_central_evaluation(tmp_path):
 
     html = write_report(run).read_text()
 
-    assert load_run(run).rows[-1]["round"] == 3  # the torn line is ignored
+    assert load_run(run).rows[-1].round == 3  # the torn line is ignored
     assert "final accuracy</td><td class='num'>-</td>" in html
     assert summarize(load_run(run))["final federated accuracy"] == pytest.approx(0.78)
 
@@ -146,7 +147,7 @@ def test_summary_totals_by_hand(tmp_path):
 
 
 def test_time_split_adds_up_to_the_round_time():
-    parts = time_split(_row(1, acc=0.5))
+    parts = time_split(ResultsRow.from_json(_row(1, acc=0.5)))
 
     assert parts["client compute (slowest client)"] == 4.0
     assert parts["communication + serialization + waiting"] == 2.0  # wait 6 - train 4
@@ -154,7 +155,7 @@ def test_time_split_adds_up_to_the_round_time():
     # Waiting shorter than the slowest client's reported time: communication floors at 0.
     row = _row(1, acc=0.5)
     row["seconds"]["wait"] = 3.0
-    assert time_split(row)["communication + serialization + waiting"] == 0.0
+    assert time_split(ResultsRow.from_json(row))["communication + serialization + waiting"] == 0.0
 
 
 def test_label_distribution_recomputes_the_partitions(tmp_path):

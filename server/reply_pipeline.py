@@ -1,0 +1,323 @@
+"""The training-reply pipeline as pure steps over plain data (no Flower messages inside).
+
+One round's replies go through
+
+1. ``prepare_updates``: each reply is decoded against the global state that was sent
+   for the round (passed in, not remembered), validated (server/validation.py), and
+   either kept as an :class:`Update` or dropped with its reason; errors are counted;
+2. ``with_common_metrics`` and ``in_digest_order``: the kept updates share one set of
+   finite metrics and are sorted by content digest, so the floating-point sum does not
+   depend on arrival order;
+3. an aggregation *step*: any callable with the shape of :class:`AggregationStep`
+   (``ValidatedAggregation`` here: steps 1-2, then an aggregation rule; the secure
+   protocol in server/secure_aggregation.py is another), returning an
+   :class:`Aggregate`;
+4. ``restore_dtypes``: the new global state in the exchanged dtypes (Flower's FedOpt
+   family returns float64).
+
+server/tracked_strategy.py turns Flower messages into :class:`Reply` records and back;
+everything here can be tested with hand-made arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import numpy as np
+
+from common.encoding import UpdateEncoding, decode_update
+from server.validation import (
+    ArraySpec,
+    is_finite_number,
+    metrics_problem,
+    unreadable_metrics,
+    update_problem,
+)
+
+log = logging.getLogger(__name__)
+
+State = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One training reply as plain data.
+
+    ``arrays`` is the reply's single array record as numpy (None when the reply is an
+    error, is malformed, or its bytes do not load: ``problem`` says why). ``source`` is
+    the transport's own message, opaque here: only the adapter that built the reply
+    reads it back (to hand the inner Flower strategy its metadata).
+    """
+
+    node: int
+    arrays: State | None = None
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    error: str | None = None  # the client's error reason: the client raised
+    problem: str | None = None  # why the content cannot be read as an update
+    source: object = None
+
+
+@dataclass(frozen=True)
+class Update:
+    """A decoded, validated update: full new values in the exchanged names and dtypes."""
+
+    node: int
+    arrays: State
+    metrics: Mapping[str, Any]
+    source: object = None
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What ``prepare_updates`` kept and dropped, with the reasons in arrival order."""
+
+    updates: tuple[Update, ...]
+    failures: int  # error replies
+    invalid: int  # dropped by decoding or validation
+    problems: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """What an aggregation step made of one round's replies.
+
+    ``arrays`` is the new global state (None: the round is skipped and the global model
+    stays); ``metrics`` go back to Flower; ``train_metrics`` go into the results row.
+    ``bytes_down`` / ``bytes_up`` are the step's own traffic (the secure protocol's).
+    """
+
+    arrays: dict[str, np.ndarray] | None
+    metrics: dict[str, Any] | None = None
+    aggregated: int = 0
+    failures: int = 0
+    invalid: int = 0
+    problems: tuple[str, ...] = ()
+    train_metrics: Mapping[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    bytes_down: int = 0
+    bytes_up: int = 0
+
+
+class AggregationStep(Protocol):
+    """One round's replies and the state sent for it -> the round's :class:`Aggregate`."""
+
+    def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate: ...
+
+
+# An aggregation rule over validated updates: (round, updates) -> (arrays, metrics).
+# Arrays None means the rule produced no model (e.g. too few replies for Bulyan).
+AggregationRule = Callable[[int, Sequence[Update]],
+                           tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]]
+
+
+# --- decode and validate ---------------------------------------------------------------
+def decode_reply(
+    reply: Reply, *, sent: State, spec: Mapping[str, ArraySpec], encoding: UpdateEncoding,
+    max_update_norm: float = 0.0, uniform_weights: bool = False,
+) -> tuple[Update | None, str | None]:
+    """The reply as a validated :class:`Update`, or (None, why it is invalid).
+
+    Decodes the wire payload against ``sent`` (common/encoding.py), then checks names,
+    shapes, dtypes, finite values, the norm bound and the checked metrics
+    (server/validation.py). With ``uniform_weights`` every update weighs one example
+    (DP-FedAvg's sensitivity bound holds only for an unweighted mean).
+    """
+    if reply.arrays is None:
+        return None, reply.problem or "the reply carries no update"
+    try:
+        update = decode_update(dict(reply.arrays), dict(sent), encoding)
+    except Exception as exc:  # undecodable bytes, or not what the encoding produces
+        return None, f"cannot decode the {encoding.scheme} update: {exc}"
+    problem = update_problem(
+        update, expected=spec, num_examples=reply.metrics.get("num-examples"),
+        base=sent, max_norm=max_update_norm,
+    ) or metrics_problem(reply.metrics)
+    if problem:
+        return None, problem
+    if not encoding.sends_delta:
+        update = {name: update[name] for name in reply.arrays}  # the order the client sent
+    metrics = dict(reply.metrics)
+    if uniform_weights:
+        metrics["num-examples"] = 1
+    return Update(node=reply.node, arrays=update, metrics=metrics, source=reply.source), None
+
+
+def prepare_updates(
+    replies: Sequence[Reply], *, sent: State, spec: Mapping[str, ArraySpec],
+    encoding: UpdateEncoding, max_update_norm: float = 0.0, uniform_weights: bool = False,
+) -> Prepared:
+    """Decode and validate every reply; count errors and invalid ones, with reasons."""
+    updates: list[Update] = []
+    problems: list[str] = []
+    failures = invalid = 0
+    for reply in replies:
+        if reply.error is not None:
+            failures += 1
+            problems.append(f"node {reply.node}: error: {reply.error}")
+            continue
+        update, problem = decode_reply(
+            reply, sent=sent, spec=spec, encoding=encoding,
+            max_update_norm=max_update_norm, uniform_weights=uniform_weights)
+        if update is None:
+            invalid += 1
+            problems.append(f"node {reply.node}: invalid update: {problem}")
+            continue
+        updates.append(update)
+        problems.extend(f"node {reply.node}: metric {name!r} is not a finite number; "
+                        "left out of the round's metrics"
+                        for name in unreadable_metrics(update.metrics))
+    return Prepared(updates=tuple(updates), failures=failures, invalid=invalid,
+                    problems=tuple(problems))
+
+
+def error_problems(replies: Sequence[Reply]) -> list[str]:
+    """The reason of every error reply, as ``prepare_updates`` words it."""
+    return [f"node {r.node}: error: {r.error}" for r in replies if r.error is not None]
+
+
+# --- order -------------------------------------------------------------------------------
+def common_metric_names(metrics: Sequence[Mapping[str, Any]]) -> set[str]:
+    """The metric names all of ``metrics`` hold as finite numbers."""
+    return set.intersection(*({k for k, v in m.items() if is_finite_number(v)}
+                              for m in metrics))
+
+
+def with_common_metrics(updates: Sequence[Update]) -> list[Update]:
+    """Updates whose metrics keep only the names all of them share as finite numbers.
+
+    Flower refuses to average metrics when the replies' keys differ; one client sending
+    an extra metric must not make the whole round fail, and one informational NaN (kept
+    by validation) must not turn the round's average into NaN.
+    """
+    if not updates:
+        return []
+    common = common_metric_names([u.metrics for u in updates])
+    return [u if set(u.metrics) == common else
+            replace(u, metrics={k: v for k, v in u.metrics.items() if k in common})
+            for u in updates]
+
+
+def array_bytes(array: np.ndarray) -> bytes:
+    """The ``.npy`` bytes of an array: exactly what Flower's ``Array.data`` holds."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def content_digest(arrays: State) -> bytes:
+    """A digest of the names and serialized values, in the arrays' order."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, array in arrays.items():
+        h.update(name.encode())
+        h.update(array_bytes(array))
+    return h.digest()
+
+
+def in_digest_order(updates: Sequence[Update]) -> list[Update]:
+    """``updates`` sorted by content digest: arrival order must not change the float sum."""
+    return sorted(updates, key=lambda u: content_digest(u.arrays))
+
+
+# --- after aggregation ---------------------------------------------------------------
+def restore_dtypes(arrays: State, spec: Mapping[str, ArraySpec]) -> dict[str, np.ndarray]:
+    """``arrays`` cast to the exchanged dtypes (replies and the global must keep matching)."""
+    return {name: a if a.dtype == spec[name][1] else a.astype(spec[name][1])
+            for name, a in arrays.items()}
+
+
+def mean_scalar_metrics(metrics: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """Unweighted mean of each finite scalar metric over the replies."""
+    values: dict[str, list[float]] = {}
+    for record in metrics:
+        for name, value in record.items():
+            if is_finite_number(value):
+                values.setdefault(name, []).append(float(value))
+    return {name: float(np.mean(v)) for name, v in values.items()}
+
+
+def finite(value: object) -> float | None:
+    """A reported number, or None when it is missing or not a finite number."""
+    return float(value) if is_finite_number(value) else None  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ClientMeasurements:
+    """What the clients reported about their own cost, from the non-error replies."""
+
+    train_seconds: tuple[float, ...] = ()
+    peak_rss_mb: float = 0.0  # the largest peak memory of a client process
+    dp_sgd_epsilon: float | None = None  # the largest sample-level epsilon reported
+
+
+def client_measurements(replies: Sequence[Reply]) -> ClientMeasurements:
+    """Train seconds, peak memory and DP-SGD epsilon reported by the replies."""
+    seconds: list[float] = []
+    rss, eps = 0.0, None
+    for reply in replies:
+        if reply.error is not None:
+            continue
+        if (value := finite(reply.metrics.get("train-seconds"))) is not None:
+            seconds.append(value)
+        if (value := finite(reply.metrics.get("peak-rss-mb"))) is not None:
+            rss = max(rss, value)
+        if (value := finite(reply.metrics.get("dp-sgd-epsilon"))) is not None:
+            eps = max(eps or 0.0, value)
+    return ClientMeasurements(train_seconds=tuple(seconds), peak_rss_mb=rss,
+                              dp_sgd_epsilon=eps)
+
+
+# --- the default step --------------------------------------------------------------------
+@dataclass(frozen=True)
+class ValidatedAggregation:
+    """Decode, validate, order, then ``rule``: the step for plain (unmasked) replies.
+
+    Fewer than ``min_replies`` valid updates skip the round; so does a rule that raises
+    (the run goes on) or returns no model (``why_no_model`` says why, for the results).
+    """
+
+    rule: AggregationRule
+    spec: Mapping[str, ArraySpec]
+    encoding: UpdateEncoding
+    min_replies: int
+    max_update_norm: float = 0.0
+    uniform_weights: bool = False
+    why_no_model: Callable[[int], str] = lambda n: f"round skipped: no model from {n} replies"
+
+    def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate:
+        prepared = prepare_updates(
+            replies, sent=sent, spec=self.spec, encoding=self.encoding,
+            max_update_norm=self.max_update_norm, uniform_weights=self.uniform_weights)
+        counts = {"failures": prepared.failures, "invalid": prepared.invalid}
+        problems = list(prepared.problems)
+        for problem in problems:
+            log.warning("round %d: %s", rnd, problem)
+        valid = prepared.updates
+        if len(valid) < self.min_replies:
+            log.warning(
+                "round %d skipped: %d valid training replies, `min-replies` is %d "
+                "(%d failed, %d invalid)",
+                rnd, len(valid), self.min_replies, prepared.failures, prepared.invalid)
+            return Aggregate(arrays=None, problems=tuple(problems), **counts)
+        ordered = in_digest_order(with_common_metrics(valid))
+        started = time.monotonic()
+        try:
+            arrays, metrics = self.rule(rnd, ordered)
+        except Exception as exc:  # a failing aggregation skips the round, not the run
+            log.exception("round %d: aggregation failed", rnd)
+            problems.append(f"aggregation failed: {type(exc).__name__}: {exc}")
+            return Aggregate(arrays=None, problems=tuple(problems), **counts)
+        seconds = time.monotonic() - started
+        train_metrics = dict(metrics) if metrics else {}
+        if arrays is None:
+            problems.append(self.why_no_model(len(ordered)))
+            log.warning("round %d: %s", rnd, problems[-1])
+        return Aggregate(
+            arrays=None if arrays is None else restore_dtypes(arrays, self.spec),
+            metrics=metrics, aggregated=len(ordered), problems=tuple(problems),
+            train_metrics=train_metrics, seconds=seconds, **counts)

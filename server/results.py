@@ -1,0 +1,234 @@
+"""The results row: one typed record per round, one writer and one reader of results.jsonl.
+
+``results.jsonl`` holds one JSON object per round (round 0 = the initial model); the
+README's Outputs section documents the fields. :class:`ResultsRow` is that object,
+typed: ``to_json`` writes exactly the field names and nesting the file has always had,
+``ResultsRow.from_json`` reads them back, and :func:`read_results` reads a whole file.
+Every reader of a run (the server on resume, the harness, the reports, the benchmarks,
+the metric sinks, the export's model card) goes through them.
+
+The evaluation parts (``central``, ``validation``, ``federated``, ``train``) are
+task-agnostic: a mapping of metric name -> number (classification writes accuracy,
+f1_macro, loss, num_examples; another task writes its own names).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Metrics = Mapping[str, float]
+
+
+class ResultsError(ValueError):
+    """A results line is not a results row (a field is missing or has the wrong type)."""
+
+
+@dataclass(frozen=True)
+class Clients:
+    """Who took part in the round and what went wrong (``clients``)."""
+
+    sampled: int = 0
+    replies: int = 0
+    aggregated: int = 0
+    failures: int = 0
+    timeouts: int = 0
+    invalid: int = 0
+    skipped: bool = False
+    problems: tuple[str, ...] = ()
+    eval_accuracy: tuple[float, ...] = ()  # per-client federated accuracy, sorted
+    eval_accuracy_spread: Metrics = field(default_factory=dict)  # min, p10, median
+
+
+@dataclass(frozen=True)
+class Bytes:
+    """Serialized array bytes of the round and of the run so far (``bytes``)."""
+
+    up: int = 0
+    down: int = 0
+    up_total: int = 0
+    down_total: int = 0
+
+
+@dataclass(frozen=True)
+class Seconds:
+    """Where the round's wall time went (``seconds``)."""
+
+    round: float = 0.0
+    wait: float = 0.0
+    client_train_max: float = 0.0
+    client_train_mean: float = 0.0
+    aggregate: float = 0.0
+    central_eval: float = 0.0
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Peak resident memory in MiB (``memory_mb``); client 0 when none reported it."""
+
+    server_peak: float = 0.0
+    client_peak: float = 0.0
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """Client-level DP spent so far (``privacy``; only with client-level DP)."""
+
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    clipping_norm: float
+    clipping: str
+    side: str
+    sampling_rate: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class DpSgd:
+    """Sample-level DP-SGD: the largest epsilon a client reported (``dp_sgd``)."""
+
+    epsilon_max: float
+    delta: float
+
+
+@dataclass(frozen=True)
+class ResultsRow:
+    """One round of results.jsonl (see the module docstring)."""
+
+    round: int
+    central: Metrics | None = None  # server-side evaluation; None without eval data
+    federated: Metrics = field(default_factory=dict)  # averaged client evaluation
+    train: Metrics = field(default_factory=dict)  # averaged client training metrics
+    clients: Clients = field(default_factory=Clients)
+    bytes: Bytes = field(default_factory=Bytes)
+    seconds: Seconds = field(default_factory=Seconds)
+    memory_mb: Memory = field(default_factory=Memory)
+    time: float = 0.0
+    validation: Metrics | None = None  # the validation split; None when none is held out
+    privacy: Privacy | None = None
+    dp_sgd: DpSgd | None = None
+
+    def metrics(self, split: str) -> Metrics | None:
+        """The evaluation part named ``split`` (central, validation, federated, train)."""
+        if split not in ("central", "validation", "federated", "train"):
+            raise ValueError(f"no evaluation part {split!r} in a results row")
+        value: Metrics | None = getattr(self, split)
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as written to results.jsonl (``privacy`` / ``dp_sgd`` only when set)."""
+        out: dict[str, Any] = {
+            "round": self.round,
+            "central": None if self.central is None else dict(self.central),
+            "federated": dict(self.federated),
+            "train": dict(self.train),
+            "clients": {**asdict(self.clients), "problems": list(self.clients.problems),
+                        "eval_accuracy": list(self.clients.eval_accuracy),
+                        "eval_accuracy_spread": dict(self.clients.eval_accuracy_spread)},
+            "bytes": asdict(self.bytes),
+            "seconds": asdict(self.seconds),
+            "memory_mb": asdict(self.memory_mb),
+            "time": self.time,
+            "validation": None if self.validation is None else dict(self.validation),
+        }
+        if self.privacy is not None:
+            out["privacy"] = asdict(self.privacy)
+        if self.dp_sgd is not None:
+            out["dp_sgd"] = asdict(self.dp_sgd)
+        return out
+
+    def to_line(self) -> str:
+        """One results.jsonl line (with its newline)."""
+        return json.dumps(self.to_json(), sort_keys=True, allow_nan=True) + "\n"
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> ResultsRow:
+        """A row from its JSON object; missing parts read as empty, optional ones as None.
+
+        Raises
+        ------
+        ResultsError
+            ``obj`` is not an object with an integer ``round``, or a part has fields of
+            the wrong kind.
+        """
+        if not isinstance(obj, Mapping) or isinstance(obj.get("round"), bool) or not (
+                isinstance(obj.get("round"), (int, float))):
+            raise ResultsError(f"a results row needs a numeric 'round', got {obj!r:.200}")
+        try:
+            clients = dict(obj.get("clients") or {})
+            clients["problems"] = tuple(clients.get("problems", ()))
+            clients["eval_accuracy"] = tuple(clients.get("eval_accuracy", ()))
+            return cls(
+                round=int(obj["round"]),
+                central=_metrics_or_none(obj.get("central")),
+                federated=dict(obj.get("federated") or {}),
+                train=dict(obj.get("train") or {}),
+                clients=_part(Clients, clients),
+                bytes=_part(Bytes, obj.get("bytes") or {}),
+                seconds=_part(Seconds, obj.get("seconds") or {}),
+                memory_mb=_part(Memory, obj.get("memory_mb") or {}),
+                time=float(obj.get("time", 0.0)),
+                validation=_metrics_or_none(obj.get("validation")),
+                privacy=None if obj.get("privacy") is None else _part(Privacy, obj["privacy"]),
+                dp_sgd=None if obj.get("dp_sgd") is None else _part(DpSgd, obj["dp_sgd"]),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ResultsError(f"results row of round {obj.get('round')}: {exc}") from exc
+
+
+def _metrics_or_none(value: object) -> dict[str, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise TypeError(f"an evaluation part must be an object, got {value!r:.80}")
+    return dict(value)
+
+
+def _part(kind: type, value: Mapping[str, Any]) -> Any:
+    """A part from its JSON object; unknown keys (a newer writer's) are left out."""
+    names = {f.name for f in fields(kind)}
+    return kind(**{k: v for k, v in value.items() if k in names})
+
+
+def read_results(path: Path) -> list[ResultsRow]:
+    """The rows of a results.jsonl, in file order; [] when the file does not exist.
+
+    A torn last line (a crash mid-write) ends the list: lines are fsynced one by one, so
+    only the last can be partial.
+
+    Raises
+    ------
+    ResultsError
+        A complete line is not a results row.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        rows.append(ResultsRow.from_json(obj))
+    return rows
+
+
+def summarize_accuracy_spread(values: list[float] | tuple[float, ...]) -> dict[str, float]:
+    """Min, 10th percentile and median of per-client accuracies (fairness under skew)."""
+    if not values:
+        return {}
+    array = np.asarray(values, dtype=np.float64)
+    return {
+        "min": float(array.min()),
+        "p10": float(np.percentile(array, 10)),
+        "median": float(np.median(array)),
+    }
