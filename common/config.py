@@ -18,6 +18,10 @@ from common.encoding import ENCODINGS, UpdateEncoding
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
+# How LoRA adapters are aggregated: fedavg averages A and B separately (the mean of the
+# products is not the product of the means); ffa freezes every A at its seeded init and
+# trains and sends only B, so the average is exact (FFA-LoRA, Sun et al. 2024).
+LORA_AGGREGATIONS = ("fedavg", "ffa")
 # Strategies whose aggregate is a (weighted) mean of the replies.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 STRATEGIES = (
@@ -60,6 +64,9 @@ class RunConfig:
     lora_alpha: int = 16  # alpha = 2r keeps the update scale of the LoRA paper
     lora_dropout: float = 0.05
     lora_target_modules: str = ""  # comma list; empty = peft's choice per architecture
+    # fedavg | ffa: ffa freezes A (identical everywhere: built after the same seed), so
+    # only B and the head train and cross the wire: exact averaging, about half the bytes.
+    lora_aggregation: str = "fedavg"
     freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
     # --- data ---
     dataset: str = "builtin"  # builtin | path to a file | hf:<name>
@@ -152,6 +159,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("method", self.method, METHODS)
+        _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        if self.lora_aggregation != "fedavg" and self.method != "lora":
+            raise ConfigError(
+                f"`lora-aggregation` {self.lora_aggregation!r} needs `method` lora, got "
+                f"{self.method!r}; keep lora-aggregation=fedavg with other methods"
+            )
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("update-encoding", self.update_encoding, ENCODINGS)

@@ -26,6 +26,8 @@ from common.model_source import check_max_length, max_positions, resolve_model
 # Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
 # most decoder-style and newer encoders ".layers.<i>.".
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+# peft's down-projection matrices: lora_A of Linear layers, lora_embedding_A of embeddings.
+_LORA_A = re.compile(r"\.lora_(?:embedding_)?A\.")
 
 
 def build_model(
@@ -40,7 +42,8 @@ def build_model(
     Parameters
     ----------
     cfg
-        Uses ``model``, ``method``, ``lora_*``, ``freeze_layers`` and ``seed``.
+        Uses ``model``, ``method``, ``lora_*`` (``lora_aggregation`` ffa freezes A),
+        ``freeze_layers`` and ``seed``.
     label_names
         One name per class, index = label id (any number of classes).
 
@@ -114,9 +117,18 @@ def _apply_lora(model: torch.nn.Module, cfg: RunConfig) -> torch.nn.Module:
         target_modules=targets,  # None: peft's per-architecture default (BERT: query, value)
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as err:  # e.g. an architecture peft has no default targets for
         raise _unknown_targets_error(model, targets or [], cause=str(err)) from err
+    if cfg.lora_aggregation == "ffa":
+        # FFA-LoRA: A stays at its seeded init, bit-identical in every process (built
+        # right after the same manual_seed), so it never needs to cross the wire. Frozen,
+        # it drops out of the exchanged state, the optimizer and DP-SGD's per-example
+        # gradients; B (peft inits it to zero) and the head still train.
+        for name, param in model.named_parameters():
+            if _LORA_A.search(name):
+                param.requires_grad_(False)
+    return model
 
 
 def _unknown_targets_error(
@@ -298,6 +310,7 @@ def get_model(
         cfg.lora_r,
         cfg.lora_alpha,
         cfg.lora_dropout,
+        cfg.lora_aggregation,
         tuple(cfg.target_modules or ()),
         cfg.freeze_layers,
         tuple(label_names),
