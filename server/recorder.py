@@ -118,7 +118,8 @@ class RoundRecorder:
             row["privacy"] = self.privacy.row(rnd)
         if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
             # Each client accounts its own records; the weakest guarantee is the largest.
-            row["dp_sgd"] = {"epsilon_max": stats.dp_sgd_epsilon, "delta": self.cfg.dp_sgd_delta}
+            row["dp_sgd"] = {"epsilon_max": stats.dp_sgd_epsilon, "delta": self.cfg.dp_sgd_delta,
+                             "sites": stats.dp_sgd_sites}
         # Until this row is on disk, a resume would still select the previous best: keep
         # both checkpoints.
         protect = {self._best(), self._best([*self.rows, row])} - {None}

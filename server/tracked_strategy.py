@@ -29,7 +29,7 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,8 @@ class RoundStats:
     client_train_seconds: list[float] = field(default_factory=list)
     client_peak_rss_mb: float = 0.0  # largest peak memory reported by a client process
     dp_sgd_epsilon: float | None = None  # largest sample-level epsilon a client reported
+    # Per site (client key): its epsilon so far and the noise multiplier it used.
+    dp_sgd_sites: dict[str, dict[str, float]] = field(default_factory=dict)
     train_metrics: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     client_eval_accuracy: list[float] = field(default_factory=list)
@@ -131,6 +133,7 @@ class TrackedStrategy(Strategy):
         self.encoding = encoding
         self._global: dict[str, np.ndarray] = {}  # the state sent this round
         self._sent_at = 0.0
+        self._site_key: Callable[[int], str] | None = None
 
     def _round(self, server_round: int) -> int:
         return server_round + self.round_offset
@@ -145,6 +148,7 @@ class TrackedStrategy(Strategy):
         rnd = self._round(server_round)
         stats = self.stats.setdefault(rnd, RoundStats(round=rnd))
         self._global = {name: array.numpy() for name, array in arrays.items()}
+        self._site_key = getattr(grid, "client_key", None)  # NodeWaitingGrid's stable keys
         # Listing the nodes first lets the grid finish any messaging (it asks new nodes
         # for their keys), which may itself draw from `random`, before seeding it.
         grid.get_node_ids()
@@ -181,6 +185,10 @@ class TrackedStrategy(Strategy):
                     stats.client_peak_rss_mb = max(stats.client_peak_rss_mb, rss)
                 if (eps := _finite(metrics.get("dp-sgd-epsilon"))) is not None:
                     stats.dp_sgd_epsilon = max(stats.dp_sgd_epsilon or 0.0, eps)
+                    site = self._site_key(node) if self._site_key else f"node-{node}"
+                    stats.dp_sgd_sites[site] = {"epsilon": eps}
+                    if (z := _finite(metrics.get("dp-sgd-noise-multiplier"))) is not None:
+                        stats.dp_sgd_sites[site]["noise_multiplier"] = z
             if self.secure is not None:
                 continue  # masked: only the protocol can check (and open) the sum
             decoded, problem = self._decoded(reply)

@@ -212,6 +212,30 @@ def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
         np.testing.assert_array_equal(value, init[key.replace(".weight", ".default.weight")])
 
 
+def test_dp_sgd_target_epsilon_calibrates_each_site_within_its_budget(tmp_path,
+                                                                       tiny_model_dir):
+    from deployment.export import export_run
+
+    result = _run(tmp_path, tiny_model_dir, "dpsgd-target", nodes=2, **{
+        "num-server-rounds": 2, "dp-sgd-target-epsilon": 3.0, "fraction-evaluate": 0.0})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert log.count("[fedsft] DP-SGD: noise multiplier") == 2  # each site, once
+    rows = _results(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
+        sites = row["dp_sgd"]["sites"]
+        assert len(sites) == 2
+        assert all(0 < site["epsilon"] <= 3.0 for site in sites.values())
+        assert all(site["noise_multiplier"] > 0 for site in sites.values())
+    # After the last planned round each site has spent nearly all of its budget.
+    assert all(site["epsilon"] > 3.0 - 0.05 for site in rows[2]["dp_sgd"]["sites"].values())
+    card = (export_run(result.run_dir, tmp_path / "export") / "README.md").read_text()
+    assert "`dp-sgd-noise-multiplier` = calibrated per site" in card
+    assert card.count("  - site `") == 2
+
+
 def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
     common = {"num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True}
     plain = _run(tmp_path, tiny_model_dir, "plain", nodes=4, **common)
