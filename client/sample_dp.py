@@ -44,7 +44,11 @@ def train_with_dp_sgd(
     model: torch.nn.Module, data: Examples, cfg: RunConfig, *, task: Task, seed: int,
     device: torch.device, pad_token_id: int, state: RecordDict,
 ) -> tuple[TrainResult, dict[str, float]]:
-    """One round of DP-SGD; returns the result and the metrics to report (epsilon, steps).
+    """One round of DP-SGD; returns the result and the metrics to report.
+
+    The metrics are the site's epsilon so far (``dp-sgd-epsilon``), its DP-SGD steps
+    so far and the noise multiplier it used (``dp-sgd-noise-multiplier``: the set one,
+    or the one calibrated from ``dp-sgd-target-epsilon``, logged on the first round).
 
     Raises
     ------
@@ -52,8 +56,21 @@ def train_with_dp_sgd(
         Before training, when this round would exceed ``dp-sgd-target-epsilon``: the
         site then sends a failed reply with that reason, and every later round too.
     """
-    planned = sample_level_epsilon([*load_history(state), planned_entry(cfg, len(data))],
-                                   delta=cfg.dp_sgd_delta)
+    earlier = load_history(state)
+    entry = planned_entry(cfg, len(data))
+    if not earlier and cfg.dp_sgd_noise_multiplier == 0:  # say once what was chosen
+        noise, rate, steps = entry
+        # Printed like the server's [fedsft] lines, so the site's operator sees it.
+        print(
+            f"[fedsft] DP-SGD: noise multiplier {noise:.4g} calibrated for this site's "
+            f"dp-sgd-target-epsilon {cfg.dp_sgd_target_epsilon:g} at delta "
+            f"{cfg.dp_sgd_delta:g} over {cfg.num_server_rounds} planned rounds x {steps} "
+            f"steps at sample rate {rate:.4g} ({len(data)} examples); rounds this site is "
+            "not sampled for leave part of the budget unspent", flush=True,
+        )
+    planned = sample_level_epsilon([*earlier, entry], delta=cfg.dp_sgd_delta)
+    # With a calibrated noise multiplier this holds for every planned round; it stops a
+    # site that would train more DP-SGD rounds than the calibration planned for.
     if planned > cfg.dp_sgd_target_epsilon:
         raise BudgetExhausted(
             f"DP-SGD budget: this round would take the site's epsilon to {planned:.4g} > "
@@ -62,7 +79,8 @@ def train_with_dp_sgd(
         )
     result, entry = train_local_dp_sgd(model, data, cfg, task=task, seed=seed, device=device,
                                        pad_token_id=pad_token_id)
-    history = [*load_history(state), entry]
+    history = [*earlier, entry]
     store_history(state, history)
     epsilon = sample_level_epsilon(history, delta=cfg.dp_sgd_delta)
-    return result, {"dp-sgd-epsilon": epsilon, "dp-sgd-steps": sum(n for _, _, n in history)}
+    return result, {"dp-sgd-epsilon": epsilon, "dp-sgd-steps": sum(n for _, _, n in history),
+                    "dp-sgd-noise-multiplier": entry[0]}

@@ -19,6 +19,10 @@ from common.tasks import DEFAULT_MODELS, TASK_NAMES
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
+# How LoRA adapters are aggregated: fedavg averages A and B separately (the mean of the
+# products is not the product of the means); ffa freezes every A at its seeded init and
+# trains and sends only B, so the average is exact (FFA-LoRA, Sun et al. 2024).
+LORA_AGGREGATIONS = ("fedavg", "ffa")
 # Strategies whose aggregate is a (weighted) mean of the replies.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 STRATEGIES = (
@@ -50,6 +54,10 @@ SFT_ONLY = ("chat_format", "messages_column", "instruction_column", "input_colum
             "max_new_tokens", "retention_dataset", "gradient_checkpointing")
 
 
+# How error messages say "DP-SGD is on": either key turns it on.
+_DP_SGD_ON = "DP-SGD (`dp-sgd-noise-multiplier` > 0 or a finite `dp-sgd-target-epsilon`)"
+
+
 class ConfigError(ValueError):
     """A run-config value is missing, of the wrong type or out of range."""
 
@@ -73,6 +81,9 @@ class RunConfig:
     lora_alpha: int = 16  # alpha = 2r keeps the update scale of the LoRA paper
     lora_dropout: float = 0.05
     lora_target_modules: str = ""  # comma list; empty = peft's choice per architecture
+    # fedavg | ffa: ffa freezes A (identical everywhere: built after the same seed), so
+    # only B and the head train and cross the wire: exact averaging, about half the bytes.
+    lora_aggregation: str = "fedavg"
     freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
     # --- data ---
     dataset: str = "builtin"  # builtin | path to a file | hf:<name>
@@ -150,7 +161,9 @@ class RunConfig:
     dp_sgd_noise_multiplier: float = 0.0  # noise std / per-example clip; 0 = off
     dp_sgd_max_grad_norm: float = 1.0  # L2 bound of each example's gradient
     dp_sgd_delta: float = 1e-5  # the delta each client reports its epsilon at
-    dp_sgd_target_epsilon: float = math.inf  # a site stops training before exceeding it
+    # Each site's budget; alone (noise multiplier 0) it turns DP-SGD on and each site
+    # calibrates its noise to spend at most this over every planned round; inf = none.
+    dp_sgd_target_epsilon: float = math.inf
     # --- simulation-only attackers (client/attacks.py) ---
     attack: str = "none"  # none | sign-flip | scale | gaussian | label-flip | nan
     attack_fraction: float = 0.0  # share of virtual clients that attack
@@ -184,6 +197,12 @@ class RunConfig:
         _check_choice("task", self.task, TASK_NAMES)
         self._check_task_keys()
         _check_choice("method", self.method, METHODS)
+        _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        if self.lora_aggregation != "fedavg" and self.method != "lora":
+            raise ConfigError(
+                f"`lora-aggregation` {self.lora_aggregation!r} needs `method` lora, got "
+                f"{self.method!r}; keep lora-aggregation=fedavg with other methods"
+            )
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("update-encoding", self.update_encoding, ENCODINGS)
@@ -209,9 +228,18 @@ class RunConfig:
                      high_open=True)
         _check_range("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon, low=0,
                      low_open=True)
+        if self.dp_sgd_noise_multiplier > 0 and math.isfinite(self.dp_sgd_target_epsilon):
+            raise ConfigError(
+                "set either `dp-sgd-target-epsilon` (each site then calibrates its noise "
+                "multiplier to stay within it over every planned round) or "
+                "`dp-sgd-noise-multiplier`, not both: got noise multiplier "
+                f"{self.dp_sgd_noise_multiplier:g} and target epsilon "
+                f"{self.dp_sgd_target_epsilon:g}; to give only the budget, set "
+                "`dp-sgd-noise-multiplier`=0"
+            )
         if self.dp_sgd_enabled and self.method == "full":
             raise ConfigError(
-                "`dp-sgd-noise-multiplier` > 0 needs `method` lora, head or freeze, got "
+                f"{_DP_SGD_ON} needs `method` lora, head or freeze, got "
                 "'full': per-example gradients of the embedding matrix cost batch x "
                 "vocabulary x hidden floats per step"
             )
@@ -219,13 +247,13 @@ class RunConfig:
         _check_range("skew-loss-tau", self.skew_loss_tau, low=0, low_open=True)
         if self.dp_sgd_enabled and self.skew_loss != "none":
             raise ConfigError(
-                "`skew-loss` logit-adjusted cannot be combined with DP-SGD "
-                "(`dp-sgd-noise-multiplier` > 0): the site's class prior is computed from "
+                f"`skew-loss` logit-adjusted cannot be combined with {_DP_SGD_ON}: "
+                "the site's class prior is computed from "
                 "its records, outside the privacy accounting; set skew-loss=none"
             )
         if self.dp_sgd_enabled and self.strategy == "fedprox":
             raise ConfigError(
-                "`dp-sgd-noise-multiplier` > 0 cannot be combined with `strategy` fedprox: "
+                f"{_DP_SGD_ON} cannot be combined with `strategy` fedprox: "
                 "its proximal term is not a per-example loss, so DP-SGD would not clip it"
             )
         if self.dp_enabled and self.strategy not in MEAN_STRATEGIES:
@@ -402,8 +430,8 @@ class RunConfig:
 
     @property
     def dp_sgd_enabled(self) -> bool:
-        """Sample-level DP-SGD runs in the clients when a positive noise is set."""
-        return self.dp_sgd_noise_multiplier > 0
+        """Sample-level DP-SGD runs in the clients: a noise multiplier or a budget is set."""
+        return self.dp_sgd_noise_multiplier > 0 or math.isfinite(self.dp_sgd_target_epsilon)
 
     @property
     def encoding(self) -> UpdateEncoding:

@@ -7,6 +7,8 @@ assumes), computes per-example gradients (Opacus' ``GradSampleModule``), clips e
 ``dp-sgd-max-grad-norm`` and adds Gaussian noise (Opacus' ``DPOptimizer`` around AdamW).
 The privacy spent is accounted with Opacus' RDP accountant over every DP-SGD step this
 client has taken in the run (the steps carry over between rounds in the node's state).
+Given only ``dp-sgd-target-epsilon``, each site calibrates its noise multiplier to that
+budget over every planned round, as Opacus' ``make_private_with_epsilon`` does.
 
 The noise is drawn from a generator seeded by the operating system, not from the run's
 seed: every participant knows the seed, and seeded noise could be subtracted.
@@ -14,6 +16,7 @@ seed: every participant knows the seed, and seeded noise could be subtracted.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import secrets
@@ -25,6 +28,7 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from transformers import get_linear_schedule_with_warmup
 
@@ -44,12 +48,88 @@ def sample_level_epsilon(
     return float(accountant.get_epsilon(delta))
 
 
+@functools.lru_cache(maxsize=64)  # pure; a site asks again every round
+def calibrate_noise_multiplier(
+    *, target_epsilon: float, delta: float, sample_rate: float, steps: int
+) -> float:
+    """The smallest noise multiplier (to Opacus' tolerance) whose epsilon stays in budget.
+
+    Opacus' ``get_noise_multiplier`` (what ``make_private_with_epsilon`` uses) with the
+    RDP accountant ``sample_level_epsilon`` reports with: ``steps`` DP-SGD steps of
+    Poisson sampling at ``sample_rate`` then spend at most ``target_epsilon`` at
+    ``delta``, and no more than 0.01 below it.
+
+    Parameters
+    ----------
+    target_epsilon
+        The budget, > 0 and finite.
+    delta
+        In (0, 1).
+    sample_rate
+        Each example's probability of being in a batch, in (0, 1].
+    steps
+        Every DP-SGD step planned over the run, >= 1.
+
+    Raises
+    ------
+    ValueError
+        For arguments out of range, or a budget so small that it would need a noise
+        multiplier above Opacus' limit (1e6).
+    """
+    if not (0 < target_epsilon < math.inf and 0 < delta < 1 and 0 < sample_rate <= 1
+            and steps >= 1):
+        raise ValueError(
+            f"cannot calibrate DP-SGD noise for target epsilon {target_epsilon!r}, delta "
+            f"{delta!r}, sample rate {sample_rate!r}, {steps!r} steps: need epsilon > 0 "
+            "finite, delta in (0, 1), rate in (0, 1], steps >= 1"
+        )
+    try:
+        with warnings.catch_warnings():
+            # Probes far from the answer hit the largest RDP order; the bound stays valid.
+            warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+            return float(get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant="rdp",
+            ))
+    except ValueError as error:  # Opacus: "The privacy budget is too low."
+        raise ValueError(
+            f"`dp-sgd-target-epsilon` {target_epsilon:g} at delta {delta:g} cannot be "
+            f"kept over {steps} DP-SGD steps at sample rate {sample_rate:.4g} with any "
+            f"noise multiplier up to 1e6 ({error}): raise the target, or plan fewer "
+            "rounds or local steps"
+        ) from error
+
+
+def site_noise_multiplier(cfg: RunConfig, num_examples: int) -> float:
+    """The noise multiplier a site with ``num_examples`` training examples uses.
+
+    ``dp-sgd-noise-multiplier`` when set (or no target is); otherwise calibrated from
+    ``dp-sgd-target-epsilon`` for every round the run plans: ``num-server-rounds``
+    times this site's steps per round at its own sample rate. The plan assumes the
+    site trains in every round; with ``fraction-train`` < 1 it trains in fewer and
+    spends less than the target (conservative: more noise than needed).
+    """
+    if cfg.dp_sgd_noise_multiplier > 0 or math.isinf(cfg.dp_sgd_target_epsilon):
+        return cfg.dp_sgd_noise_multiplier
+    sample_rate, steps = _sample_rate_and_steps(cfg, num_examples)
+    return calibrate_noise_multiplier(
+        target_epsilon=cfg.dp_sgd_target_epsilon, delta=cfg.dp_sgd_delta,
+        sample_rate=sample_rate, steps=cfg.num_server_rounds * steps,
+    )
+
+
 def planned_entry(cfg: RunConfig, num_examples: int) -> tuple[float, float, int]:
     """The accountant entry ``(noise multiplier, sample rate, steps)`` one call will add."""
+    sample_rate, steps = _sample_rate_and_steps(cfg, num_examples)
+    return site_noise_multiplier(cfg, num_examples), sample_rate, steps
+
+
+def _sample_rate_and_steps(cfg: RunConfig, num_examples: int) -> tuple[float, int]:
+    """This site's Poisson sample rate and its DP-SGD steps in one round."""
     sample_rate = min(cfg.batch_size / num_examples, 1.0)
     steps = (cfg.local_steps if cfg.local_steps > 0
              else cfg.local_epochs * math.ceil(num_examples / cfg.batch_size))
-    return cfg.dp_sgd_noise_multiplier, sample_rate, steps
+    return sample_rate, steps
 
 
 def poisson_batches(
@@ -99,13 +179,13 @@ def train_local_dp_sgd(
     start = time.perf_counter()
     torch.manual_seed(seed)  # dropout; sampling below has its own seeded generator
     sampling = torch.Generator().manual_seed(seed)
-    _, sample_rate, total_steps = planned_entry(cfg, len(data))
+    noise_multiplier, sample_rate, total_steps = planned_entry(cfg, len(data))
 
     params = [p for p in model.parameters() if p.requires_grad]
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     optimizer = DPOptimizer(
         torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
-        noise_multiplier=cfg.dp_sgd_noise_multiplier,
+        noise_multiplier=noise_multiplier,
         max_grad_norm=cfg.dp_sgd_max_grad_norm,
         expected_batch_size=cfg.batch_size,
         generator=noise,
@@ -155,4 +235,4 @@ def train_local_dp_sgd(
         seconds=time.perf_counter() - start,
         first_loss=losses[0] if losses else float("nan"),
     )
-    return result, (cfg.dp_sgd_noise_multiplier, sample_rate, steps)
+    return result, (noise_multiplier, sample_rate, steps)

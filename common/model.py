@@ -28,6 +28,8 @@ from common.specs import ModelSpec
 # Encoder layer indices in parameter names: BERT/RoBERTa/DistilBERT use ".layer.<i>.",
 # most decoder-style and newer encoders ".layers.<i>.".
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+# peft's down-projection matrices: lora_A of Linear layers, lora_embedding_A of embeddings.
+_LORA_A = re.compile(r"\.lora_(?:embedding_)?A\.")
 
 
 def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -41,8 +43,8 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
     ----------
     spec
         The model spec: task (which model class and head), resolved path, method,
-        LoRA settings, freeze layers, seed and the class names (index = label id;
-        empty for a task without classes).
+        LoRA settings (``lora_aggregation`` ffa freezes A), freeze layers, seed and
+        the class names (index = label id; empty for a task without classes).
 
     Returns
     -------
@@ -121,9 +123,18 @@ def _apply_lora(
         target_modules=targets,  # None: peft's per-architecture default (BERT: query, value)
     )
     try:
-        return get_peft_model(model, lora)
+        model = get_peft_model(model, lora)
     except ValueError as err:  # e.g. an architecture peft has no default targets for
         raise _unknown_targets_error(model, targets or [], cause=str(err)) from err
+    if spec.lora_aggregation == "ffa":
+        # FFA-LoRA: A stays at its seeded init, bit-identical in every process (built
+        # right after the same manual_seed), so it never needs to cross the wire. Frozen,
+        # it drops out of the exchanged state, the optimizer and DP-SGD's per-example
+        # gradients; B (peft inits it to zero) and the head still train.
+        for name, param in model.named_parameters():
+            if _LORA_A.search(name):
+                param.requires_grad_(False)
+    return model
 
 
 def _unknown_targets_error(

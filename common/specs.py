@@ -54,6 +54,7 @@ class ModelSpec:
     lora_alpha: int
     lora_dropout: float
     lora_target_modules: str
+    lora_aggregation: str
     freeze_layers: int
     gradient_checkpointing: bool
     seed: int

@@ -75,9 +75,14 @@ def privacy_summary(config: dict[str, Any], rows: list[ResultsRow]) -> dict[str,
         }
     sample = [r.dp_sgd for r in rows if r.dp_sgd is not None]
     if sample:
+        settings = {k: v for k, v in config.items() if k.startswith("dp-sgd-")}
+        if settings.get("dp-sgd-noise-multiplier") == 0:  # each site calibrated its own
+            settings["dp-sgd-noise-multiplier"] = "calibrated per site"
+        # A site's last report holds its whole run (its accountant composes the rounds).
+        sites = {site: dict(values) for s in sample for site, values in s.sites.items()}
         summary["sample-level"] = {
             "epsilon": max(s.epsilon_max for s in sample), "delta": sample[-1].delta,
-            "settings": {k: v for k, v in config.items() if k.startswith("dp-sgd-")},
+            "settings": settings, "sites": dict(sorted(sites.items())),
         }
     summary["enabled"] = bool(client or sample)
     return summary
@@ -96,6 +101,10 @@ def _privacy_lines(privacy: dict[str, Any]) -> list[str]:
             settings = ", ".join(f"`{k}` = {v}" for k, v in sorted(p["settings"].items()))
             lines.append(f"- differential privacy: {text}: epsilon = {p['epsilon']:.4g} at "
                          f"delta = {p['delta']} ({settings})")
+            for site, values in p.get("sites", {}).items():
+                noise = (f", noise multiplier {values['noise_multiplier']:.4g}"
+                         if "noise_multiplier" in values else "")
+                lines.append(f"  - site `{site}`: epsilon = {values['epsilon']:.4g}{noise}")
     return lines
 
 

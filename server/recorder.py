@@ -192,7 +192,8 @@ class RoundRecorder:
         dp_sgd = None
         if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
             # Each client accounts its own records; the weakest guarantee is the largest.
-            dp_sgd = DpSgd(epsilon_max=stats.dp_sgd_epsilon, delta=self.cfg.dp_sgd_delta)
+            dp_sgd = DpSgd(epsilon_max=stats.dp_sgd_epsilon, delta=self.cfg.dp_sgd_delta,
+                           sites=dict(stats.dp_sgd_sites))
         train_seconds = stats.client_train_seconds
         return ResultsRow(
             round=rnd,

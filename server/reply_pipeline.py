@@ -253,12 +253,18 @@ class ClientMeasurements:
     train_seconds: tuple[float, ...] = ()
     peak_rss_mb: float = 0.0  # the largest peak memory of a client process
     dp_sgd_epsilon: float | None = None  # the largest sample-level epsilon reported
+    # Per site: its epsilon so far and the noise multiplier it used (DP-SGD).
+    dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
-def client_measurements(replies: Sequence[Reply]) -> ClientMeasurements:
-    """Train seconds, peak memory and DP-SGD epsilon reported by the replies."""
+def client_measurements(
+    replies: Sequence[Reply], *, site_key: Callable[[int], str] | None = None
+) -> ClientMeasurements:
+    """Train seconds, peak memory and DP-SGD epsilon (overall and per site, named by
+    ``site_key`` of the node id, else ``node-<id>``) reported by the replies."""
     seconds: list[float] = []
     rss, eps = 0.0, None
+    sites: dict[str, dict[str, float]] = {}
     for reply in replies:
         if reply.error is not None:
             continue
@@ -268,8 +274,12 @@ def client_measurements(replies: Sequence[Reply]) -> ClientMeasurements:
             rss = max(rss, value)
         if (value := finite(reply.metrics.get("dp-sgd-epsilon"))) is not None:
             eps = max(eps or 0.0, value)
+            site = site_key(reply.node) if site_key else f"node-{reply.node}"
+            sites[site] = {"epsilon": value}
+            if (z := finite(reply.metrics.get("dp-sgd-noise-multiplier"))) is not None:
+                sites[site]["noise_multiplier"] = z
     return ClientMeasurements(train_seconds=tuple(seconds), peak_rss_mb=rss,
-                              dp_sgd_epsilon=eps)
+                              dp_sgd_epsilon=eps, dp_sgd_sites=sites)
 
 
 # --- the default step --------------------------------------------------------------------

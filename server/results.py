@@ -95,6 +95,8 @@ class DpSgd:
 
     epsilon_max: float
     delta: float
+    # Per site (client key): {"epsilon": ..., "noise_multiplier": ...} of its last reply.
+    sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -71,6 +71,8 @@ class RoundStats:
     client_train_seconds: tuple[float, ...] = ()
     client_peak_rss_mb: float = 0.0  # largest peak memory reported by a client process
     dp_sgd_epsilon: float | None = None  # largest sample-level epsilon a client reported
+    # Per site (client key): its epsilon so far and the noise multiplier it used.
+    dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     eval_metrics: Mapping[str, Any] = field(default_factory=dict)
     client_eval_accuracy: tuple[float, ...] = ()  # sorted
@@ -180,6 +182,7 @@ class TrackedStrategy(Strategy):
         self._stats: dict[int, RoundStats] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # the state sent, by round
         self._sent_at: dict[int, float] = {}
+        self._site_key: Callable[[int], str] | None = None
 
     def to_round(self, server_round: int) -> int:
         """The run's round number of Flower's ``server_round`` (after the offset)."""
@@ -213,6 +216,7 @@ class TrackedStrategy(Strategy):
         rnd = self.to_round(server_round)
         stats = self._stats_of(rnd)
         self._sent[rnd] = {name: array.numpy() for name, array in arrays.items()}
+        self._site_key = getattr(grid, "client_key", None)  # NodeWaitingGrid's stable keys
         # Listing the nodes first lets the grid finish any messaging (it asks new nodes
         # for their keys), which may itself draw from `random`, before seeding it.
         grid.get_node_ids()
@@ -237,7 +241,7 @@ class TrackedStrategy(Strategy):
         messages = list(replies)
         wait = time.monotonic() - self._sent_at.get(rnd, stats.started)
         plain = [reply_from_message(m, load_arrays=self.secure_step is None) for m in messages]
-        measured = client_measurements(plain)
+        measured = client_measurements(plain, site_key=self._site_key)
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
         self._update(
             rnd, wait_seconds=wait, replies=len(messages),
@@ -250,6 +254,7 @@ class TrackedStrategy(Strategy):
             problems=(*stats.problems, *result.problems),
             client_train_seconds=measured.train_seconds,
             client_peak_rss_mb=measured.peak_rss_mb, dp_sgd_epsilon=measured.dp_sgd_epsilon,
+            dp_sgd_sites=measured.dp_sgd_sites,
         )
         metrics = None if result.metrics is None else MetricRecord(result.metrics)
         if result.arrays is None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,14 @@ from flwr.app import RecordDict
 
 from client.sample_dp import BudgetExhausted, load_history, train_with_dp_sgd
 from common.config import ConfigError, RunConfig
-from common.dp_sgd import poisson_batches, sample_level_epsilon, train_local_dp_sgd
+from common.dp_sgd import (
+    calibrate_noise_multiplier,
+    planned_entry,
+    poisson_batches,
+    sample_level_epsilon,
+    site_noise_multiplier,
+    train_local_dp_sgd,
+)
 from common.model import get_exchanged_state, set_exchanged_state
 from common.tasks.classification import TASK
 from common.training import train_local
@@ -128,15 +134,13 @@ def test_client_accounts_every_round_in_its_node_state(tiny_model_dir: Path) -> 
     assert 0 < first["dp-sgd-epsilon"] < second["dp-sgd-epsilon"]
 
 
-def test_a_site_refuses_the_round_that_would_exceed_its_budget(tiny_model_dir: Path) -> None:
+def test_a_site_refuses_a_round_beyond_the_calibrated_plan(tiny_model_dir: Path) -> None:
+    # Calibrated for one round (num-server-rounds 1): a second round would overspend.
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=5, batch_size=8,
-                                  dp_sgd_noise_multiplier=1.0)
-    one_round = sample_level_epsilon([(1.0, 8 / 64, 5)], delta=cfg.dp_sgd_delta)
-    two_rounds = sample_level_epsilon([(1.0, 8 / 64, 10)], delta=cfg.dp_sgd_delta)
-    cfg = replace(cfg, dp_sgd_target_epsilon=(one_round + two_rounds) / 2)
+                                  dp_sgd_target_epsilon=4.0, num_server_rounds=1)
     state = RecordDict()
-    train_with_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad,
-                      state=state)
+    _, metrics = train_with_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU,
+                                   pad_token_id=pad, state=state)
     before = get_exchanged_state(model)
 
     with pytest.raises(BudgetExhausted, match="dp-sgd-target-epsilon"):
@@ -144,7 +148,71 @@ def test_a_site_refuses_the_round_that_would_exceed_its_budget(tiny_model_dir: P
                           state=state)
     after = get_exchanged_state(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained
-    assert load_history(state) == [(1.0, 8 / 64, 5)]
+    assert load_history(state) == [(metrics["dp-sgd-noise-multiplier"], 8 / 64, 5)]
+    assert metrics["dp-sgd-epsilon"] <= 4.0
+
+
+# --- calibration from a target epsilon -----------------------------------------------
+
+
+@pytest.mark.parametrize("target", [8.0, 3.0, 1.0])
+def test_calibrated_noise_is_the_smallest_within_budget(target: float) -> None:
+    # A site with 800 examples, batch 32, 10 rounds of 20 steps (the DP setting).
+    plan = {"sample_rate": 32 / 800, "steps": 10 * 20}
+
+    z = calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, **plan)
+
+    history = [(z, plan["sample_rate"], plan["steps"])]
+    assert target - 0.01 <= sample_level_epsilon(history, delta=1e-5) <= target
+    smaller = [(0.98 * z, plan["sample_rate"], plan["steps"])]
+    assert sample_level_epsilon(smaller, delta=1e-5) > target
+
+
+def test_calibration_needs_more_noise_for_a_smaller_budget_or_site() -> None:
+    def z(target: float, rate: float) -> float:
+        return calibrate_noise_multiplier(target_epsilon=target, delta=1e-5,
+                                          sample_rate=rate, steps=200)
+
+    assert z(1.0, 0.04) > z(3.0, 0.04) > z(8.0, 0.04)
+    assert z(8.0, 0.08) > z(8.0, 0.04)  # a smaller site samples each record more often
+
+
+def test_an_unreachable_budget_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="`dp-sgd-target-epsilon` 0.05 .* raise the target"):
+        calibrate_noise_multiplier(target_epsilon=0.05, delta=1e-5, sample_rate=1.0,
+                                   steps=10_000)
+    with pytest.raises(ValueError, match="steps >= 1"):
+        calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5, sample_rate=0.1, steps=0)
+
+
+def test_each_site_calibrates_for_every_planned_round_at_its_own_rate() -> None:
+    cfg = RunConfig(dp_sgd_target_epsilon=8.0, num_server_rounds=10, local_steps=20,
+                    batch_size=32)
+
+    small, large = site_noise_multiplier(cfg, 400), site_noise_multiplier(cfg, 1600)
+
+    assert small == calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5,
+                                               sample_rate=32 / 400, steps=200)
+    assert small > large
+    assert planned_entry(cfg, 400) == (small, 32 / 400, 20)
+    # All planned rounds together stay within the budget, at each site.
+    for z, n in ((small, 400), (large, 1600)):
+        assert sample_level_epsilon([(z, 32 / n, 20)] * 10, delta=1e-5) <= 8.0
+    # A set noise multiplier is used as it is.
+    assert site_noise_multiplier(RunConfig(dp_sgd_noise_multiplier=0.7), 400) == 0.7
+
+
+def test_a_target_epsilon_alone_turns_dp_sgd_on() -> None:
+    assert RunConfig(dp_sgd_target_epsilon=8.0).dp_sgd_enabled
+    assert RunConfig(dp_sgd_noise_multiplier=1.0).dp_sgd_enabled
+    assert not RunConfig().dp_sgd_enabled
+    with pytest.raises(ConfigError, match="`method` lora, head or freeze"):
+        RunConfig(dp_sgd_target_epsilon=8.0, method="full")
+
+
+def test_a_noise_multiplier_and_a_target_epsilon_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match="either `dp-sgd-target-epsilon` .* not both"):
+        RunConfig(dp_sgd_noise_multiplier=0.7, dp_sgd_target_epsilon=8.0)
 
 
 def test_a_call_whose_batches_are_all_empty_takes_noise_steps_only(

@@ -199,3 +199,28 @@ def test_the_card_names_the_exported_round_and_its_metrics(tmp_path):
             in card)
     assert "- central evaluation of the exported model: accuracy 0.8000" in card  # round 1's
     assert json.loads((out / EXPORT_META).read_text())["selection"]["round"] == 1
+
+
+def test_the_card_gives_each_sites_epsilon_and_calibrated_noise(tmp_path):
+    # Site b trained only in round 1 (fraction-train < 1): its last report is round 1's.
+    config = {"dp-sgd-target-epsilon": 8.0, "dp-sgd-noise-multiplier": 0.0,
+              "dp-sgd-delta": 1e-5}
+    rows = [
+        {"round": 0, "central": {"accuracy": 0.5}},
+        {"round": 1, "dp_sgd": {"epsilon_max": 5.0, "delta": 1e-5, "sites": {
+            "b": {"epsilon": 5.0, "noise_multiplier": 0.9},
+            "a": {"epsilon": 4.0, "noise_multiplier": 0.8}}}},
+        {"round": 2, "dp_sgd": {"epsilon_max": 7.5, "delta": 1e-5, "sites": {
+            "a": {"epsilon": 7.5, "noise_multiplier": 0.8}}}},
+    ]
+
+    privacy = export_module.privacy_summary(config, [ResultsRow.from_json(r) for r in rows])
+    card = "\n".join(export_module._privacy_lines(privacy))
+
+    assert privacy["sample-level"]["sites"] == {
+        "a": {"epsilon": 7.5, "noise_multiplier": 0.8},
+        "b": {"epsilon": 5.0, "noise_multiplier": 0.9}}
+    assert "epsilon = 7.5 at delta = 1e-05" in card
+    assert "`dp-sgd-noise-multiplier` = calibrated per site" in card
+    assert "  - site `a`: epsilon = 7.5, noise multiplier 0.8\n" in card
+    assert card.endswith("  - site `b`: epsilon = 5, noise multiplier 0.9")

@@ -176,6 +176,66 @@ def test_dp_sgd_clients_account_across_rounds_and_the_card_says_so(tmp_path,
             f"epsilon = {second:.4g}") in card
 
 
+def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
+    from flwr.app import Array
+
+    from common.config import RunConfig
+    from common.model import build_model, get_exchanged_state
+
+    result = _run(tmp_path, tiny_model_dir, "ffa", nodes=2, **{
+        "num-server-rounds": 2, "fraction-evaluate": 0.0, "lora-aggregation": "ffa"})
+    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    rows = _results(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    labels = list(json.loads((result.run_dir / "label_map.json").read_text()).values())
+
+    def reply_bytes(**changes: object) -> int:
+        """What one train reply of this run's model carries on the wire."""
+        cfg = RunConfig(model=str(tiny_model_dir), **changes)  # type: ignore[arg-type]
+        model, _ = build_model(cfg, labels)
+        return sum(len(Array(a).data) for a in get_exchanged_state(model).values())
+
+    ffa, fedavg = reply_bytes(lora_aggregation="ffa"), reply_bytes()
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
+        assert row["bytes"]["up"] == 2 * ffa < 2 * fedavg
+    state = _final_checkpoint(result.run_dir)
+    assert state and not any("lora_A" in k for k in state)
+    assert any("lora_B" in k for k in state)
+    # The exported adapter holds A at the seeded init every process built, never sent.
+    adapter = load_file(str(result.run_dir / "final" / "adapter" / "adapter_model.safetensors"))
+    fresh, _ = build_model(RunConfig(model=str(tiny_model_dir), lora_aggregation="ffa"), labels)
+    init = {k: p.detach().numpy() for k, p in fresh.named_parameters() if ".lora_A." in k}
+    exported = {k: v for k, v in adapter.items() if ".lora_A." in k}
+    assert len(exported) == len(init) > 0
+    for key, value in exported.items():  # peft drops the adapter name when saving
+        np.testing.assert_array_equal(value, init[key.replace(".weight", ".default.weight")])
+
+
+def test_dp_sgd_target_epsilon_calibrates_each_site_within_its_budget(tmp_path,
+                                                                       tiny_model_dir):
+    from deployment.export import export_run
+
+    result = _run(tmp_path, tiny_model_dir, "dpsgd-target", nodes=2, **{
+        "num-server-rounds": 2, "dp-sgd-target-epsilon": 3.0, "fraction-evaluate": 0.0})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    assert log.count("[fedsft] DP-SGD: noise multiplier") == 2  # each site, once
+    rows = _results(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
+        sites = row["dp_sgd"]["sites"]
+        assert len(sites) == 2
+        assert all(0 < site["epsilon"] <= 3.0 for site in sites.values())
+        assert all(site["noise_multiplier"] > 0 for site in sites.values())
+    # After the last planned round each site has spent nearly all of its budget.
+    assert all(site["epsilon"] > 3.0 - 0.05 for site in rows[2]["dp_sgd"]["sites"].values())
+    card = (export_run(result.run_dir, tmp_path / "export") / "README.md").read_text()
+    assert "`dp-sgd-noise-multiplier` = calibrated per site" in card
+    assert card.count("  - site `") == 2
+
+
 def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
     common = {"num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True}
     plain = _run(tmp_path, tiny_model_dir, "plain", nodes=4, **common)

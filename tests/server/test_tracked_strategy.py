@@ -193,3 +193,18 @@ def test_a_nan_informational_metric_keeps_the_update_but_leaves_the_round_metric
         eval_reply(2, **{"num-examples": 1, "eval-accuracy": 0.7, "eval-extra": 2.0}),
     ])
     assert evaluated["eval-accuracy"] == pytest.approx(0.6)
+
+
+def test_each_sites_epsilon_and_noise_multiplier_are_kept(task_identity):
+    strategy = _tracked()
+    strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 1.0), **{"num-examples": 1, "dp-sgd-epsilon": 2.5,
+                                        "dp-sgd-noise-multiplier": 0.9}),
+        train_reply(2, _w(3.0, 3.0), **{"num-examples": 1, "dp-sgd-epsilon": 4.0,
+                                        "dp-sgd-noise-multiplier": 0.7}),
+    ])
+    stats = strategy.take_round_stats(1)
+    assert stats.dp_sgd_epsilon == 4.0
+    # Without a key-learning grid (no client_key) a site is named by its node.
+    assert stats.dp_sgd_sites == {"node-1": {"epsilon": 2.5, "noise_multiplier": 0.9},
+                                  "node-2": {"epsilon": 4.0, "noise_multiplier": 0.7}}
