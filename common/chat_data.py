@@ -180,38 +180,46 @@ response_column
     return conversations
 
 
-def chat_frame(frame: pd.DataFrame, *, source: str, fmt: str = "auto",
-               **columns: str) -> pd.DataFrame:
+def chat_frame(
+    frame: pd.DataFrame,
+    *,
+    source: str,
+    fmt: str = "auto",
+    messages_column: str = "messages",
+    instruction_column: str = "instruction",
+    input_column: str = "input",
+    output_column: str = "output",
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    system_prompt: str = "",
+) -> pd.DataFrame:
     """``frame`` with a canonical ``messages`` column first and its other columns after.
 
-    Takes the keyword arguments of ``conversations_from_frame`` (``fmt``, the column
-    names, ``system_prompt``) and raises as it does. The columns the format read (the
-    messages column, or instruction / input / output, or prompt / response) are
-    replaced by ``messages``; any other column (``task``, ``domain``, a site id) is kept
-    unchanged, in order, for partitioning. A kept column named ``messages`` would clash
-    and is replaced. The index is reset to 0..n-1; ``frame`` is not changed. The result
-    goes through ``datasets.Dataset.from_pandas`` as a ``list<struct<role, content>>``
-    column.
+    Takes the arguments of ``conversations_from_frame`` and raises as it does. The
+    columns the format read (the messages column, or instruction / input / output, or
+    prompt / response) are replaced by ``messages`` (a ``Conversation`` per row); any
+    other column (``task``, ``domain``, a site id) is kept unchanged, in order, for
+    partitioning; a kept column named ``messages`` would clash and is replaced. The
+    index is reset to 0..n-1; ``frame`` is not changed. The result goes through
+    ``datasets.Dataset.from_pandas`` with ``messages`` as ``list<struct<role,
+    content>>``.
     """
-    conversations = conversations_from_frame(frame, source=source, fmt=fmt, **columns)
-    if fmt == "auto":
-        fmt = detect_format(
-            list(frame.columns), source=source,
-            **{k: v for k, v in columns.items()
-               if k in ("messages_column", "instruction_column", "output_column",
-                        "prompt_column", "response_column")},
-        )
+    names = {"messages_column": messages_column, "instruction_column": instruction_column,
+             "output_column": output_column, "prompt_column": prompt_column,
+             "response_column": response_column}
+    conversations = conversations_from_frame(
+        frame, source=source, fmt=fmt, input_column=input_column,
+        system_prompt=system_prompt, **names,
+    )
+    if fmt == "auto":  # cannot fail now: conversations_from_frame detected it
+        fmt = detect_format(list(frame.columns), source=source, **names)
     used = {
-        "messages": [columns.get("messages_column", "messages")],
-        "alpaca": [columns.get("instruction_column", "instruction"),
-                   columns.get("input_column", "input"),
-                   columns.get("output_column", "output")],
-        "prompt-response": [columns.get("prompt_column", "prompt"),
-                            columns.get("response_column", "response")],
-    }[fmt]
-    rest = frame.drop(columns=[c for c in frame.columns
-                               if str(c) in used or str(c) == MESSAGES_COLUMN])
-    out = rest.reset_index(drop=True)
+        "messages": {messages_column},
+        "alpaca": {instruction_column, input_column, output_column},
+        "prompt-response": {prompt_column, response_column},
+    }[fmt] | {MESSAGES_COLUMN}
+    out = frame.drop(columns=[c for c in frame.columns if str(c) in used])
+    out = out.reset_index(drop=True)
     out.insert(0, MESSAGES_COLUMN, pd.Series(conversations, dtype=object))
     return out
 
