@@ -1,14 +1,20 @@
 """Test helpers that other tests and scripts can import (no fixtures here).
 
-The tiny model builder is product code (quick benchmarks use it too); it is re-exported
+The tiny model builders are product code (quick benchmarks use it too); it is re-exported
 here so tests keep one import place.
 """
 
 from __future__ import annotations
 
-from simulations.benchmarks.tiny_model import write_tiny_bert
+from simulations.benchmarks.tiny_model import (
+    CHATML_TEMPLATE,
+    tiny_chat_tokenizer,
+    write_tiny_bert,
+    write_tiny_llama,
+)
 
-__all__ = ["classify_eval", "write_tiny_bert"]
+__all__ = ["CHATML_TEMPLATE", "classify_eval", "tiny_chat_tokenizer", "write_tiny_bert",
+           "write_tiny_llama"]
 
 
 def classify_eval(model, data, *, batch_size, device, pad_token_id,  # type: ignore[no-untyped-def]
