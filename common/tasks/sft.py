@@ -1,0 +1,381 @@
+"""Chat SFT: supervised instruction fine-tuning of a causal language model.
+
+Rows are conversations (``messages``: a list of ``{role, content}``; Alpaca and
+prompt/response tables are turned into one, ``common/chat_data.py``). The tokenizer's
+chat template renders each conversation; the loss is the next-token cross-entropy on
+the assistant turns only (``train-on = assistant``; ``all`` trains on every token),
+``common/chat_encoding.py``. Evaluation reports the assistant-token loss and its
+perplexity every round and, every ``generate-every`` rounds and after the last, greedy
+generation on a fixed sample of the eval split scored by exact match and token F1
+against the reference answer (the last assistant turn).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from common.builtin_sft_data import generate_sft
+from common.chat_data import chat_frame, check_conversation
+from common.chat_encoding import (
+    IGNORE_INDEX,
+    EncodedChat,
+    EncodeStats,
+    collate_chat,
+    encode_conversations,
+    exact_match,
+    prompt_for_generation,
+    split_for_generation,
+    token_f1,
+)
+from common.config import RunConfig
+from common.data import DataError, read_rows
+from common.model import autocast_context
+from common.specs import DataSpec, EncodeSpec
+from common.tasks.base import Batch, EvalContext, LossFn
+
+log = logging.getLogger(__name__)
+_EVAL_BATCH = 8  # logits are (batch, tokens, vocabulary): keep evaluation batches small
+
+
+@dataclass(frozen=True)
+class ChatExamples:
+    """Tokenized conversations (``examples``) and, for generation, the conversations."""
+
+    examples: list[EncodedChat]
+    conversations: list[list[dict[str, str]]]  # the kept ones, in the same order
+    stats: EncodeStats | None = None
+    chat_template: str | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def chat_columns(spec: DataSpec) -> dict[str, str]:
+    """The column names and system prompt of ``spec`` as ``common.chat_data`` takes them."""
+    return {
+        "messages_column": spec.messages_column, "instruction_column": spec.instruction_column,
+        "input_column": spec.input_column, "output_column": spec.output_column,
+        "prompt_column": spec.prompt_column, "response_column": spec.response_column,
+        "system_prompt": spec.system_prompt,
+    }
+
+
+def template_of(spec: EncodeSpec) -> str | None:
+    """``chat-template``: a Jinja string, or the contents of a ``.jinja`` file; None: the
+    tokenizer's own."""
+    from pathlib import Path
+
+    text = spec.chat_template.strip()
+    if not text:
+        return None
+    path = Path(text).expanduser()
+    if text.endswith(".jinja"):
+        if not path.is_file():
+            raise DataError(f"`chat-template` file not found: {text}")
+        return path.read_text(encoding="utf-8")
+    return spec.chat_template
+
+
+@dataclass(frozen=True)
+class SftSiteReport:
+    """A deployed site's SFT file as checked before it trains (counts only, no text)."""
+
+    source: str
+    conversations: int
+    kept: int
+    truncated: int
+    dropped: int
+    median_tokens: float
+    max_tokens: int
+    max_length: int
+
+    @property
+    def blocking(self) -> tuple[Any, ...]:
+        if self.kept == 0:
+            return (_Finding(f"no conversation fits `max-length` {self.max_length} with a "
+                             "trained token left"),)
+        return ()
+
+    @property
+    def warnings(self) -> tuple[Any, ...]:
+        if self.truncated or self.dropped:
+            return (_Finding(f"{self.truncated} of {self.conversations} conversations are "
+                             f"longer than `max-length` {self.max_length} (truncated), "
+                             f"{self.dropped} dropped"),)
+        return ()
+
+    def aggregate_stats(self) -> dict[str, int | float]:
+        return {"data-rows": self.kept, "data-truncated": self.truncated,
+                "data-dropped": self.dropped, "data-median-tokens": self.median_tokens}
+
+
+@dataclass(frozen=True)
+class _Finding:
+    message: str
+
+
+class SftTask:
+    """The ``Task`` of chat SFT (see ``common/tasks/base.py``)."""
+
+    name = "sft"
+    peft_task_type = "CAUSAL_LM"
+    columns = ("messages",)
+    # LoRA on every attention projection the model has (Llama, Mistral, Qwen, SmolLM).
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    read_as_text = True
+    architecture_suffix = "ForCausalLM"
+
+    def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
+        return generate_sft(num_examples, seed)
+
+    def prepare(
+        self, frame: pd.DataFrame, *, source: str, spec: DataSpec,
+        label_names: Sequence[str] | None,
+    ) -> tuple[pd.DataFrame, list[str]]:
+        return chat_frame(frame, source=source, fmt=spec.chat_format,
+                          **chat_columns(spec)), []
+
+    def check_site(
+        self, path: str, *, spec: DataSpec, max_length: int, label_names: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase,
+    ) -> SftSiteReport:
+        rows, _ = self.prepare(read_rows(path, spec), source=path, spec=spec, label_names=[])
+        examples = self.encode(rows, tokenizer, spec=EncodeSpec(
+            task="sft", max_length=max_length, tokenizer_path=tokenizer.name_or_path,
+            chat_template="", train_on="assistant", overflow="truncate"))
+        lengths = [len(e.input_ids) for e in examples.examples] or [0]
+        stats = examples.stats
+        assert stats is not None
+        return SftSiteReport(source=path, conversations=stats.total, kept=len(examples),
+                             truncated=stats.truncated, dropped=stats.dropped,
+                             median_tokens=float(np.median(lengths)),
+                             max_tokens=max(lengths), max_length=max_length)
+
+    def load_model(
+        self, path: str, *, label_names: Sequence[str], seed: int
+    ) -> PreTrainedModel:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(path)
+        except ValueError as error:  # e.g. an encoder-only config (BERT) has no LM head
+            raise OSError(f"not a causal language model ({error})") from error
+
+    def load_trained(self, path: str) -> PreTrainedModel:
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(path)
+
+    def encode(
+        self, rows: Any, tokenizer: PreTrainedTokenizerBase, *, spec: EncodeSpec
+    ) -> ChatExamples:
+        conversations = [check_conversation(list(m), where=f"row {i + 1}")
+                         for i, m in enumerate(rows["messages"])]
+        template = template_of(spec)
+        if template and not tokenizer.chat_template:
+            # The configured template becomes the tokenizer's: the exported model then
+            # carries it, and generation renders prompts as training did.
+            tokenizer.chat_template = template
+        examples, stats = encode_conversations(
+            tokenizer, conversations, max_length=spec.max_length, train_on=spec.train_on,
+            overflow=spec.overflow, chat_template=template)
+        if stats.truncated or stats.dropped:
+            log.warning("%d of %d conversations are longer than max-length %d: %d truncated, "
+                        "%d dropped (overflow=%s)", stats.truncated + stats.dropped_too_long,
+                        stats.total, spec.max_length, stats.truncated, stats.dropped,
+                        spec.overflow)
+        return ChatExamples(examples=examples,
+                            conversations=[conversations[i] for i in stats.kept],
+                            stats=stats, chat_template=template)
+
+    def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
+        return collate_chat(examples.examples, index, _pad(pad_token_id))
+
+    def make_loss(self, examples: Any, *, cfg: RunConfig) -> LossFn:
+        def assistant_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            # Mean next-token cross-entropy over the trained (label != -100) tokens.
+            return _token_losses(model, batch).sum() / _trained(batch).clamp(min=1)
+        return assistant_token_loss
+
+    def evaluate(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+        examples: Any, ctx: EvalContext,
+    ) -> dict[str, float]:
+        """Assistant-token loss and perplexity; exact match and token F1 when due.
+
+        Generation is due in round 0, every ``generate-every`` rounds and in the final
+        round (``ctx.final``), on the first ``generation-samples`` examples (the eval
+        split's order is seeded, so the sample is fixed across rounds).
+        """
+        if len(examples) == 0:
+            raise ValueError("cannot evaluate on an empty data set")
+        model.eval()
+        loss_sum, tokens = 0.0, 0
+        index = list(range(len(examples)))
+        with torch.inference_mode():
+            for start in range(0, len(index), _EVAL_BATCH):
+                batch = {k: t.to(ctx.device) for k, t in self.collate(
+                    examples, index[start:start + _EVAL_BATCH], _pad(tokenizer.pad_token_id)
+                ).items()}
+                with autocast_context(ctx.precision, ctx.device):
+                    loss_sum += float(_token_losses(model, batch).sum())
+                tokens += int(_trained(batch))
+        loss = loss_sum / max(tokens, 1)
+        metrics: dict[str, float] = {
+            "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+            "num_examples": len(examples),
+        }
+        cfg = ctx.cfg or RunConfig(task="sft")
+        if _generation_due(cfg, ctx):
+            sample = examples.conversations[: cfg.generation_samples]
+            prompts, references = zip(*(split_for_generation(c) for c in sample), strict=True)
+            answers = generate_answers(
+                model, tokenizer, list(prompts), chat_template=examples.chat_template,
+                max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
+                device=ctx.device, batch_size=_EVAL_BATCH)
+            metrics["exact_match"] = float(np.mean(
+                [exact_match(a, r) for a, r in zip(answers, references, strict=True)]))
+            metrics["token_f1"] = float(np.mean(
+                [token_f1(a, r) for a, r in zip(answers, references, strict=True)]))
+        return metrics
+
+    def predict_inputs(
+        self, frame: pd.DataFrame, *, column: str | None, settings: Mapping[str, Any],
+        source: str,
+    ) -> list[list[dict[str, str]]]:
+        """Each row's conversation to answer (see ``prompts_from_frame``)."""
+        return prompts_from_frame(frame, column=column, source=source,
+                                  system_prompt=str(settings.get("system-prompt") or ""))
+
+    def predict(
+        self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+        inputs: Sequence[Any], *, settings: Mapping[str, Any], max_length: int,
+        batch_size: int, device: torch.device,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """The greedy answer to each prompt conversation."""
+        return generate_answers(
+            model, tokenizer, inputs, chat_template=None, max_length=max_length,
+            max_new_tokens=int(settings.get("max-new-tokens") or 48), device=device,
+            batch_size=batch_size, progress=progress)
+
+
+def prompts_from_frame(frame: pd.DataFrame, *, column: str | None, source: str,
+                       system_prompt: str = "") -> list[list[dict[str, str]]]:
+    """Each row as the conversation to answer: a ``messages`` list (a trailing answer is
+    dropped), else the ``column`` / ``prompt`` / ``instruction`` (+ ``input``) text as the
+    user turn. Raises ``DataError`` naming the row when a row holds no prompt."""
+    import json
+
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    prompts = []
+    for number, row in enumerate(frame.to_dict("records"), start=1):
+        where = f"{source}: row {number}"
+        if column is None and "messages" in row:
+            messages = row["messages"]
+            if isinstance(messages, str):
+                try:
+                    messages = json.loads(messages)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{where}: `messages` is not valid JSON: {error}") from error
+            if not isinstance(messages, list) or not messages:
+                raise DataError(f"{where}: `messages` must be a non-empty list of "
+                                "{role, content} objects")
+            turns = [{"role": str(m.get("role")), "content": str(m.get("content"))}
+                     for m in messages if isinstance(m, dict)]
+            if turns and turns[-1]["role"] == "assistant":
+                turns = turns[:-1]
+            if not turns or turns[-1]["role"] != "user":
+                raise DataError(f"{where}: the conversation must end with a user message")
+            has_system = turns[0]["role"] == "system"
+            prompts.append(turns if has_system else system + turns)
+            continue
+        name = column or next((c for c in ("prompt", "instruction", "text") if c in row), None)
+        if name is None or not isinstance(row.get(name), str) or not row[name].strip():
+            raise DataError(f"{where}: no prompt: give a `messages`, `prompt`, `instruction` "
+                            "or `text` column (or --text-column)")
+        text = row[name]
+        extra = row.get("input") if name == "instruction" else None
+        if isinstance(extra, str) and extra.strip():
+            text = f"{text}\n\n{extra}"
+        prompts.append(system + [{"role": "user", "content": text}])
+    return prompts
+
+
+def generate_answers(
+    model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[list[dict[str, str]]], *, chat_template: str | None, max_length: int,
+    max_new_tokens: int, device: torch.device, batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy answers to ``prompts`` (left-padded batches; special tokens stripped)."""
+    pad = _pad(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+               else tokenizer.eos_token_id)
+    eos = _stop_tokens(tokenizer)
+    answers: list[str] = []
+    model.eval()
+    for start in range(0, len(prompts), batch_size):
+        ids = [prompt_for_generation(tokenizer, p, chat_template=chat_template,
+                                     max_length=max_length)
+               for p in prompts[start:start + batch_size]]
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, prompt in enumerate(ids):  # left padding: generation continues the end
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            attention[row, width - len(prompt):] = 1
+        with torch.inference_mode():
+            output = model.generate(  # type: ignore[operator]
+                input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                eos_token_id=eos)
+        for row in output[:, width:].tolist():
+            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+        if progress is not None:
+            progress(len(ids))
+    return answers
+
+
+def _token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """Summed next-token cross-entropy of the trained tokens, per example."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                             ignore_index=IGNORE_INDEX, reduction="none")
+    return losses.sum(dim=1)
+
+
+def _trained(batch: Batch) -> torch.Tensor:
+    """How many tokens of the batch the loss is on (labels shifted like the logits)."""
+    return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+
+def _generation_due(cfg: RunConfig, ctx: EvalContext) -> bool:
+    every = cfg.generate_every
+    return ctx.final or ctx.server_round == 0 or (every > 0 and ctx.server_round % every == 0)
+
+
+def _stop_tokens(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """End of sequence and, for ChatML templates, the end-of-turn token."""
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    turn_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(turn_end, int) and turn_end != tokenizer.unk_token_id and turn_end >= 0:
+        stops.append(turn_end)
+    return sorted(set(stops))
+
+
+def _pad(pad_token_id: int | None) -> int:
+    return 0 if pad_token_id is None else int(pad_token_id)
+
+
+TASK = SftTask()
