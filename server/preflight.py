@@ -17,6 +17,7 @@ from pathlib import Path
 from common import model_source
 from common.config import ConfigError, RunConfig
 from common.data import check_partition_plan, load_server_eval, load_splits
+from common.tasks import get_task
 from server.run_outputs import check_resume, run_folder
 
 # A check raises on a problem and may return a note worth printing.
@@ -102,10 +103,14 @@ def _hub_off_unless_set() -> Iterator[None]:
 
 
 def check_model(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
-    """``model`` resolves offline (folder with config and weights, or a cached Hub id) and
-    ``max-length`` fits its position embeddings."""
+    """``model`` resolves offline (folder with config and weights, or a cached Hub id),
+    ``max-length`` fits its position embeddings, and a local folder suits the task (for
+    sft: a causal LM with a chat template)."""
     with _hub_off_unless_set():
         source = model_source.check_model(cfg)
+    if source.local and (problem := get_task(cfg.task).check_model_folder(
+            Path(source.path), chat_template=cfg.chat_template)):
+        raise ConfigError(f"`model` {cfg.model_name!r}: {problem}")
     if not source.cached:
         return f"model {cfg.model_name!r} is not cached: it will be downloaded from the Hub"
     return None

@@ -6,13 +6,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import write_tiny_bert
+from tests.helpers import write_tiny_bert, write_tiny_llama
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random BERT with the MiniLM tokenizer, written once per test session."""
     return write_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random LlamaForCausalLM with a byte-level ChatML tokenizer (task sft)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture

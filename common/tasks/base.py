@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import pandas as pd
@@ -87,6 +88,11 @@ class Task(Protocol):
         tokenizer: PreTrainedTokenizerBase,
     ) -> DataReport:
         """A deployed site's file checked before it trains (``fedsft check-data`` too)."""
+        ...
+
+    def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
+        """What makes a local model folder unusable for this task (from its config and
+        tokenizer files, no weights loaded), or None. Used by the preflight."""
         ...
 
     def load_model(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,9 @@ class ClassificationTask:
             path, text_column=spec.text_column, label_column=spec.label_column,
             max_length=max_length, label_names=list(label_names), tokenizer=tokenizer,
             label_case_fold=spec.label_case_fold)
+
+    def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
+        return None  # any encoder or decoder gets a fresh classification head
 
     def load_model(
         self, path: str, *, label_names: Sequence[str], seed: int

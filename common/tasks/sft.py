@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -73,8 +74,6 @@ def chat_columns(spec: DataSpec) -> dict[str, str]:
 def template_of(spec: EncodeSpec) -> str | None:
     """``chat-template``: a Jinja string, or the contents of a ``.jinja`` file; None: the
     tokenizer's own."""
-    from pathlib import Path
-
     text = spec.chat_template.strip()
     if not text:
         return None
@@ -160,6 +159,32 @@ class SftTask:
                              truncated=stats.truncated, dropped=stats.dropped,
                              median_tokens=float(np.median(lengths)),
                              max_tokens=max(lengths), max_length=max_length)
+
+    def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
+        """A causal LM (config.json ``architectures`` ``*ForCausalLM``) with a chat
+        template (its tokenizer's, or ``chat-template``)."""
+        import json
+
+        try:
+            config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            return f"{folder / 'config.json'} cannot be read: {error}"
+        architectures = [str(a) for a in config.get("architectures") or []]
+        if not any(a.endswith("ForCausalLM") for a in architectures):
+            return (f"task sft needs a causal language model (config.json architectures "
+                    f"*ForCausalLM), but {folder} is {', '.join(architectures) or 'unnamed'}: "
+                    "use model=smollm2 or another chat model")
+        if chat_template.strip() or (folder / "chat_template.jinja").is_file():
+            return None
+        try:
+            tokenizer_config = json.loads(
+                (folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            tokenizer_config = {}
+        if not tokenizer_config.get("chat_template"):
+            return (f"the tokenizer of {folder} has no chat template: set `chat-template` to "
+                    "a Jinja template (or a .jinja file), or use a chat/instruct model")
+        return None
 
     def load_model(
         self, path: str, *, label_names: Sequence[str], seed: int
