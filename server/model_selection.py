@@ -8,13 +8,21 @@ also reports the model's accuracy: that number is optimistic, and the note says 
 run once that many rounds in a row brought no improvement larger than
 ``early-stopping-min-delta``.
 
+The metric is any of the task's (``TASK_METRICS``), its direction from
+``MetricInfo.higher_is_better``; ``RunConfig.selection_metric_name`` resolves ``auto``.
+
 Only rounds > 0 whose update was aggregated are candidates (round 0 is the untrained
 initial model; a skipped round repeats the previous round's model). A round without a
-finite metric is never the best. Ties go to the earliest round: it reached the same
-score with fewer rounds of training, and a skipped round, which re-evaluates the
-previous model, then never takes the credit of the round that made it. The same rule
-(an improvement must beat the best so far by more than ``min-delta``) decides both the
-best round and the patience count, so the exported round is the one patience waited on.
+finite metric is never the best. A round that did not measure the metric at all (its
+split has no such key: sft's exact match outside the generation rounds) is left out of
+the patience count too: it neither improves nor counts as a round without improvement,
+so patience counts the rounds that measured the metric. A measured but non-finite
+value (a diverged model) does count as no improvement. Ties go to the earliest round: it
+reached the same score with fewer rounds of training, and a skipped round, which
+re-evaluates the previous model, then never takes the credit of the round that made it.
+The same rule (an improvement must beat the best so far by more than ``min-delta``)
+decides both the best round and the patience count, so the exported round is the one
+patience waited on.
 
 No Flower, no torch (``server.run_outputs`` is plain file I/O): the recorder and the
 run call these with results rows.
@@ -29,13 +37,14 @@ from types import MappingProxyType
 from typing import Any
 
 from common.config import SELECT_MODELS
+from common.tasks import TASK_METRICS, metric_info
 from server.results import ResultsRow
 from server.run_outputs import round_aggregated
 
-# Selection metric -> whether larger ("max") or smaller ("min") is better.
-METRIC_MODES = MappingProxyType({"accuracy": "max", "f1_macro": "max", "loss": "min"})
-_METRIC_NAMES = MappingProxyType({"accuracy": "accuracy", "f1_macro": "macro-F1",
-                                  "loss": "loss"})
+# Task -> metric -> whether larger ("max") or smaller ("min") is better.
+METRIC_MODES = MappingProxyType({
+    task: MappingProxyType({m.name: "max" if m.higher_is_better else "min" for m in metrics})
+    for task, metrics in TASK_METRICS.items()})
 # The results-row key each split's metrics are under -> how notes name it.
 SPLITS = MappingProxyType({"validation": "validation", "central": "eval"})
 
@@ -144,26 +153,45 @@ def row_metric(row: ResultsRow, *, split: str, metric: str) -> float | None:
 def metric_history(
     rows: Sequence[ResultsRow], *, split: str, metric: str
 ) -> list[float | None]:
-    """The metric of every training round (> 0) of ``rows``, in round order."""
-    trained = sorted((r for r in rows if r.round > 0), key=lambda r: r.round)
+    """The metric of every training round (> 0) of ``rows`` that measured it, in round
+    order (None for a non-finite value); rounds without the metric are left out."""
+    trained = sorted((r for r in rows if r.round > 0 and metric in (r.metrics(split) or {})),
+                     key=lambda r: r.round)
     return [row_metric(r, split=split, metric=metric) for r in trained]
+
+
+def metric_mode(task: str, metric: str) -> str:
+    """``max`` or ``min``: the direction of ``metric`` of ``task`` (``MetricInfo``).
+
+    Raises
+    ------
+    ValueError
+        ``task`` has no such metric (``auto`` must be resolved first).
+    """
+    return "max" if metric_info(task, metric).higher_is_better else "min"
+
+
+def _what(task: str, split: str, metric: str) -> str:
+    """How notes name the metric, e.g. "validation macro-F1"."""
+    return f"{SPLITS[split]} {metric_info(task, metric).label}"
 
 
 def select_round(
     rows: Sequence[ResultsRow], *, rule: str, metric: str, split: str,
-    min_delta: float = 0.0,
+    min_delta: float = 0.0, task: str = "classification",
 ) -> Selection | None:
     """The round of ``rows`` (results.jsonl rows) whose model to export, and why.
 
     ``rule`` ``best`` picks among the aggregated rounds by the ``split`` part's ``metric``
-    (``best_round``); with no such metric in any of them it falls back to the last
-    round, and the note says why. None when ``rows`` hold no round > 0.
+    of ``task`` (``best_round``, in the metric's direction); with no such metric in any
+    of them it falls back to the last round, and the note says why. None when ``rows``
+    hold no round > 0.
     """
     if rule not in SELECT_MODELS:
         raise ValueError(f"rule must be one of {', '.join(SELECT_MODELS)}, got {rule!r}")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    mode = METRIC_MODES[metric]
+    mode = metric_mode(task, metric)
     rounds = [r.round for r in rows]
     last = max(rounds, default=0)
     if last == 0:
@@ -174,7 +202,7 @@ def select_round(
     values = {r.round: row_metric(r, split=split, metric=metric)
               for r in rows if round_aggregated(r)}
     best = best_round(values, mode=mode, min_delta=min_delta)
-    what = f"{SPLITS[split]} {_METRIC_NAMES[metric]}"
+    what = _what(task, split, metric)
     if best is None:
         return Selection(
             rule="last", round=last, last_round=last, metric=metric, split=split,
@@ -192,19 +220,20 @@ def select_round(
 
 def early_stop_reason(
     rows: Sequence[ResultsRow], *, patience: int, min_delta: float, metric: str,
-    split: str, total_rounds: int,
+    split: str, total_rounds: int, task: str = "classification",
 ) -> str | None:
     """Why the run stops after the last round of ``rows`` (``should_stop``), else None.
 
-    The sentence goes to ``outcome.json`` ``stopped_early``; stopping for patience is a
+    Patience counts the rounds that measured ``metric`` (``metric_history``). The
+    sentence goes to ``outcome.json`` ``stopped_early``; stopping for patience is a
     normal end of the run.
     """
     history = metric_history(rows, split=split, metric=metric)
     if not should_stop(history, patience=patience, min_delta=min_delta,
-                       mode=METRIC_MODES[metric]):
+                       mode=metric_mode(task, metric)):
         return None
     last = max(r.round for r in rows)
-    what = f"{SPLITS[split]} {_METRIC_NAMES[metric]}"
+    what = _what(task, split, metric)
     gain = f"more than {min_delta:g}" if min_delta > 0 else "at all"
     return (f"early stopping: the {what} did not improve {gain} in the last {patience} "
             f"round(s) (`early-stopping-patience` = {patience}); stopped after round "

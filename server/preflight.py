@@ -16,7 +16,13 @@ from pathlib import Path
 
 from common import model_source
 from common.config import ConfigError, RunConfig
-from common.data import check_partition_plan, load_server_eval, load_splits
+from common.data import (
+    DataError,
+    check_partition_plan,
+    load_server_eval,
+    load_site_data,
+    load_splits,
+)
 from common.tasks import get_task
 from server.run_outputs import check_resume, run_folder
 
@@ -123,6 +129,20 @@ def check_server_data(cfg: RunConfig, num_partitions: int | None = None) -> str 
     return None
 
 
+def check_retention_data(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
+    """``retention-dataset`` (the forgetting monitor, task sft) reads and prepares as the
+    task's rows, as the server will read it each round."""
+    if not cfg.retention_dataset:
+        return None
+    label_names, _ = load_server_eval(cfg)  # cached: check_server_data read it already
+    try:
+        rows = load_site_data(cfg.retention_dataset, cfg, label_names)
+    except DataError as error:
+        # The file is named in the error already; say which setting named the file.
+        raise DataError(f"`retention-dataset` (the forgetting monitor): {error}") from error
+    return f"`retention-dataset` {cfg.retention_dataset}: {len(rows)} rows"
+
+
 def check_partitions(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
     """Simulation: every virtual client gets rows of the training data, as the clients
     themselves will partition it (same code, same seed)."""
@@ -135,7 +155,8 @@ def check_partitions(cfg: RunConfig, num_partitions: int | None = None) -> str |
 
 # In order: the cheap file-system checks first, the data last.
 CHECKS: tuple[Check, ...] = (check_output_dir, check_new_run_folder, check_resume_folder,
-                             check_model, check_server_data, check_partitions)
+                             check_model, check_server_data, check_retention_data,
+                             check_partitions)
 
 
 def preflight(cfg: RunConfig, *, num_partitions: int | None) -> list[str]:

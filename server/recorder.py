@@ -9,7 +9,8 @@ checkpoint and then the results line (in that order: a results line means the
 round's checkpoint exists), and prints one progress line.
 
 With a validation split (``validation-fraction`` > 0) it is evaluated too, into the
-row's ``validation``. The recorder keeps the best round's state in memory and protects
+row's ``validation``, and so is the forgetting monitor's ``retention-dataset``, into
+``retention``. The recorder keeps the best round's state in memory and protects
 its checkpoint from pruning (``select-model=best``, server/model_selection.py). When
 ``early-stopping-patience`` rounds brought no improvement it raises ``EarlyStop``, last
 of all: Flower calls ``evaluate_fn`` as the final step of a round, so the exception
@@ -34,6 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from common.config import RunConfig
 from common.model import set_exchanged_state
+from common.tasks import TASK_METRICS, MetricInfo
 from common.tasks.base import EvalContext, Examples, Task
 from server.metric_sinks import MetricSink
 from server.model_selection import (
@@ -48,6 +50,7 @@ from server.results import (
     Clients,
     DpSgd,
     Memory,
+    Metrics,
     Privacy,
     ResultsRow,
     Seconds,
@@ -93,6 +96,7 @@ class RoundRecorder:
         privacy: PrivacyReport | None = None,
         sinks: Sequence[MetricSink] = (),
         validation_data: Examples | None = None,
+        retention_data: Examples | None = None,
     ) -> None:
         self.cfg = cfg
         self.task = task
@@ -109,6 +113,7 @@ class RoundRecorder:
         self.bytes_down_total = 0
         self.last_row: ResultsRow | None = None
         self.validation_data = validation_data
+        self.retention_data = retention_data
         self.split = selection_split(cfg.validation_fraction)
         # Rows so far: on resume, those of the earlier attempts (already cut back to the
         # resumed round), so the best round and the patience count carry over.
@@ -124,9 +129,10 @@ class RoundRecorder:
         state = arrays_to_state(arrays)
         central = self._evaluate(state, self.eval_data, rnd)
         validation = self._evaluate(state, self.validation_data, rnd)
+        retention = self._evaluate(state, self.retention_data, rnd)
         stats = self.strategy.take_round_stats(rnd) or RoundStats(round=rnd, started=started)
         row = self._row(rnd, central, validation, stats,
-                        eval_seconds=time.monotonic() - started)
+                        eval_seconds=time.monotonic() - started, retention=retention)
         # Until this row is on disk, a resume would still select the previous best: keep
         # both checkpoints.
         protect = {self._best(), self._best([*self.rows, row])} - {None}
@@ -139,7 +145,8 @@ class RoundRecorder:
         for sink in self.sinks:
             sink.log_round(row)
         self.last_row = row
-        print(_progress_line(row, self.total_rounds), flush=True)
+        print(_progress_line(row, self.total_rounds, metrics=TASK_METRICS[self.cfg.task]),
+              flush=True)
         if rnd > 0 and (reason := self.early_stop_reason()):
             print(f"[fedsft] {reason}", flush=True)
             raise EarlyStop(reason)
@@ -151,15 +158,15 @@ class RoundRecorder:
     def selection(self) -> Selection | None:
         """Which round's model to export (``select-model``), from the rows so far."""
         return select_round(self.rows, rule=self.cfg.select_model,
-                            metric=self.cfg.selection_metric, split=self.split,
-                            min_delta=self.cfg.early_stopping_min_delta)
+                            metric=self.cfg.selection_metric_name, split=self.split,
+                            min_delta=self.cfg.early_stopping_min_delta, task=self.cfg.task)
 
     def early_stop_reason(self) -> str | None:
         """Why the run should stop after the rows so far (patience), else None."""
         return early_stop_reason(
             self.rows, patience=self.cfg.early_stopping_patience,
-            min_delta=self.cfg.early_stopping_min_delta, metric=self.cfg.selection_metric,
-            split=self.split, total_rounds=self.total_rounds)
+            min_delta=self.cfg.early_stopping_min_delta, metric=self.cfg.selection_metric_name,
+            split=self.split, total_rounds=self.total_rounds, task=self.cfg.task)
 
     def _best(self, rows: Sequence[ResultsRow] | None = None) -> int | None:
         """The best round of ``rows`` (default: so far) under ``select-model=best``."""
@@ -167,8 +174,8 @@ class RoundRecorder:
             return None  # `last` exports the newest round: nothing old to protect
         selection = select_round(
             self.rows if rows is None else rows, rule="best",
-            metric=self.cfg.selection_metric, split=self.split,
-            min_delta=self.cfg.early_stopping_min_delta)
+            metric=self.cfg.selection_metric_name, split=self.split,
+            min_delta=self.cfg.early_stopping_min_delta, task=self.cfg.task)
         return selection.round if selection is not None and selection.rule == "best" else None
 
     def _evaluate(
@@ -185,7 +192,7 @@ class RoundRecorder:
 
     def _row(
         self, rnd: int, central: dict[str, Any] | None, validation: dict[str, Any] | None,
-        stats: RoundStats, *, eval_seconds: float,
+        stats: RoundStats, *, eval_seconds: float, retention: dict[str, Any] | None = None,
     ) -> ResultsRow:
         self.bytes_up_total += stats.bytes_up
         self.bytes_down_total += stats.bytes_down
@@ -222,6 +229,7 @@ class RoundRecorder:
             time=time.time(),
             privacy=None if self.privacy is None else Privacy(**self.privacy.row(rnd)),
             dp_sgd=dp_sgd,
+            retention=retention,
         )
 
 
@@ -229,20 +237,46 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-def _progress_line(row: ResultsRow, total_rounds: int) -> str:
+# Short names for the progress line (the rest print their metric name).
+_SHORT_NAMES = {"accuracy": "acc", "f1_macro": "f1", "exact_match": "em", "token_f1": "f1",
+                "perplexity": "ppl"}
+
+
+def _metrics_text(block: Metrics, metrics: Sequence[MetricInfo]) -> str:
+    """The task's metrics present in ``block``, in the task's order: "acc 0.8833  f1 ..."."""
+    return "  ".join(f"{_SHORT_NAMES.get(m.name, m.name)} {block[m.name]:.4f}"
+                     for m in metrics if m.name in block)
+
+
+def _headline_text(block: Metrics, metrics: Sequence[MetricInfo]) -> str:
+    """The first of the task's metrics present in ``block`` (the headline when measured)."""
+    first = next((m for m in metrics if m.name in block), None)
+    return "" if first is None else _metrics_text(block, [first])
+
+
+def _progress_line(
+    row: ResultsRow, total_rounds: int, *, metrics: Sequence[MetricInfo]
+) -> str:
+    """One line per round: the task's central metrics (``metrics``: its TASK_METRICS)
+    present in the row, bytes, time, the validation / retention headline, privacy,
+    clients."""
     c, b, s, cl = row.central, row.bytes, row.seconds, row.clients
+    federated = {name[len("eval_"):]: value for name, value in row.federated.items()
+                 if name.startswith("eval_")}
     if c is not None:
-        metrics = f"acc {c['accuracy']:.4f}  f1 {c['f1_macro']:.4f}  loss {c['loss']:.4f}"
-    elif "eval_accuracy" in row.federated:
-        metrics = f"federated acc {row.federated['eval_accuracy']:.4f}"
+        text = _metrics_text(c, metrics)
+    elif headline := _headline_text(federated, metrics):
+        text = f"federated {headline}"
     else:
-        metrics = "no central evaluation (no `eval-dataset`)"
+        text = "no central evaluation (no `eval-dataset`)"
     line = (
-        f"[fedsft] round {row.round}/{total_rounds}  {metrics}  |  "
+        f"[fedsft] round {row.round}/{total_rounds}  {text}  |  "
         f"up {_mb(b.up)}  down {_mb(b.down)}  |  {s.round:.1f} s"
     )
-    if row.validation:
-        line += f"  |  validation acc {row.validation['accuracy']:.4f}"
+    if row.validation and (headline := _headline_text(row.validation, metrics)):
+        line += f"  |  validation {headline}"
+    if row.retention and (headline := _headline_text(row.retention, metrics)):
+        line += f"  |  retention {headline}"
     if row.privacy is not None:
         line += f"  |  epsilon {row.privacy.epsilon:.3g}"
     if row.dp_sgd is not None:

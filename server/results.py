@@ -7,7 +7,8 @@ typed: ``to_json`` writes exactly the field names and nesting the file has alway
 Every reader of a run (the server on resume, the harness, the reports, the benchmarks,
 the metric sinks, the export's model card) goes through them.
 
-The evaluation parts (``central``, ``validation``, ``federated``, ``train``) are
+The evaluation parts (``central``, ``validation``, ``retention``, ``federated``,
+``train``) are
 task-agnostic: a mapping of metric name -> number (classification writes accuracy,
 f1_macro, loss, num_examples; another task writes its own names).
 """
@@ -115,16 +116,20 @@ class ResultsRow:
     validation: Metrics | None = None  # the validation split; None when none is held out
     privacy: Privacy | None = None
     dp_sgd: DpSgd | None = None
+    # The forgetting monitor (`retention-dataset`); None (and no key written) when off.
+    retention: Metrics | None = None
 
     def metrics(self, split: str) -> Metrics | None:
-        """The evaluation part named ``split`` (central, validation, federated, train)."""
-        if split not in ("central", "validation", "federated", "train"):
+        """The evaluation part named ``split`` (central, validation, retention, federated,
+        train)."""
+        if split not in ("central", "validation", "retention", "federated", "train"):
             raise ValueError(f"no evaluation part {split!r} in a results row")
         value: Metrics | None = getattr(self, split)
         return value
 
     def to_json(self) -> dict[str, Any]:
-        """The row as written to results.jsonl (``privacy`` / ``dp_sgd`` only when set)."""
+        """The row as written to results.jsonl (``privacy``, ``dp_sgd``, ``retention`` only
+        when set)."""
         out: dict[str, Any] = {
             "round": self.round,
             "central": None if self.central is None else dict(self.central),
@@ -143,6 +148,8 @@ class ResultsRow:
             out["privacy"] = asdict(self.privacy)
         if self.dp_sgd is not None:
             out["dp_sgd"] = asdict(self.dp_sgd)
+        if self.retention is not None:
+            out["retention"] = dict(self.retention)
         return out
 
     def to_line(self) -> str:
@@ -179,6 +186,7 @@ class ResultsRow:
                 validation=_metrics_or_none(obj.get("validation")),
                 privacy=None if obj.get("privacy") is None else _part(Privacy, obj["privacy"]),
                 dp_sgd=None if obj.get("dp_sgd") is None else _part(DpSgd, obj["dp_sgd"]),
+                retention=_metrics_or_none(obj.get("retention")),
             )
         except (TypeError, ValueError) as exc:
             raise ResultsError(f"results row of round {obj.get('round')}: {exc}") from exc

@@ -17,7 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import RunConfig
-from common.data import load_server_eval, load_splits
+from common.data import load_server_eval, load_site_data, load_splits
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.specs import EncodeSpec, ModelSpec
 from common.tasks import get_task
@@ -92,6 +92,10 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         validation_set = load_splits(cfg).validation
         assert validation_set is not None  # load_splits holds it out at this fraction
         validation_data = task.encode(validation_set, tokenizer, spec=encoding)
+    retention_data = None
+    if cfg.retention_dataset:  # the forgetting monitor: one file, read as a site's is
+        retention_data = task.encode(load_site_data(cfg.retention_dataset, cfg, label_names),
+                                     tokenizer, spec=encoding)
 
     waiting_grid = NodeWaitingGrid(
         grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
@@ -130,6 +134,7 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         cfg=cfg, task=task, model=model, tokenizer=tokenizer, eval_data=eval_data,
         device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
         privacy=privacy, sinks=sinks, validation_data=validation_data,
+        retention_data=retention_data,
     )
     # Clients learn the label map from the server, so every site encodes labels alike.
     round_config = ConfigRecord({"label-names": list(label_names)})

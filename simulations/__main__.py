@@ -16,6 +16,7 @@ command handlers, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import traceback
@@ -77,6 +78,7 @@ def _output_dir(args: argparse.Namespace, overrides: dict[str, Any],
 
 
 def _command_run(args: argparse.Namespace) -> int:
+    from common.tasks import TASK_METRICS
     from server.results import read_results
     from simulations.sweep import run_scenario
 
@@ -105,8 +107,13 @@ def _command_run(args: argparse.Namespace) -> int:
     exported = next((r for r in rows if r.round == selection.get("round")), rows[-1])
     metrics = "no central evaluation"
     if exported.central:
-        metrics = (f"central accuracy {exported.central['accuracy']:.4f}, "
-                   f"macro-F1 {exported.central['f1_macro']:.4f}")
+        # The first two of the task's metrics the round measured ("central accuracy
+        # 0.8833, macro-F1 0.8835"; sft without generation: loss and perplexity).
+        config = json.loads((outcome.run_dir / "config.json").read_text(encoding="utf-8"))
+        shown = [m for m in TASK_METRICS[config.get("task") or "classification"]
+                 if m.name in exported.central][:2]
+        metrics = "central " + ", ".join(f"{m.label} {exported.central[m.name]:.4f}"
+                                         for m in shown)
     stopped = (outcome.outcome or {}).get("stopped_early")
     which = f"round {exported.round}"
     if exported is not rows[-1]:

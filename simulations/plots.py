@@ -75,26 +75,84 @@ def _empty_note(ax: Any, text: str) -> None:
 # --- single run -------------------------------------------------------------------------
 
 
-def plot_accuracy(
-    path: Path, *, rounds: Sequence[int], accuracy: Sequence[float],
-    f1_macro: Sequence[float], federated_accuracy: Sequence[float], title: str,
+def _measured(x: Sequence[float], y: Sequence[float]) -> tuple[list[float], list[float]]:
+    """The points of a series whose value is finite: a metric measured only in some rounds
+    (sft's exact match) is drawn as one line through those rounds, not as lone dots."""
+    points = [(a, b) for a, b in zip(x, y, strict=True) if np.isfinite(b)]
+    return [a for a, _ in points], [b for _, b in points]
+
+
+def plot_scores(
+    path: Path, *, rounds: Sequence[int], central: Mapping[str, Sequence[float]],
+    federated: Mapping[str, Sequence[float]], title: str,
 ) -> Path:
-    """Central accuracy and macro-F1 (and the clients' weighted accuracy) per round."""
+    """Bounded (0-1) metrics per round: the central ones (solid; e.g. accuracy and
+    macro-F1) and the clients' weighted ones (dashed), each through the rounds that
+    measured it."""
     fig = _figure()
     ax = fig.add_subplot()
-    if _has_values(accuracy):
-        ax.plot(rounds, accuracy, marker="o", label="central accuracy")
-        ax.plot(rounds, f1_macro, marker="s", label="central macro-F1")
-    if _has_values(federated_accuracy):
-        ax.plot(rounds, federated_accuracy, marker=".", linestyle="--",
-                label="federated accuracy (clients' local eval, weighted)")
-    if not (_has_values(accuracy) or _has_values(federated_accuracy)):
+    markers = "osD^v<>"
+    for i, (label, values) in enumerate(central.items()):
+        if _has_values(values):
+            ax.plot(*_measured(rounds, values), marker=markers[i % len(markers)], label=label)
+    for label, values in federated.items():
+        if _has_values(values):
+            ax.plot(*_measured(rounds, values), marker=".", linestyle="--", label=label)
+    if not ax.lines:
         _empty_note(ax, "no evaluation results")
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("score (0-1)")
     ax.set_title(title)
     _round_axis(ax, rounds)
-    ax.legend(loc="lower right")
+    if ax.lines:
+        ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_metric(
+    path: Path, *, rounds: Sequence[int], central: Sequence[float],
+    federated: Sequence[float], label: str, title: str,
+) -> Path:
+    """One unbounded metric per round (e.g. perplexity): central and federated."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    if _has_values(central):
+        ax.plot(*_measured(rounds, central), marker="o", label=f"central {label}")
+    if _has_values(federated):
+        ax.plot(*_measured(rounds, federated), marker=".", linestyle="--",
+                label=f"federated {label} (weighted)")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    if ax.lines:
+        ax.legend(loc="upper right")
+    else:
+        _empty_note(ax, f"no {label} recorded")
+    return _save(fig, path)
+
+
+def plot_retention(
+    path: Path, *, rounds: Sequence[int], metrics: Mapping[str, Sequence[float]], title: str,
+) -> Path:
+    """The forgetting monitor: one panel per metric (label -> values per round), with its
+    first measured value (round 0: the pretrained model) as a dashed reference line and
+    the change since then in the panel's title."""
+    columns = 2 if len(metrics) > 1 else 1
+    grid_rows = max(1, -(-len(metrics) // columns))
+    fig = _figure((_SIZE[0], max(_SIZE[1], 2.6 * grid_rows)))
+    fig.suptitle(title)
+    for i, (label, values) in enumerate(metrics.items()):
+        ax = fig.add_subplot(grid_rows, columns, i + 1)
+        x, y = _measured(rounds, values)
+        if y:
+            ax.plot(x, y, marker="o", color=f"C{i}")
+            ax.axhline(y[0], color="0.5", linestyle="--", linewidth=1)
+            ax.set_title(f"{label}: {y[-1] - y[0]:+.4f} since round {x[0]:g}",
+                         fontsize="medium")
+        else:
+            _empty_note(ax, f"no {label} recorded")
+            ax.set_title(label, fontsize="medium")
+        _round_axis(ax, rounds)
     return _save(fig, path)
 
 
@@ -245,7 +303,7 @@ def plot_overlay(
     ax = fig.add_subplot()
     for color, (name, (x, y)) in zip(_colors(len(series)), series.items(), strict=True):
         marker = "o" if len(x) <= 30 else None
-        ax.plot(x, y, marker=marker, markersize=4, color=color, label=name)
+        ax.plot(*_measured(x, y), marker=marker, markersize=4, color=color, label=name)
     if rounds_axis:
         _round_axis(ax, [int(v) for x, _ in series.values() for v in x])
     else:

@@ -1,5 +1,10 @@
 """Reports of finished runs: ``report.html`` per run and ``compare.html`` across runs.
 
+Figures and tables follow the run's task (``config.json`` ``task``; runs from before
+the task layer are classification): its metrics (``TASK_METRICS``) each get a final
+value, the headline (the first) a best round, bounded ones share a 0-1 figure and the
+forgetting monitor (``retention``) gets its change since round 0.
+
 A run report reads what a run folder holds (``results.jsonl``, ``config.json``,
 ``label_map.json`` and, for harness runs, ``simulation.json``), draws one PNG per
 figure into ``<run>/report/`` and writes ``<run>/report.html`` with the same figures
@@ -25,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from common.tasks import TASK_METRICS, MetricInfo
 from server.results import ResultsError, ResultsRow, read_results
 from simulations import plots
 
@@ -51,6 +57,16 @@ class RunData:
     simulation: dict[str, Any] | None
     label_names: list[str]
 
+    @property
+    def task(self) -> str:
+        """The run's task (``config.json`` ``task``; older runs: classification)."""
+        return str(self.config.get("task") or "classification")
+
+    @property
+    def metrics(self) -> tuple[MetricInfo, ...]:
+        """The task's metrics, headline first."""
+        return TASK_METRICS[self.task]
+
 
 def load_run(run_dir: Path | str) -> RunData:
     """Read a run folder.
@@ -58,7 +74,8 @@ def load_run(run_dir: Path | str) -> RunData:
     Raises
     ------
     ReportError
-        If ``results.jsonl`` or ``config.json`` is missing, or there is no results row.
+        If ``results.jsonl`` or ``config.json`` is missing, there is no results row, or
+        ``config.json`` names a task this version does not know.
     """
     run_dir = Path(run_dir).resolve()
     results, config = run_dir / "results.jsonl", run_dir / "config.json"
@@ -78,11 +95,15 @@ def load_run(run_dir: Path | str) -> RunData:
     if (run_dir / "label_map.json").is_file():
         label_map = json.loads((run_dir / "label_map.json").read_text(encoding="utf-8"))
         label_names = [str(label_map[k]) for k in sorted(label_map, key=int)]
-    return RunData(
+    run = RunData(
         run_dir=run_dir, name=run_dir.name, rows=rows,
         config=json.loads(config.read_text(encoding="utf-8")),
         simulation=simulation, label_names=label_names,
     )
+    if run.task not in TASK_METRICS:
+        raise ReportError(f"{config}: unknown task {run.task!r}; known: "
+                          f"{', '.join(TASK_METRICS)}")
+    return run
 
 
 def write_simulation_file(
@@ -151,25 +172,46 @@ def time_split(row: ResultsRow) -> dict[str, float]:
             "other (federated eval, sampling, checkpoint)": other}
 
 
+def retention_change(rows: Sequence[ResultsRow], name: str) -> float:
+    """The change of retention metric ``name`` from round 0 to the last round that
+    measured it (forgetting: a loss that rose); NaN without a round-0 value."""
+    values = {r.round: _metric(r, "retention", name) for r in rows}
+    last = _nanlast([values[r] for r in sorted(values)])
+    return last - values.get(0, _NAN)
+
+
 def summarize(run: RunData) -> dict[str, Any]:
-    """Final metrics and totals of a run (the report's summary table)."""
+    """Final metrics and totals of a run (the report's summary table).
+
+    Every metric of the task gets ``final <label>`` (its last measured value), the
+    headline metric ``best <label>`` and ``best round`` (in its direction), the clients'
+    ``final federated <label>``; with a retention set, ``retention <label> since round 0``
+    is each retention metric's change.
+    """
     rows = run.rows
     trained = [r for r in rows if r.round > 0]
-    accuracy = _metrics(rows, "central", "accuracy")
-    finite = [(a, r.round) for a, r in zip(accuracy, rows, strict=True) if math.isfinite(a)]
-    best = max(finite) if finite else (_NAN, None)
+    headline = run.metrics[0]
+    values = _metrics(rows, "central", headline.name)
+    finite = [(v if headline.higher_is_better else -v, r.round, v)
+              for v, r in zip(values, rows, strict=True) if math.isfinite(v)]
+    best = (max(finite)[2], max(finite)[1]) if finite else (_NAN, None)
     last = rows[-1]
     clients = [r.clients for r in trained]
-    return {
-        "rounds": last.round,
-        "final accuracy": _nanlast(accuracy),
-        "final macro-F1": _nanlast(_metrics(rows, "central", "f1_macro")),
-        "final loss": _nanlast(_metrics(rows, "central", "loss")),
-        "best accuracy": best[0],
-        "best round": best[1],
-        "final federated accuracy": _nanlast(_metrics(rows, "federated", "eval_accuracy")),
-        "final worst-client accuracy": _nanlast(
-            _series(rows, lambda r: r.clients.eval_accuracy_spread.get("min"))),
+    summary: dict[str, Any] = {"rounds": last.round}
+    for info in run.metrics:
+        summary[f"final {info.label}"] = _nanlast(_metrics(rows, "central", info.name))
+    summary[f"best {headline.label}"] = best[0]
+    summary["best round"] = best[1]
+    summary[f"final federated {headline.label}"] = _nanlast(
+        _metrics(rows, "federated", f"eval_{headline.name}"))
+    if _has_accuracy(run):  # the clients' spread is of their accuracy
+        summary["final worst-client accuracy"] = _nanlast(
+            _series(rows, lambda r: r.clients.eval_accuracy_spread.get("min")))
+    if any(r.retention for r in rows):
+        for info in run.metrics:
+            summary[f"retention {info.label} since round 0"] = retention_change(
+                rows, info.name)
+    summary.update({
         "bytes up": _num(last.bytes.up_total),
         "bytes down": _num(last.bytes.down_total),
         "mean round seconds": float(np.mean(_series(trained, lambda r: r.seconds.round)))
@@ -182,7 +224,12 @@ def summarize(run: RunData) -> dict[str, Any]:
             _series(rows, lambda r: r.memory_mb.server_peak) + [0.0])),
         "client peak MiB": float(np.nanmax(
             _series(rows, lambda r: r.memory_mb.client_peak) + [0.0])),
-    }
+    })
+    return summary
+
+
+def _has_accuracy(run: RunData) -> bool:
+    return any(info.name == "accuracy" for info in run.metrics)
 
 
 # --- label distribution -------------------------------------------------------------------
@@ -229,18 +276,15 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
     rounds = [r.round for r in rows]
     notes: list[str] = []
     figs: list[tuple[str, Path]] = []
-    acc = _metrics(rows, "central", "accuracy")
-    central_title = "" if any(map(math.isfinite, acc)) else " (no central evaluation data)"
-    figs.append(("Central evaluation: accuracy and macro-F1 on the server's held-out data",
-                 plots.plot_accuracy(
-                     out / "accuracy.png", rounds=rounds, accuracy=acc,
-                     f1_macro=_metrics(rows, "central", "f1_macro"),
-                     federated_accuracy=_metrics(rows, "federated", "eval_accuracy"),
-                     title=f"Accuracy per round{central_title} - {name}")))
-    figs.append(("Loss per round", plots.plot_loss(
-        out / "loss.png", rounds=rounds, central=_metrics(rows, "central", "loss"),
-        federated=_metrics(rows, "federated", "eval_loss"),
-        train=_metrics(rows, "train", "train_loss"), title=f"Loss per round - {name}")))
+    figs += _metric_figures(run, out)
+    if any(r.retention for r in rows):
+        figs.append(("Forgetting monitor: the retention set's metrics per round, against "
+                     "round 0 (the model before fine-tuning)", plots.plot_retention(
+                         out / "retention.png", rounds=rounds,
+                         metrics={info.label: _metrics(rows, "retention", info.name)
+                                  for info in run.metrics
+                                  if any(info.name in (r.retention or {}) for r in rows)},
+                         title=f"Retention set per round - {name}")))
 
     spread_rows = [r for r in rows if r.clients.eval_accuracy_spread]
     if spread_rows:
@@ -253,7 +297,7 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                 median=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("median")),
                 central=_metrics(spread_rows, "central", "accuracy"),
                 title=f"Per-client accuracy spread - {name}")))
-    else:
+    elif _has_accuracy(run):
         notes.append("No per-client accuracy spread: no round had federated evaluation "
                      "(`fraction-evaluate` = 0?).")
 
@@ -266,6 +310,9 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
     elif run.config.get("labels"):
         notes.append("Label distribution per client skipped: the server had no training "
                      "data (`labels` set: the sites hold it).")
+    elif not run.label_names and run.task != "classification":
+        notes.append(f"Label distribution per client skipped: task {run.task} has no "
+                     "classes.")
     else:
         try:
             counts, label_names, ids = label_distribution(run.config, num_partitions=nodes)
@@ -305,6 +352,46 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                      server=_series(rows, lambda r: r.memory_mb.server_peak), client=client_mem,
                      title=f"Peak memory per round - {name}")))
     return figs, notes
+
+
+def _metric_figures(run: RunData, out: Path) -> list[tuple[str, Path]]:
+    """The task's metric figures: its bounded metrics together on a 0-1 axis (named after
+    the headline: accuracy.png), the losses, each other unbounded metric on its own."""
+    rows, name = run.rows, run.name
+    rounds = [r.round for r in rows]
+    figs: list[tuple[str, Path]] = []
+    bounded = [m for m in run.metrics if m.bounded]
+    if bounded:
+        head = bounded[0]
+        central = {f"central {m.label}": _metrics(rows, "central", m.name) for m in bounded}
+        some = any(math.isfinite(v) for values in central.values() for v in values)
+        central_title = "" if some else " (no central evaluation data)"
+        partial = any(not math.isfinite(v) for values in central.values() for v in values)
+        labels = " and ".join(m.label for m in bounded)
+        figs.append((f"Central evaluation: {labels} on the server's held-out data"
+                     + (" (in the rounds that measured them)" if some and partial else ""),
+                     plots.plot_scores(
+                         out / f"{head.name}.png", rounds=rounds, central=central,
+                         federated={
+                             f"federated {head.label} (clients' local eval, weighted)":
+                             _metrics(rows, "federated", f"eval_{head.name}")},
+                         title=f"{_capital(head.label)} per round{central_title} - {name}")))
+    figs.append(("Loss per round", plots.plot_loss(
+        out / "loss.png", rounds=rounds, central=_metrics(rows, "central", "loss"),
+        federated=_metrics(rows, "federated", "eval_loss"),
+        train=_metrics(rows, "train", "train_loss"), title=f"Loss per round - {name}")))
+    for m in run.metrics:
+        if not m.bounded and m.name != "loss":
+            figs.append((f"Central {m.label} per round", plots.plot_metric(
+                out / f"{m.name}.png", rounds=rounds,
+                central=_metrics(rows, "central", m.name),
+                federated=_metrics(rows, "federated", f"eval_{m.name}"), label=m.label,
+                title=f"{_capital(m.label)} per round - {name}")))
+    return figs
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def write_report(run_dir: Path | str, *, num_supernodes: int | None = None) -> Path:
@@ -384,59 +471,73 @@ def write_comparison(
     def rounds(run: RunData, rows: Sequence[ResultsRow] | None = None) -> list[int]:
         return [r.round for r in (run.rows if rows is None else rows)]
 
+    tasks = sorted({r.task for r in runs})
+    if len(tasks) > 1:
+        raise ReportError(f"runs to compare must be of one task, got {', '.join(tasks)}: "
+                          "their metrics differ")
+    metrics = runs[0].metrics
+    head = metrics[0]
     max_bytes = max((max(_cumulative_bytes(r) + [1.0]) for r in runs), default=1.0)
     scale, unit = plots.byte_unit(max_bytes)
-    figs = [
-        ("Central accuracy per round", plots.plot_overlay(
-            out / "accuracy.png",
-            series={r.name: (rounds(r), _metrics(r.rows, "central", "accuracy")) for r in runs},
-            xlabel="round", ylabel="central accuracy (0-1)", ylim=(0, 1.02),
-            title="Central accuracy per round")),
-        ("Central macro-F1 per round", plots.plot_overlay(
-            out / "f1_macro.png",
-            series={r.name: (rounds(r), _metrics(r.rows, "central", "f1_macro")) for r in runs},
-            xlabel="round", ylabel="central macro-F1 (0-1)", ylim=(0, 1.02),
-            title="Central macro-F1 per round")),
-        ("Central loss per round", plots.plot_overlay(
-            out / "loss.png", series={r.name: (rounds(r), _metrics(r.rows, "central", "loss"))
-                                      for r in runs},
-            xlabel="round", ylabel="central cross-entropy loss", title="Central loss per round")),
+    figs = []
+    for m in metrics:
+        ylabel = ("central cross-entropy loss" if m.name == "loss"
+                  else f"central {m.label} (0-1)" if m.bounded else f"central {m.label}")
+        figs.append((f"Central {m.label} per round", plots.plot_overlay(
+            out / f"{m.name}.png",
+            series={r.name: (rounds(r), _metrics(r.rows, "central", m.name)) for r in runs},
+            xlabel="round", ylabel=ylabel, ylim=(0, 1.02) if m.bounded else None,
+            title=f"Central {m.label} per round")))
+    figs += [
         ("Cumulative bytes (up + down) per round", plots.plot_overlay(
             out / "bytes.png", series={r.name: (rounds(r),
                                                 [b / scale for b in _cumulative_bytes(r)])
                                        for r in runs},
             xlabel="round", ylabel=f"cumulative {unit} (up + down)",
             title="Communication: cumulative bytes up + down")),
-        ("Accuracy against communication: which run reaches an accuracy with fewer bytes",
+        (f"{_capital(head.label)} against communication: which run reaches an "
+         f"{head.label} with fewer bytes",
          plots.plot_overlay(
-             out / "accuracy_vs_bytes.png",
+             out / f"{head.name}_vs_bytes.png",
              series={r.name: ([b / scale for b in _cumulative_bytes(r)],
-                              _metrics(r.rows, "central", "accuracy")) for r in runs},
-             xlabel=f"cumulative {unit} (up + down)", ylabel="central accuracy (0-1)",
-             ylim=(0, 1.02), rounds_axis=False, title="Central accuracy vs bytes exchanged")),
-        ("Round wall time", plots.plot_overlay(
-            out / "round_time.png",
-            series={r.name: (rounds(r, [x for x in r.rows if x.round > 0]),
-                             _series([x for x in r.rows if x.round > 0], lambda r: r.seconds.round))
-                    for r in runs},
-            xlabel="round", ylabel="seconds", title="Round wall time")),
+                              _metrics(r.rows, "central", head.name)) for r in runs},
+             xlabel=f"cumulative {unit} (up + down)",
+             ylabel=f"central {head.label}" + (" (0-1)" if head.bounded else ""),
+             ylim=(0, 1.02) if head.bounded else None, rounds_axis=False,
+             title=f"Central {head.label} vs bytes exchanged")),
     ]
+    if any(row.retention for r in runs for row in r.rows):
+        figs.append(("Forgetting monitor: retention loss per round", plots.plot_overlay(
+            out / "retention_loss.png",
+            series={r.name: (rounds(r), _metrics(r.rows, "retention", "loss")) for r in runs},
+            xlabel="round", ylabel="retention-set loss",
+            title="Retention-set loss per round (higher: more forgetting)")))
+    figs.append(("Round wall time", plots.plot_overlay(
+        out / "round_time.png",
+        series={r.name: (rounds(r, [x for x in r.rows if x.round > 0]),
+                         _series([x for x in r.rows if x.round > 0], lambda r: r.seconds.round))
+                for r in runs},
+        xlabel="round", ylabel="seconds", title="Round wall time")))
     summaries = {r.name: summarize(r) for r in runs}
-    columns = ["rounds", "final accuracy", "final macro-F1", "final loss", "best accuracy",
-               "final worst-client accuracy", "bytes up", "bytes down",
-               "mean round seconds", "failures"]
+    finals = [f"final {m.label}" for m in metrics]
+    columns = ["rounds", *finals, f"best {head.label}"]
+    if _has_accuracy(runs[0]):
+        columns.append("final worst-client accuracy")
+    columns += sorted({k for summary in summaries.values() for k in summary
+                       if k.startswith("retention ")})
+    columns += ["bytes up", "bytes down", "mean round seconds", "failures"]
     body = [f"<h1>fedsft: {_esc(title)}</h1>",
             f"<p class='meta'>written {_esc(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
             "<h2>Final metrics</h2>",
             _table(["run", *columns],
-                   [[_run_link(r, output_dir), *[_fmt_summary(c, summaries[r.name][c])
+                   [[_run_link(r, output_dir), *[_fmt_summary(c, summaries[r.name].get(c))
                                                  for c in columns]] for r in runs],
                    raw_first=True)]
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(seed_group(name), []).append(name)
     if any(len(members) > 1 for members in groups.values()):
-        stat_cols = ["final accuracy", "final macro-F1", "final loss", "mean round seconds"]
+        stat_cols = [*finals, "mean round seconds"]
         table_rows = []
         for group, members in groups.items():
             cells = [_esc(group), str(len(members))]
@@ -497,14 +598,20 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+# Summary keys ending in a metric's label are metrics: shown with 4 decimals.
+_METRIC_LABELS = tuple({m.label for metrics in TASK_METRICS.values() for m in metrics}
+                       | {"accuracy", "F1", "loss"})
+
+
 def _fmt_summary(key: str, value: Any) -> str:
     if value is None:
         return "-"
     if key.startswith("bytes") and isinstance(value, (int, float)) and math.isfinite(value):
         scale, unit = plots.byte_unit(value)
         return f"{value / scale:.2f} {unit}"
-    if isinstance(value, float) and math.isfinite(value) and key.endswith(
-            ("accuracy", "F1", "loss")):
+    if isinstance(value, float) and math.isfinite(value) and key.startswith("retention "):
+        return f"{value:+.4f}"  # a change: the sign is the news
+    if isinstance(value, float) and math.isfinite(value) and key.endswith(_METRIC_LABELS):
         return f"{value:.4f}"
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.1f}"

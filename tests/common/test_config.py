@@ -97,7 +97,11 @@ def test_labels_are_stripped_and_case_folded_only_when_asked():
     [
         ({"select-model": "first"}, "`select-model` must be one of best, last, got 'first'"),
         ({"selection-metric": "f1-macro"},
-         "`selection-metric` must be one of accuracy, f1_macro, loss, got 'f1-macro'"),
+         "`selection-metric` must be auto or a metric of task 'classification' (accuracy, "
+         "f1_macro, loss), got 'f1-macro'"),
+        ({"task": "sft", "selection-metric": "accuracy"},
+         "`selection-metric` must be auto or a metric of task 'sft' (exact_match, token_f1, "
+         "loss, perplexity), got 'accuracy'"),
         ({"early-stopping-patience": -1}, "`early-stopping-patience` must be >= 0, got -1"),
         ({"early-stopping-patience": 1.5}, "`early-stopping-patience` must be an integer"),
         ({"early-stopping-min-delta": -0.1}, "`early-stopping-min-delta` must be >= 0"),
@@ -117,11 +121,19 @@ def test_model_selection_keys_are_validated(overrides, message):
 
 def test_model_selection_defaults_select_the_best_round_without_stopping_early():
     cfg = RunConfig()
-    assert (cfg.select_model, cfg.selection_metric) == ("best", "accuracy")
+    assert (cfg.select_model, cfg.selection_metric) == ("best", "auto")
     assert (cfg.early_stopping_patience, cfg.validation_fraction) == (0, 0.0)
     cfg = RunConfig.from_flower({"early-stopping-patience": 2, "labels": "neg,pos",
                                  "eval-dataset": "eval.csv"})
     assert cfg.early_stopping_patience == 2
+
+
+def test_auto_selects_by_accuracy_for_classification_and_by_loss_for_sft():
+    # sft: loss is measured every round, exact match only in the generation rounds.
+    assert RunConfig().selection_metric_name == "accuracy"
+    assert RunConfig(task="sft").selection_metric_name == "loss"
+    named = RunConfig(task="sft", selection_metric="exact_match")
+    assert named.selection_metric_name == "exact_match"
 
 
 def test_an_empty_model_is_the_tasks_packaged_default():

@@ -224,3 +224,40 @@ def test_the_card_gives_each_sites_epsilon_and_calibrated_noise(tmp_path):
     assert "`dp-sgd-noise-multiplier` = calibrated per site" in card
     assert "  - site `a`: epsilon = 7.5, noise multiplier 0.8\n" in card
     assert card.endswith("  - site `b`: epsilon = 5, noise multiplier 0.9")
+
+
+def test_an_sft_card_is_a_chat_models_with_generation_usage_and_retention(tmp_path):
+    run = _run(tmp_path / "sft-run")
+    (run / "config.json").write_text(json.dumps({
+        "task": "sft", "model": "", "max-length": 256, "method": "lora",
+        "strategy": "fedavg", "max-new-tokens": 32, "system-prompt": "Be brief."}))
+    (run / "label_map.json").write_text("{}")
+    rows = [
+        {"round": 0, "central": {"exact_match": 0.0, "token_f1": 0.1, "loss": 2.0,
+                                 "perplexity": 7.39, "num_examples": 40},
+         "retention": {"loss": 1.5, "exact_match": 0.5}},
+        {"round": 1, "central": {"loss": 1.4, "perplexity": 4.06, "num_examples": 40},
+         "retention": {"loss": 1.6}, "clients": {"sampled": 2, "aggregated": 2}},
+        {"round": 2, "central": {"exact_match": 0.25, "token_f1": 0.4, "loss": 1.2,
+                                 "perplexity": 3.32, "num_examples": 40},
+         "retention": {"loss": 1.62, "exact_match": 0.45},
+         "clients": {"sampled": 2, "aggregated": 2}},
+    ]
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    card = (export_run(run, tmp_path / "model") / "README.md").read_text()
+
+    assert "pipeline_tag: text-generation" in card
+    assert "- base model: HuggingFaceTB/SmolLM2-135M-Instruct (packaged as GGUF" in card
+    assert "# sft-run: federated fine-tuned chat model" in card
+    assert ("- final central evaluation: exact match 0.2500, token F1 0.4000, "
+            "assistant-token loss 1.2000, perplexity 3.3200 on 40 examples") in card
+    assert ("- forgetting monitor (`retention-dataset`), change since round 0: "
+            "exact match -0.0500, assistant-token loss +0.1200") in card
+    assert "- labels:" not in card
+    assert "AutoModelForCausalLM.from_pretrained('PATH/TO/THIS/FOLDER')" in card
+    assert "{'role': 'system', 'content': 'Be brief.'}," in card
+    assert "tokenizer.apply_chat_template(messages, add_generation_prompt=True," in card
+    assert "max_new_tokens=32, do_sample=False" in card
+    assert "`fedsft predict PATH/TO/THIS/FOLDER prompts.jsonl --output answers.jsonl`" in card
+    assert "pipeline('text-classification'" not in card

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from common.config import SELECTION_METRICS
+from common.config import SELECTION_METRICS, RunConfig
 from server.model_selection import (
     METRIC_MODES,
     best_round,
@@ -31,8 +31,12 @@ def _rows(values, *, split="validation", metric="accuracy", skipped=()):
 
 
 def test_every_selection_metric_has_a_direction():
-    assert set(METRIC_MODES) == set(SELECTION_METRICS)
-    assert METRIC_MODES["loss"] == "min"
+    for task, allowed in SELECTION_METRICS.items():
+        assert set(METRIC_MODES[task]) == set(allowed) - {"auto"}
+        assert RunConfig(task=task).selection_metric_name in METRIC_MODES[task]
+    assert METRIC_MODES["classification"]["loss"] == METRIC_MODES["sft"]["loss"] == "min"
+    assert METRIC_MODES["sft"]["perplexity"] == "min"
+    assert METRIC_MODES["sft"]["exact_match"] == METRIC_MODES["sft"]["token_f1"] == "max"
 
 
 def test_best_round_maximises_accuracy_and_minimises_loss():
@@ -125,3 +129,55 @@ def test_early_stop_reason_names_the_patience_and_the_round():
                                split="validation", total_rounds=10)
     assert reason is not None
     assert "`early-stopping-patience` = 2" in reason and "after round 4 of 10" in reason
+
+
+def _sft_rows(blocks):
+    """sft results rows for rounds 0..n with the given validation blocks."""
+    return [ResultsRow.from_json({"round": rnd, "validation": block,
+                                  "clients": {"aggregated": 0 if rnd == 0 else 2}})
+            for rnd, block in enumerate(blocks)]
+
+
+def test_auto_selects_sft_by_the_lowest_loss_and_classification_by_accuracy():
+    sft = _sft_rows([{"loss": 2.0}, {"loss": 1.5}, {"loss": 1.2}, {"loss": 1.3}])
+    metric = RunConfig(task="sft").selection_metric_name
+    selection = select_round(sft, rule="best", metric=metric, split="validation", task="sft")
+    assert (selection.metric, selection.round) == ("loss", 2)
+    assert selection.note == "best validation assistant-token loss 1.2000 at round 2 of 3"
+    classification = _rows([0.3, 0.6, 0.8, 0.7])
+    metric = RunConfig().selection_metric_name
+    selection = select_round(classification, rule="best", metric=metric, split="validation")
+    assert (selection.metric, selection.round) == ("accuracy", 2)
+    assert selection.note == "best validation accuracy 0.8000 at round 2 of 3"
+
+
+def test_exact_match_rounds_without_generation_are_neither_candidates_nor_patience():
+    # generate-every = 2: exact match in rounds 0, 2, 4 and 6 only; loss every round.
+    sft = _sft_rows([{"loss": 2.0, "exact_match": 0.0}, {"loss": 1.8},
+                     {"loss": 1.6, "exact_match": 0.4}, {"loss": 1.5},
+                     {"loss": 1.4, "exact_match": 0.3}, {"loss": 1.3},
+                     {"loss": 1.2, "exact_match": 0.35}])
+    selection = select_round(sft, rule="best", metric="exact_match", split="validation",
+                             task="sft")
+    assert (selection.round, selection.value) == (2, 0.4)
+    assert "validation exact match 0.4000 at round 2 of 6" in selection.note
+
+    def reason(rows, patience):
+        return early_stop_reason(rows, patience=patience, min_delta=0.0,
+                                 metric="exact_match", split="validation",
+                                 total_rounds=10, task="sft")
+
+    # After round 5, only round 4 measured it without improving: patience 2 waits on.
+    assert reason(sft[:6], 2) is None
+    # Round 6 is the second measured round without improvement on 0.4.
+    assert "after round 6 of 10" in reason(sft, 2)
+    assert "validation exact match did not improve" in reason(sft, 2)
+    # Counted by rounds, the unmeasured ones would have stopped it after round 4.
+    assert reason(sft[:5], 2) is None
+
+
+def test_a_measured_nan_still_counts_as_a_round_without_improvement():
+    sft = _sft_rows([{"loss": 2.0}, {"loss": 1.0}, {"loss": math.nan}, {}])
+    reason = early_stop_reason(sft, patience=1, min_delta=0.0, metric="loss",
+                               split="validation", total_rounds=5, task="sft")
+    assert reason is not None and "after round 3 of 5" in reason

@@ -88,6 +88,26 @@ def test_the_servers_data_is_loaded_and_checked(tmp_path):
                      num_partitions=2)
 
 
+def test_the_retention_file_is_read_and_prepared_before_flower(tmp_path):
+    good = tmp_path / "general.jsonl"
+    good.write_text('{"prompt": "Name a colour.", "response": "Blue."}\n'
+                    '{"prompt": "2 + 2?", "response": "4"}\n')
+    bad = tmp_path / "no_answers.jsonl"
+    bad.write_text('{"question": "Name a colour."}\n')
+    sft = {"task": "sft", "builtin-examples": 60}
+
+    note = pf.check_retention_data(_cfg(**sft, **{"retention-dataset": str(good)}))
+    with pytest.raises(DataError, match=r"`retention-dataset` .*no_answers\.jsonl"):
+        pf.check_retention_data(_cfg(**sft, **{"retention-dataset": str(bad)}))
+    with pytest.raises(DataError, match=r"`retention-dataset` .*not found: .*missing\.jsonl"):
+        pf.check_retention_data(_cfg(**sft, **{"retention-dataset": str(tmp_path
+                                                                       / "missing.jsonl")}))
+
+    assert note == f"`retention-dataset` {good}: 2 rows"
+    assert pf.check_retention_data(_cfg(**sft)) is None  # off
+    assert pf.check_retention_data in pf.CHECKS
+
+
 def test_checks_run_in_order_and_stop_at_the_first_problem(tmp_path, monkeypatch):
     seen = []
 

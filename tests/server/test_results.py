@@ -60,3 +60,18 @@ def test_a_row_without_optional_parts_reads_with_defaults_and_a_bad_line_is_an_e
     with pytest.raises(ResultsError, match="numeric 'round'"):
         read_results(path)
     assert read_results(tmp_path / "missing.jsonl") == []
+
+
+def test_retention_is_written_only_when_set_and_read_back_as_none_when_absent(tmp_path):
+    retention = {"loss": 1.4, "perplexity": 4.06, "exact_match": 0.25, "num_examples": 8}
+    row = ResultsRow(round=1, central={"loss": 1.2}, retention=retention)
+    path = tmp_path / "results.jsonl"
+    path.write_text(row.to_line() + ResultsRow(round=2).to_line())
+
+    rows = read_results(path)
+
+    assert rows == [row, ResultsRow(round=2)]
+    assert rows[0].metrics("retention") == retention
+    assert rows[1].retention is None and rows[1].metrics("retention") is None
+    assert json.loads(row.to_line())["retention"] == retention
+    assert "retention" not in json.loads(ResultsRow(round=2).to_line())

@@ -208,3 +208,84 @@ def test_compare_refuses_runs_with_the_same_name(tmp_path):
     b = make_run(tmp_path / "y" / "same")
     with pytest.raises(ReportError, match="distinct folder names"):
         write_comparison([a, b], tmp_path / "cmp")
+
+
+def _sft_row(rnd: int, *, loss: float, em: float | None, retention_loss: float) -> dict:
+    """An sft results row: exact match / token F1 only in rounds that generated."""
+    row = _row(rnd, acc=0.5)
+    generated = {} if em is None else {"exact_match": em, "token_f1": em + 0.1}
+    row["central"] = {"loss": loss, "perplexity": float(np.exp(loss)), "num_examples": 20,
+                      **generated}
+    row["federated"] = {"eval_loss": loss + 0.1} if rnd > 0 else {}
+    row["clients"]["eval_accuracy"] = []
+    row["clients"]["eval_accuracy_spread"] = {}
+    row["retention"] = {"loss": retention_loss, "perplexity": float(np.exp(retention_loss)),
+                        "num_examples": 8, **({} if em is None else {"exact_match": 0.5})}
+    return row
+
+
+def make_sft_run(folder: Path, *, losses=(2.0, 1.6, 1.3, 1.2, 1.1), nodes: int | None = 2
+                 ) -> Path:
+    """An sft run folder (generate-every = 2: exact match in rounds 0, 2 and 4)."""
+    folder.mkdir(parents=True)
+    cfg = RunConfig.from_flower({"task": "sft", "builtin-examples": 60, "generate-every": 2,
+                                 "retention-dataset": "general.jsonl"}).to_flower()
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "label_map.json").write_text("{}")
+    rows = [_sft_row(i, loss=loss, em=0.1 * i if i % 2 == 0 else None,
+                     retention_loss=1.5 + 0.03 * i) for i, loss in enumerate(losses)]
+    (folder / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if nodes:
+        write_simulation_file(folder, scenario="sft-synthetic", num_supernodes=nodes,
+                              num_cpus=1, num_gpus=0.0)
+    return folder
+
+
+def test_an_sft_report_draws_the_tasks_metrics_and_the_forgetting_monitor(tmp_path):
+    run = make_sft_run(tmp_path / "sft")
+
+    html = write_report(run).read_text()
+
+    assert_self_contained(html)
+    assert_pngs(run / "report", {"exact_match.png", "loss.png", "perplexity.png",
+                                 "retention.png", "bytes.png", "round_time.png",
+                                 "memory.png"})
+    assert html.count("<img") == 7
+    assert "exact match and token F1 on the server&#x27;s held-out data (in the rounds" in html
+    assert "final exact match</td><td class='num'>0.4000" in html  # round 4's
+    assert "final assistant-token loss</td><td class='num'>1.1000" in html
+    assert "best exact match</td><td class='num'>0.4000" in html
+    # Retention loss 1.50 at round 0, 1.62 at round 4: forgetting shows as a rise.
+    assert ("retention assistant-token loss since round 0</td><td class='num'>+0.1200"
+            in html)
+    assert "retention exact match since round 0</td><td class='num'>+0.0000" in html
+    assert "task sft has no classes" in html
+    assert "per-client accuracy spread" not in html
+
+
+def test_the_sft_summary_by_hand(tmp_path):
+    summary = summarize(load_run(make_sft_run(tmp_path / "sft")))
+
+    assert summary["best exact match"] == pytest.approx(0.4) and summary["best round"] == 4
+    assert summary["final token F1"] == pytest.approx(0.5)
+    assert summary["final perplexity"] == pytest.approx(np.exp(1.1))
+    assert summary["final federated exact match"] != summary["final federated exact match"]
+    assert summary["retention perplexity since round 0"] == pytest.approx(
+        np.exp(1.62) - np.exp(1.5))
+    assert "final worst-client accuracy" not in summary
+
+
+def test_compare_of_sft_runs_overlays_their_metrics_and_refuses_mixed_tasks(tmp_path):
+    a = make_sft_run(tmp_path / "runs" / "lora-r8")
+    b = make_sft_run(tmp_path / "runs" / "lora-r16", losses=(2.0, 1.5, 1.2, 1.0, 0.9))
+
+    html = write_comparison([a, b], tmp_path / "cmp").read_text()
+
+    assert_pngs(tmp_path / "cmp" / "compare", {
+        "exact_match.png", "token_f1.png", "loss.png", "perplexity.png", "bytes.png",
+        "exact_match_vs_bytes.png", "retention_loss.png", "round_time.png"})
+    assert "<th>final exact match</th>" in html and "<th>best exact match</th>" in html
+    assert "<td class='num'>0.9000</td>" in html  # run b's final loss
+    assert "+0.1200" in html  # retention loss change
+    with pytest.raises(ReportError, match="one task, got classification, sft"):
+        write_comparison([a, make_run(tmp_path / "runs" / "cls")], tmp_path / "cmp2")
