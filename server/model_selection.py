@@ -213,7 +213,7 @@ def select_round(
     note = f"best {what} {value:.4f} at round {best} of {last}"
     if split == "central":
         note += ("; selected on the same eval split that reports the model's accuracy "
-                 "(no `validation-fraction`), so that accuracy is optimistic")
+                 "(no `validation-fraction`), so that score is optimistic")
     return Selection(rule="best", round=best, last_round=last, metric=metric, split=split,
                      value=value, note=note)
 

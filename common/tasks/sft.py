@@ -306,8 +306,11 @@ def prompts_from_frame(frame: pd.DataFrame, *, column: str | None, source: str,
     prompts = []
     for number, row in enumerate(frame.to_dict("records"), start=1):
         where = f"{source}: row {number}"
-        if column is None and "messages" in row:
-            messages = row["messages"]
+        messages = row.get("messages")
+        # A JSON Lines file mixing formats gives the other rows a missing (NaN) cell.
+        if column is None and isinstance(messages, (list, str, np.ndarray)):
+            if isinstance(messages, np.ndarray):
+                messages = list(messages)
             if isinstance(messages, str):
                 try:
                     messages = json.loads(messages)

@@ -220,3 +220,11 @@ def test_the_preflight_refuses_an_encoder_or_a_model_without_a_chat_template(
         check_model(_cfg(bare))
     assert check_model(_cfg(bare, chat_template="{{ messages }}")) is None
     assert check_model(_cfg(tiny_llama_dir)) is None
+
+
+def test_predict_inputs_may_mix_formats_in_one_file(tmp_path):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "Hi"}\n{"messages": [{"role": "user", "content": "Yo"}]}\n')
+    frame = pd.read_json(path, lines=True, dtype=False)
+    assert prompts_from_frame(frame, column=None, source="in") == [
+        [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]]
