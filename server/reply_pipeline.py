@@ -61,6 +61,13 @@ class Reply:
     error: str | None = None  # the client's error reason: the client raised
     problem: str | None = None  # why the content cannot be read as an update
     source: object = None
+    site: str = ""  # the node's site name (client key) when known: what problems name
+
+
+def who(reply: Reply | Update) -> str:
+    """How results and logs name a reply's sender: ``site (node N)``, else ``node N``."""
+    site = getattr(reply, "site", "")
+    return f"{site} (node {reply.node})" if site else f"node {reply.node}"
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class Update:
     arrays: State
     metrics: Mapping[str, Any]
     source: object = None
+    site: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,8 @@ def decode_reply(
     metrics = dict(reply.metrics)
     if uniform_weights:
         metrics["num-examples"] = 1
-    return Update(node=reply.node, arrays=update, metrics=metrics, source=reply.source), None
+    return Update(node=reply.node, arrays=update, metrics=metrics, source=reply.source,
+                  site=reply.site), None
 
 
 def prepare_updates(
@@ -159,17 +168,17 @@ def prepare_updates(
     for reply in replies:
         if reply.error is not None:
             failures += 1
-            problems.append(f"node {reply.node}: error: {reply.error}")
+            problems.append(f"{who(reply)}: error: {reply.error}")
             continue
         update, problem = decode_reply(
             reply, sent=sent, spec=spec, encoding=encoding,
             max_update_norm=max_update_norm, uniform_weights=uniform_weights)
         if update is None:
             invalid += 1
-            problems.append(f"node {reply.node}: invalid update: {problem}")
+            problems.append(f"{who(reply)}: invalid update: {problem}")
             continue
         updates.append(update)
-        problems.extend(f"node {reply.node}: metric {name!r} is not a finite number; "
+        problems.extend(f"{who(reply)}: metric {name!r} is not a finite number; "
                         "left out of the round's metrics"
                         for name in unreadable_metrics(update.metrics))
     return Prepared(updates=tuple(updates), failures=failures, invalid=invalid,
@@ -178,7 +187,7 @@ def prepare_updates(
 
 def error_problems(replies: Sequence[Reply]) -> list[str]:
     """The reason of every error reply, as ``prepare_updates`` words it."""
-    return [f"node {r.node}: error: {r.error}" for r in replies if r.error is not None]
+    return [f"{who(r)}: error: {r.error}" for r in replies if r.error is not None]
 
 
 # --- order -------------------------------------------------------------------------------
