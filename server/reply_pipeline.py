@@ -264,19 +264,25 @@ class ClientMeasurements:
     dp_sgd_epsilon: float | None = None  # the largest sample-level epsilon reported
     # Per site: its epsilon so far and the noise multiplier it used (DP-SGD).
     dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Per site: the training examples it reported (`num-examples`), an aggregate count.
+    examples: Mapping[str, int] = field(default_factory=dict)
 
 
 def client_measurements(
     replies: Sequence[Reply], *, site_key: Callable[[int], str] | None = None
 ) -> ClientMeasurements:
-    """Train seconds, peak memory and DP-SGD epsilon (overall and per site, named by
-    ``site_key`` of the node id, else ``node-<id>``) reported by the replies."""
+    """Train seconds, peak memory, DP-SGD epsilon (overall and per site) and training
+    examples per site reported by the replies; a site is named by ``site_key`` of the
+    node id, else ``node-<id>``."""
     seconds: list[float] = []
     rss, eps = 0.0, None
     sites: dict[str, dict[str, float]] = {}
+    examples: dict[str, int] = {}
     for reply in replies:
         if reply.error is not None:
             continue
+        if reply.problem is None and (n := finite(reply.metrics.get("num-examples"))):
+            examples[site_key(reply.node) if site_key else f"node-{reply.node}"] = int(n)
         if (value := finite(reply.metrics.get("train-seconds"))) is not None:
             seconds.append(value)
         if (value := finite(reply.metrics.get("peak-rss-mb"))) is not None:
@@ -288,7 +294,8 @@ def client_measurements(
             if (z := finite(reply.metrics.get("dp-sgd-noise-multiplier"))) is not None:
                 sites[site]["noise_multiplier"] = z
     return ClientMeasurements(train_seconds=tuple(seconds), peak_rss_mb=rss,
-                              dp_sgd_epsilon=eps, dp_sgd_sites=sites)
+                              dp_sgd_epsilon=eps, dp_sgd_sites=sites,
+                              examples=dict(sorted(examples.items())))
 
 
 # --- the default step --------------------------------------------------------------------

@@ -74,6 +74,7 @@ class RoundStats:
     dp_sgd_epsilon: float | None = None  # largest sample-level epsilon a client reported
     # Per site (client key): its epsilon so far and the noise multiplier it used.
     dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    site_examples: Mapping[str, int] = field(default_factory=dict)  # reported, per site
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     eval_metrics: Mapping[str, Any] = field(default_factory=dict)
     client_eval_accuracy: tuple[float, ...] = ()  # sorted
@@ -274,7 +275,7 @@ class TrackedStrategy(Strategy):
             problems=(*stats.problems, *result.problems),
             client_train_seconds=measured.train_seconds,
             client_peak_rss_mb=measured.peak_rss_mb, dp_sgd_epsilon=measured.dp_sgd_epsilon,
-            dp_sgd_sites=measured.dp_sgd_sites,
+            dp_sgd_sites=measured.dp_sgd_sites, site_examples=measured.examples,
         )
         metrics = None if result.metrics is None else MetricRecord(result.metrics)
         if result.arrays is None:

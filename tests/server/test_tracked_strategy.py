@@ -245,3 +245,4 @@ def test_a_dead_site_is_recorded_under_its_site_name_not_the_superlinks_node_id(
     stats = strategy.take_round_stats(1)
     assert stats.failures == 1
     assert stats.problems == ("site-3 (node 3): error: Error: Node Unavailable",)
+    assert stats.site_examples == {"site-1": 1, "site-2": 1}  # reported by the live ones
