@@ -98,19 +98,33 @@ def _add_site(args: argparse.Namespace) -> int:
     folder = cons.add_site(c, args.site, force=args.force, data_path=args.data_path)
     print(f"[fedsft] site bundle: {folder}")
     if args.register:
-        print(f"[fedsft] registered {args.site} as node {register_site(c, args.site)}")
+        _print_registered(c, args.site, register_site(c, args.site))
     return 0
 
 
+def _print_registered(c: Any, site: str, node_id: int) -> None:
+    print(f"[fedsft] registered {site} as node {node_id}")
+    for old in c.registry()[site].get("replaced-node-ids", []):
+        print(f"[fedsft] {site}'s earlier key is still registered as node {old}: once the "
+              f"site runs with the new key, `FLWR_HOME={c.flwr_home} flwr supernode "
+              f"unregister {old}`")
+
+
 def _bundle(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from deployment import consortium as cons
 
     c = _consortium(args.dir)
     if not c.site_key(args.site).exists():
         raise cons.ConsortiumError(f"no site {args.site!r}; add it with `fedsft add-site`")
-    script = cons.write_bundle_script(c, args.site, data_path=args.data_path,
-                                      text_column=args.text_column,
-                                      label_column=args.label_column)
+    # Options not given keep the bundle's earlier values (bundle.json).
+    given = {"data_path": args.data_path, "text_column": args.text_column,
+             "label_column": args.label_column, "runtime_port": args.port,
+             "task": args.task}
+    settings = replace(cons.bundle_settings(c, args.site),
+                       **{k: v for k, v in given.items() if v is not None})
+    script = cons.write_bundle_script(c, args.site, settings)
     print(f"[fedsft] bundle for {args.site}: {c.site_dir(args.site)} (run {script.name})")
     return 0
 
@@ -119,7 +133,7 @@ def _register(args: argparse.Namespace) -> int:
     from deployment.rehearsal import register_site
 
     c = _consortium(args.dir)
-    print(f"[fedsft] registered {args.site} as node {register_site(c, args.site)}")
+    _print_registered(c, args.site, register_site(c, args.site))
     return 0
 
 
@@ -135,7 +149,8 @@ def _sites(args: argparse.Namespace) -> int:
     from deployment.processes import flwr_json
 
     c = _consortium(args.dir)
-    by_id = {str(v["node-id"]): k for k, v in c.registry().items()}
+    by_id = {str(v["node-id"]): k + (" (revoked)" if v.get("revoked") else "")
+             for k, v in c.registry().items()}
     for node in flwr_json(["supernode", "list"], flwr_home=c.flwr_home)["nodes"]:
         print(f"{by_id.get(node['node-id'], '?'):20s} {node['node-id']:>22s} {node['status']}")
     return 0
@@ -354,6 +369,8 @@ def _check_data(args: argparse.Namespace) -> int:
     path = args.file or site.get("data-path")
     if not path:
         raise ConfigError("check-data needs a FILE or a --site-config with data-path")
+    if args.task == "sft":
+        return _check_conversations(str(path))
     # RunConfig validates the values as a run would and applies the `labels` rule.
     cfg = RunConfig(
         text_column=str(args.text_column or site.get("text-column") or "text"),
@@ -372,6 +389,20 @@ def _check_data(args: argparse.Namespace) -> int:
                                    encoding="utf-8")
         print(f"[fedsft] report: {args.json}")
     return 1 if report.blocking else 0
+
+
+def _check_conversations(path: str) -> int:
+    """The SFT site check without a tokenizer: the file reads as conversations."""
+    from common.config import RunConfig
+    from common.data import read_rows
+    from common.specs import DataSpec
+    from common.tasks import get_task
+
+    spec = DataSpec.of(RunConfig(task="sft"))
+    rows, _ = get_task("sft").prepare(read_rows(path, spec), source=path, spec=spec,
+                                      label_names=[])
+    print(f"{path}: {len(rows)} conversation(s) read")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -406,10 +437,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("add-site", help="a new site's key pair and bundle")
     p.add_argument("dir")
     p.add_argument("site")
-    p.add_argument("--data-path", default="/path/to/site-data.csv")
+    p.add_argument("--data-path", help="the data file, as seen at the site (default: the "
+                                      "bundle's earlier one, else a placeholder)")
     p.add_argument("--register", action="store_true",
                    help="also register it with the running SuperLink")
-    p.add_argument("--force", action="store_true", help="replace the site's key")
+    p.add_argument("--force", action="store_true",
+                   help="replace the site's key (a rotation: the bundle keeps its data path)")
     p.set_defaults(func=_add_site)
 
     p = add("bundle", help="(re)write a site's start-supernode.sh")
@@ -418,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-path", required=True, help="the data file, as seen at the site")
     p.add_argument("--text-column")
     p.add_argument("--label-column")
+    p.add_argument("--port", type=int,
+                   help="the SuperNode's ClientApp port on 127.0.0.1 (default 9094): "
+                        "each SuperNode on one host needs its own")
+    p.add_argument("--task", choices=("classification", "sft"),
+                   help="the federation's task: which data check runs before the "
+                        "SuperNode starts (default classification)")
     p.set_defaults(func=_bundle)
 
     for name, func, text in (("register", _register, "flwr supernode register the site"),
@@ -495,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the run's max-length in tokens (default 64); counted as "
                         "whitespace words, a lower bound")
     p.add_argument("--eval", help="an eval file whose texts should not be in FILE")
+    p.add_argument("--task", choices=("classification", "sft"), default="classification",
+                   help="sft: check only that FILE reads as conversations (the token "
+                        "counts need the run's tokenizer)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser

@@ -9,13 +9,16 @@
   superlink/server.pem
   superlink/server.key
   superlink/start-superlink.sh
+  superlink/state.db       the SuperLink's state (`--database`): registered nodes, runs
   flwr-home/config.toml    the coordinator's `flwr` CLI connection (FLWR_HOME)
   registry.json            site -> node id given by `flwr supernode register`
   sites/<site>/            the site's bundle: copy this folder to the site
     ca.pem                 to verify the SuperLink's certificate
     supernode.key          SuperNode authentication private key, OpenSSH (0600)
     supernode.pub          its public key, OpenSSH; the coordinator registers it
-    start-supernode.sh     the `flower-supernode` command line
+    start-supernode.sh     the data check, then the `flower-supernode` command line
+    bundle.json            the bundle's settings (data path, columns, port), kept on rotation
+    flwr-home/             the SuperNode's FLWR_HOME (per site: sites may share a host)
 ```
 """
 
@@ -25,7 +28,8 @@ import json
 import re
 import shlex
 import shutil
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,12 @@ from deployment import pki
 
 CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
 DEFAULT_PORT = 8000  # flower-superlink --port default: its one HTTPS port (Fleet, Control)
+RUNTIME_PORT = 9094  # flower-supernode --port default: its ClientApp (runtime) API, loopback
+# How long a SuperNode keeps retrying after it lost the SuperLink (a restart, a network
+# outage) before it exits: a day covers a maintenance window; a supervisor (systemd
+# Restart=on-failure) restarts it after that. Flower's own default is to retry forever.
+RECONNECT_WAIT_S = 86400.0
+PLACEHOLDER_DATA_PATH = "/path/to/site-data.csv"
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -68,6 +78,11 @@ class Consortium:
     @property
     def flwr_home(self) -> Path:
         return self.root / "flwr-home"
+
+    @property
+    def state_db(self) -> Path:
+        """The SuperLink's state database: registrations and revocations survive a restart."""
+        return self.root / "superlink" / "state.db"
 
     def site_dir(self, site: str) -> Path:
         return self.root / "sites" / check_site_name(site)
@@ -163,7 +178,8 @@ def create(
     )
     write_flwr_config(c.flwr_home, address=address, ca_cert=c.ca_cert)
     port = address.rsplit(":", 1)[1]
-    _write_script(c.root / "superlink" / "start-superlink.sh", superlink_command(c, port=port))
+    _write_script(c.root / "superlink" / "start-superlink.sh",
+                  superlink_command(c, port=port, database=str(c.state_db)))
     for site in sites:
         add_site(c, site, force=force)
     return c
@@ -180,20 +196,86 @@ def write_flwr_config(flwr_home: Path, *, address: str, ca_cert: Path) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class BundleSettings:
+    """What a site's ``start-supernode.sh`` is made of besides the keys (``bundle.json``).
+
+    Kept next to the script so that a key rotation (``add-site --force``) rewrites the
+    script with the site's real data path instead of a placeholder.
+    """
+
+    data_path: str = PLACEHOLDER_DATA_PATH
+    text_column: str | None = None
+    label_column: str | None = None
+    runtime_port: int = RUNTIME_PORT  # its own per SuperNode when sites share a host
+    task: str = "classification"  # which data check the script runs before starting
+
+    def to_json(self) -> dict[str, Any]:
+        return {"data-path": self.data_path, "text-column": self.text_column,
+                "label-column": self.label_column, "runtime-port": self.runtime_port,
+                "task": self.task}
+
+    @staticmethod
+    def from_json(obj: Mapping[str, Any]) -> BundleSettings:
+        return BundleSettings(
+            data_path=str(obj.get("data-path") or PLACEHOLDER_DATA_PATH),
+            text_column=obj.get("text-column"), label_column=obj.get("label-column"),
+            runtime_port=int(obj.get("runtime-port") or RUNTIME_PORT),
+            task=str(obj.get("task") or "classification"))
+
+
+def bundle_settings(c: Consortium, site: str) -> BundleSettings:
+    """The site's bundle settings (``bundle.json``); the defaults for a new site.
+
+    Raises
+    ------
+    ConsortiumError
+        If ``bundle.json`` exists but is not a JSON object.
+    """
+    path = c.site_dir(site) / "bundle.json"
+    if not path.is_file():
+        return BundleSettings()
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConsortiumError(f"{path}: cannot read it: {error}") from error
+    if not isinstance(obj, dict):
+        raise ConsortiumError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return BundleSettings.from_json(obj)
+
+
 def add_site(c: Consortium, site: str, *, force: bool = False,
-             data_path: str = "/path/to/site-data.csv") -> Path:
-    """Create a site's key pair and bundle folder; returns the folder."""
+             data_path: str | None = None) -> Path:
+    """Create a site's key pair and bundle folder; returns the folder.
+
+    With ``force`` an existing site gets a new key pair (a rotation) and keeps its
+    bundle settings (data path, columns, port); ``data_path`` replaces the data path.
+    """
     folder = c.site_dir(site)
     if c.site_key(site).exists() and not force:
         raise pki.KeyExistsError(f"{c.site_key(site)} exists; use --force to replace it")
+    settings = bundle_settings(c, site)
+    if data_path is not None:
+        settings = replace(settings, data_path=data_path)
     folder.mkdir(parents=True, exist_ok=True)
     key = pki.new_key()
     pki.write_private(c.site_key(site), pki.ssh_private(key), force=force)
     pki.write_public(c.site_pub(site), pki.ssh_public(key, comment=f"fedsft-{site}"),
                      force=True)
     shutil.copyfile(c.ca_cert, folder / "ca.pem")
-    write_bundle_script(c, site, data_path=data_path)
+    write_bundle_script(c, site, settings)
     return folder
+
+
+def node_config_of(*, data_path: str | Path, site: str, text_column: str | None = None,
+                   label_column: str | None = None) -> str:
+    """The ``--node-config`` value of a site (Flower's ``key="value"`` pairs)."""
+    node_config = f'data-path="{data_path}" site-name="{site}"'
+    if text_column:
+        node_config += f' text-column="{text_column}"'
+    if label_column:
+        node_config += f' label-column="{label_column}"'
+    return node_config
 
 
 def supernode_command(
@@ -206,13 +288,15 @@ def supernode_command(
     runtime_port: int | None = None,
     text_column: str | None = None,
     label_column: str | None = None,
+    max_wait_time: float | None = RECONNECT_WAIT_S,
 ) -> list[str]:
-    """The ``flower-supernode`` command line of a site (TLS + authentication)."""
-    node_config = f'data-path="{data_path}" site-name="{site}"'
-    if text_column:
-        node_config += f' text-column="{text_column}"'
-    if label_column:
-        node_config += f' label-column="{label_column}"'
+    """The ``flower-supernode`` command line of a site (TLS + authentication).
+
+    ``max_wait_time``: how long it keeps retrying after losing the SuperLink before it
+    exits (``--max-wait-time``; None: Flower's default, forever).
+    """
+    node_config = node_config_of(data_path=data_path, site=site, text_column=text_column,
+                                 label_column=label_column)
     command = [
         "flower-supernode",
         "--superlink", superlink,
@@ -222,12 +306,18 @@ def supernode_command(
     ]
     if runtime_port is not None:  # each SuperNode on one machine needs its own port
         command += ["--port", str(runtime_port)]
+    if max_wait_time is not None:
+        command += ["--max-wait-time", f"{max_wait_time:g}"]
     return command
 
 
 def superlink_command(c: Consortium, *, port: int | str, database: str | None = None
                       ) -> list[str]:
-    """The ``flower-superlink`` command line: TLS, SuperNode authentication, one port."""
+    """The ``flower-superlink`` command line: TLS, SuperNode authentication, one port.
+
+    ``database``: the state file (``--database``); without it Flower keeps registrations,
+    revocations and runs in memory, all lost when the SuperLink restarts.
+    """
     command = [
         "flower-superlink",
         "--ssl-ca-certfile", str(c.root / "superlink" / "ca.pem"),
@@ -243,28 +333,57 @@ def superlink_command(c: Consortium, *, port: int | str, database: str | None = 
     return command
 
 
-def write_bundle_script(c: Consortium, site: str, *, data_path: str,
-                        text_column: str | None = None,
-                        label_column: str | None = None) -> Path:
-    """Write ``start-supernode.sh`` into the site's bundle (paths relative to it)."""
+def site_check_command(settings: BundleSettings, site: str) -> list[str]:
+    """``fedsft check-data`` of the site's node config: run before the SuperNode starts."""
+    node_config = node_config_of(data_path=settings.data_path, site=site,
+                                 text_column=settings.text_column,
+                                 label_column=settings.label_column)
+    return ["fedsft", "check-data", "--task", settings.task, "--site-config", node_config]
+
+
+def write_bundle_script(c: Consortium, site: str,
+                        settings: BundleSettings | None = None) -> Path:
+    """Write ``start-supernode.sh`` (paths relative to it) and ``bundle.json``.
+
+    The script checks the data file first (``fedsft check-data``: a missing, unreadable
+    or unusable file stops it with a non-zero exit, the file named), gives the SuperNode
+    its own ``FLWR_HOME`` (``flwr-home/`` of the bundle) and ClientApp port, then execs
+    ``flower-supernode``.
+    """
+    settings = settings or BundleSettings()
+    if not 1 <= settings.runtime_port <= 65535:
+        raise ConsortiumError(f"--port must be a TCP port (1-65535), got {settings.runtime_port}")
     command = supernode_command(
         superlink=c.address, ca_cert="$HERE/ca.pem", private_key="$HERE/supernode.key",
-        data_path=data_path, site=site, text_column=text_column, label_column=label_column,
+        data_path=settings.data_path, site=site, text_column=settings.text_column,
+        label_column=settings.label_column, runtime_port=settings.runtime_port,
     )
-    path = c.site_dir(site) / "start-supernode.sh"
-    _write_script(path, command, here=True)
+    folder = c.site_dir(site)
+    (folder / "bundle.json").write_text(
+        json.dumps(settings.to_json(), indent=2) + "\n", encoding="utf-8")
+    path = folder / "start-supernode.sh"
+    _write_script(path, command, here=True, flwr_home="$HERE/flwr-home",
+                  before=[site_check_command(settings, site)])
     return path
 
 
-def _write_script(path: Path, command: list[str], *, here: bool = False) -> None:
-    quoted = [
-        f'"{part}"' if "$HERE" in part else shlex.quote(part) for part in command
-    ]
+def _quote(part: str) -> str:
+    return f'"{part}"' if "$HERE" in part else shlex.quote(part)
+
+
+def _write_script(path: Path, command: list[str], *, here: bool = False,
+                  flwr_home: str | None = None, before: Sequence[list[str]] = ()) -> None:
+    quoted = [_quote(part) for part in command]
     lines = ["#!/bin/sh", "# Generated by fedsft. Runtime installs are off: install fedsft first.",
              "set -e"]
     if here:
         lines.append('HERE="$(cd "$(dirname "$0")" && pwd)"')
     lines.append("export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1")
+    if flwr_home:  # several SuperNodes on one host must not share installed apps
+        lines.append(f'export FLWR_HOME="{flwr_home}"')
+    for step in before:  # `set -e`: a failing step stops the script with its exit code
+        lines.append("# Refuse to start on a missing, unreadable or unusable data file.")
+        lines.append(" ".join(_quote(part) for part in step))
     # One "--flag value" pair per line, for a reader who checks what will run.
     pairs: list[str] = []
     for part in quoted:

@@ -150,6 +150,7 @@ def summarize(
         # the forgetting monitor (task sft, `retention-dataset`): metric -> change from
         # round 0 to the exported round (forgetting: a loss that rose); None when off
         "retention-change": _retention_change(rows, selection),
+        "site-examples": site_examples(rows),
     }
 
 
@@ -166,6 +167,46 @@ def _retention_change(
         return None
     return {name: float(final[name]) - float(first[name]) for name in final
             if name in first and name != "num_examples"}
+
+
+def site_examples(rows: list[ResultsRow]) -> dict[str, int]:
+    """Each site that took part, by name, with the most training examples it reported in
+    a round (``clients.examples``: aggregate counts, never rows)."""
+    sites: dict[str, int] = {}
+    for row in rows:
+        for site, n in row.clients.examples.items():
+            sites[site] = max(sites.get(site, 0), int(n))
+    return dict(sorted(sites.items()))
+
+
+def participation_lines(summary: dict[str, Any]) -> list[str]:
+    """The card's lines on who took part and what the privacy settings cover."""
+    sites = summary.get("site-examples") or {}
+    lines = []
+    if sites:
+        named = ", ".join(f"`{site}` ({n} training examples)" for site, n in sites.items())
+        lines.append(f"- sites that took part: {named}")
+    privacy = summary["privacy"]
+    count = len(sites) or summary["sites-aggregated"]
+    if "client-level" in privacy:
+        lines.append(
+            f"- what client-level DP over {count} sites protects: the released model "
+            "changes little whether or not any one site took part, so it hides that "
+            "site's contribution from users of the model. It does not hide anything from "
+            "the coordinator, which sees each site's clipped update before noise is "
+            f"added, and with only {count} sites the noise needed for a small epsilon is "
+            "large, so expect an epsilon that is a weak guarantee or a model that is "
+            "much worse")
+    if "sample-level" in privacy:
+        lines.append(
+            "- what sample-level DP-SGD protects: at each site, any one training record "
+            "has a bounded effect on that site's updates and on the model, also as seen "
+            "by the coordinator; it does not hide a site's data as a whole (its "
+            "distribution, its size) nor records repeated in a site's file")
+    if not privacy["enabled"]:
+        lines.append("- without differential privacy, the updates and the model may "
+                     "reveal information about individual training records")
+    return lines
 
 
 def _base_model(config: dict[str, Any]) -> str:
@@ -263,7 +304,8 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
         *retention,
         f"- max length: {summary['max-length']} tokens (use the same at inference)",
         *([] if sft else [f"- labels: {', '.join(labels)}"]),
-        *_privacy_lines(summary["privacy"]), "",
+        *_privacy_lines(summary["privacy"]),
+        *participation_lines(summary), "",
         "## Use", "",
         *_usage_lines(summary),
     ])

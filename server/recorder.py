@@ -214,6 +214,7 @@ class RoundRecorder:
                 skipped=stats.skipped, problems=stats.problems,
                 eval_accuracy=stats.client_eval_accuracy,
                 eval_accuracy_spread=summarize_accuracy_spread(stats.client_eval_accuracy),
+                examples=stats.site_examples,
             ),
             bytes=Bytes(up=stats.bytes_up, down=stats.bytes_down,
                         up_total=self.bytes_up_total, down_total=self.bytes_down_total),

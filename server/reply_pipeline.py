@@ -61,6 +61,13 @@ class Reply:
     error: str | None = None  # the client's error reason: the client raised
     problem: str | None = None  # why the content cannot be read as an update
     source: object = None
+    site: str = ""  # the node's site name (client key) when known: what problems name
+
+
+def who(reply: Reply | Update) -> str:
+    """How results and logs name a reply's sender: ``site (node N)``, else ``node N``."""
+    site = getattr(reply, "site", "")
+    return f"{site} (node {reply.node})" if site else f"node {reply.node}"
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,7 @@ class Update:
     arrays: State
     metrics: Mapping[str, Any]
     source: object = None
+    site: str = ""
 
 
 @dataclass(frozen=True)
@@ -145,7 +153,8 @@ def decode_reply(
     metrics = dict(reply.metrics)
     if uniform_weights:
         metrics["num-examples"] = 1
-    return Update(node=reply.node, arrays=update, metrics=metrics, source=reply.source), None
+    return Update(node=reply.node, arrays=update, metrics=metrics, source=reply.source,
+                  site=reply.site), None
 
 
 def prepare_updates(
@@ -159,17 +168,17 @@ def prepare_updates(
     for reply in replies:
         if reply.error is not None:
             failures += 1
-            problems.append(f"node {reply.node}: error: {reply.error}")
+            problems.append(f"{who(reply)}: error: {reply.error}")
             continue
         update, problem = decode_reply(
             reply, sent=sent, spec=spec, encoding=encoding,
             max_update_norm=max_update_norm, uniform_weights=uniform_weights)
         if update is None:
             invalid += 1
-            problems.append(f"node {reply.node}: invalid update: {problem}")
+            problems.append(f"{who(reply)}: invalid update: {problem}")
             continue
         updates.append(update)
-        problems.extend(f"node {reply.node}: metric {name!r} is not a finite number; "
+        problems.extend(f"{who(reply)}: metric {name!r} is not a finite number; "
                         "left out of the round's metrics"
                         for name in unreadable_metrics(update.metrics))
     return Prepared(updates=tuple(updates), failures=failures, invalid=invalid,
@@ -178,7 +187,7 @@ def prepare_updates(
 
 def error_problems(replies: Sequence[Reply]) -> list[str]:
     """The reason of every error reply, as ``prepare_updates`` words it."""
-    return [f"node {r.node}: error: {r.error}" for r in replies if r.error is not None]
+    return [f"{who(r)}: error: {r.error}" for r in replies if r.error is not None]
 
 
 # --- order -------------------------------------------------------------------------------
@@ -255,19 +264,25 @@ class ClientMeasurements:
     dp_sgd_epsilon: float | None = None  # the largest sample-level epsilon reported
     # Per site: its epsilon so far and the noise multiplier it used (DP-SGD).
     dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    # Per site: the training examples it reported (`num-examples`), an aggregate count.
+    examples: Mapping[str, int] = field(default_factory=dict)
 
 
 def client_measurements(
     replies: Sequence[Reply], *, site_key: Callable[[int], str] | None = None
 ) -> ClientMeasurements:
-    """Train seconds, peak memory and DP-SGD epsilon (overall and per site, named by
-    ``site_key`` of the node id, else ``node-<id>``) reported by the replies."""
+    """Train seconds, peak memory, DP-SGD epsilon (overall and per site) and training
+    examples per site reported by the replies; a site is named by ``site_key`` of the
+    node id, else ``node-<id>``."""
     seconds: list[float] = []
     rss, eps = 0.0, None
     sites: dict[str, dict[str, float]] = {}
+    examples: dict[str, int] = {}
     for reply in replies:
         if reply.error is not None:
             continue
+        if reply.problem is None and (n := finite(reply.metrics.get("num-examples"))):
+            examples[site_key(reply.node) if site_key else f"node-{reply.node}"] = int(n)
         if (value := finite(reply.metrics.get("train-seconds"))) is not None:
             seconds.append(value)
         if (value := finite(reply.metrics.get("peak-rss-mb"))) is not None:
@@ -279,7 +294,8 @@ def client_measurements(
             if (z := finite(reply.metrics.get("dp-sgd-noise-multiplier"))) is not None:
                 sites[site]["noise_multiplier"] = z
     return ClientMeasurements(train_seconds=tuple(seconds), peak_rss_mb=rss,
-                              dp_sgd_epsilon=eps, dp_sgd_sites=sites)
+                              dp_sgd_epsilon=eps, dp_sgd_sites=sites,
+                              examples=dict(sorted(examples.items())))
 
 
 # --- the default step --------------------------------------------------------------------

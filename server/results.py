@@ -44,6 +44,8 @@ class Clients:
     problems: tuple[str, ...] = ()
     eval_accuracy: tuple[float, ...] = ()  # per-client federated accuracy, sorted
     eval_accuracy_spread: Metrics = field(default_factory=dict)  # min, p10, median
+    # Site name -> the training examples it reported this round (aggregate counts only).
+    examples: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,8 @@ class ResultsRow:
             "train": dict(self.train),
             "clients": {**asdict(self.clients), "problems": list(self.clients.problems),
                         "eval_accuracy": list(self.clients.eval_accuracy),
-                        "eval_accuracy_spread": dict(self.clients.eval_accuracy_spread)},
+                        "eval_accuracy_spread": dict(self.clients.eval_accuracy_spread),
+                        "examples": dict(self.clients.examples)},
             "bytes": asdict(self.bytes),
             "seconds": asdict(self.seconds),
             "memory_mb": asdict(self.memory_mb),

@@ -72,9 +72,13 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     except BaseException as exc:
         # Only a folder that is this run's: never an older run's that shares the name.
         if outputs.started or cfg.resume_from:
+            rows = outputs.read_results()
             message = f"the server stopped with {type(exc).__name__}: {exc}"
+            if rounds_aggregated(rows):  # recorded rounds are kept: say how to go on
+                message += (f"; rounds up to {rows[-1].round} are recorded with their "
+                            f"checkpoints: continue with resume-from={outputs.folder}")
             write_outcome(outputs.folder, outcome_of(
-                outputs.read_results(), status="failed", message=message, final_model=False))
+                rows, status="failed", message=message, final_model=False))
         raise
 
 

@@ -423,14 +423,15 @@ def rounds_aggregated(rows: Sequence[ResultsRow]) -> int:
     return sum(1 for row in rows if round_aggregated(row))
 
 
-_NODE_PREFIX = re.compile(r"^node \d+: ")
+_NODE_PREFIX = re.compile(r"^(?:node \d+|\S+ \(node \d+\)): ")
 
 
 def failure_reasons(rows: Sequence[ResultsRow], *, limit: int = 3) -> tuple[list[str], int]:
     """The distinct problems recorded in ``rows`` (first ``limit``) and how many there are.
 
-    The ``node N:`` prefix is dropped first, so one reason shared by every client (the
-    usual case: the same data error at each site) is quoted once.
+    The ``node N:`` (or ``site (node N):``) prefix is dropped first, so one reason
+    shared by every client (the usual case: the same data error at each site) is quoted
+    once.
     """
     distinct: list[str] = []
     for row in rows:

@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Bulyan, Strategy
 
 from common.encoding import UpdateEncoding
 from common.training import derive_seed
+from server.grid import NodesUnavailableError
 from server.reply_pipeline import (
     AggregationStep,
     Reply,
@@ -73,6 +74,7 @@ class RoundStats:
     dp_sgd_epsilon: float | None = None  # largest sample-level epsilon a client reported
     # Per site (client key): its epsilon so far and the noise multiplier it used.
     dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    site_examples: Mapping[str, int] = field(default_factory=dict)  # reported, per site
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     eval_metrics: Mapping[str, Any] = field(default_factory=dict)
     client_eval_accuracy: tuple[float, ...] = ()  # sorted
@@ -90,31 +92,42 @@ def payload_bytes(message: Message) -> int:
     )
 
 
-def reply_from_message(message: Message, *, load_arrays: bool = True) -> Reply:
+def reply_from_message(
+    message: Message, *, load_arrays: bool = True,
+    sent_to: Mapping[str, int] | None = None, site_key: Callable[[int], str] | None = None,
+) -> Reply:
     """A Flower training reply as a plain :class:`Reply` (the message kept as ``source``).
 
     ``arrays`` is set only for a reply with exactly one ArrayRecord and one MetricRecord
     whose bytes load; otherwise ``problem`` says what is wrong.
+
+    The sender is the node the answered instruction went to (``sent_to``: message id ->
+    destination node), because an error the SuperLink makes for a node that died comes
+    from Flower's own node id (``SUPERLINK_NODE_ID`` = 1), not from the site;
+    ``site_key`` names that node's site.
     """
-    node = message.metadata.src_node_id
+    src = message.metadata.src_node_id
+    answered = message.metadata.reply_to_message_id
+    node = (sent_to or {}).get(answered, src) if answered else src
+    site = site_key(node) if site_key else ""
     if message.has_error():
-        return Reply(node=node, error=str(message.error.reason), source=message)
+        return Reply(node=node, error=str(message.error.reason), source=message, site=site)
     content = message.content
     metrics: dict[str, Any] = {}
     for record in content.metric_records.values():
         metrics.update(record)
     if len(content.array_records) != 1 or len(content.metric_records) != 1:
-        return Reply(node=node, metrics=metrics, source=message,
+        return Reply(node=node, metrics=metrics, source=message, site=site,
                      problem="expected exactly one ArrayRecord and one MetricRecord")
     if not load_arrays:
-        return Reply(node=node, metrics=metrics, source=message)
+        return Reply(node=node, metrics=metrics, source=message, site=site)
     record = next(iter(content.array_records.values()))
     try:
         arrays = {name: array.numpy() for name, array in record.items()}
     except Exception as exc:  # bytes that are not a numpy array
-        return Reply(node=node, metrics=metrics, source=message,
+        return Reply(node=node, metrics=metrics, source=message, site=site,
                      problem=f"cannot load the arrays: {exc}")
-    return Reply(node=node, arrays=arrays, metrics=metrics, source=message)
+    return Reply(node=node, arrays=arrays, metrics=metrics, source=message, site=site)
 
 
 class InnerRule:
@@ -182,6 +195,8 @@ class TrackedStrategy(Strategy):
         self._stats: dict[int, RoundStats] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # the state sent, by round
         self._sent_at: dict[int, float] = {}
+        # The train messages of a round: the grid gives them their ids when it pushes them.
+        self._messages: dict[int, list[Message]] = {}
         self._site_key: Callable[[int], str] | None = None
 
     def to_round(self, server_round: int) -> int:
@@ -192,6 +207,7 @@ class TrackedStrategy(Strategy):
         """The statistics of round ``rnd`` (the run's numbering), handed over once."""
         self._sent.pop(rnd, None)
         self._sent_at.pop(rnd, None)
+        self._messages.pop(rnd, None)
         return self._stats.pop(rnd, None)
 
     def inner_state(self) -> dict[str, Any]:
@@ -231,6 +247,7 @@ class TrackedStrategy(Strategy):
                                  problems=(*stats.problems, *setup.problems))
         self._update(rnd, bytes_down=stats.bytes_down + sum(payload_bytes(m) for m in messages))
         self._sent_at[rnd] = time.monotonic()
+        self._messages[rnd] = messages
         return messages
 
     def aggregate_train(
@@ -240,7 +257,11 @@ class TrackedStrategy(Strategy):
         stats = self._stats_of(rnd)
         messages = list(replies)
         wait = time.monotonic() - self._sent_at.get(rnd, stats.started)
-        plain = [reply_from_message(m, load_arrays=self.secure_step is None) for m in messages]
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id
+                   for m in self._messages.pop(rnd, []) if m.metadata.message_id}
+        plain = [reply_from_message(m, load_arrays=self.secure_step is None,
+                                    sent_to=sent_to, site_key=self._site_key)
+                 for m in messages]
         measured = client_measurements(plain, site_key=self._site_key)
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
         self._update(
@@ -254,7 +275,7 @@ class TrackedStrategy(Strategy):
             problems=(*stats.problems, *result.problems),
             client_train_seconds=measured.train_seconds,
             client_peak_rss_mb=measured.peak_rss_mb, dp_sgd_epsilon=measured.dp_sgd_epsilon,
-            dp_sgd_sites=measured.dp_sgd_sites,
+            dp_sgd_sites=measured.dp_sgd_sites, site_examples=measured.examples,
         )
         metrics = None if result.metrics is None else MetricRecord(result.metrics)
         if result.arrays is None:
@@ -266,11 +287,23 @@ class TrackedStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         rnd = self.to_round(server_round)
-        grid.get_node_ids()  # see configure_train
-        random.seed(derive_seed(self.seed, rnd, "evaluate-sampling"))
-        messages = list(
-            self.inner.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid)
-        )
+        if _evaluates_nobody(self.inner):
+            return []  # no node to wait for (fraction-evaluate = 0)
+        try:
+            grid.get_node_ids()  # see configure_train
+            random.seed(derive_seed(self.seed, rnd, "evaluate-sampling"))
+            messages = list(
+                self.inner.configure_evaluate(rnd, arrays, ConfigRecord(dict(config)), grid)
+            )
+        except NodesUnavailableError as exc:
+            # The round's training is aggregated: the recorder (Flower's evaluate_fn,
+            # next) must still write its results line and checkpoint. If the sites stay
+            # away, the next round's sampling stops the run with the same error.
+            log.warning("round %d: federated evaluation skipped: %s", rnd, exc)
+            stats = self._stats_of(rnd)
+            self._update(rnd, problems=(*stats.problems,
+                                        f"federated evaluation skipped: {exc}"))
+            return []
         stats = self._stats_of(rnd)
         self._update(rnd, bytes_down=stats.bytes_down + sum(payload_bytes(m) for m in messages))
         return messages
@@ -339,6 +372,14 @@ def _with_common_metrics(replies: list[Message]) -> list[Message]:
         })
         out.append(make_message(metadata=reply.metadata, content=content))
     return out
+
+
+def _evaluates_nobody(strategy: Strategy) -> bool:
+    """Whether federated evaluation is off (``fraction_evaluate`` 0), also behind the DP
+    wrappers, which hold the strategy they wrap as ``strategy``."""
+    while not hasattr(strategy, "fraction_evaluate") and hasattr(strategy, "strategy"):
+        strategy = strategy.strategy
+    return getattr(strategy, "fraction_evaluate", None) == 0.0
 
 
 def _why_no_aggregate(strategy: Strategy, replies: int) -> str:

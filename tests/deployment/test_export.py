@@ -261,3 +261,40 @@ def test_an_sft_card_is_a_chat_models_with_generation_usage_and_retention(tmp_pa
     assert "max_new_tokens=32, do_sample=False" in card
     assert "`fedsft predict PATH/TO/THIS/FOLDER prompts.jsonl --output answers.jsonl`" in card
     assert "pipeline('text-classification'" not in card
+
+
+def test_the_card_names_the_sites_with_their_example_counts_and_what_dp_covers():
+    rows = [ResultsRow.from_json(r) for r in [
+        {"round": 0, "clients": {}},
+        {"round": 1, "clients": {"sampled": 3, "aggregated": 2,
+                                 "examples": {"site-b": 180, "site-a": 200}}},
+        # Site b's local split grew (a re-read file): the card gives its largest count.
+        {"round": 2, "clients": {"sampled": 3, "aggregated": 2,
+                                 "examples": {"site-a": 200, "site-b": 190}}},
+        {"round": 3, "clients": {"aggregated": 2}, "privacy": {
+            "epsilon": 3.0, "delta": 1e-5, "noise_multiplier": 1.0, "clipping_norm": 1.0,
+            "clipping": "fixed", "side": "server", "sampling_rate": 1.0,
+            "accountant": "rdp"}},
+    ]]
+    summary = export_module.summarize({"dp-delta": 1e-5, "dp-noise-multiplier": 1.0}, rows)
+
+    lines = export_module.participation_lines(summary)
+
+    assert summary["site-examples"] == {"site-a": 200, "site-b": 190}
+    assert lines[0] == ("- sites that took part: `site-a` (200 training examples), "
+                        "`site-b` (190 training examples)")
+    assert lines[1].startswith("- what client-level DP over 2 sites protects:")
+    assert "does not hide anything from the coordinator" in lines[1]
+    assert len(lines) == 2  # no sample-level DP-SGD in this run
+
+
+def test_the_card_says_what_no_dp_and_dp_sgd_mean():
+    off = export_module.summarize({}, [ResultsRow.from_json({"round": 1})])
+    dp_sgd = export_module.summarize({}, [ResultsRow.from_json(
+        {"round": 1, "dp_sgd": {"epsilon_max": 2.0, "delta": 1e-5, "sites": {}}})])
+
+    assert export_module.participation_lines(off) == [
+        "- without differential privacy, the updates and the model may reveal "
+        "information about individual training records"]
+    assert export_module.participation_lines(dp_sgd)[0].startswith(
+        "- what sample-level DP-SGD protects: at each site, any one training record")

@@ -78,6 +78,9 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
         assert clients["failures"] == 1
         assert any("data file not found" in p and "missing.csv" in p
                    for p in clients["problems"]), clients["problems"]
+        # Problems name the site (from its node config), not only a random node id.
+        assert any(p.startswith("site-c (node ") for p in clients["problems"])
+        assert clients["examples"].keys() == {"site-a", "site-b"}
     losses = [r["central"]["loss"] for r in rows]
     assert losses[2] < losses[0], losses
     assert rows[2]["train"]["train_loss"] < rows[1]["train"]["train_loss"]
@@ -106,6 +109,7 @@ def test_export_then_predict_reproduces_the_exported_rounds_central_accuracy(run
     card = (model / "README.md").read_text()
     assert "differential privacy: off" in card
     assert "rounds: 2" in card and "sites: 2 took part" in card
+    assert "- sites that took part: `site-a` (" in card and "`site-b` (" in card
     assert "method: lora" in card
     meta = json.loads((model / "fedsft.json").read_text())
     assert meta["max-length"] == 32 and meta["labels"] == ["negative", "positive"]
@@ -159,3 +163,24 @@ def test_unregistered_revoked_and_plaintext_supernodes_are_refused(tmp_path):
         assert not any(n["status"] == "online" for n in rehearsal.nodes())
     log = (tmp_path / "work/logs/supernode-stranger.log").read_text()
     assert "Failed to activate SuperNode" in log or "Exit Code" in log
+
+
+def test_registrations_survive_a_superlink_restart_and_the_supernode_reconnects(tmp_path):
+    data = tmp_path / "a.csv"
+    _easy(20, seed=0).to_csv(data, index=False)
+    with Rehearsal(tmp_path / "work", ["good"]) as rehearsal:
+        rehearsal.start_superlink()
+        node_id = rehearsal.register("good")
+        good = rehearsal.start_supernode(Site("good", data))
+        rehearsal.wait_online(1)
+
+        assert rehearsal.superlink is not None
+        rehearsal.processes.stop(rehearsal.superlink)  # a crash or a maintenance restart
+        time.sleep(3)
+        rehearsal.start_superlink()  # same --database
+
+        assert [int(n["node-id"]) for n in rehearsal.nodes()] == [node_id]
+        rehearsal.wait_online(1)
+        time.sleep(10)  # long enough for a refused SuperNode to have exited
+        assert good.poll() is None  # reconnected instead of exiting on 401
+        assert [n["status"] for n in rehearsal.nodes()] == ["online"]

@@ -14,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import server.run
 from common.config import RunConfig
 from common.model import get_exchanged_state
+from server.grid import NodesUnavailableError
 from server.run import run_federation
 from server.run_outputs import RunFailed, RunOutputs, read_outcome
 from tests.server.messages import error_reply, train_reply
@@ -178,3 +179,48 @@ def test_early_stopping_ends_the_run_after_patience_rounds_as_a_completed_run(
     assert "after round 3 of 8" in outcome.stopped_early
     assert outcome.selection["round"] == 1 and "optimistic" in outcome.selection["note"]
     assert (run / "final" / "model" / "config.json").is_file()
+
+
+class LosingGrid(TrainingGrid):
+    """Node 12 dies right after it sent its round-1 update (before evaluation)."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda rnd, arrays: {k: v + 0.01 for k, v in arrays.items()})
+        self.trained = False
+
+    def get_node_ids(self) -> list[int]:
+        return [11] if self.trained else [11, 12]
+
+    def send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
+        messages = list(messages)
+        replies = super().send_and_receive(messages, timeout=timeout)
+        self.trained = self.trained or any(m.metadata.message_type == "train"
+                                           for m in messages)
+        return replies
+
+
+@pytest.mark.parametrize("fraction_evaluate", [0.0, 0.5])
+def test_losing_a_site_before_evaluation_keeps_the_aggregated_round_then_stops(
+    fraction_evaluate, tmp_path, tiny_model_dir, monkeypatch
+):
+    for attr in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, attr, 1)
+    cfg = RunConfig(model=str(tiny_model_dir), builtin_examples=60, max_length=16,
+                    output_dir=str(tmp_path), run_name="r", node_wait_timeout=1.0,
+                    device="cpu", fraction_evaluate=fraction_evaluate, min_nodes=2,
+                    num_server_rounds=3)
+
+    with pytest.raises(NodesUnavailableError, match="only 1 node"):
+        run_federation(LosingGrid(), cfg)
+
+    run = tmp_path / "r"
+    rows = _rows(run)
+    assert [r["round"] for r in rows] == [0, 1]  # round 1 aggregated and is recorded
+    assert rows[1]["clients"]["aggregated"] == 2
+    skipped = [p for p in rows[1]["clients"]["problems"] if "evaluation skipped" in p]
+    assert len(skipped) == (1 if fraction_evaluate else 0)
+    assert RunOutputs(run, keep_checkpoints=1).last_checkpoint().round == 1
+    outcome = read_outcome(run)
+    assert outcome is not None and outcome.status == "failed" and not outcome.final_model
+    assert "NodesUnavailableError: only 1 node(s) connected" in outcome.message
+    assert f"continue with resume-from={run}" in outcome.message

@@ -1,11 +1,12 @@
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian
 
 from common.encoding import UpdateEncoding, encode_update
 from server.results import summarize_accuracy_spread
 from server.tracked_strategy import FP32, TrackedStrategy
-from tests.server.messages import error_reply, eval_reply, send_round, train_reply
+from tests.server.messages import NodesGrid, error_reply, eval_reply, send_round, train_reply
 
 ZERO = {"w": np.zeros(2, np.float32)}
 pytestmark = pytest.mark.usefixtures("task_identity")
@@ -208,3 +209,40 @@ def test_each_sites_epsilon_and_noise_multiplier_are_kept(task_identity):
     # Without a key-learning grid (no client_key) a site is named by its node.
     assert stats.dp_sgd_sites == {"node-1": {"epsilon": 2.5, "noise_multiplier": 0.9},
                                   "node-2": {"epsilon": 4.0, "noise_multiplier": 0.7}}
+
+
+class KeyedGrid(NodesGrid):
+    """Connected nodes 1..n whose site names the grid learned (NodeWaitingGrid's role)."""
+
+    def client_key(self, node_id: int) -> str:
+        return f"site-{node_id}"
+
+
+def test_a_dead_site_is_recorded_under_its_site_name_not_the_superlinks_node_id():
+    from flwr.app import ConfigRecord, Error
+    from flwr.app.message.message import make_message
+    from flwr.common import Metadata
+    from flwr.common.constant import SUPERLINK_NODE_ID
+
+    strategy = _tracked(rounds=())
+    arrays = ArrayRecord({"w": Array(ZERO["w"])})
+    sent = list(strategy.configure_train(1, arrays, ConfigRecord({}), KeyedGrid(3)))
+    for m in sent:  # what the grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"ins-{m.metadata.dst_node_id}"
+    # Node 3 stopped sending heartbeats: the SuperLink answers for it, as itself.
+    unavailable = make_message(
+        metadata=Metadata(run_id=1, message_id="", src_node_id=SUPERLINK_NODE_ID,
+                          dst_node_id=SUPERLINK_NODE_ID, reply_to_message_id="ins-3",
+                          group_id="1", created_at=0.0, ttl=60.0, message_type="train"),
+        error=Error(code=5, reason="Error: Node Unavailable"))
+
+    strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 1.0), **{"num-examples": 1}),
+        train_reply(2, _w(3.0, 3.0), **{"num-examples": 1}),
+        unavailable,
+    ])
+
+    stats = strategy.take_round_stats(1)
+    assert stats.failures == 1
+    assert stats.problems == ("site-3 (node 3): error: Error: Node Unavailable",)
+    assert stats.site_examples == {"site-1": 1, "site-2": 1}  # reported by the live ones

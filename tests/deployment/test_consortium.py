@@ -1,0 +1,247 @@
+"""The generated start scripts and the site registry: persistence, reconnection, honest
+failures (no placeholder data path, no KeyError, no SuperNode on a missing file)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from deployment import consortium as cons
+from deployment import pki
+from deployment.cli import main
+from deployment.rehearsal import register_site, revoke_site
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def consortium(tmp_path) -> cons.Consortium:
+    return cons.create(tmp_path / "c", name="t", names=pki.Names(), sites=("a", "b"))
+
+
+def _exec_line(script: Path) -> list[str]:
+    """The words of the script's ``exec`` command (continuation lines joined)."""
+    text = script.read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith("exec "))
+    return shlex.split(line)[1:]
+
+
+def _flag(words: list[str], flag: str) -> str:
+    return words[words.index(flag) + 1]
+
+
+def test_the_superlink_keeps_its_state_in_the_consortium_folder(consortium):
+    words = _exec_line(consortium.root / "superlink/start-superlink.sh")
+
+    assert words[0] == "flower-superlink"
+    assert _flag(words, "--database") == str(consortium.root / "superlink/state.db")
+    assert consortium.state_db == consortium.root / "superlink/state.db"
+    assert "--enable-supernode-auth" in words
+    assert _flag(words, "--port") == "8000"
+
+
+def test_a_supernode_retries_for_a_day_after_losing_the_superlink():
+    command = cons.supernode_command(superlink="h:1", ca_cert="ca", private_key="k",
+                                     data_path="/d.csv", site="a")
+    assert _flag(command, "--max-wait-time") == "86400"
+    assert "--max-retries" not in command  # no limit on the number of tries
+    forever = cons.supernode_command(superlink="h:1", ca_cert="ca", private_key="k",
+                                     data_path="/d.csv", site="a", max_wait_time=None)
+    assert "--max-wait-time" not in forever
+
+
+def test_bundle_port_gives_each_site_its_own_clientapp_port_and_flwr_home(consortium):
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/data/a.csv"]) == 0
+    assert main(["bundle", str(consortium.root), "b", "--data-path", "/data/b.csv",
+                 "--port", "9095", "--text-column", "body"]) == 0
+
+    a = consortium.site_dir("a") / "start-supernode.sh"
+    b = consortium.site_dir("b") / "start-supernode.sh"
+    assert _flag(_exec_line(a), "--port") == "9094"
+    assert _flag(_exec_line(b), "--port") == "9095"
+    assert 'export FLWR_HOME="$HERE/flwr-home"' in b.read_text()
+    assert _flag(_exec_line(b), "--node-config") == (
+        'data-path="/data/b.csv" site-name="b" text-column="body"')
+    assert json.loads((consortium.site_dir("b") / "bundle.json").read_text()) == {
+        "data-path": "/data/b.csv", "text-column": "body", "label-column": None,
+        "runtime-port": 9095, "task": "classification"}
+
+
+def test_bundle_refuses_a_port_that_is_no_port(consortium, capsys):
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.csv",
+                 "--port", "70000"]) == 2
+    assert "--port must be a TCP port (1-65535), got 70000" in capsys.readouterr().err
+
+
+def test_key_rotation_keeps_the_sites_data_path_columns_and_port(consortium):
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/data/a.csv",
+                 "--label-column", "y", "--port", "9100"]) == 0
+    script = consortium.site_dir("a") / "start-supernode.sh"
+    before_key = consortium.site_key("a").read_bytes()
+    before = _exec_line(script)
+
+    assert main(["add-site", str(consortium.root), "a", "--force"]) == 0
+
+    assert consortium.site_key("a").read_bytes() != before_key
+    assert _exec_line(script) == before
+    assert cons.PLACEHOLDER_DATA_PATH not in script.read_text()
+
+
+def test_a_new_site_without_a_data_path_gets_the_placeholder(consortium):
+    assert main(["add-site", str(consortium.root), "c"]) == 0
+    words = _exec_line(consortium.site_dir("c") / "start-supernode.sh")
+    assert f'data-path="{cons.PLACEHOLDER_DATA_PATH}"' in _flag(words, "--node-config")
+
+
+@pytest.fixture
+def site_tools(tmp_path) -> Path:
+    """A PATH folder: `fedsft` runs this checkout's CLI; `flower-supernode` records its
+    arguments instead of connecting."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "fedsft").write_text(
+        f'#!/bin/sh\ncd {shlex.quote(str(REPO))} && exec {shlex.quote(sys.executable)} '
+        f'-m deployment.cli "$@"\n')
+    (bin_dir / "flower-supernode").write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, sys
+        open(os.environ["STARTED"], "w").write(json.dumps(
+            {{"argv": sys.argv[1:], "flwr_home": os.environ.get("FLWR_HOME")}}))
+        """))
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    return bin_dir
+
+
+def _start(script: Path, site_tools: Path, started: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{site_tools}{os.pathsep}{os.environ['PATH']}",
+           "STARTED": str(started)}
+    return subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_the_supernode_does_not_start_on_a_missing_data_file(consortium, site_tools,
+                                                              tmp_path):
+    missing = tmp_path / "gone.csv"
+    assert main(["bundle", str(consortium.root), "a", "--data-path", str(missing)]) == 0
+
+    result = _start(consortium.site_dir("a") / "start-supernode.sh", site_tools,
+                    tmp_path / "started.json")
+
+    assert result.returncode == 2
+    assert f"data file not found: {missing}" in result.stderr
+    assert not (tmp_path / "started.json").exists()
+
+
+def test_the_supernode_does_not_start_on_an_unusable_data_file(consortium, site_tools,
+                                                                tmp_path):
+    data = tmp_path / "site.csv"
+    data.write_text("note,triage\nfirst patient note,urgent\n")  # no column `text`
+    assert main(["bundle", str(consortium.root), "a", "--data-path", str(data)]) == 0
+
+    result = _start(consortium.site_dir("a") / "start-supernode.sh", site_tools,
+                    tmp_path / "started.json")
+
+    assert result.returncode == 2
+    assert f"{data}: missing column 'text'" in result.stderr
+    assert not (tmp_path / "started.json").exists()
+
+
+def test_the_supernode_starts_after_its_data_passes_the_check(consortium, site_tools,
+                                                               tmp_path):
+    data = tmp_path / "site.csv"
+    data.write_text("note,triage\n" + "".join(
+        f"patient note number {i},{'urgent' if i % 2 else 'routine'}\n" for i in range(6)))
+    assert main(["bundle", str(consortium.root), "a", "--data-path", str(data),
+                 "--text-column", "note", "--label-column", "triage"]) == 0
+
+    result = _start(consortium.site_dir("a") / "start-supernode.sh", site_tools,
+                    tmp_path / "started.json")
+
+    assert result.returncode == 0, result.stderr
+    assert "result: no blocking problem" in result.stdout
+    started = json.loads((tmp_path / "started.json").read_text())
+    assert started["flwr_home"] == str(consortium.site_dir("a") / "flwr-home")
+    assert _flag(started["argv"], "--auth-supernode-private-key") == str(
+        consortium.site_key("a"))
+
+
+# --- the registry ------------------------------------------------------------------------
+
+@pytest.fixture
+def fake_flwr(tmp_path, monkeypatch):
+    """A `flwr` whose `supernode register` hands out node ids 101, 102, ... and refuses a
+    public key it saw before (as Flower does, also after `unregister`)."""
+    state = tmp_path / "flwr-state.json"
+    state.write_text(json.dumps({"next": 101, "keys": []}))
+    script = tmp_path / "flwr"
+    script.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, sys
+        state = json.load(open({str(state)!r}))
+        args = sys.argv[1:]
+        if args[:2] == ["supernode", "register"]:
+            key = open(args[2]).read()
+            if key in state["keys"]:
+                print(json.dumps({{"success": False,
+                                   "error-message": "Public key already in use"}}))
+                sys.exit(0)
+            state["keys"].append(key)
+            print(json.dumps({{"success": True, "node-id": state["next"]}}))
+            state["next"] += 1
+        json.dump(state, open({str(state)!r}, "w"))
+        """))
+    script.chmod(0o755)
+    monkeypatch.setattr("deployment.processes.executable",
+                        lambda name: str(script) if name == "flwr" else name)
+
+
+def test_register_of_a_revoked_site_names_the_way_back_and_it_works(consortium, fake_flwr,
+                                                                    capsys):
+    assert register_site(consortium, "a") == 101
+    assert revoke_site(consortium, "a") == 101
+    assert consortium.registry()["a"]["revoked"] is True
+
+    assert main(["register", str(consortium.root), "a"]) == 2
+    err = capsys.readouterr().err
+    assert "its key was revoked (node 101)" in err
+    assert f"fedsft add-site {consortium.root} a --force --register" in err
+    assert "KeyError" not in err
+
+    assert main(["add-site", str(consortium.root), "a", "--force", "--register"]) == 0
+    assert "registered a as node 102" in capsys.readouterr().out
+    entry = consortium.registry()["a"]
+    assert entry["node-id"] == 102 and "revoked" not in entry
+    assert "replaced-node-ids" not in entry  # the old node is already unregistered
+
+
+def test_rotation_remembers_the_old_node_id_to_unregister(consortium, fake_flwr, capsys):
+    register_site(consortium, "a")
+
+    assert main(["add-site", str(consortium.root), "a", "--force", "--register"]) == 0
+
+    assert consortium.registry()["a"]["replaced-node-ids"] == [101]
+    out = capsys.readouterr().out
+    assert "still registered as node 101" in out and "flwr supernode unregister 101" in out
+
+
+def test_a_register_reply_without_node_id_is_a_clear_error(consortium, monkeypatch):
+    monkeypatch.setattr("deployment.rehearsal.flwr_json", lambda *a, **k: {"success": True})
+    with pytest.raises(cons.ConsortiumError, match="gave no node id"):
+        register_site(consortium, "a")
+
+
+def test_revoking_twice_or_an_unknown_site_is_refused(consortium, fake_flwr):
+    with pytest.raises(cons.ConsortiumError, match="is not registered"):
+        revoke_site(consortium, "a")
+    register_site(consortium, "a")
+    revoke_site(consortium, "a")
+    with pytest.raises(cons.ConsortiumError, match="already revoked"):
+        revoke_site(consortium, "a")
