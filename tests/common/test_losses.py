@@ -1,4 +1,5 @@
-"""common/losses.py: the logit-adjusted loss, with numbers checkable by hand."""
+"""common/losses.py: the label-skew and imbalance losses and the augmentation, with numbers
+checkable by hand."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from common.config import RunConfig
 from common.losses import (
     augment_token_ids,
     class_log_prior,
@@ -19,6 +21,7 @@ from common.losses import (
     read_label_counts,
     sum_label_counts,
 )
+from common.tasks.base import TrainContext
 from common.tasks.classification import TASK, EncodedData
 from common.training import train_local
 from tests.common.test_training import CPU, rule_data, setup
@@ -224,3 +227,94 @@ def test_token_dropout_rate_and_swap_count() -> None:
         _augment("synonyms", 0.1, 0)
     with pytest.raises(ValueError, match=r"rate must be in \[0, 1\]"):
         _augment("both", 1.5, 0)
+
+
+# --- the classification task's loss with these options ---------------------------------
+
+
+class _Recorder(torch.nn.Module):
+    """Logits (0, ln 3) for every row; remembers the ids it was given."""
+
+    config = type("Config", (), {"pad_token_id": 0})()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):  # type: ignore[no-untyped-def]
+        self.seen.append(input_ids.clone())
+        logits = torch.tensor([[0.0, math.log(3)]]).repeat(len(input_ids), 1)
+        return type("Out", (), {"logits": logits})()
+
+
+# A site with labels 0, 0, 0, 1: counts (3, 1), inverse-frequency weights (2/3, 2).
+SITE = EncodedData([[101, 5, 6, 7, 8, 9, 102]] * 4, torch.tensor([0, 0, 0, 1]))
+BATCH = {"input_ids": torch.tensor([[101, 5, 6, 7, 8, 9, 102]] * 2),
+         "attention_mask": torch.ones(2, 7, dtype=torch.int64), "labels": torch.tensor([1, 0])}
+ONE, ZERO = -math.log(3 / 4), -math.log(1 / 4)  # cross-entropy of label 1 and of label 0
+
+
+def _task_loss(ctx: TrainContext | None = None, **keys: object) -> float:
+    cfg = RunConfig(**keys)  # type: ignore[arg-type]
+    loss = TASK.make_loss(SITE, cfg=cfg, ctx=ctx or TrainContext(seed=1))
+    return loss(_Recorder(), BATCH).item()
+
+
+def test_task_loss_with_site_and_federation_class_weights() -> None:
+    assert _task_loss() == pytest.approx((ONE + ZERO) / 2)
+    assert _task_loss(class_weighting="inverse-frequency") == pytest.approx(
+        (2 * ONE + 2 / 3 * ZERO) / 2)
+    # global: the federation's counts (1, 1) from the round config weigh both classes 1
+    federation = TrainContext(seed=1, round_config={"label-counts": [1, 1]})
+    assert _task_loss(federation, class_weighting="inverse-frequency",
+                      class_weighting_source="global") == pytest.approx((ONE + ZERO) / 2)
+    # before the server knows the counts (round 1) the site's own are used
+    assert _task_loss(class_weighting="inverse-frequency",
+                      class_weighting_source="global") == pytest.approx(
+        (2 * ONE + 2 / 3 * ZERO) / 2)
+    # focal on top: gamma 2 multiplies by (1 - p_y)^2 = 1/16 and 9/16
+    assert _task_loss(class_weighting="inverse-frequency", focal_gamma=2.0) == pytest.approx(
+        (2 * ONE / 16 + 2 / 3 * ZERO * 9 / 16) / 2)
+    with pytest.raises(ValueError, match="3 label counts"):
+        _task_loss(TrainContext(round_config={"label-counts": [1, 1, 1]}),
+                   class_weighting="inverse-frequency", class_weighting_source="global")
+
+
+def test_task_loss_augments_training_batches_per_seed_and_step() -> None:
+    def ids_seen(seed: int) -> list[list[list[int]]]:
+        model = _Recorder()
+        loss = TASK.make_loss(SITE, cfg=RunConfig(augment="both", augment_rate=0.5),
+                              ctx=TrainContext(seed=seed))
+        for _ in range(3):
+            loss(model, BATCH)
+        return [ids.tolist() for ids in model.seen]
+
+    first = ids_seen(1)
+    assert first == ids_seen(1)  # same seed: same augmentation at every step
+    assert first != ids_seen(2)
+    assert len({str(step) for step in first}) > 1  # each step draws anew
+    assert all(row[0] == 101 for step in first for row in step)
+    assert BATCH["input_ids"][0].tolist() == [101, 5, 6, 7, 8, 9, 102]  # not in place
+
+
+def test_site_reports_label_counts_only_for_federation_weights() -> None:
+    assert TASK.site_metrics(SITE, cfg=RunConfig()) == {}
+    assert TASK.site_metrics(SITE, cfg=RunConfig(class_weighting="inverse-frequency")) == {}
+    cfg = RunConfig(class_weighting="inverse-frequency", class_weighting_source="global")
+    assert TASK.site_metrics(SITE, cfg=cfg) == {"label-count-0": 3, "label-count-1": 1}
+
+
+def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
+        tiny_model_dir: Path) -> None:
+    """As the logit adjustment above: on a 10:1 site, class weights (10:1 against the
+    majority) keep the model's logits on balanced data from moving towards class 0."""
+    moved = {}
+    for weighting in ("none", "inverse-frequency"):
+        cfg, model, site, balanced, pad = _skewed_site(tiny_model_dir,
+                                                      class_weighting=weighting)
+        before = _mean_gap(model, balanced, pad)
+        train_local(model, site, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+        moved[weighting] = _mean_gap(model, balanced, pad) - before
+
+    assert moved["none"] > 0.5
+    assert moved["inverse-frequency"] < 0.5 * moved["none"]

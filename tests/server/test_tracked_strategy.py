@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian
 
 from common.encoding import UpdateEncoding, encode_update
@@ -208,3 +209,43 @@ def test_each_sites_epsilon_and_noise_multiplier_are_kept(task_identity):
     # Without a key-learning grid (no client_key) a site is named by its node.
     assert stats.dp_sgd_sites == {"node-1": {"epsilon": 2.5, "noise_multiplier": 0.9},
                                   "node-2": {"epsilon": 4.0, "noise_multiplier": 0.7}}
+
+
+def test_federation_label_counts_are_summed_and_sent_in_later_rounds():
+    from flwr.app import ConfigRecord
+
+    from tests.server.messages import NodesGrid
+
+    strategy = TrackedStrategy(
+        FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0, min_replies=1,
+        federation_label_counts=True)
+
+    def configs(rnd):
+        arrays = ArrayRecord({"w": Array(ZERO["w"])})
+        return [dict(m.content["config"]) for m in strategy.configure_train(
+            rnd, arrays, ConfigRecord({"label-names": ["a", "b", "c"]}), NodesGrid(2))]
+
+    assert all("label-counts" not in c for c in configs(1))  # round 1: not known yet
+    strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "label-count-0": 3,
+                                        "label-count-1": 1}),
+        train_reply(2, _w(1.0, 0.0), **{"num-examples": 5, "label-count-0": 1,
+                                        "label-count-1": 2, "label-count-2": 2}),
+        error_reply(3),
+    ])
+    assert strategy.label_counts() == [4, 3, 2]
+    assert all(c["label-counts"] == [4, 3, 2] for c in configs(2))
+    # a site's newer counts replace its older ones; a reply without counts changes nothing
+    strategy.aggregate_train(2, [
+        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "label-count-0": 5,
+                                        "label-count-1": 1}),
+        train_reply(2, _w(1.0, 0.0), **{"num-examples": 5}),
+    ])
+    assert strategy.label_counts() == [6, 3, 2]
+
+
+def test_label_counts_are_not_collected_or_sent_unless_asked():
+    strategy = _tracked()
+    strategy.aggregate_train(1, [train_reply(1, _w(1.0, 0.0), **{"num-examples": 1,
+                                                                  "label-count-0": 3})])
+    assert strategy.label_counts() is None
