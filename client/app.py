@@ -78,13 +78,13 @@ def train(msg: Message, context: Context) -> Message:
     if cfg.dp_sgd_enabled:
         result, privacy = train_with_dp_sgd(
             model, train_data, cfg, task=task, seed=seed, device=device,
-            pad_token_id=tokenizer.pad_token_id, state=context.state,
+            pad_token_id=tokenizer.pad_token_id, state=context.state, round_config=config,
         )
     else:
         result = train_local(
             model, train_data, cfg, task=task, seed=seed, device=device,
             proximal_mu=float(config.get("proximal-mu", 0.0)),
-            pad_token_id=tokenizer.pad_token_id,
+            pad_token_id=tokenizer.pad_token_id, round_config=config,
         )
     payload, extra = outgoing_update(
         get_exchanged_state(model), received, cfg=cfg, config=config, context=context,
@@ -103,6 +103,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-seconds": result.seconds,
         "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **data_stats_metrics(data, context.node_config, context.state),  # site opt-in
+        **task.site_metrics(train_data, cfg=cfg),  # what the run's keys ask (label counts)
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -7,6 +7,9 @@ reports covers every DP-SGD step it has taken in the run, not just this round's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
@@ -43,6 +46,7 @@ def store_history(state: RecordDict, history: list[tuple[float, float, int]]) ->
 def train_with_dp_sgd(
     model: torch.nn.Module, data: Examples, cfg: RunConfig, *, task: Task, seed: int,
     device: torch.device, pad_token_id: int, state: RecordDict,
+    round_config: Mapping[str, Any] | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """One round of DP-SGD; returns the result and the metrics to report.
 
@@ -78,7 +82,7 @@ def train_with_dp_sgd(
             f"{cfg.dp_sgd_delta:g}); the site trains no more in this run"
         )
     result, entry = train_local_dp_sgd(model, data, cfg, task=task, seed=seed, device=device,
-                                       pad_token_id=pad_token_id)
+                                       pad_token_id=pad_token_id, round_config=round_config)
     history = [*earlier, entry]
     store_history(state, history)
     epsilon = sample_level_epsilon(history, delta=cfg.dp_sgd_delta)

@@ -19,6 +19,9 @@ from common.tasks import DEFAULT_MODELS, TASK_METRICS, TASK_NAMES
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
+CLASS_WEIGHTINGS = ("none", "inverse-frequency", "effective-number")
+CLASS_WEIGHTING_SOURCES = ("site", "global")
+AUGMENTS = ("none", "token-dropout", "random-swap", "both")
 # How LoRA adapters are aggregated: fedavg averages A and B separately (the mean of the
 # products is not the product of the means); ffa freezes every A at its seeded init and
 # trains and sends only B, so the average is exact (FFA-LoRA, Sun et al. 2024).
@@ -53,7 +56,9 @@ AUTO_SELECTION_METRICS = {"classification": "accuracy", "sft": "loss"}
 CHAT_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
 # Keys that only one task reads: set for the other task they are refused, not ignored.
 CLASSIFICATION_ONLY = ("labels", "text_column", "label_column", "label_case_fold",
-                       "classes_per_client", "skew_loss", "skew_loss_tau")
+                       "classes_per_client", "skew_loss", "skew_loss_tau",
+                       "class_weighting", "class_weighting_source", "class_weighting_beta",
+                       "focal_gamma", "augment", "augment_rate")
 SFT_ONLY = ("chat_format", "messages_column", "instruction_column", "input_column",
             "output_column", "prompt_column", "response_column", "system_prompt",
             "chat_template", "train_on", "overflow", "generate_every", "generation_samples",
@@ -152,6 +157,16 @@ class RunConfig:
     # none | logit-adjusted (common/losses.py): the site's class prior in the local loss
     skew_loss: str = "none"
     skew_loss_tau: float = 1.0  # logit-adjusted: weight of the log prior (1 = balanced softmax)
+    # none | inverse-frequency | effective-number (common/losses.py `class_weights`)
+    class_weighting: str = "none"
+    # site: each site's own label counts | global: the federation's summed counts, which
+    # the server sends from round 2 on (round 1 uses the site's)
+    class_weighting_source: str = "site"
+    class_weighting_beta: float = 0.999  # effective-number: Cui et al.'s usual value
+    focal_gamma: float = 0.0  # focal loss exponent (Lin et al. use 2); 0 = cross-entropy
+    # none | token-dropout | random-swap | both: training batches only, seeded per step
+    augment: str = "none"
+    augment_rate: float = 0.1  # share of tokens dropped / swapped (EDA's alpha)
     # --- uplink encoding (common/encoding.py) ---
     update_encoding: str = "fp32"  # fp32 | fp16 | int8 (lossy ones send deltas)
     int8_block_size: int = 256  # values per int8 scale; 0 = one scale per tensor
@@ -258,6 +273,7 @@ class RunConfig:
                 "the site's class prior is computed from "
                 "its records, outside the privacy accounting; set skew-loss=none"
             )
+        self._check_imbalance_and_augmentation()
         if self.dp_sgd_enabled and self.strategy == "fedprox":
             raise ConfigError(
                 f"{_DP_SGD_ON} cannot be combined with `strategy` fedprox: "
@@ -352,6 +368,36 @@ class RunConfig:
                 "built-in data's task types)")
         if self.attack == "label-flip":
             raise ConfigError("`attack` label-flip needs class labels; task sft has none")
+
+    def _check_imbalance_and_augmentation(self) -> None:
+        _check_choice("class-weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        _check_choice("class-weighting-source", self.class_weighting_source,
+                      CLASS_WEIGHTING_SOURCES)
+        _check_range("class-weighting-beta", self.class_weighting_beta, low=0, high=1,
+                     low_open=True, high_open=True)
+        _check_range("focal-gamma", self.focal_gamma, low=0)
+        _check_choice("augment", self.augment, AUGMENTS)
+        _check_range("augment-rate", self.augment_rate, low=0, high=1, low_open=True,
+                     high_open=True)
+        if self.class_weighting == "none":
+            return
+        if self.skew_loss != "none":
+            raise ConfigError(
+                f"`class-weighting` {self.class_weighting!r} and `skew-loss` "
+                f"{self.skew_loss!r} both correct the loss for the class frequencies; "
+                "together they correct twice: set one of them to none")
+        if self.dp_sgd_enabled:
+            raise ConfigError(
+                f"`class-weighting` {self.class_weighting!r} cannot be combined with "
+                f"{_DP_SGD_ON}: the weights are computed from the records' labels, "
+                "outside the privacy accounting; set class-weighting=none (focal-gamma "
+                "needs no counts and works with DP-SGD)")
+        if self.class_weighting_source == "global" and self.secure_aggregation:
+            raise ConfigError(
+                "`class-weighting-source` global sends each site's label counts to the "
+                "server as plain reply metrics, which `secure-aggregation` is meant to "
+                "prevent (its masked sum carries only the clipped model update): use "
+                "class-weighting-source=site, or turn secure aggregation off")
 
     def _check_model_selection(self) -> None:
         _check_choice("select-model", self.select_model, SELECT_MODELS)

@@ -22,7 +22,8 @@ import math
 import secrets
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from opacus.optimizers import DPOptimizer
 from transformers import get_linear_schedule_with_warmup
 
 from common.config import RunConfig
-from common.tasks.base import Examples, Task
+from common.tasks.base import Examples, Task, TrainContext
 from common.training import TrainResult
 
 
@@ -150,6 +151,7 @@ def train_local_dp_sgd(
     seed: int,
     device: torch.device,
     pad_token_id: int,
+    round_config: Mapping[str, Any] | None = None,
 ) -> tuple[TrainResult, tuple[float, float, int]]:
     """``train_local`` with DP-SGD: per-example clipping, Gaussian noise, Poisson batches.
 
@@ -195,7 +197,8 @@ def train_local_dp_sgd(
         num_warmup_steps=round(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    loss_of = task.make_loss(data, cfg=cfg)
+    loss_of = task.make_loss(data, cfg=cfg, ctx=TrainContext(
+        seed=seed, round_config=dict(round_config or {})))
     model.train()  # Opacus records activations in training mode only
     per_example = GradSampleModule(model, batch_first=True, loss_reduction="mean")
     losses: list[float] = []

@@ -12,7 +12,7 @@ import hashlib
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from common.config import RunConfig
 from common.model import autocast_context
-from common.tasks.base import Batch, Examples, Task
+from common.tasks.base import Batch, Examples, Task, TrainContext
 
 
 def iterate_batches(
@@ -78,6 +78,7 @@ def train_local(
     device: torch.device,
     proximal_mu: float = 0.0,
     pad_token_id: int,
+    round_config: Mapping[str, Any] | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``data`` in place.
 
@@ -110,6 +111,9 @@ def train_local(
         FedProx's mu; 0 is plain local SGD as in FedAvg.
     pad_token_id
         The tokenizer's padding id.
+    round_config
+        The round config the server sent, handed to the task's loss with ``seed``
+        (``TrainContext``); None outside a federated round.
 
     Returns
     -------
@@ -143,7 +147,8 @@ def train_local(
         device.type, enabled=cfg.precision == "fp16" and device.type == "cuda"
     )
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    loss_of = task.make_loss(data, cfg=cfg)
+    loss_of = task.make_loss(data, cfg=cfg, ctx=TrainContext(
+        seed=seed, round_config=dict(round_config or {})))
 
     def endless_batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:  # a fresh shuffle per epoch

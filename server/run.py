@@ -127,6 +127,8 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled, max_update_norm=cfg.max_update_norm,
+        federation_label_counts=(cfg.class_weighting != "none"
+                                 and cfg.class_weighting_source == "global"),
         secure=SecureAggregator(
             threshold_fraction=cfg.secagg_threshold, clip_range=cfg.secagg_clip_range,
             max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout,

@@ -12,7 +12,10 @@ Composition, not inheritance: ``TrackedStrategy`` holds any Flower Message-API s
   (``ValidatedAggregation``, or ``SecureAggregationStep`` with secure aggregation);
   fewer than ``min_replies`` valid replies skips the round (the global model stays);
 - one frozen :class:`RoundStats` per round (counts, bytes, seconds, problems), taken
-  by the recorder with ``take_round_stats``.
+  by the recorder with ``take_round_stats``;
+- with ``federation_label_counts`` (``class-weighting-source`` global): the latest
+  label counts each site put in its training reply (``label-count-<k>``), summed and
+  sent to every client in the next rounds' config as ``label-counts``.
 
 Flower's ``Strategy.start`` runs the loop; nothing here copies it.
 """
@@ -33,6 +36,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, Strategy
 
 from common.encoding import UpdateEncoding
+from common.losses import LABEL_COUNTS_KEY, read_label_counts, sum_label_counts
 from common.training import derive_seed
 from server.grid import NodesUnavailableError
 from server.reply_pipeline import (
@@ -176,6 +180,7 @@ class TrackedStrategy(Strategy):
         uniform_weights: bool = False,
         secure: SecureAggregator | None = None,
         max_update_norm: float = 0.0,
+        federation_label_counts: bool = False,
     ) -> None:
         self.inner = inner
         self.seed = seed
@@ -198,6 +203,8 @@ class TrackedStrategy(Strategy):
         # The train messages of a round: the grid gives them their ids when it pushes them.
         self._messages: dict[int, list[Message]] = {}
         self._site_key: Callable[[int], str] | None = None
+        self.federation_label_counts = federation_label_counts
+        self._label_counts: dict[str, list[int]] = {}  # site -> its latest label counts
 
     def to_round(self, server_round: int) -> int:
         """The run's round number of Flower's ``server_round`` (after the offset)."""
@@ -213,6 +220,12 @@ class TrackedStrategy(Strategy):
     def inner_state(self) -> dict[str, Any]:
         """The inner strategy's state for a checkpoint (server/strategies.py)."""
         return strategy_state(self.inner)
+
+    def label_counts(self) -> list[int] | None:
+        """The federation's label counts: the sum of each site's latest, or None yet."""
+        if not self._label_counts:
+            return None
+        return sum_label_counts(self._label_counts[site] for site in sorted(self._label_counts))
 
     def summary(self) -> None:
         self.inner.summary()
@@ -237,7 +250,11 @@ class TrackedStrategy(Strategy):
         # for their keys), which may itself draw from `random`, before seeding it.
         grid.get_node_ids()
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
-        messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(dict(config)), grid))
+        round_config = dict(config)
+        if self.federation_label_counts and (counts := self.label_counts()) is not None:
+            round_config[LABEL_COUNTS_KEY] = counts
+        messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(round_config),
+                                                   grid))
         stats = self._update(rnd, sampled=len(messages))
         if self.secure_step is not None:
             setup = self.secure_step.setup(rnd, [m.metadata.dst_node_id for m in messages], grid)
@@ -263,6 +280,12 @@ class TrackedStrategy(Strategy):
                                     sent_to=sent_to, site_key=self._site_key)
                  for m in messages]
         measured = client_measurements(plain, site_key=self._site_key)
+        if self.federation_label_counts:
+            for reply in plain:
+                counts = None if reply.error is not None else read_label_counts(reply.metrics)
+                if counts is not None:
+                    site = self._site_key(reply.node) if self._site_key else f"node-{reply.node}"
+                    self._label_counts[site] = counts
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
         self._update(
             rnd, wait_seconds=wait, replies=len(messages),

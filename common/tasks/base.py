@@ -15,7 +15,7 @@ task object may be shared by every virtual client of a worker process.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,18 @@ class EvalContext:
     server_round: int = 0  # a task may do expensive metrics only every N rounds
     final: bool = False  # the last round: expensive metrics always run
     cfg: RunConfig | None = None  # the run's config, for a task's own evaluation keys
+
+
+@dataclass(frozen=True)
+class TrainContext:
+    """What a local training call hands the task's loss besides the examples and config."""
+
+    # The call's seed (``derive_seed(run seed, round, client)``): a task's own randomness
+    # (e.g. augmentation) derives from it, so it is reproducible per round and site.
+    seed: int = 0
+    # The round config the server sent (e.g. the federation's label counts); {} outside
+    # a federated round.
+    round_config: Mapping[str, Any] = field(default_factory=dict)
 
 
 class Task(Protocol):
@@ -118,11 +130,17 @@ class Task(Protocol):
         """The examples at ``index`` as one right-padded batch (0 rows for [])."""
         ...
 
-    def make_loss(self, examples: Examples, *, cfg: RunConfig) -> LossFn:
+    def make_loss(self, examples: Examples, *, cfg: RunConfig, ctx: TrainContext) -> LossFn:
         """The local training loss for this site's ``examples`` (e.g. with its prior).
 
-        Called once per local training call; the loss runs under the caller's autocast.
+        Called once per local training call; the loss runs under the caller's autocast,
+        on training batches only (a task may transform the batch first, e.g. augment).
         """
+        ...
+
+    def site_metrics(self, examples: Examples, *, cfg: RunConfig) -> dict[str, int | float]:
+        """Aggregate statistics of the training ``examples`` the training reply carries
+        because the run asks for them (e.g. label counts); {} when it asks for none."""
         ...
 
     def evaluate(

@@ -4,7 +4,11 @@ The model is ``AutoModelForSequenceClassification`` with a fresh, seeded head fo
 federation's classes; rows are ``text`` / ``label`` (the label rules of
 ``common/data.py``: stripped, optionally case-folded, integer ids into the sorted class
 names); the loss is cross-entropy (or the logit-adjusted loss of ``common/losses.py``
-with the site's own class prior); metrics are accuracy, macro-F1 and the mean loss.
+with the site's own class prior), optionally class-weighted (``class-weighting``, from the
+site's or the federation's label counts) and focal (``focal-gamma``), on training batches
+optionally augmented at the token level (``augment``); metrics are accuracy, macro-F1,
+the mean loss, and per-class recall (``recall_<k>`` for each class with eval examples,
+``recall_min`` the worst of them) as extra details.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import f1_score
+from sklearn.metrics import f1_score, recall_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.builtin_data import generate_builtin
@@ -31,11 +35,18 @@ from common.data import (
     encode_labels,
 )
 from common.data_check import DataReport, check_site_data
-from common.losses import class_log_prior, logit_adjusted_cross_entropy
+from common.losses import (
+    LABEL_COUNTS_KEY,
+    augment_token_ids,
+    class_log_prior,
+    class_weights,
+    focal_cross_entropy,
+    label_count_metrics,
+)
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec
-from common.tasks.base import Batch, EvalContext, LossFn
-from common.training import iterate_batches
+from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
+from common.training import derive_seed, iterate_batches
 
 
 @dataclass(frozen=True)
@@ -169,21 +180,57 @@ class ClassificationTask:
     def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
         return collate(examples, index, pad_token_id)
 
-    def make_loss(self, examples: Any, *, cfg: RunConfig) -> LossFn:
-        if cfg.skew_loss == "none":
+    def make_loss(self, examples: Any, *, cfg: RunConfig, ctx: TrainContext) -> LossFn:
+        """Cross-entropy, with the options of the run's keys applied in this order.
+
+        ``augment``: the batch's token ids are augmented first (``augment_token_ids``,
+        its generator seeded per (call seed, step): per run seed, round, site and step);
+        ``skew-loss``: the logits are shifted by the site's log prior;
+        ``class-weighting``: each example's term is weighted by its class's weight, from
+        the site's counts or (``class-weighting-source`` global) the federation's counts
+        in the round config (``label-counts``; absent in round 1: the site's counts);
+        ``focal-gamma``: focal loss. Plain ``F.cross_entropy`` when none is set.
+        """
+        plain = (cfg.skew_loss == "none" and cfg.class_weighting == "none"
+                 and cfg.focal_gamma == 0 and cfg.augment == "none")
+        if plain:
             def cross_entropy(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
                 return F.cross_entropy(_logits(model, batch).float(), batch["labels"])
             return cross_entropy
-        prior: list[torch.Tensor] = []  # the site's class prior, from its own labels
+        # Built on the first batch: the number of classes is the head's width.
+        prior: list[torch.Tensor] = []
+        weight: list[torch.Tensor | None] = []
+        steps = [0]
 
-        def adjusted(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+            if cfg.augment != "none":
+                generator = torch.Generator().manual_seed(
+                    derive_seed(ctx.seed, "augment", steps[0]))
+                steps[0] += 1
+                ids, mask = augment_token_ids(
+                    batch["input_ids"], batch["attention_mask"], mode=cfg.augment,
+                    rate=cfg.augment_rate, generator=generator, pad_token_id=_pad_of(model))
+                batch = {**batch, "input_ids": ids, "attention_mask": mask}
             logits = _logits(model, batch).float()
-            if not prior:  # the number of classes is the head's width
-                prior.append(class_log_prior(examples.labels, logits.shape[-1]))
-            return logit_adjusted_cross_entropy(
-                logits, batch["labels"], log_prior=prior[0].to(logits.device),
-                tau=cfg.skew_loss_tau)
-        return adjusted
+            num_classes = logits.shape[-1]
+            if not weight:
+                prior.append(class_log_prior(examples.labels, num_classes))
+                weight.append(None if cfg.class_weighting == "none" else class_weights(
+                    _weighting_counts(examples, cfg, ctx, num_classes), cfg.class_weighting,
+                    beta=cfg.class_weighting_beta))
+            if cfg.skew_loss != "none":
+                logits = logits + cfg.skew_loss_tau * prior[0].to(logits.device)
+            return focal_cross_entropy(logits, batch["labels"], gamma=cfg.focal_gamma,
+                                       class_weight=weight[0])
+        return loss
+
+    def site_metrics(self, examples: Any, *, cfg: RunConfig) -> dict[str, int | float]:
+        """The site's label counts (``label-count-<k>``) when the run weights classes by
+        the federation's counts (``class-weighting-source`` global), else nothing."""
+        if cfg.class_weighting == "none" or cfg.class_weighting_source != "global":
+            return {}
+        # The classes the labels reach; the server pads shorter vectors with zeros.
+        return dict(label_count_metrics(_site_counts(examples, 0)))
 
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
@@ -221,6 +268,7 @@ class ClassificationTask:
                                        labels=list(range(num_labels)), zero_division=0)),
             "loss": loss_sum / len(examples),
             "num_examples": len(examples),
+            **per_class_recall(labels, predicted),
         }
 
     def predict_inputs(
@@ -253,6 +301,37 @@ class ClassificationTask:
                 if progress is not None:
                     progress(len(batch["input_ids"]))
         return [id2label[i] for i in predicted]
+
+
+def per_class_recall(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:
+    """``recall_<k>`` for each class k that has examples in ``labels``, and
+    ``recall_min``, the worst of them (a class without examples has no recall)."""
+    present = sorted(int(k) for k in np.unique(labels))
+    recalls = recall_score(labels, predicted, labels=present, average=None, zero_division=0)
+    out = {f"recall_{k}": float(r) for k, r in zip(present, recalls, strict=True)}
+    return {"recall_min": min(out.values()), **out}
+
+
+def _site_counts(examples: Any, num_classes: int) -> list[int]:
+    return torch.bincount(examples.labels.reshape(-1).long(), minlength=num_classes).tolist()
+
+
+def _weighting_counts(examples: Any, cfg: RunConfig, ctx: TrainContext,
+                      num_classes: int) -> list[int]:
+    """The label counts the class weights come from (see ``make_loss``)."""
+    if cfg.class_weighting_source == "global" and LABEL_COUNTS_KEY in ctx.round_config:
+        counts = [int(c) for c in ctx.round_config[LABEL_COUNTS_KEY]]
+        if len(counts) > num_classes:
+            raise ValueError(
+                f"the server sent {len(counts)} label counts ({LABEL_COUNTS_KEY!r}) for a "
+                f"model with {num_classes} classes")
+        return counts + [0] * (num_classes - len(counts))
+    return _site_counts(examples, num_classes)
+
+
+def _pad_of(model: torch.nn.Module) -> int:
+    pad = getattr(getattr(model, "config", None), "pad_token_id", None)
+    return int(pad) if pad is not None else 0
 
 
 def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -42,7 +42,7 @@ from common.config import RunConfig
 from common.data import DataError, read_rows
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec
-from common.tasks.base import Batch, EvalContext, LossFn
+from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
 
 log = logging.getLogger(__name__)
 _EVAL_BATCH = 8  # logits are (batch, tokens, vocabulary): keep evaluation batches small
@@ -226,11 +226,14 @@ class SftTask:
     def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
         return collate_chat(examples.examples, index, _pad(pad_token_id))
 
-    def make_loss(self, examples: Any, *, cfg: RunConfig) -> LossFn:
+    def make_loss(self, examples: Any, *, cfg: RunConfig, ctx: TrainContext) -> LossFn:
         def assistant_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
             # Mean next-token cross-entropy over the trained (label != -100) tokens.
             return _token_losses(model, batch).sum() / _trained(batch).clamp(min=1)
         return assistant_token_loss
+
+    def site_metrics(self, examples: Any, *, cfg: RunConfig) -> dict[str, int | float]:
+        return {}  # no SFT key asks a site for statistics
 
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,

@@ -59,6 +59,23 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
          "`max-update-norm` needs each client's update"),
         ({"secure-aggregation": "yes"}, "`secure-aggregation` must be true or false"),
         ({"secagg-threshold": 0}, "`secagg-threshold` must be > 0"),
+        ({"class-weighting": "balanced"}, "`class-weighting` must be one of none, "
+         "inverse-frequency, effective-number, got 'balanced'"),
+        ({"class-weighting-source": "server"}, "`class-weighting-source` must be one of"),
+        ({"class-weighting-beta": 1.0}, "`class-weighting-beta` must be < 1"),
+        ({"focal-gamma": -1}, "`focal-gamma` must be >= 0"),
+        ({"augment": "synonyms"}, "`augment` must be one of none, token-dropout"),
+        ({"augment-rate": 0}, "`augment-rate` must be > 0"),
+        ({"class-weighting": "inverse-frequency", "skew-loss": "logit-adjusted"},
+         "together they correct twice"),
+        ({"class-weighting": "effective-number", "dp-sgd-noise-multiplier": 1.0},
+         "outside the privacy accounting; set class-weighting=none"),
+        ({"class-weighting": "inverse-frequency", "class-weighting-source": "global",
+          "secure-aggregation": True}, "which `secure-aggregation` is meant to prevent"),
+        ({"task": "sft", "class-weighting": "inverse-frequency"},
+         "`class-weighting`: only for task classification"),
+        ({"task": "sft", "augment": "both"}, "`augment`: only for task classification"),
+        ({"task": "sft", "focal-gamma": 2.0}, "`focal-gamma`: only for task classification"),
         ({"label-case-fold": "yes"}, "`label-case-fold` must be true or false, got 'yes'"),
         ({"labels": "Pos, pos", "label-case-fold": True},
          "`labels` must name at least 2 distinct classes, got 'Pos, pos'"),
@@ -141,3 +158,14 @@ def test_an_empty_model_is_the_tasks_packaged_default():
     assert RunConfig(task="sft").model_name == "smollm2"
     assert RunConfig(model=" ").model_name == "minilm"
     assert RunConfig(task="sft", model="/m").model_name == "/m"
+
+
+def test_imbalance_and_augmentation_keys_that_combine():
+    # focal loss needs no counts: with DP-SGD, skew-loss and class weights it is allowed
+    RunConfig.from_flower({"focal-gamma": 2.0, "dp-sgd-noise-multiplier": 1.0})
+    RunConfig.from_flower({"focal-gamma": 2.0, "skew-loss": "logit-adjusted"})
+    RunConfig.from_flower({"focal-gamma": 2.0, "class-weighting": "inverse-frequency"})
+    # site counts never leave the site: fine with secure aggregation; so is augmentation
+    # with DP-SGD (each example is augmented on its own)
+    RunConfig.from_flower({"class-weighting": "inverse-frequency", "secure-aggregation": True})
+    RunConfig.from_flower({"augment": "both", "dp-sgd-noise-multiplier": 1.0})

@@ -228,6 +228,9 @@ def test_evaluate_metrics_by_hand() -> None:
     assert result.f1_macro == pytest.approx(7 / 9)
     # each correct row costs -ln(1/2), the wrong one -ln(1/4): (3 ln 2 + 2 ln 2) / 4
     assert result.loss == pytest.approx(5 / 4 * math.log(2))
+    # recall: class 0 1/1, class 1 1/1, class 2 1/2 (one of its two rows predicted 1)
+    assert (result.recall_0, result.recall_1, result.recall_2) == (1.0, 1.0, 0.5)
+    assert result.recall_min == 0.5
 
 
 def test_evaluate_macro_f1_counts_every_class_of_the_model() -> None:
@@ -236,3 +239,5 @@ def test_evaluate_macro_f1_counts_every_class_of_the_model() -> None:
     result = evaluate(FirstTokenClassifier(4), data, batch_size=8, device=CPU, pad_token_id=0)
 
     assert result.f1_macro == pytest.approx((1 + 2 / 3 + 2 / 3 + 0) / 4)
+    # class 3 has no eval rows: no recall of its own, and it is not the worst recall
+    assert not hasattr(result, "recall_3") and result.recall_min == 0.5

@@ -256,3 +256,22 @@ def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+
+
+def test_class_weights_from_federation_counts_and_augmentation_complete(tmp_path,
+                                                                        tiny_model_dir):
+    result = _run(tmp_path, tiny_model_dir, "imbalance", nodes=2, **{
+        "num-server-rounds": 2, "class-weighting": "inverse-frequency",
+        "class-weighting-source": "global", "focal-gamma": 1.0, "augment": "both"})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    rows = _results(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows:  # per-class recall next to the headline metrics
+        assert {"accuracy", "f1_macro", "recall_min", "recall_0"} <= set(row["central"])
+        assert row["central"]["recall_min"] <= row["central"]["recall_0"]
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
+        # Both sites reported their label counts (the round's metrics hold their mean).
+        assert row["train"]["label_count_0"] > 0
+    assert "[fedsft] round 2/2" in log

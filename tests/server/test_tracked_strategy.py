@@ -246,3 +246,43 @@ def test_a_dead_site_is_recorded_under_its_site_name_not_the_superlinks_node_id(
     assert stats.failures == 1
     assert stats.problems == ("site-3 (node 3): error: Error: Node Unavailable",)
     assert stats.site_examples == {"site-1": 1, "site-2": 1}  # reported by the live ones
+
+
+def test_federation_label_counts_are_summed_and_sent_in_later_rounds():
+    from flwr.app import ConfigRecord
+
+    from tests.server.messages import NodesGrid
+
+    strategy = TrackedStrategy(
+        FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0, min_replies=1,
+        federation_label_counts=True)
+
+    def configs(rnd):
+        arrays = ArrayRecord({"w": Array(ZERO["w"])})
+        return [dict(m.content["config"]) for m in strategy.configure_train(
+            rnd, arrays, ConfigRecord({"label-names": ["a", "b", "c"]}), NodesGrid(2))]
+
+    assert all("label-counts" not in c for c in configs(1))  # round 1: not known yet
+    strategy.aggregate_train(1, [
+        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "label-count-0": 3,
+                                        "label-count-1": 1}),
+        train_reply(2, _w(1.0, 0.0), **{"num-examples": 5, "label-count-0": 1,
+                                        "label-count-1": 2, "label-count-2": 2}),
+        error_reply(3),
+    ])
+    assert strategy.label_counts() == [4, 3, 2]
+    assert all(c["label-counts"] == [4, 3, 2] for c in configs(2))
+    # a site's newer counts replace its older ones; a reply without counts changes nothing
+    strategy.aggregate_train(2, [
+        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "label-count-0": 5,
+                                        "label-count-1": 1}),
+        train_reply(2, _w(1.0, 0.0), **{"num-examples": 5}),
+    ])
+    assert strategy.label_counts() == [6, 3, 2]
+
+
+def test_label_counts_are_not_collected_or_sent_unless_asked():
+    strategy = _tracked()
+    strategy.aggregate_train(1, [train_reply(1, _w(1.0, 0.0), **{"num-examples": 1,
+                                                                  "label-count-0": 3})])
+    assert strategy.label_counts() is None
