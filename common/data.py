@@ -659,7 +659,8 @@ class PartitionPlan:
     """How ``partition_dataset`` shares the training rows among the clients.
 
     ``rows[i]`` is the number of rows of client ``i``; ``label_counts[i][k]`` its rows of
-    class ``k`` (label id, up to the largest id in the training data);
+    class ``k`` (label id, up to the largest id in the training data; empty for a task
+    without class labels);
     ``local_eval_rows[i]`` how many of them ``split_for_local_eval`` holds out at
     ``client-eval-fraction``, so client ``i`` trains on ``rows[i] - local_eval_rows[i]``.
     """
@@ -716,12 +717,10 @@ def check_partition_plan(
     """
     if isinstance(train, pd.DataFrame):
         train = _to_dataset(train, source=cfg.dataset)
-    if "label" not in train.column_names:
-        raise DataError(
-            f"{cfg.dataset}: the training data has no 'label' column (columns: "
-            f"{', '.join(map(repr, train.column_names))}); pass load_splits(cfg).train"
-        )
-    num_classes = int(max(train["label"])) + 1 if train.num_rows else 0
+    # Class counts for a task with class labels (an int `label` column); a task
+    # without classes (sft) gets empty counts.
+    labelled = "label" in train.column_names
+    num_classes = int(max(train["label"])) + 1 if labelled and train.num_rows else 0
     parts = [
         _load_partition(train, cfg, num_partitions=num_partitions, partition_id=i)
         for i in range(num_partitions)
@@ -734,7 +733,7 @@ def check_partition_plan(
         label_counts=tuple(
             tuple(int(c) for c in np.bincount(
                 np.asarray(part["label"], dtype=np.int64), minlength=num_classes
-            ))
+            )) if labelled else ()
             for part in parts
         ),
         local_eval_rows=tuple(

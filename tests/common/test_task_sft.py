@@ -18,7 +18,7 @@ from common.dp_sgd import train_local_dp_sgd
 from common.model import build_model, get_exchanged_state
 from common.specs import EncodeSpec, ModelSpec
 from common.tasks import get_task
-from common.tasks.base import EvalContext
+from common.tasks.base import EvalContext, TrainContext
 from common.tasks.sft import TASK, prompts_from_frame
 from common.training import train_local
 
@@ -67,7 +67,7 @@ def test_lora_targets_every_attention_projection_of_a_llama(setup):
 def test_the_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(setup):
     cfg, model, tokenizer, train, _ = setup
     batch = TASK.collate(train, [0, 1], tokenizer.pad_token_id)
-    loss = TASK.make_loss(train, cfg=cfg)(model, batch)
+    loss = TASK.make_loss(train, cfg=cfg, ctx=TrainContext())(model, batch)
 
     logits = model(input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).logits.float()

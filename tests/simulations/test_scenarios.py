@@ -23,7 +23,7 @@ from simulations.scenarios import (
 from simulations.sweep import grid_points, parse_grid, parse_seeds, run_sweep
 
 SHIPPED = ["quickstart", "sst2-iid", "sst2-dirichlet-0.5", "sst2-dirichlet-0.1",
-           "sst2-skew-fedavg", "sst2-skew-fedprox", "sst2-full", "scale-1000"]
+           "sst2-skew-fedavg", "sst2-skew-fedprox", "sst2-full", "scale-1000", "sft-quickstart"]
 
 
 def _write(tmp_path: Path, text: str, name: str = "s.toml") -> Path:
