@@ -1,0 +1,51 @@
+"""The real default chat model: a few LoRA steps of SmolLM2-135M-Instruct on a GSM8K
+sample lower its assistant-token loss on held-out problems (read as a user's own file)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import RunConfig
+from common.data import load_site_data
+from common.model import build_model
+from common.specs import EncodeSpec, ModelSpec
+from common.tasks import get_task
+from common.tasks.base import EvalContext
+from common.training import train_local
+
+pytestmark = pytest.mark.e2e
+
+GSM8K = Path(__file__).resolve().parents[3] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+@pytest.mark.skipif(not GSM8K.exists(), reason="needs ../shared/data/gsm8k")
+def test_a_few_steps_lower_the_assistant_token_loss_on_gsm8k(tmp_path):
+    pytest.importorskip("gguf")
+    lines = GSM8K.read_text(encoding="utf-8").splitlines()[:48]
+    # The user's own file, in the prompt/response format.
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    for path, part in ((train_file, lines[:32]), (eval_file, lines[32:])):
+        path.write_text("\n".join(
+            json.dumps({"prompt": (row := json.loads(line))["question"],
+                        "response": row["answer"]}) for line in part) + "\n")
+    cfg = RunConfig(task="sft", model="smollm2", max_length=256, batch_size=4,
+                    local_steps=8, learning_rate=1e-3, precision="fp32")
+    task = get_task("sft")
+    model, tokenizer = build_model(ModelSpec.of(cfg, []))
+    encoding = EncodeSpec.of(cfg, tokenizer.name_or_path)
+    train = task.encode(load_site_data(str(train_file), cfg, []), tokenizer, spec=encoding)
+    held_out = task.encode(load_site_data(str(eval_file), cfg, []), tokenizer, spec=encoding)
+    ctx = EvalContext(batch_size=8, device=torch.device("cpu"), precision="fp32",
+                      server_round=1, cfg=cfg)  # round 1: loss only, no generation
+
+    before = task.evaluate(model, tokenizer, held_out, ctx)["loss"]
+    result = train_local(model, train, cfg, task=task, seed=0, device=torch.device("cpu"),
+                         pad_token_id=tokenizer.pad_token_id)
+    after = task.evaluate(model, tokenizer, held_out, ctx)["loss"]
+
+    assert len(train) == 32 and result.steps == 8
+    assert after < before - 0.02, (before, after)
