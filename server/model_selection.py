@@ -212,7 +212,7 @@ def select_round(
     value = values[best]
     note = f"best {what} {value:.4f} at round {best} of {last}"
     if split == "central":
-        note += ("; selected on the same eval split that reports the model's accuracy "
+        note += ("; selected on the same eval split that reports the model's scores "
                  "(no `validation-fraction`), so that score is optimistic")
     return Selection(rule="best", round=best, last_round=last, metric=metric, split=split,
                      value=value, note=note)
