@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -62,8 +63,8 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
     task = get_task(spec.task)
     torch.manual_seed(spec.seed)
     try:
-        model = task.load_model(spec.model_path, label_names=spec.label_names,
-                                seed=spec.seed)
+        model: torch.nn.Module = task.load_model(spec.model_path,
+                                                 label_names=spec.label_names, seed=spec.seed)
     except OSError as error:  # a download that failed, a corrupt or partial folder
         raise ConfigError(
             f"`model` {spec.model_path!r} could not be loaded: {error}") from error
@@ -317,7 +318,8 @@ def get_model(
             _MODEL_CACHE.pop(next(iter(_MODEL_CACHE)))  # the oldest entry
         model, tokenizer = build_model(spec)
         _MODEL_CACHE[key] = (model.to(device), tokenizer)
-    check_max_length(max_length, max_positions(_MODEL_CACHE[key][0].config.to_dict()))
+    config: Any = _MODEL_CACHE[key][0].config  # a PretrainedConfig
+    check_max_length(max_length, max_positions(config.to_dict()))
     return _MODEL_CACHE[key]
 
 

@@ -319,7 +319,6 @@ class ValidatedAggregation:
         prepared = prepare_updates(
             replies, sent=sent, spec=self.spec, encoding=self.encoding,
             max_update_norm=self.max_update_norm, uniform_weights=self.uniform_weights)
-        counts = {"failures": prepared.failures, "invalid": prepared.invalid}
         problems = list(prepared.problems)
         for problem in problems:
             log.warning("round %d: %s", rnd, problem)
@@ -329,7 +328,8 @@ class ValidatedAggregation:
                 "round %d skipped: %d valid training replies, `min-replies` is %d "
                 "(%d failed, %d invalid)",
                 rnd, len(valid), self.min_replies, prepared.failures, prepared.invalid)
-            return Aggregate(arrays=None, problems=tuple(problems), **counts)
+            return Aggregate(arrays=None, problems=tuple(problems),
+                             failures=prepared.failures, invalid=prepared.invalid)
         ordered = in_digest_order(with_common_metrics(valid))
         started = time.monotonic()
         try:
@@ -337,7 +337,8 @@ class ValidatedAggregation:
         except Exception as exc:  # a failing aggregation skips the round, not the run
             log.exception("round %d: aggregation failed", rnd)
             problems.append(f"aggregation failed: {type(exc).__name__}: {exc}")
-            return Aggregate(arrays=None, problems=tuple(problems), **counts)
+            return Aggregate(arrays=None, problems=tuple(problems),
+                             failures=prepared.failures, invalid=prepared.invalid)
         seconds = time.monotonic() - started
         train_metrics = dict(metrics) if metrics else {}
         if arrays is None:
@@ -346,4 +347,5 @@ class ValidatedAggregation:
         return Aggregate(
             arrays=None if arrays is None else restore_dtypes(arrays, self.spec),
             metrics=metrics, aggregated=len(ordered), problems=tuple(problems),
-            train_metrics=train_metrics, seconds=seconds, **counts)
+            train_metrics=train_metrics, seconds=seconds, failures=prepared.failures,
+            invalid=prepared.invalid)

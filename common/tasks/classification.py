@@ -248,7 +248,8 @@ class ClassificationTask:
         """
         if len(examples) == 0:
             raise ValueError("cannot evaluate on an empty data set")
-        num_labels = int(model.config.num_labels)  # type: ignore[union-attr]
+        config: Any = model.config  # a PretrainedConfig (typed as a Module attribute)
+        num_labels = int(config.num_labels)
         model.eval()
         loss_sum = 0.0
         predictions: list[torch.Tensor] = []
@@ -289,8 +290,8 @@ class ClassificationTask:
         progress: Callable[[int], None] | None = None,
     ) -> list[str]:
         """The predicted class name (``id2label``) of each text."""
-        id2label = {int(k): str(v)
-                    for k, v in model.config.id2label.items()}  # type: ignore[union-attr]
+        config: Any = model.config  # a PretrainedConfig (typed as a Module attribute)
+        id2label = {int(k): str(v) for k, v in config.id2label.items()}
         data = encode(list(inputs), [0] * len(inputs), tokenizer, max_length=max_length)
         predicted: list[int] = []
         model.eval()

@@ -371,7 +371,7 @@ def generate_answers(
                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                 eos_token_id=eos)
         for row in output[:, width:].tolist():
-            answers.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            answers.append(str(tokenizer.decode(row, skip_special_tokens=True)).strip())
         if progress is not None:
             progress(len(ids))
     return answers
