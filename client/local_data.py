@@ -113,11 +113,18 @@ def load_local_data(
         )
         if len(_CACHE) >= _CACHE_SIZE:
             _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = LocalData(
+        encoded = LocalData(
             train=task.encode(train, tokenizer, spec=encoding),
             eval=task.encode(local_eval, tokenizer, spec=encoding),
             report=report,
         )
+        if len(encoded.train) == 0:  # e.g. every example longer than max-length, dropped
+            where = source[1] if source[0] == "site" else f"partition {source[1]}"
+            raise DataError(
+                f"{where}: no training example is left after encoding {len(train)} rows "
+                f"(`max-length` {cfg.max_length}; for task sft also `overflow`); raise "
+                "`max-length` or check the data")
+        _CACHE[key] = encoded
     return _CACHE[key]
 
 
@@ -133,7 +140,8 @@ def check_site_file(
         If the file cannot be read or the check finds a blocking problem (the message
         names the file, each problem, and ``fedsft check-data`` for the full report).
     """
-    report = task.check_site(path, spec=DataSpec.of(cfg), max_length=cfg.max_length,
+    report = task.check_site(path, spec=DataSpec.of(cfg),
+                             encoding=EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path),
                              label_names=label_names, tokenizer=tokenizer)
     for finding in report.warnings:
         log.warning("site data %s: %s", path, finding.message)

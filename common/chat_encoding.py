@@ -27,13 +27,14 @@ from typing import Any
 import torch
 
 from common.chat_data import Conversation
+from common.data import DataError
 
 IGNORE_INDEX = -100  # labels transformers' cross-entropy skips
 TRAIN_ON = ("assistant", "all")
 OVERFLOW = ("truncate", "drop")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(DataError):
     """No chat template, or one that cannot render a conversation as this module needs."""
 
 

@@ -368,6 +368,15 @@ class RunConfig:
                 "built-in data's task types)")
         if self.attack == "label-flip":
             raise ConfigError("`attack` label-flip needs class labels; task sft has none")
+        if self.method == "head":
+            raise ConfigError(
+                "`method` head trains a classification head, which task sft has none of (a "
+                "causal LM's output layer is tied to its frozen embeddings): use lora, full "
+                "or freeze")
+        if self.gradient_checkpointing and self.dp_sgd_enabled:
+            raise ConfigError(
+                "`gradient-checkpointing` and DP-SGD do not combine (Opacus needs each "
+                "layer's activations for per-example gradients): turn one off")
 
     def _check_imbalance_and_augmentation(self) -> None:
         _check_choice("class-weighting", self.class_weighting, CLASS_WEIGHTINGS)

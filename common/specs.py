@@ -57,6 +57,9 @@ class ModelSpec:
     lora_aggregation: str
     freeze_layers: int
     gradient_checkpointing: bool
+    # task sft: encoding installs a configured template in the (cached) tokenizer, so a
+    # model built for another template must not be shared
+    chat_template: str
     seed: int
     label_names: tuple[str, ...]
 

@@ -267,7 +267,8 @@ def rehearse(
         run_config["resume-from"] = str(Path(str(run_config["resume-from"])).expanduser()
                                         .resolve())
     cfg = RunConfig.from_flower(run_config)  # fail here, not in the ServerApp
-    run_config.setdefault("labels", labels_of(sites, cfg))
+    if cfg.task == "classification":  # the sites' classes; a task without classes has none
+        run_config.setdefault("labels", labels_of(sites, cfg))
     run_config.setdefault("min-nodes", len(sites))
     cfg = RunConfig.from_flower(run_config)
     for note in preflight(cfg, num_partitions=None):  # before any process starts

@@ -96,7 +96,7 @@ class Task(Protocol):
         ...
 
     def check_site(
-        self, path: str, *, spec: DataSpec, max_length: int, label_names: Sequence[str],
+        self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
         tokenizer: PreTrainedTokenizerBase,
     ) -> DataReport:
         """A deployed site's file checked before it trains (``fedsft check-data`` too)."""

@@ -141,12 +141,12 @@ class ClassificationTask:
         return rows, names
 
     def check_site(
-        self, path: str, *, spec: DataSpec, max_length: int, label_names: Sequence[str],
+        self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
         tokenizer: PreTrainedTokenizerBase,
     ) -> DataReport:
         return check_site_data(
             path, text_column=spec.text_column, label_column=spec.label_column,
-            max_length=max_length, label_names=list(label_names), tokenizer=tokenizer,
+            max_length=encoding.max_length, label_names=list(label_names), tokenizer=tokenizer,
             label_case_fold=spec.label_case_fold)
 
     def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:

@@ -108,9 +108,9 @@ class SftSiteReport:
     @property
     def warnings(self) -> tuple[Any, ...]:
         if self.truncated or self.dropped:
-            return (_Finding(f"{self.truncated} of {self.conversations} conversations are "
-                             f"longer than `max-length` {self.max_length} (truncated), "
-                             f"{self.dropped} dropped"),)
+            return (_Finding(f"{self.truncated + self.dropped} of {self.conversations} "
+                             f"conversations are longer than `max-length` {self.max_length}: "
+                             f"{self.truncated} truncated, {self.dropped} dropped"),)
         return ()
 
     def aggregate_stats(self) -> dict[str, int | float]:
@@ -145,13 +145,14 @@ class SftTask:
                           **chat_columns(spec)), []
 
     def check_site(
-        self, path: str, *, spec: DataSpec, max_length: int, label_names: Sequence[str],
+        self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
         tokenizer: PreTrainedTokenizerBase,
     ) -> SftSiteReport:
+        """The file read as conversations and encoded as the run will (its chat template,
+        ``train-on`` and ``overflow``); no conversation left is blocking."""
         rows, _ = self.prepare(read_rows(path, spec), source=path, spec=spec, label_names=[])
-        examples = self.encode(rows, tokenizer, spec=EncodeSpec(
-            task="sft", max_length=max_length, tokenizer_path=tokenizer.name_or_path,
-            chat_template="", train_on="assistant", overflow="truncate"))
+        examples = self.encode(rows, tokenizer, spec=encoding)
+        max_length = encoding.max_length
         lengths = [len(e.input_ids) for e in examples.examples] or [0]
         stats = examples.stats
         assert stats is not None
@@ -216,7 +217,7 @@ class SftTask:
             overflow=spec.overflow, chat_template=template)
         if stats.truncated or stats.dropped:
             log.warning("%d of %d conversations are longer than max-length %d: %d truncated, "
-                        "%d dropped (overflow=%s)", stats.truncated + stats.dropped_too_long,
+                        "%d dropped (overflow=%s)", stats.truncated + stats.dropped,
                         stats.total, spec.max_length, stats.truncated, stats.dropped,
                         spec.overflow)
         return ChatExamples(examples=examples,

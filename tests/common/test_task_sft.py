@@ -154,11 +154,13 @@ def test_the_site_check_counts_long_conversations(setup, tmp_path):
     cfg = _cfg("unused")
     from common.specs import DataSpec
 
-    report = TASK.check_site(str(site), spec=DataSpec.of(cfg), max_length=64,
+    report = TASK.check_site(str(site), spec=DataSpec.of(cfg),
+                             encoding=EncodeSpec.of(cfg.replace(max_length=64), "t"),
                              label_names=[], tokenizer=tokenizer)
     assert (report.conversations, report.kept) == (2, 1)
     assert report.dropped == 1 and report.blocking == ()
-    assert "longer than `max-length` 64" in report.warnings[0].message
+    assert report.warnings[0].message == ("1 of 2 conversations are longer than `max-length` "
+                                          "64: 0 truncated, 1 dropped")
     assert report.aggregate_stats()["data-rows"] == 1
 
 
@@ -228,3 +230,41 @@ def test_predict_inputs_may_mix_formats_in_one_file(tmp_path):
     frame = pd.read_json(path, lines=True, dtype=False)
     assert prompts_from_frame(frame, column=None, source="in") == [
         [{"role": "user", "content": "Hi"}], [{"role": "user", "content": "Yo"}]]
+
+
+def test_a_site_whose_every_example_is_too_long_fails_with_a_clear_error(
+    tiny_llama_dir, tmp_path
+):
+    from client.local_data import load_local_data
+
+    site = tmp_path / "site.jsonl"
+    site.write_text(json.dumps({"prompt": "x " * 300, "response": "y"}) + "\n", encoding="utf-8")
+    cfg = _cfg(tiny_llama_dir, overflow="drop").replace(max_length=64)
+    _, tokenizer = build_model(ModelSpec.of(cfg, []))
+    with pytest.raises(DataError, match="conversations are longer|no conversation fits"):
+        load_local_data(cfg, {"data-path": str(site)}, [], tokenizer)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"method": "head"}, "`method` head trains a classification head"),
+    ({"gradient_checkpointing": True, "dp_sgd_noise_multiplier": 1.0},
+     "`gradient-checkpointing` and DP-SGD do not combine"),
+])
+def test_sft_refuses_settings_that_cannot_work(changes, message):
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        RunConfig(task="sft", **changes)
+
+
+def test_gradient_checkpointing_trains_a_causal_lm(tiny_llama_dir):
+    cfg = _cfg(tiny_llama_dir, gradient_checkpointing=True)
+    model, tokenizer = build_model(ModelSpec.of(cfg, []))
+    splits = load_splits(cfg)
+    train = TASK.encode(splits.train, tokenizer, spec=EncodeSpec.of(cfg, tokenizer.name_or_path))
+    before = get_exchanged_state(model)
+    result = train_local(model, train, cfg, task=TASK, seed=0, device=CPU,
+                         pad_token_id=tokenizer.pad_token_id)
+    after = get_exchanged_state(model)
+    assert result.steps == cfg.local_steps
+    assert any((before[k] != after[k]).any() for k in before)
