@@ -449,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("site")
     p.add_argument("--data-path", required=True, help="the data file, as seen at the site")
-    p.add_argument("--text-column")
+    p.add_argument("--text-column", help="the input column (default: the run's text-column; "
+                                         "sft: messages, prompt or instruction)")
     p.add_argument("--label-column")
     p.add_argument("--port", type=int,
                    help="the SuperNode's ClientApp port on 127.0.0.1 (default 9094): "
@@ -502,7 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_export)
 
-    p = add("predict", help="label a CSV/JSONL file with an exported model")
+    p = add("predict", help="label a CSV/JSONL file (classification) or answer its prompts "
+                            "(sft) with an exported model")
     p.add_argument("model")
     p.add_argument("input")
     p.add_argument("--output", required=True,
@@ -513,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_predict)
 
     p = add("check-data", help="check a site's data file before it joins",
-            description="Check a site's classification data before it joins a federation: "
+            description="Check a site's data before it joins a federation (classification; "
+                        "with --task sft: that it reads as conversations): "
                         "rows dropped and why, label distribution and imbalance, "
                         "duplicates, short and over-long texts, eval overlap, labels "
                         "unknown to the federation. Exit code: 0 if no blocking problem "

@@ -1,8 +1,10 @@
-"""Label a CSV / JSONL file with an exported model, in batches, with a progress bar.
+"""Predict a CSV / JSONL file with an exported model, in batches, with a progress bar.
 
-Texts are tokenized exactly as in training and evaluation (``common.training.encode``,
-right padding per batch, ``max-length`` from the export's fedsft.json unless given), so
-predictions on the server's eval file reproduce its final accuracy. The model folder
+The export's task does the work (``Task.predict_inputs`` / ``Task.predict``): a
+classifier labels each text, tokenized exactly as in training and evaluation (right
+padding per batch, ``max-length`` from the export's fedsft.json unless given), so
+predictions on the server's eval file reproduce its final accuracy; a chat model
+answers each prompt by greedy generation. The model folder
 and the input file are checked before the model is loaded; the output appears only
 when it is complete (written to a temporary file, then renamed).
 """
