@@ -36,6 +36,7 @@ BENCHMARKS = {  # name -> module
     "secure-aggregation": "simulations.benchmarks.secure_aggregation",
     "dp-accuracy": "simulations.benchmarks.dp_accuracy",
     "robustness": "simulations.benchmarks.robustness",
+    "sft": "simulations.benchmarks.sft",
 }
 HERE = Path(__file__).resolve().parent
 

@@ -172,7 +172,8 @@ class Bench:
             )
         rows = read_results(results)
         expected = int(overrides.get("num-server-rounds", 0))
-        if expected and (not rows or rows[-1].round != expected):
+        if expected and (not rows or rows[-1].round != expected) and not _stopped_early(
+                result.run_dir, rows, expected):
             raise BenchmarkError(
                 f"run {run_name} recorded rounds {[r.round for r in rows]}, "
                 f"expected up to {expected}; log {result.log_path}"
@@ -181,6 +182,16 @@ class Bench:
         run = FedRun(name=run_name, run_dir=result.run_dir, wall_seconds=wall, rows=rows)
         self._cache[key] = run
         return run
+
+
+def _stopped_early(run_dir: Path, rows: list[ResultsRow], expected: int) -> bool:
+    """Whether the run ended before round ``expected`` by its own rule (e.g.
+    ``early-stopping-patience``), as ``outcome.json`` ``stopped_early`` records it."""
+    from server.run_outputs import read_outcome
+
+    outcome = read_outcome(run_dir)
+    return bool(rows and rows[-1].round < expected and outcome is not None
+                and outcome.status == "completed" and outcome.stopped_early)
 
 
 # --- in-process (non-federated) training -------------------------------------------------

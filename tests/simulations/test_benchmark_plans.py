@@ -23,3 +23,72 @@ def test_setting_names_have_no_dots():
 def test_only_krum_and_bulyan_are_told_the_number_of_attackers():
     assert num_malicious("krum", 4) == 4 and num_malicious("bulyan", 2) == 2
     assert num_malicious("fedmedian", 4) == 0 and num_malicious("fedavg", 3) == 0
+
+
+# --- sft -------------------------------------------------------------------------------
+
+def test_sft_token_counts_are_the_shifted_labels_and_the_unpadded_tokens():
+    import torch
+
+    from simulations.benchmarks.sft import token_counts
+
+    batch = {  # row 0: 5 real tokens, 2 trained after the shift; row 1: 3 real, 1 trained
+        "labels": torch.tensor([[7, -100, -100, 4, 5, -100], [-100, -100, 9, -100, -100, -100]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0]]),
+    }
+    # The label of position 0 is never predicted (nothing comes before it).
+    assert token_counts([batch]) == (3, 8)
+    assert token_counts([batch, batch]) == (6, 16)
+
+
+def test_sft_serialized_bytes_are_the_flower_arrays_not_the_raw_values():
+    import numpy as np
+    from flwr.app import Array
+
+    from simulations.benchmarks.sft import serialized_bytes
+
+    state = {"a": np.zeros((3, 4), np.float32), "b": np.ones(5, np.float32)}
+    measured = serialized_bytes(state)
+    assert measured == len(Array(state["a"]).data) + len(Array(state["b"]).data)
+    assert measured > (12 + 5) * 4  # each array also carries its header
+
+
+def test_sft_lora_values_match_the_exchanged_state_of_the_tiny_llama(tiny_llama_dir):
+    from common.config import RunConfig
+    from common.model import build_model, get_exchanged_state
+    from common.specs import ModelSpec
+    from simulations.benchmarks.sft import lora_values
+
+    # Tiny Llama: hidden 32, 4 heads of 8, 2 key/value heads -> k and v project to 16.
+    shapes = [(32, 32), (32, 16), (32, 16), (32, 32)] * 2  # q, k, v, o in 2 layers
+    for rank in (8, 16):
+        cfg = RunConfig(task="sft", model=str(tiny_llama_dir), lora_r=rank)
+        state = get_exchanged_state(build_model(ModelSpec.of(cfg, []))[0])
+        assert sum(a.size for a in state.values()) == lora_values(shapes, rank)
+    # r * (64 + 48 + 48 + 64) per layer
+    assert lora_values(shapes, 16) == 2 * lora_values(shapes, 8) == 2 * 8 * 448
+
+
+def test_sft_stopping_rule_waits_patience_evaluations_without_gain():
+    from simulations.benchmarks.sft import best_index, should_stop
+
+    assert not should_stop([3.0, 2.0, 2.5], patience=2)
+    assert should_stop([3.0, 2.0, 2.5, 2.1], patience=2)
+    assert not should_stop([3.0, 2.0, 2.5, 1.9], patience=2)
+    assert should_stop([3.0, 2.9], patience=1, min_delta=0.5)  # a gain below min_delta
+    assert not should_stop([3.0, 4.0, 5.0], patience=0)  # 0: off
+    assert best_index([3.0, 2.0, 2.0, 2.5]) == 1  # the first of equal losses
+
+
+def test_sft_plans_fit_the_non_iid_split_and_the_centralized_budget():
+    from common.builtin_sft_data import SFT_TASKS
+    from simulations.benchmarks.sft import PLANS, SETTINGS, gap_points
+
+    # The built-in SFT data has 4 task types: column:task gives one to each client.
+    assert dict(SETTINGS)["by-task"] == {"partitioner": "column:task"}
+    for plan in PLANS.values():
+        assert plan.clients == len(SFT_TASKS)
+        assert plan.budget_steps == plan.clients * plan.rounds * plan.local_steps
+        assert plan.patience < plan.rounds or plan.rounds == 1
+    assert PLANS["quick"].budget_steps <= PLANS["default"].budget_steps
+    assert round(gap_points(0.5, 0.375), 6) == 12.5

@@ -41,6 +41,13 @@ EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
     "robustness": [f"{s}.{f}" for s in ("fedavg", "fedmedian")
                    for f in ("no-attack.final_accuracy", "sign-flip-20pct.final_accuracy",
                              "sign-flip-20pct.drop_points")],
+    "sft": ["throughput.ratio", "throughput.fedsft.trained_tokens_per_second",
+            "throughput.plain.trained_tokens_per_second",
+            "bytes.lora-r8.bytes_up_per_client", "bytes.lora-r16.bytes_up_per_client",
+            "bytes.full.bytes_up_per_client", "memory.lora-r8.peak_mb",
+            "centralized.loss", "centralized.exact_match"] + [
+        f"{s}.{f}" for s in ("iid", "by-task")
+        for f in ("loss", "exact_match", "token_f1", "gap_exact_match", "gap_token_f1")],
 }
 NO_TARGETS = {"dp-accuracy"}  # reports numbers only: the issue sets no target for it
 
@@ -85,4 +92,8 @@ def test_quick_suite_writes_every_benchmark(tmp_path):
     # One of 5 clients attacks at 20 %.
     robust = json.loads((out / "results" / "robustness.json").read_text())["numbers"]
     assert robust["fedavg"]["sign-flip-20pct"]["attackers"] == 1
+    # LoRA r=16 sends twice r=8's values; full fine-tuning sends far more.
+    sft = json.loads((out / "results" / "sft.json").read_text())["numbers"]["bytes"]
+    assert sft["lora-r16"]["exchanged_values"] == 2 * sft["lora-r8"]["exchanged_values"]
+    assert sft["lora-r16"]["bytes_up_per_client"] < sft["full"]["bytes_up_per_client"]
     assert "Machine" in report and "cores: " in report
