@@ -181,6 +181,7 @@ def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
 
     from common.config import RunConfig
     from common.model import build_model, get_exchanged_state
+    from common.specs import ModelSpec
 
     result = _run(tmp_path, tiny_model_dir, "ffa", nodes=2, **{
         "num-server-rounds": 2, "fraction-evaluate": 0.0, "lora-aggregation": "ffa"})
@@ -192,7 +193,7 @@ def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
     def reply_bytes(**changes: object) -> int:
         """What one train reply of this run's model carries on the wire."""
         cfg = RunConfig(model=str(tiny_model_dir), **changes)  # type: ignore[arg-type]
-        model, _ = build_model(cfg, labels)
+        model, _ = build_model(ModelSpec.of(cfg, labels))
         return sum(len(Array(a).data) for a in get_exchanged_state(model).values())
 
     ffa, fedavg = reply_bytes(lora_aggregation="ffa"), reply_bytes()
@@ -204,7 +205,8 @@ def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
     assert any("lora_B" in k for k in state)
     # The exported adapter holds A at the seeded init every process built, never sent.
     adapter = load_file(str(result.run_dir / "final" / "adapter" / "adapter_model.safetensors"))
-    fresh, _ = build_model(RunConfig(model=str(tiny_model_dir), lora_aggregation="ffa"), labels)
+    fresh, _ = build_model(
+        ModelSpec.of(RunConfig(model=str(tiny_model_dir), lora_aggregation="ffa"), labels))
     init = {k: p.detach().numpy() for k, p in fresh.named_parameters() if ".lora_A." in k}
     exported = {k: v for k, v in adapter.items() if ".lora_A." in k}
     assert len(exported) == len(init) > 0
