@@ -178,12 +178,12 @@ def _plain_model(cfg: Any, model_path: str) -> Any:
     from peft import LoraConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from common.tasks.sft import SftTask
+    from common.tasks import get_task
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path)
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=list(SftTask.lora_targets))
+                      lora_dropout=cfg.lora_dropout, target_modules=list(get_task("sft").lora_targets or ()))
     return get_peft_model(model, lora)
 
 
