@@ -182,8 +182,9 @@ def _plain_model(cfg: Any, model_path: str) -> Any:
 
     torch.manual_seed(cfg.seed)
     model = AutoModelForCausalLM.from_pretrained(model_path)
+    targets = list(get_task("sft").lora_targets or ())
     lora = LoraConfig(task_type=TaskType.CAUSAL_LM, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                      lora_dropout=cfg.lora_dropout, target_modules=list(get_task("sft").lora_targets or ()))
+                      lora_dropout=cfg.lora_dropout, target_modules=targets)
     return get_peft_model(model, lora)
 
 
