@@ -40,6 +40,11 @@ LOCAL_SUPERLINK_PORTS = (39091, 39093)
 MACHINE_LOCK = Path(tempfile.gettempdir()) / "fedsft-local-superlink.lock"
 # Starts the header line of each attempt in a run's flwr.log.
 ATTEMPT_PREFIX = "==== fedsft attempt "
+# Flower's `flwr run` gives its local SuperLink a fixed 15 s to start (not configurable in
+# 1.42); on a loaded 2-core machine it sometimes needs longer. Nothing has run then, so
+# the harness simply tries again.
+SUPERLINK_START_TIMEOUT_MESSAGE = "Failed to start local SuperLink within"
+SUPERLINK_START_ATTEMPTS = 3
 
 
 class HarnessError(RuntimeError):
@@ -313,8 +318,30 @@ def run_app(
     run_dir = _run_dir(run_config)
     with hold_machine(run_name=run_dir.name, timeout=port_wait) as left:
         _wait_for_free_ports(left)
-        return _run_locked(run_config, num_supernodes=num_supernodes, num_cpus=num_cpus,
-                           num_gpus=num_gpus, app_dir=app_dir, timeout=timeout, quiet=quiet)
+        for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
+            result = _run_locked(run_config, num_supernodes=num_supernodes,
+                                 num_cpus=num_cpus, num_gpus=num_gpus, app_dir=app_dir,
+                                 timeout=timeout, quiet=quiet)
+            if result.returncode == 0 or not _superlink_start_timed_out(result.log_path):
+                return result
+            if attempt < SUPERLINK_START_ATTEMPTS:
+                print(f"[fedsft] Flower's local SuperLink did not start within its fixed "
+                      f"limit (a busy machine); no run had started: trying again "
+                      f"({attempt + 1}/{SUPERLINK_START_ATTEMPTS})", file=sys.stderr,
+                      flush=True)
+        return result
+
+
+def _superlink_start_timed_out(log_path: Path) -> bool:
+    """Whether the last attempt in ``log_path`` failed only because the local SuperLink
+    did not answer within Flower's startup limit (so no run was started)."""
+    try:
+        text = log_path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    last_attempt = text.rpartition(ATTEMPT_PREFIX)[2]
+    return SUPERLINK_START_TIMEOUT_MESSAGE in last_attempt and \
+        "Successfully started run" not in last_attempt
 
 
 def _run_dir(run_config: Mapping[str, Any]) -> Path:

@@ -15,7 +15,8 @@ def test_a_second_simulation_waits_for_the_machine_lock_then_fails_clearly(tmp_p
                                                                            monkeypatch):
     monkeypatch.setattr(runner, "MACHINE_LOCK", tmp_path / "superlink.lock")
     started = []
-    monkeypatch.setattr(runner, "_run_locked", lambda *a, **k: started.append(1))
+    monkeypatch.setattr(runner, "_run_locked", lambda *a, **k: started.append(1) or
+                        runner.SimulationResult(tmp_path, 0, tmp_path / "flwr.log"))
     config = {"output-dir": str(tmp_path), "run-name": "x"}
     with (tmp_path / "superlink.lock").open("a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # another fedsft simulation is running
@@ -198,3 +199,43 @@ wait
     assert all(_gone(pid) for pid in started), [p for p in started if not _gone(p)]
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone again
     assert "[fedsft] round 1/3" in (tmp_path / "r" / "flwr.log").read_text()
+
+
+def test_a_superlink_that_starts_too_slowly_is_retried_and_logged(tmp_path, monkeypatch):
+    """Flower's fixed 15 s SuperLink start limit on a busy machine: try again, log both."""
+    monkeypatch.setattr(runner, "MACHINE_LOCK", tmp_path / "superlink.lock")
+    monkeypatch.setattr(runner, "_wait_for_free_ports", lambda wait: None)
+    marker = tmp_path / "failed-once"
+    fake = _fake_flwr(tmp_path, (
+        f'if [ ! -e {marker} ]; then touch {marker}; '
+        'echo "Failed to start local SuperLink within 15s."; exit 1; fi\n'
+        'echo "Successfully started run 1"\n'))
+    monkeypatch.setattr(runner.shutil, "which", lambda name: str(fake))
+
+    result = runner.run_app({"output-dir": str(tmp_path), "run-name": "r"},
+                            num_supernodes=1, quiet=True)
+
+    assert result.returncode == 0
+    headers = [line for line in result.log_path.read_text().splitlines()
+               if line.startswith(runner.ATTEMPT_PREFIX)]
+    assert len(headers) == 2
+
+
+def test_other_failures_and_repeated_slow_starts_are_not_retried_forever(tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(runner, "MACHINE_LOCK", tmp_path / "superlink.lock")
+    monkeypatch.setattr(runner, "_wait_for_free_ports", lambda wait: None)
+    slow = _fake_flwr(tmp_path, 'echo "Failed to start local SuperLink within 15s."; exit 1\n')
+    monkeypatch.setattr(runner.shutil, "which", lambda name: str(slow))
+    result = runner.run_app({"output-dir": str(tmp_path), "run-name": "slow"},
+                            num_supernodes=1, quiet=True)
+    assert result.returncode == 1
+    assert result.log_path.read_text().count(runner.ATTEMPT_PREFIX) == \
+        runner.SUPERLINK_START_ATTEMPTS
+
+    crash = _fake_flwr(tmp_path, 'echo "Successfully started run 1"; echo boom; exit 1\n')
+    monkeypatch.setattr(runner.shutil, "which", lambda name: str(crash))
+    result = runner.run_app({"output-dir": str(tmp_path), "run-name": "crash"},
+                            num_supernodes=1, quiet=True)
+    assert result.returncode == 1
+    assert result.log_path.read_text().count(runner.ATTEMPT_PREFIX) == 1
