@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
@@ -37,7 +38,7 @@ from common.data import (
     split_for_local_eval,
 )
 from common.data_check import DataReport
-from common.specs import DataSpec, EncodeSpec, PartitionSpec
+from common.specs import DataSpec, EncodeSpec, PartitionSpec, file_stamp
 from common.tasks import get_task
 from common.tasks.base import Examples, Task
 
@@ -57,7 +58,8 @@ class LocalData:
 
 # Per-process cache: Flower's simulation reuses worker processes across virtual clients
 # and rounds, so each (client, data, tokenizer) combination is tokenized once. The key
-# is the client's source and the frozen specs of everything that changes its examples.
+# is the client's source (a site file: its path, resolved path and version) and the
+# frozen specs of everything that changes its examples.
 _CACHE: dict[tuple[Any, ...], LocalData] = {}
 _CACHE_SIZE = 64
 
@@ -92,7 +94,8 @@ def load_local_data(
         )
     task = get_task(cfg.task)
     encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
-    key = (source, DataSpec.of(cfg), PartitionSpec.of(cfg), encoding, tuple(label_names))
+    key = (source, site_file_version(source), DataSpec.of(cfg), PartitionSpec.of(cfg),
+           encoding, tuple(label_names))
     if key not in _CACHE:
         report = None
         if source[0] == "site":
@@ -126,6 +129,20 @@ def load_local_data(
                 "`max-length` or check the data")
         _CACHE[key] = encoded
     return _CACHE[key]
+
+
+def site_file_version(source: tuple[Any, ...]) -> tuple[str, tuple[int, int] | None] | None:
+    """The site file's resolved path and version (``file_stamp``: mtime and size), for
+    the cache key; None for a partition (``DataSpec`` stamps the run's ``dataset``).
+
+    The path as given is already in the key; the resolved one tells apart equal relative
+    paths read from two working directories, and the stamp a file rewritten between two
+    runs that one worker process serves.
+    """
+    if source[0] != "site":
+        return None
+    path = str(source[1])
+    return str(Path(path).expanduser().resolve()), file_stamp(path)
 
 
 def check_site_file(
