@@ -3,8 +3,9 @@
 In simulation a virtual client is one partition of the run's data set (``partition-id``
 and ``num-partitions`` in the node config, set by Flower). In deployment a SuperNode
 reads its own file from ``data-path`` in its node config (column names may be given
-there too as ``text-column`` / ``label-column``). Either way the result is split into
-local train and local eval parts and tokenized once; later rounds hit the cache.
+there too: ``text-column`` / ``label-column``, task sft ``SFT_SITE_KEYS``). Either way
+the result is split into local train and local eval parts and tokenized once; later
+rounds hit the cache.
 
 A deployed site's file is first checked with ``common.data_check.check_site_data``
 (with the model's tokenizer and the federation's labels): a blocking problem raises
@@ -44,6 +45,10 @@ from common.tasks.base import Examples, Task
 
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
+# Node config (task sft): where the site's file keeps its conversations, as the
+# classification site's text-column / label-column.
+SFT_SITE_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
+                 "output-column", "prompt-column", "response-column")
 _STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
 
 
@@ -79,10 +84,7 @@ def load_local_data(
 ) -> LocalData:
     """This client's data, from the cache when the same inputs were seen before."""
     if "data-path" in node_config:
-        cfg = cfg.replace(
-            text_column=str(node_config.get("text-column", cfg.text_column)),
-            label_column=str(node_config.get("label-column", cfg.label_column)),
-        )
+        cfg = site_columns(cfg, node_config)
         source: tuple[Any, ...] = ("site", str(node_config["data-path"]))
     elif "partition-id" in node_config:
         source = ("partition", int(node_config["partition-id"]),
@@ -129,6 +131,18 @@ def load_local_data(
                 "`max-length` or check the data")
         _CACHE[key] = encoded
     return _CACHE[key]
+
+
+def site_columns(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with the site's own column names from its node config: ``text-column`` /
+    ``label-column`` (classification), the ``SFT_SITE_KEYS`` (task sft). Raises
+    ``ConfigError`` for a key of the other task or a bad value."""
+    changes = {"text_column": str(node_config.get("text-column", cfg.text_column)),
+               "label_column": str(node_config.get("label-column", cfg.label_column))}
+    if cfg.task == "sft":
+        changes.update({key.replace("-", "_"): str(node_config[key])
+                        for key in SFT_SITE_KEYS if key in node_config})
+    return cfg.replace(**changes)
 
 
 def site_file_version(source: tuple[Any, ...]) -> tuple[str, tuple[int, int] | None] | None:

@@ -48,3 +48,13 @@ def test_two_files_and_a_rewritten_file_give_their_own_data(tmp_path, tiny_model
 
 def test_a_partition_has_no_site_file_version():
     assert site_file_version(("partition", 0, 2)) is None
+
+
+def test_a_sft_site_names_its_chat_columns_in_its_node_config():
+    from client.local_data import site_columns
+
+    cfg = site_columns(RunConfig(task="sft"), {"data-path": "x", "prompt-column": "question",
+                                               "response-column": "answer"})
+    assert (cfg.prompt_column, cfg.response_column) == ("question", "answer")
+    plain = site_columns(RunConfig(), {"data-path": "x", "text-column": "body"})
+    assert (plain.text_column, plain.prompt_column) == ("body", "prompt")
