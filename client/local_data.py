@@ -3,8 +3,9 @@
 In simulation a virtual client is one partition of the run's data set (``partition-id``
 and ``num-partitions`` in the node config, set by Flower). In deployment a SuperNode
 reads its own file from ``data-path`` in its node config (column names may be given
-there too as ``text-column`` / ``label-column``). Either way the result is split into
-local train and local eval parts and tokenized once; later rounds hit the cache.
+there too: ``text-column`` / ``label-column``, task sft ``SFT_SITE_KEYS``). Either way
+the result is split into local train and local eval parts and tokenized once; later
+rounds hit the cache.
 
 A deployed site's file is first checked with ``common.data_check.check_site_data``
 (with the model's tokenizer and the federation's labels): a blocking problem raises
@@ -23,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, RecordDict
@@ -37,12 +39,16 @@ from common.data import (
     split_for_local_eval,
 )
 from common.data_check import DataReport
-from common.specs import DataSpec, EncodeSpec, PartitionSpec
+from common.specs import DataSpec, EncodeSpec, PartitionSpec, file_stamp
 from common.tasks import get_task
 from common.tasks.base import Examples, Task
 
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
+# Node config (task sft): where the site's file keeps its conversations, as the
+# classification site's text-column / label-column.
+SFT_SITE_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
+                 "output-column", "prompt-column", "response-column")
 _STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
 
 
@@ -57,7 +63,8 @@ class LocalData:
 
 # Per-process cache: Flower's simulation reuses worker processes across virtual clients
 # and rounds, so each (client, data, tokenizer) combination is tokenized once. The key
-# is the client's source and the frozen specs of everything that changes its examples.
+# is the client's source (a site file: its path, resolved path and version) and the
+# frozen specs of everything that changes its examples.
 _CACHE: dict[tuple[Any, ...], LocalData] = {}
 _CACHE_SIZE = 64
 
@@ -77,10 +84,7 @@ def load_local_data(
 ) -> LocalData:
     """This client's data, from the cache when the same inputs were seen before."""
     if "data-path" in node_config:
-        cfg = cfg.replace(
-            text_column=str(node_config.get("text-column", cfg.text_column)),
-            label_column=str(node_config.get("label-column", cfg.label_column)),
-        )
+        cfg = site_columns(cfg, node_config)
         source: tuple[Any, ...] = ("site", str(node_config["data-path"]))
     elif "partition-id" in node_config:
         source = ("partition", int(node_config["partition-id"]),
@@ -92,7 +96,8 @@ def load_local_data(
         )
     task = get_task(cfg.task)
     encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
-    key = (source, DataSpec.of(cfg), PartitionSpec.of(cfg), encoding, tuple(label_names))
+    key = (source, site_file_version(source), DataSpec.of(cfg), PartitionSpec.of(cfg),
+           encoding, tuple(label_names))
     if key not in _CACHE:
         report = None
         if source[0] == "site":
@@ -126,6 +131,32 @@ def load_local_data(
                 "`max-length` or check the data")
         _CACHE[key] = encoded
     return _CACHE[key]
+
+
+def site_columns(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
+    """``cfg`` with the site's own column names from its node config: ``text-column`` /
+    ``label-column`` (classification), the ``SFT_SITE_KEYS`` (task sft). Raises
+    ``ConfigError`` for a key of the other task or a bad value."""
+    changes = {"text_column": str(node_config.get("text-column", cfg.text_column)),
+               "label_column": str(node_config.get("label-column", cfg.label_column))}
+    if cfg.task == "sft":
+        changes.update({key.replace("-", "_"): str(node_config[key])
+                        for key in SFT_SITE_KEYS if key in node_config})
+    return cfg.replace(**changes)
+
+
+def site_file_version(source: tuple[Any, ...]) -> tuple[str, tuple[int, int] | None] | None:
+    """The site file's resolved path and version (``file_stamp``: mtime and size), for
+    the cache key; None for a partition (``DataSpec`` stamps the run's ``dataset``).
+
+    The path as given is already in the key; the resolved one tells apart equal relative
+    paths read from two working directories, and the stamp a file rewritten between two
+    runs that one worker process serves.
+    """
+    if source[0] != "site":
+        return None
+    path = str(source[1])
+    return str(Path(path).expanduser().resolve()), file_stamp(path)
 
 
 def check_site_file(

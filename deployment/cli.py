@@ -370,7 +370,7 @@ def _check_data(args: argparse.Namespace) -> int:
     if not path:
         raise ConfigError("check-data needs a FILE or a --site-config with data-path")
     if args.task == "sft":
-        return _check_conversations(str(path))
+        return _check_conversations(str(path), args, site)
     # RunConfig validates the values as a run would and applies the `labels` rule.
     cfg = RunConfig(
         text_column=str(args.text_column or site.get("text-column") or "text"),
@@ -391,18 +391,57 @@ def _check_data(args: argparse.Namespace) -> int:
     return 1 if report.blocking else 0
 
 
-def _check_conversations(path: str) -> int:
-    """The SFT site check without a tokenizer: the file reads as conversations."""
+# The run-config keys of an sft site check: a --flag, else (the column keys the client
+# takes from it, client/local_data.py) the node config's, else the run config's default,
+# as --text-column / text-column for classification.
+SFT_SITE_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
+                 "output-column", "prompt-column", "response-column")
+SFT_CHECK_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
+                  "output-column", "prompt-column", "response-column", "system-prompt",
+                  "chat-template", "train-on", "overflow", "model")
+
+
+def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
+    """The ``RunConfig`` an sft site check reads and encodes with: each of
+    ``SFT_CHECK_KEYS`` and ``max-length`` from its flag, else (``SFT_SITE_KEYS``) the
+    node config (``--site-config``), else the default. Raises ``ConfigError`` for a bad value."""
     from common.config import RunConfig
-    from common.data import read_rows
-    from common.specs import DataSpec
+
+    given: dict[str, Any] = {"task": "sft"}
+    for key in (*SFT_CHECK_KEYS, "max-length"):
+        value = getattr(args, key.replace("-", "_"), None)
+        if value is None and key in SFT_SITE_KEYS:  # what the client reads from it too
+            value = site.get(key)
+        if value is not None:
+            given[key] = value
+    return RunConfig.from_flower(given)
+
+
+def _check_conversations(path: str, args: argparse.Namespace, site: dict[str, Any]) -> int:
+    """The SFT site check: every row read as a conversation with the federation's chat
+    columns; token lengths with ``--model``'s tokenizer."""
+    import json
+
+    from common.model_source import resolve_model
+    from common.specs import DataSpec, EncodeSpec
     from common.tasks import get_task
 
-    spec = DataSpec.of(RunConfig(task="sft"))
-    rows, _ = get_task("sft").prepare(read_rows(path, spec), source=path, spec=spec,
-                                      label_names=[])
-    print(f"{path}: {len(rows)} conversation(s) read")
-    return 0
+    cfg = sft_check_config(args, site)
+    tokenizer = None
+    if args.model:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model_name).path)
+    report = get_task("sft").check_site(
+        path, spec=DataSpec.of(cfg.replace(dataset=path)),
+        encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
+        label_names=[], tokenizer=tokenizer)
+    print("\n".join(report.lines()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
+                                   encoding="utf-8")
+        print(f"[fedsft] report: {args.json}")
+    return 1 if report.blocking else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -516,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("check-data", help="check a site's data file before it joins",
             description="Check a site's data before it joins a federation (classification; "
-                        "with --task sft: that it reads as conversations): "
+                        "with --task sft: rows refused and without an assistant turn, "
+                        "token lengths with --model): "
                         "rows dropped and why, label distribution and imbalance, "
                         "duplicates, short and over-long texts, eval overlap, labels "
                         "unknown to the federation. Exit code: 0 if no blocking problem "
@@ -534,12 +574,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-case-fold", action="store_true",
                    help="case-fold string labels (the run's `label-case-fold`)")
     p.add_argument("--max-length", type=int,
-                   help="the run's max-length in tokens (default 64); counted as "
-                        "whitespace words, a lower bound")
+                   help="the run's max-length in tokens (default 64); classification: "
+                        "counted as whitespace words, a lower bound")
     p.add_argument("--eval", help="an eval file whose texts should not be in FILE")
     p.add_argument("--task", choices=("classification", "sft"), default="classification",
-                   help="sft: check only that FILE reads as conversations (the token "
-                        "counts need the run's tokenizer)")
+                   help="sft: every row read as a conversation with the run's chat "
+                        "columns (the options below, else the node config's keys of the "
+                        "same names); token lengths with --model")
+    for key in SFT_CHECK_KEYS:
+        p.add_argument(f"--{key}", help=f"sft: the run's `{key}` (default: "
+                                        + ("the node config's, else " if key in SFT_SITE_KEYS
+                                           else "") + "the run default)"
+                       + ("; its tokenizer counts the tokens" if key == "model" else ""))
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser

@@ -12,6 +12,7 @@ against the reference answer (the last assistant turn).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +27,12 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.builtin_sft_data import generate_sft
-from common.chat_data import chat_frame, check_conversation
+from common.chat_data import (
+    chat_frame,
+    check_conversation,
+    conversations_from_frame,
+    detect_format,
+)
 from common.chat_encoding import (
     IGNORE_INDEX,
     EncodedChat,
@@ -87,7 +93,18 @@ def template_of(spec: EncodeSpec) -> str | None:
 
 @dataclass(frozen=True)
 class SftSiteReport:
-    """A deployed site's SFT file as checked before it trains (counts only, no text)."""
+    """A deployed site's SFT file as checked before it trains (counts only, no text).
+
+    ``conversations``: rows read; ``refused``: rows training would refuse (a
+    ``common.chat_data`` rule, ``problems`` quotes the first ``_SHOWN_PROBLEMS``
+    messages), of which ``no_assistant`` have no assistant turn at all (a ``messages``
+    list without a non-blank assistant message, a missing or blank output / response).
+    Token counts need the run's tokenizer: without one (``measured`` False) ``kept``
+    is the readable conversations and the token fields are 0. With one, ``kept`` /
+    ``truncated`` / ``dropped`` are as the run encodes them (``max-length``,
+    ``overflow``) and ``median_tokens`` / ``p90_tokens`` / ``max_tokens`` describe
+    each readable conversation's full rendered length, before any truncation.
+    """
 
     source: str
     conversations: int
@@ -97,13 +114,31 @@ class SftSiteReport:
     median_tokens: float
     max_tokens: int
     max_length: int
+    refused: int = 0
+    no_assistant: int = 0
+    problems: tuple[str, ...] = ()
+    p90_tokens: float = 0.0
+    measured: bool = True
+
+    @property
+    def no_assistant_share(self) -> float:
+        """Share of the rows read that have no assistant turn."""
+        return self.no_assistant / self.conversations if self.conversations else 0.0
 
     @property
     def blocking(self) -> tuple[Any, ...]:
-        if self.kept == 0:
-            return (_Finding(f"no conversation fits `max-length` {self.max_length} with a "
-                             "trained token left"),)
-        return ()
+        found = []
+        if self.refused:
+            # Training refuses the whole file on its first such row (common/chat_data.py).
+            found.append(_Finding(
+                f"{self.refused} of {self.conversations} rows cannot be read as a "
+                f"conversation ({self.no_assistant} without an assistant turn, "
+                f"{self.no_assistant_share:.1%} of the rows); first: "
+                + "; ".join(self.problems)))
+        if self.kept == 0 and not self.refused:
+            found.append(_Finding(f"no conversation fits `max-length` {self.max_length} "
+                                  "with a trained token left"))
+        return tuple(found)
 
     @property
     def warnings(self) -> tuple[Any, ...]:
@@ -117,10 +152,121 @@ class SftSiteReport:
         return {"data-rows": self.kept, "data-truncated": self.truncated,
                 "data-dropped": self.dropped, "data-median-tokens": self.median_tokens}
 
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values (``fedsft check-data --task sft --json``)."""
+        return {
+            "source": self.source, "conversations": self.conversations,
+            "refused": self.refused, "no-assistant": self.no_assistant,
+            "no-assistant-share": self.no_assistant_share, "problems": list(self.problems),
+            "kept": self.kept, "truncated": self.truncated, "dropped": self.dropped,
+            "max-length": self.max_length, "tokens-measured": self.measured,
+            "median-tokens": self.median_tokens, "p90-tokens": self.p90_tokens,
+            "max-tokens": self.max_tokens,
+            "findings": [{"severity": severity, "message": f.message}
+                         for severity, group in (("blocking", self.blocking),
+                                                 ("warning", self.warnings)) for f in group],
+            "blocking": bool(self.blocking),
+        }
+
+    def lines(self) -> list[str]:
+        """The report for a person: one line per statistic, then the findings."""
+        lines = [
+            f"site data (sft): {self.source}",
+            f"  rows read: {self.conversations}",
+            f"  rows refused: {self.refused} ({self.no_assistant} without an assistant "
+            f"turn: {self.no_assistant_share:.1%})",
+        ]
+        if self.measured:
+            lines += [
+                f"  tokens per conversation (chat template applied): median "
+                f"{self.median_tokens:g}, 90th percentile {self.p90_tokens:g}, max "
+                f"{self.max_tokens}",
+                f"  longer than max-length {self.max_length}: {self.truncated} truncated, "
+                f"{self.dropped} dropped; {self.kept} conversations kept",
+            ]
+        else:
+            lines.append("  tokens per conversation: not counted (give --model, the run's "
+                         "model, for the token lengths and the max-length check)")
+        for mark, group in (("BLOCKING", self.blocking), ("WARNING", self.warnings)):
+            lines += [f"{mark}: {finding.message}" for finding in group]
+        if self.blocking:
+            lines.append(f"result: {len(self.blocking)} blocking problem(s): this data "
+                         "cannot join the federation as it is")
+        else:
+            lines.append(f"result: no blocking problem, {len(self.warnings)} warning(s)")
+        return lines
+
 
 @dataclass(frozen=True)
 class _Finding:
     message: str
+
+
+_SHOWN_PROBLEMS = 3  # refused rows quoted in the report
+
+
+def scan_conversations(
+    frame: pd.DataFrame, *, source: str, spec: DataSpec
+) -> tuple[list[list[dict[str, str]]], list[str], int]:
+    """Every row of ``frame`` read as a conversation, not only up to the first bad one.
+
+    Returns the readable conversations, the messages of the refused rows (the 1-based
+    row of ``frame`` named, as ``common.chat_data`` words them) and how many refused
+    rows have no assistant turn. Raises ``DataError`` for a problem of the file, not
+    of a row (no chat columns, a column the format needs is missing).
+    """
+    columns = chat_columns(spec)
+    try:
+        return conversations_from_frame(frame, source=source, fmt=spec.chat_format,
+                                        **columns), [], 0
+    except DataError:
+        pass  # at least one row is refused: look at each
+    fmt = spec.chat_format
+    if fmt == "auto":
+        fmt = detect_format(
+            list(frame.columns), source=source, messages_column=spec.messages_column,
+            instruction_column=spec.instruction_column, output_column=spec.output_column,
+            prompt_column=spec.prompt_column, response_column=spec.response_column)
+    kept: list[list[dict[str, str]]] = []
+    problems: list[str] = []
+    no_assistant = 0
+    first_row = f"{source}: row 1"  # how an error of a one-row frame names its row
+    for number in range(1, len(frame) + 1):
+        one = frame.iloc[number - 1:number]
+        try:
+            kept += conversations_from_frame(one, source=source, fmt=fmt, **columns)
+        except DataError as error:
+            text = str(error)
+            if not text.startswith(first_row):
+                raise  # a problem of the file (a missing column): no row to name
+            problems.append(f"{source}: row {number}{text[len(first_row):]}")
+            no_assistant += _lacks_answer(one.iloc[0], fmt=fmt, spec=spec)
+    return kept, problems, no_assistant
+
+
+def _lacks_answer(row: pd.Series, *, fmt: str, spec: DataSpec) -> bool:
+    """Whether a row has no assistant turn at all (no non-blank answer)."""
+    import json
+
+    def text(value: Any) -> bool:
+        return isinstance(value, str) and bool(value.strip())
+
+    if fmt == "alpaca":
+        return not text(row.get(spec.output_column))
+    if fmt == "prompt-response":
+        return not text(row.get(spec.response_column))
+    messages = row.get(spec.messages_column)
+    if isinstance(messages, str):
+        try:
+            messages = json.loads(messages)
+        except json.JSONDecodeError:
+            return False  # undecodable: another problem, counted as refused only
+    if isinstance(messages, np.ndarray):
+        messages = list(messages)
+    if not isinstance(messages, list | tuple):
+        return False
+    return not any(isinstance(m, Mapping) and m.get("role") == "assistant"
+                   and text(m.get("content")) for m in messages)
 
 
 class SftTask:
@@ -146,20 +292,34 @@ class SftTask:
 
     def check_site(
         self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
     ) -> SftSiteReport:
-        """The file read as conversations and encoded as the run will (its chat template,
-        ``train-on`` and ``overflow``); no conversation left is blocking."""
-        rows, _ = self.prepare(read_rows(path, spec), source=path, spec=spec, label_names=[])
+        """Every row read as a conversation (``scan_conversations``: each refused row
+        counted, refused rows are blocking) and, with the run's ``tokenizer``, encoded as
+        the run will (its chat template, ``train-on`` and ``overflow``); no conversation
+        left is blocking. ``tokenizer`` None: no token counts (``fedsft check-data``
+        without ``--model``)."""
+        frame = read_rows(path, spec)
+        kept, problems, no_assistant = scan_conversations(frame, source=path, spec=spec)
+        report = SftSiteReport(
+            source=path, conversations=len(frame), kept=len(kept), truncated=0, dropped=0,
+            median_tokens=0.0, max_tokens=0, max_length=encoding.max_length,
+            refused=len(problems), no_assistant=no_assistant,
+            problems=tuple(problems[:_SHOWN_PROBLEMS]), measured=tokenizer is not None)
+        if tokenizer is None or not kept:
+            return report
+        rows = {"messages": kept}
         examples = self.encode(rows, tokenizer, spec=encoding)
-        max_length = encoding.max_length
-        lengths = [len(e.input_ids) for e in examples.examples] or [0]
+        # The full lengths: the same rendering with room for every token.
+        whole = self.encode(rows, tokenizer, spec=dataclasses.replace(
+            encoding, max_length=10**9, overflow="truncate"))
+        lengths = [len(e.input_ids) for e in whole.examples] or [0]
         stats = examples.stats
         assert stats is not None
-        return SftSiteReport(source=path, conversations=stats.total, kept=len(examples),
-                             truncated=stats.truncated, dropped=stats.dropped,
-                             median_tokens=float(np.median(lengths)),
-                             max_tokens=max(lengths), max_length=max_length)
+        return dataclasses.replace(
+            report, kept=len(examples), truncated=stats.truncated, dropped=stats.dropped,
+            median_tokens=float(np.median(lengths)),
+            p90_tokens=float(np.percentile(lengths, 90)), max_tokens=max(lengths))
 
     def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
         """A causal LM (config.json ``architectures`` ``*ForCausalLM``) with a chat

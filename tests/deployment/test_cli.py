@@ -330,3 +330,62 @@ def test_parse_site_config():
     assert cli.parse_site_config(['data-path="/d/a b.csv" share-data-stats=true',
                                   "max=3", "data-path=/d/c.csv"]) == {
         "data-path": "/d/c.csv", "share-data-stats": True, "max": 3}
+
+
+# --- check-data --task sft: the federation's chat columns -----------------------------
+
+def _gsm8k_style(path) -> None:
+    rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}"}
+            for i in range(6)]
+    rows[4]["answer"] = "   "  # no assistant turn: refused, and counted as such
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def test_check_data_sft_takes_the_chat_columns_from_flags_or_node_config(tmp_path, capsys):
+    site = tmp_path / "gsm8k.jsonl"
+    _gsm8k_style(site)
+    out = tmp_path / "report.json"
+
+    # The run's default columns (prompt / response) are not in the file: unusable.
+    assert main(["check-data", str(site), "--task", "sft"]) == 2
+    assert "no chat columns" in capsys.readouterr().err
+
+    code = main(["check-data", "--task", "sft", "--site-config",
+                 f'data-path="{site}" prompt-column="question"',
+                 "--response-column", "answer", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert code == 1  # one row without an answer: training would refuse the file
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert (report["conversations"], report["refused"], report["no-assistant"]) == (6, 1, 1)
+    assert report["no-assistant-share"] == pytest.approx(1 / 6)
+    assert "row 5, column 'answer'" in report["problems"][0]
+    assert "rows refused: 1 (1 without an assistant turn: 16.7%)" in text
+    assert "tokens per conversation: not counted" in text
+
+
+def test_check_data_sft_counts_tokens_with_the_model(tmp_path, tiny_llama_dir, capsys):
+    site = tmp_path / "gsm8k.jsonl"
+    _gsm8k_style(site)
+    lines = site.read_text(encoding="utf-8").splitlines()
+    site.write_text("\n".join(lines[:4] + lines[5:]) + "\n", encoding="utf-8")
+    out = tmp_path / "report.json"
+
+    code = main(["check-data", str(site), "--task", "sft", "--prompt-column", "question",
+                 "--response-column", "answer", "--model", str(tiny_llama_dir),
+                 "--max-length", "40", "--json", str(out)])
+
+    text = capsys.readouterr().out
+    assert code == 0, text  # truncation is a warning, not a blocking problem
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert (report["conversations"], report["refused"], report["tokens-measured"]) == (5, 0, True)
+    # Byte-level tokens: each rendered conversation is longer than 40, so all truncated.
+    assert report["max-tokens"] > 40 and (report["kept"], report["truncated"]) == (5, 5)
+    assert 0 < report["median-tokens"] <= report["p90-tokens"] <= report["max-tokens"]
+    assert "WARNING: 5 of 5 conversations are longer than `max-length` 40" in text
+
+
+def test_the_cli_and_the_client_read_the_same_sft_site_keys():
+    from client.local_data import SFT_SITE_KEYS
+    from deployment import cli
+
+    assert cli.SFT_SITE_KEYS == SFT_SITE_KEYS

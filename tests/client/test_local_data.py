@@ -1,0 +1,60 @@
+"""The per-process cache of a site's data: keyed by the file it read, not only by specs."""
+
+from __future__ import annotations
+
+import os
+
+from client.local_data import clear_local_data_cache, load_local_data, site_file_version
+from common.config import RunConfig
+from common.model import build_model
+from common.specs import ModelSpec
+
+LABELS = ["negative", "positive"]
+
+
+def _write(path, word: str, rows: int) -> None:
+    path.write_text("text,label\n" + "".join(
+        f"{word} text number {i},{LABELS[i % 2]}\n" for i in range(rows)))
+
+
+def _texts(data, tokenizer) -> list[str]:
+    return sorted(tokenizer.decode(ids, skip_special_tokens=True)
+                  for ids in [*data.train.input_ids, *data.eval.input_ids])
+
+
+def test_two_files_and_a_rewritten_file_give_their_own_data(tmp_path, tiny_model_dir):
+    clear_local_data_cache()
+    cfg = RunConfig(model=str(tiny_model_dir), max_length=24, labels=",".join(LABELS))
+    _, tokenizer = build_model(ModelSpec.of(cfg, LABELS))
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    _write(first, "alpha", 10)
+    _write(second, "beta", 12)
+
+    a = load_local_data(cfg, {"data-path": str(first)}, LABELS, tokenizer)
+    b = load_local_data(cfg, {"data-path": str(second)}, LABELS, tokenizer)
+    assert all("alpha" in text for text in _texts(a, tokenizer))
+    assert all("beta" in text for text in _texts(b, tokenizer))
+
+    # The same path, rewritten between two runs served by one worker process.
+    stamp = site_file_version(("site", str(first)))
+    _write(first, "gamma", 14)
+    os.utime(first, ns=(1, 1))  # a different version even on a coarse-mtime file system
+    assert site_file_version(("site", str(first))) != stamp
+    again = load_local_data(cfg, {"data-path": str(first)}, LABELS, tokenizer)
+    assert len(again.train) + len(again.eval) == 14
+    assert all("gamma" in text for text in _texts(again, tokenizer))
+    clear_local_data_cache()
+
+
+def test_a_partition_has_no_site_file_version():
+    assert site_file_version(("partition", 0, 2)) is None
+
+
+def test_a_sft_site_names_its_chat_columns_in_its_node_config():
+    from client.local_data import site_columns
+
+    cfg = site_columns(RunConfig(task="sft"), {"data-path": "x", "prompt-column": "question",
+                                               "response-column": "answer"})
+    assert (cfg.prompt_column, cfg.response_column) == ("question", "answer")
+    plain = site_columns(RunConfig(), {"data-path": "x", "text-column": "body"})
+    assert (plain.text_column, plain.prompt_column) == ("body", "prompt")
