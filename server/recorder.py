@@ -93,6 +93,7 @@ class RoundRecorder:
         strategy: TrackedStrategy,
         outputs: RunOutputs,
         total_rounds: int,
+        last_round: int | None = None,
         privacy: PrivacyReport | None = None,
         sinks: Sequence[MetricSink] = (),
         validation_data: Examples | None = None,
@@ -107,6 +108,9 @@ class RoundRecorder:
         self.strategy = strategy
         self.outputs = outputs
         self.total_rounds = total_rounds
+        # The last round the run plans (the privacy budget may end it before
+        # total_rounds): its evaluation is the final one (sft: greedy generation).
+        self.last_round = total_rounds if last_round is None else last_round
         self.privacy = privacy
         self.sinks = sinks
         self.bytes_up_total = 0
@@ -127,12 +131,14 @@ class RoundRecorder:
             return None  # resuming: this round is already recorded
         started = time.monotonic()
         state = arrays_to_state(arrays)
-        central = self._evaluate(state, self.eval_data, rnd)
-        validation = self._evaluate(state, self.validation_data, rnd)
-        retention = self._evaluate(state, self.retention_data, rnd)
         stats = self.strategy.take_round_stats(rnd) or RoundStats(round=rnd, started=started)
-        row = self._row(rnd, central, validation, stats,
-                        eval_seconds=time.monotonic() - started, retention=retention)
+        row = self._evaluated_row(rnd, state, stats, final=rnd >= self.last_round)
+        if rnd > 0 and rnd < self.last_round and self._stop_reason([*self.rows, row]):
+            # The patience ends the run here, so this round is the last: evaluate it as the
+            # final one (sft: greedy generation). The stop is decided again below, on the
+            # final metrics.
+            row = self._evaluated_row(rnd, state, stats, final=True)
+        self.bytes_up_total, self.bytes_down_total = row.bytes.up_total, row.bytes.down_total
         # Until this row is on disk, a resume would still select the previous best: keep
         # both checkpoints.
         protect = {self._best(), self._best([*self.rows, row])} - {None}
@@ -150,10 +156,20 @@ class RoundRecorder:
         if rnd > 0 and (reason := self.early_stop_reason()):
             print(f"[fedsft] {reason}", flush=True)
             raise EarlyStop(reason)
-        if central is None:
+        if row.central is None:
             return None
-        return MetricRecord({name.replace("_", "-"): value for name, value in central.items()
-                             if name != "num_examples"})
+        return MetricRecord({name.replace("_", "-"): value
+                             for name, value in row.central.items() if name != "num_examples"})
+
+    def _evaluated_row(self, rnd: int, state: dict[str, np.ndarray], stats: RoundStats, *,
+                       final: bool) -> ResultsRow:
+        """Round ``rnd``'s results row: ``state`` evaluated on every server split."""
+        began = time.monotonic()
+        central = self._evaluate(state, self.eval_data, rnd, final=final)
+        validation = self._evaluate(state, self.validation_data, rnd, final=final)
+        retention = self._evaluate(state, self.retention_data, rnd, final=final)
+        return self._row(rnd, central, validation, stats,
+                         eval_seconds=time.monotonic() - began, retention=retention)
 
     def selection(self) -> Selection | None:
         """Which round's model to export (``select-model``), from the rows so far."""
@@ -163,8 +179,11 @@ class RoundRecorder:
 
     def early_stop_reason(self) -> str | None:
         """Why the run should stop after the rows so far (patience), else None."""
+        return self._stop_reason(self.rows)
+
+    def _stop_reason(self, rows: Sequence[ResultsRow]) -> str | None:
         return early_stop_reason(
-            self.rows, patience=self.cfg.early_stopping_patience,
+            rows, patience=self.cfg.early_stopping_patience,
             min_delta=self.cfg.early_stopping_min_delta, metric=self.cfg.selection_metric_name,
             split=self.split, total_rounds=self.total_rounds, task=self.cfg.task)
 
@@ -179,7 +198,7 @@ class RoundRecorder:
         return selection.round if selection is not None and selection.rule == "best" else None
 
     def _evaluate(
-        self, state: dict[str, np.ndarray], data: Examples | None, rnd: int
+        self, state: dict[str, np.ndarray], data: Examples | None, rnd: int, *, final: bool
     ) -> dict[str, Any] | None:
         """The task's metrics of ``state`` on ``data``; None when there is no such data."""
         if data is None or len(data) == 0:
@@ -188,14 +207,12 @@ class RoundRecorder:
         return self.task.evaluate(self.model, self.tokenizer, data, EvalContext(
             batch_size=max(self.cfg.batch_size, 64), device=self.device,
             precision=self.cfg.precision, server_round=rnd,
-            final=rnd >= self.total_rounds, cfg=self.cfg))
+            final=final, cfg=self.cfg))
 
     def _row(
         self, rnd: int, central: dict[str, Any] | None, validation: dict[str, Any] | None,
         stats: RoundStats, *, eval_seconds: float, retention: dict[str, Any] | None = None,
     ) -> ResultsRow:
-        self.bytes_up_total += stats.bytes_up
-        self.bytes_down_total += stats.bytes_down
         dp_sgd = None
         if self.cfg.dp_sgd_enabled and stats.dp_sgd_epsilon is not None:
             # Each client accounts its own records; the weakest guarantee is the largest.
@@ -217,7 +234,8 @@ class RoundRecorder:
                 examples=stats.site_examples,
             ),
             bytes=Bytes(up=stats.bytes_up, down=stats.bytes_down,
-                        up_total=self.bytes_up_total, down_total=self.bytes_down_total),
+                        up_total=self.bytes_up_total + stats.bytes_up,
+                        down_total=self.bytes_down_total + stats.bytes_down),
             seconds=Seconds(
                 round=time.monotonic() - stats.started,
                 wait=stats.wait_seconds,

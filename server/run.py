@@ -136,14 +136,6 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     )
     sinks = open_sinks(cfg.metric_sinks, outputs.folder, outputs.folder.name,
                        cfg.to_flower())
-    recorder = RoundRecorder(
-        cfg=cfg, task=task, model=model, tokenizer=tokenizer, eval_data=eval_data,
-        device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
-        privacy=privacy, sinks=sinks, validation_data=validation_data,
-        retention_data=retention_data,
-    )
-    # Clients learn the label map from the server, so every site encodes labels alike.
-    round_config = ConfigRecord({"label-names": list(label_names)})
     last_round = cfg.num_server_rounds
     stopped_early = None
     if privacy is not None:
@@ -153,6 +145,14 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
                              f"{last_round + 1} would exceed dp-target-epsilon="
                              f"{cfg.dp_target_epsilon:g} (delta {cfg.dp_delta:g})")
             print(f"[fedsft] {stopped_early}", flush=True)
+    recorder = RoundRecorder(
+        cfg=cfg, task=task, model=model, tokenizer=tokenizer, eval_data=eval_data,
+        device=device, strategy=tracked, outputs=outputs, total_rounds=cfg.num_server_rounds,
+        last_round=last_round, privacy=privacy, sinks=sinks,
+        validation_data=validation_data, retention_data=retention_data,
+    )
+    # Clients learn the label map from the server, so every site encodes labels alike.
+    round_config = ConfigRecord({"label-names": list(label_names)})
     if done_rounds and (patience_spent := recorder.early_stop_reason()):
         # Resuming a run whose earlier rows already exhausted the patience.
         stopped_early, last_round = patience_spent, done_rounds

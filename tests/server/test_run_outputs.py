@@ -279,7 +279,7 @@ def _recorder(outputs, accuracies, *, round_offset=0, **cfg_changes):
                              device=None, strategy=_Strategy(round_offset), outputs=outputs,
                              total_rounds=len(accuracies) - 1)
 
-    def evaluate(state, data, rnd):  # type: ignore[no-untyped-def]
+    def evaluate(state, data, rnd, *, final=False):  # type: ignore[no-untyped-def]
         if data is None:
             return None
         return {"accuracy": accuracies[int(state["w"][0])], "f1_macro": 0.0, "loss": 1.0,
