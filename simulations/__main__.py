@@ -3,6 +3,7 @@
 ```
 python -m simulations run <scenario> [--set key=value ...]
 python -m simulations sweep <scenario> --grid key=v1,v2 ... [--seeds 1,2,3]
+python -m simulations tune <scenario> --space key=lo:hi[:log] --space key=a,b --trials N
 python -m simulations compare <run dir> <run dir> ... [--output DIR]
 python -m simulations report <run dir>
 ```
@@ -163,6 +164,35 @@ def _command_sweep(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _command_tune(args: argparse.Namespace) -> int:
+    from simulations.tune import parse_space, tune_scenario
+
+    scenario = load_scenario(args.scenario)
+    space = parse_space(args.space)  # the grammar first: a bad --space fails at once
+    base = parse_set(args.set)
+    output_dir = _output_dir(args, base, scenario.run_config)
+    if args.trials < 1:
+        raise _config_error(f"--trials must be >= 1, got {args.trials}")
+    name = args.name or f"{scenario.name}-tune-{_stamp()}"
+    tune_dir = output_dir.resolve() / safe_name(name)
+    records, written, plan = tune_scenario(
+        scenario, space, base, trials=args.trials, tune_dir=tune_dir, metric=args.metric,
+        seed=args.seed, pruner=args.pruner, num_supernodes=args.num_supernodes,
+        quiet=args.quiet,
+    )
+    for what in ("report", "best", "tune"):
+        if what in written:
+            print(f"[fedsft] {what}: {written[what]}")
+    counts = {s: sum(r.state == s for r in records) for s in ("complete", "pruned", "failed")}
+    summary = (f"[fedsft] tune finished: {counts['complete']} complete, {counts['pruned']} "
+               f"pruned, {counts['failed']} failed of {len(records)} trial(s)")
+    if "best" not in written:
+        print(summary + "; no trial completed, so there is no best setting", file=sys.stderr)
+        return 1
+    print(summary)
+    return 0
+
+
 def _command_compare(args: argparse.Namespace) -> int:
     from simulations.report import write_comparison
 
@@ -231,6 +261,39 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--name", default="",
                        help="sweep folder name (default: <scenario>-sweep-<timestamp>)")
     sweep.set_defaults(handler=_command_sweep)
+
+    tune = sub.add_parser(
+        "tune", help="search hyperparameters with Optuna, one run per trial",
+        description="Search the --space keys of a scenario with Optuna (TPE sampler): each "
+        "trial is one run of the scenario (<tune folder>/trial-NNN), compared on the "
+        "validation split (validation-fraction is set to 0.1 when the scenario holds out "
+        "none), so the central eval split stays the final test set; bad trials are "
+        "pruned after a round whose validation metric falls behind (--pruner). Writes "
+        "tune.json (every trial), tune.html (plots) and best.toml (a scenario with the "
+        "best settings: `python -m simulations run best.toml`). Exit status 0 when at "
+        "least one trial completed, 1 when none did.",
+    )
+    _add_common(tune)
+    tune.add_argument("--space", action="append", default=[], metavar="KEY=SPEC",
+                      help="a run-config key to search (repeatable): key=lo:hi (uniform; "
+                      "integers for an integer key), key=lo:hi:log (log-uniform) or "
+                      "key=a,b,c (choices), e.g. --space learning-rate=1e-4:1e-2:log "
+                      "--space local-steps=5,10,20")
+    tune.add_argument("--trials", type=int, required=True, help="number of trials (runs)")
+    tune.add_argument("--metric", default="auto",
+                      help="the validation metric to optimise: auto (the scenario's "
+                      "selection-metric; classification: accuracy, sft: loss) or a metric "
+                      "of the task (f1_macro, loss, ...); its direction is the metric's")
+    tune.add_argument("--seed", type=int, default=0,
+                      help="seed of the sampler (the runs keep the scenario's `seed`)")
+    tune.add_argument("--pruner", default="median",
+                      choices=("median", "hyperband", "successive-halving", "none"),
+                      help="how bad trials are stopped early: median (default; after 2 "
+                      "finished trials, a trial worse than their median at a round), "
+                      "hyperband, successive-halving, or none")
+    tune.add_argument("--name", default="",
+                      help="tune folder name (default: <scenario>-tune-<timestamp>)")
+    tune.set_defaults(handler=_command_tune)
 
     compare = sub.add_parser(
         "compare", help="overlay finished runs in one report",

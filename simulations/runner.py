@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -59,6 +59,8 @@ class SimulationResult:
     returncode: int
     log_path: Path
     seconds: float = 0.0  # wall time of ``flwr run`` itself, not of waiting for the machine
+    # Ended by the caller's ``should_stop``: its processes were stopped (returncode -15).
+    stopped: bool = False
 
 
 def _port_in_use(port: int) -> bool:
@@ -302,6 +304,7 @@ def run_app(
     timeout: float | None = None,
     quiet: bool = False,
     port_wait: float = 900.0,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SimulationResult:
     """Run one simulation of the app with ``run_config`` overrides; wait for its end.
 
@@ -313,7 +316,10 @@ def run_app(
     machine: while another fedsft simulation (a file lock, served in order of arrival)
     or another SuperLink (the ports) holds it, this waits up to ``port_wait`` seconds in
     all. An interrupt (``KeyboardInterrupt``; SIGTERM within :func:`sigterm_interrupts`)
-    stops every process of the simulation before it propagates.
+    stops every process of the simulation before it propagates. ``should_stop``, asked
+    after each output line (the server prints one per recorded round), ends the run
+    early when it returns True: its processes are stopped as after an interrupt and the
+    result says ``stopped`` (the tuner prunes trials with it).
     """
     run_dir = _run_dir(run_config)
     with hold_machine(run_name=run_dir.name, timeout=port_wait) as left:
@@ -321,7 +327,7 @@ def run_app(
         for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
             result = _run_locked(run_config, num_supernodes=num_supernodes,
                                  num_cpus=num_cpus, num_gpus=num_gpus, app_dir=app_dir,
-                                 timeout=timeout, quiet=quiet)
+                                 timeout=timeout, quiet=quiet, should_stop=should_stop)
             if result.returncode == 0 or not _superlink_start_timed_out(result.log_path):
                 return result
             if attempt < SUPERLINK_START_ATTEMPTS:
@@ -367,6 +373,7 @@ def _attempt_header(log_path: Path, command: list[str]) -> str:
 def _run_locked(
     run_config: Mapping[str, Any], *, num_supernodes: int, num_cpus: float,
     num_gpus: float, app_dir: Path, timeout: float | None, quiet: bool,
+    should_stop: Callable[[], bool] | None = None,
 ) -> SimulationResult:
     """``run_app`` once this process holds the machine's local SuperLink."""
     run_dir = _run_dir(run_config)
@@ -394,6 +401,8 @@ def _run_locked(
     started = time.monotonic()
     deadline = None if timeout is None else started + timeout
     proc = None
+    stopped = False
+    returncode = 0
     try:
         # Appended, never replaced: the log of an interrupted attempt is kept for its
         # resumption, and each attempt starts with a header line.
@@ -411,7 +420,11 @@ def _run_locked(
                     sys.stdout.flush()
                 if deadline is not None and time.monotonic() > deadline:
                     raise HarnessError(f"simulation exceeded {timeout:g} s; log: {log_path}")
-            returncode = proc.wait()
+                if should_stop is not None and should_stop():
+                    stopped = True
+                    break
+            if not stopped:
+                returncode = proc.wait()
     finally:
         with _signals_deferred():
             _stop_processes_under(flwr_home, None if proc is None else proc.pid)
@@ -421,5 +434,11 @@ def _run_locked(
                 if proc.stdout is not None:
                     proc.stdout.close()
             shutil.rmtree(flwr_home, ignore_errors=True)
+    if stopped:
+        # What the harness did to it (the clean-up reaps the child before Popen can read
+        # its status, which Popen then reports as 0).
+        returncode = -signal.SIGTERM
+        with log_path.open("a", encoding="utf-8") as log:
+            log.write("[fedsft] the harness stopped this simulation (asked by its caller)\n")
     return SimulationResult(run_dir=run_dir, returncode=returncode, log_path=log_path,
-                            seconds=time.monotonic() - started)
+                            seconds=time.monotonic() - started, stopped=stopped)

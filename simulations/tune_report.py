@@ -1,0 +1,165 @@
+"""tune.html: the trials of a hyperparameter search side by side, from its tune.json.
+
+Three figures (PNGs in ``tune/``, embedded in the page): the objective per trial with
+the best so far, each trial's validation metric per round (pruned trials end early),
+and the objective against each searched key. The best trial's final test set numbers
+are shown apart from the search's validation numbers: the search never read them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from common.tasks import metric_info
+from simulations import plots
+from simulations.report import _esc, _figure_html, _page, _table
+
+REPORT_FILE = "tune.html"
+FIGURE_DIR = "tune"
+_MARKERS = {"complete": "o", "pruned": "x"}
+
+
+def metric_label(task: str, metric: str) -> str:
+    """How reports name ``metric`` of ``task`` (``accuracy``, ``macro-F1``)."""
+    try:
+        return metric_info(task, metric).label
+    except (KeyError, ValueError):
+        return metric
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else "-"
+    return "-" if value is None else str(value)
+
+
+def plot_objective(path: Path, trials: Sequence[Mapping[str, Any]], *, direction: str,
+                   label: str, title: str) -> Path:
+    """Each trial's objective (complete: its value; pruned: its last round's value,
+    marked x), and the best complete value so far as a step line."""
+    fig = plots._figure()
+    ax = fig.add_subplot()
+    for state, marker in _MARKERS.items():
+        points = [(t["number"], t["value"] if state == "complete" else t["values"][-1][1])
+                  for t in trials if t["state"] == state and (
+                      t["value"] is not None if state == "complete" else t["values"])]
+        if points:
+            ax.plot(*zip(*points, strict=True), linestyle="none", marker=marker,
+                    label=f"{state} trials")
+    best: list[tuple[int, float]] = []
+    for t in trials:
+        if t["state"] != "complete" or t["value"] is None:
+            continue
+        if not best or (t["value"] > best[-1][1] if direction == "maximize"
+                        else t["value"] < best[-1][1]):
+            best.append((t["number"], t["value"]))
+        else:
+            best.append((t["number"], best[-1][1]))
+    if best:
+        ax.step(*zip(*best, strict=True), where="post", color="0.3", label="best so far")
+    if not ax.lines:
+        plots._empty_note(ax, "no trial measured the metric")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(label)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if trials:
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if ax.lines:
+        ax.legend(loc="best")
+    return plots._save(fig, path)
+
+
+def plot_params(path: Path, trials: Sequence[Mapping[str, Any]],
+                space: Mapping[str, Mapping[str, Any]], *, label: str) -> Path:
+    """The objective of the complete trials against each searched key (one panel each);
+    categorical keys on evenly spaced positions."""
+    keys = list(space)
+    fig = plots._figure((plots._SIZE[0], 3.2 * max(1, math.ceil(len(keys) / 2))))
+    done = [t for t in trials if t["state"] == "complete" and t["value"] is not None]
+    for i, key in enumerate(keys, start=1):
+        ax = fig.add_subplot(math.ceil(len(keys) / 2), min(2, len(keys)), i)
+        dim = space[key]
+        values = [t["value"] for t in done]
+        if dim["kind"] == "categorical":
+            choices = [str(c) for c in dim["choices"]]
+            xs: list[float] = [choices.index(str(t["params"][key])) for t in done]
+            ax.set_xticks(range(len(choices)), choices)
+        else:
+            xs = [t["params"][key] for t in done]
+            if dim.get("log"):
+                ax.set_xscale("log")
+        if done:
+            ax.plot(xs, values, linestyle="none", marker="o")
+        else:
+            plots._empty_note(ax, "no complete trial")
+        ax.set_xlabel(key)
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+    return plots._save(fig, path)
+
+
+def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
+    """Write tune.html (+ PNGs in tune/) for the search that ``record`` (tune.json)
+    describes; returns the page's path."""
+    out = tune_dir / FIGURE_DIR
+    trials = record["trials"]
+    label = f"validation {metric_label(record['task'], record['metric'])}"
+    title = f"tune of {record['scenario']} ({tune_dir.name})"
+    objective = plot_objective(out / "objective.png", trials,
+                               direction=record["direction"], label=label,
+                               title=f"{label} per trial ({record['direction']})")
+    series = {f"trial {t['number']} ({t['state']})": ([v[0] for v in t["values"]],
+                                                      [v[1] for v in t["values"]])
+              for t in trials if t["values"]}
+    curves = plots.plot_overlay(out / "curves.png", series=series, xlabel="round",
+                                ylabel=label, title=f"{label} per round, per trial")
+    params = plot_params(out / "params.png", trials, record["space"], label=label)
+    counts = record["counts"]
+    body = [f"<h1>{_esc(title)}</h1>",
+            f"<p class='meta'>status {_esc(record['status'])}; "
+            f"{len(trials)}/{record['trials_requested']} trial(s): "
+            + ", ".join(f"{n} {s}" for s, n in counts.items())
+            + f"; objective: {record['direction']} {_esc(label)} (the validation split "
+            "held out of the training data); sampler TPE (seed "
+            f"{record['sampler']['seed']}), pruner {_esc(record['pruner'])}; "
+            f"{record['seconds']:.0f} s</p>"]
+    best = record["best"]
+    if best is None:
+        body.append("<p class='note'>No trial completed: there is no best setting.</p>")
+    else:
+        settings = ", ".join(f"{k}={_fmt(v)}" for k, v in best["params"].items())
+        tests = ", ".join(f"{_esc(metric_label(record['task'], k))} {v:.4f}"
+                          for k, v in best["test"].items()) or "none measured"
+        body += ["<h2>Best trial</h2>",
+                 f"<p>trial {best['number']}: {_esc(settings)}; {_esc(label)} "
+                 f"{best['value']:.4f} at round {best['selected_round']}. "
+                 "Its settings are in <a href='best.toml'>best.toml</a>.</p>",
+                 f"<p>Final test set (central eval, not used by the search): {tests}.</p>"]
+    keys = list(record["space"])
+    rows = []
+    for t in trials:
+        name = _esc(f"trial {t['number']}")
+        if t["run_dir"]:
+            report = Path(t["run_dir"]) / "report.html"
+            if report.is_file():
+                href = Path(os.path.relpath(report, tune_dir)).as_posix()
+                name = f"<a href='{_esc(href)}'>{name}</a>"
+        last = t["values"][-1][0] if t["values"] else "-"
+        rows.append([name, t["state"], *(_fmt(t["params"][k]) for k in keys),
+                     _fmt(t["value"]), str(last), t["message"] or ""])
+    body += ["<h2>Trials</h2>",
+             _table(["trial", "state", *keys, label, "last round", "note"], rows,
+                    raw_first=True),
+             _figure_html(f"{label} per trial", objective),
+             _figure_html(f"{label} per round, per trial", curves),
+             _figure_html(f"{label} against each searched key", params)]
+    path = tune_dir / REPORT_FILE
+    path.write_text(_page(title, body), encoding="utf-8")
+    return path

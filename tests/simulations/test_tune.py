@@ -1,0 +1,428 @@
+"""simulations tune without simulations: the space grammar, the search loop on a toy
+objective, the round watcher and the harness glue (fake runs), the outputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import stat
+from pathlib import Path
+
+import optuna
+import psutil
+import pytest
+
+from common.config import ConfigError
+from server.results import ResultsRow
+from simulations import __main__ as cli
+from simulations import runner, tune
+from simulations.runner import SimulationResult
+from simulations.scenarios import load_scenario, resolve_run_config
+from simulations.tune import (
+    RoundWatcher,
+    SpaceParam,
+    TrialRun,
+    parse_space,
+    parse_space_item,
+    run_search,
+)
+
+TINY = "num-supernodes = 2\n[run-config]\nbuiltin-examples = 200\nnum-server-rounds = 3\n"
+
+
+# --- the --space grammar ----------------------------------------------------------------
+
+
+def test_a_float_range_is_uniform_and_log_when_asked():
+    plain = parse_space_item("learning-rate=0.001:0.01")
+    logged = parse_space_item("learning-rate=1e-4:1e-2:log")
+    whole = parse_space_item("proximal-mu=0:1")  # a float key: floats even from 0:1
+
+    assert plain == SpaceParam("learning-rate", "float", 0.001, 0.01, log=False)
+    assert logged == SpaceParam("learning-rate", "float", 1e-4, 1e-2, log=True)
+    assert whole.kind == "float" and whole.low == 0.0 and isinstance(whole.low, float)
+    assert isinstance(logged.distribution(), optuna.distributions.FloatDistribution)
+    assert logged.distribution().log
+
+
+def test_an_integer_key_gets_an_integer_range():
+    param = parse_space_item("local-steps=2:8")
+    assert param == SpaceParam("local-steps", "int", 2, 8)
+    assert isinstance(param.distribution(), optuna.distributions.IntDistribution)
+    assert parse_space_item("lora-r=4:64:log").log
+
+
+def test_choices_are_read_as_the_keys_types():
+    steps = parse_space_item("local-steps=5,10,20")
+    strategy = parse_space_item("strategy=fedavg,fedprox")
+    flag = parse_space_item("secure-aggregation=true,false")
+    partition = parse_space_item("partitioner=column:site,iid")
+
+    assert steps.choices == (5, 10, 20) and steps.kind == "categorical"
+    assert strategy.choices == ("fedavg", "fedprox")
+    assert flag.choices == (True, False)
+    assert partition.choices == ("column:site", "iid")  # ':' inside a choice is text
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("learning-rate", "--space expects"),
+    ("=1:2", "--space expects"),
+    ("learning-rate=", "--space expects"),
+    ("no-such-key=1:2", "unknown run-config key 'no-such-key'"),
+    ("seed=1,2", "cannot vary 'seed'"),
+    ("validation-fraction=0.1,0.2", "cannot vary 'validation-fraction'"),
+    ("learning-rate=0.01", "a single value is not a search space"),
+    ("strategy=fedavg:fedprox", "'strategy' is a str key"),
+    ("learning-rate=1:2:3", "lo:hi or lo:hi:log"),
+    ("learning-rate=1:2:lin", "lo:hi or lo:hi:log"),
+    ("learning-rate=0.1:0.01", "lo must be below hi"),
+    ("learning-rate=0.01:0.01", "lo must be below hi"),
+    ("learning-rate=0:0.01:log", "log range needs lo > 0"),
+    ("learning-rate=a:b", "not a finite number"),
+    ("learning-rate=nan:1", "not a finite number"),
+    ("local-steps=2.5:8", "bounds must be integers"),
+    ("local-steps=5,,10", "an empty choice"),
+    ("local-steps=5,5", "repeated"),
+])
+def test_bad_space_items_fail_naming_the_flag(item, message):
+    with pytest.raises(ConfigError, match="--space") as error:
+        parse_space_item(item)
+    assert message in str(error.value)
+
+
+def test_a_space_needs_a_key_and_each_key_once():
+    with pytest.raises(ConfigError, match="at least one --space"):
+        parse_space([])
+    with pytest.raises(ConfigError, match="names 'local-steps' twice"):
+        parse_space(["local-steps=1,2", "local-steps=3:4"])
+
+
+def test_the_cli_pruner_choices_are_the_tuners():
+    parser = cli.build_parser()
+    tune_parser = parser._subparsers._group_actions[0].choices["tune"]  # type: ignore[union-attr]
+    pruner = next(a for a in tune_parser._actions if a.dest == "pruner")
+    assert tuple(pruner.choices) == tune.PRUNERS
+
+
+# --- the search loop on a toy objective ------------------------------------------------
+
+
+def _toy_trial(curves: dict[float, list[float]], calls: list):
+    """A trial function whose per-round values depend on the learning rate only."""
+
+    def run_trial(number, params, report):
+        values = []
+        for rnd, value in enumerate(curves[params["learning-rate"]], start=1):
+            values.append((rnd, value))
+            if report(rnd, value):
+                calls.append((number, "pruned", rnd))
+                return TrialRun(values=tuple(values), pruned_at=rnd)
+        calls.append((number, "done", len(values)))
+        best = max(values, key=lambda v: v[1])[0]
+        return TrialRun(values=tuple(values), ok=True, selected_round=best,
+                        test={"accuracy": 0.5 + number / 100})
+
+    return run_trial
+
+
+def test_the_search_prunes_a_trial_behind_the_median_and_picks_the_best():
+    curves = {0.1: [0.5, 0.6, 0.7], 0.2: [0.6, 0.8, 0.75], 0.3: [0.2, 0.3, 0.9],
+              0.4: [0.7, 0.8, 0.8]}
+    space = {"learning-rate": SpaceParam("learning-rate", "categorical",
+                                         choices=(0.1, 0.2, 0.3, 0.4))}
+    order = iter([0.1, 0.2, 0.3, 0.4])
+
+    class Fixed(optuna.samplers.BaseSampler):  # the toy's settings in a known order
+        def infer_relative_search_space(self, study, trial):
+            return {}
+
+        def sample_relative(self, study, trial, search_space):
+            return {}
+
+        def sample_independent(self, study, trial, name, distribution):
+            return next(order)
+
+    calls: list = []
+    seen: list = []
+    records = run_search(
+        space, trials=4, direction="maximize", run_trial=_toy_trial(curves, calls),
+        sampler=Fixed(), pruner=tune.make_pruner("median", max_rounds=3),
+        on_trial=lambda rs: seen.append(len(rs)))
+
+    # Trial 2 (0.2 at round 1 < median 0.55 of trials 0 and 1) is pruned after round 1;
+    # the two startup trials are never pruned.
+    assert [r.state for r in records] == ["complete", "complete", "pruned", "complete"]
+    assert calls[2] == (2, "pruned", 1)
+    assert records[2].pruned_at == 1 and records[2].values == ((1, 0.2),)
+    assert records[2].value is None and records[2].test == {}
+    assert [r.value for r in records] == [0.7, 0.8, None, 0.8]
+    assert records[1].selected_round == 2
+    assert tune.best_trial(records, "maximize").number == 1  # ties: the earliest
+    assert tune.best_trial(records, "minimize").number == 0
+    assert seen == [1, 2, 3, 4]
+
+
+def test_a_trial_that_raises_or_fails_is_recorded_and_the_search_goes_on():
+    def run_trial(number, params, report):
+        if number == 0:
+            raise RuntimeError("port in use")
+        if number == 1:
+            return TrialRun(values=((1, 0.5),), ok=False, message="the run failed")
+        if number == 2:  # completed, but its exported round measured nothing finite
+            return TrialRun(values=((1, 0.5),), ok=True, selected_round=2)
+        return TrialRun(values=((1, 0.4),), ok=True, selected_round=1)
+
+    space = {"local-steps": SpaceParam("local-steps", "int", 1, 4)}
+    records = run_search(space, trials=4, direction="minimize", run_trial=run_trial,
+                         sampler=optuna.samplers.RandomSampler(seed=1),
+                         pruner=optuna.pruners.NopPruner())
+
+    assert [r.state for r in records] == ["failed", "failed", "failed", "complete"]
+    assert records[0].message == "RuntimeError: port in use"
+    assert records[1].message == "the run failed"
+    assert "round 2 has no finite validation value" in records[2].message
+    assert all(1 <= r.params["local-steps"] <= 4 for r in records)
+
+
+def test_an_interrupt_ends_the_search():
+    def run_trial(number, params, report):
+        raise KeyboardInterrupt
+
+    space = {"local-steps": SpaceParam("local-steps", "int", 1, 4)}
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, trials=3, direction="maximize", run_trial=run_trial,
+                   sampler=optuna.samplers.RandomSampler(seed=1),
+                   pruner=optuna.pruners.NopPruner())
+
+
+# --- planning a search on a scenario -----------------------------------------------------
+
+
+def _scenario(tmp_path: Path, text: str = TINY, name: str = "tiny"):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(text)
+    return load_scenario(str(path))
+
+
+def test_the_plan_turns_the_validation_split_on_and_sets_the_metric(tmp_path):
+    plan = tune.plan_search(_scenario(tmp_path), parse_space(["local-steps=1,2"]), {},
+                            tune_dir=tmp_path / "t", num_partitions=2)
+    assert plan.base_overrides == {"validation-fraction": 0.1, "selection-metric": "accuracy"}
+    assert plan.metric == "accuracy" and plan.direction == "maximize"
+    assert plan.max_rounds == 3 and "validation-fraction=0.1" in plan.notes[0]
+
+    loss = tune.plan_search(_scenario(tmp_path), parse_space(["local-steps=1,2"]),
+                            {"validation-fraction": 0.2}, metric="loss",
+                            tune_dir=tmp_path / "t", num_partitions=2)
+    assert loss.base_overrides["validation-fraction"] == 0.2 and not loss.notes
+    assert loss.metric == "loss" and loss.direction == "minimize"
+
+
+@pytest.mark.parametrize(("space", "overrides", "metric", "message"), [
+    (["local-steps=1,2"], {"validation-fraction": 0}, "auto", "validation-fraction is 0"),
+    (["local-steps=1,2"], {"local-steps": 3}, "auto", "given both with --space and --set"),
+    (["local-steps=1,2"], {"run-name": "x"}, "auto", "drop --set run-name"),
+    (["local-steps=1,2"], {}, "bleu", "--metric must be auto or a metric"),
+    (["local-steps=1,2"], {"selection-metric": "loss"}, "accuracy", "disagree"),
+    (["learning-rate=-1:1"], {}, "auto", "--space learning-rate: value -1.0"),
+    (["strategy=fedavg,nope"], {}, "auto", "--space strategy: value 'nope'"),
+    (["local-steps=1,x"], {}, "auto", "`local-steps` must be an integer"),
+])
+def test_a_bad_search_fails_before_any_trial(tmp_path, space, overrides, metric, message):
+    with pytest.raises(ConfigError) as error:
+        tune.plan_search(_scenario(tmp_path), parse_space(space), overrides, metric=metric,
+                         tune_dir=tmp_path / "t", num_partitions=2)
+    assert message in str(error.value)
+
+
+def test_no_validation_split_is_possible_when_the_server_reads_no_training_data(tmp_path):
+    text = TINY + 'labels = "a,b"\neval-dataset = "x.csv"\n'
+    with pytest.raises(ConfigError, match="with `labels` set the server reads no training"):
+        tune.plan_search(_scenario(tmp_path, text), parse_space(["local-steps=1,2"]), {},
+                         tune_dir=tmp_path / "t", num_partitions=2)
+
+
+# --- trials as harness runs (fake runs: no Flower) ---------------------------------------
+
+
+def _row(rnd: int, validation: float | None, central: float = 0.5) -> str:
+    return ResultsRow(
+        round=rnd, central={"accuracy": central, "loss": 1.0, "num_examples": 40},
+        validation=None if validation is None else {"accuracy": validation, "loss": 1.0},
+    ).to_line()
+
+
+def _streaming_run(curves: dict[int, list[float]], stopped: list):
+    """A stand-in for run_app that writes one results row per round, asks
+    ``should_stop`` after each as the real one does after each output line, and
+    finishes the run (outcome.json + final model) unless stopped."""
+
+    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout, should_stop):
+        run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(
+            {"task": "classification", "num-server-rounds": 3}))
+        (run_dir / "flwr.log").write_text("log")
+        curve = curves[run_config["local-steps"]]
+        with (run_dir / "results.jsonl").open("w") as results:
+            results.write(_row(0, 0.1))
+            for rnd, value in enumerate(curve, start=1):
+                results.write(_row(rnd, value, central=value - 0.05))
+                results.flush()
+                if should_stop():
+                    stopped.append(run_config["run-name"])
+                    return SimulationResult(run_dir=run_dir, returncode=-15,
+                                            log_path=run_dir / "flwr.log", stopped=True)
+        best = max(range(len(curve)), key=lambda i: curve[i]) + 1
+        (run_dir / "final" / "model").mkdir(parents=True)
+        (run_dir / "final" / "model" / "config.json").write_text("{}")
+        (run_dir / "outcome.json").write_text(json.dumps({
+            "status": "completed", "message": "", "rounds_done": 3, "rounds_aggregated": 3,
+            "final_model": True, "stopped_early": None,
+            "selection": {"rule": "best", "round": best, "last_round": 3,
+                          "metric": "accuracy", "split": "validation",
+                          "value": curve[best - 1], "note": ""}}))
+        return SimulationResult(run_dir=run_dir, returncode=0, log_path=run_dir / "flwr.log")
+
+    return run
+
+
+def test_a_tune_prunes_a_running_trial_and_writes_its_outputs(tmp_path, monkeypatch):
+    monkeypatch.setattr("simulations.sweep.write_report", lambda *a, **k: None)
+    scenario = _scenario(tmp_path)
+    space = parse_space(["local-steps=1,2,3"])
+    plan = tune.plan_search(scenario, space, {}, tune_dir=tmp_path / "t", num_partitions=2)
+    curves = {1: [0.6, 0.7, 0.8], 2: [0.5, 0.6, 0.9], 3: [0.2, 0.3, 0.95]}
+    stopped: list = []
+    run_trial = tune.scenario_trial_fn(
+        scenario, plan.base_overrides, tune_dir=tmp_path / "t", metric="accuracy",
+        run_fn=_streaming_run(curves, stopped))
+    order = iter([1, 2, 3])
+
+    class Fixed(optuna.samplers.RandomSampler):
+        def sample_independent(self, study, trial, name, distribution):
+            return next(order)
+
+    monkeypatch.setattr(optuna.samplers, "TPESampler", lambda seed: Fixed())
+    records, written, _ = tune.tune_scenario(
+        scenario, space, {}, trials=3, tune_dir=tmp_path / "t", run_trial=run_trial)
+
+    # local-steps=3 falls behind the median (0.55) at round 1 and is stopped there.
+    assert stopped == ["trial-002"]
+    assert [r.state for r in records] == ["complete", "complete", "pruned"]
+    assert records[0].value == 0.8 and records[0].selected_round == 3
+    assert records[0].test == {"accuracy": pytest.approx(0.75), "loss": 1.0}
+    assert records[2].values == ((1, 0.2),) and records[2].pruned_at == 1
+
+    record = json.loads(written["tune"].read_text())
+    assert record["status"] == "completed" and record["metric"] == "accuracy"
+    assert record["counts"] == {"complete": 2, "pruned": 1, "failed": 0}
+    assert record["space"] == {"local-steps": {"kind": "categorical", "choices": [1, 2, 3]}}
+    assert record["best"]["number"] == 1 and record["best"]["value"] == 0.9
+    assert record["best"]["test"]["accuracy"] == pytest.approx(0.85)
+    assert [t["values"] for t in record["trials"]] == [
+        [[1, 0.6], [2, 0.7], [3, 0.8]], [[1, 0.5], [2, 0.6], [3, 0.9]], [[1, 0.2]]]
+    assert record["trials"][2]["run_dir"].endswith("trial-002")
+
+    best = load_scenario(str(written["best"]))
+    assert best.num_supernodes == 2
+    assert best.run_config == {"builtin-examples": 200, "num-server-rounds": 3,
+                               "local-steps": 2, "validation-fraction": 0.1,
+                               "selection-metric": "accuracy"}
+    resolve_run_config(best, {}, output_dir=tmp_path / "again", run_name="x")  # runs
+    assert "validation accuracy 0.9000" in written["best"].read_text()
+    html = written["report"].read_text()
+    assert "trial 2" in html and "pruned" in html and "Final test set" in html
+    assert all((tmp_path / "t" / "tune" / f"{n}.png").is_file()
+               for n in ("objective", "curves", "params"))
+
+
+def test_an_interrupted_tune_keeps_the_finished_trials(tmp_path, monkeypatch):
+    def run_trial(number, params, report):
+        if number == 1:
+            raise KeyboardInterrupt
+        return TrialRun(values=((1, 0.7),), ok=True, selected_round=1,
+                        test={"accuracy": 0.6})
+
+    with pytest.raises(KeyboardInterrupt):
+        tune.tune_scenario(_scenario(tmp_path), parse_space(["local-steps=1:4"]), {},
+                           trials=5, tune_dir=tmp_path / "t", run_trial=run_trial)
+    record = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert record["status"] == "interrupted"
+    assert [t["state"] for t in record["trials"]] == ["complete"]
+    assert (tmp_path / "t" / "best.toml").is_file()
+
+
+def test_the_cli_fails_when_no_trial_completes(tmp_path, monkeypatch, capsys):
+    real = tune.tune_scenario
+
+    def failing(*args, **kwargs):
+        return real(*args, **kwargs, run_trial=lambda n, p, r: TrialRun(message="boom"))
+
+    monkeypatch.setattr(tune, "tune_scenario", failing)
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    status = cli.main(["tune", str(path), "--space", "local-steps=1,2", "--trials", "2",
+                       "--output-dir", str(tmp_path), "--name", "t"])
+    assert status == 1
+    assert "no trial completed" in capsys.readouterr().err
+    record = json.loads((tmp_path / "t" / "tune.json").read_text())
+    assert [t["state"] for t in record["trials"]] == ["failed", "failed"]
+    assert not (tmp_path / "t" / "best.toml").exists()
+
+
+def test_the_cli_refuses_a_bad_space_with_status_2(tmp_path, capsys):
+    status = cli.main(["tune", "quickstart", "--space", "learning-rate=0.1",
+                       "--trials", "2", "--output-dir", str(tmp_path)])
+    assert status == 2
+    assert "--space 'learning-rate=0.1'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+def test_the_watcher_reports_new_rounds_once_and_stops_on_prune(tmp_path):
+    results = tmp_path / "results.jsonl"
+    reported: list = []
+    watcher = RoundWatcher(results, metric="accuracy", last_round=3,
+                           report=lambda r, v: reported.append((r, v)) or r == 2)
+    assert watcher() is False  # no file yet
+    results.write_text(_row(0, 0.1) + _row(1, 0.5))
+    assert watcher() is False and watcher() is False
+    with results.open("a") as f:
+        f.write(_row(2, float("nan")))
+    assert watcher() is True and watcher.pruned_at == 2
+    assert reported[0] == (1, 0.5) and reported[1][0] == 2 and math.isnan(reported[1][1])
+    assert watcher.values == {1: 0.5}  # only finite values are kept
+    assert watcher() is True and len(reported) == 2
+
+
+def test_the_last_round_is_never_pruned(tmp_path):
+    results = tmp_path / "results.jsonl"
+    results.write_text(_row(1, 0.5) + _row(2, None) + _row(3, 0.4))
+    reported: list = []
+    watcher = RoundWatcher(results, metric="accuracy", last_round=3,
+                           report=lambda r, v: reported.append(r) or True)
+    # Round 1 is pruned at once; a fresh watcher on the last round only is not.
+    assert watcher() is True and watcher.pruned_at == 1
+    results.write_text(_row(3, 0.4))
+    late = RoundWatcher(results, metric="accuracy", last_round=3, report=lambda r, v: True)
+    assert late() is False and late.pruned_at is None
+
+
+def test_the_harness_stops_a_simulation_when_asked(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "MACHINE_LOCK", tmp_path / "superlink.lock")
+    monkeypatch.setattr(runner, "_wait_for_free_ports", lambda wait: None)
+    fake_flwr = tmp_path / "flwr"
+    fake_flwr.write_text("#!/bin/sh\nwhile true; do echo round; sleep 0.05; done\n")
+    fake_flwr.chmod(fake_flwr.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setattr(runner.shutil, "which", lambda name: str(fake_flwr))
+    lines = iter(range(100))
+
+    result = runner.run_app({"output-dir": str(tmp_path), "run-name": "x"},
+                            num_supernodes=1, quiet=True,
+                            should_stop=lambda: next(lines) == 2)
+
+    assert result.stopped and result.returncode != 0
+    log = result.log_path.read_text()
+    assert log.count("round") >= 3 and "the harness stopped this simulation" in log
+    assert not [p for p in psutil.process_iter(["cmdline"])
+                if str(fake_flwr) in " ".join(p.info["cmdline"] or [])]
