@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-import resource
 import time
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.attacks import attacker_partition, flip_labels, is_attacker
+from client.compute import compute_metrics, start_gpu_measurement
 from client.egress_audit import egress_audit_mod
 from client.local_data import client_key, data_stats_metrics, load_local_data
 from client.outgoing import outgoing_update
@@ -75,6 +75,7 @@ def train(msg: Message, context: Context) -> Message:
         train_data = flip_labels(train_data, num_classes=len(config["label-names"]))
     seed = derive_seed(cfg.seed, server_round, key)
     privacy: dict[str, float] = {}
+    start_gpu_measurement(device)
     if cfg.dp_sgd_enabled:
         result, privacy = train_with_dp_sgd(
             model, train_data, cfg, task=task, seed=seed, device=device,
@@ -100,8 +101,7 @@ def train(msg: Message, context: Context) -> Message:
         **privacy,
         **{name: loss for name, loss in losses.items() if math.isfinite(loss)},
         "train-steps": result.steps,
-        "train-seconds": result.seconds,
-        "peak-rss-mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **compute_metrics(result, device),  # seconds, throughput, memory (client/compute.py)
         **data_stats_metrics(data, context.node_config, context.state),  # site opt-in
         **task.site_metrics(train_data, cfg=cfg),  # what the run's keys ask (label counts)
     })

@@ -16,7 +16,10 @@ report's ``aggregate_stats`` (counts per label and shares, never texts) to its f
 training reply's metrics (``data_stats_metrics``). In simulation the check is skipped:
 a partition is a piece of the server's data, which the preflight and ``load_splits``
 already checked, and its only per-partition problems (no rows, labels the server does
-not know) already raise in ``partition_dataset`` and ``load_local_data``.
+not know) already raise in ``partition_dataset`` and ``load_local_data``. A
+classification partition still gets the check's statistics (``partition_report``), and
+shares them unless its node config says ``share-data-stats = false``: the server holds
+that data already, so the report shows the partitions as it shows deployed sites.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from flwr.app import ConfigRecord, RecordDict
 from transformers import PreTrainedTokenizerBase
 
@@ -38,7 +42,7 @@ from common.data import (
     partition_dataset,
     split_for_local_eval,
 )
-from common.data_check import DataReport
+from common.data_check import DataReport, check_site_data
 from common.specs import DataSpec, EncodeSpec, PartitionSpec, file_stamp
 from common.tasks import get_task
 from common.tasks.base import Examples, Task
@@ -113,6 +117,8 @@ def load_local_data(
             dataset = partition_dataset(
                 splits.train, cfg, num_partitions=source[2], partition_id=source[1]
             )
+            report = partition_report(dataset, partition_id=source[1], cfg=cfg,
+                                      label_names=label_names, tokenizer=tokenizer)
         train, local_eval = split_for_local_eval(
             dataset, fraction=cfg.client_eval_fraction, seed=cfg.seed
         )
@@ -185,21 +191,39 @@ def check_site_file(
     return report
 
 
+def partition_report(
+    dataset: Any, *, partition_id: int, cfg: RunConfig, label_names: list[str],
+    tokenizer: PreTrainedTokenizerBase,
+) -> DataReport | None:
+    """The site check's statistics of a simulated partition, for the data statistics it
+    shares; None unless it has classification's ``text`` and integer ``label`` columns
+    (``load_splits``: label = index into ``label_names``)."""
+    if not {"text", "label"} <= set(dataset.column_names):
+        return None
+    frame = pd.DataFrame({"text": list(dataset["text"]), "label": list(dataset["label"])})
+    # Labels as their index, so the counts come back in the federation's class order.
+    return check_site_data(frame, text_column="text", label_column="label",
+                           max_length=cfg.max_length, tokenizer=tokenizer,
+                           label_names=[str(i) for i in range(len(label_names))],
+                           source=f"partition {partition_id}")
+
+
 def data_stats_metrics(
     data: LocalData, node_config: Mapping[str, Any], state: RecordDict
 ) -> dict[str, int | float]:
     """The aggregate data statistics for this training reply, or nothing.
 
-    Only when the node config sets ``share-data-stats = true``, the data has a report
-    (deployment) and this node has not sent them yet (marked in ``state``, the node's
-    ``context.state``): once per node and run, in its first training reply.
+    Only when sharing is on (``share-data-stats`` in the node config; default true for a
+    simulated partition, false for a deployed site), the data has a report and this
+    node has not sent them yet (marked in ``state``, the node's ``context.state``): once
+    per node and run, in its first training reply.
 
     Raises
     ------
     ConfigError
         If ``share-data-stats`` is not a boolean.
     """
-    share = node_config.get(SHARE_STATS_KEY, False)
+    share = node_config.get(SHARE_STATS_KEY, "partition-id" in node_config)
     if not isinstance(share, bool):
         raise ConfigError(
             f"node config `{SHARE_STATS_KEY}` must be true or false, got {share!r}"

@@ -66,6 +66,16 @@ class TrainResult:
     steps: int  # optimizer steps taken
     seconds: float  # wall time of the loop
     first_loss: float  # task loss of the first step (before any update)
+    # What the loop processed, repeats included (throughput); None where not counted.
+    examples_seen: int | None = None
+    tokens: int | None = None  # non-padding tokens (``batch_tokens``)
+
+
+def batch_tokens(batch: Batch) -> int | None:
+    """The non-padding tokens of a batch: the sum of its ``attention_mask`` (1 = token,
+    as every task's ``collate`` returns it); None for a batch without one."""
+    mask = batch.get("attention_mask")
+    return None if mask is None else int(mask.sum())
 
 
 def train_local(
@@ -121,6 +131,8 @@ def train_local(
         ``num_examples`` is the number of *distinct* examples trained on in this call,
         ``min(steps * batch_size, len(data))`` (``len(data)`` for whole epochs). It is
         FedAvg's aggregation weight, so a client that saw few examples counts less.
+        ``examples_seen`` and ``tokens`` count every batch row and non-padding token
+        the loop processed (for throughput).
 
     Raises
     ------
@@ -157,7 +169,12 @@ def train_local(
 
     model.train()
     losses: list[float] = []
+    examples_seen = 0
+    tokens: int | None = 0
     for batch in itertools.islice(endless_batches(), total_steps):
+        examples_seen += len(next(iter(batch.values())))
+        counted = batch_tokens(batch)  # on the CPU tensors: no device sync
+        tokens = tokens + counted if tokens is not None and counted is not None else None
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
         with autocast_context(cfg.precision, device):
             loss = loss_of(model, batch)
@@ -184,4 +201,6 @@ def train_local(
         steps=len(losses),
         seconds=time.perf_counter() - start,
         first_loss=losses[0],
+        examples_seen=examples_seen,
+        tokens=tokens,
     )

@@ -54,6 +54,7 @@ from server.results import (
     Privacy,
     ResultsRow,
     Seconds,
+    SiteData,
     summarize_accuracy_spread,
 )
 from server.run_outputs import RunOutputs
@@ -249,7 +250,15 @@ class RoundRecorder:
             privacy=None if self.privacy is None else Privacy(**self.privacy.row(rnd)),
             dp_sgd=dp_sgd,
             retention=retention,
+            site_data=self._new_site_data(stats),
+            site_compute=dict(stats.site_compute),
         )
+
+    def _new_site_data(self, stats: RoundStats) -> dict[str, SiteData]:
+        """The data statistics of the sites that report them for the first time: a site
+        that sends them again (e.g. after a resume, new processes) keeps its first."""
+        recorded = {site for row in self.rows for site in row.site_data}
+        return {site: data for site, data in stats.site_data.items() if site not in recorded}
 
 
 def _mb(n: int) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.encoding import UpdateEncoding, decode_update
+from server.results import SiteCompute, SiteData
 from server.validation import (
     ArraySpec,
     is_finite_number,
@@ -255,6 +257,94 @@ def finite(value: object) -> float | None:
     return float(value) if is_finite_number(value) else None  # type: ignore[arg-type]
 
 
+# Reply metrics a site's data statistics may use (client/local_data.py sends them, with
+# the site's consent): counts and shares only. Any other ``data-*`` key refuses the set.
+_DATA_COUNTS = {"data-rows": "rows", "data-rows-read": "rows_read",
+                "data-dropped": "dropped", "data-truncated": "truncated"}
+_DATA_SHARES = {"data-duplicate-share": "duplicate_share", "data-short-share": "short_share",
+                "data-truncated-share": "truncated_share"}
+_DATA_LABEL = re.compile(r"data-label-(count|share)-(0|[1-9][0-9]{0,5})")
+DATA_PREFIX = "data-"
+
+
+def _count(value: object) -> int | None:
+    """A non-negative integer count (an int, or a float holding one), else None."""
+    number = finite(value)
+    return int(number) if number is not None and number >= 0 and number.is_integer() else None
+
+
+def _fraction(value: object) -> float | None:
+    """A share in [0, 1], else None."""
+    number = finite(value)
+    return number if number is not None and 0 <= number <= 1 else None
+
+
+def site_data_stats(metrics: Mapping[str, Any]) -> tuple[SiteData | None, str | None]:
+    """A reply's ``data-*`` metrics as a :class:`SiteData`, or (None, why refused).
+
+    (None, None) when the reply has no ``data-*`` metric (the site does not share, or
+    sent them in an earlier round). Refused as a whole: a key outside the allowed names,
+    a count that is not a non-negative integer, a share outside [0, 1], label indices
+    not 0..k-1, or counts that do not add up (labels or rows kept above rows read).
+    """
+    sent = {k: v for k, v in metrics.items() if k.startswith(DATA_PREFIX)}
+    if not sent:
+        return None, None
+    values: dict[str, Any] = {}
+    labels: dict[int, int] = {}
+    for key, value in sorted(sent.items()):
+        label = _DATA_LABEL.fullmatch(key)
+        if key in _DATA_COUNTS or (label and label.group(1) == "count"):
+            number: float | int | None = _count(value)
+            kind = "a non-negative integer"
+        elif key in _DATA_SHARES or label:
+            number, kind = _fraction(value), "a share in [0, 1]"
+        elif key == "data-median-tokens":
+            number = finite(value)
+            number = number if number is not None and number >= 0 else None
+            kind = "a non-negative number"
+        else:
+            return None, f"{key!r} is not an aggregate statistic the server accepts"
+        if number is None:
+            return None, f"{key!r} must be {kind}, got {value!r:.40}"
+        if label and label.group(1) == "count":
+            labels[int(label.group(2))] = int(number)
+        elif not label:
+            values[_DATA_COUNTS.get(key) or _DATA_SHARES.get(key) or "median_tokens"] = number
+    if "rows" not in values:
+        return None, "'data-rows' is missing"
+    if sorted(labels) != list(range(len(labels))):
+        return None, f"label counts must be for classes 0..k-1, got {sorted(labels)}"
+    counts = tuple(labels[i] for i in range(len(labels)))
+    if sum(counts) > values["rows"]:
+        return None, f"label counts add up to {sum(counts)}, above 'data-rows' {values['rows']}"
+    if values.get("rows_read") is not None:
+        if values["rows"] > values["rows_read"]:
+            return None, (f"'data-rows' {values['rows']} is above 'data-rows-read' "
+                          f"{values['rows_read']}")
+        values.setdefault("dropped", values["rows_read"] - values["rows"])
+    return SiteData(label_counts=counts, **values), None
+
+
+def site_compute(metrics: Mapping[str, Any]) -> SiteCompute | None:
+    """A reply's training-cost metrics as a :class:`SiteCompute`; None without a finite,
+    non-negative ``train-seconds``. An unreadable optional metric reads as None."""
+    seconds = finite(metrics.get("train-seconds"))
+    if seconds is None or seconds < 0:
+        return None
+
+    def positive(name: str) -> float | None:
+        value = finite(metrics.get(name))
+        return value if value is not None and value >= 0 else None
+
+    utilization = positive("gpu-utilization")
+    return SiteCompute(
+        train_seconds=seconds, examples=_count(metrics.get("train-examples-seen")),
+        tokens=_count(metrics.get("train-tokens")), peak_rss_mb=positive("peak-rss-mb"),
+        gpu_peak_mb=positive("gpu-peak-memory-mb"),
+        gpu_utilization=utilization if utilization is None or utilization <= 100 else None)
+
+
 @dataclass(frozen=True)
 class ClientMeasurements:
     """What the clients reported about their own cost, from the non-error replies."""
@@ -266,36 +356,54 @@ class ClientMeasurements:
     dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     # Per site: the training examples it reported (`num-examples`), an aggregate count.
     examples: Mapping[str, int] = field(default_factory=dict)
+    # Per site: its data statistics (sites that share them, in the reply that has them).
+    site_data: Mapping[str, SiteData] = field(default_factory=dict)
+    # Per site: its training time, throughput and memory this round.
+    site_compute: Mapping[str, SiteCompute] = field(default_factory=dict)
+    problems: tuple[str, ...] = ()  # data statistics refused, and why
 
 
 def client_measurements(
     replies: Sequence[Reply], *, site_key: Callable[[int], str] | None = None
 ) -> ClientMeasurements:
-    """Train seconds, peak memory, DP-SGD epsilon (overall and per site) and training
-    examples per site reported by the replies; a site is named by ``site_key`` of the
-    node id, else ``node-<id>``."""
+    """Train seconds, peak memory, DP-SGD epsilon (overall and per site), training
+    examples, data statistics and training cost per site reported by the replies; a
+    site is named by ``site_key`` of the node id, else ``node-<id>``."""
     seconds: list[float] = []
     rss, eps = 0.0, None
     sites: dict[str, dict[str, float]] = {}
     examples: dict[str, int] = {}
+    data: dict[str, SiteData] = {}
+    compute: dict[str, SiteCompute] = {}
+    problems: list[str] = []
     for reply in replies:
         if reply.error is not None:
             continue
+        site = site_key(reply.node) if site_key else f"node-{reply.node}"
         if reply.problem is None and (n := finite(reply.metrics.get("num-examples"))):
-            examples[site_key(reply.node) if site_key else f"node-{reply.node}"] = int(n)
+            examples[site] = int(n)
         if (value := finite(reply.metrics.get("train-seconds"))) is not None:
             seconds.append(value)
         if (value := finite(reply.metrics.get("peak-rss-mb"))) is not None:
             rss = max(rss, value)
         if (value := finite(reply.metrics.get("dp-sgd-epsilon"))) is not None:
             eps = max(eps or 0.0, value)
-            site = site_key(reply.node) if site_key else f"node-{reply.node}"
             sites[site] = {"epsilon": value}
             if (z := finite(reply.metrics.get("dp-sgd-noise-multiplier"))) is not None:
                 sites[site]["noise_multiplier"] = z
+        stats, why = site_data_stats(reply.metrics)
+        if stats is not None:
+            data[site] = stats
+        elif why is not None:
+            problems.append(f"{who(reply)}: data statistics left out: {why}")
+        if (cost := site_compute(reply.metrics)) is not None:
+            compute[site] = cost
     return ClientMeasurements(train_seconds=tuple(seconds), peak_rss_mb=rss,
                               dp_sgd_epsilon=eps, dp_sgd_sites=sites,
-                              examples=dict(sorted(examples.items())))
+                              examples=dict(sorted(examples.items())),
+                              site_data=dict(sorted(data.items())),
+                              site_compute=dict(sorted(compute.items())),
+                              problems=tuple(problems))
 
 
 # --- the default step --------------------------------------------------------------------

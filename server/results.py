@@ -103,6 +103,63 @@ class DpSgd:
 
 
 @dataclass(frozen=True)
+class SiteData:
+    """A site's aggregate data statistics, from its ``data-*`` reply metrics.
+
+    Only counts and shares, as ``DataReport.aggregate_stats`` (classification) or the
+    sft site report sends them; a field is None when the site's task does not send it.
+    ``label_counts[i]`` counts class index ``i`` of the federation's labels.
+    """
+
+    rows: int  # rows (sft: conversations) kept after cleaning / encoding
+    rows_read: int | None = None  # classification: rows in the file
+    dropped: int | None = None  # rows read minus kept (sft: conversations dropped)
+    label_counts: tuple[int, ...] = ()
+    duplicate_share: float | None = None  # normalized duplicates / rows
+    short_share: float | None = None
+    truncated_share: float | None = None  # longer than max-length / rows
+    truncated: int | None = None  # sft: conversations truncated
+    median_tokens: float | None = None  # sft
+
+    @property
+    def imbalance_ratio(self) -> float | None:
+        """Largest / smallest count of the classes present; None without counts."""
+        present = [count for count in self.label_counts if count > 0]
+        return max(present) / min(present) if present else None
+
+
+@dataclass(frozen=True)
+class SiteCompute:
+    """What one site's local training cost in one round (its reply metrics).
+
+    ``examples`` and ``tokens`` count what the loop processed (repeats included; tokens
+    without padding); None when the loop did not count them (DP-SGD). The GPU fields
+    are None off a GPU, and ``gpu_utilization`` also where NVML cannot be read.
+    """
+
+    train_seconds: float
+    examples: int | None = None
+    tokens: int | None = None
+    peak_rss_mb: float | None = None  # the client process's peak resident memory
+    gpu_peak_mb: float | None = None  # torch.cuda.max_memory_allocated in the round
+    gpu_utilization: float | None = None  # percent, sampled at the end of training
+
+    @property
+    def examples_per_second(self) -> float | None:
+        """Examples processed per second of training; None when not counted."""
+        return _rate(self.examples, self.train_seconds)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        """Non-padding tokens processed per second of training; None when not counted."""
+        return _rate(self.tokens, self.train_seconds)
+
+
+def _rate(count: int | None, seconds: float) -> float | None:
+    return None if count is None or seconds <= 0 else count / seconds
+
+
+@dataclass(frozen=True)
 class ResultsRow:
     """One round of results.jsonl (see the module docstring)."""
 
@@ -120,6 +177,10 @@ class ResultsRow:
     dp_sgd: DpSgd | None = None
     # The forgetting monitor (`retention-dataset`); None (and no key written) when off.
     retention: Metrics | None = None
+    # Site -> its data statistics, in the first round it reported them (opt-in sites).
+    site_data: Mapping[str, SiteData] = field(default_factory=dict)
+    # Site -> what its training cost this round.
+    site_compute: Mapping[str, SiteCompute] = field(default_factory=dict)
 
     def metrics(self, split: str) -> Metrics | None:
         """The evaluation part named ``split`` (central, validation, retention, federated,
@@ -130,8 +191,8 @@ class ResultsRow:
         return value
 
     def to_json(self) -> dict[str, Any]:
-        """The row as written to results.jsonl (``privacy``, ``dp_sgd``, ``retention`` only
-        when set)."""
+        """The row as written to results.jsonl (``privacy``, ``dp_sgd``, ``retention``,
+        ``site_data`` and ``site_compute`` only when set)."""
         out: dict[str, Any] = {
             "round": self.round,
             "central": None if self.central is None else dict(self.central),
@@ -153,6 +214,11 @@ class ResultsRow:
             out["dp_sgd"] = asdict(self.dp_sgd)
         if self.retention is not None:
             out["retention"] = dict(self.retention)
+        if self.site_data:
+            out["site_data"] = {site: {**asdict(d), "label_counts": list(d.label_counts)}
+                                for site, d in self.site_data.items()}
+        if self.site_compute:
+            out["site_compute"] = {site: asdict(c) for site, c in self.site_compute.items()}
         return out
 
     def to_line(self) -> str:
@@ -190,6 +256,11 @@ class ResultsRow:
                 privacy=None if obj.get("privacy") is None else _part(Privacy, obj["privacy"]),
                 dp_sgd=None if obj.get("dp_sgd") is None else _part(DpSgd, obj["dp_sgd"]),
                 retention=_metrics_or_none(obj.get("retention")),
+                site_data={str(site): _part(SiteData, {
+                    **d, "label_counts": tuple(int(n) for n in d.get("label_counts", ()))})
+                    for site, d in _mapping(obj.get("site_data")).items()},
+                site_compute={str(site): _part(SiteCompute, c)
+                              for site, c in _mapping(obj.get("site_compute")).items()},
             )
         except (TypeError, ValueError) as exc:
             raise ResultsError(f"results row of round {obj.get('round')}: {exc}") from exc
@@ -201,6 +272,16 @@ def _metrics_or_none(value: object) -> dict[str, float] | None:
     if not isinstance(value, Mapping):
         raise TypeError(f"an evaluation part must be an object, got {value!r:.80}")
     return dict(value)
+
+
+def _mapping(value: object) -> Mapping[str, Any]:
+    """A per-site part: an object of objects ({} when absent)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(v, Mapping)
+                                                 for v in value.values()):
+        raise TypeError(f"a per-site part must be an object of objects, got {value!r:.80}")
+    return value
 
 
 def _part(kind: type, value: Mapping[str, Any]) -> Any:

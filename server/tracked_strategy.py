@@ -48,6 +48,7 @@ from server.reply_pipeline import (
     common_metric_names,
     finite,
 )
+from server.results import SiteCompute, SiteData
 from server.secure_aggregation import SecureAggregationStep, SecureAggregator
 from server.strategies import strategy_state
 from server.validation import ArraySpec, metrics_problem, update_problem
@@ -79,6 +80,8 @@ class RoundStats:
     # Per site (client key): its epsilon so far and the noise multiplier it used.
     dp_sgd_sites: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     site_examples: Mapping[str, int] = field(default_factory=dict)  # reported, per site
+    site_data: Mapping[str, SiteData] = field(default_factory=dict)  # shared data stats
+    site_compute: Mapping[str, SiteCompute] = field(default_factory=dict)  # training cost
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     eval_metrics: Mapping[str, Any] = field(default_factory=dict)
     client_eval_accuracy: tuple[float, ...] = ()  # sorted
@@ -295,10 +298,11 @@ class TrackedStrategy(Strategy):
             failures=result.failures, invalid=result.invalid, aggregated=result.aggregated,
             skipped=result.arrays is None, aggregate_seconds=result.seconds,
             train_metrics=dict(result.train_metrics),
-            problems=(*stats.problems, *result.problems),
+            problems=(*stats.problems, *result.problems, *measured.problems),
             client_train_seconds=measured.train_seconds,
             client_peak_rss_mb=measured.peak_rss_mb, dp_sgd_epsilon=measured.dp_sgd_epsilon,
             dp_sgd_sites=measured.dp_sgd_sites, site_examples=measured.examples,
+            site_data=measured.site_data, site_compute=measured.site_compute,
         )
         metrics = None if result.metrics is None else MetricRecord(result.metrics)
         if result.arrays is None:

@@ -203,7 +203,8 @@ def plot_client_spread(
 
 def plot_label_distribution(
     path: Path, *, counts: np.ndarray, label_names: Sequence[str],
-    client_ids: Sequence[int], title: str, share: bool = False,
+    client_ids: Sequence[int | str], title: str, share: bool = False,
+    xlabel: str = "client (partition id)",
 ) -> Path:
     """Stacked bars: examples of each class per client (``share``: as fractions)."""
     if share:
@@ -222,7 +223,7 @@ def plot_label_distribution(
     ax.set_xticks(x[::step], [str(c) for c in client_ids[::step]],
                   rotation=90 if len(client_ids) > 20 else 0)
     ax.set_xlim(-0.6, len(client_ids) - 0.4)
-    ax.set_xlabel("client (partition id)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("share of the client's examples" if share else "training examples")
     if share:
         ax.set_ylim(0, 1)
@@ -286,6 +287,24 @@ def plot_memory(
     ax.set_title(title)
     _round_axis(ax, rounds)
     ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def plot_site_times(
+    path: Path, *, rounds: Sequence[int], seconds: Mapping[str, Sequence[float]], title: str,
+) -> Path:
+    """Local training seconds per round, one line per site (NaN: not trained that round)."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for color, (site, values) in zip(_colors(len(seconds)), seconds.items(), strict=True):
+        x, y = _measured(rounds, values)
+        ax.plot(x, y, marker="o", color=color, label=site)
+    ax.set_ylim(bottom=0)
+    ax.set_ylabel("training seconds")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    if len(seconds) <= 15:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
     return _save(fig, path)
 
 

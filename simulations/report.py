@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from common.tasks import TASK_METRICS, MetricInfo
-from server.results import ResultsError, ResultsRow, read_results
+from server.results import ResultsError, ResultsRow, SiteData, read_results
 from simulations import plots
 
 SIMULATION_FILE = "simulation.json"
@@ -266,6 +266,129 @@ def label_distribution(
     return counts, list(splits.label_names), client_ids
 
 
+# --- per-site tables ------------------------------------------------------------------------
+NOT_SHARED = "not shared"
+NO_GPU = "no GPU"
+
+
+def _sites(rows: Sequence[ResultsRow]) -> list[str]:
+    """Every site the rows name (examples, data statistics or compute), sorted."""
+    return sorted({site for r in rows
+                   for site in (*r.clients.examples, *r.site_data, *r.site_compute)})
+
+
+def first_site_data(rows: Sequence[ResultsRow]) -> dict[str, SiteData]:
+    """Each site's data statistics from the first row that has them."""
+    found: dict[str, SiteData] = {}
+    for row in rows:
+        for site, data in row.site_data.items():
+            found.setdefault(site, data)
+    return found
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _int(value: int | None) -> str:
+    return "-" if value is None else str(value)
+
+
+def site_data_table(
+    rows: Sequence[ResultsRow], label_names: Sequence[str],
+) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-site data table: what each site's data check sent,
+    ``not shared`` for a site that did not allow it. Columns no site sent are left out;
+    a class column per label (``class i`` past ``label_names``)."""
+    data = first_site_data(rows)
+    classes = max((len(d.label_counts) for d in data.values()), default=0)
+    names = [label_names[i] if i < len(label_names) else f"class {i}" for i in range(classes)]
+    columns: list[tuple[str, Callable[[SiteData], str]]] = [
+        ("rows read", lambda d: _int(d.rows_read)), ("rows kept", lambda d: str(d.rows)),
+        ("dropped", lambda d: _int(d.dropped)),
+        *[(f"label {name}", lambda d, i=i: _int(d.label_counts[i])
+           if i < len(d.label_counts) else "-") for i, name in enumerate(names)],
+        ("imbalance ratio", lambda d: "-" if d.imbalance_ratio is None
+         else f"{d.imbalance_ratio:.3g}:1"),
+        ("duplicates", lambda d: _share(d.duplicate_share)),
+        ("short texts", lambda d: _share(d.short_share)),
+        ("over max-length", lambda d: _share(d.truncated_share)),
+        ("truncated", lambda d: _int(d.truncated)),
+        ("median tokens", lambda d: "-" if d.median_tokens is None else f"{d.median_tokens:g}"),
+    ]
+    kept = [(title, cell) for title, cell in columns
+            if any(cell(d) != "-" for d in data.values())]
+    table = [[site, *([cell(data[site]) for _, cell in kept] if site in data
+                      else [NOT_SHARED] * len(kept))] for site in _sites(rows)]
+    return ["site", *(title for title, _ in kept)], table
+
+
+def site_compute_table(rows: Sequence[ResultsRow]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the per-site compute table over the run: rounds trained, mean
+    training seconds per round, examples and tokens per second (totals over total
+    seconds), the largest peak RSS and GPU memory, the mean GPU utilization. A site
+    that measured no GPU shows ``no GPU``; a number it did not send, ``-``."""
+    header = ["site", "rounds", "train s / round", "examples / s", "tokens / s",
+              "peak RSS MiB", "peak GPU MiB", "GPU util %"]
+    table = []
+    for site in _sites(rows):
+        costs = [r.site_compute[site] for r in rows if site in r.site_compute]
+        if not costs:
+            table.append([site, "0", *["-"] * (len(header) - 2)])
+            continue
+        seconds = sum(c.train_seconds for c in costs)
+
+        def rate(counts: list[int | None], total: float = seconds) -> str:
+            if any(n is None for n in counts) or total <= 0:
+                return "-"
+            return f"{sum(n for n in counts if n is not None) / total:.4g}"
+
+        rss = [c.peak_rss_mb for c in costs if c.peak_rss_mb is not None]
+        gpu = [c.gpu_peak_mb for c in costs if c.gpu_peak_mb is not None]
+        util = [c.gpu_utilization for c in costs if c.gpu_utilization is not None]
+        table.append([
+            site, str(len(costs)), f"{seconds / len(costs):.3g}",
+            rate([c.examples for c in costs]), rate([c.tokens for c in costs]),
+            f"{max(rss):.0f}" if rss else "-",
+            f"{max(gpu):.0f}" if gpu else NO_GPU,
+            f"{np.mean(util):.0f}" if util else (NO_GPU if not gpu else "-"),
+        ])
+    return header, table
+
+
+def _site_figures(run: RunData, out: Path) -> list[tuple[str, Path]]:
+    """The label distribution the sites reported and the training time per site."""
+    rows, figs = run.rows, []
+    data = first_site_data(rows)
+    counted = {site: d for site, d in data.items() if d.label_counts}
+    if counted:
+        sites = sorted(counted)[:MAX_CLIENTS_SHOWN]
+        classes = max(len(counted[s].label_counts) for s in sites)
+        counts = np.zeros((len(sites), classes), dtype=np.int64)
+        for i, site in enumerate(sites):
+            counts[i, :len(counted[site].label_counts)] = counted[site].label_counts
+        names = [run.label_names[k] if k < len(run.label_names) else f"class {k}"
+                 for k in range(classes)]
+        shown = "" if len(sites) == len(counted) else f" (first {len(sites)} sites)"
+        figs.append((f"Training rows per class, as each site's data check reported them "
+                     f"(sites that share their statistics){shown}",
+                     plots.plot_label_distribution(
+                         out / "site_labels.png", counts=counts, label_names=names,
+                         client_ids=sites, xlabel="site",
+                         title=f"Label distribution per site (reported){shown} - {run.name}")))
+    trained = [r for r in rows if r.site_compute]
+    if trained:
+        sites = sorted({s for r in trained for s in r.site_compute})[:MAX_CLIENTS_SHOWN]
+        figs.append(("Local training time per round and site (the sites' own clocks)",
+                     plots.plot_site_times(
+                         out / "site_train_time.png", rounds=[r.round for r in trained],
+                         seconds={site: [r.site_compute[site].train_seconds
+                                         if site in r.site_compute else _NAN
+                                         for r in trained] for site in sites},
+                         title=f"Training time per round and site - {run.name}")))
+    return figs
+
+
 # --- single-run report --------------------------------------------------------------------
 
 
@@ -334,6 +457,7 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                 label_names=run.label_names or label_names, client_ids=ids, share=True,
                 title=f"Class shares per client{shown}, partitioner {part}")))
 
+    figs += _site_figures(run, out)
     figs.append(("Communication: cumulative serialized bytes", plots.plot_bytes(
         out / "bytes.png", rounds=rounds, up_total=_series(rows, lambda r: r.bytes.up_total),
         down_total=_series(rows, lambda r: r.bytes.down_total),
@@ -419,6 +543,14 @@ def write_report(run_dir: Path | str, *, num_supernodes: int | None = None) -> P
                                              for k, v in summary.items()]))
     for note in notes:
         body.append(f"<p class='note'>{_esc(note)}</p>")
+    if _sites(run.rows):
+        body.append("<h2>Sites</h2>")
+        body.append("<p>Data: what each site's data check sent (counts and shares; "
+                    f"&ldquo;{NOT_SHARED}&rdquo;: the site did not allow it).</p>")
+        body.append(_table(*site_data_table(run.rows, run.label_names)))
+        body.append("<p>Compute: each site's local training over the run, as it measured "
+                    "it (tokens without padding).</p>")
+        body.append(_table(*site_compute_table(run.rows)))
     body.append("<h2>Figures</h2>")
     for caption, png in figs:
         body.append(_figure_html(caption, png))

@@ -65,6 +65,9 @@ def test_train_reply_holds_only_the_exchanged_tensors_and_scalar_metrics(
     # 3 steps of 4 examples from a partition larger than 12: 12 distinct examples.
     assert metrics["num-examples"] == 12 and metrics["train-steps"] == 3
     assert all(isinstance(v, (int, float)) for v in metrics.values())
+    # Compute monitoring: 3 batches of 4 rows; tokens are at most rows x max-length 24.
+    assert metrics["train-examples-seen"] == 12 and 12 <= metrics["train-tokens"] <= 12 * 24
+    assert metrics["train-seconds"] > 0 and metrics["peak-rss-mb"] > 0
 
 
 def test_train_is_seeded_per_round_and_client(tiny_model_dir, global_state):
@@ -215,8 +218,22 @@ def test_share_data_stats_must_be_a_boolean(tmp_path, tiny_model_dir, global_sta
         train(_message("train", global_state), context)
 
 
-def test_simulated_clients_send_no_data_stats(tiny_model_dir, global_state):
-    context = _context(tiny_model_dir, {"partition-id": 1, "num-partitions": 3,
-                                        "share-data-stats": True})
+def test_simulated_clients_share_their_partition_counts_unless_told_not_to(
+    tiny_model_dir, global_state
+):
+    from common.data import load_splits, partition_dataset
 
-    assert _stats(train(_message("train", global_state), context)) == {}
+    cfg = RunConfig.from_flower(_run_config(tiny_model_dir))
+    part = partition_dataset(load_splits(cfg).train, cfg, num_partitions=3, partition_id=1)
+    counts = np.bincount(np.asarray(part["label"]), minlength=3)
+    shared = _context(tiny_model_dir)
+    refused = _context(tiny_model_dir, {"partition-id": 1, "num-partitions": 3,
+                                        "share-data-stats": False})
+
+    first = _stats(train(_message("train", global_state), shared))
+    second = _stats(train(_message("train", global_state, round_=2), shared))
+
+    assert first["data-rows"] == first["data-rows-read"] == len(part)
+    assert [first[f"data-label-count-{k}"] for k in range(3)] == counts.tolist()
+    assert second == {}  # once per node and run
+    assert _stats(train(_message("train", global_state), refused)) == {}

@@ -16,7 +16,7 @@ from common.config import RunConfig
 from common.model import build_model, get_exchanged_state, set_exchanged_state
 from common.specs import ModelSpec
 from common.tasks.classification import TASK, EncodedData, collate, encode
-from common.training import derive_seed, iterate_batches, train_local
+from common.training import batch_tokens, derive_seed, iterate_batches, train_local
 from tests.helpers import classify_eval as evaluate
 
 CPU = torch.device("cpu")
@@ -73,6 +73,25 @@ def test_iterate_batches_pads_each_batch_in_order() -> None:
     assert batches[0]["labels"].tolist() == [0, 1]
     assert batches[1]["input_ids"].tolist() == [[5, 6]]  # padded to its own longest row
     assert batches[1]["attention_mask"].tolist() == [[1, 1]]
+
+
+def test_batch_tokens_counts_the_tokens_not_the_padding() -> None:
+    data = EncodedData(input_ids=[[1, 2, 3], [4], [5, 6]], labels=torch.tensor([0, 1, 0]))
+    batch = collate(data, [0, 1, 2], 0)  # 3 rows padded to width 3: 9 positions
+
+    assert batch_tokens(batch) == 3 + 1 + 2
+    assert batch_tokens({"input_ids": batch["input_ids"]}) is None  # no mask: not counted
+
+
+def test_the_loop_counts_every_row_and_token_it_processed(tiny_model_dir: Path) -> None:
+    cfg, model, data, pad = setup(tiny_model_dir, n=10, batch_size=4, local_steps=0,
+                                local_epochs=2)
+
+    result = train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+
+    # Two epochs over 10 examples (batches of 4, 4, 2): each row and its tokens twice.
+    assert result.examples_seen == 20 and result.num_examples == 10
+    assert result.tokens == 2 * sum(len(ids) for ids in data.input_ids)
 
 
 def test_iterate_batches_shuffles_reproducibly() -> None:

@@ -65,6 +65,23 @@ def test_tiny_bert_three_clients_two_rounds(tmp_path, tiny_model_dir):
         # Every train reply passed the egress audit (only tensors + scalar metrics left).
         assert row["train"]["egress_audited"] == 1
     assert "[fedsft] round 2/2" in log
+    # Each partition shared its data statistics once (round 1), through the reply path a
+    # deployment uses; every round records each site's training cost (no GPU on CPU).
+    from server.results import read_results
+
+    typed = read_results(result.run_dir / "results.jsonl")
+    assert [len(r.site_data) for r in typed] == [0, 3, 0]
+    assert all(sum(d.label_counts) == d.rows > 0 for d in typed[1].site_data.values())
+    for row in typed[1:]:
+        assert len(row.site_compute) == 3
+        for cost in row.site_compute.values():
+            assert cost.examples and cost.tokens and cost.tokens >= cost.examples
+            assert cost.train_seconds > 0 and cost.gpu_peak_mb is None
+    from simulations.report import write_report
+
+    html = write_report(result.run_dir).read_text()
+    assert "<h2>Sites</h2>" in html and "<td>not shared</td>" not in html
+    assert (result.run_dir / "report" / "site_labels.png").exists()
 
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["model"] == str(tiny_model_dir) and config["num-server-rounds"] == 2

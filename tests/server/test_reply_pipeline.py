@@ -1,5 +1,7 @@
 """The reply pipeline with hand-made arrays: no Flower messages."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -122,3 +124,59 @@ def test_client_measurements_take_the_slowest_and_the_largest():
     ])
     assert measured.train_seconds == (2.0, 4.0)
     assert measured.peak_rss_mb == 300.0 and measured.dp_sgd_epsilon == pytest.approx(1.5)
+
+
+# --- per-site data statistics and compute ----------------------------------------------------
+SHARED = {"data-rows-read": 12, "data-rows": 10, "data-label-count-0": 7,
+          "data-label-share-0": 0.7, "data-label-count-1": 2, "data-label-share-1": 0.2,
+          "data-duplicate-share": 0.1, "data-short-share": 0.0, "data-truncated-share": 0.3}
+
+
+def test_a_sharing_site_gets_its_statistics_and_a_site_that_does_not_gets_none():
+    sites = {1: "clinic-a", 2: "clinic-b"}
+    measured = client_measurements([
+        _reply(1, 0.0, 0.0, **SHARED, **{"train-seconds": 2.0, "train-examples-seen": 40,
+                                          "train-tokens": 900, "peak-rss-mb": 512.0}),
+        _reply(2, 0.0, 0.0, **{"train-seconds": 4.0}),  # no opt-in: no data-* metric
+    ], site_key=sites.get)
+
+    assert list(measured.site_data) == ["clinic-a"] and measured.problems == ()
+    data = measured.site_data["clinic-a"]
+    # 12 read, 10 kept: 2 dropped; counts 7 and 2 (one row of an unknown label left out).
+    assert (data.rows_read, data.rows, data.dropped, data.label_counts) == (12, 10, 2, (7, 2))
+    assert data.imbalance_ratio == 3.5 and data.truncated_share == 0.3
+    a, b = measured.site_compute["clinic-a"], measured.site_compute["clinic-b"]
+    assert a.examples_per_second == 20.0 and a.tokens_per_second == 450.0
+    assert a.peak_rss_mb == 512.0 and a.gpu_peak_mb is None and a.gpu_utilization is None
+    assert b.train_seconds == 4.0 and b.examples_per_second is None  # not counted
+
+
+@pytest.mark.parametrize(("extra", "why"), [
+    ({"data-text-0": 1.0}, "'data-text-0' is not an aggregate statistic"),
+    ({"data-rows": 2.5}, "'data-rows' must be a non-negative integer"),
+    ({"data-short-share": 1.5}, "'data-short-share' must be a share in \\[0, 1\\]"),
+    ({"data-label-count-3": 1}, "classes 0..k-1, got \\[0, 1, 3\\]"),
+    ({"data-rows": 8}, "add up to 9, above 'data-rows' 8"),
+    ({"data-rows-read": 9}, "'data-rows' 10 is above 'data-rows-read' 9"),
+])
+def test_statistics_outside_the_allowed_kinds_are_refused_whole_with_the_reason(extra, why):
+    measured = client_measurements([_reply(3, 0.0, 0.0, **{**SHARED, **extra})])
+
+    assert measured.site_data == {}
+    assert len(measured.problems) == 1
+    assert measured.problems[0].startswith("node 3: data statistics left out: ")
+    assert re.search(why, measured.problems[0])
+
+
+def test_the_sft_statistics_and_gpu_metrics_are_read_and_bad_optional_ones_dropped():
+    measured = client_measurements([_reply(
+        1, 0.0, 0.0, **{"data-rows": 30, "data-truncated": 4, "data-dropped": 2,
+                        "data-median-tokens": 118.5, "train-seconds": 10.0,
+                        "train-tokens": 5000, "gpu-peak-memory-mb": 2048.0,
+                        "gpu-utilization": 180.0})])
+
+    data, cost = measured.site_data["node-1"], measured.site_compute["node-1"]
+    assert (data.rows, data.truncated, data.dropped, data.median_tokens) == (30, 4, 2, 118.5)
+    assert data.label_counts == () and data.imbalance_ratio is None
+    assert cost.tokens_per_second == 500.0 and cost.gpu_peak_mb == 2048.0
+    assert cost.gpu_utilization is None  # above 100 %: not a utilization

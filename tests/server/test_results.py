@@ -12,6 +12,8 @@ from server.results import (
     ResultsError,
     ResultsRow,
     Seconds,
+    SiteCompute,
+    SiteData,
     read_results,
 )
 
@@ -75,3 +77,24 @@ def test_retention_is_written_only_when_set_and_read_back_as_none_when_absent(tm
     assert rows[1].retention is None and rows[1].metrics("retention") is None
     assert json.loads(row.to_line())["retention"] == retention
     assert "retention" not in json.loads(ResultsRow(round=2).to_line())
+
+
+def test_per_site_data_and_compute_round_trip_and_are_written_only_when_set(tmp_path):
+    data = SiteData(rows=10, rows_read=12, dropped=2, label_counts=(7, 2), duplicate_share=0.1,
+                    short_share=0.0, truncated_share=0.3)
+    cost = SiteCompute(train_seconds=2.0, examples=40, tokens=900, peak_rss_mb=512.0)
+    row = ResultsRow(round=1, site_data={"clinic-a": data},
+                     site_compute={"clinic-a": cost, "clinic-b": SiteCompute(4.0)})
+    path = tmp_path / "results.jsonl"
+    path.write_text(row.to_line() + ResultsRow(round=2).to_line())
+
+    rows = read_results(path)
+
+    assert rows == [row, ResultsRow(round=2)]
+    assert rows[0].site_data["clinic-a"].label_counts == (7, 2)  # a tuple again
+    obj = json.loads(row.to_line())
+    assert obj["site_data"]["clinic-a"]["label_counts"] == [7, 2]
+    assert obj["site_compute"]["clinic-b"]["gpu_peak_mb"] is None  # not measured, not 0
+    assert "site_data" not in json.loads(ResultsRow(round=2).to_line())
+    with pytest.raises(ResultsError, match="per-site part"):
+        ResultsRow.from_json({"round": 1, "site_compute": {"a": 3.0}})

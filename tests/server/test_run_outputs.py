@@ -7,7 +7,8 @@ from flwr.serverapp.strategy import FedAvg
 
 from common.config import ConfigError, RunConfig
 from server.recorder import EarlyStop, RoundRecorder
-from server.results import Clients, ResultsRow
+from server.reply_pipeline import Reply, client_measurements
+from server.results import Clients, ResultsRow, read_results
 from server.run_outputs import (
     OutcomeError,
     ResumePoint,
@@ -346,3 +347,43 @@ def test_outcome_records_the_selection_and_reads_older_files_without_it(tmp_path
     del data["selection"]  # written before the field existed
     (tmp_path / "outcome.json").write_text(json.dumps(data))
     assert read_outcome(tmp_path).selection is None
+
+
+class _SitesStrategy(_Strategy):
+    """Rounds whose stats come from made-up replies: clinic-a shares its data statistics
+    (in every round: a client restarted after a resume sends them again), clinic-b not."""
+
+    def take_round_stats(self, rnd: int) -> RoundStats:
+        shared = {"data-rows-read": 12, "data-rows": 10, "data-label-count-0": 7,
+                  "data-label-count-1": 3, "data-label-share-0": 0.7,
+                  "data-label-share-1": 0.3, "data-duplicate-share": 0.0,
+                  "data-short-share": 0.0, "data-truncated-share": 0.0}
+        a_rows = 10 + rnd  # a different first report in each round, to see which is kept
+        replies = [
+            Reply(node=1, metrics={**shared, "data-rows-read": a_rows + 2, "data-rows": a_rows,
+                                   "train-seconds": 2.0, "train-examples-seen": 8}),
+            Reply(node=2, metrics={"train-seconds": float(rnd)}),
+        ]
+        measured = client_measurements(replies, site_key={1: "clinic-a", 2: "clinic-b"}.get)
+        return RoundStats(round=rnd, sampled=2, aggregated=2, site_data=measured.site_data,
+                          site_compute=measured.site_compute)
+
+
+def test_site_data_is_recorded_in_its_first_round_and_kept_across_a_resume(tmp_path):
+    outputs = _outputs(tmp_path)
+    recorder = _recorder(outputs, [0.5, 0.6, 0.7, 0.8])
+    recorder.strategy = _SitesStrategy()
+    for rnd in range(2):
+        _round(recorder, rnd)
+    resumed = _recorder(RunOutputs(outputs.folder, keep_checkpoints=0), [0.5, 0.6, 0.7, 0.8],
+                        round_offset=1)
+    resumed.strategy = _SitesStrategy(round_offset=1)
+    _round(resumed, 2, offset=1)
+
+    rows = read_results(outputs.results_path)
+
+    assert [sorted(r.site_data) for r in rows] == [["clinic-a"], [], []]
+    assert rows[0].site_data["clinic-a"].rows == 10  # the first report, not round 2's
+    assert rows[0].site_data["clinic-a"].dropped == 2
+    assert [r.site_compute["clinic-b"].train_seconds for r in rows] == [0.0, 1.0, 2.0]
+    assert rows[2].site_compute["clinic-a"].examples_per_second == 4.0

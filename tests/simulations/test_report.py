@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +12,13 @@ import pytest
 from PIL import Image
 
 from common.config import RunConfig
-from server.results import ResultsRow
+from server.results import ResultsRow, SiteCompute, SiteData
 from simulations.report import (
     ReportError,
     label_distribution,
     load_run,
+    site_compute_table,
+    site_data_table,
     summarize,
     time_split,
     write_comparison,
@@ -289,3 +292,62 @@ def test_compare_of_sft_runs_overlays_their_metrics_and_refuses_mixed_tasks(tmp_
     assert "+0.1200" in html  # retention loss change
     with pytest.raises(ReportError, match="one task, got classification, sft"):
         write_comparison([a, make_run(tmp_path / "runs" / "cls")], tmp_path / "cmp2")
+
+
+# --- per-site data and compute ---------------------------------------------------------------
+CLINIC_A = SiteData(rows=10, rows_read=12, dropped=2, label_counts=(6, 3, 1),
+                    duplicate_share=0.1, short_share=0.0, truncated_share=0.25)
+
+
+def _site_rows() -> list[ResultsRow]:
+    """Two rounds of two sites: clinic-a shares its data statistics, clinic-b does not;
+    clinic-b trained on a GPU in round 2 only, without a readable utilization."""
+    return [
+        ResultsRow(round=0),
+        ResultsRow(round=1, site_data={"clinic-a": CLINIC_A}, site_compute={
+            "clinic-a": SiteCompute(train_seconds=2.0, examples=40, tokens=1000,
+                                    peak_rss_mb=500.0),
+            "clinic-b": SiteCompute(train_seconds=4.0, examples=40, tokens=800)}),
+        ResultsRow(round=2, site_compute={
+            "clinic-a": SiteCompute(train_seconds=3.0, examples=40, tokens=1000,
+                                    peak_rss_mb=520.0),
+            "clinic-b": SiteCompute(train_seconds=6.0, gpu_peak_mb=2048.0)}),
+    ]
+
+
+def test_the_site_data_table_shows_what_was_shared_and_not_shared_otherwise():
+    header, rows = site_data_table(_site_rows(), ["negative", "neutral", "positive"])
+
+    assert header == ["site", "rows read", "rows kept", "dropped", "label negative",
+                      "label neutral", "label positive", "imbalance ratio", "duplicates",
+                      "short texts", "over max-length"]  # no sft column: nobody sent one
+    assert rows[0] == ["clinic-a", "12", "10", "2", "6", "3", "1", "6:1", "10.0%", "0.0%",
+                       "25.0%"]
+    assert rows[1] == ["clinic-b", *["not shared"] * 10]
+
+
+def test_the_site_compute_table_by_hand_with_no_gpu_numbers_made_up():
+    header, rows = site_compute_table(_site_rows())
+
+    assert header[:5] == ["site", "rounds", "train s / round", "examples / s", "tokens / s"]
+    # clinic-a: 80 examples and 2000 tokens in 5 s; peaks 500 and 520 MiB; CPU only.
+    assert rows[0] == ["clinic-a", "2", "2.5", "16", "400", "520", "no GPU", "no GPU"]
+    # clinic-b: round 2 did not count examples, so no rate; a GPU without NVML: "-".
+    assert rows[1] == ["clinic-b", "2", "5", "-", "-", "-", "2048", "-"]
+
+
+def test_the_report_has_the_site_tables_and_figures(tmp_path):
+    run = make_run(tmp_path / "sites", accs=(0.3, 0.5, 0.7))
+    lines = [ResultsRow.from_json(json.loads(line)) for line in
+             (run / "results.jsonl").read_text().splitlines()]
+    sites = _site_rows()
+    rows = [replace(r, site_data=s.site_data, site_compute=s.site_compute)
+            for r, s in zip(lines, sites, strict=True)]
+    (run / "results.jsonl").write_text("".join(r.to_line() for r in rows))
+
+    html = write_report(run).read_text()
+
+    assert "<h2>Sites</h2>" in html and html.count("not shared") >= 10
+    assert "<td>clinic-a</td><td class='num'>12</td>" in html
+    assert (run / "report" / "site_labels.png").exists()
+    assert (run / "report" / "site_train_time.png").exists()
