@@ -335,13 +335,14 @@ def read_site_public_key(path: Path) -> str:
     ConsortiumError
         If the file cannot be read or holds another kind of key (a private key, too).
     """
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
         data = path.read_bytes()
         public = serialization.load_ssh_public_key(data)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, UnsupportedAlgorithm) as error:
         raise ConsortiumError(f"--public-key {path}: not an OpenSSH public key "
                               f"({error})") from error
     if not isinstance(public, ec.EllipticCurvePublicKey) or \
