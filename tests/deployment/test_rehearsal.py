@@ -58,7 +58,7 @@ def run(tmp_path_factory, tiny_model_dir):
         "fraction-evaluate": 0.0, "eval-dataset": str(tmp / "eval.csv"),
         "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 240.0,
         "output-dir": str(tmp / "out"), "run-name": "rehearsal",
-    }, work_dir=tmp / "work", on_line=lines.append, timeout=420)
+    }, work_dir=tmp / "work", on_line=lines.append, timeout=420, attacks=True)
     return result, lines, tmp
 
 
@@ -91,6 +91,26 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
     # The failing site logged its reason on its own side too.
     site_log = (result.work_dir / "logs/supernode-site-c.log").read_text()
     assert "missing.csv" in site_log
+
+
+def test_the_sites_refuse_unsigned_and_foreign_apps_and_a_tampered_bundle(run):
+    result, lines, _ = run
+    names = {a.name: a for a in result.attacks}
+    assert set(names) == {"unsigned-app", "foreign-signed-app",
+                          "modified-app-genuine-signature", "tampered-bundle"}
+    for attack in result.attacks:
+        assert attack.refused, (attack, "\n".join(lines[-40:]))
+    assert "[fedsft] attacks: 4 attempted, 4 refused" in lines
+    # The SuperNodes ran the genuine, signed app, and refused the others themselves.
+    for site in ("site-a", "site-b"):
+        log = (result.work_dir / f"logs/supernode-{site}.log").read_text()
+        assert "FAB verification failed" in log
+        assert "App verification is not supported" in log  # the unsigned upload
+    # No attack run reached a ClientApp: no results of theirs.
+    out = result.run_dir.parent
+    for name in names:
+        if name != "tampered-bundle":
+            assert not (out / f"attack-{name}" / "results.jsonl").exists()
 
 
 def test_rehearsal_leaves_no_process_running(run):
