@@ -16,6 +16,7 @@ non-zero on the fingerprint before ``flower-supernode`` starts.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -68,14 +69,26 @@ def _refusals(rehearsal: Rehearsal, sites: Sequence[str]) -> dict[str, int]:
 
 
 def modified_fab(fab: bytes) -> bytes:
-    """The FAB with its egress audit switched off (an app a site must never run)."""
+    """The FAB with its egress audit switched off (an app a site must never run).
+
+    Its ``.info/CONTENT`` manifest is rewritten to match, as an attacker would: what
+    stops it is the signature, not Flower's manifest check at install time.
+    """
+    target = "client/egress_audit.py"
     out = io.BytesIO()
     with zipfile.ZipFile(io.BytesIO(fab)) as src, \
             zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as dst:
+        patched = src.read(target) + (b"\n\ndef egress_problems(*args, **kwargs):\n"
+                                      b"    return []\n")
         for info in src.infolist():
             data = src.read(info)
-            if info.filename == "client/egress_audit.py":
-                data += b"\n\ndef egress_problems(*args, **kwargs):\n    return []\n"
+            if info.filename == target:
+                data = patched
+            elif info.filename == ".info/CONTENT":
+                data = "\n".join(
+                    f"{target},{hashlib.sha256(patched).hexdigest()},{len(patched) * 8}"
+                    if line.startswith(f"{target},") else line
+                    for line in data.decode("utf-8").split("\n")).encode("utf-8")
             dst.writestr(info, data)
     return out.getvalue()
 
@@ -137,7 +150,8 @@ def fedsft_on_path(folder: Path) -> Path:
     tool = folder / "fedsft"
     tool.write_text(
         f"#!/bin/sh\nexec {sys.executable!s} -c 'import sys; sys.path.insert(0, "
-        f"{str(_REPO)!r}); from deployment.cli import main; sys.exit(main(sys.argv[1:]))'"
+        f"{json.dumps(str(_REPO))}); from deployment.cli import main; "
+        "sys.exit(main(sys.argv[1:]))'"
         ' "$@"\n', encoding="utf-8")
     tool.chmod(0o755)
     return folder
