@@ -1,6 +1,9 @@
 """A ClientApp mod that checks every outgoing message before it leaves the site.
 
-With ``audit-egress=true`` each reply must hold only what fedsft is meant to send:
+The audit is on when the run config (the coordinator's side) or the site's own node
+config (``flower-supernode --node-config 'audit-egress=true'``) asks for it: the
+stricter of the two wins, so a coordinator cannot switch off what a site requires.
+When on, each reply must hold only what fedsft is meant to send:
 
 - train replies: one ArrayRecord whose names are exactly the wire names of the
   exchanged trainable tensors (for the configured encoding, or the masked vectors and
@@ -10,8 +13,15 @@ With ``audit-egress=true`` each reply must hold only what fedsft is meant to sen
 - query replies: ConfigRecords whose values are the small scalars/bytes of the
   protocol (the client key, public keys, encrypted shares), no arrays.
 
-No text, token ids, labels or per-example values can pass: strings are refused in
-metrics, lists are refused in metrics, and arrays are limited to the exchanged names.
+No text, token ids, labels or per-example values can pass: metric names must be in
+the allow-list below (``TRAIN_METRICS`` / ``EVALUATE_METRICS``: a metric name is a
+string too, and could carry a row), metric values must be ``int`` or ``float``, arrays
+are limited to the exchanged names, query replies carry only the protocol's keys, with
+no string but this site's own ``client-key``. Error replies are checked too: an
+exception's message can quote a data row (a tokenizer or parser error), so only
+fedsft's own error types (:data:`SAFE_ERRORS`, messages that name files, keys and
+settings) keep their message, cut to ``MAX_ERROR_CHARS``; any other error reaches the
+server as its type name only, the full message staying in the site's log.
 A violation turns the reply into an error (Flower reports it to the server as a failed
 reply), so a leak is loud, never silent. The number of audited replies is added to
 the train metrics (``egress-audited``) so a test can see the audit ran.
@@ -19,18 +29,45 @@ the train metrics (``egress-audited``) so a test can see the audit ran.
 
 from __future__ import annotations
 
+import logging
+import re
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
-from flwr.app import Context, Message
+from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.local_data import client_key
 from client.outgoing import SECAGG_ROUND_KEY
 from client.secagg import WEIGHT_KEY
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.encoding import expected_keys
+from common.tasks import TASK_METRICS
+
+log = logging.getLogger(__name__)
 
 NUMERIC_DTYPES = {np.dtype(t) for t in
                   (np.float16, np.float32, np.float64, np.int8, np.int32, np.int64, np.uint32)}
 _AUDITED_KEY = "egress-audited"
+NODE_CONFIG_KEY = "audit-egress"  # the site's switch, in its node config
+
+# Every metric name a fedsft ClientApp sends (client/app.py, client/outgoing.py,
+# client/sample_dp.py, client/dp_clipping.py, the tasks' site metrics and data stats):
+# a name outside these patterns is refused, whatever its value.
+TRAIN_METRICS = re.compile(
+    r"num-examples|train-loss|train-first-loss|train-steps|train-seconds|peak-rss-mb"
+    r"|norm_bit|dp-sgd-epsilon|dp-sgd-steps|dp-sgd-noise-multiplier|label-count-\d{1,4}"
+    r"|data-rows-read|data-rows|data-label-(count|share)-\d{1,4}|data-duplicate-share"
+    r"|data-short-share|data-truncated-share|data-truncated|data-dropped"
+    r"|data-median-tokens|" + _AUDITED_KEY)
+EVALUATE_METRICS = re.compile("|".join(
+    ["num-examples", "eval-seconds"]
+    + sorted({f"eval-{m.name.replace('_', '-')}" for ms in TASK_METRICS.values() for m in ms})))
+QUERY_KEYS = re.compile(r"client-key|secagg-[a-z-]{1,32}")
+# fedsft's own errors, whose messages name files, keys and settings, not data rows.
+SAFE_ERRORS = ("DataError", "ConfigError", "EgressViolation", "SecAggRefusal")
+MAX_ERROR_CHARS = 500
 
 
 class EgressViolation(RuntimeError):
@@ -38,14 +75,27 @@ class EgressViolation(RuntimeError):
 
 
 def egress_problems(
-    sent: Message, reply: Message, *, allowed_array_names: set[str] | None
+    sent: Message, reply: Message, *, allowed_array_names: set[str] | None,
+    own_key: str | None = None,
 ) -> list[str]:
-    """What in ``reply`` (to ``sent``) must not leave the site; empty when clean."""
+    """What in ``reply`` (to ``sent``) must not leave the site; empty when clean.
+
+    ``own_key``: this site's ``client-key`` (the one string a query reply may carry).
+    """
     problems: list[str] = []
     content = reply.content
+    kind = sent.metadata.message_type
+    names = TRAIN_METRICS if kind == "train" else EVALUATE_METRICS
     for key, metrics in content.metric_records.items():
+        if kind not in ("train", "evaluate"):
+            problems.append(f"metrics {key!r} in a {kind} reply")
+            continue
         for name, value in metrics.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not names.fullmatch(name):
+                # The name itself is withheld: it is what could carry a row.
+                problems.append(f"metric {key}/<{len(name)} characters> is not an "
+                                f"allowed {kind} metric name")
+            elif isinstance(value, bool) or not isinstance(value, (int, float)):
                 problems.append(f"metric {key}/{name} is not a scalar number")
     for key, record in content.array_records.items():
         if allowed_array_names is None:
@@ -62,15 +112,58 @@ def egress_problems(
             problems.append(f"config record {key!r} in a {sent.metadata.message_type} reply")
             continue
         for name, value in config.items():
-            if isinstance(value, str) and len(value) > 256:
-                problems.append(f"config {key}/{name} carries a long string")
+            if not QUERY_KEYS.fullmatch(name):
+                problems.append(f"config {key}/<{len(name)} characters> is not a "
+                                "protocol key")
+            elif isinstance(value, str) and (name != "client-key" or value != own_key):
+                problems.append(f"config {key}/{name} carries a string")
+            elif isinstance(value, list) and any(isinstance(v, str) for v in value):
+                problems.append(f"config {key}/{name} carries strings")
     return problems
 
 
+def egress_required(run_config: Mapping[str, Any], node_config: Mapping[str, Any]) -> bool:
+    """Whether replies are audited: the run's ``audit-egress`` or the site's, if either.
+
+    Raises
+    ------
+    ConfigError
+        If the node config's ``audit-egress`` is not a boolean.
+    """
+    site = node_config.get(NODE_CONFIG_KEY, False)
+    if not isinstance(site, bool):
+        raise ConfigError(f"node config `{NODE_CONFIG_KEY}` must be true or false, "
+                          f"got {site!r}")
+    return site or bool(run_config.get("audit-egress", False))
+
+
+def audited_error_reason(error_type: str, message: str) -> str:
+    """The reason an error reply may carry out of the site (see module doc)."""
+    if error_type in SAFE_ERRORS:
+        return f"{error_type}: {message[:MAX_ERROR_CHARS]}"
+    return (f"{error_type} (its message is withheld by the site's egress audit; it is in "
+            "the site's SuperNode log)")
+
+
 def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Check the reply of every message when ``audit-egress`` is on (see module doc)."""
-    reply = call_next(msg, context)
-    if reply.has_error() or not context.run_config.get("audit-egress", False):
+    """Check the reply of every message when the run or the site asks (see module doc)."""
+    required = egress_required(context.run_config, context.node_config)
+    try:
+        reply = call_next(msg, context)
+    except Exception as error:
+        if not required:
+            raise
+        log.exception("fedsft ClientApp failed; the reply says only what the audit allows")
+        raise EgressViolation(audited_error_reason(type(error).__name__, str(error))) \
+            from None
+    if not required:
+        return reply
+    if reply.has_error():  # an error made below us: its reason is checked the same way
+        reason = reply.error.reason
+        if len(reason) > MAX_ERROR_CHARS or not reason.isprintable():
+            return Message(Error(code=reply.error.code,
+                                 reason=audited_error_reason("ClientAppError", reason)),
+                           reply_to=msg)
         return reply
     allowed = None
     if msg.metadata.message_type == "train":
@@ -79,7 +172,8 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         allowed = expected_keys(received, cfg.encoding) | set(received)
         if SECAGG_ROUND_KEY in msg.content["config"]:  # masked update + masked weight
             allowed = set(received) | {WEIGHT_KEY}
-    problems = egress_problems(msg, reply, allowed_array_names=allowed)
+    problems = egress_problems(msg, reply, allowed_array_names=allowed,
+                               own_key=client_key(context.node_config, context.node_id))
     if problems:
         raise EgressViolation("egress audit refused the reply: " + "; ".join(problems))
     if msg.metadata.message_type == "train":

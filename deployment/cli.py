@@ -1,7 +1,8 @@
 """``fedsft``: the deployment life cycle on the command line (thin argparse wiring).
 
     fedsft create DIR --site a --site b [--san host --san 10.0.0.5] [--address host:port]
-    fedsft add-site DIR SITE [--data-path P] [--register]
+    fedsft add-site DIR SITE [--public-key supernode.pub] [--data-path P] [--register]
+    fedsft site init DIR --site SITE | fedsft site verify BUNDLE [--fingerprint F]
     fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C]
     fedsft register DIR SITE | fedsft revoke DIR SITE | fedsft sites DIR
     fedsft submit DIR --set labels=a,b --set output-dir=/abs/out ...
@@ -28,11 +29,13 @@ from typing import Any
 _KNOWN_ERRORS = (
     ("common.config", "ConfigError"),
     ("common.data", "DataError"),
+    ("deployment.app_signing", "SigningError"),
     ("deployment.consortium", "ConsortiumError"),
     ("deployment.export", "ExportError"),
     ("deployment.pki", "KeyExistsError"),
     ("deployment.predict", "PredictError"),
     ("deployment.processes", "ProcessError"),
+    ("deployment.site", "BundleError"),
     ("simulations.scenarios", "ScenarioError"),
 )
 # How long `submit` waits for the SuperLink to mark a run finished after its log ends.
@@ -85,9 +88,21 @@ def _create(args: argparse.Namespace) -> int:
     print(f"[fedsft] consortium {c.root}: SuperLink address {c.address}, "
           f"certificate names {list(names.dns) + list(names.ips)}")
     print(f"[fedsft] start the SuperLink with {c.root / 'superlink' / 'start-superlink.sh'}")
+    _print_fingerprint(c)
     for site in args.site:
         print(f"[fedsft] site bundle: {c.site_dir(site)}")
     return 0
+
+
+def _print_fingerprint(c: Any) -> None:
+    """The CA fingerprint each site admin must hear from the coordinator out of band."""
+    from deployment import consortium as cons
+
+    identity = cons.bundle_identity(c)
+    print(f"[fedsft] CA SHA-256 fingerprint: {identity['ca-sha256']}")
+    print(f"[fedsft] tell each site admin this fingerprint and the address "
+          f"{identity['superlink']} out of band (phone, in person): start-supernode.sh "
+          f"refuses a bundle whose ca.pem does not match FEDSFT_CA_FINGERPRINT")
 
 
 def _add_site(args: argparse.Namespace) -> int:
@@ -95,8 +110,12 @@ def _add_site(args: argparse.Namespace) -> int:
     from deployment.rehearsal import register_site
 
     c = _consortium(args.dir)
-    folder = cons.add_site(c, args.site, force=args.force, data_path=args.data_path)
-    print(f"[fedsft] site bundle: {folder}")
+    public_key = Path(args.public_key).expanduser() if args.public_key else None
+    folder = cons.add_site(c, args.site, force=args.force, data_path=args.data_path,
+                           public_key=public_key)
+    print(f"[fedsft] site bundle: {folder}"
+          + (" (no private key: the site keeps its own)" if public_key else ""))
+    _print_fingerprint(c)
     if args.register:
         _print_registered(c, args.site, register_site(c, args.site))
     return 0
@@ -116,16 +135,43 @@ def _bundle(args: argparse.Namespace) -> int:
     from deployment import consortium as cons
 
     c = _consortium(args.dir)
-    if not c.site_key(args.site).exists():
+    if not c.site_pub(args.site).exists():
         raise cons.ConsortiumError(f"no site {args.site!r}; add it with `fedsft add-site`")
     # Options not given keep the bundle's earlier values (bundle.json).
     given = {"data_path": args.data_path, "text_column": args.text_column,
              "label_column": args.label_column, "runtime_port": args.port,
-             "task": args.task}
+             "task": args.task, "audit_egress": args.audit_egress}
     settings = replace(cons.bundle_settings(c, args.site),
                        **{k: v for k, v in given.items() if v is not None})
     script = cons.write_bundle_script(c, args.site, settings)
     print(f"[fedsft] bundle for {args.site}: {c.site_dir(args.site)} (run {script.name})")
+    _print_fingerprint(c)
+    return 0
+
+
+def _site_init(args: argparse.Namespace) -> int:
+    from deployment import consortium as cons
+    from deployment.site import site_init
+
+    keys = site_init(Path(args.dir).expanduser().resolve(),
+                     site=cons.check_site_name(args.site), force=args.force)
+    print(f"[fedsft] private key: {keys.private_key} (0600: it stays here)")
+    print(f"[fedsft] send this public key to the coordinator ({keys.public_key}):")
+    print(keys.public_key.read_text(encoding="utf-8").strip())
+    print("[fedsft] then copy the bundle you get back into this folder, next to the key")
+    return 0
+
+
+def _site_verify(args: argparse.Namespace) -> int:
+    import os
+
+    from deployment.site import ADDRESS_ENV, fingerprint_from_env, verify_bundle
+
+    folder = Path(args.bundle).expanduser().resolve()
+    verified = verify_bundle(folder, fingerprint=args.fingerprint or fingerprint_from_env(),
+                             address=args.address,
+                             expected_address=os.environ.get(ADDRESS_ENV) or None)
+    print(f"[fedsft] bundle {folder}: ca.pem matches the fingerprint {verified}")
     return 0
 
 
@@ -239,7 +285,10 @@ def _submit(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_flower({**_app_defaults(app), **run_config})
         for note in preflight(cfg, num_partitions=None):
             print(f"[fedsft] preflight: {note}", flush=True)
-    command = [executable("flwr"), "run", str(app), cons.CONNECTION, "--stream"]
+    index = signed_app_index(c, app)
+    print(f"[fedsft] signed {index.spec} (FAB sha256 {index.sha[:16]}...) with "
+          f"{c.app_signing_key}", flush=True)
+    command = [executable("flwr"), "run", index.spec, cons.CONNECTION, "--stream"]
     if run_config:
         command += ["--run-config", " ".join(f"{k}={json.dumps(v)}"
                                              for k, v in run_config.items())]
@@ -251,7 +300,8 @@ def _submit(args: argparse.Namespace) -> int:
             run_ids.append(run_id)
 
     try:
-        code = follow_run(command, env=flower_env(c.flwr_home), cwd=app, on_line=show)
+        with index:  # the SuperLink fetches the signed FAB from it when the run starts
+            code = follow_run(command, env=flower_env(c.flwr_home), cwd=app, on_line=show)
     except KeyboardInterrupt:
         if run_ids:
             n = run_ids[0]
@@ -275,6 +325,21 @@ def _submit(args: argparse.Namespace) -> int:
     return 1
 
 
+def signed_app_index(c: Any, app: Path) -> Any:
+    """The app's FAB signed with the consortium's app-signing key, ready to serve.
+
+    Flower 1.42 carries a signature to SuperNodes only for an app the SuperLink fetches
+    from a Hub, so the FAB is served by ``AppIndex`` on the SuperLink's loopback
+    (deployment/app_signing.py): submit from the SuperLink's host.
+    """
+    from deployment import app_signing
+
+    fab = app_signing.build_fab(app)
+    key = app_signing.load_signing_key(c.app_signing_key)
+    return app_signing.AppIndex(fab, (app_signing.sign_fab(fab, key),),
+                                port=c.app_index_port)
+
+
 def _rehearse(args: argparse.Namespace) -> int:
     from common.config import ConfigError
     from deployment import consortium as cons
@@ -292,7 +357,8 @@ def _rehearse(args: argparse.Namespace) -> int:
                   **parse_set(args.set)}
     work_dir = Path(args.work_dir or Path(run_config["output-dir"]) /
                     f"{run_config['run-name']}-deployment")
-    result = rehearse(sites, run_config, work_dir=work_dir, app_dir=_app_dir(args.app))
+    result = rehearse(sites, run_config, work_dir=work_dir, app_dir=_app_dir(args.app),
+                      attacks=args.attacks)
     print(f"[fedsft] outputs: {result.run_dir}")
     print(f"[fedsft] process logs: {work_dir / 'logs'}")
     if result.message:
@@ -478,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site")
     p.add_argument("--data-path", help="the data file, as seen at the site (default: the "
                                       "bundle's earlier one, else a placeholder)")
+    p.add_argument("--public-key", metavar="SUPERNODE_PUB",
+                   help="the site made its own key pair (`fedsft site init`): register "
+                        "this OpenSSH public key; the bundle then holds no private key")
     p.add_argument("--register", action="store_true",
                    help="also register it with the running SuperLink")
     p.add_argument("--force", action="store_true",
@@ -497,7 +566,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=("classification", "sft"),
                    help="the federation's task: which data check runs before the "
                         "SuperNode starts (default classification)")
+    p.add_argument("--no-audit-egress", dest="audit_egress", action="store_const",
+                   const=False, default=None,
+                   help="do not require the egress audit in the site's node config "
+                        "(default: required, whatever the run config says)")
     p.set_defaults(func=_bundle)
+
+    p = add("site", help="at a site: make its key pair, verify a bundle before starting")
+    site_sub = p.add_subparsers(dest="site_command", required=True)
+    q = site_sub.add_parser("init", parents=[common],
+                            help="make the site's SuperNode key pair here; print the "
+                                 "public key to send to the coordinator")
+    q.add_argument("dir", help="the site's folder (created 0700); the bundle goes here too")
+    q.add_argument("--site", required=True, help="the site's name (the key's comment)")
+    q.add_argument("--force", action="store_true", help="replace an existing key")
+    q.set_defaults(func=_site_init)
+    q = site_sub.add_parser("verify", parents=[common],
+                            help="check a bundle's ca.pem against the CA fingerprint read "
+                                 "out of band (start-supernode.sh runs it)",
+                            description="Exit 0 if the bundle's ca.pem has the given "
+                                        "SHA-256 fingerprint and its address is the "
+                                        "bundle's; 2 otherwise.")
+    q.add_argument("bundle", help="the bundle folder (ca.pem, bundle.json)")
+    q.add_argument("--fingerprint", help="the CA's SHA-256 fingerprint as the coordinator "
+                                         "read it to you (default: $FEDSFT_CA_FINGERPRINT)")
+    q.add_argument("--address", help="the address the start script connects to; it must "
+                                     "be the bundle's (and $FEDSFT_SUPERLINK if set)")
+    q.set_defaults(func=_site_verify)
 
     for name, func, text in (("register", _register, "flwr supernode register the site"),
                              ("revoke", _revoke, "flwr supernode unregister the site")):
@@ -534,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", help="keys, state and logs (default: next to the run)")
     p.add_argument("--app", help="the Flower App folder (default: this fedsft checkout)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--attacks", action="store_true",
+                   help="after the run, try the site-side attacks (unsigned, foreign-signed "
+                        "and modified apps, a tampered bundle): exit 1 unless all refused")
     p.set_defaults(func=_rehearse)
 
     p = add("export", help="a run's final model + model card")

@@ -10,14 +10,19 @@
   superlink/server.key
   superlink/start-superlink.sh
   superlink/state.db       the SuperLink's state (`--database`): registered nodes, runs
+  app-signing/app-signing.key      the coordinator's Ed25519 app-signing key (0600)
+  app-signing/app-signing.key.pub  its public key: every site pins it (trusted entities)
   flwr-home/config.toml    the coordinator's `flwr` CLI connection (FLWR_HOME)
   registry.json            site -> node id given by `flwr supernode register`
   sites/<site>/            the site's bundle: copy this folder to the site
     ca.pem                 to verify the SuperLink's certificate
-    supernode.key          SuperNode authentication private key, OpenSSH (0600)
+    supernode.key          SuperNode authentication private key, OpenSSH (0600); absent
+                           when the site made its own (`fedsft site init`)
     supernode.pub          its public key, OpenSSH; the coordinator registers it
+    trusted-entities.yaml  the app-signing public key (`--trusted-entities`)
     start-supernode.sh     the data check, then the `flower-supernode` command line
-    bundle.json            the bundle's settings (data path, columns, port), kept on rotation
+    bundle.json            the bundle's settings (data path, columns, port), kept on
+                           rotation, and the SuperLink address and CA fingerprint
     flwr-home/             the SuperNode's FLWR_HOME (per site: sites may share a host)
 ```
 """
@@ -35,7 +40,7 @@ from typing import Any
 
 import tomli_w
 
-from deployment import pki
+from deployment import app_signing, pki
 
 CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
 DEFAULT_PORT = 8000  # flower-superlink --port default: its one HTTPS port (Fleet, Control)
@@ -93,6 +98,16 @@ class Consortium:
     def site_pub(self, site: str) -> Path:
         return self.site_dir(site) / "supernode.pub"
 
+    @property
+    def app_signing_key(self) -> Path:
+        """The coordinator's app-signing private key (``fedsft submit`` signs with it)."""
+        return self.root / "app-signing" / "app-signing.key"
+
+    @property
+    def app_index_port(self) -> int:
+        """The loopback port where ``fedsft submit`` serves the signed app to the SuperLink."""
+        return int(self.settings.get("app-index-port") or app_signing.APP_INDEX_PORT)
+
     # --- settings ---------------------------------------------------------------
     @property
     def settings(self) -> dict[str, Any]:
@@ -139,8 +154,10 @@ def create(
     address: str | None = None,
     sites: tuple[str, ...] = (),
     force: bool = False,
+    app_index_port: int = app_signing.APP_INDEX_PORT,
 ) -> Consortium:
-    """Create a consortium: CA, SuperLink certificate, ``flwr`` connection, site bundles.
+    """Create a consortium: CA, SuperLink certificate, ``flwr`` connection, site bundles,
+    the app-signing key.
 
     Refuses (``pki.KeyExistsError``) when key files exist, unless ``force``; then
     nothing is written.
@@ -148,7 +165,7 @@ def create(
     c = Consortium(root.resolve())
     for site in sites:
         check_site_name(site)
-    existing = [p for p in (c.ca_key, c.server_key) if p.exists()]
+    existing = [p for p in (c.ca_key, c.server_key, c.app_signing_key) if p.exists()]
     existing += [c.site_key(s) for s in sites if c.site_key(s).exists()]
     if existing and not force:
         raise pki.KeyExistsError(
@@ -171,18 +188,41 @@ def create(
     pki.write_private(c.server_key, pki.key_pem(server_key), force=force)
     pki.write_public(c.server_cert, pki.cert_pem(server_cert), force=True)
     pki.write_public(c.root / "superlink" / "ca.pem", pki.cert_pem(ca_cert), force=True)
-    settings = {"name": name, "address": address,
+    settings = {"name": name, "address": address, "app-index-port": app_index_port,
                 "dns-names": list(names.dns), "ip-addresses": list(names.ips)}
     (c.root / "consortium.json").write_text(
         json.dumps(settings, indent=2) + "\n", encoding="utf-8"
     )
     write_flwr_config(c.flwr_home, address=address, ca_cert=c.ca_cert)
+    create_app_signing_key(c, force=force)
     port = address.rsplit(":", 1)[1]
     _write_script(c.root / "superlink" / "start-superlink.sh",
-                  superlink_command(c, port=port, database=str(c.state_db)))
+                  superlink_command(c, port=port, database=str(c.state_db)),
+                  env=superlink_signing_env(c))
     for site in sites:
         add_site(c, site, force=force)
     return c
+
+
+def create_app_signing_key(c: Consortium, *, force: bool = False) -> Path:
+    """The coordinator's Ed25519 app-signing key pair; returns the public key file."""
+    c.app_signing_key.parent.mkdir(parents=True, exist_ok=True)
+    return app_signing.write_signing_key(c.app_signing_key, app_signing.new_signing_key(),
+                                         force=force)
+
+
+def site_trusted_entities(c: Consortium) -> dict[str, str]:
+    """What every site's SuperNode trusts to sign apps: the coordinator's signing key."""
+    public = app_signing.read_public_key(c.app_signing_key.with_name(
+        c.app_signing_key.name + ".pub"))
+    return app_signing.trusted_entities(keys=(public,))
+
+
+def superlink_signing_env(c: Consortium) -> dict[str, str]:
+    """The SuperLink's environment for signed apps: where it fetches them (the app index
+    ``fedsft submit`` serves on loopback, in place of Flower Hub)."""
+    return {"FLWR_SUPERGRID_API_URL":
+            f"http://127.0.0.1:{c.app_index_port}{app_signing.HUB_PATH}"}
 
 
 def write_flwr_config(flwr_home: Path, *, address: str, ca_cert: Path) -> Path:
@@ -209,11 +249,14 @@ class BundleSettings:
     label_column: str | None = None
     runtime_port: int = RUNTIME_PORT  # its own per SuperNode when sites share a host
     task: str = "classification"  # which data check the script runs before starting
+    # The site's own egress policy (node config `audit-egress`): on unless the site
+    # turns it off; the run config cannot turn it off (client/egress_audit.py).
+    audit_egress: bool = True
 
     def to_json(self) -> dict[str, Any]:
         return {"data-path": self.data_path, "text-column": self.text_column,
                 "label-column": self.label_column, "runtime-port": self.runtime_port,
-                "task": self.task}
+                "task": self.task, "audit-egress": self.audit_egress}
 
     @staticmethod
     def from_json(obj: Mapping[str, Any]) -> BundleSettings:
@@ -221,7 +264,8 @@ class BundleSettings:
             data_path=str(obj.get("data-path") or PLACEHOLDER_DATA_PATH),
             text_column=obj.get("text-column"), label_column=obj.get("label-column"),
             runtime_port=int(obj.get("runtime-port") or RUNTIME_PORT),
-            task=str(obj.get("task") or "classification"))
+            task=str(obj.get("task") or "classification"),
+            audit_egress=bool(obj.get("audit-egress", True)))
 
 
 def bundle_settings(c: Consortium, site: str) -> BundleSettings:
@@ -245,32 +289,75 @@ def bundle_settings(c: Consortium, site: str) -> BundleSettings:
 
 
 def add_site(c: Consortium, site: str, *, force: bool = False,
-             data_path: str | None = None) -> Path:
-    """Create a site's key pair and bundle folder; returns the folder.
+             data_path: str | None = None, public_key: Path | None = None) -> Path:
+    """Create a site's bundle folder and its key pair; returns the folder.
 
-    With ``force`` an existing site gets a new key pair (a rotation) and keeps its
-    bundle settings (data path, columns, port); ``data_path`` replaces the data path.
+    ``public_key``: the site made its own key pair (``fedsft site init``) and sent this
+    OpenSSH public key; the bundle then holds no private key. With ``force`` an existing
+    site gets a new key (a rotation) and keeps its bundle settings (data path, columns,
+    port); ``data_path`` replaces the data path.
+
+    Raises
+    ------
+    KeyExistsError
+        If the site has a key and ``force`` is false.
+    ConsortiumError
+        If ``public_key`` is not an EC P-384 OpenSSH public key.
     """
     folder = c.site_dir(site)
-    if c.site_key(site).exists() and not force:
-        raise pki.KeyExistsError(f"{c.site_key(site)} exists; use --force to replace it")
+    for existing in (c.site_key(site), c.site_pub(site)):
+        if existing.exists() and not force:
+            raise pki.KeyExistsError(f"{existing} exists; use --force to replace it "
+                                     "(a key rotation)")
     settings = bundle_settings(c, site)
     if data_path is not None:
         settings = replace(settings, data_path=data_path)
     folder.mkdir(parents=True, exist_ok=True)
-    key = pki.new_key()
-    pki.write_private(c.site_key(site), pki.ssh_private(key), force=force)
-    pki.write_public(c.site_pub(site), pki.ssh_public(key, comment=f"fedsft-{site}"),
-                     force=True)
+    if public_key is not None:
+        line = read_site_public_key(public_key)
+        c.site_key(site).unlink(missing_ok=True)  # an old coordinator-made key goes
+        pki.write_public(c.site_pub(site), line.encode(), force=True)
+    else:
+        key = pki.new_key()
+        pki.write_private(c.site_key(site), pki.ssh_private(key), force=force)
+        pki.write_public(c.site_pub(site), pki.ssh_public(key, comment=f"fedsft-{site}"),
+                         force=True)
     shutil.copyfile(c.ca_cert, folder / "ca.pem")
     write_bundle_script(c, site, settings)
     return folder
 
 
+def read_site_public_key(path: Path) -> str:
+    """A site's SuperNode public key line, checked to be what Flower accepts (EC P-384).
+
+    Raises
+    ------
+    ConsortiumError
+        If the file cannot be read or holds another kind of key (a private key, too).
+    """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        data = path.read_bytes()
+        public = serialization.load_ssh_public_key(data)
+    except (OSError, ValueError, UnsupportedAlgorithm) as error:
+        raise ConsortiumError(f"--public-key {path}: not an OpenSSH public key "
+                              f"({error})") from error
+    if not isinstance(public, ec.EllipticCurvePublicKey) or \
+            not isinstance(public.curve, ec.SECP384R1):
+        raise ConsortiumError(f"--public-key {path}: expected an EC P-384 key "
+                              "(`fedsft site init` makes one)")
+    return data.decode("ascii").strip() + "\n"
+
+
 def node_config_of(*, data_path: str | Path, site: str, text_column: str | None = None,
-                   label_column: str | None = None) -> str:
+                   label_column: str | None = None, audit_egress: bool = False) -> str:
     """The ``--node-config`` value of a site (Flower's ``key="value"`` pairs)."""
     node_config = f'data-path="{data_path}" site-name="{site}"'
+    if audit_egress:  # the site's own egress policy: no run config can turn it off
+        node_config += " audit-egress=true"
     if text_column:
         node_config += f' text-column="{text_column}"'
     if label_column:
@@ -289,14 +376,18 @@ def supernode_command(
     text_column: str | None = None,
     label_column: str | None = None,
     max_wait_time: float | None = RECONNECT_WAIT_S,
+    trusted_entities: str | Path | None = None,
+    audit_egress: bool = False,
 ) -> list[str]:
     """The ``flower-supernode`` command line of a site (TLS + authentication).
 
     ``max_wait_time``: how long it keeps retrying after losing the SuperLink before it
-    exits (``--max-wait-time``; None: Flower's default, forever).
+    exits (``--max-wait-time``; None: Flower's default, forever). ``trusted_entities``:
+    the YAML file of app-signing keys; with it the SuperNode runs only apps signed by
+    one of them. ``audit_egress``: the site requires the egress audit (node config).
     """
     node_config = node_config_of(data_path=data_path, site=site, text_column=text_column,
-                                 label_column=label_column)
+                                 label_column=label_column, audit_egress=audit_egress)
     command = [
         "flower-supernode",
         "--superlink", superlink,
@@ -308,6 +399,8 @@ def supernode_command(
         command += ["--port", str(runtime_port)]
     if max_wait_time is not None:
         command += ["--max-wait-time", f"{max_wait_time:g}"]
+    if trusted_entities is not None:
+        command += ["--trusted-entities", str(trusted_entities)]
     return command
 
 
@@ -348,7 +441,12 @@ def write_bundle_script(c: Consortium, site: str,
     The script checks the data file first (``fedsft check-data``: a missing, unreadable
     or unusable file stops it with a non-zero exit, the file named), gives the SuperNode
     its own ``FLWR_HOME`` (``flwr-home/`` of the bundle) and ClientApp port, then execs
-    ``flower-supernode``.
+    ``flower-supernode``. Before that, ``fedsft site verify`` checks the bundle's
+    ``ca.pem`` against the fingerprint the site admin read out of band
+    (``FEDSFT_CA_FINGERPRINT``) and the address against ``bundle.json``: a tampered
+    bundle stops the script before anything connects. The SuperNode runs only apps
+    signed with the coordinator's app-signing key (``trusted-entities.yaml``) and
+    audits its replies when the site's settings say so (on by default).
     """
     settings = settings or BundleSettings()
     if not 1 <= settings.runtime_port <= 65535:
@@ -357,14 +455,36 @@ def write_bundle_script(c: Consortium, site: str,
         superlink=c.address, ca_cert="$HERE/ca.pem", private_key="$HERE/supernode.key",
         data_path=settings.data_path, site=site, text_column=settings.text_column,
         label_column=settings.label_column, runtime_port=settings.runtime_port,
+        trusted_entities="$HERE/trusted-entities.yaml", audit_egress=settings.audit_egress,
     )
     folder = c.site_dir(site)
-    (folder / "bundle.json").write_text(
-        json.dumps(settings.to_json(), indent=2) + "\n", encoding="utf-8")
+    write_site_trust(c, site)
     path = folder / "start-supernode.sh"
     _write_script(path, command, here=True, flwr_home="$HERE/flwr-home",
-                  before=[site_check_command(settings, site)])
+                  before=[["fedsft", "site", "verify", "$HERE", "--address", c.address],
+                          site_check_command(settings, site)])
+    (folder / "bundle.json").write_text(json.dumps(
+        {**settings.to_json(), **bundle_identity(c)}, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+def bundle_identity(c: Consortium) -> dict[str, str]:
+    """What a site checks a bundle against: the SuperLink address, the CA fingerprint."""
+    return {"superlink": c.address, "ca-sha256": pki.fingerprint(pki.load_cert(c.ca_cert))}
+
+
+def write_site_trust(c: Consortium, site: str) -> Path:
+    """The site's ``trusted-entities.yaml``: the app-signing key its SuperNode trusts."""
+    path = c.site_dir(site) / "trusted-entities.yaml"
+    pki.write_public(path, app_signing.trusted_entities_yaml(
+        site_trusted_entities(c)).encode(), force=True)
+    return path
+
+
+_STEP_WHY = {
+    "site": "a bundle whose ca.pem or address is not the one read out of band",
+    "check-data": "a missing, unreadable or unusable data file",
+}
 
 
 def _quote(part: str) -> str:
@@ -372,7 +492,8 @@ def _quote(part: str) -> str:
 
 
 def _write_script(path: Path, command: list[str], *, here: bool = False,
-                  flwr_home: str | None = None, before: Sequence[list[str]] = ()) -> None:
+                  flwr_home: str | None = None, before: Sequence[list[str]] = (),
+                  env: Mapping[str, str] | None = None) -> None:
     quoted = [_quote(part) for part in command]
     lines = ["#!/bin/sh", "# Generated by fedsft. Runtime installs are off: install fedsft first.",
              "set -e"]
@@ -381,8 +502,10 @@ def _write_script(path: Path, command: list[str], *, here: bool = False,
     lines.append("export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1")
     if flwr_home:  # several SuperNodes on one host must not share installed apps
         lines.append(f'export FLWR_HOME="{flwr_home}"')
+    for name, value in (env or {}).items():
+        lines.append(f"export {name}={shlex.quote(value)}")
     for step in before:  # `set -e`: a failing step stops the script with its exit code
-        lines.append("# Refuse to start on a missing, unreadable or unusable data file.")
+        lines.append("# Refuse to start: " + _STEP_WHY.get(step[1], "a check failed") + ".")
         lines.append(" ".join(_quote(part) for part in step))
     # One "--flag value" pair per line, for a reader who checks what will run.
     pairs: list[str] = []

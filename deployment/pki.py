@@ -178,6 +178,31 @@ def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def fingerprint(cert: x509.Certificate) -> str:
+    """The SHA-256 fingerprint of a certificate (its DER), as ``openssl x509 -fingerprint
+    -sha256`` prints it: upper-case hex pairs joined by ``:``."""
+    return cert.fingerprint(hashes.SHA256()).hex(":").upper()
+
+
+def normalize_fingerprint(text: str) -> str:
+    """A fingerprint as typed by a person: ``sha256 Fingerprint=`` / ``SHA256:`` prefix,
+    case, colons and spaces do not matter. Returns the :func:`fingerprint` form.
+
+    Raises
+    ------
+    ValueError
+        If what is left is not 64 hex digits.
+    """
+    value = text.strip()
+    for prefix in ("sha256 fingerprint=", "sha256:"):
+        if value.lower().startswith(prefix):
+            value = value[len(prefix):]
+    digits = "".join(ch for ch in value if ch not in ": \t").lower()
+    if len(digits) != 64 or any(ch not in "0123456789abcdef" for ch in digits):
+        raise ValueError(f"not a SHA-256 fingerprint (64 hex digits): {text!r}")
+    return bytes.fromhex(digits).hex(":").upper()
+
+
 def load_cert(path: Path) -> x509.Certificate:
     """Read a PEM certificate."""
     return x509.load_pem_x509_certificate(path.read_bytes())

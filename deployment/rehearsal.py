@@ -9,6 +9,7 @@ errors and Ctrl-C; the run folder stays.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -20,8 +21,8 @@ import tomli_w
 
 from common.config import RunConfig
 from common.data import build_label_names, read_table
+from deployment import app_signing, pki
 from deployment import consortium as cons
-from deployment import pki
 from deployment.processes import (
     ProcessError,
     ProcessSet,
@@ -32,6 +33,7 @@ from deployment.processes import (
     free_port,
     wait_for_port,
 )
+from deployment.site_attacks import Attack, site_attacks, summary
 from server.preflight import preflight
 from server.run_outputs import run_folder
 from server.run_verdict import attempt_outcome, has_final_model, outcome_stamp, run_verdict
@@ -57,6 +59,7 @@ class RehearsalResult:
     log_path: Path
     work_dir: Path
     message: str = ""  # why the run did not complete
+    attacks: tuple[Attack, ...] = ()  # the site-side attacks tried (``attacks=True``)
 
 
 class Rehearsal:
@@ -72,6 +75,7 @@ class Rehearsal:
         self.consortium = cons.create(
             self.work_dir / "consortium", name="fedsft-rehearsal", names=pki.Names(),
             address=f"127.0.0.1:{self.port}", sites=tuple(site_names), force=True,
+            app_index_port=free_port(),
         )
         self.logs = self.work_dir / "logs"
         self.processes = ProcessSet()
@@ -92,8 +96,9 @@ class Rehearsal:
         )
         command[command.index("--host") + 1] = "127.0.0.1"  # loopback only
         log = self.logs / "superlink.log"
-        self.superlink = self.processes.start("superlink", command, log_path=log,
-                                              env=flower_env())
+        self.superlink = self.processes.start(
+            "superlink", command, log_path=log,
+            env={**flower_env(), **cons.superlink_signing_env(self.consortium)})
         wait_for_port(self.port, proc=self.superlink, log_path=log)
 
     def start_supernode(self, site: Site, *, tls: bool = True,
@@ -105,6 +110,9 @@ class Rehearsal:
             site=site.name, runtime_port=free_port(), text_column=site.text_column,
             label_column=site.label_column,
             max_wait_time=cons.RECONNECT_WAIT_S if give_up_after is None else give_up_after,
+            # As the bundle's script: only apps signed by the coordinator, replies audited.
+            trusted_entities=self.consortium.site_dir(site.name) / "trusted-entities.yaml",
+            audit_egress=True,
         )
         if not tls:
             i = command.index("--root-certificates")
@@ -146,15 +154,30 @@ class Rehearsal:
         app_dir: Path = APP_DIR,
         on_line: Callable[[str], None] = print,
         timeout: float | None = None,
+        index: app_signing.AppIndex | None = None,
+        signed: bool = True,
+        stream: bool = True,
+        log_name: str = "flwr-run.log",
     ) -> tuple[int, Path]:
-        """``flwr run APP consortium --stream``; returns its exit code and log path."""
+        """``flwr run`` the app signed (as ``fedsft submit``), or ``signed=False`` as a
+        folder (unsigned: SuperNodes refuse it); returns its exit code and log path.
+
+        ``index``: serve this (signed) FAB instead of the app folder's, signed with the
+        consortium's key. ``stream=False`` returns once the run is started.
+        """
         overrides = self.work_dir / "run-config.toml"
         overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
-        log_path = self.logs / "flwr-run.log"
-        command = [executable("flwr"), "run", str(app_dir), cons.CONNECTION, "--stream",
-                   "--run-config", str(overrides)]
+        log_path = self.logs / log_name
+        if signed and index is None:
+            from deployment.cli import signed_app_index
+
+            index = signed_app_index(self.consortium, app_dir)
+        target = index.spec if signed and index is not None else str(app_dir)
+        command = [executable("flwr"), "run", target, cons.CONNECTION,
+                   *(["--stream"] if stream else []), "--run-config", str(overrides)]
         deadline = None if timeout is None else time.monotonic() + timeout
-        with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
+        serving = index if signed and index is not None else contextlib.nullcontext()
+        with serving, log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
             command, env=flower_env(self.consortium.flwr_home), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=app_dir,
         ) as proc:
@@ -250,8 +273,13 @@ def rehearse(
     app_dir: Path = APP_DIR,
     on_line: Callable[[str], None] = print,
     timeout: float | None = None,
+    attacks: bool = False,
 ) -> RehearsalResult:
     """Run the app once across ``sites`` on a local, secured deployment.
+
+    ``attacks``: after the run, try the site-side attacks (deployment/site_attacks.py:
+    unsigned and foreign-signed apps, a modified app, a tampered bundle) and print
+    ``attacks: N attempted, N refused``.
 
     ``run_config`` must name the run folder (``output-dir``, ``run-name``); ``output-dir``
     is made absolute (the ServerApp runs in another working directory). ``labels``
@@ -287,11 +315,19 @@ def rehearse(
         on_line(f"[fedsft] {len(sites)} SuperNodes online; submitting the run")
         returncode, log_path = rehearsal.submit(run_config, app_dir=app_dir,
                                                 on_line=on_line, timeout=timeout)
+        tried: list[Attack] = []
+        if attacks:
+            tried = site_attacks(rehearsal, [s.name for s in sites], run_config,
+                                 app_dir=app_dir, on_line=on_line)
+            on_line(f"[fedsft] {summary(tried)}")
     # `flwr run --stream` exits 0 also when the ServerApp failed: the run folder says.
     ok, message = run_verdict(
         returncode=returncode, outcome=attempt_outcome(run_dir, stamp_before=stamp_before),
         final_model=has_final_model(run_dir),
         log_text=log_path.read_text(encoding="utf-8", errors="replace"), log_path=log_path,
     )
+    if ok and any(not a.refused for a in tried):
+        ok, message = False, summary(tried)
     return RehearsalResult(run_dir=run_dir, returncode=0 if ok else (returncode or 1),
-                           log_path=log_path, work_dir=work_dir, message=message)
+                           log_path=log_path, work_dir=work_dir, message=message,
+                           attacks=tuple(tried))

@@ -42,7 +42,10 @@ def test_a_clean_train_reply_passes():
     "reply, fragment",
     [
         (_reply({**STATE, "token_ids": np.arange(12, dtype=np.int64)}), "not in the exchanged"),
-        (_reply(STATE, {"num-examples": 4, "losses": [0.1, 0.2]}), "not a scalar"),
+        (_reply(STATE, {"num-examples": 4, "train-loss": [0.1, 0.2]}), "not a scalar"),
+        # A row smuggled in a metric name: the name is refused (and not repeated).
+        (_reply(STATE, {"num-examples": 4, "patient 17 has fever": 1.0}),
+         "not an allowed train metric name"),
         (_reply(STATE, config={"text": "patient has fever"}), "config record"),
     ],
 )
@@ -67,3 +70,65 @@ def test_the_mod_refuses_a_leaking_reply_and_marks_clean_ones():
         egress_audit_mod(_train_msg(), context, lambda m, c: leaky)
     context.run_config["audit-egress"] = False  # off: untouched
     assert egress_audit_mod(_train_msg(), context, lambda m, c: leaky) is leaky
+
+
+def test_the_site_node_config_turns_the_audit_on_whatever_the_run_config_says():
+    from client.egress_audit import egress_required
+
+    assert egress_required({"audit-egress": False}, {"audit-egress": True})
+    assert egress_required({"audit-egress": True}, {"audit-egress": False})
+    assert not egress_required({}, {})
+    from common.config import ConfigError
+    with pytest.raises(ConfigError, match="audit-egress"):
+        egress_required({}, {"audit-egress": "yes"})
+    context = Context(run_id=1, node_id=7, node_config={"audit-egress": True},
+                      state=RecordDict(), run_config={"audit-egress": False})
+    leaky = _reply({**STATE, "labels": np.array([0, 1, 1])})
+    with pytest.raises(EgressViolation, match="labels"):
+        egress_audit_mod(_train_msg(), context, lambda m, c: leaky)
+
+
+def test_metric_names_are_an_allow_list_per_message_type():
+    sent = _message("evaluate", {"config": ConfigRecord({})})
+    ok = _message("evaluate", {"metrics": MetricRecord(
+        {"num-examples": 3, "eval-accuracy": 0.5, "eval-f1-macro": 0.4, "eval-seconds": 1.0})})
+    assert egress_problems(sent, ok, allowed_array_names=None) == []
+    # A train metric name is not an evaluate one.
+    bad = _message("evaluate", {"metrics": MetricRecord({"train-loss": 0.5})})
+    assert any("not an allowed evaluate metric name" in p
+               for p in egress_problems(sent, bad, allowed_array_names=None))
+
+
+def test_query_replies_carry_only_protocol_keys_and_the_sites_own_key():
+    sent = _message("query", {"config": ConfigRecord({})})
+    own = _message("query", {"config": ConfigRecord({"client-key": "site-a"})})
+    assert egress_problems(sent, own, allowed_array_names=None, own_key="site-a") == []
+    other = _message("query", {"config": ConfigRecord({"client-key": "row: fever"})})
+    assert any("carries a string" in p for p in
+               egress_problems(sent, other, allowed_array_names=None, own_key="site-a"))
+    extra = _message("query", {"config": ConfigRecord({"note": b"x"})})
+    assert any("not a protocol key" in p for p in
+               egress_problems(sent, extra, allowed_array_names=None, own_key="site-a"))
+
+
+def test_error_messages_leave_the_site_only_from_fedsfts_own_errors():
+    from common.data import DataError
+
+    context = Context(run_id=1, node_id=7, node_config={"audit-egress": True},
+                      state=RecordDict(), run_config={})
+
+    def parser_error(m, c):
+        raise ValueError("could not parse row 'Jane Doe, 1970-01-01, HIV+'")
+
+    with pytest.raises(EgressViolation) as refused:
+        egress_audit_mod(_train_msg(), context, parser_error)
+    assert "Jane" not in str(refused.value) and "ValueError" in str(refused.value)
+
+    def missing(m, c):
+        raise DataError("data file not found: /data/a.csv")
+
+    with pytest.raises(EgressViolation, match="DataError: data file not found: /data/a.csv"):
+        egress_audit_mod(_train_msg(), context, missing)
+    context.node_config["audit-egress"] = False  # audit off: the error passes unchanged
+    with pytest.raises(ValueError, match="Jane"):
+        egress_audit_mod(_train_msg(), context, parser_error)

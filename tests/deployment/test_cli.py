@@ -256,7 +256,9 @@ def test_submit_exits_with_the_runs_outcome(status, code, last, fake_flwr, conso
     assert "INFO : round 1" in captured.out  # the log is streamed through
     assert (captured.out + captured.err).strip().splitlines()[-1] == last
     run_call, list_call = _calls(fake_flwr)
-    assert run_call[:4] == ["run", str(cli._app_dir(None)), cons.CONNECTION, "--stream"]
+    # The app is submitted signed: the SuperLink fetches it by its spec (app_signing.py).
+    assert run_call[:4] == ["run", "@fedsft/fedsft==0.1.0", cons.CONNECTION, "--stream"]
+    assert "signed @fedsft/fedsft==0.1.0" in captured.out
     assert run_call[-2:] == ["--run-config", "num-server-rounds=3 output-dir="
                              f"{json.dumps(str(Path('outputs').resolve()))}"]
     assert list_call[:4] == ["list", cons.CONNECTION, "--run-id", "42"]

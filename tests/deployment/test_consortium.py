@@ -68,10 +68,12 @@ def test_bundle_port_gives_each_site_its_own_clientapp_port_and_flwr_home(consor
     assert _flag(_exec_line(b), "--port") == "9095"
     assert 'export FLWR_HOME="$HERE/flwr-home"' in b.read_text()
     assert _flag(_exec_line(b), "--node-config") == (
-        'data-path="/data/b.csv" site-name="b" text-column="body"')
+        'data-path="/data/b.csv" site-name="b" audit-egress=true text-column="body"')
     assert json.loads((consortium.site_dir("b") / "bundle.json").read_text()) == {
         "data-path": "/data/b.csv", "text-column": "body", "label-column": None,
-        "runtime-port": 9095, "task": "classification"}
+        "runtime-port": 9095, "task": "classification", "audit-egress": True,
+        "superlink": "localhost:8000",
+        "ca-sha256": pki.fingerprint(pki.load_cert(consortium.ca_cert))}
 
 
 def test_bundle_refuses_a_port_that_is_no_port(consortium, capsys):
@@ -120,9 +122,13 @@ def site_tools(tmp_path) -> Path:
     return bin_dir
 
 
-def _start(script: Path, site_tools: Path, started: Path) -> subprocess.CompletedProcess:
+def _start(script: Path, site_tools: Path, started: Path,
+           fingerprint: str | None = None) -> subprocess.CompletedProcess:
+    """Run a site's start script with the CA fingerprint its admin was told."""
+    if fingerprint is None:
+        fingerprint = pki.fingerprint(pki.load_cert(script.parent / "ca.pem"))
     env = {**os.environ, "PATH": f"{site_tools}{os.pathsep}{os.environ['PATH']}",
-           "STARTED": str(started)}
+           "STARTED": str(started), "FEDSFT_CA_FINGERPRINT": fingerprint}
     return subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True,
                           timeout=120, check=False)
 

@@ -58,7 +58,7 @@ def run(tmp_path_factory, tiny_model_dir):
         "fraction-evaluate": 0.0, "eval-dataset": str(tmp / "eval.csv"),
         "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 240.0,
         "output-dir": str(tmp / "out"), "run-name": "rehearsal",
-    }, work_dir=tmp / "work", on_line=lines.append, timeout=420)
+    }, work_dir=tmp / "work", on_line=lines.append, timeout=420, attacks=True)
     return result, lines, tmp
 
 
@@ -91,6 +91,26 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
     # The failing site logged its reason on its own side too.
     site_log = (result.work_dir / "logs/supernode-site-c.log").read_text()
     assert "missing.csv" in site_log
+
+
+def test_the_sites_refuse_unsigned_and_foreign_apps_and_a_tampered_bundle(run):
+    result, lines, _ = run
+    names = {a.name: a for a in result.attacks}
+    assert set(names) == {"unsigned-app", "foreign-signed-app",
+                          "modified-app-genuine-signature", "tampered-bundle"}
+    for attack in result.attacks:
+        assert attack.refused, (attack, "\n".join(lines[-40:]))
+    assert "[fedsft] attacks: 4 attempted, 4 refused" in lines
+    # The SuperNodes ran the genuine, signed app, and refused the others themselves.
+    for site in ("site-a", "site-b"):
+        log = (result.work_dir / f"logs/supernode-{site}.log").read_text()
+        assert "FAB verification failed" in log
+        assert "App verification is not supported" in log  # the unsigned upload
+    # No attack run reached a ClientApp: no results of theirs.
+    out = result.run_dir.parent
+    for name in names:
+        if name != "tampered-bundle":
+            assert not (out / f"attack-{name}" / "results.jsonl").exists()
 
 
 def test_rehearsal_leaves_no_process_running(run):
@@ -184,3 +204,28 @@ def test_registrations_survive_a_superlink_restart_and_the_supernode_reconnects(
         time.sleep(10)  # long enough for a refused SuperNode to have exited
         assert good.poll() is None  # reconnected instead of exiting on 401
         assert [n["status"] for n in rehearsal.nodes()] == ["online"]
+
+
+def test_site_side_attacks_are_refused_by_the_supernodes(tmp_path, tiny_model_dir):
+    """The attacks alone (no training run first): one site, each attack counted."""
+    from deployment.site_attacks import site_attacks, summary
+
+    data = tmp_path / "a.csv"
+    _easy(20, seed=0).to_csv(data, index=False)
+    config = {"model": str(tiny_model_dir), "labels": "negative,positive", "min-nodes": 1,
+              "max-length": 16, "local-steps": 1, "node-wait-timeout": 60.0,
+              "output-dir": str(tmp_path / "out"), "run-name": "attacks"}
+    lines: list[str] = []
+    with Rehearsal(tmp_path / "work", ["good"]) as rehearsal:
+        rehearsal.start_superlink()
+        rehearsal.register("good")
+        rehearsal.start_supernode(Site("good", data))
+        rehearsal.wait_online(1)
+        attacks = site_attacks(rehearsal, ["good"], config,
+                               app_dir=Path(__file__).resolve().parents[2],
+                               on_line=lines.append)
+    assert summary(attacks) == "attacks: 4 attempted, 4 refused", lines
+    log = (tmp_path / "work/logs/supernode-good.log").read_text()
+    assert "App verification is not supported" in log  # the unsigned upload
+    assert "FAB verification failed" in log  # foreign key, modified app
+    assert not (tmp_path / "out/attack-unsigned-app/results.jsonl").exists()
