@@ -57,6 +57,7 @@ NODE_CONFIG_KEY = "audit-egress"  # the site's switch, in its node config
 # a name outside these patterns is refused, whatever its value.
 TRAIN_METRICS = re.compile(
     r"num-examples|train-loss|train-first-loss|train-steps|train-seconds|peak-rss-mb"
+    r"|train-examples-seen|train-tokens|gpu-peak-memory-mb|gpu-utilization"
     r"|norm_bit|dp-sgd-epsilon|dp-sgd-steps|dp-sgd-noise-multiplier|label-count-\d{1,4}"
     r"|data-rows-read|data-rows|data-label-(count|share)-\d{1,4}|data-duplicate-share"
     r"|data-short-share|data-truncated-share|data-truncated|data-dropped"
