@@ -236,6 +236,9 @@ class SftTask:
     def site_metrics(self, examples: Any, *, cfg: RunConfig) -> dict[str, int | float]:
         return {}  # no SFT key asks a site for statistics
 
+    def round_feedback(self, cfg: RunConfig) -> None:
+        return None  # no SFT key needs the federation's view of the sites' data
+
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         examples: Any, ctx: EvalContext,
