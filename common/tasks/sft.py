@@ -1,10 +1,10 @@
 """Chat SFT: supervised instruction fine-tuning of a causal language model.
 
 Rows are conversations (``messages``: a list of ``{role, content}``; Alpaca and
-prompt/response tables are turned into one, ``common/chat_data.py``). The tokenizer's
+prompt/response tables are turned into one, ``common/tasks/sft_chat_data.py``). The tokenizer's
 chat template renders each conversation; the loss is the next-token cross-entropy on
 the assistant turns only (``train-on = assistant``; ``all`` trains on every token),
-``common/chat_encoding.py``. Evaluation reports the assistant-token loss and its
+``common/tasks/sft_chat_encoding.py``. Evaluation reports the assistant-token loss and its
 perplexity every round and, every ``generate-every`` rounds and after the last, greedy
 generation on a fixed sample of the eval split scored by exact match and token F1
 against the reference answer (the last assistant turn).
@@ -25,9 +25,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.builtin_sft_data import generate_sft
-from common.chat_data import chat_frame, check_conversation
-from common.chat_encoding import (
+from common.config import RunConfig
+from common.data import DataError, read_rows
+from common.model import autocast_context
+from common.specs import DataSpec, EncodeSpec
+from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
+from common.tasks.sft_builtin_data import generate_sft
+from common.tasks.sft_chat_data import chat_frame, check_conversation
+from common.tasks.sft_chat_encoding import (
     IGNORE_INDEX,
     EncodedChat,
     EncodeStats,
@@ -38,11 +43,6 @@ from common.chat_encoding import (
     split_for_generation,
     token_f1,
 )
-from common.config import RunConfig
-from common.data import DataError, read_rows
-from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec
-from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
 
 log = logging.getLogger(__name__)
 _EVAL_BATCH = 8  # logits are (batch, tokens, vocabulary): keep evaluation batches small
@@ -62,7 +62,7 @@ class ChatExamples:
 
 
 def chat_columns(spec: DataSpec) -> dict[str, str]:
-    """The column names and system prompt of ``spec`` as ``common.chat_data`` takes them."""
+    """The column names and system prompt of ``spec`` as ``sft_chat_data`` takes them."""
     return {
         "messages_column": spec.messages_column, "instruction_column": spec.instruction_column,
         "input_column": spec.input_column, "output_column": spec.output_column,
