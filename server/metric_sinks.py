@@ -4,7 +4,7 @@
 per name; the server calls ``sink.log_round(row)`` with every results row (after it is
 written to ``results.jsonl``) and ``sink.close()`` at the end. A row's numeric fields
 become scalar metrics named by their path (``central/accuracy``,
-``clients/eval_accuracy_spread/min``, ``bytes/up_total``, ...) at ``step = round``.
+``clients/eval_headline_spread/min``, ``bytes/up_total``, ...) at ``step = round``.
 
 Both packages are optional (``pip install -e ".[tracking]"``) and imported only when a
 sink is opened. Everything stays local: TensorBoard writes event files to

@@ -55,7 +55,7 @@ from server.results import (
     ResultsRow,
     Seconds,
     SiteData,
-    summarize_accuracy_spread,
+    summarize_spread,
 )
 from server.run_outputs import RunOutputs
 from server.tracked_strategy import RoundStats, TrackedStrategy
@@ -230,8 +230,8 @@ class RoundRecorder:
                 sampled=stats.sampled, replies=stats.replies, aggregated=stats.aggregated,
                 failures=stats.failures, timeouts=stats.timeouts, invalid=stats.invalid,
                 skipped=stats.skipped, problems=stats.problems,
-                eval_accuracy=stats.client_eval_accuracy,
-                eval_accuracy_spread=summarize_accuracy_spread(stats.client_eval_accuracy),
+                eval_headline=stats.client_eval_headline,
+                eval_headline_spread=summarize_spread(stats.client_eval_headline),
                 examples=stats.site_examples,
             ),
             bytes=Bytes(up=stats.bytes_up, down=stats.bytes_down,

@@ -42,8 +42,10 @@ class Clients:
     invalid: int = 0
     skipped: bool = False
     problems: tuple[str, ...] = ()
-    eval_accuracy: tuple[float, ...] = ()  # per-client federated accuracy, sorted
-    eval_accuracy_spread: Metrics = field(default_factory=dict)  # min, p10, median
+    # Per-client federated evaluation of the task's headline metric (classification:
+    # accuracy), sorted, and its min, p10 and median.
+    eval_headline: tuple[float, ...] = ()
+    eval_headline_spread: Metrics = field(default_factory=dict)
     # Site name -> the training examples it reported this round (aggregate counts only).
     examples: Mapping[str, int] = field(default_factory=dict)
 
@@ -199,8 +201,8 @@ class ResultsRow:
             "federated": dict(self.federated),
             "train": dict(self.train),
             "clients": {**asdict(self.clients), "problems": list(self.clients.problems),
-                        "eval_accuracy": list(self.clients.eval_accuracy),
-                        "eval_accuracy_spread": dict(self.clients.eval_accuracy_spread),
+                        "eval_headline": list(self.clients.eval_headline),
+                        "eval_headline_spread": dict(self.clients.eval_headline_spread),
                         "examples": dict(self.clients.examples)},
             "bytes": asdict(self.bytes),
             "seconds": asdict(self.seconds),
@@ -241,7 +243,13 @@ class ResultsRow:
         try:
             clients = dict(obj.get("clients") or {})
             clients["problems"] = tuple(clients.get("problems", ()))
-            clients["eval_accuracy"] = tuple(clients.get("eval_accuracy", ()))
+            # Rows written before the spread was keyed on the headline metric name it
+            # by accuracy, the headline of the only task there was.
+            for old, new in (("eval_accuracy", "eval_headline"),
+                             ("eval_accuracy_spread", "eval_headline_spread")):
+                if old in clients:
+                    clients.setdefault(new, clients.pop(old))
+            clients["eval_headline"] = tuple(clients.get("eval_headline", ()))
             return cls(
                 round=int(obj["round"]),
                 central=_metrics_or_none(obj.get("central")),
@@ -316,8 +324,8 @@ def read_results(path: Path) -> list[ResultsRow]:
     return rows
 
 
-def summarize_accuracy_spread(values: list[float] | tuple[float, ...]) -> dict[str, float]:
-    """Min, 10th percentile and median of per-client accuracies (fairness under skew)."""
+def summarize_spread(values: list[float] | tuple[float, ...]) -> dict[str, float]:
+    """Min, 10th percentile and median of a per-client metric (fairness under skew)."""
     if not values:
         return {}
     array = np.asarray(values, dtype=np.float64)

@@ -20,7 +20,7 @@ from common.config import RunConfig
 from common.data import load_server_eval, load_site_data, load_splits
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.specs import EncodeSpec, ModelSpec
-from common.tasks import get_task
+from common.tasks import TASK_METRICS, get_task
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
@@ -127,8 +127,8 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled, max_update_norm=cfg.max_update_norm,
-        federation_label_counts=(cfg.class_weighting != "none"
-                                 and cfg.class_weighting_source == "global"),
+        round_feedback=task.round_feedback(cfg),
+        headline_metric=TASK_METRICS[cfg.task][0].name,
         secure=SecureAggregator(
             threshold_fraction=cfg.secagg_threshold, clip_range=cfg.secagg_clip_range,
             max_weight=cfg.secagg_max_weight, timeout=cfg.round_timeout,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -85,37 +85,6 @@ class SecAggRoundInfo:
     problems: tuple[str, ...] = ()
 
 
-@dataclass
-class _RoundLog:
-    """The mutable record a round's stages fill in; frozen as ``SecAggRoundInfo``."""
-
-    round: int = 0
-    sampled: int = 0
-    threshold: int = 0
-    advertised: int = 0
-    dropped_advertise: int = 0
-    shared: int = 0
-    dropped_share_keys: int = 0
-    frac_bits: int = 0
-    masked: int = 0
-    dropped_masked_input: int = 0
-    unmasked: int = 0
-    dropped_unmask: int = 0
-    total_weight: float = 0.0
-    error_bound: float = 0.0
-    bytes_down: dict[str, int] = field(default_factory=lambda: {"setup": 0, "unmask": 0})
-    bytes_up: dict[str, int] = field(default_factory=lambda: {"setup": 0, "unmask": 0})
-    problems: list[str] = field(default_factory=list)
-
-    def frozen(self) -> SecAggRoundInfo:
-        counts = {k: v for k, v in asdict(self).items()
-                  if k not in ("bytes_down", "bytes_up", "problems")}
-        return SecAggRoundInfo(
-            **counts, setup_bytes_down=self.bytes_down["setup"],
-            setup_bytes_up=self.bytes_up["setup"], unmask_bytes_down=self.bytes_down["unmask"],
-            unmask_bytes_up=self.bytes_up["unmask"], problems=tuple(self.problems))
-
-
 def content_bytes(message: Message) -> int:
     """Serialized size of a message's content (0 for error replies)."""
     return 0 if message.has_error() else recorddict_to_proto(message.content).ByteSize()
@@ -153,13 +122,24 @@ class SecureAggregator:
         self.max_weight = int(max_weight)
         self.timeout = timeout
         self.seed = seed
-        self._info = _RoundLog()
+        self._info = SecAggRoundInfo()  # the latest round's, replaced as its stages run
         self._round: ServerRound | None = None
         self._frac_bits = 0
 
     def round_info(self) -> SecAggRoundInfo:
         """What the protocol did in the latest round so far (set-up, then unmasking)."""
-        return self._info.frozen()
+        return self._info
+
+    def _record(self, **changes: Any) -> None:
+        self._info = replace(self._info, **changes)
+
+    def _problem(self, problem: str) -> None:
+        self._info = replace(self._info, problems=(*self._info.problems, problem))
+
+    def _add_bytes(self, phase: str, *, down: int = 0, up: int = 0) -> None:
+        """Add to the ``<phase>_bytes_down`` / ``_up`` counts (phase: setup, unmask)."""
+        self._record(**{f"{phase}_bytes_down": getattr(self._info, f"{phase}_bytes_down") + down,
+                        f"{phase}_bytes_up": getattr(self._info, f"{phase}_bytes_up") + up})
 
     # --- key stages ---------------------------------------------------------------------
     def setup(self, grid: Grid, node_ids: list[int], server_round: int) -> dict[int, ConfigRecord]:
@@ -167,15 +147,14 @@ class SecureAggregator:
         self._round = None
         protocol = ServerRound(server_round=server_round, sampled=node_ids,
                                threshold_fraction=self.threshold_fraction)
-        info = _RoundLog(round=server_round, sampled=len(protocol.sampled),
-                         threshold=protocol.threshold)
-        self._info = info
+        self._info = SecAggRoundInfo(round=server_round, sampled=len(protocol.sampled),
+                                     threshold=protocol.threshold)
         if len(protocol.sampled) < protocol.threshold:
             raise SecAggAbort(f"secure aggregation needs at least {protocol.threshold} "
                               f"clients, {len(protocol.sampled)} sampled")
 
         replies = self._exchange(grid, {n: {STAGE: ADVERTISE, "secagg-round": server_round}
-                                        for n in protocol.sampled}, info, "setup")
+                                        for n in protocol.sampled}, "setup")
         adverts = {}
         for node, config in replies.items():
             try:
@@ -183,31 +162,31 @@ class SecureAggregator:
                                           s_pk=get_bytes(config, "secagg-s-pk"),
                                           b_commit=get_bytes(config, "secagg-b-commit"))
             except ValueError as exc:
-                info.problems.append(f"node {node}: malformed advert: {exc!r}")
-        info.dropped_advertise = len(protocol.sampled) - len(adverts)
+                self._problem(f"node {node}: malformed advert: {exc!r}")
+        dropped_advertise = len(protocol.sampled) - len(adverts)
         adverts = protocol.receive_adverts(adverts)
-        info.advertised = len(adverts)
+        self._record(dropped_advertise=dropped_advertise, advertised=len(adverts))
 
         nodes = list(adverts)
         request = {STAGE: SHARE_KEYS, "secagg-round": server_round, "secagg-nodes": nodes,
                    "secagg-c-pks": [adverts[n].c_pk for n in nodes],
                    "secagg-s-pks": [adverts[n].s_pk for n in nodes],
                    "secagg-threshold": protocol.threshold}
-        replies = self._exchange(grid, {n: request for n in nodes}, info, "setup")
+        replies = self._exchange(grid, {n: request for n in nodes}, "setup")
         shares = {}
         for node, config in replies.items():
             try:
                 shares[node] = get_pairs(config, "secagg-share-dst", "secagg-share-ct")
             except ValueError as exc:
-                info.problems.append(f"node {node}: malformed shares: {exc!r}")
-        info.dropped_share_keys = len(adverts) - len(
+                self._problem(f"node {node}: malformed shares: {exc!r}")
+        dropped_share_keys = len(adverts) - len(
             [n for n in shares if set(shares[n]) == set(adverts) - {n}])
         routed = protocol.receive_shares(shares)
-        info.shared = len(routed)
+        self._record(dropped_share_keys=dropped_share_keys, shared=len(routed))
 
         self._frac_bits = frac_bits_for(num_clients=len(routed), max_weight=self.max_weight,
                                         clip_range=self.clip_range)
-        info.frac_bits = self._frac_bits
+        self._record(frac_bits=self._frac_bits)
         self._round = protocol
         participants = list(protocol.participants)
         train_entries = {}
@@ -221,8 +200,8 @@ class SecureAggregator:
                 "secagg-clip-range": self.clip_range,
                 "secagg-max-weight": self.max_weight,
             })
-            info.bytes_down["setup"] += recorddict_to_proto(
-                RecordDict({"config": train_entries[node]})).ByteSize()
+            self._add_bytes("setup", down=recorddict_to_proto(
+                RecordDict({"config": train_entries[node]})).ByteSize())
         return train_entries
 
     # --- unmasking ----------------------------------------------------------------------
@@ -240,8 +219,7 @@ class SecureAggregator:
         if protocol is None:
             raise SecAggAbort("secure aggregation: aggregate() without a completed setup()")
         self._round = None  # one aggregation per set-up
-        info = self._info
-        info.bytes_down["unmask"] = info.bytes_up["unmask"] = 0
+        self._record(unmask_bytes_down=0, unmask_bytes_up=0)
         shapes = _shapes(spec) if spec is not None else _common_shapes(replies)
         masked: dict[int, np.ndarray] = {}
         seen: set[int] = set()
@@ -249,61 +227,58 @@ class SecureAggregator:
             node = reply.metadata.src_node_id
             vector = None if reply.has_error() else _masked_vector(reply, shapes)
             if node in seen or node not in protocol.participants or vector is None:
-                info.problems.append(f"node {node}: malformed or unexpected masked input")
+                self._problem(f"node {node}: malformed or unexpected masked input")
                 masked.pop(node, None)  # a node that replied twice is dropped altogether
             else:
                 masked[node] = vector
             seen.add(node)
         survivors, dropped = protocol.unmask_request(sorted(masked))
-        info.masked = len(survivors)
-        info.dropped_masked_input = len(dropped)
+        self._record(masked=len(survivors), dropped_masked_input=len(dropped))
         request = {STAGE: UNMASK, "secagg-round": protocol.server_round,
                    "secagg-survivors": survivors, "secagg-dropped": dropped}
         responses = {}
-        for node, config in self._exchange(grid, {n: request for n in survivors}, info,
+        for node, config in self._exchange(grid, {n: request for n in survivors},
                                            "unmask").items():
             try:
                 responses[node] = (get_pairs(config, "secagg-b-nodes", "secagg-b-shares"),
                                    get_pairs(config, "secagg-sk-nodes", "secagg-sk-shares"))
             except ValueError as exc:
-                info.problems.append(f"node {node}: malformed unmask shares: {exc!r}")
-        info.unmasked = len(responses)
-        info.dropped_unmask = len(survivors) - len(responses)
+                self._problem(f"node {node}: malformed unmask shares: {exc!r}")
+        self._record(unmasked=len(responses), dropped_unmask=len(survivors) - len(responses))
         total = protocol.unmasked_sum({n: masked[n] for n in survivors}, responses)
         weight = decode_weight(total[-WEIGHT_WORDS:])
         if weight <= 0:
             raise SecAggAbort("secure aggregation: the summed weight is 0")
         mean = dequantize_sum(total[:-WEIGHT_WORDS], frac_bits=self._frac_bits) / weight
-        info.total_weight = weight
-        info.error_bound = mean_error_bound(num_clients=len(survivors),
-                                               frac_bits=self._frac_bits, total_weight=weight)
+        self._record(total_weight=weight, error_bound=mean_error_bound(
+            num_clients=len(survivors), frac_bits=self._frac_bits, total_weight=weight))
         arrays = {k: v.astype(np.float32) for k, v in unflatten(mean, shapes).items()}
         return arrays, float(weight)
 
     # --- messaging ----------------------------------------------------------------------
     def _exchange(self, grid: Grid, configs: Mapping[int, Mapping[str, Any]],
-                  info: _RoundLog, phase: str) -> dict[int, ConfigRecord]:
+                  phase: str) -> dict[int, ConfigRecord]:
         """Send one query per node; the config of each valid reply by node id."""
         messages = [
             Message(RecordDict({"config": ConfigRecord(dict(config))}), dst_node_id=node,
                     message_type="query")
             for node, config in configs.items()
         ]
-        info.bytes_down[phase] += sum(content_bytes(m) for m in messages)
+        self._add_bytes(phase, down=sum(content_bytes(m) for m in messages))
         out: dict[int, ConfigRecord] = {}
-        known = len(info.problems)
+        known = len(self._info.problems)
         for reply in grid.send_and_receive(messages, timeout=self.timeout):
             node = reply.metadata.src_node_id
-            info.bytes_up[phase] += content_bytes(reply)
+            self._add_bytes(phase, up=content_bytes(reply))
             if reply.has_error():
-                info.problems.append(f"node {node}: {reply.error.reason}")
+                self._problem(f"node {node}: {reply.error.reason}")
                 continue
             if node not in configs or node in out or "config" not in reply.content:
-                info.problems.append(f"node {node}: unexpected reply")
+                self._problem(f"node {node}: unexpected reply")
                 continue
             out[node] = reply.content.config_records["config"]
-        for problem in info.problems[known:]:
-            log.warning("secure aggregation round %s: %s", info.round, problem)
+        for problem in self._info.problems[known:]:
+            log.warning("secure aggregation round %s: %s", self._info.round, problem)
         return out
 
 

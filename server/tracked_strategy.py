@@ -13,9 +13,13 @@ Composition, not inheritance: ``TrackedStrategy`` holds any Flower Message-API s
   fewer than ``min_replies`` valid replies skips the round (the global model stays);
 - one frozen :class:`RoundStats` per round (counts, bytes, seconds, problems), taken
   by the recorder with ``take_round_stats``;
-- with ``federation_label_counts`` (``class-weighting-source`` global): the latest
-  label counts each site put in its training reply (``label-count-<k>``), summed and
-  sent to every client in the next rounds' config as ``label-counts``.
+- with a task's ``round_feedback`` (``common/tasks/base.py`` ``RoundFeedback``, e.g.
+  the federation's label counts of ``class-weighting-source`` global): the metrics
+  of every training reply that is not an error go to it, by site, and its
+  ``config_entries()`` go into every later round's config; what it collects and sends
+  is the task's business (this module knows no metric names of a task);
+- the per-client federated evaluation of the task's headline metric
+  (``headline_metric``: ``eval-<name>`` reply metrics), kept sorted per round.
 
 Flower's ``Strategy.start`` runs the loop; nothing here copies it.
 """
@@ -27,7 +31,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -36,7 +40,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, Strategy
 
 from common.encoding import UpdateEncoding
-from common.losses import LABEL_COUNTS_KEY, read_label_counts, sum_label_counts
 from common.training import derive_seed
 from server.grid import NodesUnavailableError
 from server.reply_pipeline import (
@@ -52,6 +55,9 @@ from server.results import SiteCompute, SiteData
 from server.secure_aggregation import SecureAggregationStep, SecureAggregator
 from server.strategies import strategy_state
 from server.validation import ArraySpec, metrics_problem, update_problem
+
+if TYPE_CHECKING:
+    from common.tasks.base import RoundFeedback
 
 log = logging.getLogger(__name__)
 FP32 = UpdateEncoding()  # exact values: the default uplink encoding
@@ -84,7 +90,8 @@ class RoundStats:
     site_compute: Mapping[str, SiteCompute] = field(default_factory=dict)  # training cost
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     eval_metrics: Mapping[str, Any] = field(default_factory=dict)
-    client_eval_accuracy: tuple[float, ...] = ()  # sorted
+    # Each client's federated evaluation of the task's headline metric, sorted.
+    client_eval_headline: tuple[float, ...] = ()
     problems: tuple[str, ...] = ()
 
 
@@ -183,7 +190,8 @@ class TrackedStrategy(Strategy):
         uniform_weights: bool = False,
         secure: SecureAggregator | None = None,
         max_update_norm: float = 0.0,
-        federation_label_counts: bool = False,
+        round_feedback: RoundFeedback | None = None,
+        headline_metric: str = "accuracy",
     ) -> None:
         self.inner = inner
         self.seed = seed
@@ -206,8 +214,9 @@ class TrackedStrategy(Strategy):
         # The train messages of a round: the grid gives them their ids when it pushes them.
         self._messages: dict[int, list[Message]] = {}
         self._site_key: Callable[[int], str] | None = None
-        self.federation_label_counts = federation_label_counts
-        self._label_counts: dict[str, list[int]] = {}  # site -> its latest label counts
+        self.round_feedback = round_feedback
+        # The reply metric of the headline: the client dashes the task's metric names.
+        self._headline_key = f"eval-{headline_metric.replace('_', '-')}"
 
     def to_round(self, server_round: int) -> int:
         """The run's round number of Flower's ``server_round`` (after the offset)."""
@@ -223,12 +232,6 @@ class TrackedStrategy(Strategy):
     def inner_state(self) -> dict[str, Any]:
         """The inner strategy's state for a checkpoint (server/strategies.py)."""
         return strategy_state(self.inner)
-
-    def label_counts(self) -> list[int] | None:
-        """The federation's label counts: the sum of each site's latest, or None yet."""
-        if not self._label_counts:
-            return None
-        return sum_label_counts(self._label_counts[site] for site in sorted(self._label_counts))
 
     def summary(self) -> None:
         self.inner.summary()
@@ -254,8 +257,8 @@ class TrackedStrategy(Strategy):
         grid.get_node_ids()
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         round_config = dict(config)
-        if self.federation_label_counts and (counts := self.label_counts()) is not None:
-            round_config[LABEL_COUNTS_KEY] = counts
+        if self.round_feedback is not None:
+            round_config.update(self.round_feedback.config_entries())
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(round_config),
                                                    grid))
         stats = self._update(rnd, sampled=len(messages))
@@ -283,12 +286,11 @@ class TrackedStrategy(Strategy):
                                     sent_to=sent_to, site_key=self._site_key)
                  for m in messages]
         measured = client_measurements(plain, site_key=self._site_key)
-        if self.federation_label_counts:
+        if self.round_feedback is not None:
             for reply in plain:
-                counts = None if reply.error is not None else read_label_counts(reply.metrics)
-                if counts is not None:
+                if reply.error is None:
                     site = self._site_key(reply.node) if self._site_key else f"node-{reply.node}"
-                    self._label_counts[site] = counts
+                    self.round_feedback.collect(site, reply.metrics)
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
         self._update(
             rnd, wait_seconds=wait, replies=len(messages),
@@ -340,7 +342,7 @@ class TrackedStrategy(Strategy):
     ) -> MetricRecord | None:
         rnd = self.to_round(server_round)
         ok = []
-        accuracies: list[float] = []
+        headlines: list[float] = []
         for reply in replies:
             if reply.has_error() or len(reply.content.metric_records) != 1:
                 continue
@@ -349,10 +351,10 @@ class TrackedStrategy(Strategy):
             if (update_problem({}, expected={}, num_examples=weight) or
                     metrics_problem(metrics)) is None:
                 ok.append(reply)
-                if (accuracy := finite(metrics.get("eval-accuracy"))) is not None:
-                    accuracies.append(accuracy)
-        stats = self._update(rnd, client_eval_accuracy=(
-            *self._stats_of(rnd).client_eval_accuracy, *accuracies))
+                if (value := finite(metrics.get(self._headline_key))) is not None:
+                    headlines.append(value)
+        stats = self._update(rnd, client_eval_headline=(
+            *self._stats_of(rnd).client_eval_headline, *headlines))
         if not ok:
             return None
         try:
@@ -363,7 +365,7 @@ class TrackedStrategy(Strategy):
                                         f"evaluation aggregation failed: {exc}"))
             return None
         self._update(rnd, eval_metrics=dict(metrics) if metrics else {},
-                     client_eval_accuracy=tuple(sorted(stats.client_eval_accuracy)))
+                     client_eval_headline=tuple(sorted(stats.client_eval_headline)))
         return metrics
 
 

@@ -204,9 +204,9 @@ def summarize(run: RunData) -> dict[str, Any]:
     summary["best round"] = best[1]
     summary[f"final federated {headline.label}"] = _nanlast(
         _metrics(rows, "federated", f"eval_{headline.name}"))
-    if _has_accuracy(run):  # the clients' spread is of their accuracy
-        summary["final worst-client accuracy"] = _nanlast(
-            _series(rows, lambda r: r.clients.eval_accuracy_spread.get("min")))
+    if _has_accuracy(run):  # the clients' spread is of the headline metric
+        summary[f"final worst-client {headline.label}"] = _nanlast(
+            _series(rows, lambda r: r.clients.eval_headline_spread.get("min")))
     if any(r.retention for r in rows):
         for info in run.metrics:
             summary[f"retention {info.label} since round 0"] = retention_change(
@@ -409,15 +409,15 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                                   if any(info.name in (r.retention or {}) for r in rows)},
                          title=f"Retention set per round - {name}")))
 
-    spread_rows = [r for r in rows if r.clients.eval_accuracy_spread]
+    spread_rows = [r for r in rows if r.clients.eval_headline_spread]
     if spread_rows:
         figs.append((
             "Fairness: spread of the sampled clients' accuracy on their own local eval split",
             plots.plot_client_spread(
                 out / "client_spread.png", rounds=[r.round for r in spread_rows],
-                minimum=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("min")),
-                p10=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("p10")),
-                median=_series(spread_rows, lambda r: r.clients.eval_accuracy_spread.get("median")),
+                minimum=_series(spread_rows, lambda r: r.clients.eval_headline_spread.get("min")),
+                p10=_series(spread_rows, lambda r: r.clients.eval_headline_spread.get("p10")),
+                median=_series(spread_rows, lambda r: r.clients.eval_headline_spread.get("median")),
                 central=_metrics(spread_rows, "central", "accuracy"),
                 title=f"Per-client accuracy spread - {name}")))
     elif _has_accuracy(run):

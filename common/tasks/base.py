@@ -64,6 +64,28 @@ class TrainContext:
     round_config: Mapping[str, Any] = field(default_factory=dict)
 
 
+class RoundFeedback(Protocol):
+    """Site aggregates in training replies -> entries of the next rounds' config.
+
+    A task returns one from ``Task.round_feedback`` when the run needs the federation's
+    view of something the sites measure (e.g. the summed label counts of
+    ``class-weighting-source`` global). The server's strategy holds it for the run:
+    after each round it hands over the metrics of every training reply that is not an
+    error (``collect``),
+    and every later round's config carries ``config_entries()``. It keeps its own state,
+    in memory only: after a resume it starts empty again.
+    """
+
+    def collect(self, site: str, metrics: Mapping[str, Any]) -> None:
+        """Take what ``site``'s training reply ``metrics`` carry (a newer reply of the
+        same site replaces its older values)."""
+        ...
+
+    def config_entries(self) -> dict[str, Any]:
+        """The entries to add to the next round's config ({} while nothing is known)."""
+        ...
+
+
 class Task(Protocol):
     """What a task module provides (see the module docstring)."""
 
@@ -141,6 +163,11 @@ class Task(Protocol):
     def site_metrics(self, examples: Examples, *, cfg: RunConfig) -> dict[str, int | float]:
         """Aggregate statistics of the training ``examples`` the training reply carries
         because the run asks for them (e.g. label counts); {} when it asks for none."""
+        ...
+
+    def round_feedback(self, cfg: RunConfig) -> RoundFeedback | None:
+        """What the server collects from the training replies and sends back in the next
+        rounds' config (``RoundFeedback``), or None when the run needs nothing of it."""
         ...
 
     def evaluate(

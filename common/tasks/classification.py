@@ -42,6 +42,8 @@ from common.losses import (
     class_weights,
     focal_cross_entropy,
     label_count_metrics,
+    read_label_counts,
+    sum_label_counts,
 )
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec
@@ -232,6 +234,13 @@ class ClassificationTask:
         # The classes the labels reach; the server pads shorter vectors with zeros.
         return dict(label_count_metrics(_site_counts(examples, 0)))
 
+    def round_feedback(self, cfg: RunConfig) -> FederationLabelCounts | None:
+        """The federation's label counts when the run weights classes by them
+        (``class-weighting-source`` global), else None."""
+        if cfg.class_weighting == "none" or cfg.class_weighting_source != "global":
+            return None
+        return FederationLabelCounts()
+
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,
         examples: Any, ctx: EvalContext,
@@ -302,6 +311,36 @@ class ClassificationTask:
                 if progress is not None:
                     progress(len(batch["input_ids"]))
         return [id2label[i] for i in predicted]
+
+
+class FederationLabelCounts:
+    """The ``RoundFeedback`` of ``class-weighting-source`` global.
+
+    Collects the label counts each site put in its training reply (``label-count-<k>``,
+    ``site_metrics``; a reply without well-formed counts changes nothing) and sends their
+    sum, over the latest counts of every site that has replied, as ``label-counts`` in
+    the next rounds' config (``_weighting_counts`` reads it at the sites). Round 1, and
+    the first round after a resume (the counts live in memory only), have none yet: the
+    sites then weight by their own counts.
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[str, list[int]] = {}  # site -> its latest label counts
+
+    def collect(self, site: str, metrics: Mapping[str, Any]) -> None:
+        counts = read_label_counts(metrics)
+        if counts is not None:
+            self._latest[site] = counts
+
+    def counts(self) -> list[int] | None:
+        """The federation's label counts: the sum of each site's latest, or None yet."""
+        if not self._latest:
+            return None
+        return sum_label_counts(self._latest[site] for site in sorted(self._latest))
+
+    def config_entries(self) -> dict[str, Any]:
+        counts = self.counts()
+        return {} if counts is None else {LABEL_COUNTS_KEY: counts}
 
 
 def per_class_recall(labels: np.ndarray, predicted: np.ndarray) -> dict[str, float]:

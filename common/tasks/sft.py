@@ -1,10 +1,10 @@
 """Chat SFT: supervised instruction fine-tuning of a causal language model.
 
 Rows are conversations (``messages``: a list of ``{role, content}``; Alpaca and
-prompt/response tables are turned into one, ``common/chat_data.py``). The tokenizer's
+prompt/response tables are turned into one, ``common/tasks/sft_chat_data.py``). The tokenizer's
 chat template renders each conversation; the loss is the next-token cross-entropy on
 the assistant turns only (``train-on = assistant``; ``all`` trains on every token),
-``common/chat_encoding.py``. Evaluation reports the assistant-token loss and its
+``common/tasks/sft_chat_encoding.py``. Evaluation reports the assistant-token loss and its
 perplexity every round and, every ``generate-every`` rounds and after the last, greedy
 generation on a fixed sample of the eval split scored by exact match and token F1
 against the reference answer (the last assistant turn).
@@ -26,14 +26,19 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.builtin_sft_data import generate_sft
-from common.chat_data import (
+from common.config import RunConfig
+from common.data import DataError, read_rows
+from common.model import autocast_context
+from common.specs import DataSpec, EncodeSpec
+from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
+from common.tasks.sft_builtin_data import generate_sft
+from common.tasks.sft_chat_data import (
     chat_frame,
     check_conversation,
     conversations_from_frame,
     detect_format,
 )
-from common.chat_encoding import (
+from common.tasks.sft_chat_encoding import (
     IGNORE_INDEX,
     EncodedChat,
     EncodeStats,
@@ -44,11 +49,6 @@ from common.chat_encoding import (
     split_for_generation,
     token_f1,
 )
-from common.config import RunConfig
-from common.data import DataError, read_rows
-from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec
-from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
 
 log = logging.getLogger(__name__)
 _EVAL_BATCH = 8  # logits are (batch, tokens, vocabulary): keep evaluation batches small
@@ -68,7 +68,7 @@ class ChatExamples:
 
 
 def chat_columns(spec: DataSpec) -> dict[str, str]:
-    """The column names and system prompt of ``spec`` as ``common.chat_data`` takes them."""
+    """The column names and system prompt of ``spec`` as ``sft_chat_data`` takes them."""
     return {
         "messages_column": spec.messages_column, "instruction_column": spec.instruction_column,
         "input_column": spec.input_column, "output_column": spec.output_column,
@@ -96,7 +96,7 @@ class SftSiteReport:
     """A deployed site's SFT file as checked before it trains (counts only, no text).
 
     ``conversations``: rows read; ``refused``: rows training would refuse (a
-    ``common.chat_data`` rule, ``problems`` quotes the first ``_SHOWN_PROBLEMS``
+    ``common.tasks.sft_chat_data`` rule, ``problems`` quotes the first ``_SHOWN_PROBLEMS``
     messages), of which ``no_assistant`` have no assistant turn at all (a ``messages``
     list without a non-blank assistant message, a missing or blank output / response).
     Token counts need the run's tokenizer: without one (``measured`` False) ``kept``
@@ -129,7 +129,7 @@ class SftSiteReport:
     def blocking(self) -> tuple[Any, ...]:
         found = []
         if self.refused:
-            # Training refuses the whole file on its first such row (common/chat_data.py).
+            # Training refuses the whole file on its first such row (common/tasks/sft_chat_data.py).
             found.append(_Finding(
                 f"{self.refused} of {self.conversations} rows cannot be read as a "
                 f"conversation ({self.no_assistant} without an assistant turn, "
@@ -211,7 +211,7 @@ def scan_conversations(
     """Every row of ``frame`` read as a conversation, not only up to the first bad one.
 
     Returns the readable conversations, the messages of the refused rows (the 1-based
-    row of ``frame`` named, as ``common.chat_data`` words them) and how many refused
+    row of ``frame`` named, as ``common.tasks.sft_chat_data`` words them) and how many refused
     rows have no assistant turn. Raises ``DataError`` for a problem of the file, not
     of a row (no chat columns, a column the format needs is missing).
     """
@@ -395,6 +395,9 @@ class SftTask:
 
     def site_metrics(self, examples: Any, *, cfg: RunConfig) -> dict[str, int | float]:
         return {}  # no SFT key asks a site for statistics
+
+    def round_feedback(self, cfg: RunConfig) -> None:
+        return None  # no SFT key needs the federation's view of the sites' data
 
     def evaluate(
         self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase,

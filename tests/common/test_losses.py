@@ -21,6 +21,7 @@ from common.losses import (
     read_label_counts,
     sum_label_counts,
 )
+from common.tasks import get_task
 from common.tasks.base import TrainContext
 from common.tasks.classification import TASK, EncodedData
 from common.training import train_local
@@ -318,3 +319,22 @@ def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
 
     assert moved["none"] > 0.5
     assert moved["inverse-frequency"] < 0.5 * moved["none"]
+
+
+def test_federation_label_counts_are_summed_by_site_latest():
+    feedback = TASK.round_feedback(
+        RunConfig(class_weighting="inverse-frequency", class_weighting_source="global"))
+    assert feedback is not None and feedback.config_entries() == {}  # round 1: not known
+    feedback.collect("a", {"num-examples": 4, "label-count-0": 3, "label-count-1": 1})
+    feedback.collect("b", {"label-count-0": 1, "label-count-1": 2, "label-count-2": 2})
+    assert feedback.config_entries() == {"label-counts": [4, 3, 2]}
+    # a site's newer counts replace its older ones; a reply without counts changes nothing
+    feedback.collect("a", {"label-count-0": 5, "label-count-1": 1})
+    feedback.collect("b", {"num-examples": 5})
+    assert feedback.config_entries() == {"label-counts": [6, 3, 2]}
+
+
+def test_label_counts_are_not_collected_or_sent_unless_asked():
+    assert TASK.round_feedback(RunConfig()) is None
+    assert TASK.round_feedback(RunConfig(class_weighting="inverse-frequency")) is None
+    assert get_task("sft").round_feedback(RunConfig(task="sft")) is None

@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.chat_encoding import IGNORE_INDEX
 from common.config import RunConfig
 from common.data import DataError, load_site_data, load_splits
 from common.dp_sgd import train_local_dp_sgd
@@ -20,6 +19,7 @@ from common.specs import EncodeSpec, ModelSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext, TrainContext
 from common.tasks.sft import TASK, prompts_from_frame
+from common.tasks.sft_chat_encoding import IGNORE_INDEX
 from common.training import train_local
 
 CPU = torch.device("cpu")

@@ -13,8 +13,8 @@ ROW0 = {
     "round": 0, "time": 1.7e9,
     "central": {"accuracy": 0.25, "f1_macro": 0.2, "loss": 1.5, "num_examples": 40},
     "federated": {}, "train": {},
-    "clients": {"sampled": 0, "skipped": False, "eval_accuracy": [], "problems": [],
-                "eval_accuracy_spread": {}},
+    "clients": {"sampled": 0, "skipped": False, "eval_headline": [], "problems": [],
+                "eval_headline_spread": {}},
     "bytes": {"up": 0, "down": 0, "up_total": 0, "down_total": 0},
 }
 ROW1 = {
@@ -22,8 +22,8 @@ ROW1 = {
     "central": {"accuracy": 0.75, "f1_macro": 0.7, "loss": 0.5, "num_examples": 40},
     "federated": {"eval_accuracy": 0.5},
     "train": {"train_loss": float("nan")},
-    "clients": {"sampled": 2, "skipped": True, "eval_accuracy": [0.4, 0.6],
-                "problems": ["x"], "eval_accuracy_spread": {"min": 0.4, "median": 0.5}},
+    "clients": {"sampled": 2, "skipped": True, "eval_headline": [0.4, 0.6],
+                "problems": ["x"], "eval_headline_spread": {"min": 0.4, "median": 0.5}},
     "bytes": {"up": 100, "down": 200, "up_total": 100, "down_total": 200},
 }
 CONFIG = {"strategy": "fedavg", "learning-rate": 0.002, "seed": 42}
@@ -33,11 +33,11 @@ def test_flatten_keeps_numeric_leaves_by_path():
     flat = flatten_metrics(ROW1)
 
     assert flat["central/accuracy"] == 0.75
-    assert flat["clients/eval_accuracy_spread/min"] == 0.4
+    assert flat["clients/eval_headline_spread/min"] == 0.4
     assert flat["clients/skipped"] == 1.0  # booleans as 0/1
     assert flat["bytes/down_total"] == 200.0
     # The step, the wall-clock stamp, lists, strings and NaN are left out.
-    assert not {"round", "time", "clients/eval_accuracy", "clients/problems",
+    assert not {"round", "time", "clients/eval_headline", "clients/problems",
                 "train/train_loss"} & set(flat)
     assert flatten_metrics({"central": None, "round": 3}) == {}
 
@@ -100,7 +100,7 @@ def test_mlflow_metrics_and_params_read_back_from_the_local_file_store(
     assert run.data.params == {"learning-rate": "0.002", "seed": "42", "strategy": "fedavg"}
     history = client.get_metric_history(sink.run_id, "central/accuracy")
     assert sorted((m.step, m.value) for m in history) == [(0, 0.25), (1, 0.75)]
-    assert run.data.metrics["clients/eval_accuracy_spread/min"] == 0.4
+    assert run.data.metrics["clients/eval_headline_spread/min"] == 0.4
 
     # A resumed run folder logs into the same MLflow run.
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE")

@@ -21,8 +21,8 @@ ROW = ResultsRow(
     round=2, central={"accuracy": 0.75, "f1_macro": 0.7, "loss": 0.5, "num_examples": 40},
     federated={"eval_accuracy": 0.5}, train={"train_loss": 0.25},
     clients=Clients(sampled=3, replies=3, aggregated=2, invalid=1,
-                    problems=("node 4: invalid update: x",), eval_accuracy=(0.4, 0.6),
-                    eval_accuracy_spread={"min": 0.4, "p10": 0.42, "median": 0.5}),
+                    problems=("node 4: invalid update: x",), eval_headline=(0.4, 0.6),
+                    eval_headline_spread={"min": 0.4, "p10": 0.42, "median": 0.5}),
     bytes=Bytes(up=100, down=200, up_total=300, down_total=400),
     seconds=Seconds(round=10.0, wait=6.0, client_train_max=4.0, client_train_mean=3.0,
                     aggregate=0.1, central_eval=1.0),
@@ -51,6 +51,15 @@ def test_the_json_keeps_the_documented_names_and_nesting():
     assert obj["seconds"]["client_train_mean"] == 3.0 and obj["bytes"]["up_total"] == 300
     assert obj["validation"]["perplexity"] == 8.2  # any task's metric names
     assert ResultsRow.from_json(obj) == ROW
+
+
+def test_a_row_of_the_accuracy_named_spread_reads_as_the_headline_spread():
+    # Rows written before the spread was keyed on the task's headline metric.
+    row = ResultsRow.from_json({"round": 2, "clients": {
+        "eval_accuracy": [0.4, 0.6], "eval_accuracy_spread": {"min": 0.4, "median": 0.5}}})
+    assert row.clients.eval_headline == (0.4, 0.6)
+    assert row.clients.eval_headline_spread == {"min": 0.4, "median": 0.5}
+    assert "eval_accuracy" not in row.to_json()["clients"]
 
 
 def test_a_row_without_optional_parts_reads_with_defaults_and_a_bad_line_is_an_error(tmp_path):

@@ -221,10 +221,10 @@ class LyingAggregator(SecureAggregator):
 
     target: int = 0
 
-    def _exchange(self, grid, configs, info, phase):
+    def _exchange(self, grid, configs, phase):
         if phase == "unmask":
             configs = {n: {**c, "secagg-dropped": [self.target]} for n, c in configs.items()}
-        return super()._exchange(grid, configs, info, phase)
+        return super()._exchange(grid, configs, phase)
 
 
 def test_clients_refuse_the_both_lists_attack_over_flower():

@@ -4,7 +4,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import Bulyan, FedAdam, FedAvg, FedMedian
 
 from common.encoding import UpdateEncoding, encode_update
-from server.results import summarize_accuracy_spread
+from server.results import summarize_spread
 from server.tracked_strategy import FP32, TrackedStrategy
 from tests.server.messages import NodesGrid, error_reply, eval_reply, send_round, train_reply
 
@@ -103,8 +103,8 @@ def test_robust_inner_strategy_receives_only_valid_replies():
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
 
 
-def test_evaluation_aggregates_valid_replies_and_records_client_accuracy():
-    strategy = _tracked()
+def test_evaluation_aggregates_valid_replies_and_records_client_headline():
+    strategy = _tracked()  # the headline metric defaults to accuracy
     metrics = strategy.aggregate_evaluate(2, [
         eval_reply(1, **{"num-examples": 1, "eval-accuracy": 0.5, "eval-loss": 1.0}),
         eval_reply(2, **{"num-examples": 3, "eval-accuracy": 0.9, "eval-loss": 0.2}),
@@ -112,14 +112,24 @@ def test_evaluation_aggregates_valid_replies_and_records_client_accuracy():
         error_reply(4),
     ])
     assert metrics["eval-accuracy"] == pytest.approx(0.8)
-    assert strategy.take_round_stats(2).client_eval_accuracy == (0.5, 0.9)
+    assert strategy.take_round_stats(2).client_eval_headline == (0.5, 0.9)
 
 
-def test_accuracy_spread():
-    spread = summarize_accuracy_spread([0.1, 0.2, 0.3, 0.4, 0.5])
+def test_the_client_spread_is_of_the_tasks_headline_metric():
+    strategy = TrackedStrategy(FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))},
+                               seed=0, min_replies=1, headline_metric="exact_match")
+    strategy.aggregate_evaluate(1, [
+        eval_reply(1, **{"num-examples": 2, "eval-exact-match": 0.75, "eval-loss": 1.0}),
+        eval_reply(2, **{"num-examples": 2, "eval-exact-match": 0.25, "eval-loss": 1.0}),
+    ])
+    assert strategy.take_round_stats(1).client_eval_headline == (0.25, 0.75)
+
+
+def test_spread():
+    spread = summarize_spread([0.1, 0.2, 0.3, 0.4, 0.5])
     assert spread["min"] == 0.1 and spread["median"] == 0.3
     assert spread["p10"] == pytest.approx(0.14)
-    assert summarize_accuracy_spread([]) == {}
+    assert summarize_spread([]) == {}
 
 
 def test_float64_aggregates_are_cast_back_to_the_exchanged_dtype():
@@ -248,41 +258,40 @@ def test_a_dead_site_is_recorded_under_its_site_name_not_the_superlinks_node_id(
     assert stats.site_examples == {"site-1": 1, "site-2": 1}  # reported by the live ones
 
 
-def test_federation_label_counts_are_summed_and_sent_in_later_rounds():
+class _Feedback:
+    """A RoundFeedback that remembers what it got and sends a count of it."""
+
+    def __init__(self):
+        self.collected = []
+
+    def collect(self, site, metrics):
+        self.collected.append((site, dict(metrics)))
+
+    def config_entries(self):
+        return {"seen": len(self.collected)} if self.collected else {}
+
+
+def test_round_feedback_collects_replies_by_site_and_feeds_later_round_configs():
     from flwr.app import ConfigRecord
 
     from tests.server.messages import NodesGrid
 
+    feedback = _Feedback()
     strategy = TrackedStrategy(
         FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0, min_replies=1,
-        federation_label_counts=True)
+        round_feedback=feedback)
 
     def configs(rnd):
         arrays = ArrayRecord({"w": Array(ZERO["w"])})
         return [dict(m.content["config"]) for m in strategy.configure_train(
-            rnd, arrays, ConfigRecord({"label-names": ["a", "b", "c"]}), NodesGrid(2))]
+            rnd, arrays, ConfigRecord({"label-names": ["a", "b"]}), NodesGrid(2))]
 
-    assert all("label-counts" not in c for c in configs(1))  # round 1: not known yet
+    assert all("seen" not in c for c in configs(1))  # nothing collected yet
     strategy.aggregate_train(1, [
-        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "label-count-0": 3,
-                                        "label-count-1": 1}),
-        train_reply(2, _w(1.0, 0.0), **{"num-examples": 5, "label-count-0": 1,
-                                        "label-count-1": 2, "label-count-2": 2}),
-        error_reply(3),
-    ])
-    assert strategy.label_counts() == [4, 3, 2]
-    assert all(c["label-counts"] == [4, 3, 2] for c in configs(2))
-    # a site's newer counts replace its older ones; a reply without counts changes nothing
-    strategy.aggregate_train(2, [
-        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "label-count-0": 5,
-                                        "label-count-1": 1}),
+        train_reply(1, _w(1.0, 0.0), **{"num-examples": 4, "x": 3}),
         train_reply(2, _w(1.0, 0.0), **{"num-examples": 5}),
+        error_reply(3),  # an error reply is not handed over
     ])
-    assert strategy.label_counts() == [6, 3, 2]
-
-
-def test_label_counts_are_not_collected_or_sent_unless_asked():
-    strategy = _tracked()
-    strategy.aggregate_train(1, [train_reply(1, _w(1.0, 0.0), **{"num-examples": 1,
-                                                                  "label-count-0": 3})])
-    assert strategy.label_counts() is None
+    assert [site for site, _ in feedback.collected] == ["node-1", "node-2"]
+    assert feedback.collected[0][1]["x"] == 3
+    assert all(c["seen"] == 2 and c["label-names"] == ["a", "b"] for c in configs(2))

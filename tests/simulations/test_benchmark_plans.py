@@ -81,7 +81,7 @@ def test_sft_stopping_rule_waits_patience_evaluations_without_gain():
 
 
 def test_sft_plans_fit_the_non_iid_split_and_the_centralized_budget():
-    from common.builtin_sft_data import SFT_TASKS
+    from common.tasks.sft_builtin_data import SFT_TASKS
     from simulations.benchmarks.sft import PLANS, SETTINGS, gap_points
 
     # The built-in SFT data has 4 task types: column:task gives one to each client.

@@ -163,7 +163,7 @@ def generate_sft(num_examples: int, seed: int) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns ``messages`` (a user message — the instruction, a blank line and the
-        text — and the assistant's reference answer, as ``common.chat_data`` defines
+        text — and the assistant's reference answer, as ``common.tasks.sft_chat_data`` defines
         conversations), ``task`` (one of ``SFT_TASKS``) and ``domain`` (its
         ``TASK_DOMAINS`` entry), in random order; tasks are balanced to within one row.
     """

@@ -1,4 +1,4 @@
-"""Tests for common/chat_encoding.py: label masks by hand, templates, overflow, metrics.
+"""Tests for common/tasks/sft_chat_encoding.py: label masks by hand, templates, overflow, metrics.
 
 The tiny tokenizer makes one token of every ASCII character and of every special token,
 so token positions can be counted on the rendered text.
@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from common.chat_encoding import (
+from common.tasks.sft_chat_encoding import (
     IGNORE_INDEX,
     ChatTemplateError,
     EncodedChat,

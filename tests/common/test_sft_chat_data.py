@@ -1,4 +1,4 @@
-"""Tests for common/chat_data.py: the three formats, auto detection, every refusal."""
+"""Tests for common/tasks/sft_chat_data.py: the three formats, auto detection, every refusal."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from common.chat_data import chat_frame, conversations_from_frame, detect_format
 from common.data import DataError
+from common.tasks.sft_chat_data import chat_frame, conversations_from_frame, detect_format
 
 HI = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from common.chat_data import Conversation
 from common.data import DataError
+from common.tasks.sft_chat_data import Conversation
 
 IGNORE_INDEX = -100  # labels transformers' cross-entropy skips
 TRAIN_ON = ("assistant", "all")
@@ -166,7 +166,7 @@ def encode_conversation(
     tokenizer
         A fast Hugging Face tokenizer (character offsets are needed).
     messages
-        A conversation as ``common.chat_data`` validates it.
+        A conversation as ``common.tasks.sft_chat_data`` validates it.
     max_length
         The most tokens kept (>= 1).
     train_on

@@ -1,4 +1,4 @@
-"""Tests for common/builtin_sft_data.py: determinism, balance, checkable answers."""
+"""Tests for common/tasks/sft_builtin_data.py: determinism, balance, checkable answers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 import pandas as pd
 import pytest
 
-from common.builtin_sft_data import SFT_TASKS, TASK_DOMAINS, generate_sft
-from common.chat_data import conversations_from_frame
+from common.tasks.sft_builtin_data import SFT_TASKS, TASK_DOMAINS, generate_sft
+from common.tasks.sft_chat_data import conversations_from_frame
 
 ANSWER_FORMATS = {
     "triage": r"department: (cardiology|orthopedics|neurology|pulmonology); "
