@@ -57,9 +57,9 @@ def run(tmp_path_factory, tiny_model_dir):
         "model": str(tiny_model_dir), "method": "lora", "learning-rate": 0.03,
         "local-steps": 20, "batch-size": 16, "max-length": 32, "num-server-rounds": 2,
         "fraction-evaluate": 0.0, "eval-dataset": str(tmp / "eval.csv"),
-        "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 240.0,
+        "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 480.0,
         "output-dir": str(tmp / "out"), "run-name": "rehearsal",
-    }, work_dir=tmp / "work", on_line=lines.append, timeout=420)
+    }, work_dir=tmp / "work", on_line=lines.append, timeout=900)  # a hang guard
     return result, lines, tmp
 
 
