@@ -84,8 +84,10 @@ def _create(args: argparse.Namespace) -> int:
 
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
     c = cons.create(Path(args.dir), name=args.name, names=names, address=args.address,
-                    sites=tuple(args.site), force=args.force)
-    print(f"[fedsft] consortium {c.root}: SuperLink address {c.address}, "
+                    sites=tuple(args.site), force=args.force,
+                    local_port=args.local_port or cons.LOCAL_PORT)
+    print(f"[fedsft] consortium {c.root}: SuperLink address {c.address} (sites: Fleet API "
+          f"only), admin address {c.local_address} (this host only), "
           f"certificate names {list(names.dns) + list(names.ips)}")
     print(f"[fedsft] start the SuperLink with {c.root / 'superlink' / 'start-superlink.sh'}")
     _print_fingerprint(c)
@@ -535,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DNS name or IP of the SuperLink (repeat); "
                         "default: localhost, 127.0.0.1")
     p.add_argument("--address", help="host:port SuperNodes use (default: first name:8000)")
+    p.add_argument("--local-port", type=int,
+                   help="the SuperLink's own port on 127.0.0.1 (Control API, for the "
+                        "coordinator's flwr CLI; default 9093)")
     p.add_argument("--site", action="append", default=[], help="a partner site (repeat)")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_create)

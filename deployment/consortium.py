@@ -8,11 +8,12 @@
   superlink/ca.pem         what `flower-superlink` needs: CA, certificate, key (0600)
   superlink/server.pem
   superlink/server.key
-  superlink/start-superlink.sh
+  superlink/Caddyfile      the public listener (Caddy): passes only the Fleet API on
+  superlink/start-superlink.sh  the SuperLink on 127.0.0.1 and Caddy in front of it
   superlink/state.db       the SuperLink's state (`--database`): registered nodes, runs
   app-signing/app-signing.key      the coordinator's Ed25519 app-signing key (0600)
   app-signing/app-signing.key.pub  its public key: every site pins it (trusted entities)
-  flwr-home/config.toml    the coordinator's `flwr` CLI connection (FLWR_HOME)
+  flwr-home/config.toml    the coordinator's `flwr` CLI connection (FLWR_HOME), loopback
   registry.json            site -> node id given by `flwr supernode register`
   sites/<site>/            the site's bundle: copy this folder to the site
     ca.pem                 to verify the SuperLink's certificate
@@ -40,10 +41,14 @@ from typing import Any
 
 import tomli_w
 
-from deployment import app_signing, pki
+from deployment import app_signing, pki, proxy
 
 CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
-DEFAULT_PORT = 8000  # flower-superlink --port default: its one HTTPS port (Fleet, Control)
+DEFAULT_PORT = 8000  # the public port (Caddy): the Fleet API only, what SuperNodes reach
+# The SuperLink's own port, on 127.0.0.1 only: Flower 1.42 serves Fleet, Control and the
+# ServerApp's Runtime API there; the coordinator's `flwr` CLI uses it (9093 was Flower's
+# Control API port before 1.42).
+LOCAL_PORT = 9093
 RUNTIME_PORT = 9094  # flower-supernode --port default: its ClientApp (runtime) API, loopback
 # How long a SuperNode keeps retrying after it lost the SuperLink (a restart, a network
 # outage) before it exits: a day covers a maintenance window; a supervisor (systemd
@@ -118,8 +123,17 @@ class Consortium:
 
     @property
     def address(self) -> str:
-        """The SuperLink address as SuperNodes and the ``flwr`` CLI reach it (host:port)."""
+        """The public address (host:port, the proxy) SuperNodes connect to."""
         return str(self.settings["address"])
+
+    @property
+    def local_address(self) -> str:
+        """The SuperLink's own address, 127.0.0.1:port: the Control API, for admins only."""
+        return str(self.settings.get("local-address") or f"127.0.0.1:{LOCAL_PORT}")
+
+    @property
+    def caddyfile(self) -> Path:
+        return self.root / "superlink" / "Caddyfile"
 
     def sites(self) -> list[str]:
         folder = self.root / "sites"
@@ -155,12 +169,15 @@ def create(
     sites: tuple[str, ...] = (),
     force: bool = False,
     app_index_port: int = app_signing.APP_INDEX_PORT,
+    local_port: int = LOCAL_PORT,
 ) -> Consortium:
     """Create a consortium: CA, SuperLink certificate, ``flwr`` connection, site bundles,
     the app-signing key.
 
-    Refuses (``pki.KeyExistsError``) when key files exist, unless ``force``; then
-    nothing is written.
+    ``address`` is the public one (Caddy, Fleet API only) that site bundles name;
+    ``local_port`` the SuperLink's own port on 127.0.0.1, which the coordinator's
+    ``flwr-home`` connection uses. Refuses (``pki.KeyExistsError``) when key files
+    exist, unless ``force``; then nothing is written.
     """
     c = Consortium(root.resolve())
     for site in sites:
@@ -177,6 +194,11 @@ def create(
     names = pki.Names(dns=tuple(dict.fromkeys([*names.dns, "localhost"])),
                       ips=tuple(dict.fromkeys([*names.ips, "127.0.0.1"])))
     address = address or f"{host}:{DEFAULT_PORT}"
+    port = address.rsplit(":", 1)[1]
+    local_address = f"127.0.0.1:{local_port}"
+    if port == str(local_port):  # Caddy binds the port on every interface, loopback too
+        raise ConsortiumError(f"the public address {address} and the SuperLink's own "
+                              f"{local_address} need different ports")
     for sub in ("ca", "superlink", "sites", "flwr-home"):
         (c.root / sub).mkdir(parents=True, exist_ok=True)
     ca_key = pki.new_key()
@@ -188,17 +210,17 @@ def create(
     pki.write_private(c.server_key, pki.key_pem(server_key), force=force)
     pki.write_public(c.server_cert, pki.cert_pem(server_cert), force=True)
     pki.write_public(c.root / "superlink" / "ca.pem", pki.cert_pem(ca_cert), force=True)
-    settings = {"name": name, "address": address, "app-index-port": app_index_port,
+    settings = {"name": name, "address": address, "local-address": local_address,
+                "app-index-port": app_index_port,
                 "dns-names": list(names.dns), "ip-addresses": list(names.ips)}
     (c.root / "consortium.json").write_text(
         json.dumps(settings, indent=2) + "\n", encoding="utf-8"
     )
-    write_flwr_config(c.flwr_home, address=address, ca_cert=c.ca_cert)
+    # The coordinator's CLI talks to the SuperLink over loopback: through the public
+    # address every Control API call is refused.
+    write_flwr_config(c.flwr_home, address=local_address, ca_cert=c.ca_cert)
     create_app_signing_key(c, force=force)
-    port = address.rsplit(":", 1)[1]
-    _write_script(c.root / "superlink" / "start-superlink.sh",
-                  superlink_command(c, port=port, database=str(c.state_db)),
-                  env=superlink_signing_env(c))
+    write_superlink_scripts(c, listen_port=int(port))
     for site in sites:
         add_site(c, site, force=force)
     return c
@@ -406,10 +428,13 @@ def supernode_command(
 
 def superlink_command(c: Consortium, *, port: int | str, database: str | None = None
                       ) -> list[str]:
-    """The ``flower-superlink`` command line: TLS, SuperNode authentication, one port.
+    """The ``flower-superlink`` command line: TLS, SuperNode authentication, loopback.
 
-    ``database``: the state file (``--database``); without it Flower keeps registrations,
-    revocations and runs in memory, all lost when the SuperLink restarts.
+    It binds to 127.0.0.1 only: its Control API must not be reachable by the sites,
+    who reach its Fleet API through the proxy (:func:`proxy_settings`). TLS stays on
+    the loopback hop (``--enable-supernode-auth`` requires it). ``database``: the
+    state file (``--database``); without it Flower keeps registrations, revocations
+    and runs in memory, all lost when the SuperLink restarts.
     """
     command = [
         "flower-superlink",
@@ -418,12 +443,36 @@ def superlink_command(c: Consortium, *, port: int | str, database: str | None = 
         "--ssl-keyfile", str(c.server_key),
         "--enable-supernode-auth",
         "--isolation", "subprocess",
-        "--host", "0.0.0.0",
+        "--host", "127.0.0.1",
         "--port", str(port),
     ]
     if database:
         command += ["--database", database]
     return command
+
+
+def proxy_settings(c: Consortium, *, listen_port: int, listen_host: str = ""
+                   ) -> proxy.ProxySettings:
+    """The public listener of ``c``: its certificate, forwarding to the local address.
+
+    ``listen_host`` empty: every interface (a rehearsal binds 127.0.0.1).
+    """
+    return proxy.ProxySettings(
+        listen_port=listen_port, listen_host=listen_host, superlink=c.local_address,
+        cert=c.server_cert, key=c.server_key, ca_cert=c.root / "superlink" / "ca.pem")
+
+
+def write_superlink_scripts(c: Consortium, *, listen_port: int) -> Path:
+    """Write ``superlink/Caddyfile`` and ``superlink/start-superlink.sh``; returns the script."""
+    c.caddyfile.write_text(proxy.caddyfile(proxy_settings(c, listen_port=listen_port)),
+                           encoding="utf-8")
+    local_port = c.local_address.rsplit(":", 1)[1]
+    path = c.root / "superlink" / "start-superlink.sh"
+    path.write_text(proxy.start_script(
+        superlink_command(c, port=local_port, database=str(c.state_db)),
+        proxy.caddy_command(c.caddyfile), env=superlink_signing_env(c)), encoding="utf-8")
+    path.chmod(0o755)
+    return path
 
 
 def site_check_command(settings: BundleSettings, site: str) -> list[str]:

@@ -1,16 +1,23 @@
 """A local rehearsal of a deployment: the real Deployment Engine, all on 127.0.0.1.
 
-One SuperLink with TLS and SuperNode authentication, one SuperNode per site (each with
-its own data file and key), the sites registered with ``flwr supernode register``, the
-run submitted with ``flwr run`` through a private ``FLWR_HOME`` whose connection trusts
-the consortium CA. Everything started here is stopped when the rehearsal ends, also on
-errors and Ctrl-C; the run folder stays.
+One SuperLink with TLS and SuperNode authentication on its own loopback port, Caddy in
+front of it on the public port (the Fleet API only: ``deployment/proxy.py``), one
+SuperNode per site (each with its own data file and key) connecting to the public port,
+the sites registered with ``flwr supernode register`` and the run submitted with
+``flwr run`` through the coordinator's ``FLWR_HOME`` (the loopback port). While the run
+goes on, a site tries the Control API through the public port with what its bundle
+holds (``flwr`` with the bundle's ``ca.pem``): register a key, unregister another site,
+submit a run, list runs, read the run's logs, stop it; each must be refused by the proxy
+(403). Everything started here is stopped when the rehearsal ends, also on errors and
+Ctrl-C; the run folder stays.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,7 +28,7 @@ import tomli_w
 
 from common.config import RunConfig
 from common.data import build_label_names, read_table
-from deployment import app_signing, pki
+from deployment import app_signing, pki, proxy
 from deployment import consortium as cons
 from deployment.processes import (
     ProcessError,
@@ -31,6 +38,7 @@ from deployment.processes import (
     flwr,
     flwr_json,
     free_port,
+    started_run_id,
     wait_for_port,
 )
 from deployment.site_attacks import Attack, site_attacks, summary
@@ -51,15 +59,47 @@ class Site:
 
 
 @dataclass(frozen=True)
+class AdminAttempt:
+    """One Control API call a site tried through the public address, and its fate."""
+
+    name: str  # what it tried, e.g. "stop a run"
+    command: tuple[str, ...]  # the ``flwr`` words (after ``flwr``)
+    returncode: int  # the CLI's exit code
+    refused_paths: tuple[str, ...]  # Control API paths the proxy answered 403 to
+    output: str  # the CLI's output (its end)
+
+    @property
+    def refused(self) -> bool:
+        """The CLI failed and the proxy refused its request: it never reached the SuperLink."""
+        return self.returncode != 0 and any(
+            path.startswith("/v1/control/") for path in self.refused_paths)
+
+
+# What a site tries on the Control API (names of :func:`site_admin_calls`' entries).
+ADMIN_CALLS = ("stop a run", "read logs", "list runs", "register a key",
+               "unregister another site", "submit a run")
+
+
+def attempts_line(attempts: Sequence[AdminAttempt]) -> str:
+    """``admin calls through the site address: N attempted, K refused``."""
+    refused = sum(a.refused for a in attempts)
+    return (f"admin calls through the site address: {len(attempts)} attempted, "
+            f"{refused} refused")
+
+
+@dataclass(frozen=True)
 class RehearsalResult:
     """What a rehearsal leaves behind."""
 
     run_dir: Path
-    returncode: int  # 0 only if the run completed (outcome.json) with its final model
+    returncode: int  # 0 only if the run completed with its final model, no admin call passed
     log_path: Path
     work_dir: Path
-    message: str = ""  # why the run did not complete
+    message: str = ""  # why the run did not complete, or which attack got through
     attacks: tuple[Attack, ...] = ()  # the site-side attacks tried (``attacks=True``)
+    admin_attempts: tuple[AdminAttempt, ...] = ()  # a site's Control API calls, all refused?
+    nodes_after: tuple[int, ...] = ()  # node ids still registered after the run (admin's view)
+    runs_after: int = 0  # runs the SuperLink knows after the run (admin's view)
 
 
 class Rehearsal:
@@ -71,15 +111,20 @@ class Rehearsal:
 
     def __init__(self, work_dir: Path, site_names: Sequence[str]) -> None:
         self.work_dir = work_dir.resolve()
-        self.port = free_port()
+        self.port = free_port()  # public: the proxy, what SuperNodes (and sites) reach
+        self.local_port = free_port()  # the SuperLink's own, loopback: the admin's
+        while self.local_port == self.port:
+            self.local_port = free_port()
         self.consortium = cons.create(
             self.work_dir / "consortium", name="fedsft-rehearsal", names=pki.Names(),
             address=f"127.0.0.1:{self.port}", sites=tuple(site_names), force=True,
             app_index_port=free_port(),
+            local_port=self.local_port,
         )
         self.logs = self.work_dir / "logs"
         self.processes = ProcessSet()
         self.superlink: subprocess.Popen[bytes] | None = None
+        self.proxy: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Rehearsal:
         return self
@@ -89,17 +134,38 @@ class Rehearsal:
 
     # --- processes --------------------------------------------------------------
     def start_superlink(self) -> None:
-        """Start the SuperLink (TLS, SuperNode authentication) and wait for its port."""
+        """Start the SuperLink (TLS, SuperNode authentication, loopback) and its proxy.
+
+        The proxy is started once and outlives a SuperLink restart (it answers 502
+        meanwhile, which SuperNodes retry).
+        """
         command = cons.superlink_command(
-            self.consortium, port=self.port,
+            self.consortium, port=self.local_port,
             database=str(self.work_dir / "superlink-state.db"),
         )
-        command[command.index("--host") + 1] = "127.0.0.1"  # loopback only
         log = self.logs / "superlink.log"
         self.superlink = self.processes.start(
             "superlink", command, log_path=log,
             env={**flower_env(), **cons.superlink_signing_env(self.consortium)})
-        wait_for_port(self.port, proc=self.superlink, log_path=log)
+        wait_for_port(self.local_port, proc=self.superlink, log_path=log)
+        if self.proxy is None or self.proxy.poll() is not None:
+            self.start_proxy()
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.logs / "proxy.log"
+
+    def start_proxy(self) -> None:
+        """Start Caddy on the public port (127.0.0.1 here) with the generated Caddyfile."""
+        caddyfile = self.work_dir / "Caddyfile"
+        caddyfile.write_text(proxy.caddyfile(cons.proxy_settings(
+            self.consortium, listen_port=self.port, listen_host="127.0.0.1")),
+            encoding="utf-8")
+        self.proxy = self.processes.start(
+            "proxy", proxy.caddy_command(caddyfile),
+            log_path=self.proxy_log,
+            env=flower_env(XDG_DATA_HOME=str(self.work_dir / "caddy-data")))  # not ~/.local
+        wait_for_port(self.port, proc=self.proxy, log_path=self.proxy_log)
 
     def start_supernode(self, site: Site, *, tls: bool = True,
                         give_up_after: float | None = None) -> subprocess.Popen[bytes]:
@@ -130,6 +196,10 @@ class Rehearsal:
     def unregister(self, site: str) -> None:
         """``flwr supernode unregister`` the site (revocation)."""
         revoke_site(self.consortium, site)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """``flwr list`` (the admin's connection): every run the SuperLink knows."""
+        return list(flwr_json(["list"], flwr_home=self.consortium.flwr_home)["runs"])
 
     def nodes(self) -> list[dict[str, Any]]:
         """``flwr supernode list``: node id, status, ..."""
@@ -252,6 +322,79 @@ def revoke_site(c: cons.Consortium, site: str) -> int:
     return node_id
 
 
+def site_flwr_home(c: cons.Consortium, site: str, folder: Path) -> Path:
+    """A ``FLWR_HOME`` made of what the site's bundle holds: the address, ``ca.pem``.
+
+    This is the connection a site would write to try the Control API itself.
+    """
+    cons.write_flwr_config(folder, address=c.address, ca_cert=c.site_dir(site) / "ca.pem")
+    return folder
+
+
+def site_admin_calls(*, other_node_id: int, run_id: int, rogue_key: Path,
+                     app_dir: Path) -> list[tuple[str, list[str]]]:
+    """The Control API calls a site tries, as ``flwr`` CLI words: (what, command).
+
+    The run-specific ones come first, while the run is surely still going on.
+    """
+    return [
+        ("stop a run", ["stop", str(run_id)]),
+        ("read logs", ["log", str(run_id)]),
+        ("list runs", ["list"]),
+        ("register a key", ["supernode", "register", str(rogue_key)]),
+        ("unregister another site", ["supernode", "unregister", str(other_node_id)]),
+        ("submit a run", ["run", str(app_dir), cons.CONNECTION]),
+    ]
+
+
+def refused_paths(log_lines: Sequence[str]) -> tuple[str, ...]:
+    """The request paths the proxy answered 403 to, from lines of its access log (JSON)."""
+    paths = []
+    for line in log_lines:
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if (isinstance(entry, dict) and entry.get("status") == 403
+                and str(entry.get("logger", "")).startswith("http.log.access")):
+            paths.append(str(entry.get("request", {}).get("uri", "")))
+    return tuple(paths)
+
+
+def try_admin_calls_as_site(
+    rehearsal: Rehearsal, site: str, *, other_node_id: int, run_id: int, app_dir: Path,
+) -> tuple[AdminAttempt, ...]:
+    """Make every Control API call of :func:`site_admin_calls` as ``site`` would.
+
+    Each is a real ``flwr`` command through the public (proxy) address, with a
+    ``FLWR_HOME`` holding only the site's bundle ``ca.pem``; the proxy's access log
+    tells which requests it refused.
+    """
+    folder = rehearsal.work_dir / f"as-{site}"
+    home = site_flwr_home(rehearsal.consortium, site, folder / "flwr-home")
+    rogue_key = folder / "rogue.pub"  # a key the site would like to have admitted
+    pki.write_public(rogue_key, pki.ssh_public(pki.new_key(), comment="rogue"), force=True)
+    attempts = []
+    for name, command in site_admin_calls(other_node_id=other_node_id, run_id=run_id,
+                                          rogue_key=rogue_key, app_dir=app_dir):
+        seen = _line_count(rehearsal.proxy_log)
+        try:
+            result = flwr(command, flwr_home=home, check=False, timeout=120)
+            returncode, output = result.returncode, result.stdout + result.stderr
+        except subprocess.TimeoutExpired as error:  # e.g. `flwr log` following a stream
+            returncode, output = -1, f"timed out: {error}"
+        new_lines = rehearsal.proxy_log.read_text(errors="replace").splitlines()[seen:]
+        attempts.append(AdminAttempt(name=name, command=tuple(command),
+                                     returncode=returncode,
+                                     refused_paths=refused_paths(new_lines),
+                                     output=output.strip()[-1000:]))
+    return tuple(attempts)
+
+
+def _line_count(path: Path) -> int:
+    return len(path.read_text(errors="replace").splitlines()) if path.exists() else 0
+
+
 def labels_of(sites: Sequence[Site], cfg: RunConfig) -> str:
     """The classes found in the readable site files, as a ``labels`` value."""
     found: list[Any] = []
@@ -274,9 +417,13 @@ def rehearse(
     on_line: Callable[[str], None] = print,
     timeout: float | None = None,
     attacks: bool = False,
+    try_admin_calls: bool = True,
 ) -> RehearsalResult:
     """Run the app once across ``sites`` on a local, secured deployment.
 
+    With ``try_admin_calls`` the first site tries every Control API call of
+    :func:`site_admin_calls` through the public address while the run goes on; the
+    result's ``returncode`` is non-zero unless every one was refused.
     ``attacks``: after the run, try the site-side attacks (deployment/site_attacks.py:
     unsigned and foreign-signed apps, a modified app, a tampered bundle) and print
     ``attacks: N attempted, N refused``.
@@ -303,18 +450,52 @@ def rehearse(
         on_line(f"[fedsft] preflight: {note}")
     run_dir = run_folder(cfg)
     stamp_before = outcome_stamp(run_dir)
+    attempts: list[AdminAttempt] = []
     with Rehearsal(work_dir, [s.name for s in sites]) as rehearsal:
         rehearsal.start_superlink()
-        on_line(f"[fedsft] SuperLink on 127.0.0.1:{rehearsal.port} (TLS, node auth)")
+        on_line(f"[fedsft] SuperLink on 127.0.0.1:{rehearsal.local_port} (TLS, node auth, "
+                f"admin only); proxy on 127.0.0.1:{rehearsal.port} (Fleet API only)")
+        node_ids = {}
         for site in sites:
-            node_id = rehearsal.register(site.name)
-            on_line(f"[fedsft] registered site {site.name} as node {node_id}")
+            node_ids[site.name] = rehearsal.register(site.name)
+            on_line(f"[fedsft] registered site {site.name} as node {node_ids[site.name]}")
         for site in sites:
             rehearsal.start_supernode(site)
         rehearsal.wait_online(len(sites))
         on_line(f"[fedsft] {len(sites)} SuperNodes online; submitting the run")
+
+        attacker: threading.Thread | None = None
+        if try_admin_calls and sites:
+            attacker_site, other = sites[0].name, sites[-1].name  # the first tries the last
+
+            def attack(run_id: int) -> None:
+                attempts.extend(try_admin_calls_as_site(
+                    rehearsal, attacker_site, other_node_id=node_ids[other], run_id=run_id,
+                    app_dir=app_dir))
+
+        def watch(line: str) -> None:
+            nonlocal attacker
+            on_line(line)
+            run_id = started_run_id(line)
+            if try_admin_calls and sites and run_id is not None and attacker is None:
+                attacker = threading.Thread(target=attack, args=(run_id,), daemon=True)
+                attacker.start()
+
         returncode, log_path = rehearsal.submit(run_config, app_dir=app_dir,
-                                                on_line=on_line, timeout=timeout)
+                                                on_line=watch, timeout=timeout)
+        if attacker is not None:
+            attacker.join(timeout=900)
+        if try_admin_calls:
+            for attempt in attempts:
+                on_line(f"[fedsft] {attempt.name} as site {sites[0].name}: `flwr "
+                        f"{' '.join(attempt.command)}` through the public address: "
+                        f"{'refused' if attempt.refused else 'NOT REFUSED'} "
+                        f"(exit {attempt.returncode}, proxy refused "
+                        f"{', '.join(attempt.refused_paths) or 'nothing'})")
+            on_line(f"[fedsft] {attempts_line(attempts)}")
+        nodes_after = tuple(sorted(int(n["node-id"]) for n in rehearsal.nodes()
+                                   if n["status"] != "unregistered"))
+        runs_after = len(rehearsal.runs())
         tried: list[Attack] = []
         if attacks:
             tried = site_attacks(rehearsal, [s.name for s in sites], run_config,
@@ -326,8 +507,14 @@ def rehearse(
         final_model=has_final_model(run_dir),
         log_text=log_path.read_text(encoding="utf-8", errors="replace"), log_path=log_path,
     )
+    passed = [a.name for a in attempts if not a.refused]
+    if ok and (passed or (try_admin_calls and len(attempts) != len(ADMIN_CALLS))):
+        ok = False
+        message = (f"admin calls through the site address not refused: {', '.join(passed)}"
+                   if passed else f"{attempts_line(attempts)}, of {len(ADMIN_CALLS)} to try")
     if ok and any(not a.refused for a in tried):
         ok, message = False, summary(tried)
     return RehearsalResult(run_dir=run_dir, returncode=0 if ok else (returncode or 1),
                            log_path=log_path, work_dir=work_dir, message=message,
-                           attacks=tuple(tried))
+                           attacks=tuple(tried), admin_attempts=tuple(attempts),
+                           nodes_after=nodes_after, runs_after=runs_after)

@@ -37,14 +37,22 @@ def _flag(words: list[str], flag: str) -> str:
     return words[words.index(flag) + 1]
 
 
-def test_the_superlink_keeps_its_state_in_the_consortium_folder(consortium):
-    words = _exec_line(consortium.root / "superlink/start-superlink.sh")
+def _background(script: Path, program: str) -> list[str]:
+    """The words of the script's ``program ... &`` line (continuation lines joined)."""
+    text = script.read_text().replace("\\\n", " ")
+    line = next(x for x in text.splitlines() if x.startswith(program + " "))
+    assert line.endswith(" &"), line
+    return shlex.split(line[:-2])
 
-    assert words[0] == "flower-superlink"
+
+def test_the_superlink_keeps_its_state_in_the_consortium_folder(consortium):
+    words = _background(consortium.root / "superlink/start-superlink.sh", "flower-superlink")
+
     assert _flag(words, "--database") == str(consortium.root / "superlink/state.db")
     assert consortium.state_db == consortium.root / "superlink/state.db"
     assert "--enable-supernode-auth" in words
-    assert _flag(words, "--port") == "8000"
+    # Its own port on loopback only; the public port 8000 is the proxy's.
+    assert (_flag(words, "--host"), _flag(words, "--port")) == ("127.0.0.1", "9093")
 
 
 def test_a_supernode_retries_for_a_day_after_losing_the_superlink():

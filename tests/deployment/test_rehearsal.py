@@ -1,7 +1,8 @@
 """The Deployment Engine on loopback: TLS, SuperNode authentication, a real run.
 
 One rehearsal (module fixture) with two sites holding different CSV files and a third
-whose file is missing; then export + predict on its result. Separate short-lived
+whose file is missing, all behind the proxy, while site-a tries six Control API calls
+through the public address; then export + predict on its result. Separate short-lived
 SuperLinks check that unregistered, revoked and non-TLS SuperNodes are refused.
 """
 
@@ -56,9 +57,10 @@ def run(tmp_path_factory, tiny_model_dir):
         "model": str(tiny_model_dir), "method": "lora", "learning-rate": 0.03,
         "local-steps": 20, "batch-size": 16, "max-length": 32, "num-server-rounds": 2,
         "fraction-evaluate": 0.0, "eval-dataset": str(tmp / "eval.csv"),
-        "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 240.0,
+        "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 480.0,
         "output-dir": str(tmp / "out"), "run-name": "rehearsal",
-    }, work_dir=tmp / "work", on_line=lines.append, timeout=420, attacks=True)
+    }, work_dir=tmp / "work", on_line=lines.append, timeout=900,  # a hang guard
+        attacks=True)
     return result, lines, tmp
 
 
@@ -70,6 +72,20 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
     result, lines, _ = run
     assert result.returncode == 0, "\n".join(lines[-60:])
     assert any("registered site site-a as node" in x for x in lines)
+    # While it trained, site-a tried the Control API through the public address with
+    # its bundle's ca.pem: the proxy refused every call, none reached the SuperLink.
+    assert "[fedsft] admin calls through the site address: 6 attempted, 6 refused" in lines
+    attempts = {a.name: a for a in result.admin_attempts}
+    assert set(attempts) == {"register a key", "unregister another site", "submit a run",
+                             "list runs", "read logs", "stop a run"}
+    assert all(a.refused and a.returncode != 0 for a in attempts.values())
+    assert attempts["stop a run"].refused_paths == ("/v1/control/stop-run",)
+    assert attempts["submit a run"].refused_paths == ("/v1/control/start-run",)
+    registry = json.loads((result.work_dir / "consortium/registry.json").read_text())
+    # No rogue key admitted, site-c not unregistered.
+    assert result.nodes_after == tuple(sorted(int(e["node-id"]) for e in registry.values()))
+    assert len(result.nodes_after) == 3
+    assert result.runs_after == 1  # the site's run was never started
     rows = _rows(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
