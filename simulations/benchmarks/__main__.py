@@ -52,8 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true",
                       help="tiny random BERT, built-in data, 2-5 clients (100 for scale), "
-                           "2 rounds, fewer settings (the smoke test's run; checks that it runs, "
-                           "measures nothing useful)")
+                           "2 rounds, fewer settings (checks that it runs, measures nothing "
+                           "useful; the smoke test runs it for the benchmarks with machinery "
+                           "of their own)")
     size.add_argument("--full", action="store_true",
                       help="the issue's full-size settings (much longer than the default)")
     parser.add_argument("--output", type=Path, default=HERE,

@@ -24,7 +24,7 @@ VARIANTS = (  # name, overrides
     ("lora-fp16", {"update-encoding": "fp16"}),
     ("lora-int8", {"update-encoding": "int8"}),
 )
-# The smoke test (--quick) checks that the benchmark runs, not the numbers: fp16 goes
+# Quick mode (--quick) checks that the benchmark runs, not the numbers: fp16 goes
 # through the same code as int8, so quick mode leaves it out (one simulation less).
 QUICK_VARIANTS = ("full", "lora-fp32", "lora-int8")
 

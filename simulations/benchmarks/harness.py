@@ -3,7 +3,8 @@
 Every number a benchmark reports comes from a measurement taken in the same invocation;
 nothing here estimates. Federated runs go through ``simulations.runner.run_app`` (the
 same ``flwr run`` path a user takes) and are read back from the run folder's
-``results.jsonl``.
+``results.jsonl``. ``Bench.runner`` can be replaced (tests/simulations/
+test_benchmark_logic.py checks the benchmarks' arithmetic without starting Flower).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from server.results import ResultsRow, read_results
-from simulations.runner import APP_DIR, HarnessError, run_app
+from simulations.runner import APP_DIR, HarnessError, SimulationResult, run_app
 
 SST2_DIR = APP_DIR.parent / "shared" / "data" / "sst2"
 MODES = ("quick", "default", "full")
@@ -133,6 +134,10 @@ class Bench:
     runs_dir: Path
     parallel_workers: int  # virtual clients that run at once (1 CPU each)
     run_timeout: float = 1800.0
+    # Starts one simulation, called as ``run_app`` (the default) is: run config, then
+    # ``num_supernodes``, ``num_cpus``, ``app_dir``, ``timeout`` and ``quiet`` by keyword.
+    # A test gives a fake that validates the config and writes results.jsonl itself.
+    runner: Callable[..., SimulationResult] = run_app
     _cache: dict[str, FedRun] = field(default_factory=dict)
 
     def base(self) -> dict[str, Any]:
@@ -159,8 +164,8 @@ class Bench:
         config = {**overrides, "output-dir": str(self.runs_dir), "run-name": run_name}
         print(f"[bench] run {run_name}: {num_supernodes} supernodes", flush=True)
         try:
-            result = run_app(config, num_supernodes=num_supernodes, num_cpus=1,
-                             app_dir=app_dir, timeout=self.run_timeout, quiet=True)
+            result = self.runner(config, num_supernodes=num_supernodes, num_cpus=1,
+                                 app_dir=app_dir, timeout=self.run_timeout, quiet=True)
         except HarnessError as error:
             raise BenchmarkError(f"run {run_name} failed: {error}") from error
         wall = result.seconds  # measured by run_app after it holds the machine

@@ -41,7 +41,7 @@ TARGET_FRACTION = 0.2
 LIMIT_POINTS = 2.0
 # clients (all sampled), rounds, local steps, {attack: fractions}, strategies
 SIZES: dict[str, tuple[int, int, int, dict[str, tuple[float, ...]], tuple[str, ...]]] = {
-    # quick is the smoke test: one robust strategy exercises every code path
+    # quick checks that it runs: one robust strategy exercises every code path
     "quick": (5, 2, 2, {"sign-flip": (0.2,)}, ("fedmedian",)),
     "default": (20, 3, 6, {"sign-flip": (0.1, 0.2, 0.3), "scale": (0.2,)}, STRATEGIES),
     "full": (20, 5, 10, {"sign-flip": (0.1, 0.2, 0.3), "scale": (0.1, 0.2, 0.3)},

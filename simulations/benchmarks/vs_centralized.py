@@ -34,7 +34,7 @@ SETTINGS = (  # name, overrides, allowed gap in points
     ("dirichlet-1.0", {"partitioner": "dirichlet", "dirichlet-alpha": 1.0}, 2.0),
     ("dirichlet-0.1", {"partitioner": "dirichlet", "dirichlet-alpha": 0.1}, 3.5),
 )
-# The smoke test (--quick) checks that the benchmark runs: every alpha goes through the
+# Quick mode (--quick) checks that the benchmark runs: every alpha goes through the
 # same code, so quick mode runs one (one simulation less).
 QUICK_SETTINGS = ("iid", "dirichlet-0.1")
 

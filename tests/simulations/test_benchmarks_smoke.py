@@ -1,4 +1,10 @@
-"""Smoke test of the benchmark suite: every benchmark in --quick mode, into a tmp folder."""
+"""Smoke test of the benchmark suite: the benchmarks with machinery of their own in
+--quick mode, into a tmp folder.
+
+``communication``, ``vs-centralized``, ``robustness`` and ``dp-accuracy`` only loop over
+run-config variants of fedsft and compute on the rows: test_benchmark_logic.py runs them
+against a fake runner (no Flower), which saves the 8 simulations they would add here.
+"""
 
 from __future__ import annotations
 
@@ -20,11 +26,6 @@ EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
     "baseline-app": ["fedsft.round_seconds", "baseline.round_seconds",
                      "fedsft.bytes_per_round", "baseline.bytes_per_round",
                      "round_speedup", "bytes_ratio"],
-    "communication": [f"{v}.{f}" for v in ("full", "lora-fp32", "lora-int8")
-                      for f in ("bytes_up_per_round", "bytes_down_per_round",
-                                "final_accuracy")],
-    "vs-centralized": ["centralized.accuracy", "iid.final_accuracy", "iid.gap_points",
-                       "dirichlet-0.1.gap_points"],
     "scale": ["small.server_peak_mb_last_round", "many.server_peak_mb_last_round",
               "many.client_peak_mb_max", "ratios.server_peak", "ratios.round_seconds"],
     "secure-aggregation": [f"clients-{n}.{f}" for n in (3,)
@@ -35,12 +36,6 @@ EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
                                      "secure.final_accuracy", "trainable_values",
                                      "ratios.round_seconds", "ratios.bytes_up_vs_int32",
                                      "ratios.accuracy_difference_points")],
-    "dp-accuracy": ["no-dp.final_accuracy"] + [
-        f"eps-{e}.{f}" for e in (8,)
-        for f in ("final_accuracy", "epsilon", "noise_multiplier", "accuracy_drop_points")],
-    "robustness": [f"{s}.{f}" for s in ("fedmedian",)
-                   for f in ("no-attack.final_accuracy", "sign-flip-20pct.final_accuracy",
-                             "sign-flip-20pct.drop_points")],
     "sft": ["throughput.ratio", "throughput.fedsft.trained_tokens_per_second",
             "throughput.plain.trained_tokens_per_second",
             "bytes.lora-r8.bytes_up_per_client", "bytes.lora-r16.bytes_up_per_client",
@@ -49,7 +44,7 @@ EXPECTED = {  # benchmark -> numeric fields (dotted paths into "numbers")
         f"{s}.{f}" for s in ("iid", "by-task")
         for f in ("loss", "exact_match", "token_f1", "gap_exact_match", "gap_token_f1")],
 }
-NO_TARGETS = {"dp-accuracy"}  # reports numbers only: the issue sets no target for it
+SMOKE_TESTED = tuple(EXPECTED)  # test_benchmark_logic.py checks that the two cover all
 
 
 def _get(numbers: dict, path: str) -> float:
@@ -62,10 +57,11 @@ def _get(numbers: dict, path: str) -> float:
     return _get(value, rest) if rest else value
 
 
-def test_quick_suite_writes_every_benchmark(tmp_path):
+def test_quick_suite_writes_every_smoke_tested_benchmark(tmp_path):
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "simulations.benchmarks", "--quick", "--output", str(out)],
+        [sys.executable, "-m", "simulations.benchmarks", "--quick", "--only",
+         ",".join(SMOKE_TESTED), "--output", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=2400,
     )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
@@ -79,19 +75,13 @@ def test_quick_suite_writes_every_benchmark(tmp_path):
             value = _get(result["numbers"], field)
             assert isinstance(value, (int, float)) and math.isfinite(value), (name, field)
         assert all(isinstance(t["met"], bool) for t in result["targets"])
-        assert bool(result["targets"]) == (name not in NO_TARGETS), name
+        assert result["targets"], name  # each of these has targets
     # Bytes are measured, never zero; the baseline ships the full model.
     baseline = json.loads((out / "results" / "baseline-app.json").read_text())["numbers"]
     assert 0 < baseline["fedsft"]["bytes_per_round"] < baseline["baseline"]["bytes_per_round"]
     # Secure aggregation sends every value as a 32-bit word plus protocol messages.
     secagg = json.loads((out / "results" / "secure-aggregation.json").read_text())["numbers"]
     assert secagg["clients-3"]["ratios"]["bytes_up_vs_int32"] > 1
-    # The recorded epsilon is the planned one (the noise multiplier is rounded up).
-    dp = json.loads((out / "results" / "dp-accuracy.json").read_text())["numbers"]
-    assert 0.95 * 8 < dp["eps-8"]["epsilon"] <= 8 * 1.001
-    # One of 5 clients attacks at 20 %.
-    robust = json.loads((out / "results" / "robustness.json").read_text())["numbers"]
-    assert robust["fedavg"]["sign-flip-20pct"]["attackers"] == 1
     # LoRA r=16 sends twice r=8's values; full fine-tuning sends far more.
     sft = json.loads((out / "results" / "sft.json").read_text())["numbers"]["bytes"]
     assert sft["lora-r16"]["exchanged_values"] == 2 * sft["lora-r8"]["exchanged_values"]

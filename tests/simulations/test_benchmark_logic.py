@@ -1,0 +1,304 @@
+"""The arithmetic of four benchmarks, against a fake runner instead of Flower.
+
+``communication``, ``vs-centralized``, ``robustness`` and ``dp-accuracy`` are loops over
+run-config variants of the fedsft app and arithmetic on the rows. Their simulations
+prove nothing the e2e tests do not, so the benchmark smoke test leaves them out and
+this module runs them in quick mode with ``Bench.runner`` replaced by ``FakeFedsft``:
+it validates each run config as ``python -m simulations run`` does before Flower starts
+(Flower's TOML round trip over the app's pyproject defaults, ``RunConfig.from_flower``,
+``server.preflight``), then writes the run folder with the server's own writers, with
+numbers this module chooses so that every gap, ratio and verdict is checked by hand.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tomli_w
+
+from common.config import ConfigError, RunConfig
+from common.data import load_server_eval
+from server.preflight import preflight
+from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
+from server.results import Bytes, Clients, Privacy, ResultsRow, Seconds
+from server.run_outputs import RunOutputs, run_folder
+from simulations.benchmarks import communication, dp_accuracy, robustness, vs_centralized
+from simulations.benchmarks.harness import Bench
+from simulations.runner import APP_DIR, SimulationResult
+
+# The benchmarks this module checks; the smoke test runs the others for real.
+LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy")
+APP_DEFAULTS = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))[
+    "tool"]["flwr"]["app"]["config"]
+WALL_SECONDS = 50.0  # what the fake says each `flwr run` took
+ROUND_SECONDS = 2.0
+TRAINABLE_VALUES = 10_000  # in the fake's checkpoint: sqrt = 100
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What one fake run records: central accuracy before / after, bytes per round."""
+
+    initial_accuracy: float
+    final_accuracy: float
+    bytes_up: int = 1000
+    bytes_down: int = 1000
+
+
+def central(accuracy: float, num_examples: int) -> dict[str, float]:
+    """A classification central evaluation whose other metrics follow from accuracy."""
+    return {"accuracy": accuracy, "f1_macro": accuracy - 0.1, "loss": 1.0 - accuracy,
+            "num_examples": num_examples}
+
+
+@dataclass(frozen=True)
+class Validated:
+    """One run config the fake accepted, as the app would build it."""
+
+    run_name: str
+    cfg: RunConfig
+    num_supernodes: int
+
+
+class FakeFedsft:
+    """Stands in for ``run_app``: validate the config, then write a finished run folder."""
+
+    def __init__(self, plan: Callable[[RunConfig], Planned]) -> None:
+        self.plan = plan
+        self.validated: list[Validated] = []
+        self.eval_examples: set[int] = set()
+
+    def __call__(self, run_config: Mapping[str, Any], *, num_supernodes: int,
+                 num_cpus: float, app_dir: Path, timeout: float | None,
+                 quiet: bool) -> SimulationResult:
+        assert app_dir == APP_DIR and num_cpus == 1 and quiet
+        # What the ServerApp receives: run_app's TOML file over the pyproject defaults.
+        overrides = tomllib.loads(tomli_w.dumps(dict(run_config)))
+        cfg = RunConfig.from_flower({**APP_DEFAULTS, **overrides})
+        preflight(cfg, num_partitions=num_supernodes)
+        self.validated.append(Validated(cfg.run_name, cfg, num_supernodes))
+
+        planned = self.plan(cfg)
+        label_names, eval_set = load_server_eval(cfg)
+        assert eval_set is not None
+        self.eval_examples.add(len(eval_set))
+        outputs = RunOutputs(run_folder(cfg), keep_checkpoints=cfg.keep_checkpoints)
+        outputs.start(cfg, label_names)
+        sampled = sampled_per_round(num_supernodes, cfg.fraction_train)
+        privacy = (PrivacyReport(cfg, sampling_rate=sampled / num_supernodes)
+                   if cfg.dp_noise_multiplier > 0 else None)
+        rounds = cfg.num_server_rounds
+        outputs.append_result(ResultsRow(
+            round=0, central=central(planned.initial_accuracy, len(eval_set))))
+        for r in range(1, rounds + 1):
+            accuracy = planned.final_accuracy if r == rounds else planned.initial_accuracy + (
+                planned.final_accuracy - planned.initial_accuracy) * r / rounds
+            outputs.append_result(ResultsRow(
+                round=r, central=central(accuracy, len(eval_set)),
+                clients=Clients(sampled=sampled, replies=sampled, aggregated=sampled),
+                bytes=Bytes(up=planned.bytes_up, down=planned.bytes_down,
+                            up_total=planned.bytes_up * r, down_total=planned.bytes_down * r),
+                seconds=Seconds(round=ROUND_SECONDS),
+                privacy=None if privacy is None else Privacy(**privacy.row(r))))  # type: ignore[arg-type]
+        outputs.save_checkpoint(rounds, {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
+        log = outputs.folder / "flwr.log"
+        log.write_text("fake run: no Flower\n", encoding="utf-8")
+        return SimulationResult(run_dir=outputs.folder, returncode=0, log_path=log,
+                                seconds=WALL_SECONDS)
+
+
+def quick_bench(tmp_path: Path, model_dir: Path, fake: FakeFedsft) -> Bench:
+    return Bench(mode="quick", model=str(model_dir), runs_dir=tmp_path / "runs",
+                 parallel_workers=1, runner=fake)
+
+
+def one_eval_size(fake: FakeFedsft) -> int:
+    (size,) = fake.eval_examples  # every run evaluates on the same held-out split
+    assert size > 0
+    return size
+
+
+def test_every_benchmark_is_smoke_tested_or_logic_tested():
+    from simulations.benchmarks.__main__ import BENCHMARKS
+    from tests.simulations.test_benchmarks_smoke import SMOKE_TESTED
+
+    assert sorted(SMOKE_TESTED + LOGIC_TESTED) == sorted(BENCHMARKS)
+
+
+# --- communication ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("int8_accuracy, gap_points, met", [(0.797, -0.3, True),
+                                                            (0.79, -1.0, False)])
+def test_communication_compares_bytes_and_accuracy_with_lora_fp32(
+        tmp_path, tiny_model_dir, int8_accuracy, gap_points, met):
+    def plan(cfg: RunConfig) -> Planned:
+        if cfg.method == "full":
+            return Planned(0.6, 0.7, bytes_up=2_000_000, bytes_down=2_000_000)
+        if cfg.update_encoding == "int8":
+            return Planned(0.5, int8_accuracy, bytes_up=20_000, bytes_down=80_000)
+        return Planned(0.5, 0.8, bytes_up=80_000, bytes_down=80_000)
+
+    fake = FakeFedsft(plan)
+    result = communication.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    # Every planned variant was validated, each once, on the quick sizes.
+    assert [(v.cfg.method, v.cfg.update_encoding) for v in fake.validated] == [
+        ("full", "fp32"), ("lora", "fp32"), ("lora", "int8")]
+    assert [v.run_name for v in fake.validated] == [
+        "communication-full-00", "communication-lora-fp32-01", "communication-lora-int8-02"]
+    assert {(v.num_supernodes, v.cfg.num_server_rounds, v.cfg.local_steps)
+            for v in fake.validated} == {(2, 2, 2)}
+    assert fake.validated[0].cfg.learning_rate == 1e-4
+
+    numbers = result["numbers"]
+    assert list(numbers) == ["full", "lora-fp32", "lora-int8"]  # fp16 only outside quick
+    int8 = numbers["lora-int8"]
+    assert int8["bytes_up_per_round"] == 20_000 and int8["bytes_down_per_round"] == 80_000
+    assert int8["bytes_up_per_client_round"] == 10_000  # 2 clients
+    assert int8["bytes_per_round"] == 100_000
+    assert int8["bytes_vs_full"] == pytest.approx(100_000 / 4_000_000)
+    assert int8["accuracy_gap_vs_lora_fp32_points"] == pytest.approx(gap_points)
+    assert int8["final_f1_macro"] == pytest.approx(int8_accuracy - 0.1)
+    assert (int8["initial_accuracy"], int8["wall_seconds"]) == (0.5, WALL_SECONDS)
+    assert int8["eval_examples"] == one_eval_size(fake)
+    assert numbers["full"]["bytes_vs_full"] == 1.0
+    assert numbers["lora-fp32"]["accuracy_gap_vs_lora_fp32_points"] == 0.0
+
+    rows = result["table"]["rows"]
+    assert len(rows) == 3
+    assert rows[2] == ["lora-int8", 20_000, 80_000, 10_000, pytest.approx(0.025),
+                       int8_accuracy, pytest.approx(gap_points), ROUND_SECONDS]
+    (check,) = result["targets"]
+    assert (check["measured"], check["limit"], check["kind"]) == (
+        pytest.approx(abs(gap_points)), 0.5, "max")
+    assert check["met"] is met
+
+
+def test_a_variant_the_app_would_refuse_fails_before_any_run(
+        tmp_path, tiny_model_dir, monkeypatch):
+    variants = (*communication.VARIANTS[:3], ("lora-int8", {"update-encodng": "int8"}))
+    monkeypatch.setattr(communication, "VARIANTS", variants)
+    fake = FakeFedsft(lambda cfg: Planned(0.5, 0.8))
+    with pytest.raises(ConfigError, match="update-encodng"):
+        communication.run(quick_bench(tmp_path, tiny_model_dir, fake))
+    monkeypatch.setattr(communication, "VARIANTS", (
+        *communication.VARIANTS[:3], ("lora-int8", {"update-encoding": "int4"})))
+    with pytest.raises(ConfigError, match="int4"):
+        communication.run(quick_bench(tmp_path / "again", tiny_model_dir, fake))
+
+
+# --- vs-centralized --------------------------------------------------------------------
+
+
+def test_vs_centralized_gaps_are_centralized_minus_federated(
+        tmp_path, tiny_model_dir, monkeypatch):
+    calls = []
+
+    def train_in_process(overrides: Mapping[str, Any], *, num_clients: int,
+                         total_steps: int) -> dict[str, float]:
+        # The real one builds its RunConfig so, and trains total_steps steps.
+        cfg = RunConfig.from_flower({**overrides, "local-steps": total_steps})
+        calls.append((cfg, num_clients))
+        return {"examples_available": 500, "steps": total_steps,
+                "examples_seen": total_steps * cfg.batch_size, "torch_threads": 1,
+                "prepare_seconds": 1.0, "train_seconds": 2.0, "eval_seconds": 0.5,
+                "total_seconds": 3.5, "accuracy": 0.8, "f1_macro": 0.78, "loss": 0.5}
+
+    monkeypatch.setattr(vs_centralized, "train_in_process", train_in_process)
+    fake = FakeFedsft(lambda cfg: Planned(0.5, 0.795 if cfg.partitioner == "iid" else 0.76))
+    result = vs_centralized.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    # Centralized: the clients x rounds x steps budget (2 x 2 x 2) on the IID shares.
+    ((cfg, clients),) = calls
+    assert (clients, cfg.local_steps, cfg.partitioner, cfg.seed) == (2, 8, "iid", 0)
+    assert [(v.cfg.partitioner, v.cfg.dirichlet_alpha, v.cfg.seed, v.num_supernodes)
+            for v in fake.validated] == [("iid", 0.5, 0, 2), ("dirichlet", 0.1, 0, 2)]
+
+    numbers = result["numbers"]
+    assert numbers["examples_budget"] == 8 * 8  # steps x batch size 8
+    # 2 rounds x 2 aggregated clients x 2 local steps x batch 8
+    assert numbers["iid"]["examples_seen"] == numbers["dirichlet-0.1"]["examples_seen"] == 64
+    assert numbers["iid"]["gap_points"] == pytest.approx(0.5)
+    assert numbers["dirichlet-0.1"]["gap_points"] == pytest.approx(4.0)
+    assert numbers["dirichlet-0.1"]["final_f1_macro"] == pytest.approx(0.66)
+    assert numbers["iid"]["failed_clients"] == 0
+    assert "dirichlet-1.0" not in numbers  # quick runs one alpha
+    assert result["table"]["rows"] == [
+        ["centralized (in-process)", 64, 0.8, 0.78, 0.0],
+        ["federated, iid", 64, 0.795, pytest.approx(0.695), pytest.approx(0.5)],
+        ["federated, dirichlet-0.1", 64, 0.76, pytest.approx(0.66), pytest.approx(4.0)]]
+    assert [(t["limit"], t["met"]) for t in result["targets"]] == [(1.0, True), (3.5, False)]
+    assert f"({one_eval_size(fake)} rows)" in result["notes"][1]
+
+
+# --- robustness ------------------------------------------------------------------------
+
+
+def test_robustness_drop_is_no_attack_minus_attacked_accuracy(tmp_path, tiny_model_dir):
+    def plan(cfg: RunConfig) -> Planned:
+        return Planned(0.5, 0.7 if cfg.attack == "none" else 0.685)
+
+    fake = FakeFedsft(plan)
+    result = robustness.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    assert [(v.cfg.strategy, v.cfg.attack, v.cfg.attack_fraction, v.cfg.attack_scale,
+             v.cfg.num_malicious, v.num_supernodes) for v in fake.validated] == [
+        ("fedmedian", "none", 0.0, 1.0, 0, 5), ("fedmedian", "sign-flip", 0.2, 4.0, 0, 5)]
+    numbers = result["numbers"]
+    assert list(numbers) == ["fedmedian"]
+    attacked = numbers["fedmedian"]["sign-flip-20pct"]
+    assert attacked["attackers"] == 1  # one of 5 clients attacks at 20 %
+    assert attacked["aggregated_last_round"] == 5
+    assert attacked["drop_points"] == pytest.approx(1.5)
+    assert numbers["fedmedian"]["no-attack"]["drop_points"] == 0.0
+    assert result["table"]["columns"] == [
+        "strategy", "no-attack", "sign-flip-20%", "drop at 20% sign-flip (points)"]
+    assert result["table"]["rows"] == [["fedmedian", 0.7, 0.685, pytest.approx(1.5)]]
+    (check,) = result["targets"]
+    assert check["what"].startswith("fedmedian: accuracy drop at 20% sign-flip")
+    assert (check["measured"], check["limit"], check["met"]) == (
+        pytest.approx(1.5), 2.0, True)
+
+
+# --- dp-accuracy -----------------------------------------------------------------------
+
+
+def test_dp_accuracy_reports_the_recorded_epsilon_and_the_drop(tmp_path, tiny_model_dir):
+    fake = FakeFedsft(lambda cfg: Planned(0.5, 0.6 if cfg.dp_noise_multiplier else 0.65))
+    result = dp_accuracy.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    no_dp, dp = fake.validated
+    assert (no_dp.cfg.dp_noise_multiplier, no_dp.cfg.fraction_train, no_dp.num_supernodes) == (
+        0.0, 0.5, 2)
+    assert (dp.cfg.dp_clipping, dp.cfg.dp_side, dp.cfg.dp_delta, dp.cfg.dp_clipping_norm) == (
+        "fixed", "server", 1e-5, 1.0)
+    z = dp.cfg.dp_noise_multiplier  # bisected for q = 1 of 2 clients, 2 rounds
+    assert result["config"]["noise multipliers"] == {"no-dp": 0.0, "eps-8": z} and z > 0
+
+    numbers = result["numbers"]
+    assert (numbers["sampling_rate"], numbers["sampled_per_round"]) == (0.5, 1)
+    eps8 = numbers["eps-8"]
+    # The noise multiplier is rounded up: the recorded epsilon is at most the target.
+    assert eps8["epsilon"] == client_level_epsilon(noise_multiplier=z, sampling_rate=0.5,
+                                                   rounds=2, delta=1e-5)
+    assert 0.95 * 8 < eps8["epsilon"] <= 8 * 1.001
+    assert (eps8["noise_multiplier"], eps8["target_epsilon"]) == (z, 8.0)
+    assert eps8["accuracy_drop_points"] == pytest.approx(5.0)
+    assert eps8["recorded_sampling_rate"] == 0.5 and eps8["sampled_per_round"] == 1
+    assert numbers["no-dp"]["epsilon"] == math.inf
+    assert numbers["no-dp"]["recorded_sampling_rate"] is None
+    assert result["table"]["rows"] == [
+        ["no-dp", "-", "-", "-", 0.5, 0.65, 0.0],
+        ["eps-8", 8.0, z, eps8["epsilon"], 0.5, 0.6, pytest.approx(5.0)]]
+    assert result["targets"] == []  # the issue sets no target: numbers only
+    # Noise norm vs the largest mean update: z x sqrt(10 000 values) / 1 sampled client.
+    assert f"is eps-8 {z * 100:.3g};" in result["notes"][1]
+    assert f"With {TRAINABLE_VALUES:,} trainable values" in result["notes"][1]
