@@ -22,6 +22,7 @@ from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
 from common.config import RunConfig
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
+from common.records import array_record, config_record, config_strs, numpy_arrays
 from common.specs import ModelSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext
@@ -34,12 +35,12 @@ app = ClientApp(mods=[egress_audit_mod])
 def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     """Config, the received global state, the model holding it, and this site's data."""
     cfg = RunConfig.from_flower(context.run_config)
-    config = msg.content["config"]
-    label_names = [str(name) for name in config["label-names"]]
+    config = config_record(msg.content, "config")
+    label_names = config_strs(config, "label-names")
     device = select_device(cfg.device)
     model, tokenizer = get_model(ModelSpec.of(cfg, label_names), device,
                                  max_length=cfg.max_length)
-    received = {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    received = numpy_arrays(array_record(msg.content, "arrays"))
     set_exchanged_state(model, received)
     try:
         data = load_local_data(cfg, context.node_config, label_names, tokenizer)

@@ -43,6 +43,7 @@ from client.outgoing import SECAGG_ROUND_KEY
 from client.secagg import WEIGHT_KEY
 from common.config import ConfigError, RunConfig
 from common.encoding import expected_keys
+from common.records import array_record, numpy_arrays
 from common.tasks import TASK_METRICS
 
 log = logging.getLogger(__name__)
@@ -112,13 +113,13 @@ def egress_problems(
         if sent.metadata.message_type != "query":
             problems.append(f"config record {key!r} in a {sent.metadata.message_type} reply")
             continue
-        for name, value in config.items():
+        for name, entry in config.items():
             if not QUERY_KEYS.fullmatch(name):
                 problems.append(f"config {key}/<{len(name)} characters> is not a "
                                 "protocol key")
-            elif isinstance(value, str) and (name != "client-key" or value != own_key):
+            elif isinstance(entry, str) and (name != "client-key" or entry != own_key):
                 problems.append(f"config {key}/{name} carries a string")
-            elif isinstance(value, list) and any(isinstance(v, str) for v in value):
+            elif isinstance(entry, list) and any(isinstance(v, str) for v in entry):
                 problems.append(f"config {key}/{name} carries strings")
     return problems
 
@@ -160,7 +161,7 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     if not required:
         return reply
     if reply.has_error():  # an error made below us: its reason is checked the same way
-        reason = reply.error.reason
+        reason = reply.error.reason or ""  # Flower's Error may carry no reason at all
         if len(reason) > MAX_ERROR_CHARS or not reason.isprintable():
             return Message(Error(code=reply.error.code,
                                  reason=audited_error_reason("ClientAppError", reason)),
@@ -169,7 +170,7 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
     allowed = None
     if msg.metadata.message_type == "train":
         cfg = RunConfig.from_flower(context.run_config)
-        received = {name: a.numpy() for name, a in msg.content["arrays"].items()}
+        received = numpy_arrays(array_record(msg.content, "arrays"))
         allowed = expected_keys(received, cfg.encoding) | set(received)
         if SECAGG_ROUND_KEY in msg.content["config"]:  # masked update + masked weight
             allowed = set(received) | {WEIGHT_KEY}

@@ -18,6 +18,7 @@ from client.dp_clipping import clip_update
 from client.secagg import mask_update
 from common.config import RunConfig
 from common.encoding import encode_update
+from common.records import array_record, config_float, numpy_arrays
 
 RESIDUAL_KEY = "topk-residual"  # in context.state: what top-k has not sent yet
 SECAGG_ROUND_KEY = "secagg-round"  # present in a train config under secure aggregation
@@ -45,7 +46,7 @@ def outgoing_update(
                             seed=attack_seed)
     if KEY_CLIPPING_NORM in config:  # Flower's client-side DP wrappers: clip here
         new, dp_metrics = clip_update(
-            new, received, clipping_norm=float(config[KEY_CLIPPING_NORM]),
+            new, received, clipping_norm=config_float(config, KEY_CLIPPING_NORM),
             adaptive=cfg.dp_clipping == "adaptive",
         )
         extra.update(dp_metrics)
@@ -55,11 +56,9 @@ def outgoing_update(
         delta = {k: new[k] - received[k] for k in new}
         del extra["num-examples"]
         return mask_update(delta, weight, config, context), extra
-    record = context.state.get(RESIDUAL_KEY)
-    payload, residual = encode_update(
-        new, received, cfg.encoding,
-        residual=None if record is None else {k: a.numpy() for k, a in record.items()},
-    )
+    stored = (numpy_arrays(array_record(context.state, RESIDUAL_KEY))
+              if RESIDUAL_KEY in context.state else None)
+    payload, residual = encode_update(new, received, cfg.encoding, residual=stored)
     if residual:  # top-k error feedback: kept on the site for the next round
         context.state[RESIDUAL_KEY] = ArrayRecord({k: Array(v) for k, v in residual.items()})
     return payload, extra

@@ -15,6 +15,7 @@ from flwr.app import ConfigRecord, RecordDict
 
 from common.config import RunConfig
 from common.dp_sgd import planned_entry, sample_level_epsilon, train_local_dp_sgd
+from common.records import config_floats, config_ints
 from common.tasks.base import Examples, Task
 from common.training import TrainResult
 
@@ -30,8 +31,8 @@ def load_history(state: RecordDict) -> list[tuple[float, float, int]]:
     if STATE_KEY not in state.config_records:
         return []
     record = state.config_records[STATE_KEY]
-    return [(float(z), float(q), int(n)) for z, q, n in
-            zip(record["noise"], record["rate"], record["steps"], strict=True)]
+    return list(zip(config_floats(record, "noise"), config_floats(record, "rate"),
+                    config_ints(record, "steps"), strict=True))
 
 
 def store_history(state: RecordDict, history: list[tuple[float, float, int]]) -> None:

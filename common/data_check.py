@@ -35,6 +35,7 @@ label skew makes normal); blocking findings are no row left after cleaning, a co
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import unicodedata
@@ -309,8 +310,9 @@ def check_site_data(
         raw, text_column=text_column, label_column=label_column
     )
     measure = TOKENIZER_COUNT if tokenizer is not None else WHITESPACE_ESTIMATE
-    base = dict(
-        source=name, rows_read=len(raw), dropped_empty_text=int(empty_text.sum()),
+    # The fields known before cleaning, shared by the early and the full report.
+    report_of = functools.partial(
+        DataReport, source=name, rows_read=len(raw), dropped_empty_text=int(empty_text.sum()),
         dropped_missing_label=int(missing_label.sum()),
         label_names=tuple(label_names) if label_names is not None else None,
         max_length=max_length, length_measure=measure,
@@ -328,8 +330,8 @@ def check_site_data(
                             label_column=label_column, label_case_fold=label_case_fold)
     except DataError as error:  # nothing left, or a column training refuses
         findings.append(Finding("blocking", "unusable-data", str(error)))
-        return DataReport(
-            **base, rows_kept=0, label_counts=(), unknown_labels=(), exact_duplicates=0,
+        return report_of(
+            rows_kept=0, label_counts=(), unknown_labels=(), exact_duplicates=0,
             normalized_duplicates=0, conflicting_labels=0, short_texts=0, too_long=0,
             eval_rows=None, eval_overlap=None, findings=tuple(findings),
         )
@@ -348,8 +350,7 @@ def check_site_data(
     labels_by_text: dict[str, set[str]] = {}
     for text, label in zip(normalized, labels, strict=True):
         labels_by_text.setdefault(text, set()).add(label)
-    report = DataReport(
-        **base,
+    report = report_of(
         rows_kept=len(frame),
         label_counts=counts,
         unknown_labels=unknown,

@@ -222,7 +222,10 @@ def train_local_dp_sgd(
                 seen.update(index)
             else:  # an empty Poisson batch still takes its (noise-only) step
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device)
+                    # Opacus keeps per-example gradients in an attribute it adds to each
+                    # Parameter at run time; torch's Parameter type does not declare it.
+                    p.grad_sample = torch.zeros(  # type: ignore[attr-defined]
+                        (0, *p.shape), device=p.device)
             optimizer.step()
             scheduler.step()
     finally:

@@ -63,18 +63,21 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
     task = get_task(spec.task)
     torch.manual_seed(spec.seed)
     try:
-        model: torch.nn.Module = task.load_model(spec.model_path,
-                                                 label_names=spec.label_names, seed=spec.seed)
+        pretrained = task.load_model(spec.model_path, label_names=spec.label_names,
+                                     seed=spec.seed)
     except OSError as error:  # a download that failed, a corrupt or partial folder
         raise ConfigError(
             f"`model` {spec.model_path!r} could not be loaded: {error}") from error
+    # peft wraps ``pretrained`` in place (the adapters go into its layers), so the
+    # transformers calls below act on ``pretrained`` whatever the method.
+    model: torch.nn.Module = pretrained
     if spec.method == "lora":
         model = _apply_lora(model, spec, task_type=task.peft_task_type,
                             default_targets=task.lora_targets)
     elif spec.method == "full":
         model.requires_grad_(True)
     elif spec.method == "head":
-        body = model.base_model_prefix + "."
+        body = pretrained.base_model_prefix + "."
         for name, param in model.named_parameters():
             param.requires_grad_(not name.startswith(body))
     elif spec.method == "freeze":
@@ -83,10 +86,10 @@ def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBa
         raise AssertionError(f"unhandled method {spec.method!r}")
     if spec.gradient_checkpointing:
         # Recompute activations in the backward pass; with frozen embeddings (LoRA) the
-        # inputs must require grad for the checkpointed blocks to get gradients.
-        model.gradient_checkpointing_enable()
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+        # inputs must require grad for the checkpointed blocks to get gradients. A peft
+        # wrapper defines neither method: it forwards both to ``pretrained``.
+        pretrained.gradient_checkpointing_enable()
+        pretrained.enable_input_require_grads()
     model.eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(spec.model_path)

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from server.run_outputs import replace_folder, staging_folder
 
@@ -23,16 +23,27 @@ def export_final_model(
     ``folder/model/config.json`` is what says "finished", so an interrupted export
     must never leave a partial ``folder`` (an earlier ``folder`` stays until then).
     Returns the written paths by name.
+
+    Raises
+    ------
+    TypeError
+        If ``model`` (or what merging a peft model gives) is not a transformers model:
+        nothing else can be saved in Hugging Face layout.
     """
+    from peft import PeftModel  # imported here, as in common/model.py: only exports need it
+
     staging = staging_folder(folder)
     try:
         names: dict[str, str] = {}
         standalone = model
-        if hasattr(model, "merge_and_unload"):  # a peft model
+        if isinstance(model, PeftModel):
             model.save_pretrained(str(staging / "adapter"))
             tokenizer.save_pretrained(str(staging / "adapter"))
             names["adapter"] = "adapter"
             standalone = copy.deepcopy(model).merge_and_unload()
+        if not isinstance(standalone, PreTrainedModel):
+            raise TypeError(f"cannot export a {type(standalone).__name__} in Hugging Face "
+                            "layout: a transformers (or peft) model is needed")
         standalone.save_pretrained(str(staging / "model"))
         tokenizer.save_pretrained(str(staging / "model"))
         names["model"] = "model"

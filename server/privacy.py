@@ -68,17 +68,23 @@ def wrap_with_dp(
 ) -> flwr_strategy.Strategy:
     """``strategy`` inside the Flower DP wrapper that ``dp-clipping``/``dp-side`` name."""
     z, norm = cfg.dp_noise_multiplier, cfg.dp_clipping_norm
+    server_side = cfg.dp_side == "server"
+    # Fixed and adaptive wrappers name the norm differently (clipping_norm vs
+    # initial_clipping_norm), so each pair is built by its own call.
     if cfg.dp_clipping == "fixed":
-        wrapper = (flwr_strategy.DifferentialPrivacyServerSideFixedClipping
-                   if cfg.dp_side == "server"
-                   else flwr_strategy.DifferentialPrivacyClientSideFixedClipping)
-        return wrapper(strategy, noise_multiplier=z, clipping_norm=norm,
-                       num_sampled_clients=num_sampled)
-    wrapper = (flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping
-               if cfg.dp_side == "server"
-               else flwr_strategy.DifferentialPrivacyClientSideAdaptiveClipping)
-    return wrapper(strategy, noise_multiplier=z, num_sampled_clients=num_sampled,
-                   initial_clipping_norm=norm)
+        if server_side:
+            return flwr_strategy.DifferentialPrivacyServerSideFixedClipping(
+                strategy, noise_multiplier=z, clipping_norm=norm,
+                num_sampled_clients=num_sampled)
+        return flwr_strategy.DifferentialPrivacyClientSideFixedClipping(
+            strategy, noise_multiplier=z, clipping_norm=norm, num_sampled_clients=num_sampled)
+    if server_side:
+        return flwr_strategy.DifferentialPrivacyServerSideAdaptiveClipping(
+            strategy, noise_multiplier=z, num_sampled_clients=num_sampled,
+            initial_clipping_norm=norm)
+    return flwr_strategy.DifferentialPrivacyClientSideAdaptiveClipping(
+        strategy, noise_multiplier=z, num_sampled_clients=num_sampled,
+        initial_clipping_norm=norm)
 
 
 class PrivacyReport:

@@ -6,11 +6,29 @@ only maps config keys onto their constructor arguments.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypedDict
 
 from flwr.serverapp import strategy as flwr_strategy
 
 from common.config import ConfigError, RunConfig
+
+
+class _Sampling(TypedDict):
+    """The constructor arguments every Flower strategy here takes, typed for the checker."""
+
+    fraction_train: float
+    fraction_evaluate: float
+    min_train_nodes: int
+    min_evaluate_nodes: int
+    min_available_nodes: int
+    weighted_by_key: str
+
+
+_SERVER_OPTIMISERS = {
+    "fedadam": flwr_strategy.FedAdam,
+    "fedyogi": flwr_strategy.FedYogi,
+    "fedadagrad": flwr_strategy.FedAdagrad,
+}
 
 
 def build_strategy(cfg: RunConfig) -> flwr_strategy.Strategy:
@@ -18,35 +36,33 @@ def build_strategy(cfg: RunConfig) -> flwr_strategy.Strategy:
 
     Sampling minimums are set so that Flower's own wait loop never blocks: the
     ``NodeWaitingGrid`` (server/grid.py) waits for ``min-nodes`` with a deadline
-    before Flower samples.
+    before Flower samples. A ``server-learning-rate`` of 0 leaves the argument out, so
+    Flower's own default applies.
     """
-    common: dict[str, Any] = {
-        "fraction_train": cfg.fraction_train,
-        "fraction_evaluate": cfg.fraction_evaluate,
-        "min_train_nodes": 1,
-        "min_evaluate_nodes": 1 if cfg.fraction_evaluate > 0 else 0,
-        "min_available_nodes": cfg.min_nodes,
-        "weighted_by_key": "num-examples",
-    }
-    lr = {"eta": cfg.server_learning_rate} if cfg.server_learning_rate > 0 else {}
+    common = _Sampling(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        min_train_nodes=1,
+        min_evaluate_nodes=1 if cfg.fraction_evaluate > 0 else 0,
+        min_available_nodes=cfg.min_nodes,
+        weighted_by_key="num-examples",
+    )
+    lr_set = cfg.server_learning_rate > 0
     name = cfg.strategy
     if name == "fedavg":
         return flwr_strategy.FedAvg(**common)
     if name == "fedprox":
         return flwr_strategy.FedProx(**common, proximal_mu=cfg.proximal_mu)
-    if name == "fedadam":
-        return flwr_strategy.FedAdam(**common, **lr)
-    if name == "fedyogi":
-        return flwr_strategy.FedYogi(**common, **lr)
-    if name == "fedadagrad":
-        return flwr_strategy.FedAdagrad(**common, **lr)
+    if name in _SERVER_OPTIMISERS:
+        optimiser = _SERVER_OPTIMISERS[name]
+        if lr_set:
+            return optimiser(**common, eta=cfg.server_learning_rate)
+        return optimiser(**common)
     if name == "fedavgm":
-        server_lr = (
-            {"server_learning_rate": cfg.server_learning_rate}
-            if cfg.server_learning_rate > 0
-            else {}
-        )
-        return flwr_strategy.FedAvgM(**common, **server_lr, server_momentum=cfg.server_momentum)
+        if lr_set:
+            return flwr_strategy.FedAvgM(**common, server_momentum=cfg.server_momentum,
+                                         server_learning_rate=cfg.server_learning_rate)
+        return flwr_strategy.FedAvgM(**common, server_momentum=cfg.server_momentum)
     if name == "fedmedian":
         return flwr_strategy.FedMedian(**common)
     if name == "fedtrimmedavg":

@@ -18,7 +18,7 @@ SIZES = {  # clients, rounds, local steps
     "default": (5, 5, 20),
     "full": (10, 8, 20),
 }
-VARIANTS = (  # name, overrides
+VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (  # name, overrides
     ("full", {"method": "full", "learning-rate": 1e-4}),
     ("lora-fp32", {}),
     ("lora-fp16", {"update-encoding": "fp16"}),

@@ -264,12 +264,13 @@ def measure_bytes(model: str, *, clients: int) -> dict[str, Any]:
     from common.model import build_model, get_exchanged_state
     from common.specs import ModelSpec
 
-    variants = {f"lora-r{r}": {"method": "lora", "lora_r": r, "lora_alpha": 2 * r}
+    variants = {f"lora-r{r}": RunConfig(task="sft", model=model, method="lora", lora_r=r,
+                                        lora_alpha=2 * r)
                 for r in LORA_RANKS}
-    variants["full"] = {"method": "full"}
+    variants["full"] = RunConfig(task="sft", model=model, method="full")
     numbers: dict[str, Any] = {}
-    for name, keys in variants.items():
-        built, _ = build_model(ModelSpec.of(RunConfig(task="sft", model=model, **keys), []))
+    for name, cfg in variants.items():
+        built, _ = build_model(ModelSpec.of(cfg, []))
         state = get_exchanged_state(built)
         del built
         up = serialized_bytes(state)

@@ -29,7 +29,7 @@ SIZES = {  # clients, rounds, local steps
     "default": (10, 6, 10),
     "full": (10, 10, 20),
 }
-SETTINGS = (  # name, overrides, allowed gap in points
+SETTINGS: tuple[tuple[str, dict[str, Any], float], ...] = (  # name, overrides, allowed gap (points)
     ("iid", {}, 1.0),  # the default partitioner is iid
     ("dirichlet-1.0", {"partitioner": "dirichlet", "dirichlet-alpha": 1.0}, 2.0),
     ("dirichlet-0.1", {"partitioner": "dirichlet", "dirichlet-alpha": 0.1}, 3.5),
