@@ -25,7 +25,7 @@ from server.export import export_final_model
 from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
 from server.model_selection import Selection
-from server.preflight import check_new_run_folder
+from server.preflight import NO_CENTRAL_EVALUATION, check_new_run_folder
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import EarlyStop, RoundRecorder, arrays_to_state
 from server.run_outputs import (
@@ -86,13 +86,15 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     """``run_federation`` once the run folder is known (and any resume checked)."""
     task = get_task(cfg.task)
     label_names, eval_set = load_server_eval(cfg)
+    if eval_set is None:
+        print(f"[fedsft] {NO_CENTRAL_EVALUATION}", flush=True)
     device = select_device(cfg.device)
     model, tokenizer = get_model(ModelSpec.of(cfg, label_names), device,
                                  max_length=cfg.max_length)
     encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
     eval_data = None if eval_set is None else task.encode(eval_set, tokenizer, spec=encoding)
     validation_data = None
-    if cfg.validation_fraction > 0:  # RunConfig refuses it with `labels` (no dataset)
+    if cfg.validation_fraction > 0:  # RunConfig refuses it when the server reads no dataset
         validation_set = load_splits(cfg).validation
         assert validation_set is not None  # load_splits holds it out at this fraction
         validation_data = task.encode(validation_set, tokenizer, spec=encoding)
