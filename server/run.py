@@ -103,8 +103,13 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         retention_data = task.encode(load_site_data(cfg.retention_dataset, cfg, label_names),
                                      tokenizer, spec=encoding)
 
+    # The key query is each node's first message (a cold ClientApp under load can take
+    # a minute): one that times out stays in flight, and in a simulation its late end
+    # writes back the node's older context, losing the secure-aggregation keys stored
+    # meanwhile. A node gets as long to answer it as to answer a round.
     waiting_grid = NodeWaitingGrid(
-        grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
+        grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout,
+        query_timeout=cfg.round_timeout,
     )
     strategy = build_strategy(cfg)
     privacy = None
