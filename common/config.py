@@ -54,6 +54,9 @@ SELECTION_METRICS = {task: ("auto", *(m.name for m in metrics))
 # that generate, `generate-every`); a task missing here selects by its headline metric.
 AUTO_SELECTION_METRICS = {"classification": "accuracy", "sft": "loss"}
 CHAT_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
+# `dataset` = "none": the training data is only at the sites (deployment); the server
+# reads no `dataset` and evaluates centrally only on an `eval-dataset`, if one is given.
+NO_DATASET = "none"
 # Keys that only one task reads: set for the other task they are refused, not ignored.
 CLASSIFICATION_ONLY = ("labels", "text_column", "label_column", "label_case_fold",
                        "classes_per_client", "skew_loss", "skew_loss_tau",
@@ -97,7 +100,7 @@ class RunConfig:
     lora_aggregation: str = "fedavg"
     freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
     # --- data ---
-    dataset: str = "builtin"  # builtin | path to a file | hf:<name>
+    dataset: str = "builtin"  # builtin | path to a file | hf:<name> | none (sites only)
     labels: str = ""  # comma list of classes; set: the server never reads `dataset`
     text_column: str = "text"
     label_column: str = "label"
@@ -341,6 +344,11 @@ class RunConfig:
             raise ConfigError(
                 f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
             )
+        if self.dataset == NO_DATASET and self.task == "classification" and not self.labels:
+            raise ConfigError(
+                f'`dataset` = "{NO_DATASET}" (the data is only at the sites) needs `labels` '
+                "for task classification: the server learns the class names from `labels` "
+                "when it reads no data; give labels=a,b,...")
 
     def _check_task_keys(self) -> None:
         """Keys of one task are refused (when changed from the default) for the other."""
@@ -419,17 +427,27 @@ class RunConfig:
         _check_range("early-stopping-min-delta", self.early_stopping_min_delta, low=0)
         _check_range("validation-fraction", self.validation_fraction, low=0, high=0.5,
                      high_open=True)
-        if self.labels and self.validation_fraction > 0:
+        if not self.server_reads_dataset and self.validation_fraction > 0:
             raise ConfigError(
-                "`validation-fraction` > 0 holds out part of `dataset`, but with `labels` "
-                "set the server never reads `dataset` (the sites hold the training data): "
-                f"set `validation-fraction`=0, got {self.validation_fraction:g}"
+                "`validation-fraction` > 0 holds out part of `dataset`, but "
+                f"{self._no_dataset_reason} the server never reads `dataset` (the sites "
+                f"hold the training data): set `validation-fraction`=0, got "
+                f"{self.validation_fraction:g}"
             )
-        if self.labels and not self.eval_dataset and self.early_stopping_patience > 0:
+        # Without central evaluation data only the sites' federated evaluation is recorded.
+        central = self.server_reads_dataset or bool(self.eval_dataset)
+        if not central and self.early_stopping_patience > 0:
             raise ConfigError(
                 "`early-stopping-patience` > 0 needs evaluation data on the server, but "
-                "with `labels` set and no `eval-dataset` it has none: give an "
+                f"{self._no_dataset_reason} and no `eval-dataset` it has none: give an "
                 f"`eval-dataset` or set the patience to 0, got {self.early_stopping_patience}"
+            )
+        if not central and self.selection_metric != "auto" and self.select_model == "best":
+            raise ConfigError(
+                f"`selection-metric` {self.selection_metric!r} is measured on the server's "
+                f"evaluation data, but {self._no_dataset_reason} and no `eval-dataset` it "
+                "has none: give an `eval-dataset`, or set selection-metric=auto (the last "
+                "round is then delivered) or select-model=last"
             )
 
     def _check_secure_aggregation(self) -> None:
@@ -469,6 +487,21 @@ class RunConfig:
         if self.selection_metric != "auto":
             return self.selection_metric
         return AUTO_SELECTION_METRICS.get(self.task, TASK_METRICS[self.task][0].name)
+
+    @property
+    def server_reads_dataset(self) -> bool:
+        """Whether the server reads ``dataset`` (its held-out split, its class names).
+
+        Not when the training data is only at the sites: ``dataset`` = ``"none"``, or
+        (classification) ``labels`` set. The server then evaluates centrally only on an
+        ``eval-dataset``, if one is given (``common.data.load_server_eval``).
+        """
+        return self.dataset != NO_DATASET and not self.labels
+
+    @property
+    def _no_dataset_reason(self) -> str:
+        """How error messages say which key keeps the server from reading ``dataset``."""
+        return "with `labels` set" if self.labels else f'with `dataset` = "{NO_DATASET}"'
 
     @property
     def partition_column(self) -> str | None:

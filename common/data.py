@@ -897,15 +897,18 @@ def load_site_data(path: str, cfg: RunConfig, label_names: list[str]) -> dataset
 def load_server_eval(cfg: RunConfig) -> tuple[list[str], datasets.Dataset | None]:
     """The server's class names and its evaluation data (None: no central evaluation).
 
-    With ``cfg.labels`` set (deployment: the sites hold the training data) the server
-    never reads ``cfg.dataset``; it evaluates on ``cfg.eval_dataset`` when given. The
-    names follow the label rule of the module docstring (``RunConfig.label_list``).
-    Otherwise both come from :func:`load_splits` (the held-out split or eval file).
+    When the training data is only at the sites (``RunConfig.server_reads_dataset`` is
+    false: ``labels`` set, or ``dataset`` = ``"none"``) the server never reads
+    ``cfg.dataset``; it evaluates on ``cfg.eval_dataset`` when given. The names are
+    ``labels`` (empty for a task without classes), following the label rule of the
+    module docstring (``RunConfig.label_list``). Otherwise both come from
+    :func:`load_splits` (the held-out split or eval file).
     """
-    if not cfg.label_list:
+    if cfg.server_reads_dataset:
         splits = load_splits(cfg)
         return splits.label_names, splits.eval
-    warn_case_variants(cfg.label_list, source="`labels`")
+    if cfg.label_list:
+        warn_case_variants(cfg.label_list, source="`labels`")
     if not cfg.eval_dataset:
         return cfg.label_list, None
     spec = DataSpec.of(cfg)

@@ -209,7 +209,9 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
 
     ``output-dir`` (default: the app's, ``outputs``) and ``resume-from`` are sent as
     absolute paths, resolved against this command's working directory (the ServerApp
-    runs in another one).
+    runs in another one). For task sft ``dataset`` defaults to ``"none"`` (the data is
+    only at the sites: central evaluation only on an ``eval-dataset``), the counterpart
+    of classification's required ``labels``.
     The overrides on top of the app's ``[tool.flwr.app.config]`` must make a valid
     ``RunConfig``, as the ServerApp will build it.
 
@@ -219,7 +221,7 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
         If a key is not a run-config key, a value is invalid, or ``app_dir`` has no
         readable pyproject.toml.
     """
-    from common.config import RunConfig
+    from common.config import NO_DATASET, RunConfig
     from simulations.scenarios import parse_set
 
     run_config = parse_set(items)
@@ -227,6 +229,9 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
     # Sent absolute, so the ServerApp writes where this command (and its preflight)
     # looked, not relative to the SuperLink's working directory.
     run_config.setdefault("output-dir", defaults.get("output-dir", "outputs"))
+    if {**defaults, **run_config}.get("task") == "sft":
+        # The coordinator holds no site's data: never evaluate on the built-in examples.
+        run_config.setdefault("dataset", NO_DATASET)
     for key in ("output-dir", "resume-from"):
         if run_config.get(key):
             run_config[key] = str(Path(str(run_config[key])).expanduser().resolve())

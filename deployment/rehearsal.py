@@ -26,7 +26,7 @@ from typing import Any
 
 import tomli_w
 
-from common.config import RunConfig
+from common.config import NO_DATASET, RunConfig
 from common.data import build_label_names, read_table
 from deployment import app_signing, pki, proxy
 from deployment import consortium as cons
@@ -430,7 +430,8 @@ def rehearse(
 
     ``run_config`` must name the run folder (``output-dir``, ``run-name``); ``output-dir``
     is made absolute (the ServerApp runs in another working directory). ``labels``
-    defaults to the classes of the site files; ``min-nodes`` to the number of sites.
+    defaults to the classes of the site files (task sft: ``dataset`` to ``"none"``);
+    ``min-nodes`` to the number of sites.
     The run is preflighted (``server.preflight``) before any process starts, and the
     result's ``returncode`` is 0 only if this attempt completed with its final model.
     """
@@ -444,6 +445,8 @@ def rehearse(
     cfg = RunConfig.from_flower(run_config)  # fail here, not in the ServerApp
     if cfg.task == "classification":  # the sites' classes; a task without classes has none
         run_config.setdefault("labels", labels_of(sites, cfg))
+    else:  # the data is only at the sites: no central evaluation on built-in examples
+        run_config.setdefault("dataset", NO_DATASET)
     run_config.setdefault("min-nodes", len(sites))
     cfg = RunConfig.from_flower(run_config)
     for note in preflight(cfg, num_partitions=None):  # before any process starts

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from common import model_source
-from common.config import ConfigError, RunConfig
+from common.config import NO_DATASET, ConfigError, RunConfig
 from common.data import (
     DataError,
     check_partition_plan,
@@ -27,6 +27,11 @@ from common.tasks import get_task
 from server.run_outputs import check_resume, run_folder
 
 # A check raises on a problem and may return a note worth printing.
+
+# Said (preflight note, server log) when the server has no evaluation data of its own.
+NO_CENTRAL_EVALUATION = ("no central evaluation: the training data is only at the sites "
+                         "and no `eval-dataset` is given, so only the sites' federated "
+                         "evaluation is recorded")
 Check = Callable[[RunConfig, int | None], str | None]
 
 
@@ -123,10 +128,12 @@ def check_model(cfg: RunConfig, num_partitions: int | None = None) -> str | None
 
 
 def check_server_data(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
-    """The server's training data (or label list) and its evaluation split load."""
+    """The server's training data (or label list) and its evaluation split load; when
+    the data is only at the sites and no ``eval-dataset`` is given, a note says that
+    only the sites' federated evaluation will be recorded."""
     # Cached per process: the points of a sweep that share their data load it once.
-    load_server_eval(cfg)
-    return None
+    _, eval_set = load_server_eval(cfg)
+    return None if eval_set is not None else NO_CENTRAL_EVALUATION
 
 
 def check_retention_data(cfg: RunConfig, num_partitions: int | None = None) -> str | None:
@@ -148,6 +155,12 @@ def check_partitions(cfg: RunConfig, num_partitions: int | None = None) -> str |
     themselves will partition it (same code, same seed)."""
     if num_partitions is None:
         return None  # deployment: each site reads its own file
+    if cfg.dataset == NO_DATASET:
+        raise ConfigError(
+            f'`dataset` = "{NO_DATASET}" says the training data is only at the sites, but '
+            f"the {num_partitions} virtual clients of a simulation partition `dataset`: "
+            "give a file, hf:<name> or builtin (`dataset` none is for a deployment's "
+            "coordinator, whose sites read their own `data-path`)")
     plan = check_partition_plan(load_splits(cfg).train, cfg, num_partitions=num_partitions)
     return (f"{plan.num_partitions} clients get {min(plan.rows)}-{max(plan.rows)} training "
             f"rows each ({cfg.partitioner})")

@@ -25,7 +25,7 @@ from server.export import export_final_model
 from server.grid import NodeWaitingGrid
 from server.metric_sinks import open_sinks
 from server.model_selection import Selection
-from server.preflight import check_new_run_folder
+from server.preflight import NO_CENTRAL_EVALUATION, check_new_run_folder
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import EarlyStop, RoundRecorder, arrays_to_state
 from server.run_outputs import (
@@ -86,13 +86,15 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
     """``run_federation`` once the run folder is known (and any resume checked)."""
     task = get_task(cfg.task)
     label_names, eval_set = load_server_eval(cfg)
+    if eval_set is None:
+        print(f"[fedsft] {NO_CENTRAL_EVALUATION}", flush=True)
     device = select_device(cfg.device)
     model, tokenizer = get_model(ModelSpec.of(cfg, label_names), device,
                                  max_length=cfg.max_length)
     encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
     eval_data = None if eval_set is None else task.encode(eval_set, tokenizer, spec=encoding)
     validation_data = None
-    if cfg.validation_fraction > 0:  # RunConfig refuses it with `labels` (no dataset)
+    if cfg.validation_fraction > 0:  # RunConfig refuses it when the server reads no dataset
         validation_set = load_splits(cfg).validation
         assert validation_set is not None  # load_splits holds it out at this fraction
         validation_data = task.encode(validation_set, tokenizer, spec=encoding)
@@ -101,8 +103,13 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         retention_data = task.encode(load_site_data(cfg.retention_dataset, cfg, label_names),
                                      tokenizer, spec=encoding)
 
+    # The key query is each node's first message (a cold ClientApp under load can take
+    # a minute): one that times out stays in flight, and in a simulation its late end
+    # writes back the node's older context, losing the secure-aggregation keys stored
+    # meanwhile. A node gets as long to answer it as to answer a round.
     waiting_grid = NodeWaitingGrid(
-        grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout
+        grid, min_nodes=cfg.min_nodes, wait_timeout=cfg.node_wait_timeout,
+        query_timeout=cfg.round_timeout,
     )
     strategy = build_strategy(cfg)
     privacy = None

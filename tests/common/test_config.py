@@ -128,6 +128,19 @@ def test_labels_are_stripped_and_case_folded_only_when_asked():
          "with `labels` set the server never reads `dataset`"),
         ({"early-stopping-patience": 2, "labels": "neg,pos"},
          "`early-stopping-patience` > 0 needs evaluation data on the server"),
+        # `dataset` none (the data is only at the sites), either task.
+        ({"task": "sft", "dataset": "none", "validation-fraction": 0.1},
+         'with `dataset` = "none" the server never reads `dataset`'),
+        ({"task": "sft", "dataset": "none", "early-stopping-patience": 2},
+         '`early-stopping-patience` > 0 needs evaluation data on the server, but with '
+         '`dataset` = "none" and no `eval-dataset` it has none'),
+        ({"task": "sft", "dataset": "none", "selection-metric": "exact_match"},
+         "`selection-metric` 'exact_match' is measured on the server's evaluation data, "
+         'but with `dataset` = "none" and no `eval-dataset` it has none'),
+        ({"labels": "neg,pos", "selection-metric": "loss"},
+         "but with `labels` set and no `eval-dataset` it has none"),
+        ({"dataset": "none"}, '`dataset` = "none" (the data is only at the sites) needs '
+                              "`labels` for task classification"),
     ],
 )
 def test_model_selection_keys_are_validated(overrides, message):
@@ -143,6 +156,21 @@ def test_model_selection_defaults_select_the_best_round_without_stopping_early()
     cfg = RunConfig.from_flower({"early-stopping-patience": 2, "labels": "neg,pos",
                                  "eval-dataset": "eval.csv"})
     assert cfg.early_stopping_patience == 2
+
+
+def test_dataset_none_keeps_the_server_off_the_training_data():
+    assert RunConfig().server_reads_dataset
+    assert RunConfig(task="sft", dataset="/data/site.jsonl").server_reads_dataset
+    assert not RunConfig(task="sft", dataset="none").server_reads_dataset
+    assert not RunConfig(labels="neg,pos").server_reads_dataset
+    assert not RunConfig(labels="neg,pos", dataset="none").server_reads_dataset
+    # With an eval file the server evaluates, so it can select and stop on it.
+    cfg = RunConfig.from_flower({"task": "sft", "dataset": "none", "eval-dataset": "e.jsonl",
+                                 "early-stopping-patience": 2, "selection-metric": "loss"})
+    assert cfg.early_stopping_patience == 2
+    # Without one a named metric is fine when the last round is delivered anyway.
+    assert RunConfig(task="sft", dataset="none", select_model="last",
+                     selection_metric="loss").select_model == "last"
 
 
 def test_auto_selects_by_accuracy_for_classification_and_by_loss_for_sft():

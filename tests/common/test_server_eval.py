@@ -35,3 +35,20 @@ def test_without_labels_the_held_out_split_is_used():
 def test_bad_labels_are_config_errors(labels):
     with pytest.raises(ConfigError, match="`labels`"):
         RunConfig(labels=labels)
+
+
+def test_with_dataset_none_an_sft_server_reads_only_its_eval_file(tmp_path):
+    # No built-in examples, no training file: the data is only at the sites.
+    names, eval_set = load_server_eval(RunConfig(task="sft", dataset="none"))
+    assert names == [] and eval_set is None
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"prompt": "2 + 2?", "response": "4"}\n'
+                         '{"prompt": "Name a colour.", "response": "Blue."}\n')
+    names, eval_set = load_server_eval(RunConfig(task="sft", dataset="none",
+                                                 eval_dataset=str(eval_file)))
+    assert names == [] and eval_set.num_rows == 2
+
+
+def test_an_sft_server_with_a_dataset_reads_it():
+    names, eval_set = load_server_eval(RunConfig(task="sft", builtin_examples=60))
+    assert names == [] and eval_set is not None and eval_set.num_rows > 0

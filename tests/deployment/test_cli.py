@@ -264,6 +264,18 @@ def test_submit_exits_with_the_runs_outcome(status, code, last, fake_flwr, conso
     assert list_call[:4] == ["list", cons.CONNECTION, "--run-id", "42"]
 
 
+def test_submit_sends_an_sft_run_without_the_sites_data_to_the_coordinator(tmp_path):
+    app = cli._app_dir(None)
+    out = str(tmp_path / "out")
+    sft = cli.submit_run_config(app, ["task=sft", f"output-dir={out}"])
+    assert sft["dataset"] == "none"  # never the built-in examples on the coordinator
+    own = cli.submit_run_config(app, ["task=sft", "dataset=/srv/coordinator.jsonl",
+                                      f"output-dir={out}"])
+    assert own["dataset"] == "/srv/coordinator.jsonl"  # an explicit value is kept
+    classification = cli.submit_run_config(app, ["labels=neg,pos", f"output-dir={out}"])
+    assert "dataset" not in classification  # `labels` already keeps it off `dataset`
+
+
 def test_submit_that_starts_no_run_is_an_error(fake_flwr, consortium, monkeypatch, capsys):
     fake_flwr["FAKE_RUN_OUT"].write_text("Error: SuperLink unavailable\n")
     monkeypatch.setenv("FAKE_RUN_CODE", "1")

@@ -4,6 +4,7 @@ two clients, two rounds; export, reload (transformers and peft) and predict; res
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,11 @@ TINY_SFT = {
 }
 
 
-def _run(tmp_path: Path, model_dir: Path, name: str, **overrides):  # type: ignore[no-untyped-def]
+def _run(tmp_path: Path, model_dir: Path, name: str, *, nodes: int = 2,  # type: ignore[no-untyped-def]
+         **overrides):
     run_config = {**TINY_SFT, "model": str(model_dir), "output-dir": str(tmp_path),
                   "run-name": name, **overrides}
-    return run_app(run_config, num_supernodes=2, timeout=600, quiet=True)
+    return run_app(run_config, num_supernodes=nodes, timeout=600, quiet=True)
 
 
 def _rows(run_dir: Path) -> list[dict]:
@@ -104,3 +106,32 @@ def test_a_resumed_sft_run_ends_with_the_same_weights(tmp_path, tiny_llama_dir):
         assert a[key].tobytes() == b[key].tobytes(), key
     assert [r["central"]["loss"] for r in _rows(full.run_dir)] == [
         r["central"]["loss"] for r in _rows(part.run_dir)]
+
+
+def test_sft_with_secure_aggregation_and_fedadam_aggregates_every_site(tmp_path,
+                                                                       tiny_llama_dir):
+    from common.config import ConfigError, RunConfig
+
+    # By design secure aggregation quantizes the updates itself: no update encoding.
+    for encoding in ("int8", "fp16"):
+        with pytest.raises(ConfigError, match="`secure-aggregation` quantizes updates "
+                                              "itself: keep `update-encoding`=fp32"):
+            RunConfig(task="sft", secure_aggregation=True, update_encoding=encoding)
+    # FedAdam's server optimizer steps on the securely averaged update.
+    result = _run(tmp_path, tiny_llama_dir, "secure-fedadam", nodes=3, **{
+        "num-server-rounds": 2, "min-nodes": 3, "secure-aggregation": True,
+        "strategy": "fedadam", "server-learning-rate": 0.01, "local-steps": 2,
+        "builtin-examples": 60, "generate-every": 0, "generation-samples": 2})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    rows = _rows(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 3 and not row["clients"]["skipped"]
+        assert row["clients"]["failures"] == 0
+        assert math.isfinite(row["train"]["train_loss"]) and row["train"]["train_loss"] > 0
+    losses = [r["central"]["loss"] for r in rows]
+    assert all(math.isfinite(loss) for loss in losses), losses
+    assert losses[2] < losses[0], losses
+    outcome = json.loads((result.run_dir / "outcome.json").read_text())
+    assert outcome["status"] == "completed"

@@ -181,3 +181,32 @@ def test_a_feasible_plan_is_described(tmp_path):
     note = pf.check_partitions(_cfg(**{"output-dir": str(tmp_path)}), 4)
 
     assert note is not None and note.startswith("4 clients get ") and note.endswith("(iid)")
+
+
+def test_an_sft_coordinator_without_the_sites_data_passes_and_says_so(tmp_path,
+                                                                      tiny_llama_dir):
+    # `dataset` none: nothing of the training data is read (the path would be missing).
+    cfg = _cfg(task="sft", dataset="none", model=str(tiny_llama_dir),
+               **{"output-dir": str(tmp_path)})
+    notes = pf.preflight(cfg, num_partitions=None)
+    assert pf.NO_CENTRAL_EVALUATION in notes
+    # Its own eval file is read and checked, and then there is central evaluation.
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"prompt": "2 + 2?", "response": "4"}\n')
+    with_eval = _cfg(task="sft", dataset="none", **{"eval-dataset": str(eval_file)})
+    assert pf.check_server_data(with_eval) is None
+    with pytest.raises(DataError, match="gone.jsonl"):
+        pf.check_server_data(_cfg(task="sft", dataset="none",
+                                  **{"eval-dataset": str(tmp_path / "gone.jsonl")}))
+
+
+def test_without_dataset_none_a_missing_sft_dataset_fails_preflight(tmp_path):
+    with pytest.raises(DataError, match="absent.jsonl"):
+        pf.check_server_data(_cfg(task="sft", dataset=str(tmp_path / "absent.jsonl")))
+
+
+def test_a_simulation_cannot_partition_dataset_none(tmp_path):
+    with pytest.raises(ConfigError, match='`dataset` = "none" says the training data is '
+                                          "only at the sites, but the 3 virtual clients"):
+        pf.check_partitions(_cfg(task="sft", dataset="none"), 3)
+    assert pf.check_partitions(_cfg(task="sft", dataset="none"), None) is None
