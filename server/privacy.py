@@ -18,6 +18,7 @@ from dp_accounting.rdp import RdpAccountant
 from flwr.serverapp import strategy as flwr_strategy
 
 from common.config import RunConfig
+from server.results import Privacy
 
 
 def client_level_epsilon(
@@ -109,12 +110,12 @@ class PrivacyReport:
             sampling_rate=self.sampling_rate, delta=self.cfg.dp_delta, limit=limit,
         )
 
-    def row(self, rounds: int) -> dict[str, float | str]:
-        """The ``privacy`` entry of a results line."""
-        return {
-            "epsilon": self.epsilon(rounds), "delta": self.cfg.dp_delta,
-            "noise_multiplier": self.cfg.dp_noise_multiplier,
-            "clipping_norm": self.cfg.dp_clipping_norm, "clipping": self.cfg.dp_clipping,
-            "side": self.cfg.dp_side, "sampling_rate": self.sampling_rate,
-            "accountant": "RDP, Poisson-subsampled Gaussian (dp-accounting)",
-        }
+    def row(self, rounds: int) -> Privacy:
+        """The ``privacy`` part of a results row after ``rounds`` rounds."""
+        return Privacy(
+            epsilon=self.epsilon(rounds), delta=self.cfg.dp_delta,
+            noise_multiplier=self.cfg.dp_noise_multiplier,
+            clipping_norm=self.cfg.dp_clipping_norm, clipping=self.cfg.dp_clipping,
+            side=self.cfg.dp_side, sampling_rate=self.sampling_rate,
+            accountant="RDP, Poisson-subsampled Gaussian (dp-accounting)",
+        )

@@ -51,7 +51,6 @@ from server.results import (
     DpSgd,
     Memory,
     Metrics,
-    Privacy,
     ResultsRow,
     Seconds,
     SiteData,
@@ -142,7 +141,8 @@ class RoundRecorder:
         self.bytes_up_total, self.bytes_down_total = row.bytes.up_total, row.bytes.down_total
         # Until this row is on disk, a resume would still select the previous best: keep
         # both checkpoints.
-        protect = {self._best(), self._best([*self.rows, row])} - {None}
+        protect = {best for best in (self._best(), self._best([*self.rows, row]))
+                   if best is not None}
         self.rows.append(row)
         if self._best() == rnd:
             self.best_state = (rnd, state)
@@ -247,7 +247,7 @@ class RoundRecorder:
             ),
             memory_mb=Memory(server_peak=peak_rss_mb(), client_peak=stats.client_peak_rss_mb),
             time=time.time(),
-            privacy=None if self.privacy is None else Privacy(**self.privacy.row(rnd)),
+            privacy=None if self.privacy is None else self.privacy.row(rnd),
             dp_sgd=dp_sgd,
             retention=retention,
             site_data=self._new_site_data(stats),

@@ -40,6 +40,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Bulyan, Strategy
 
 from common.encoding import UpdateEncoding
+from common.records import config_record
 from common.training import derive_seed
 from server.grid import NodesUnavailableError
 from server.reply_pipeline import (
@@ -135,9 +136,9 @@ def reply_from_message(
                      problem="expected exactly one ArrayRecord and one MetricRecord")
     if not load_arrays:
         return Reply(node=node, metrics=metrics, source=message, site=site)
-    record = next(iter(content.array_records.values()))
+    array_record = next(iter(content.array_records.values()))
     try:
-        arrays = {name: array.numpy() for name, array in record.items()}
+        arrays = {name: array.numpy() for name, array in array_record.items()}
     except Exception as exc:  # bytes that are not a numpy array
         return Reply(node=node, metrics=metrics, source=message, site=site,
                      problem=f"cannot load the arrays: {exc}")
@@ -358,15 +359,15 @@ class TrackedStrategy(Strategy):
         if not ok:
             return None
         try:
-            metrics = self.inner.aggregate_evaluate(rnd, _with_common_metrics(ok))
+            aggregated = self.inner.aggregate_evaluate(rnd, _with_common_metrics(ok))
         except Exception as exc:  # federated evaluation must never stop the run
             log.exception("round %d: aggregating the evaluation failed", rnd)
             self._update(rnd, problems=(*stats.problems,
                                         f"evaluation aggregation failed: {exc}"))
             return None
-        self._update(rnd, eval_metrics=dict(metrics) if metrics else {},
+        self._update(rnd, eval_metrics=dict(aggregated) if aggregated else {},
                      client_eval_headline=tuple(sorted(stats.client_eval_headline)))
-        return metrics
+        return aggregated
 
 
 def _with_entries(messages: list[Message], entries: Mapping[int, ConfigRecord]) -> list[Message]:
@@ -379,7 +380,7 @@ def _with_entries(messages: list[Message], entries: Mapping[int, ConfigRecord]) 
         content = message.content
         merged = RecordDict({
             "arrays": content["arrays"],
-            "config": ConfigRecord({**dict(content["config"]), **dict(extra)}),
+            "config": ConfigRecord({**dict(config_record(content, "config")), **dict(extra)}),
         })
         out.append(Message(content=merged, dst_node_id=message.metadata.dst_node_id,
                            message_type=message.metadata.message_type))

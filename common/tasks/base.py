@@ -119,7 +119,7 @@ class Task(Protocol):
 
     def check_site(
         self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
-        tokenizer: PreTrainedTokenizerBase,
+        tokenizer: PreTrainedTokenizerBase | None,
     ) -> DataReport:
         """A deployed site's file checked before it trains (``fedsft check-data`` too)."""
         ...

@@ -27,7 +27,7 @@ from common.config import ConfigError, RunConfig
 from common.data import load_server_eval
 from server.preflight import preflight
 from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
-from server.results import Bytes, Clients, Privacy, ResultsRow, Seconds
+from server.results import Bytes, Clients, ResultsRow, Seconds
 from server.run_outputs import RunOutputs, run_folder
 from simulations.benchmarks import communication, dp_accuracy, robustness, vs_centralized
 from simulations.benchmarks.harness import Bench
@@ -106,7 +106,7 @@ class FakeFedsft:
                 bytes=Bytes(up=planned.bytes_up, down=planned.bytes_down,
                             up_total=planned.bytes_up * r, down_total=planned.bytes_down * r),
                 seconds=Seconds(round=ROUND_SECONDS),
-                privacy=None if privacy is None else Privacy(**privacy.row(r))))  # type: ignore[arg-type]
+                privacy=None if privacy is None else privacy.row(r)))
         outputs.save_checkpoint(rounds, {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
         log = outputs.folder / "flwr.log"
         log.write_text("fake run: no Flower\n", encoding="utf-8")
