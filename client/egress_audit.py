@@ -64,7 +64,7 @@ TRAIN_METRICS = re.compile(
     r"|data-short-share|data-truncated-share|data-truncated|data-dropped"
     r"|data-median-tokens|" + _AUDITED_KEY)
 EVALUATE_METRICS = re.compile("|".join(
-    ["num-examples", "eval-seconds"]
+    ["num-examples", "eval-seconds", r"eval-recall-(min|\d{1,4})"]  # per-class recall
     + sorted({f"eval-{m.name.replace('_', '-')}" for ms in TASK_METRICS.values() for m in ms})))
 QUERY_KEYS = re.compile(r"client-key|secagg-[a-z-]{1,32}")
 # fedsft's own errors, whose messages name files, keys and settings, not data rows.

@@ -132,3 +132,20 @@ def test_error_messages_leave_the_site_only_from_fedsfts_own_errors():
     context.node_config["audit-egress"] = False  # audit off: the error passes unchanged
     with pytest.raises(ValueError, match="Jane"):
         egress_audit_mod(_train_msg(), context, parser_error)
+
+
+def test_every_metric_a_classification_evaluation_reports_passes_the_audit():
+    """The client names reply metrics "eval-" + the task's metric, dashed: per-class recall
+    included (a narrower allow-list once emptied every audited run's federated metrics)."""
+    from common.tasks.classification import per_class_recall
+
+    labels, predicted = np.array([0, 1, 2, 2]), np.array([0, 2, 2, 1])
+    result = {"accuracy": 0.5, "f1_macro": 0.5, "loss": 1.0,
+              **per_class_recall(labels, predicted)}
+    metrics = {"num-examples": 4, "eval-seconds": 0.1,
+               **{f"eval-{name.replace('_', '-')}": value for name, value in result.items()}}
+    sent = _message("evaluate", {"config": ConfigRecord({"server-round": 1})})
+    reply = _message("evaluate", {"metrics": MetricRecord(metrics)})
+    assert egress_problems(sent, reply, allowed_array_names=None) == []
+    unknown = _message("evaluate", {"metrics": MetricRecord({**metrics, "eval-text": 1.0})})
+    assert egress_problems(sent, unknown, allowed_array_names=None)
