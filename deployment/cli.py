@@ -292,7 +292,7 @@ def _submit(args: argparse.Namespace) -> int:
         cfg = RunConfig.from_flower({**_app_defaults(app), **run_config})
         for note in preflight(cfg, num_partitions=None):
             print(f"[fedsft] preflight: {note}", flush=True)
-    index = signed_app_index(c, app)
+    index = cons.signed_app_index(c, app)
     print(f"[fedsft] signed {index.spec} (FAB sha256 {index.sha[:16]}...) with "
           f"{c.app_signing_key}", flush=True)
     command = [executable("flwr"), "run", index.spec, cons.CONNECTION, "--stream"]
@@ -330,21 +330,6 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     print(f"fedsft: error: {status.describe()}", file=sys.stderr)
     return 1
-
-
-def signed_app_index(c: Any, app: Path) -> Any:
-    """The app's FAB signed with the consortium's app-signing key, ready to serve.
-
-    Flower 1.42 carries a signature to SuperNodes only for an app the SuperLink fetches
-    from a Hub, so the FAB is served by ``AppIndex`` on the SuperLink's loopback
-    (deployment/app_signing.py): submit from the SuperLink's host.
-    """
-    from deployment import app_signing
-
-    fab = app_signing.build_fab(app)
-    key = app_signing.load_signing_key(c.app_signing_key)
-    return app_signing.AppIndex(fab, (app_signing.sign_fab(fab, key),),
-                                port=c.app_index_port)
 
 
 def _rehearse(args: argparse.Namespace) -> int:

@@ -240,6 +240,19 @@ def site_trusted_entities(c: Consortium) -> dict[str, str]:
     return app_signing.trusted_entities(keys=(public,))
 
 
+def signed_app_index(c: Consortium, app: Path) -> app_signing.AppIndex:
+    """The app's FAB signed with the consortium's app-signing key, ready to serve.
+
+    Flower 1.42 carries a signature to SuperNodes only for an app the SuperLink fetches
+    from a Hub, so the FAB is served by ``AppIndex`` on the SuperLink's loopback
+    (deployment/app_signing.py): submit from the SuperLink's host.
+    """
+    fab = app_signing.build_fab(app)
+    key = app_signing.load_signing_key(c.app_signing_key)
+    return app_signing.AppIndex(fab, (app_signing.sign_fab(fab, key),),
+                                port=c.app_index_port)
+
+
 def superlink_signing_env(c: Consortium) -> dict[str, str]:
     """The SuperLink's environment for signed apps: where it fetches them (the app index
     ``fedsft submit`` serves on loopback, in place of Flower Hub)."""

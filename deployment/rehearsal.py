@@ -239,9 +239,7 @@ class Rehearsal:
         overrides.write_text(tomli_w.dumps(dict(run_config)), encoding="utf-8")
         log_path = self.logs / log_name
         if signed and index is None:
-            from deployment.cli import signed_app_index
-
-            index = signed_app_index(self.consortium, app_dir)
+            index = cons.signed_app_index(self.consortium, app_dir)
         target = index.spec if signed and index is not None else str(app_dir)
         command = [executable("flwr"), "run", target, cons.CONNECTION,
                    *(["--stream"] if stream else []), "--run-config", str(overrides)]
