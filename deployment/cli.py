@@ -418,7 +418,6 @@ def parse_site_config(items: list[str]) -> dict[str, Any]:
 
 
 def _check_data(args: argparse.Namespace) -> int:
-    import json
 
     from common.config import ConfigError, RunConfig
     from common.data_check import check_site_data
@@ -441,12 +440,7 @@ def _check_data(args: argparse.Namespace) -> int:
         max_length=cfg.max_length, label_names=cfg.label_list or None,
         eval_data=args.eval, label_case_fold=cfg.label_case_fold,
     )
-    print("\n".join(report.lines()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
-                                   encoding="utf-8")
-        print(f"[fedsft] report: {args.json}")
-    return 1 if report.blocking else 0
+    return _report(report, args.json)
 
 
 # The run-config keys of an sft site check: a --flag, else (the column keys the client
@@ -478,7 +472,6 @@ def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
 def _check_conversations(path: str, args: argparse.Namespace, site: dict[str, Any]) -> int:
     """The SFT site check: every row read as a conversation with the federation's chat
     columns; token lengths with ``--model``'s tokenizer."""
-    import json
 
     from common.model_source import resolve_model
     from common.specs import DataSpec, EncodeSpec
@@ -494,11 +487,18 @@ def _check_conversations(path: str, args: argparse.Namespace, site: dict[str, An
         path, spec=DataSpec.of(cfg.replace(dataset=path)),
         encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
         label_names=[], tokenizer=tokenizer)
+    return _report(report, args.json)
+
+
+def _report(report: Any, json_path: str | None) -> int:
+    """Print a site check's report (and write it as JSON when asked); its exit status."""
+    import json
+
     print("\n".join(report.lines()))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
+    if json_path:
+        Path(json_path).write_text(json.dumps(report.to_dict(), indent=2) + "\n",
                                    encoding="utf-8")
-        print(f"[fedsft] report: {args.json}")
+        print(f"[fedsft] report: {json_path}")
     return 1 if report.blocking else 0
 
 
