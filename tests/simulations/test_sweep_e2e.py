@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from simulations.__main__ import main
+from tests.helpers import write_tiny_scenario
 
 pytestmark = pytest.mark.e2e
 
@@ -18,22 +19,7 @@ def _central(run_dir: Path) -> list[dict]:
 
 
 def test_sweep_over_two_seeds_is_reproducible_and_reported(tmp_path, tiny_model_dir):
-    scenario = tmp_path / "tiny.toml"
-    scenario.write_text(f"""
-description = "tiny BERT, 2 clients, 1 round"
-num-supernodes = 2
-[resources]
-num-cpus = 1
-[run-config]
-model = "{tiny_model_dir}"
-num-server-rounds = 1
-builtin-examples = 200
-max-length = 24
-batch-size = 4
-local-steps = 2
-fraction-evaluate = 1.0
-node-wait-timeout = 60
-""")
+    scenario = write_tiny_scenario(tmp_path / "tiny.toml", tiny_model_dir, rounds=1)
     out = tmp_path / "out"
 
     status = main(["sweep", str(scenario), "--seeds", "1,2", "--name", "sw",

@@ -8,27 +8,13 @@ import pytest
 
 from simulations.__main__ import main
 from simulations.scenarios import load_scenario, resolve_run_config
+from tests.helpers import write_tiny_scenario
 
 pytestmark = pytest.mark.e2e
 
 
 def test_tune_runs_two_trials_and_writes_a_runnable_best_scenario(tmp_path, tiny_model_dir):
-    scenario = tmp_path / "tiny.toml"
-    scenario.write_text(f"""
-description = "tiny BERT, 2 clients, 2 rounds"
-num-supernodes = 2
-[resources]
-num-cpus = 1
-[run-config]
-model = "{tiny_model_dir}"
-num-server-rounds = 2
-builtin-examples = 200
-max-length = 24
-batch-size = 4
-local-steps = 2
-fraction-evaluate = 1.0
-node-wait-timeout = 60
-""")
+    scenario = write_tiny_scenario(tmp_path / "tiny.toml", tiny_model_dir, rounds=2)
     out = tmp_path / "out"
 
     status = main(["tune", str(scenario), "--space", "learning-rate=1e-4:1e-2:log",
