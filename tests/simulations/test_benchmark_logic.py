@@ -1,8 +1,9 @@
 """The arithmetic of four benchmarks, against a fake runner instead of Flower.
 
-``communication``, ``vs-centralized``, ``robustness`` and ``dp-accuracy`` are loops over
-run-config variants of the fedsft app and arithmetic on the rows. Their simulations
-prove nothing the e2e tests do not, so the benchmark smoke test leaves them out and
+``communication``, ``vs-centralized``, ``robustness``, ``dp-accuracy`` and
+``secure-aggregation`` are loops over run-config variants of the fedsft app and
+arithmetic on the rows. Their simulations prove nothing the e2e tests do not (secure vs
+plaintext fedavg: tests/e2e/test_simulation.py), so the benchmark smoke test leaves them out and
 this module runs them in quick mode with ``Bench.runner`` replaced by ``FakeFedsft``:
 it validates each run config as ``python -m simulations run`` does before Flower starts
 (Flower's TOML round trip over the app's pyproject defaults, ``RunConfig.from_flower``,
@@ -29,12 +30,19 @@ from server.preflight import preflight
 from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
 from server.results import Bytes, Clients, ResultsRow, Seconds
 from server.run_outputs import RunOutputs, run_folder
-from simulations.benchmarks import communication, dp_accuracy, robustness, vs_centralized
+from simulations.benchmarks import (
+    communication,
+    dp_accuracy,
+    robustness,
+    secure_aggregation,
+    vs_centralized,
+)
 from simulations.benchmarks.harness import Bench
 from simulations.runner import APP_DIR, SimulationResult
 
 # The benchmarks this module checks; the smoke test runs the others for real.
-LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy")
+LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy",
+                "secure-aggregation")
 APP_DEFAULTS = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))[
     "tool"]["flwr"]["app"]["config"]
 WALL_SECONDS = 50.0  # what the fake says each `flwr run` took
@@ -44,12 +52,14 @@ TRAINABLE_VALUES = 10_000  # in the fake's checkpoint: sqrt = 100
 
 @dataclass(frozen=True)
 class Planned:
-    """What one fake run records: central accuracy before / after, bytes per round."""
+    """What one fake run records: central accuracy before / after, bytes and seconds per
+    round."""
 
     initial_accuracy: float
     final_accuracy: float
     bytes_up: int = 1000
     bytes_down: int = 1000
+    round_seconds: float = ROUND_SECONDS
 
 
 def central(accuracy: float, num_examples: int) -> dict[str, float]:
@@ -105,7 +115,7 @@ class FakeFedsft:
                 clients=Clients(sampled=sampled, replies=sampled, aggregated=sampled),
                 bytes=Bytes(up=planned.bytes_up, down=planned.bytes_down,
                             up_total=planned.bytes_up * r, down_total=planned.bytes_down * r),
-                seconds=Seconds(round=ROUND_SECONDS),
+                seconds=Seconds(round=planned.round_seconds),
                 privacy=None if privacy is None else privacy.row(r)))
         outputs.save_checkpoint(rounds, {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
         log = outputs.folder / "flwr.log"
@@ -302,3 +312,53 @@ def test_dp_accuracy_reports_the_recorded_epsilon_and_the_drop(tmp_path, tiny_mo
     # Noise norm vs the largest mean update: z x sqrt(10 000 values) / 1 sampled client.
     assert f"is eps-8 {z * 100:.3g};" in result["notes"][1]
     assert f"With {TRAINABLE_VALUES:,} trainable values" in result["notes"][1]
+
+
+# --- secure-aggregation ----------------------------------------------------------------
+
+
+def test_secure_aggregation_compares_secure_with_plaintext_fedavg(tmp_path, tiny_model_dir):
+    def plan(cfg: RunConfig) -> Planned:
+        if cfg.secure_aggregation:  # 3 clients x 42 000 B: masked words + protocol
+            return Planned(0.5, 0.79, bytes_up=126_000, bytes_down=30_000, round_seconds=3.0)
+        return Planned(0.5, 0.8, bytes_up=120_300, bytes_down=120_300)  # 3 x (40 000 + 100)
+
+    fake = FakeFedsft(plan)
+    result = secure_aggregation.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    # Quick mode: one client count, the same workload with and without the protocol.
+    assert [(v.run_name, v.cfg.secure_aggregation, v.num_supernodes) for v in fake.validated] == [
+        ("secagg-plain-3-00", False, 3), ("secagg-secure-3-01", True, 3)]
+    assert {(v.cfg.num_server_rounds, v.cfg.local_steps, v.cfg.fraction_train,
+             v.cfg.fraction_evaluate, v.cfg.min_nodes) for v in fake.validated} == {
+        (2, 2, 1.0, 0.0, 3)}
+
+    (key,) = result["numbers"]
+    assert key == "clients-3"
+    n = result["numbers"]["clients-3"]
+    plain, secure, ratios = n["plaintext"], n["secure"], n["ratios"]
+    assert n["trainable_values"] == TRAINABLE_VALUES
+    assert n["int32_uplink_bytes_per_round"] == TRAINABLE_VALUES * 4 * 3
+    assert n["trainable_values_from_fp32_bytes"] == pytest.approx(40_100 / 4)
+    assert plain["bytes_up_per_client_round"] == pytest.approx(40_100)
+    assert secure["bytes_up_per_client_round"] == pytest.approx(42_000)
+    assert secure["bytes_down_per_round"] == 30_000
+    assert (plain["mean_round_seconds_after_first"], secure["mean_round_seconds_after_first"],
+            secure["first_round_seconds"]) == (ROUND_SECONDS, 3.0, 3.0)
+    assert (secure["aggregated_min"], secure["skipped_rounds"]) == (3, 0)
+    assert (secure["final_accuracy"], secure["initial_accuracy"]) == (0.79, 0.5)
+    assert secure["eval_examples"] == one_eval_size(fake)
+    assert ratios["round_seconds"] == pytest.approx(1.5)
+    assert ratios["bytes_up_vs_int32"] == pytest.approx(126_000 / 120_000)
+    assert ratios["bytes_up_vs_plaintext_fp32"] == pytest.approx(126_000 / 120_300)
+    assert ratios["accuracy_difference_points"] == pytest.approx(-1.0)
+
+    assert result["table"]["rows"] == [[
+        3, ROUND_SECONDS, 3.0, pytest.approx(1.5), 40_100, 42_000, TRAINABLE_VALUES * 4,
+        pytest.approx(1.05), 0.8, 0.79, pytest.approx(-1.0)]]
+    assert [(t["limit"], t["kind"], t["met"]) for t in result["targets"]] == [
+        (2.0, "max", True), (1.1, "max", True)]
+    assert [t["measured"] for t in result["targets"]] == [pytest.approx(1.5),
+                                                         pytest.approx(1.05)]
+    assert f"{TRAINABLE_VALUES:,} values per client" in result["notes"][0]
+    assert "Quick mode uses a tiny random BERT" in result["notes"][-1]
