@@ -229,30 +229,3 @@ def _aggregated_any(results: Path) -> bool:
         return False
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     return any((row.get("clients") or {}).get("aggregated") for row in rows)
-
-
-def test_site_side_attacks_are_refused_by_the_supernodes(tmp_path, tiny_model_dir):
-    """The attacks alone (no training run first): one site, each attack counted."""
-    from deployment.site_attacks import site_attacks, summary
-
-    data = tmp_path / "a.csv"
-    _easy(20, seed=0).to_csv(data, index=False)
-    config = {"model": str(tiny_model_dir), "labels": "negative,positive", "min-nodes": 1,
-              "max-length": 16, "local-steps": 1, "node-wait-timeout": 60.0,
-              "output-dir": str(tmp_path / "out"), "run-name": "attacks"}
-    lines: list[str] = []
-    with Rehearsal(tmp_path / "work", ["good"]) as rehearsal:
-        rehearsal.start_superlink()
-        rehearsal.register("good")
-        rehearsal.start_supernode(Site("good", data))
-        rehearsal.wait_online(1)
-        attacks = site_attacks(rehearsal, ["good"], config,
-                               app_dir=Path(__file__).resolve().parents[2],
-                               on_line=lines.append)
-    assert summary(attacks) == "attacks: 4 attempted, 4 refused", lines
-    log = (tmp_path / "work/logs/supernode-good.log").read_text()
-    assert "App verification is not supported" in log  # the unsigned upload
-    assert "FAB verification failed" in log  # foreign key, modified app
-    # The coordinator's ServerApp may record its round-0 evaluation; no site's update was
-    # ever aggregated.
-    assert not _aggregated_any(tmp_path / "out/attack-unsigned-app/results.jsonl")
