@@ -47,11 +47,26 @@ def _final_checkpoint(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(last))
 
 
-def test_tiny_bert_three_clients_two_rounds(tmp_path, tiny_model_dir):
-    result = _run(tmp_path, tiny_model_dir, "tiny", **{"num-server-rounds": 2,
-                                                       "audit-egress": True})
+# One run that three tests read (each Flower start-up costs ~45 s): the egress audit,
+# class weights from the federation's counts with focal loss and augmentation, and
+# FFA-LoRA compose, and each test asserts its own part of the run.
+SHARED_NODES = 3
+SHARED = {"num-server-rounds": 2, "audit-egress": True,
+          "class-weighting": "inverse-frequency", "class-weighting-source": "global",
+          "focal-gamma": 1.0, "augment": "both", "lora-aggregation": "ffa"}
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory, tiny_model_dir):
+    result = _run(tmp_path_factory.mktemp("shared"), tiny_model_dir, "shared",
+                  nodes=SHARED_NODES, **SHARED)
     log = result.log_path.read_text()
     assert result.returncode == 0, log[-3000:]
+    return result, log
+
+
+def test_tiny_bert_three_clients_two_rounds(shared_run, tiny_model_dir):
+    result, log = shared_run
     rows = _results(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows:
@@ -85,6 +100,7 @@ def test_tiny_bert_three_clients_two_rounds(tmp_path, tiny_model_dir):
 
     config = json.loads((result.run_dir / "config.json").read_text())
     assert config["model"] == str(tiny_model_dir) and config["num-server-rounds"] == 2
+    assert {k: config[k] for k in SHARED} == SHARED
     labels = json.loads((result.run_dir / "label_map.json").read_text())
     assert labels == {"0": "negative", "1": "neutral", "2": "positive"}
 
@@ -193,16 +209,14 @@ def test_dp_sgd_clients_account_across_rounds_and_the_card_says_so(tmp_path,
             f"epsilon = {second:.4g}") in card
 
 
-def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
+def test_ffa_lora_sends_only_b_and_the_head(shared_run, tiny_model_dir):
     from flwr.app import Array
 
     from common.config import RunConfig
     from common.model import build_model, get_exchanged_state
     from common.specs import ModelSpec
 
-    result = _run(tmp_path, tiny_model_dir, "ffa", nodes=2, **{
-        "num-server-rounds": 2, "fraction-evaluate": 0.0, "lora-aggregation": "ffa"})
-    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    result, _ = shared_run  # lora-aggregation = ffa
     rows = _results(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     labels = list(json.loads((result.run_dir / "label_map.json").read_text()).values())
@@ -215,8 +229,8 @@ def test_ffa_lora_sends_only_b_and_the_head(tmp_path, tiny_model_dir):
 
     ffa, fedavg = reply_bytes(lora_aggregation="ffa"), reply_bytes()
     for row in rows[1:]:
-        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
-        assert row["bytes"]["up"] == 2 * ffa < 2 * fedavg
+        assert row["clients"]["aggregated"] == SHARED_NODES and row["clients"]["failures"] == 0
+        assert row["bytes"]["up"] == SHARED_NODES * ffa < SHARED_NODES * fedavg
     state = _final_checkpoint(result.run_dir)
     assert state and not any("lora_A" in k for k in state)
     assert any("lora_B" in k for k in state)
@@ -277,20 +291,15 @@ def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
         np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
 
 
-def test_class_weights_from_federation_counts_and_augmentation_complete(tmp_path,
-                                                                        tiny_model_dir):
-    result = _run(tmp_path, tiny_model_dir, "imbalance", nodes=2, **{
-        "num-server-rounds": 2, "class-weighting": "inverse-frequency",
-        "class-weighting-source": "global", "focal-gamma": 1.0, "augment": "both"})
-    log = result.log_path.read_text()
-    assert result.returncode == 0, log[-3000:]
+def test_class_weights_from_federation_counts_and_augmentation_complete(shared_run):
+    result, log = shared_run  # class weights (global counts), focal loss, augmentation
     rows = _results(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows:  # per-class recall next to the headline metrics
         assert {"accuracy", "f1_macro", "recall_min", "recall_0"} <= set(row["central"])
         assert row["central"]["recall_min"] <= row["central"]["recall_0"]
     for row in rows[1:]:
-        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
-        # Both sites reported their label counts (the round's metrics hold their mean).
+        assert row["clients"]["aggregated"] == SHARED_NODES and row["clients"]["failures"] == 0
+        # Every site reported their label counts (the round's metrics hold their mean).
         assert row["train"]["label_count_0"] > 0
     assert "[fedsft] round 2/2" in log
