@@ -45,10 +45,19 @@ def _last_checkpoint(run_dir: Path) -> dict:
     return load_file(str(sorted((run_dir / "checkpoints").glob("round-*.safetensors"))[-1]))
 
 
-def test_two_clients_two_rounds_then_export_reload_and_predict(tmp_path, tiny_llama_dir):
-    result = _run(tmp_path, tiny_llama_dir, "sft", **{"num-server-rounds": 2})
-    log = result.log_path.read_text()
-    assert result.returncode == 0, log[-3000:]
+@pytest.fixture(scope="module")
+def two_rounds(tmp_path_factory, tiny_llama_dir):
+    """Two clients, two rounds: the first test's run and the resume test's reference
+    (one Flower start-up, ~45 s, fewer)."""
+    result = _run(tmp_path_factory.mktemp("two-rounds"), tiny_llama_dir, "sft",
+                  **{"num-server-rounds": 2, "min-nodes": 2})
+    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    return result
+
+
+def test_two_clients_two_rounds_then_export_reload_and_predict(two_rounds, tmp_path,
+                                                               tiny_llama_dir):
+    result = two_rounds
     rows = _rows(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows:
@@ -91,10 +100,9 @@ def test_two_clients_two_rounds_then_export_reload_and_predict(tmp_path, tiny_ll
     assert len(lines) == 2 and all(isinstance(line["prediction"], str) for line in lines)
 
 
-def test_a_resumed_sft_run_ends_with_the_same_weights(tmp_path, tiny_llama_dir):
+def test_a_resumed_sft_run_ends_with_the_same_weights(two_rounds, tmp_path, tiny_llama_dir):
     common = {"min-nodes": 2}
-    full = _run(tmp_path, tiny_llama_dir, "full", **{"num-server-rounds": 2}, **common)
-    assert full.returncode == 0, full.log_path.read_text()[-3000:]
+    full = two_rounds  # the same run config, uninterrupted
     part = _run(tmp_path, tiny_llama_dir, "part", **{"num-server-rounds": 1}, **common)
     assert part.returncode == 0, part.log_path.read_text()[-3000:]
     resumed = _run(tmp_path, tiny_llama_dir, "part", **common, **{
