@@ -83,4 +83,5 @@ def test_virtual_clients_run_on_both_nodes_of_a_ray_cluster(ray_cluster, tmp_pat
     assert [r["round"] for r in rows] == [0, 1]
     assert rows[1]["clients"]["aggregated"] == 2, rows[1]["clients"]
     # The client actors ran on both nodes of the cluster (not on a private local Ray).
-    assert set(seen.values()) == set(NODES), seen
+    # Actors of other Ray instances on the machine belong to neither node (None).
+    assert {node for node in seen.values() if node is not None} == set(NODES), seen
