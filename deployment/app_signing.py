@@ -44,7 +44,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from flwr.cli.build import build_fab_from_disk
 from flwr.common.config import get_fab_config, get_metadata_from_config
-from flwr.supercore.primitives.asymmetric_ed25519 import create_message_to_sign, sign_message
+from flwr.supercore.primitives.asymmetric_ed25519 import (
+    create_message_to_sign,
+    decode_base64url,
+    sign_message,
+    verify_signature,
+)
 
 from deployment import pki
 
@@ -151,6 +156,78 @@ def sign_fab(fab: bytes, key: ed25519.Ed25519PrivateKey, *,
     raw = sign_message(key, message)
     return Signature(public_key_id=key_id(key), signed_at=signed_at,
                      signature=base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii"))
+
+
+def signature_valid(public: ed25519.Ed25519PublicKey, fab_sha256: str,
+                    signature: Signature) -> bool:
+    """Whether ``signature`` is ``public``'s over the FAB with this SHA-256 (hex), as the
+    SuperNode checks it (Flower's message: signing time + the FAB's digest)."""
+    try:
+        digest, raw = bytes.fromhex(fab_sha256), decode_base64url(signature.signature)
+    except ValueError:
+        return False
+    return verify_signature(public, create_message_to_sign(digest, signature.signed_at), raw)
+
+
+def key_fingerprint(public: ed25519.Ed25519PublicKey) -> str:
+    """``SHA256:<base64>``, the fingerprint ``ssh-keygen -lf <key>.pub`` prints."""
+    blob = base64.b64decode(public_line(public).split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+@dataclass(frozen=True)
+class SignedApp:
+    """One app the coordinator signed for a submission: a line of the signing log.
+
+    ``<consortium>/app-signing/signed-apps.jsonl`` holds one JSON object per signed
+    submission: ``{"app": "@publisher/name==version", "fab-sha256": hex,
+    "public-key-id": "fpk_...", "signature": base64url, "signed-at": seconds}``. A run
+    folder's app.json names the FAB's SHA-256 that ran; this log names its signature.
+    """
+
+    app: str
+    fab_sha256: str
+    signature: Signature
+
+    def to_json(self) -> dict[str, Any]:
+        return {"app": self.app, "fab-sha256": self.fab_sha256,
+                "public-key-id": self.signature.public_key_id,
+                "signature": self.signature.signature,
+                "signed-at": self.signature.signed_at}
+
+
+def record_signed_app(log: Path, signed: SignedApp) -> None:
+    """Append one signed submission to the signing log (made if absent)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(signed.to_json(), sort_keys=True) + "\n")
+
+
+def read_signed_apps(log: Path) -> list[SignedApp]:
+    """The signing log's entries, oldest first (none when it is absent).
+
+    Raises
+    ------
+    SigningError
+        If a line is not a signing-log entry (named by its line number).
+    """
+    if not log.exists():
+        return []
+    entries = []
+    for number, line in enumerate(log.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            entries.append(SignedApp(app=str(obj["app"]), fab_sha256=str(obj["fab-sha256"]),
+                                     signature=Signature(
+                                         public_key_id=str(obj["public-key-id"]),
+                                         signature=str(obj["signature"]),
+                                         signed_at=int(obj["signed-at"]))))
+        except (ValueError, KeyError, TypeError) as error:
+            raise SigningError(f"{log} line {number}: not a signing-log entry "
+                               f"({error})") from error
+    return entries
 
 
 def build_fab(app_dir: Path) -> bytes:

@@ -350,7 +350,7 @@ def _rehearse(args: argparse.Namespace) -> int:
     work_dir = Path(args.work_dir or Path(run_config["output-dir"]) /
                     f"{run_config['run-name']}-deployment")
     result = rehearse(sites, run_config, work_dir=work_dir, app_dir=_app_dir(args.app),
-                      attacks=args.attacks)
+                      attacks=args.attacks, restart=args.restart)
     print(f"[fedsft] outputs: {result.run_dir}")
     print(f"[fedsft] process logs: {work_dir / 'logs'}")
     if result.message:
@@ -361,7 +361,8 @@ def _rehearse(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from deployment.export import export_run
 
-    out = export_run(Path(args.run_dir), Path(args.out), force=args.force)
+    out = export_run(Path(args.run_dir), Path(args.out), force=args.force,
+                     consortium=Path(args.consortium) if args.consortium else None)
     print(f"[fedsft] exported model: {out}")
     return 0
 
@@ -627,12 +628,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", action="store_true",
                    help="after the run, try the site-side attacks (unsigned, foreign-signed "
                         "and modified apps, a tampered bundle): exit 1 unless all refused")
+    p.add_argument("--restart", action="store_true",
+                   help="after the run, do it again, kill the SuperLink once round 1 is "
+                        "recorded, restart it and resume with `fedsft submit --set "
+                        "resume-from=...`: exit 1 unless it ends with the same weights")
     p.set_defaults(func=_rehearse)
 
     p = add("export", help="a run's final model + model card")
     p.add_argument("run_dir")
     p.add_argument("out")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--consortium", metavar="DIR",
+                   help="the consortium folder: the card names the app's signature "
+                        "(from its signing log, checked against its app-signing key)")
     p.set_defaults(func=_export)
 
     p = add("predict", help="label a CSV/JSONL file (classification) or answer its prompts "

@@ -13,6 +13,7 @@
   superlink/state.db       the SuperLink's state (`--database`): registered nodes, runs
   app-signing/app-signing.key      the coordinator's Ed25519 app-signing key (0600)
   app-signing/app-signing.key.pub  its public key: every site pins it (trusted entities)
+  app-signing/signed-apps.jsonl    every app `fedsft submit` signed: FAB SHA-256, signature
   flwr-home/config.toml    the coordinator's `flwr` CLI connection (FLWR_HOME), loopback
   registry.json            site -> node id given by `flwr supernode register`
   sites/<site>/            the site's bundle: copy this folder to the site
@@ -107,6 +108,11 @@ class Consortium:
     def app_signing_key(self) -> Path:
         """The coordinator's app-signing private key (``fedsft submit`` signs with it)."""
         return self.root / "app-signing" / "app-signing.key"
+
+    @property
+    def signed_apps_log(self) -> Path:
+        """Every app ``fedsft submit`` signed (app_signing.SignedApp, one JSON line each)."""
+        return self.root / "app-signing" / "signed-apps.jsonl"
 
     @property
     def app_index_port(self) -> int:
@@ -246,11 +252,16 @@ def signed_app_index(c: Consortium, app: Path) -> app_signing.AppIndex:
     Flower 1.42 carries a signature to SuperNodes only for an app the SuperLink fetches
     from a Hub, so the FAB is served by ``AppIndex`` on the SuperLink's loopback
     (deployment/app_signing.py): submit from the SuperLink's host.
+    The signature is added to the signing log (``c.signed_apps_log``), from which
+    ``fedsft export --consortium`` names the signature of the app a run ran.
     """
     fab = app_signing.build_fab(app)
     key = app_signing.load_signing_key(c.app_signing_key)
-    return app_signing.AppIndex(fab, (app_signing.sign_fab(fab, key),),
-                                port=c.app_index_port)
+    signature = app_signing.sign_fab(fab, key)
+    index = app_signing.AppIndex(fab, (signature,), port=c.app_index_port)
+    app_signing.record_signed_app(c.signed_apps_log, app_signing.SignedApp(
+        app=index.spec, fab_sha256=index.sha, signature=signature))
+    return index
 
 
 def superlink_signing_env(c: Consortium) -> dict[str, str]:

@@ -4,7 +4,8 @@
 <export>/
   config.json, model.safetensors, tokenizer files   final/model of the run (LoRA merged)
   README.md        the model card: base model, method, rounds, sites, metrics, privacy,
-                   which round was exported and why (outcome.json "selection")
+                   which round was exported and why (outcome.json "selection"), the
+                   app (FAB SHA-256) that ran and, given the consortium, its signature
   fedsft.json      what inference needs to match training: max-length, columns, labels;
                    "kind": "fedsft-export" marks the folder as an export
 ```
@@ -19,13 +20,17 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 from common.model_source import has_weights
+from deployment import app_signing
+from deployment import consortium as cons
 from server.results import ResultsError, ResultsRow, read_results
 from server.run_outputs import (
     OutcomeError,
+    read_app_records,
     read_outcome,
     replace_folder,
     staging_folder,
@@ -152,6 +157,75 @@ def summarize(
         "retention-change": _retention_change(rows, selection),
         "site-examples": site_examples(rows),
     }
+
+
+def app_provenance(run_dir: Path, consortium: Path | None = None) -> list[dict[str, Any]]:
+    """The apps (FABs) the run's attempts ran (app.json) and, given the consortium
+    folder, the signature its signing log holds for each, checked against its key.
+
+    One entry per distinct FAB: ``{"app", "fab-sha256", "run-ids", "signature"}``;
+    ``signature`` is None without a consortium, else ``{"verified": bool, "key-id",
+    "key-fingerprint", "signed-at"}`` (``verified`` False: no entry of the signing log
+    for this FAB verifies against the consortium's app-signing public key).
+
+    Raises
+    ------
+    ExportError
+        If app.json or the signing log cannot be read, or ``consortium`` is not one.
+    """
+    try:
+        records = read_app_records(run_dir)
+    except OutcomeError as exc:
+        raise ExportError(str(exc)) from exc
+    public = signed = None
+    if consortium is not None:
+        c = cons.Consortium(consortium.resolve())
+        pub = c.app_signing_key.with_name(c.app_signing_key.name + ".pub")
+        try:
+            _ = c.settings  # a folder that is not a consortium: ConsortiumError
+            public = app_signing.read_public_key(pub)
+            signed = app_signing.read_signed_apps(c.signed_apps_log)
+        except (OSError, ValueError, app_signing.SigningError, cons.ConsortiumError) as exc:
+            raise ExportError(f"--consortium {consortium}: cannot read its app-signing "
+                              f"key or signing log: {exc}") from exc
+    apps: dict[str, dict[str, Any]] = {}
+    for record in records:
+        entry = apps.setdefault(record.fab_hash, {
+            "app": f"@{record.fab_id}=={record.fab_version}", "fab-sha256": record.fab_hash,
+            "run-ids": [], "signature": None})
+        entry["run-ids"].append(record.run_id)
+    if public is not None and signed is not None:
+        for sha, entry in apps.items():
+            valid = [s.signature for s in signed if s.fab_sha256 == sha
+                     and app_signing.signature_valid(public, sha, s.signature)]
+            entry["signature"] = {"verified": bool(valid),
+                                  "key-id": app_signing.key_id(public),
+                                  "key-fingerprint": app_signing.key_fingerprint(public),
+                                  "signed-at": valid[-1].signed_at if valid else None}
+    return list(apps.values())
+
+
+def app_lines(apps: list[dict[str, Any]]) -> list[str]:
+    """The card's lines on the app that ran and its signature."""
+    if not apps:
+        return ["- app: not recorded (the run names no Flower App bundle)"]
+    lines = []
+    for entry in apps:
+        app = f"- app: `{entry['app']}`, FAB sha256 `{entry['fab-sha256']}`"
+        signature = entry["signature"]
+        if signature is None:
+            lines.append(f"{app}; signature not checked (export with `--consortium DIR` "
+                         "at the coordinator to name it)")
+        elif signature["verified"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(signature["signed-at"]))
+            lines.append(f"{app}; signed by the consortium's app-signing key "
+                         f"`{signature['key-id']}` ({signature['key-fingerprint']}, "
+                         f"Ed25519) at {when}: signature verified")
+        else:
+            lines.append(f"{app}; NOT signed by the consortium's app-signing key "
+                         f"`{signature['key-id']}` ({signature['key-fingerprint']}): its "
+                         "signing log holds no valid signature of this FAB")
+    return lines
 
 
 def _retention_change(
@@ -305,7 +379,8 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
         f"- max length: {summary['max-length']} tokens (use the same at inference)",
         *([] if sft else [f"- labels: {', '.join(labels)}"]),
         *_privacy_lines(summary["privacy"]),
-        *participation_lines(summary), "",
+        *participation_lines(summary),
+        *app_lines(summary.get("apps") or []), "",
         "## Use", "",
         *_usage_lines(summary),
     ])
@@ -381,11 +456,15 @@ def _export_files(folder: Path) -> frozenset[str]:
     )
 
 
-def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
+def export_run(run_dir: Path, out_dir: Path, *, force: bool = False,
+               consortium: Path | None = None) -> Path:
     """Copy ``run_dir/final/model`` to ``out_dir`` and add README.md and fedsft.json.
 
     ``force`` replaces an earlier export at ``out_dir``; nothing else is ever replaced
-    (see the module docstring). Returns ``out_dir``.
+    (see the module docstring). ``consortium``: the consortium folder, whose signing log
+    and app-signing key name and check the signature of the app the run ran (the
+    ServerApp only learns the FAB's SHA-256; see :func:`app_provenance`).
+    Returns ``out_dir``.
 
     Raises
     ------
@@ -401,6 +480,7 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False) -> Path:
     except OutcomeError as exc:
         raise ExportError(f"{run_dir}: {exc}") from exc
     summary = summarize(config, rows, None if outcome is None else outcome.selection)
+    summary["apps"] = app_provenance(run_dir, consortium)
     meta = {**summary, "labels": labels, "run": str(run_dir.resolve()), "kind": EXPORT_KIND}
     target = out_dir.resolve()  # a symlinked target: replace what it points to
     staging = staging_folder(target)

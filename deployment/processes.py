@@ -206,6 +206,18 @@ class ProcessSet:
                 self._stop([entry])
                 self._procs.remove(entry)
 
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """Kill one process and its descendants at once (SIGKILL: a crash, no clean-up)."""
+        for entry in list(self._procs):
+            if entry[1] is proc:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        with contextlib.suppress(psutil.NoSuchProcess):
+                            child.kill()
+                proc.kill()
+                self._stop([entry])  # SIGKILLs its session, reaps it, closes its log
+                self._procs.remove(entry)
+
     def stop_all(self) -> None:
         """Stop every process started here, the last started first."""
         self._stop(list(reversed(self._procs)))

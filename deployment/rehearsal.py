@@ -9,7 +9,10 @@ goes on, a site tries the Control API through the public port with what its bund
 holds (``flwr`` with the bundle's ``ca.pem``): register a key, unregister another site,
 submit a run, list runs, read the run's logs, stop it; each must be refused by the proxy
 (403). Everything started here is stopped when the rehearsal ends, also on errors and
-Ctrl-C; the run folder stays.
+Ctrl-C; the run folder stays. With ``restart=True`` the same run is done a second time
+and the SuperLink is killed once its first round is recorded, restarted, and the run
+resumed with the documented command (``fedsft submit DIR --set resume-from=...``): it
+must end with the first run's final weights, bit for bit.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +47,7 @@ from deployment.processes import (
 )
 from deployment.site_attacks import Attack, site_attacks, summary
 from server.preflight import preflight
-from server.run_outputs import run_folder
+from server.run_outputs import resumable_round, run_folder
 from server.run_verdict import attempt_outcome, has_final_model, outcome_stamp, run_verdict
 from simulations.runner import APP_DIR
 
@@ -88,6 +92,33 @@ def attempts_line(attempts: Sequence[AdminAttempt]) -> str:
 
 
 @dataclass(frozen=True)
+class RestartCheck:
+    """The run done again with a SuperLink crash in the middle, then resumed."""
+
+    run_dir: Path  # the interrupted (then resumed) run's folder
+    killed_after_round: int  # the last round recorded with its checkpoint at the kill
+    rounds: int  # the run's num-server-rounds
+    resume_command: tuple[str, ...]  # ``fedsft submit ...`` as run (after ``fedsft``)
+    resume_returncode: int  # that command's exit code
+    differing: tuple[str, ...]  # tensors whose final values differ from the reference's
+    message: str = ""  # what went wrong, "" when it ended with the reference's weights
+
+    @property
+    def ok(self) -> bool:
+        """Killed mid-run, resumed to completion, the reference's final weights exactly."""
+        return (not self.message and self.resume_returncode == 0 and not self.differing
+                and self.killed_after_round < self.rounds)
+
+    def line(self) -> str:
+        """One line for the rehearsal's output."""
+        same = "identical" if not self.differing else f"{len(self.differing)} tensors differ"
+        return (f"SuperLink killed after round {self.killed_after_round} of {self.rounds}, "
+                f"restarted; `fedsft {' '.join(self.resume_command[:4])} ...` exit "
+                f"{self.resume_returncode}; final weights vs the uninterrupted run: {same}"
+                + (f" ({self.message})" if self.message else ""))
+
+
+@dataclass(frozen=True)
 class RehearsalResult:
     """What a rehearsal leaves behind."""
 
@@ -100,6 +131,7 @@ class RehearsalResult:
     admin_attempts: tuple[AdminAttempt, ...] = ()  # a site's Control API calls, all refused?
     nodes_after: tuple[int, ...] = ()  # node ids still registered after the run (admin's view)
     runs_after: int = 0  # runs the SuperLink knows after the run (admin's view)
+    restart: RestartCheck | None = None  # ``restart=True``: the kill, restart and resume
 
 
 class Rehearsal:
@@ -166,6 +198,12 @@ class Rehearsal:
             log_path=self.proxy_log,
             env=flower_env(XDG_DATA_HOME=str(self.work_dir / "caddy-data")))  # not ~/.local
         wait_for_port(self.port, proc=self.proxy, log_path=self.proxy_log)
+
+    def crash_superlink(self) -> None:
+        """Kill the SuperLink and its ServerApp process at once (SIGKILL), as a crash."""
+        if self.superlink is not None:
+            self.processes.kill(self.superlink)
+            self.superlink = None
 
     def start_supernode(self, site: Site, *, tls: bool = True,
                         give_up_after: float | None = None) -> subprocess.Popen[bytes]:
@@ -393,6 +431,90 @@ def _line_count(path: Path) -> int:
     return len(path.read_text(errors="replace").splitlines()) if path.exists() else 0
 
 
+def submit_words(consortium_dir: Path, run_config: Mapping[str, Any]) -> list[str]:
+    """``fedsft submit DIR --set k=v ...`` (the words after ``fedsft``) for a run config.
+
+    Strings are written as TOML strings, so that ``--set`` reads back the same values.
+    """
+    words = ["submit", str(consortium_dir)]
+    for key, value in run_config.items():
+        text = (json.dumps(value) if isinstance(value, str)
+                else str(value).lower() if isinstance(value, bool) else repr(value))
+        words += ["--set", f"{key}={text}"]
+    return words
+
+
+def final_checkpoint(run_dir: Path) -> dict[str, Any]:
+    """The newest checkpoint's tensors (global exchanged state and strategy state)."""
+    from safetensors.numpy import load_file
+
+    checkpoints = sorted((run_dir / "checkpoints").glob("round-*.safetensors"))
+    if not checkpoints:
+        raise ProcessError(f"{run_dir} has no checkpoint")
+    return dict(load_file(str(checkpoints[-1])))
+
+
+def differing_tensors(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[str, ...]:
+    """Names whose tensors are not bit-identical (or present in only one)."""
+    return tuple(sorted(k for k in set(a) | set(b)
+                        if k not in a or k not in b or a[k].dtype != b[k].dtype
+                        or a[k].shape != b[k].shape or a[k].tobytes() != b[k].tobytes()))
+
+
+def restart_and_resume(
+    rehearsal: Rehearsal, run_config: Mapping[str, Any], *, reference: Path,
+    sites: int, app_dir: Path, on_line: Callable[[str], None], timeout: float = 600,
+) -> RestartCheck:
+    """Do the run of ``run_config`` again as ``<run-name>-restarted``; kill the SuperLink
+    once round 1 is recorded, restart it (same database), wait for the SuperNodes to
+    reconnect, resume with ``fedsft submit DIR --set resume-from=<folder> ...`` (the
+    documented command, same settings) and compare its final weights with
+    ``reference``'s (the uninterrupted run's folder).
+    """
+    config = {**run_config, "run-name": f"{run_config['run-name']}-restarted"}
+    run_dir = run_folder(RunConfig.from_flower(config))
+    rounds = int(config.get("num-server-rounds", RunConfig().num_server_rounds))
+
+    def check(killed: int, code: int, words: list[str], message: str = "",
+              differing: tuple[str, ...] = ()) -> RestartCheck:
+        return RestartCheck(run_dir=run_dir, killed_after_round=killed, rounds=rounds,
+                            resume_command=tuple(words), resume_returncode=code,
+                            differing=differing, message=message)
+
+    code, _ = rehearsal.submit(config, app_dir=app_dir, stream=False,
+                               log_name="restart-run.log", on_line=on_line)
+    if code != 0:
+        return check(0, code, [], f"`flwr run` exited {code}")
+    deadline = time.monotonic() + timeout
+    while (resumable_round(run_dir) or 0) < 1:
+        if time.monotonic() > deadline:
+            return check(0, -1, [], f"round 1 not recorded after {timeout:g} s")
+        time.sleep(0.2)
+    rehearsal.crash_superlink()
+    killed = resumable_round(run_dir) or 0
+    on_line(f"[fedsft] SuperLink killed (SIGKILL) with round {killed} of {rounds} "
+            f"recorded in {run_dir}; restarting it")
+    rehearsal.start_superlink()
+    rehearsal.wait_online(sites, timeout=180)
+    resume = {k: v for k, v in run_config.items() if k != "run-name"}
+    words = [*submit_words(rehearsal.consortium.root, {"resume-from": str(run_dir), **resume}),
+             "--app", str(app_dir)]
+    on_line(f"[fedsft] resuming: fedsft {' '.join(words)}")
+    log_path = rehearsal.logs / "resume-submit.log"
+    with log_path.open("w", encoding="utf-8") as log:
+        # This checkout's CLI (`python -m deployment.cli`), as the `fedsft` script runs it.
+        proc = subprocess.run([sys.executable, "-m", "deployment.cli", *words],
+                              cwd=Path(__file__).resolve().parents[1], stdout=log,
+                              stderr=subprocess.STDOUT, timeout=timeout, check=False,
+                              env=flower_env())
+    for line in log_path.read_text(encoding="utf-8", errors="replace").splitlines():
+        on_line(line)
+    if proc.returncode != 0:
+        return check(killed, proc.returncode, words, f"resume failed; log {log_path}")
+    return check(killed, 0, words, differing=differing_tensors(
+        final_checkpoint(reference), final_checkpoint(run_dir)))
+
+
 def labels_of(sites: Sequence[Site], cfg: RunConfig) -> str:
     """The classes found in the readable site files, as a ``labels`` value."""
     found: list[Any] = []
@@ -416,6 +538,7 @@ def rehearse(
     timeout: float | None = None,
     attacks: bool = False,
     try_admin_calls: bool = True,
+    restart: bool = False,
 ) -> RehearsalResult:
     """Run the app once across ``sites`` on a local, secured deployment.
 
@@ -425,6 +548,9 @@ def rehearse(
     ``attacks``: after the run, try the site-side attacks (deployment/site_attacks.py:
     unsigned and foreign-signed apps, a modified app, a tampered bundle) and print
     ``attacks: N attempted, N refused``.
+    ``restart``: after the run, do it again, kill the SuperLink mid-run, restart it and
+    resume (:func:`restart_and_resume`); the result's ``returncode`` is non-zero unless
+    the resumed run ends with the first run's final weights exactly.
 
     ``run_config`` must name the run folder (``output-dir``, ``run-name``); ``output-dir``
     is made absolute (the ServerApp runs in another working directory). ``labels``
@@ -497,6 +623,12 @@ def rehearse(
         nodes_after = tuple(sorted(int(n["node-id"]) for n in rehearsal.nodes()
                                    if n["status"] != "unregistered"))
         runs_after = len(rehearsal.runs())
+        restarted: RestartCheck | None = None
+        if restart:
+            restarted = restart_and_resume(rehearsal, run_config, reference=run_dir,
+                                           sites=len(sites), app_dir=app_dir,
+                                           on_line=on_line)
+            on_line(f"[fedsft] {restarted.line()}")
         tried: list[Attack] = []
         if attacks:
             tried = site_attacks(rehearsal, [s.name for s in sites], run_config,
@@ -515,7 +647,10 @@ def rehearse(
                    if passed else f"{attempts_line(attempts)}, of {len(ADMIN_CALLS)} to try")
     if ok and any(not a.refused for a in tried):
         ok, message = False, summary(tried)
+    if ok and restarted is not None and not restarted.ok:
+        ok, message = False, restarted.line()
     return RehearsalResult(run_dir=run_dir, returncode=0 if ok else (returncode or 1),
                            log_path=log_path, work_dir=work_dir, message=message,
                            attacks=tuple(tried), admin_attempts=tuple(attempts),
-                           nodes_after=nodes_after, runs_after=runs_after)
+                           nodes_after=nodes_after, runs_after=runs_after,
+                           restart=restarted)

@@ -29,6 +29,7 @@ from server.preflight import NO_CENTRAL_EVALUATION, check_new_run_folder
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import EarlyStop, RoundRecorder, arrays_to_state
 from server.run_outputs import (
+    AppRecord,
     RunFailed,
     RunOutputs,
     check_resume,
@@ -46,11 +47,12 @@ from server.validation import array_specs
 log = logging.getLogger(__name__)
 
 
-def run_federation(grid: Grid, cfg: RunConfig) -> Path:
+def run_federation(grid: Grid, cfg: RunConfig, *, app: AppRecord | None = None) -> Path:
     """Run ``cfg.num_server_rounds`` rounds (or the rest of them, when resuming).
 
     Returns the run folder, which then holds config.json, results.jsonl, checkpoints,
-    the final model and outcome.json (see server/run_outputs.py).
+    the final model and outcome.json (see server/run_outputs.py); ``app``, the FAB
+    Flower ran, is added to its app.json.
 
     Raises
     ------
@@ -66,7 +68,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
     else:
         check_new_run_folder(cfg)
     try:
-        return _run(grid, cfg, outputs)
+        return _run(grid, cfg, outputs, app)
     except RunFailed:
         raise  # its outcome is written
     except BaseException as exc:
@@ -82,7 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig) -> Path:
         raise
 
 
-def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
+def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, app: AppRecord | None) -> Path:
     """``run_federation`` once the run folder is known (and any resume checked)."""
     task = get_task(cfg.task)
     label_names, eval_set = load_server_eval(cfg)
@@ -128,6 +130,8 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs) -> Path:
         restore_strategy_state(strategy, checkpoint.strategy_state)
         print(f"[fedsft] resuming {outputs.folder} after round {done_rounds}", flush=True)
     outputs.start(cfg, label_names)
+    if app is not None:
+        outputs.record_app(app)
     print(f"[fedsft] run folder: {outputs.folder}", flush=True)
 
     tracked = TrackedStrategy(

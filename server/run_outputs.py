@@ -9,6 +9,7 @@
   final/model/         the selected round's model in Hugging Face layout (LoRA merged)
   final/adapter/       method=lora: the adapter, loadable with peft
   outcome.json         how the run ended (written last, also when it failed)
+  app.json             the Flower App (FAB) each attempt ran, when Flower names one
 ```
 
 Files are written atomically (temporary file + rename) so an interrupted run never
@@ -295,6 +296,49 @@ def check_resume(folder: Path, cfg: RunConfig) -> ResumePoint:
     return _newest_intact(folder, read_results(folder / "results.jsonl"))[1]
 
 
+APP_RECORD = "app.json"
+
+
+@dataclass(frozen=True)
+class AppRecord:
+    """The Flower App (FAB) one attempt of a run ran, as Flower's run names it.
+
+    ``app.json`` is ``{"attempts": [{"fab-id", "fab-version", "fab-hash", "run-id"}, ...]}``,
+    one entry per attempt (a resumed run has several). ``fab-hash`` is the SHA-256 of
+    the FAB, what an app signature covers (deployment/app_signing.py): the coordinator's
+    export names the signature of this hash (the ServerApp is not told signatures).
+    """
+
+    fab_id: str
+    fab_version: str
+    fab_hash: str
+    run_id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fab-id": self.fab_id, "fab-version": self.fab_version,
+                "fab-hash": self.fab_hash, "run-id": self.run_id}
+
+
+def read_app_records(folder: Path) -> list[AppRecord]:
+    """The attempts of ``folder/app.json`` (none when the file is absent).
+
+    Raises
+    ------
+    OutcomeError
+        If app.json is not the format above.
+    """
+    path = folder / APP_RECORD
+    if not path.exists():
+        return []
+    try:
+        attempts = json.loads(path.read_text(encoding="utf-8"))["attempts"]
+        return [AppRecord(fab_id=str(a["fab-id"]), fab_version=str(a["fab-version"]),
+                          fab_hash=str(a["fab-hash"]), run_id=int(a["run-id"]))
+                for a in attempts]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise OutcomeError(f"{path}: not a fedsft app record ({error})") from error
+
+
 class RunOutputs:
     """Writes (and, for resume, reads) the files of one run folder."""
 
@@ -311,6 +355,13 @@ class RunOutputs:
         self.started = True
         _atomic_write_json(self.folder / "config.json", cfg.to_flower())
         _atomic_write_json(self.folder / "label_map.json", dict(enumerate(label_names)))
+
+    def record_app(self, app: AppRecord) -> None:
+        """Add this attempt's app to app.json (an attempt with no FAB hash adds nothing)."""
+        if app.fab_hash:
+            attempts = [a.to_json() for a in read_app_records(self.folder)]
+            _atomic_write_json(self.folder / APP_RECORD, {"attempts": [*attempts,
+                                                                        app.to_json()]})
 
     def append_result(self, row: ResultsRow) -> None:
         """Append one round's results line (flushed and synced: it marks the round done)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -259,3 +260,36 @@ def test_revoking_twice_or_an_unknown_site_is_refused(consortium, fake_flwr):
     revoke_site(consortium, "a")
     with pytest.raises(cons.ConsortiumError, match="already revoked"):
         revoke_site(consortium, "a")
+
+
+def test_each_signed_submission_is_logged_with_a_signature_that_verifies(tmp_path):
+    from deployment import app_signing
+    from deployment.processes import free_port
+
+    consortium = cons.create(tmp_path / "c", name="t", names=pki.Names(), sites=("a",),
+                             app_index_port=free_port())
+    public = app_signing.read_public_key(
+        consortium.app_signing_key.with_name("app-signing.key.pub"))
+    with cons.signed_app_index(consortium, REPO) as first:  # each serves, then frees the port
+        pass
+    with cons.signed_app_index(consortium, REPO) as second:
+        pass
+    logged = app_signing.read_signed_apps(consortium.signed_apps_log)
+    assert [e.fab_sha256 for e in logged] == [first.sha, second.sha]
+    assert logged[0].app == first.spec and logged[0].signature == first.signatures[0]
+    assert all(app_signing.signature_valid(public, e.fab_sha256, e.signature) for e in logged)
+    # The signature covers the FAB: another FAB's digest does not verify.
+    assert not app_signing.signature_valid(public, "00" * 32, logged[0].signature)
+    consortium.signed_apps_log.write_text("not json\n")
+    with pytest.raises(app_signing.SigningError, match="line 1"):
+        app_signing.read_signed_apps(consortium.signed_apps_log)
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="needs ssh-keygen")
+def test_the_signing_key_fingerprint_is_the_one_ssh_keygen_prints(consortium):
+    from deployment import app_signing
+
+    pub = consortium.app_signing_key.with_name("app-signing.key.pub")
+    printed = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True,
+                             text=True, check=True).stdout.split()[1]
+    assert app_signing.key_fingerprint(app_signing.read_public_key(pub)) == printed

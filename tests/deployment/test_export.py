@@ -298,3 +298,78 @@ def test_the_card_says_what_no_dp_and_dp_sgd_mean():
         "information about individual training records"]
     assert export_module.participation_lines(dp_sgd)[0].startswith(
         "- what sample-level DP-SGD protects: at each site, any one training record")
+
+
+def _signed_consortium(tmp_path: Path, fab_sha: str, *, key=None):
+    """A consortium whose signing log holds a signature of ``fab_sha`` (by ``key``, else
+    by the consortium's own app-signing key)."""
+    import base64
+
+    from deployment import app_signing, pki
+    from deployment import consortium as cons
+
+    c = cons.create(tmp_path / "c", name="t", names=pki.Names(), sites=("a",))
+    signer = key or app_signing.load_signing_key(c.app_signing_key)
+    digest = bytes.fromhex(fab_sha)
+    message = app_signing.create_message_to_sign(digest, 1_700_000_000)
+    raw = app_signing.sign_message(signer, message)
+    signature = app_signing.Signature(
+        public_key_id=app_signing.key_id(signer), signed_at=1_700_000_000,
+        signature=base64.urlsafe_b64encode(raw).rstrip(b"=").decode())
+    app_signing.record_signed_app(c.signed_apps_log, app_signing.SignedApp(
+        app="@fedsft/fedsft==1.0.0", fab_sha256=fab_sha, signature=signature))
+    return c
+
+
+def _with_app(run: Path, fab_sha: str, run_ids=(7,)) -> Path:
+    from server.run_outputs import AppRecord, RunOutputs
+
+    outputs = RunOutputs(run, keep_checkpoints=0)
+    for run_id in run_ids:
+        outputs.record_app(AppRecord(fab_id="fedsft/fedsft", fab_version="1.0.0",
+                                     fab_hash=fab_sha, run_id=run_id))
+    return run
+
+
+def test_the_card_names_the_app_and_its_verified_signature(tmp_path):
+    from deployment import app_signing
+
+    sha = "ab" * 32
+    run = _with_app(_run(tmp_path / "outputs" / "run"), sha, run_ids=(3, 4))  # a resume
+    c = _signed_consortium(tmp_path, sha)
+    card = (export_run(run, tmp_path / "plain") / "README.md").read_text()
+    assert (f"- app: `@fedsft/fedsft==1.0.0`, FAB sha256 `{sha}`; signature not checked "
+            "(export with `--consortium DIR`") in card
+    out = export_run(run, tmp_path / "model", consortium=c.root)
+    public = app_signing.read_public_key(c.app_signing_key.with_name("app-signing.key.pub"))
+    fingerprint = app_signing.key_fingerprint(public)
+    assert fingerprint.startswith("SHA256:") and len(fingerprint) == 50
+    card = (out / "README.md").read_text()
+    assert card.count("- app: ") == 1  # two attempts, one FAB
+    assert (f"signed by the consortium's app-signing key `{app_signing.key_id(public)}` "
+            f"({fingerprint}, Ed25519) at 2023-11-14 22:13:20 UTC: signature verified") in card
+    meta = json.loads((out / EXPORT_META).read_text())
+    assert meta["apps"][0]["run-ids"] == [3, 4] and meta["apps"][0]["signature"]["verified"]
+
+
+def test_a_foreign_signature_or_another_fab_is_not_the_consortiums(tmp_path):
+    from deployment import app_signing
+
+    sha = "cd" * 32
+    run = _with_app(_run(tmp_path / "outputs" / "run"), sha)
+    c = _signed_consortium(tmp_path, sha, key=app_signing.new_signing_key())
+    card = (export_run(run, tmp_path / "m1", consortium=c.root) / "README.md").read_text()
+    assert "NOT signed by the consortium's app-signing key" in card
+    assert "signature verified" not in card
+    other = _with_app(_run(tmp_path / "outputs" / "other"), "ef" * 32)  # signed: "cd"*32
+    card = (export_run(other, tmp_path / "m2", consortium=c.root) / "README.md").read_text()
+    assert "NOT signed by the consortium's app-signing key" in card
+
+
+def test_a_run_without_app_record_says_so_and_a_bad_consortium_is_an_error(tmp_path):
+    run = _run(tmp_path / "outputs" / "run")
+    card = (export_run(run, tmp_path / "m") / "README.md").read_text()
+    assert "- app: not recorded" in card
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="--consortium"):
+        export_run(run, tmp_path / "m2", consortium=tmp_path / "empty")

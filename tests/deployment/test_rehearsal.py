@@ -2,7 +2,8 @@
 
 One rehearsal (module fixture) with two sites holding different CSV files and a third
 whose file is missing, all behind the proxy, while site-a tries six Control API calls
-through the public address; then export + predict on its result. Separate short-lived
+through the public address; the same run again with the SuperLink killed after round 1,
+restarted and resumed; then export + predict on its result. Separate short-lived
 SuperLinks check that unregistered, revoked and non-TLS SuperNodes are refused.
 """
 
@@ -60,7 +61,7 @@ def run(tmp_path_factory, tiny_model_dir):
         "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 480.0,
         "output-dir": str(tmp / "out"), "run-name": "rehearsal",
     }, work_dir=tmp / "work", on_line=lines.append, timeout=900,  # a hang guard
-        attacks=True)
+        attacks=True, restart=True)
     return result, lines, tmp
 
 
@@ -109,6 +110,28 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
     assert "missing.csv" in site_log
 
 
+def test_a_superlink_killed_mid_run_resumes_to_the_uninterrupted_runs_weights(run):
+    result, lines, _ = run
+    restart = result.restart
+    assert restart is not None, "\n".join(lines[-40:])
+    # Killed with round 1 recorded and round 2 not: the kill came in the middle.
+    assert restart.killed_after_round == 1 and restart.rounds == 2, restart
+    # Resumed with the documented command, on the restarted SuperLink (same database).
+    assert restart.resume_command[:4] == (
+        "submit", str(result.work_dir / "consortium"), "--set",
+        f"resume-from={restart.run_dir}"), restart.resume_command
+    assert restart.resume_returncode == 0, "\n".join(lines[-60:])
+    assert restart.differing == () and restart.ok, restart
+    assert [r["round"] for r in _rows(restart.run_dir)] == [0, 1, 2]
+    outcome = json.loads((restart.run_dir / "outcome.json").read_text())
+    assert outcome["status"] == "completed" and outcome["rounds_aggregated"] == 2
+    # Two attempts of one run: each recorded the signed app it ran.
+    apps = json.loads((restart.run_dir / "app.json").read_text())["attempts"]
+    assert len(apps) == 2 and apps[0]["run-id"] != apps[1]["run-id"]
+    assert any(line.startswith("[fedsft] SuperLink killed after round 1 of 2") and
+               "identical" in line for line in lines)
+
+
 def test_the_sites_refuse_unsigned_and_foreign_apps_and_a_tampered_bundle(run):
     result, lines, _ = run
     names = {a.name: a for a in result.attacks}
@@ -148,6 +171,19 @@ def test_export_then_predict_reproduces_the_exported_rounds_central_accuracy(run
     assert "rounds: 2" in card and "sites: 2 took part" in card
     assert "- sites that took part: `site-a` (" in card and "`site-b` (" in card
     assert "method: lora" in card
+    # The ServerApp recorded the FAB it ran; without the consortium the card says the
+    # signature was not checked, with it the card names the verified signature's key.
+    fab = json.loads((result.run_dir / "app.json").read_text())["attempts"][0]["fab-hash"]
+    assert f"FAB sha256 `{fab}`; signature not checked" in card
+    consortium = result.work_dir / "consortium"
+    signed = export_run(result.run_dir, tmp_path / "signed", consortium=consortium)
+    signed_card = (signed / "README.md").read_text()
+    from deployment.app_signing import key_fingerprint, key_id, read_public_key
+
+    public = read_public_key(consortium / "app-signing/app-signing.key.pub")
+    assert (f"FAB sha256 `{fab}`; signed by the consortium's app-signing key "
+            f"`{key_id(public)}` ({key_fingerprint(public)}, Ed25519) at ") in signed_card
+    assert "signature verified" in signed_card
     meta = json.loads((model / "fedsft.json").read_text())
     assert meta["max-length"] == 32 and meta["labels"] == ["negative", "positive"]
 
