@@ -7,8 +7,8 @@ there too: ``text-column`` / ``label-column``, task sft ``SFT_SITE_KEYS``). Eith
 the result is split into local train and local eval parts and tokenized once; later
 rounds hit the cache.
 
-A deployed site's file is first checked with ``common.data_check.check_site_data``
-(with the model's tokenizer and the federation's labels): a blocking problem raises
+A deployed site's file is first checked with the task's site check (``Task.check_site``,
+with the model's tokenizer and the federation's labels): a blocking problem raises
 ``DataError`` naming the file and the problem, so the server records it as that
 client's failure; warnings are logged at the site. The report is cached with the data.
 With ``share-data-stats = true`` in its node config (default false) the site adds the
@@ -17,7 +17,7 @@ training reply's metrics (``data_stats_metrics``). In simulation the check is sk
 a partition is a piece of the server's data, which the preflight and ``load_splits``
 already checked, and its only per-partition problems (no rows, labels the server does
 not know) already raise in ``partition_dataset`` and ``load_local_data``. A
-classification partition still gets the check's statistics (``partition_report``), and
+classification partition still gets the check's statistics (``Task.partition_report``), and
 shares them unless its node config says ``share-data-stats = false``: the server holds
 that data already, so the report shows the partitions as it shows deployed sites.
 """
@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from flwr.app import ConfigRecord, RecordDict
 from transformers import PreTrainedTokenizerBase
 
@@ -42,10 +41,9 @@ from common.data import (
     partition_dataset,
     split_for_local_eval,
 )
-from common.data_check import DataReport, check_site_data
 from common.specs import DataSpec, EncodeSpec, PartitionSpec, file_stamp
 from common.tasks import get_task
-from common.tasks.base import Examples, Task
+from common.tasks.base import Examples, SiteReport, Task
 
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
@@ -62,7 +60,7 @@ class LocalData:
 
     train: Examples  # the task's encoded examples
     eval: Examples
-    report: DataReport | None = None  # None in simulation (module docstring)
+    report: SiteReport | None = None  # None in simulation (module docstring)
 
 
 # Per-process cache: Flower's simulation reuses worker processes across virtual clients
@@ -117,8 +115,9 @@ def load_local_data(
             dataset = partition_dataset(
                 splits.train, cfg, num_partitions=source[2], partition_id=source[1]
             )
-            report = partition_report(dataset, partition_id=source[1], cfg=cfg,
-                                      label_names=label_names, tokenizer=tokenizer)
+            report = task.partition_report(dataset, source=f"partition {source[1]}",
+                                           encoding=encoding, label_names=label_names,
+                                           tokenizer=tokenizer)
         train, local_eval = split_for_local_eval(
             dataset, fraction=cfg.client_eval_fraction, seed=cfg.seed
         )
@@ -168,7 +167,7 @@ def site_file_version(source: tuple[Any, ...]) -> tuple[str, tuple[int, int] | N
 def check_site_file(
     path: str, cfg: RunConfig, label_names: list[str], tokenizer: PreTrainedTokenizerBase,
     *, task: Task,
-) -> DataReport:
+) -> SiteReport:
     """Check a site's file with the task's site check before training; log warnings.
 
     Raises
@@ -189,23 +188,6 @@ def check_site_file(
             f"{path}` at the site for the full report)"
         )
     return report
-
-
-def partition_report(
-    dataset: Any, *, partition_id: int, cfg: RunConfig, label_names: list[str],
-    tokenizer: PreTrainedTokenizerBase,
-) -> DataReport | None:
-    """The site check's statistics of a simulated partition, for the data statistics it
-    shares; None unless it has classification's ``text`` and integer ``label`` columns
-    (``load_splits``: label = index into ``label_names``)."""
-    if not {"text", "label"} <= set(dataset.column_names):
-        return None
-    frame = pd.DataFrame({"text": list(dataset["text"]), "label": list(dataset["label"])})
-    # Labels as their index, so the counts come back in the federation's class order.
-    return check_site_data(frame, text_column="text", label_column="label",
-                           max_length=cfg.max_length, tokenizer=tokenizer,
-                           label_names=[str(i) for i in range(len(label_names))],
-                           source=f"partition {partition_id}")
 
 
 def data_stats_metrics(

@@ -421,7 +421,8 @@ def parse_site_config(items: list[str]) -> dict[str, Any]:
 def _check_data(args: argparse.Namespace) -> int:
 
     from common.config import ConfigError, RunConfig
-    from common.data_check import check_site_data
+    from common.specs import DataSpec, EncodeSpec
+    from common.tasks import get_task
 
     site = parse_site_config(args.site_config)
     path = args.file or site.get("data-path")
@@ -436,10 +437,9 @@ def _check_data(args: argparse.Namespace) -> int:
         labels=args.labels or "", label_case_fold=args.label_case_fold,
         max_length=args.max_length if args.max_length is not None else 64,
     )
-    report = check_site_data(
-        str(path), text_column=cfg.text_column, label_column=cfg.label_column,
-        max_length=cfg.max_length, label_names=cfg.label_list or None,
-        eval_data=args.eval, label_case_fold=cfg.label_case_fold,
+    report = get_task("classification").check_site(
+        str(path), spec=DataSpec.of(cfg), encoding=EncodeSpec.of(cfg, tokenizer_path=""),
+        label_names=cfg.label_list or None, tokenizer=None, eval_path=args.eval,
     )
     return _report(report, args.json)
 

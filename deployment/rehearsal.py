@@ -31,7 +31,8 @@ from typing import Any
 import tomli_w
 
 from common.config import NO_DATASET, RunConfig
-from common.data import build_label_names, read_table
+from common.specs import DataSpec
+from common.tasks import get_task
 from deployment import app_signing, pki, proxy
 from deployment import consortium as cons
 from deployment.processes import (
@@ -517,15 +518,13 @@ def restart_and_resume(
 
 def labels_of(sites: Sequence[Site], cfg: RunConfig) -> str:
     """The classes found in the readable site files, as a ``labels`` value."""
-    found: list[Any] = []
-    for site in sites:
-        if site.data_path.is_file():
-            frame = read_table(str(site.data_path), text_column=site.text_column or
-                               cfg.text_column, label_column=site.label_column or
-                               cfg.label_column, seed=cfg.seed, builtin_examples=1,
-                               label_case_fold=cfg.label_case_fold)
-            found.extend(frame[site.label_column or cfg.label_column])
-    return ",".join(build_label_names(found, source="the site files"))
+    files = [
+        (str(site.data_path), DataSpec.of(cfg.replace(
+            text_column=site.text_column or cfg.text_column,
+            label_column=site.label_column or cfg.label_column)))
+        for site in sites if site.data_path.is_file()
+    ]
+    return ",".join(get_task(cfg.task).label_names_of_files(files, source="the site files"))
 
 
 def rehearse(

@@ -24,7 +24,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from common.config import RunConfig
-from common.data_check import DataReport
 from common.specs import DataSpec, EncodeSpec
 
 # One training batch as tensors (input_ids, attention_mask, labels, ...), the output of
@@ -86,6 +85,44 @@ class RoundFeedback(Protocol):
         ...
 
 
+class SiteFinding(Protocol):
+    """One problem a site check found; ``message`` says what it is and what to do."""
+
+    @property
+    def message(self) -> str: ...
+
+
+class SiteReport(Protocol):
+    """A task's check of one site's data (``Task.check_site``): counts only, no text.
+
+    The client trains only when ``blocking`` is empty (it logs ``warnings``) and may
+    send ``aggregate_stats`` to the server; ``fedsft check-data`` prints ``lines`` and
+    writes ``to_dict`` as JSON.
+    """
+
+    @property
+    def blocking(self) -> Sequence[SiteFinding]:
+        """The problems that stop the site from joining."""
+        ...
+
+    @property
+    def warnings(self) -> Sequence[SiteFinding]:
+        """The problems worth a look that do not stop training."""
+        ...
+
+    def aggregate_stats(self) -> dict[str, int | float]:
+        """Aggregate, non-identifying numbers (flat metric keys) a site may share."""
+        ...
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
+        ...
+
+    def lines(self) -> list[str]:
+        """The report for a person: one line per statistic, then the findings."""
+        ...
+
+
 class Task(Protocol):
     """What a task module provides (see the module docstring)."""
 
@@ -117,11 +154,40 @@ class Task(Protocol):
         """
         ...
 
+    def check_label_names(self, names: Sequence[str], *, source: str) -> None:
+        """Check class names given rather than read from data (the ``labels`` key, named
+        ``source``) as names derived from data are checked (e.g. a logged warning)."""
+        ...
+
+    def label_names_of_files(
+        self, files: Sequence[tuple[str, DataSpec]], *, source: str
+    ) -> list[str]:
+        """The class names over the rows of every ``(path, spec)`` file, each read and
+        cleaned with its own spec as training reads it, as ``prepare`` derives them for
+        the training data (``source`` names them all in an error); [] for a task
+        without classes. Raises ``common.data.DataError``."""
+        ...
+
     def check_site(
-        self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
+        self, path: str, *, spec: DataSpec, encoding: EncodeSpec,
+        label_names: Sequence[str] | None, tokenizer: PreTrainedTokenizerBase | None,
+        eval_path: str | None = None,
+    ) -> SiteReport:
+        """A deployed site's file checked before it trains (``fedsft check-data`` too).
+
+        ``label_names``: the federation's classes (None: none to check against);
+        ``eval_path``: an eval file whose overlap with the site's rows is reported, by a
+        task that can tell (ignored by one that cannot).
+        """
+        ...
+
+    def partition_report(
+        self, rows: Any, *, source: str, encoding: EncodeSpec, label_names: Sequence[str],
         tokenizer: PreTrainedTokenizerBase | None,
-    ) -> DataReport:
-        """A deployed site's file checked before it trains (``fedsft check-data`` too)."""
+    ) -> SiteReport | None:
+        """The site check's statistics of a simulated partition (canonical ``rows`` of
+        ``prepare``, a ``datasets.Dataset``, named ``source``), for the data statistics
+        it shares; None for a task that reports none for partitions."""
         ...
 
     def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:

@@ -2,13 +2,14 @@
 
 The model is ``AutoModelForSequenceClassification`` with a fresh, seeded head for the
 federation's classes; rows are ``text`` / ``label`` (the label rules of
-``common/data.py``: stripped, optionally case-folded, integer ids into the sorted class
-names); the loss is cross-entropy (or the logit-adjusted loss of ``common/losses.py``
-with the site's own class prior), optionally class-weighted (``class-weighting``, from the
-site's or the federation's label counts) and focal (``focal-gamma``), on training batches
-optionally augmented at the token level (``augment``); metrics are accuracy, macro-F1,
-the mean loss, and per-class recall (``recall_<k>`` for each class with eval examples,
-``recall_min`` the worst of them) as extra details.
+``classification_data.py``: stripped, optionally case-folded, integer ids into the sorted
+class names); the loss is cross-entropy (or the logit-adjusted loss of
+``classification_losses.py`` with the site's own class prior), optionally class-weighted
+(``class-weighting``, from the site's or the federation's label counts) and focal
+(``focal-gamma``), on training batches optionally augmented at the token level
+(``augment``); metrics are accuracy, macro-F1, the mean loss, and per-class recall
+(``recall_<k>`` for each class with eval examples, ``recall_min`` the worst of them) as
+extra details.
 """
 
 from __future__ import annotations
@@ -25,17 +26,22 @@ import torch.nn.functional as F
 from sklearn.metrics import f1_score, recall_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from common.builtin_data import generate_builtin
 from common.config import RunConfig
-from common.data import (
-    DataError,
+from common.data import DataError
+from common.model import autocast_context
+from common.specs import DataSpec, EncodeSpec
+from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
+from common.tasks.classification_builtin_data import generate_builtin
+from common.tasks.classification_check import DataReport, check_site_data
+from common.tasks.classification_data import (
     build_label_names,
     check_columns,
     clean_table,
     encode_labels,
+    read_table,
+    warn_case_variants,
 )
-from common.data_check import DataReport, check_site_data
-from common.losses import (
+from common.tasks.classification_losses import (
     LABEL_COUNTS_KEY,
     augment_token_ids,
     class_log_prior,
@@ -45,9 +51,6 @@ from common.losses import (
     read_label_counts,
     sum_label_counts,
 )
-from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec
-from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
 from common.training import derive_seed, iterate_batches
 
 
@@ -142,14 +145,46 @@ class ClassificationTask:
             [pd.DataFrame({"text": frame[text], "label": labels}), frame[others]], axis=1)
         return rows, names
 
+    def check_label_names(self, names: Sequence[str], *, source: str) -> None:
+        """Log names that differ only by case, as ``build_label_names`` does."""
+        warn_case_variants(names, source=source)
+
+    def label_names_of_files(
+        self, files: Sequence[tuple[str, DataSpec]], *, source: str
+    ) -> list[str]:
+        found: list[Any] = []
+        for path, spec in files:
+            frame = read_table(path, text_column=spec.text_column,
+                               label_column=spec.label_column, seed=spec.seed,
+                               builtin_examples=spec.builtin_examples,
+                               label_case_fold=spec.label_case_fold)
+            found.extend(frame[spec.label_column])
+        return build_label_names(found, source=source)
+
     def check_site(
-        self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
-        tokenizer: PreTrainedTokenizerBase,
+        self, path: str, *, spec: DataSpec, encoding: EncodeSpec,
+        label_names: Sequence[str] | None, tokenizer: PreTrainedTokenizerBase | None,
+        eval_path: str | None = None,
     ) -> DataReport:
+        """``check_site_data`` of the file with the run's columns and label rule."""
         return check_site_data(
             path, text_column=spec.text_column, label_column=spec.label_column,
-            max_length=encoding.max_length, label_names=list(label_names), tokenizer=tokenizer,
-            label_case_fold=spec.label_case_fold)
+            max_length=encoding.max_length,
+            label_names=list(label_names) if label_names is not None else None,
+            tokenizer=tokenizer, eval_data=eval_path, label_case_fold=spec.label_case_fold)
+
+    def partition_report(
+        self, rows: Any, *, source: str, encoding: EncodeSpec, label_names: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase | None,
+    ) -> DataReport:
+        """``check_site_data`` of the partition's ``text`` and ``label`` (an index into
+        ``label_names``) columns."""
+        frame = pd.DataFrame({"text": list(rows["text"]), "label": list(rows["label"])})
+        # Labels as their index, so the counts come back in the federation's class order.
+        return check_site_data(frame, text_column="text", label_column="label",
+                               max_length=encoding.max_length, tokenizer=tokenizer,
+                               label_names=[str(i) for i in range(len(label_names))],
+                               source=source)
 
     def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
         return None  # any encoder or decoder gets a fresh classification head

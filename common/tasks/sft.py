@@ -290,15 +290,25 @@ class SftTask:
         return chat_frame(frame, source=source, fmt=spec.chat_format,
                           **chat_columns(spec)), []
 
+    def check_label_names(self, names: Sequence[str], *, source: str) -> None:
+        """Nothing to check: sft has no classes."""
+
+    def label_names_of_files(
+        self, files: Sequence[tuple[str, DataSpec]], *, source: str
+    ) -> list[str]:
+        return []  # no classes
+
     def check_site(
-        self, path: str, *, spec: DataSpec, encoding: EncodeSpec, label_names: Sequence[str],
-        tokenizer: PreTrainedTokenizerBase | None,
+        self, path: str, *, spec: DataSpec, encoding: EncodeSpec,
+        label_names: Sequence[str] | None, tokenizer: PreTrainedTokenizerBase | None,
+        eval_path: str | None = None,
     ) -> SftSiteReport:
         """Every row read as a conversation (``scan_conversations``: each refused row
         counted, refused rows are blocking) and, with the run's ``tokenizer``, encoded as
         the run will (its chat template, ``train-on`` and ``overflow``); no conversation
         left is blocking. ``tokenizer`` None: no token counts (``fedsft check-data``
-        without ``--model``)."""
+        without ``--model``). ``label_names`` and ``eval_path`` are not used: no classes,
+        and no overlap measure for conversations."""
         frame = read_rows(path, spec)
         kept, problems, no_assistant = scan_conversations(frame, source=path, spec=spec)
         report = SftSiteReport(
@@ -320,6 +330,12 @@ class SftTask:
             report, kept=len(examples), truncated=stats.truncated, dropped=stats.dropped,
             median_tokens=float(np.median(lengths)),
             p90_tokens=float(np.percentile(lengths, 90)), max_tokens=max(lengths))
+
+    def partition_report(
+        self, rows: Any, *, source: str, encoding: EncodeSpec, label_names: Sequence[str],
+        tokenizer: PreTrainedTokenizerBase | None,
+    ) -> None:
+        return None  # no statistics of a simulated partition's conversations are shared
 
     def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
         """A causal LM (config.json ``architectures`` ``*ForCausalLM``) with a chat

@@ -1,7 +1,7 @@
 """A deterministic, offline chat SFT data set with checkable answers (``generate_sft``).
 
-Four instruction tasks from the domains of ``common.builtin_data`` (clinical, finance,
-retail), each asking for a short answer in a fixed format that the text determines:
+Four instruction tasks from the domains of ``classification_builtin_data.py`` (clinical,
+finance, retail), each asking for a short answer in a fixed format that the text determines:
 
 =============  ========  =====================================================
 task           domain    answer (example)

@@ -47,8 +47,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pandas as pd
 
-from common.data import (
-    DataError,
+from common.data import DataError
+from common.tasks.classification_data import (
     build_label_names,
     check_columns,
     clean_table,

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from common.data import DataError
-from common.data_check import (
+from common.tasks.classification_check import (
     TOKENIZER_COUNT,
     WHITESPACE_ESTIMATE,
     check_site_data,

@@ -1,4 +1,5 @@
-"""Tests for common/builtin_data.py: determinism, coverage, balance, difficulty."""
+"""Tests for common/tasks/classification_builtin_data.py: determinism, coverage, balance,
+difficulty."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import train_test_split
 
-from common.builtin_data import DOMAINS, LABELS, generate_builtin
+from common.tasks.classification_builtin_data import DOMAINS, LABELS, generate_builtin
 
 
 def test_same_seed_gives_same_frame() -> None:

@@ -1,5 +1,5 @@
-"""common/losses.py: the label-skew and imbalance losses and the augmentation, with numbers
-checkable by hand."""
+"""common/tasks/classification_losses.py: the label-skew and imbalance losses and the
+augmentation, with numbers checkable by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from common.config import RunConfig
-from common.losses import (
+from common.tasks import get_task
+from common.tasks.base import TrainContext
+from common.tasks.classification import TASK, EncodedData
+from common.tasks.classification_losses import (
     augment_token_ids,
     class_log_prior,
     class_weights,
@@ -21,9 +24,6 @@ from common.losses import (
     read_label_counts,
     sum_label_counts,
 )
-from common.tasks import get_task
-from common.tasks.base import TrainContext
-from common.tasks.classification import TASK, EncodedData
 from common.training import train_local
 from tests.common.test_training import CPU, rule_data, setup
 
