@@ -157,10 +157,12 @@ class RunConfig:
     weight_decay: float = 0.01
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    # none | logit-adjusted (common/tasks/classification_losses.py): the site's class prior in the local loss
+    # none | logit-adjusted (common/tasks/classification_losses.py): the site's class
+    # prior in the local loss
     skew_loss: str = "none"
     skew_loss_tau: float = 1.0  # logit-adjusted: weight of the log prior (1 = balanced softmax)
-    # none | inverse-frequency | effective-number (common/tasks/classification_losses.py `class_weights`)
+    # none | inverse-frequency | effective-number
+    # (common/tasks/classification_losses.py `class_weights`)
     class_weighting: str = "none"
     # site: each site's own label counts | global: the federation's summed counts, which
     # the server sends from round 2 on (round 1 uses the site's)
