@@ -1,0 +1,45 @@
+"""The installed distribution holds every product package and the files it reads.
+
+A non-editable install (``pip install .``) copies only what pyproject.toml names: a
+package missing there (as ``common.tasks`` once was) imports in a checkout and fails
+everywhere else.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from fnmatch import fnmatch
+from pathlib import Path
+
+from setuptools import find_packages
+
+ROOT = Path(__file__).resolve().parents[1]
+PRODUCT = ("common", "server", "client", "simulations", "deployment")
+
+
+def _setuptools() -> dict:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+
+
+def test_every_product_package_is_in_the_distribution():
+    packages = set(find_packages(str(ROOT), include=_setuptools()["packages"]["find"]["include"]))
+    # Importable packages: every folder up to the root has an __init__.py (the baseline
+    # app under simulations/benchmarks/baseline_app is a Flower App of its own, data).
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts)
+               for root in PRODUCT for p in (ROOT / root).rglob("__init__.py")
+               if all((ROOT / Path(*p.parent.relative_to(ROOT).parts[:n]) / "__init__.py")
+                      .exists() for n in range(1, len(p.parent.relative_to(ROOT).parts)))}
+    assert "common.tasks" in on_disk and "simulations.benchmarks" in on_disk
+    assert on_disk <= packages, sorted(on_disk - packages)
+    assert not {p for p in packages if p.split(".")[0] not in PRODUCT}, packages
+
+
+def test_the_data_files_the_code_reads_are_package_data():
+    patterns = _setuptools()["package-data"]["simulations"]
+    for needed in ("scenarios/quickstart.toml", "scenarios/sft-quickstart.toml",
+                   "benchmarks/baseline_app/pyproject.toml", "benchmarks/RESULTS.md",
+                   "benchmarks/baseline_app/hfbaseline/__init__.py"):
+        assert (ROOT / "simulations" / needed).exists(), needed
+        assert any(fnmatch(needed, pattern) for pattern in patterns), needed
+    for scenario in (ROOT / "simulations" / "scenarios").glob("*.toml"):
+        assert any(fnmatch(f"scenarios/{scenario.name}", p) for p in patterns), scenario
