@@ -17,6 +17,7 @@ from typing import Any
 from common.tasks import metric_info
 from simulations import plots
 from simulations.report import _esc, _figure_html, _page, _table
+from simulations.tune import defaults_sentence
 
 REPORT_FILE = "tune.html"
 FIGURE_DIR = "tune"
@@ -130,6 +131,9 @@ def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
             "held out of the training data); sampler TPE (seed "
             f"{record['sampler']['seed']}), pruner {_esc(record['pruner'])}; "
             f"{record['seconds']:.0f} s</p>"]
+    trial0 = defaults_sentence(record.get("defaults"), note=record.get("defaults_note", ""),
+                               label=label)
+    body.append(f"<p>{_esc(trial0)}.</p>")
     best = record["best"]
     if best is None:
         body.append("<p class='note'>No trial completed: there is no best setting.</p>")
@@ -145,7 +149,9 @@ def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
     keys = list(record["space"])
     rows = []
     for t in trials:
-        name = _esc(f"trial {t['number']}")
+        own = " (the scenario's settings)" if (
+            t["number"] == 0 and record.get("defaults") is not None) else ""
+        name = _esc(f"trial {t['number']}{own}")
         if t["run_dir"]:
             report = Path(t["run_dir"]) / "report.html"
             if report.is_file():
