@@ -53,6 +53,10 @@ PRUNERS = ("median", "hyperband", "successive-halving", "none")
 RESERVED_KEYS = ("run-name", "output-dir", "resume-from", "seed", "validation-fraction",
                  "selection-metric")
 STATES = ("complete", "pruned", "failed")
+# How long a trial waits for the machine-wide simulation lock: a search is queued work
+# that may run behind other simulations for a long time, and a trial that gave up
+# waiting would be a failed trial (trial 0 among them), not a measurement.
+MACHINE_WAIT_SECONDS = 6 * 3600.0
 
 # (round, validation value) -> True when the trial should stop (pruned).
 ReportFn = Callable[[int, float], bool]
@@ -453,7 +457,8 @@ def scenario_trial_fn(
         outcome = run_scenario(
             scenario, overrides, output_dir=tune_dir, run_name=name,
             num_supernodes=num_supernodes, quiet=quiet,
-            run_fn=functools.partial(run_fn, should_stop=watcher))
+            run_fn=functools.partial(run_fn, should_stop=watcher,
+                                     port_wait=MACHINE_WAIT_SECONDS))
         rows = read_results(run_dir / "results.jsonl")
         values = tuple((r.round, v) for r in rows if r.round >= 1 and
                        (v := finite((r.validation or {}).get(metric))) is not None)

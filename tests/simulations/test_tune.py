@@ -257,7 +257,9 @@ def _streaming_run(curves: dict[int, list[float]], stopped: list):
     ``should_stop`` after each as the real one does after each output line, and
     finishes the run (outcome.json + final model) unless stopped."""
 
-    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout, should_stop):
+    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout, should_stop,
+            port_wait):
+        assert port_wait == tune.MACHINE_WAIT_SECONDS
         run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(
