@@ -518,6 +518,18 @@ def test_the_tune_says_whether_the_best_beats_trial_0(tmp_path, monkeypatch, cap
     assert line in capsys.readouterr().out
     assert "beats it by +0.2000" in written["report"].read_text()
 
+    from simulations.tune_report import write_results_section
+
+    results = write_results_section(tmp_path / "t", command="python -m simulations tune x",
+                                    output=tmp_path / "bench")
+    text = results.read_text()
+    assert "## tune" in text and "Command: `python -m simulations tune x`" in text
+    assert "| 0 | the scenario's settings | 2 | complete | 0.7 | 3 | 0.6 |" in text
+    best = record["best"]["number"]
+    assert f"| {best} | best | 3 | complete | 0.9 | 3 | 0.8 |" in text
+    assert (f"accuracy of the exported model: trial 0 0.6000, best trial {best} 0.8000 "
+            "(+20.00 points)") in text
+
 
 def test_trial_0_is_reported_unbeaten_when_no_trial_does_better(tmp_path):
     plan = tune.TunePlan(scenario=_scenario(tmp_path), space={}, base_overrides={},
