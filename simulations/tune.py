@@ -53,6 +53,10 @@ PRUNERS = ("median", "hyperband", "successive-halving", "none")
 RESERVED_KEYS = ("run-name", "output-dir", "resume-from", "seed", "validation-fraction",
                  "selection-metric")
 STATES = ("complete", "pruned", "failed")
+# How long a trial waits for the machine-wide simulation lock: a search is queued work
+# that may run behind other simulations for a long time, and a trial that gave up
+# waiting would be a failed trial (trial 0 among them), not a measurement.
+MACHINE_WAIT_SECONDS = 6 * 3600.0
 
 # (round, validation value) -> True when the trial should stop (pruned).
 ReportFn = Callable[[int, float], bool]
@@ -87,6 +91,18 @@ class SpaceParam:
         if self.kind == "int":
             return IntDistribution(int(self.low), int(self.high), log=self.log)
         return FloatDistribution(float(self.low), float(self.high), log=self.log)
+
+    def contains(self, value: Any) -> bool:
+        """Whether ``value`` is a point of this dimension (a choice, or in the range
+        with the range's type: an integer range holds integers only)."""
+        if self.kind == "categorical":
+            return any(type(value) is type(c) and value == c for c in self.choices)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.kind == "int" and not isinstance(value, int):
+            return False
+        assert self.low is not None and self.high is not None
+        return self.low <= value <= self.high
 
     def values_to_check(self) -> list[Any]:
         """The values that must each be a valid run config: the bounds or the choices."""
@@ -305,8 +321,14 @@ def run_search(
     pruner: Any,
     on_trial: Callable[[list[TrialRecord]], None] | None = None,
     on_start: Callable[[int, Mapping[str, Any]], None] | None = None,
+    first: Mapping[str, Any] | None = None,
 ) -> list[TrialRecord]:
     """Ask Optuna for ``trials`` settings in turn, run each, tell it how it ended.
+
+    ``first`` (a value for every key of the space) is trial 0's settings, enqueued
+    before the sampler proposes any: the search then measures the scenario's own
+    settings under the same conditions as the rest, so "best beats the defaults" is a
+    comparison in the same tune.json, not an assumption.
 
     ``run_trial(number, params, report)`` runs one trial; it calls ``report(round,
     value)`` as each round's validation value lands, and stops the trial (returning
@@ -326,6 +348,11 @@ def run_search(
         direction="maximize" if direction == "maximize" else "minimize", sampler=sampler,
         pruner=pruner)
     distributions = {key: p.distribution() for key, p in space.items()}
+    if first is not None:
+        if set(first) != set(space) or not all(space[k].contains(v) for k, v in first.items()):
+            raise ConfigError(f"trial 0's settings {dict(first)} must give every key of the "
+                              "space a value inside it")
+        study.enqueue_trial(dict(first))
     records: list[TrialRecord] = []
     for _ in range(trials):
         trial = study.ask(distributions)
@@ -430,7 +457,8 @@ def scenario_trial_fn(
         outcome = run_scenario(
             scenario, overrides, output_dir=tune_dir, run_name=name,
             num_supernodes=num_supernodes, quiet=quiet,
-            run_fn=functools.partial(run_fn, should_stop=watcher))
+            run_fn=functools.partial(run_fn, should_stop=watcher,
+                                     port_wait=MACHINE_WAIT_SECONDS))
         rows = read_results(run_dir / "results.jsonl")
         values = tuple((r.round, v) for r in rows if r.round >= 1 and
                        (v := finite((r.validation or {}).get(metric))) is not None)
@@ -465,6 +493,10 @@ class TunePlan:
     direction: str  # maximize | minimize
     max_rounds: int
     notes: tuple[str, ...] = ()
+    # Trial 0's settings: the scenario's (+ --set) values of the searched keys, when
+    # every one of them lies in the space; else None and ``defaults_note`` says why.
+    defaults: Mapping[str, Any] | None = None
+    defaults_note: str = ""
 
 
 def plan_search(
@@ -547,9 +579,68 @@ def plan_search(
             max_rounds = max(max_rounds, checked.num_server_rounds)
     preflight(cfg, num_partitions=num_partitions)
     direction = "maximize" if METRIC_MODES[cfg.task][name] == "max" else "minimize"
+    defaults, defaults_note = scenario_defaults(cfg, space)
     return TunePlan(scenario=scenario, space=dict(space), base_overrides=base,
                     task=cfg.task, metric=name, direction=direction, max_rounds=max_rounds,
-                    notes=tuple(notes))
+                    notes=tuple(notes), defaults=defaults, defaults_note=defaults_note)
+
+
+def scenario_defaults(cfg: RunConfig, space: Mapping[str, SpaceParam]
+                      ) -> tuple[dict[str, Any] | None, str]:
+    """The run's own values of the searched keys, and why they cannot be trial 0.
+
+    Returns ``(values, "")`` when every value lies in the space (they become trial 0),
+    else ``(None, reason)`` naming the values outside it: a trial 0 outside the space
+    would not be a trial of this search.
+    """
+    values = {key: getattr(cfg, key.replace("-", "_")) for key in space}
+    outside = [f"{key}={_fmt(v)} (space: {space[key].describe()})"
+               for key, v in values.items() if not space[key].contains(v)]
+    if outside:
+        return None, ("trial 0 is not the scenario's settings: its "
+                      + "; ".join(outside) + " lie outside the space, so whether the best "
+                      "trial beats them is not measured")
+    return values, ""
+
+
+def defaults_comparison(records: Sequence[TrialRecord], plan: TunePlan
+                        ) -> dict[str, Any] | None:
+    """tune.json's ``defaults``: trial 0 (the scenario's settings) against the best.
+
+    ``improvement`` is best minus trial 0 on the objective, signed so that > 0 means
+    better in the search's direction; ``beats`` is True only when it is > 0. None when
+    trial 0 was not the scenario's settings or has not run yet.
+    """
+    if plan.defaults is None or not records or records[0].number != 0:
+        return None
+    first = records[0]
+    best = best_trial(records, plan.direction)
+    entry: dict[str, Any] = {
+        "trial": 0, "params": dict(plan.defaults), "state": first.state,
+        "value": first.value, "test": dict(first.test), "best_trial": None,
+        "improvement": None, "beats": None}
+    if best is not None and first.value is not None:
+        sign = 1.0 if plan.direction == "maximize" else -1.0
+        improvement = sign * (float(best.value or 0.0) - first.value)
+        entry.update(best_trial=best.number, improvement=improvement,
+                     beats=improvement > 0)
+    return entry
+
+
+def defaults_sentence(entry: Mapping[str, Any] | None, *, note: str, label: str) -> str:
+    """One line on trial 0 vs the best, for the printed summary and tune.html."""
+    if entry is None:
+        return note or "trial 0 = the scenario's settings, not run"
+    head = f"trial 0 = the scenario's settings ({_params_text(entry['params'])})"
+    if entry["value"] is None:
+        return f"{head}: {entry['state']}, no objective to compare with"
+    if entry["improvement"] is None:
+        return f"{head}: {label} {entry['value']:.4f}; no complete trial to compare"
+    if not entry["beats"]:
+        return (f"{head}: {label} {entry['value']:.4f}; no trial beat it (the best is "
+                f"trial {entry['best_trial']})")
+    return (f"{head}: {label} {entry['value']:.4f}; the best, trial {entry['best_trial']}, "
+            f"beats it by {entry['improvement']:+.4f}")
 
 
 def tune_json(plan: TunePlan, records: Sequence[TrialRecord], *, status: str,
@@ -570,6 +661,8 @@ def tune_json(plan: TunePlan, records: Sequence[TrialRecord], *, status: str,
         "overrides": dict(plan.base_overrides),
         "trials_requested": trials,
         "counts": counts,
+        "defaults": defaults_comparison(records, plan),
+        "defaults_note": plan.defaults_note,
         "sampler": {"name": "TPESampler", "seed": seed},
         "pruner": pruner,
         "num_supernodes": num_supernodes,
@@ -689,9 +782,14 @@ def tune_scenario(
     latest: list[TrialRecord] = []
     info = {"trials": trials, "seed": seed, "pruner": pruner, "num_supernodes": nodes}
 
+    if plan.defaults_note:
+        print(f"[fedsft] tune: {plan.defaults_note}", flush=True)
+
     def on_start(number: int, params: Mapping[str, Any]) -> None:
+        own = " (trial 0 = the scenario's settings)" if (
+            number == 0 and plan.defaults is not None) else ""
         print(f"[fedsft] tune trial-{number:03d} ({number + 1}/{trials}): "
-              f"{_params_text(params)}", flush=True)
+              f"{_params_text(params)}{own}", flush=True)
 
     def on_trial(records: list[TrialRecord]) -> None:
         latest[:] = records
@@ -714,7 +812,7 @@ def tune_scenario(
     try:
         records = run_search(space, trials=trials, direction=plan.direction,
                              run_trial=run_trial, sampler=sampler, pruner=pruner_obj,
-                             on_trial=on_trial, on_start=on_start)
+                             on_trial=on_trial, on_start=on_start, first=plan.defaults)
     except KeyboardInterrupt:
         # A plain interrupt: the trial's run is not one to resume (the search is).
         write_outputs(tune_dir, plan, latest, status="interrupted", report=True,
@@ -724,4 +822,7 @@ def tune_scenario(
         raise KeyboardInterrupt("tune interrupted") from None
     written = write_outputs(tune_dir, plan, records, status="completed", report=True,
                             seconds=time.monotonic() - started, **info)
+    print("[fedsft] tune: " + defaults_sentence(defaults_comparison(records, plan),
+                                                note=plan.defaults_note, label=label),
+          flush=True)
     return records, written, plan

@@ -17,6 +17,7 @@ from typing import Any
 from common.tasks import metric_info
 from simulations import plots
 from simulations.report import _esc, _figure_html, _page, _table
+from simulations.tune import defaults_sentence
 
 REPORT_FILE = "tune.html"
 FIGURE_DIR = "tune"
@@ -130,6 +131,9 @@ def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
             "held out of the training data); sampler TPE (seed "
             f"{record['sampler']['seed']}), pruner {_esc(record['pruner'])}; "
             f"{record['seconds']:.0f} s</p>"]
+    trial0 = defaults_sentence(record.get("defaults"), note=record.get("defaults_note", ""),
+                               label=label)
+    body.append(f"<p>{_esc(trial0)}.</p>")
     best = record["best"]
     if best is None:
         body.append("<p class='note'>No trial completed: there is no best setting.</p>")
@@ -145,7 +149,9 @@ def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
     keys = list(record["space"])
     rows = []
     for t in trials:
-        name = _esc(f"trial {t['number']}")
+        own = " (the scenario's settings)" if (
+            t["number"] == 0 and record.get("defaults") is not None) else ""
+        name = _esc(f"trial {t['number']}{own}")
         if t["run_dir"]:
             report = Path(t["run_dir"]) / "report.html"
             if report.is_file():
@@ -163,3 +169,100 @@ def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
     path = tune_dir / REPORT_FILE
     path.write_text(_page(title, body), encoding="utf-8")
     return path
+
+
+# --- a tune as a section of the benchmarks' RESULTS.md -----------------------------------
+
+
+def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping[str, Any]
+                    ) -> dict[str, Any]:
+    """A search (its tune.json) in the benchmark result format that
+    ``simulations.benchmarks`` renders into RESULTS.md: one row per trial, trial 0
+    (the scenario's settings) and the best marked, their objective and final test
+    numbers side by side. ``command`` is the tune's command line, ``machine`` the
+    benchmark machine record (its ``date`` says when the search finished)."""
+    label = f"validation {metric_label(record['task'], record['metric'])}"
+    keys = list(record["space"])
+    defaults = record.get("defaults")
+    best = record.get("best")
+    rows = []
+    for t in record["trials"]:
+        role = []
+        if defaults is not None and t["number"] == 0:
+            role.append("the scenario's settings")
+        if best is not None and t["number"] == best["number"]:
+            role.append("best")
+        test = t["test"].get("accuracy")
+        rows.append([t["number"], ", ".join(role) or "-", *(t["params"][k] for k in keys),
+                     t["state"], "-" if t["value"] is None else t["value"],
+                     "-" if t["selected_round"] is None else t["selected_round"],
+                     "-" if test is None else test])
+    sentence = defaults_sentence(defaults, note=record.get("defaults_note", ""), label=label)
+    notes = [sentence + "."]
+    if defaults is not None and best is not None and defaults.get("test") and best["test"]:
+        first, top = defaults["test"].get("accuracy"), best["test"].get("accuracy")
+        if first is not None and top is not None:
+            notes.append(f"Final test set (central eval, never read by the search) accuracy "
+                         f"of the exported model: trial 0 {first:.4f}, best trial "
+                         f"{best['number']} {top:.4f} ({(top - first) * 100:+.2f} points).")
+    notes.append(f"{len(record['trials'])} of {record['trials_requested']} trial(s) ran "
+                 f"({', '.join(f'{n} {s}' for s, n in record['counts'].items())}); sampler "
+                 f"TPE (seed {record['sampler']['seed']}), pruner {record['pruner']}; "
+                 f"status {record['status']}.")
+    return {
+        "status": "ok", "mode": "hand-run", "command": command,
+        "seconds": float(record["seconds"]), "machine": dict(machine),
+        "description": (
+            f"`python -m simulations tune` on scenario `{record['scenario']}`: each trial "
+            f"is one federated run, compared on the {label} (a split held out of the "
+            "training rows); trial 0 is the scenario's own settings, so the table says "
+            "whether the search beat them. Accuracy is the final test set (central eval) "
+            "of the round each run exports."),
+        "config": {"scenario_file": record["scenario_file"], "overrides": record["overrides"],
+                   "space": record["space"], "num_supernodes": record["num_supernodes"]},
+        "table": {"columns": ["trial", "role", *keys, "state", label, "exported round",
+                              "test accuracy"], "rows": rows},
+        "targets": [],
+        "notes": notes,
+    }
+
+
+def write_results_section(tune_dir: Path, *, command: str, output: Path) -> Path:
+    """Add ``tune_dir``'s search to ``output``/RESULTS.md as the ``tune`` section:
+    writes ``output/results/tune.json`` and re-renders RESULTS.md from every result
+    there (as ``python -m simulations.benchmarks`` does, which keeps the section)."""
+    import json
+    from datetime import UTC, datetime
+
+    from simulations.benchmarks.__main__ import load_results, render
+    from simulations.benchmarks.harness import machine_info
+
+    source = tune_dir / "tune.json"
+    record = json.loads(source.read_text(encoding="utf-8"))
+    machine = machine_info()
+    finished = datetime.fromtimestamp(source.stat().st_mtime, UTC)
+    section = results_section(record, command=command, machine={
+        **machine, "date": finished.strftime("%Y-%m-%d %H:%M UTC")})
+    section.update(name="tune", runs_dir=str(tune_dir))
+    (output / "results").mkdir(parents=True, exist_ok=True)
+    path = output / "results" / "tune.json"
+    path.write_text(json.dumps(section, indent=2, default=str) + "\n", encoding="utf-8")
+    results = output / "RESULTS.md"
+    results.write_text(render(load_results(output / "results"), machine, pending=[]),
+                       encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.tune_report",
+        description="Add a finished search (its tune.json) to the benchmarks' RESULTS.md "
+                    "as the `tune` section.")
+    parser.add_argument("tune_dir", type=Path)
+    parser.add_argument("--command", required=True, help="the tune's command line")
+    parser.add_argument("--output", type=Path,
+                        default=Path(__file__).resolve().parent / "benchmarks")
+    args = parser.parse_args()
+    print(write_results_section(args.tune_dir, command=args.command, output=args.output))

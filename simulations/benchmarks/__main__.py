@@ -37,6 +37,7 @@ BENCHMARKS = {  # name -> module
     "dp-accuracy": "simulations.benchmarks.dp_accuracy",
     "robustness": "simulations.benchmarks.robustness",
     "sft": "simulations.benchmarks.sft",
+    "imbalance": "simulations.benchmarks.imbalance",
 }
 HERE = Path(__file__).resolve().parent
 

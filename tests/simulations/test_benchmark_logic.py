@@ -33,6 +33,7 @@ from server.run_outputs import RunOutputs, run_folder
 from simulations.benchmarks import (
     communication,
     dp_accuracy,
+    imbalance,
     robustness,
     secure_aggregation,
     vs_centralized,
@@ -42,7 +43,7 @@ from simulations.runner import APP_DIR, SimulationResult
 
 # The benchmarks this module checks; the smoke test runs the others for real.
 LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy",
-                "secure-aggregation")
+                "secure-aggregation", "imbalance")
 APP_DEFAULTS = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))[
     "tool"]["flwr"]["app"]["config"]
 WALL_SECONDS = 50.0  # what the fake says each `flwr run` took
@@ -362,3 +363,65 @@ def test_secure_aggregation_compares_secure_with_plaintext_fedavg(tmp_path, tiny
                                                          pytest.approx(1.05)]
     assert f"{TRAINABLE_VALUES:,} values per client" in result["notes"][0]
     assert "Quick mode uses a tiny random BERT" in result["notes"][-1]
+
+
+# --- imbalance (in process: its training is replaced, not a runner) ----------------------
+
+
+def test_an_imbalanced_site_has_the_minority_share_and_is_seeded():
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": [f"t{i}" for i in range(100)], "label": [0, 1] * 50})
+    site = imbalance.imbalanced_site(frame, rows=20, minority=1, share=0.1, seed=3)
+    again = imbalance.imbalanced_site(frame, rows=20, minority=1, share=0.1, seed=3)
+
+    assert len(site) == 20 and (site["label"] == 1).sum() == 2
+    assert site["text"].is_unique and site.equals(again)
+    with pytest.raises(ValueError, match="needs 60 rows of class 1 .* has 50"):
+        imbalance.imbalanced_site(frame, rows=80, minority=1, share=0.75, seed=0)
+
+
+def test_imbalance_reports_the_means_per_seed_and_the_convergence_check(tmp_path,
+                                                                         monkeypatch):
+    macro_f1 = {"none": 0.5, "inverse-frequency": 0.7, "effective-number": 0.65}
+    calls: list = []
+
+    def fake(overrides, frame, splits, *, seed):  # numbers chosen to check by hand
+        calls.append((dict(overrides), len(frame), seed))
+        if overrides.get("focal-gamma"):
+            f1 = 0.6
+        elif "augment" in overrides:
+            f1 = 0.58 if overrides["augment"] == "both" else 0.55
+        else:
+            f1 = macro_f1[overrides["class-weighting"]]
+        half = overrides["local-steps"] < 4
+        f1 += 0.01 * seed - (0.02 if half else 0.0)
+        return {"f1_macro": f1, "recall_min": f1 - 0.2, "accuracy": f1 + 0.1,
+                "train_seconds": 1.0}
+
+    monkeypatch.setattr(imbalance, "_train_and_evaluate", fake)
+    monkeypatch.setitem(imbalance.SIZES, "quick", imbalance.Size(
+        site_rows=100, small_rows=30, steps=4, seeds=(0, 1)))
+    bench = Bench(mode="quick", model="minilm", runs_dir=tmp_path, parallel_workers=1)
+    result = imbalance.run(bench)
+
+    numbers = result["numbers"]
+    none = numbers["imbalance: class-weighting none"]
+    assert none["f1_macro"]["per_seed"] == pytest.approx([0.5, 0.51])
+    assert none["f1_macro"]["mean"] == pytest.approx(0.505)
+    assert none["recall_min"]["mean"] == pytest.approx(0.305)
+    assert numbers["small data: augment both"]["accuracy"]["mean"] == pytest.approx(0.685)
+    # 6 settings x 2 seeds, then 2 settings at half the steps on seed 0.
+    assert len(calls) == 14 and [c[1] for c in calls[:8]] == [100] * 8
+    assert [c[1] for c in calls[8:12]] == [30] * 4
+    assert [(c[0]["local-steps"], c[2]) for c in calls[12:]] == [(2, 0), (2, 0)]
+    check = numbers["convergence_check"]["class-weighting inverse-frequency"]
+    assert check["half"]["f1_macro"] == pytest.approx(0.68) and check["full"]["f1_macro"] \
+        == pytest.approx(0.7)
+    notes = " ".join(result["notes"])
+    assert "class-weighting inverse-frequency (0.7050 vs 0.5050 unweighted" in notes
+    assert "by +0.0300" in notes and "at most 0.0200 macro-F1" in notes
+    assert result["targets"] == []
+    rows = result["table"]["rows"]
+    assert len(rows) == 8 and rows[0][5] == "0.500 / 0.510"
+    assert rows[-1][1] == "class-weighting inverse-frequency, seed 0, 2 steps (vs 4)"

@@ -257,7 +257,9 @@ def _streaming_run(curves: dict[int, list[float]], stopped: list):
     ``should_stop`` after each as the real one does after each output line, and
     finishes the run (outcome.json + final model) unless stopped."""
 
-    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout, should_stop):
+    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout, should_stop,
+            port_wait):
+        assert port_wait == tune.MACHINE_WAIT_SECONDS
         run_dir = Path(run_config["output-dir"]) / run_config["run-name"]
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(
@@ -426,3 +428,120 @@ def test_the_harness_stops_a_simulation_when_asked(tmp_path, monkeypatch):
     assert log.count("round") >= 3 and "the harness stopped this simulation" in log
     assert not [p for p in psutil.process_iter(["cmdline"])
                 if str(fake_flwr) in " ".join(p.info["cmdline"] or [])]
+
+
+# --- trial 0 = the scenario's settings -----------------------------------------------------
+
+
+def test_trial_0_runs_the_given_settings_before_the_sampler_proposes_any():
+    space = {"learning-rate": SpaceParam("learning-rate", "float", 0.001, 0.1, log=True),
+             "local-steps": SpaceParam("local-steps", "categorical", choices=(5, 10, 20))}
+    seen: list = []
+
+    def run_trial(number, params, report):
+        seen.append(dict(params))
+        return TrialRun(values=((1, params["learning-rate"]),), ok=True, selected_round=1)
+
+    records = run_search(space, trials=3, direction="maximize", run_trial=run_trial,
+                         sampler=optuna.samplers.RandomSampler(seed=3),
+                         pruner=optuna.pruners.NopPruner(),
+                         first={"learning-rate": 0.003, "local-steps": 10})
+
+    assert seen[0] == {"learning-rate": 0.003, "local-steps": 10}
+    assert records[0].params == seen[0] and records[0].value == 0.003
+    assert all(space["learning-rate"].contains(s["learning-rate"]) for s in seen[1:])
+    assert seen[1] != seen[0]  # the sampler proposes the rest
+
+
+@pytest.mark.parametrize("first", [{"local-steps": 7}, {"local-steps": 5, "seed": 1}, {}])
+def test_trial_0_must_give_every_key_a_value_inside_the_space(first):
+    space = {"local-steps": SpaceParam("local-steps", "int", 5, 6)}
+    with pytest.raises(ConfigError, match="trial 0's settings"):
+        run_search(space, trials=1, direction="maximize",
+                   run_trial=lambda n, p, r: TrialRun(), first=first,
+                   sampler=optuna.samplers.RandomSampler(seed=0),
+                   pruner=optuna.pruners.NopPruner())
+
+
+def test_a_dimension_contains_its_choices_and_its_range_only():
+    steps = SpaceParam("local-steps", "int", 5, 20)
+    rate = SpaceParam("learning-rate", "float", 1e-4, 1e-2, log=True)
+    chosen = SpaceParam("local-steps", "categorical", choices=(5, 10))
+    assert steps.contains(5) and steps.contains(20) and not steps.contains(21)
+    assert not steps.contains(7.0) and not steps.contains(True)
+    assert rate.contains(0.003) and rate.contains(1e-4) and not rate.contains(0.02)
+    assert chosen.contains(10) and not chosen.contains(12) and not chosen.contains("10")
+
+
+def test_the_plan_takes_the_scenarios_values_as_trial_0_when_inside_the_space(tmp_path):
+    scenario = _scenario(tmp_path, TINY + "local-steps = 2\nlearning-rate = 0.003\n")
+    inside = tune.plan_search(
+        scenario, parse_space(["local-steps=1:4", "learning-rate=1e-4:1e-2:log"]),
+        {}, tune_dir=tmp_path / "t", num_partitions=2)
+    overridden = tune.plan_search(scenario, parse_space(["local-steps=1:4"]),
+                                  {"learning-rate": 0.5}, tune_dir=tmp_path / "t",
+                                  num_partitions=2)
+    outside = tune.plan_search(scenario, parse_space(["local-steps=3,4"]), {},
+                               tune_dir=tmp_path / "t", num_partitions=2)
+
+    assert inside.defaults == {"local-steps": 2, "learning-rate": 0.003}
+    assert inside.defaults_note == ""
+    assert overridden.defaults == {"local-steps": 2}
+    assert outside.defaults is None
+    assert "local-steps=2" in outside.defaults_note and "outside the space" in \
+        outside.defaults_note
+
+
+def test_the_tune_says_whether_the_best_beats_trial_0(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("simulations.sweep.write_report", lambda *a, **k: None)
+    scenario = _scenario(tmp_path, TINY + "local-steps = 2\n")
+    curves = {1: [0.6, 0.7, 0.8], 2: [0.5, 0.6, 0.7], 3: [0.6, 0.8, 0.9]}
+
+    def run_trial(number, params, report):
+        curve = curves[params["local-steps"]]
+        return TrialRun(values=tuple(enumerate(curve, start=1)), ok=True,
+                        selected_round=3, test={"accuracy": curve[-1] - 0.1})
+
+    records, written, _ = tune.tune_scenario(
+        scenario, parse_space(["local-steps=1,2,3"]), {}, trials=4,
+        tune_dir=tmp_path / "t", pruner="none", run_trial=run_trial)
+
+    assert records[0].params == {"local-steps": 2}
+    record = json.loads(written["tune"].read_text())
+    defaults = record["defaults"]
+    assert defaults["trial"] == 0 and defaults["params"] == {"local-steps": 2}
+    assert defaults["value"] == 0.7 and defaults["test"] == {"accuracy": pytest.approx(0.6)}
+    assert record["best"]["params"] == {"local-steps": 3}
+    assert defaults["best_trial"] == record["best"]["number"]
+    assert defaults["improvement"] == pytest.approx(0.2) and defaults["beats"] is True
+    line = "trial 0 = the scenario's settings (local-steps=2)"
+    assert line in capsys.readouterr().out
+    assert "beats it by +0.2000" in written["report"].read_text()
+
+    from simulations.tune_report import write_results_section
+
+    results = write_results_section(tmp_path / "t", command="python -m simulations tune x",
+                                    output=tmp_path / "bench")
+    text = results.read_text()
+    assert "## tune" in text and "Command: `python -m simulations tune x`" in text
+    assert "| 0 | the scenario's settings | 2 | complete | 0.7 | 3 | 0.6 |" in text
+    best = record["best"]["number"]
+    assert f"| {best} | best | 3 | complete | 0.9 | 3 | 0.8 |" in text
+    assert (f"accuracy of the exported model: trial 0 0.6000, best trial {best} 0.8000 "
+            "(+20.00 points)") in text
+
+
+def test_trial_0_is_reported_unbeaten_when_no_trial_does_better(tmp_path):
+    plan = tune.TunePlan(scenario=_scenario(tmp_path), space={}, base_overrides={},
+                         task="classification", metric="loss", direction="minimize",
+                         max_rounds=3, defaults={"local-steps": 2})
+    first = tune.TrialRecord(number=0, params={"local-steps": 2}, state="complete",
+                             value=0.3, values=((1, 0.3),), selected_round=1)
+    worse = tune.TrialRecord(number=1, params={"local-steps": 1}, state="complete",
+                             value=0.4, values=((1, 0.4),), selected_round=1)
+    entry = tune.defaults_comparison([first, worse], plan)
+
+    assert entry["beats"] is False and entry["improvement"] == pytest.approx(-0.0)
+    assert entry["best_trial"] == 0
+    assert "no trial beat it" in tune.defaults_sentence(entry, note="", label="loss")
+    assert tune.defaults_comparison([worse], plan) is None  # trial 0 did not run
