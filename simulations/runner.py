@@ -45,6 +45,10 @@ ATTEMPT_PREFIX = "==== fedsft attempt "
 # the harness simply tries again.
 SUPERLINK_START_TIMEOUT_MESSAGE = "Failed to start local SuperLink within"
 SUPERLINK_START_ATTEMPTS = 3
+# How long queued work (each run of a sweep, each trial of a tune) waits for the machine:
+# it may run behind other simulations for hours, and a run that gave up waiting would be
+# a lost run of the sweep (or a failed trial), not a measurement.
+QUEUED_RUN_WAIT_SECONDS = 6 * 3600.0
 
 
 class HarnessError(RuntimeError):

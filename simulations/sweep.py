@@ -33,7 +33,13 @@ from simulations.report import (
     write_report,
     write_simulation_file,
 )
-from simulations.runner import ATTEMPT_PREFIX, HarnessError, SimulationResult, run_app
+from simulations.runner import (
+    ATTEMPT_PREFIX,
+    QUEUED_RUN_WAIT_SECONDS,
+    HarnessError,
+    SimulationResult,
+    run_app,
+)
 from simulations.scenarios import (
     Scenario,
     check_requires,
@@ -125,8 +131,11 @@ def run_scenario(
     quiet: bool = False,
     timeout: float | None = None,
     run_fn: RunFn = run_app,
+    port_wait: float = 900.0,
 ) -> RunOutcome:
     """Run ``scenario`` once with ``overrides``; write simulation.json and the report.
+
+    ``port_wait``: how long to wait for the machine while other simulations hold it.
 
     Configuration errors raise (``ConfigError``, ``ScenarioError``, ``DataError``)
     before anything is written or started; a simulation that fails or does not finish
@@ -153,7 +162,8 @@ def run_scenario(
     outcome = None
     try:
         result = run_fn(run_config, num_supernodes=nodes, num_cpus=scenario.num_cpus,
-                        num_gpus=scenario.num_gpus, quiet=quiet, timeout=timeout)
+                        num_gpus=scenario.num_gpus, quiet=quiet, timeout=timeout,
+                        port_wait=port_wait)
         returncode = result.returncode
         outcome = attempt_outcome(run_dir, stamp_before=before)
         ok, message = run_verdict(
@@ -254,7 +264,8 @@ def run_sweep(
 
     Every run's config is validated and preflighted before the first starts. A failing
     run (the simulation fails, times out or cannot start) is recorded and the sweep goes
-    on; an interrupt stops the sweep (:class:`Interrupted`).
+    on; an interrupt stops the sweep (:class:`Interrupted`). Each run waits up to
+    ``QUEUED_RUN_WAIT_SECONDS`` for the machine (other simulations may hold it).
     ``sweep.json`` in ``sweep_dir`` lists each run's overrides and outcome.
     """
     check_requires(scenario)
@@ -273,7 +284,7 @@ def run_sweep(
             outcome = run_scenario(
                 scenario, {**base_overrides, **overrides}, output_dir=sweep_dir,
                 run_name=name, num_supernodes=num_supernodes, quiet=quiet, timeout=timeout,
-                run_fn=run_fn,
+                run_fn=run_fn, port_wait=QUEUED_RUN_WAIT_SECONDS,
             )
         except Exception as error:  # one broken run must not end the sweep
             outcome = RunOutcome(name=name, run_dir=sweep_dir / name, ok=False,

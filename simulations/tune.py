@@ -38,7 +38,7 @@ from common.config import SELECTION_METRICS, ConfigError, RunConfig
 from server.model_selection import METRIC_MODES, finite
 from server.results import read_results
 from server.run_outputs import atomic_write_bytes
-from simulations.runner import run_app
+from simulations.runner import QUEUED_RUN_WAIT_SECONDS, run_app
 from simulations.scenarios import Scenario, parse_value, resolve_run_config
 
 TUNE_FILE = "tune.json"
@@ -53,10 +53,8 @@ PRUNERS = ("median", "hyperband", "successive-halving", "none")
 RESERVED_KEYS = ("run-name", "output-dir", "resume-from", "seed", "validation-fraction",
                  "selection-metric")
 STATES = ("complete", "pruned", "failed")
-# How long a trial waits for the machine-wide simulation lock: a search is queued work
-# that may run behind other simulations for a long time, and a trial that gave up
-# waiting would be a failed trial (trial 0 among them), not a measurement.
-MACHINE_WAIT_SECONDS = 6 * 3600.0
+# How long a trial waits for the machine-wide simulation lock (queued work).
+MACHINE_WAIT_SECONDS = QUEUED_RUN_WAIT_SECONDS
 
 # (round, validation value) -> True when the trial should stop (pruned).
 ReportFn = Callable[[int, float], bool]
@@ -457,8 +455,8 @@ def scenario_trial_fn(
         outcome = run_scenario(
             scenario, overrides, output_dir=tune_dir, run_name=name,
             num_supernodes=num_supernodes, quiet=quiet,
-            run_fn=functools.partial(run_fn, should_stop=watcher,
-                                     port_wait=MACHINE_WAIT_SECONDS))
+            run_fn=functools.partial(run_fn, should_stop=watcher),
+            port_wait=MACHINE_WAIT_SECONDS)
         rows = read_results(run_dir / "results.jsonl")
         values = tuple((r.round, v) for r in rows if r.round >= 1 and
                        (v := finite((r.validation or {}).get(metric))) is not None)

@@ -9,7 +9,7 @@ import pytest
 
 from common.config import ConfigError, RunConfig
 from simulations.__main__ import main
-from simulations.runner import HarnessError, SimulationResult
+from simulations.runner import QUEUED_RUN_WAIT_SECONDS, HarnessError, SimulationResult
 from simulations.scenarios import (
     REPO_DIR,
     ScenarioError,
@@ -172,11 +172,11 @@ def _fake_runner(fail_names: set[str], raise_names: set[str]):
     """A stand-in for run_app: writes a finished run folder, or fails for some runs."""
     calls = []
 
-    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout):
+    def run(run_config, *, num_supernodes, num_cpus, num_gpus, quiet, timeout, port_wait):
         from tests.simulations.test_report import make_run
 
         name = run_config["run-name"]
-        calls.append((name, num_supernodes, run_config["seed"]))
+        calls.append((name, num_supernodes, run_config["seed"], port_wait))
         if name in raise_names:
             raise HarnessError("port in use")
         run_dir = Path(run_config["output-dir"]) / name
@@ -209,6 +209,8 @@ def test_sweep_goes_on_after_failures_and_compares_the_runs(tmp_path):
     assert [c[0] for c in calls] == ["sw-local-steps=1-seed=1", "sw-local-steps=1-seed=2",
                                      "sw-local-steps=2-seed=1", "sw-local-steps=2-seed=2"]
     assert {c[1] for c in calls} == {3} and [c[2] for c in calls] == [1, 2, 1, 2]
+    # Queued behind other simulations, a run waits for the machine rather than failing.
+    assert {c[3] for c in calls} == {QUEUED_RUN_WAIT_SECONDS}
     assert [o.ok for o in outcomes] == [True, False, False, True]
     assert "exit code 1" in outcomes[1].message  # partial results: still reported
     assert outcomes[2].message == "port in use"  # never started: no results, no report
