@@ -7,13 +7,14 @@ real packaged MiniLM on a sample of SST-2 and must beat chance clearly.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from simulations.runner import run_app
+from simulations.runner import ATTEMPT_PREFIX, run_app
 
 pytestmark = pytest.mark.e2e
 
@@ -125,25 +126,38 @@ def test_resumed_run_ends_with_the_same_weights_as_an_uninterrupted_one(
     # draws from the connected nodes: min-nodes = all 3, or a resumed run's first round
     # may start (and sample) before the third node connects on a loaded machine.
     common = {"fraction-train": 0.67, "fraction-evaluate": 0.0, "strategy": "fedadam",
-              "server-learning-rate": 0.01, "min-nodes": 3}
-    full = _run(tmp_path, tiny_model_dir, "full", nodes=3, **{"num-server-rounds": 3}, **common)
+              "server-learning-rate": 0.01, "min-nodes": 3, "num-server-rounds": 3}
+    full = _run(tmp_path, tiny_model_dir, "full", nodes=3, **common)
     assert full.returncode == 0, full.log_path.read_text()[-3000:]
-    part = _run(tmp_path, tiny_model_dir, "part", nodes=3, **{"num-server-rounds": 2}, **common)
-    assert part.returncode == 0, part.log_path.read_text()[-3000:]
-    resumed = _run(tmp_path, tiny_model_dir, "part", nodes=3, **common, **{
-        "num-server-rounds": 3, "resume-from": str(part.run_dir)})
-    assert resumed.returncode == 0, resumed.log_path.read_text()[-3000:]
+    # The interrupted run is a copy of the uninterrupted one as a stop during round 3
+    # leaves it (one Flower start-up fewer than running two rounds apart): results
+    # lines 0-2, round 2's checkpoint, no round-3 checkpoint, no final model or outcome.
+    # (Resuming a finished run with more rounds: tests/e2e/test_sft.py.)
+    cut = tmp_path / "cut"
+    shutil.copytree(full.run_dir, cut)
+    lines = (cut / "results.jsonl").read_text().splitlines(keepends=True)
+    (cut / "results.jsonl").write_text("".join(lines[:3]))
+    (cut / "checkpoints" / "round-0003.safetensors").unlink()
+    assert (cut / "checkpoints" / "round-0002.safetensors").is_file()
+    shutil.rmtree(cut / "final")
+    (cut / "outcome.json").unlink()
+    resumed = _run(tmp_path, tiny_model_dir, "cut", nodes=3, **common,
+                   **{"resume-from": str(cut)})
+    log = resumed.log_path.read_text()
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"[fedsft] resuming {cut} after round 2" in log.rpartition(ATTEMPT_PREFIX)[2]
 
-    assert [r["round"] for r in _results(part.run_dir)] == [0, 1, 2, 3]
-    for row in _results(full.run_dir)[1:] + _results(part.run_dir)[1:]:
+    assert [r["round"] for r in _results(cut)] == [0, 1, 2, 3]
+    for row in _results(full.run_dir)[1:] + _results(cut)[1:]:
         assert row["clients"]["aggregated"] == row["clients"]["sampled"] == 2, row["clients"]
-    a, b = _final_checkpoint(full.run_dir), _final_checkpoint(part.run_dir)
+    a, b = _final_checkpoint(full.run_dir), _final_checkpoint(cut)
     assert a.keys() == b.keys()
     for key in a:
         assert a[key].tobytes() == b[key].tobytes(), key
     # Identical accuracy trajectory too (same sampling, same seeds per round and client).
     assert [r["central"] for r in _results(full.run_dir)] == [
-        r["central"] for r in _results(part.run_dir)]
+        r["central"] for r in _results(cut)]
+    assert (cut / "final" / "model" / "config.json").is_file()
 
 
 def test_missing_nodes_stop_the_run_with_a_clear_error(tmp_path, tiny_model_dir):
