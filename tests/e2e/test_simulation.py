@@ -204,19 +204,34 @@ def test_dp_run_reports_epsilon_and_stops_at_the_budget(tmp_path, tiny_model_dir
     assert (result.run_dir / "final" / "model" / "config.json").exists()
 
 
-def test_dp_sgd_clients_account_across_rounds_and_the_card_says_so(tmp_path,
-                                                                    tiny_model_dir):
+# One DP-SGD run that two tests read (one Flower start-up fewer): each site calibrates
+# its noise to the target epsilon once and its accountant carries across the rounds.
+DP_SGD_NODES = 2
+DP_SGD_TARGET = 3.0
+
+
+@pytest.fixture(scope="module")
+def dp_sgd_run(tmp_path_factory, tiny_model_dir):
+    result = _run(tmp_path_factory.mktemp("dpsgd"), tiny_model_dir, "dpsgd",
+                  nodes=DP_SGD_NODES, **{
+                      "num-server-rounds": 2, "dp-sgd-target-epsilon": DP_SGD_TARGET,
+                      "fraction-evaluate": 0.0, "audit-egress": True})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    return result, log
+
+
+def test_dp_sgd_clients_account_across_rounds_and_the_card_says_so(dp_sgd_run, tmp_path):
     from deployment.export import export_run
 
-    result = _run(tmp_path, tiny_model_dir, "dpsgd", **{
-        "num-server-rounds": 2, "dp-sgd-noise-multiplier": 1.0, "fraction-evaluate": 0.0,
-        "audit-egress": True})
-    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    result, _ = dp_sgd_run
     rows = _results(result.run_dir)
     first, second = rows[1]["dp_sgd"]["epsilon_max"], rows[2]["dp_sgd"]["epsilon_max"]
     # The node state carries each client's accountant from round 1 into round 2.
     assert 0 < first < second
     assert rows[2]["train"]["dp_sgd_steps"] == pytest.approx(2 * TINY["local-steps"])
+    # Every train reply passed the egress audit (the DP-SGD metrics are allowed scalars).
+    assert all(row["train"]["egress_audited"] == 1 for row in rows[1:])
     exported = export_run(result.run_dir, tmp_path / "export")
     card = (exported / "README.md").read_text()
     assert ("sample-level DP-SGD (any one training record, at every site): "
@@ -259,28 +274,26 @@ def test_ffa_lora_sends_only_b_and_the_head(shared_run, tiny_model_dir):
         np.testing.assert_array_equal(value, init[key.replace(".weight", ".default.weight")])
 
 
-def test_dp_sgd_target_epsilon_calibrates_each_site_within_its_budget(tmp_path,
-                                                                       tiny_model_dir):
+def test_dp_sgd_target_epsilon_calibrates_each_site_within_its_budget(dp_sgd_run,
+                                                                       tmp_path):
     from deployment.export import export_run
 
-    result = _run(tmp_path, tiny_model_dir, "dpsgd-target", nodes=2, **{
-        "num-server-rounds": 2, "dp-sgd-target-epsilon": 3.0, "fraction-evaluate": 0.0})
-    log = result.log_path.read_text()
-    assert result.returncode == 0, log[-3000:]
-    assert log.count("[fedsft] DP-SGD: noise multiplier") == 2  # each site, once
+    result, log = dp_sgd_run  # dp-sgd-target-epsilon = 3, two sites
+    assert log.count("[fedsft] DP-SGD: noise multiplier") == DP_SGD_NODES  # each site, once
     rows = _results(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
     for row in rows[1:]:
-        assert row["clients"]["aggregated"] == 2 and row["clients"]["failures"] == 0
+        assert row["clients"]["aggregated"] == DP_SGD_NODES and row["clients"]["failures"] == 0
         sites = row["dp_sgd"]["sites"]
-        assert len(sites) == 2
-        assert all(0 < site["epsilon"] <= 3.0 for site in sites.values())
+        assert len(sites) == DP_SGD_NODES
+        assert all(0 < site["epsilon"] <= DP_SGD_TARGET for site in sites.values())
         assert all(site["noise_multiplier"] > 0 for site in sites.values())
     # After the last planned round each site has spent nearly all of its budget.
-    assert all(site["epsilon"] > 3.0 - 0.05 for site in rows[2]["dp_sgd"]["sites"].values())
+    assert all(site["epsilon"] > DP_SGD_TARGET - 0.05
+               for site in rows[2]["dp_sgd"]["sites"].values())
     card = (export_run(result.run_dir, tmp_path / "export") / "README.md").read_text()
     assert "`dp-sgd-noise-multiplier` = calibrated per site" in card
-    assert card.count("  - site `") == 2
+    assert card.count("  - site `") == DP_SGD_NODES
 
 
 def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
