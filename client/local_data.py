@@ -42,15 +42,15 @@ from common.data import (
     split_for_local_eval,
 )
 from common.specs import DataSpec, EncodeSpec, PartitionSpec, file_stamp
-from common.tasks import get_task
+from common.tasks import get_task, task_info, task_names
 from common.tasks.base import Examples, SiteReport, Task
 
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
 # Node config (task sft): where the site's file keeps its conversations, as the
-# classification site's text-column / label-column.
-SFT_SITE_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
-                 "output-column", "prompt-column", "response-column")
+# classification site's text-column / label-column (the registry's site_keys; named here
+# for deployment/cli.py's check-data, which reads the same keys).
+SFT_SITE_KEYS = task_info("sft").site_keys
 _STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
 
 
@@ -139,15 +139,13 @@ def load_local_data(
 
 
 def site_columns(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
-    """``cfg`` with the site's own column names from its node config: ``text-column`` /
-    ``label-column`` (classification), the ``SFT_SITE_KEYS`` (task sft). Raises
-    ``ConfigError`` for a key of the other task or a bad value."""
-    changes = {"text_column": str(node_config.get("text-column", cfg.text_column)),
-               "label_column": str(node_config.get("label-column", cfg.label_column))}
-    if cfg.task == "sft":
-        changes.update({key.replace("-", "_"): str(node_config[key])
-                        for key in SFT_SITE_KEYS if key in node_config})
-    return cfg.replace(**changes)
+    """``cfg`` with the site's own settings from its node config: the task's
+    ``site_keys`` (classification: ``text-column`` / ``label-column``; sft: the
+    ``SFT_SITE_KEYS``). Another task's site key set to a value of its own is refused, as
+    the run's config refuses it: raises ``ConfigError`` for it or a bad value."""
+    keys = dict.fromkeys(key for name in task_names() for key in task_info(name).site_keys)
+    return cfg.replace(**{key.replace("-", "_"): str(node_config[key])
+                          for key in keys if key in node_config})
 
 
 def site_file_version(source: tuple[Any, ...]) -> tuple[str, tuple[int, int] | None] | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.encoding import ENCODINGS, UpdateEncoding
-from common.tasks import DEFAULT_MODELS, TASK_METRICS, TASK_NAMES
+from common.tasks import DEFAULT_MODELS, TASK_METRICS, key_owners, task_names
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
@@ -46,10 +46,16 @@ PARTITIONERS = ("iid", "dirichlet", "pathological")  # plus "column:<name>"
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SELECT_MODELS = ("best", "last")
-# `selection-metric` values per task: `auto` or one of the task's metrics (each with its
-# direction, MetricInfo.higher_is_better).
-SELECTION_METRICS = {task: ("auto", *(m.name for m in metrics))
-                     for task, metrics in TASK_METRICS.items()}
+
+
+def selection_metrics(task: str) -> tuple[str, ...]:
+    """The `selection-metric` values of ``task``: ``auto`` or one of its metrics (each
+    with its direction, MetricInfo.higher_is_better)."""
+    return ("auto", *(m.name for m in TASK_METRICS[task]))
+
+
+# `selection_metrics` of each built-in task.
+SELECTION_METRICS = {task: selection_metrics(task) for task in TASK_METRICS}
 # What `auto` selects by. sft: loss, measured every round (exact match only in the rounds
 # that generate, `generate-every`); a task missing here selects by its headline metric.
 AUTO_SELECTION_METRICS = {"classification": "accuracy", "sft": "loss"}
@@ -57,16 +63,8 @@ CHAT_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
 # `dataset` = "none": the training data is only at the sites (deployment); the server
 # reads no `dataset` and evaluates centrally only on an `eval-dataset`, if one is given.
 NO_DATASET = "none"
-# Keys that only one task reads: set for the other task they are refused, not ignored.
-CLASSIFICATION_ONLY = ("labels", "text_column", "label_column", "label_case_fold",
-                       "classes_per_client", "skew_loss", "skew_loss_tau",
-                       "class_weighting", "class_weighting_source", "class_weighting_beta",
-                       "focal_gamma", "augment", "augment_rate")
-SFT_ONLY = ("chat_format", "messages_column", "instruction_column", "input_column",
-            "output_column", "prompt_column", "response_column", "system_prompt",
-            "chat_template", "train_on", "overflow", "generate_every", "generation_samples",
-            "max_new_tokens", "retention_dataset", "gradient_checkpointing")
-
+# Keys that only one task reads are its registry entry's `own_keys` (common/tasks/):
+# set for another task they are refused, not ignored.
 
 # How error messages say "DP-SGD is on": either key turns it on.
 _DP_SGD_ON = "DP-SGD (`dp-sgd-noise-multiplier` > 0 or a finite `dp-sgd-target-epsilon`)"
@@ -221,7 +219,7 @@ class RunConfig:
     validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, TASK_NAMES)
+        _check_choice("task", self.task, task_names())
         self._check_task_keys()
         _check_choice("method", self.method, METHODS)
         _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
@@ -353,15 +351,20 @@ class RunConfig:
                 "when it reads no data; give labels=a,b,...")
 
     def _check_task_keys(self) -> None:
-        """Keys of one task are refused (when changed from the default) for the other."""
-        other = CLASSIFICATION_ONLY if self.task == "sft" else SFT_ONLY
-        changed = [_key(name) for name in other
-                   if getattr(self, name) != _FIELD_DEFAULTS[name]]
-        if changed:
-            owner = "classification" if self.task == "sft" else "sft"
+        """Keys of one task (its ``own_keys``) are refused, when changed from the
+        default, for any other task, naming the task(s) that read them."""
+        defaults = {f.name: f.default for f in fields(self)}
+        foreign: dict[tuple[str, ...], list[str]] = {}
+        for name, owners in key_owners().items():
+            if self.task not in owners and name in defaults \
+                    and getattr(self, name) != defaults[name]:
+                foreign.setdefault(owners, []).append(_key(name))
+        if foreign:
+            owners, changed = next(iter(foreign.items()))
             raise ConfigError(
-                f"{', '.join(f'`{key}`' for key in changed)}: only for task {owner}, and "
-                f"this run has `task`={self.task!r}; remove the key or set `task`={owner!r}"
+                f"{', '.join(f'`{key}`' for key in changed)}: only for task "
+                f"{' or '.join(owners)}, and this run has `task`={self.task!r}; remove the "
+                f"key or set {' or '.join(f'`task`={owner!r}' for owner in owners)}"
             )
         if self.task != "sft":
             return
@@ -420,7 +423,7 @@ class RunConfig:
 
     def _check_model_selection(self) -> None:
         _check_choice("select-model", self.select_model, SELECT_MODELS)
-        allowed = SELECTION_METRICS[self.task]
+        allowed = selection_metrics(self.task)
         if self.selection_metric not in allowed:
             raise ConfigError(
                 f"`selection-metric` must be auto or a metric of task {self.task!r} "
@@ -575,9 +578,6 @@ class RunConfig:
             for key, value in run_config.items()
         }
         return cls(**values)
-
-
-_FIELD_DEFAULTS = {f.name: f.default for f in fields(RunConfig)}
 
 
 def _attr(key: str) -> str:

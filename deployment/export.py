@@ -302,41 +302,12 @@ def _metrics_line(task: str, final: dict[str, Any] | None) -> str:
             + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
 
 
-def _usage_lines(summary: dict[str, Any]) -> list[str]:
-    """The card's "Use" section: a pipeline for a classifier, chat generation for sft."""
-    if summary["task"] != "sft":
-        return [
-            "```python",
-            "from transformers import pipeline",
-            "classify = pipeline('text-classification', model='PATH/TO/THIS/FOLDER')",
-            "```", "",
-            "or `fedsft predict PATH/TO/THIS/FOLDER data.csv --output predictions.csv`.", "",
-        ]
-    system = summary.get("system-prompt") or ""
-    turns = ([f"    {{'role': 'system', 'content': {system!r}}},"] if system else [])
-    return [
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tokenizer = AutoTokenizer.from_pretrained('PATH/TO/THIS/FOLDER')",
-        "model = AutoModelForCausalLM.from_pretrained('PATH/TO/THIS/FOLDER')",
-        "messages = [",
-        *turns,
-        "    {'role': 'user', 'content': 'Your instruction here'},",
-        "]",
-        "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
-        "                                       return_tensors='pt')",
-        f"output = model.generate(inputs, max_new_tokens={summary.get('max-new-tokens') or 48},"
-        " do_sample=False)",
-        "print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))",
-        "```", "",
-        "or `fedsft predict PATH/TO/THIS/FOLDER prompts.jsonl --output answers.jsonl` "
-        "(the same greedy generation, one answer per prompt).", "",
-    ]
-
-
 def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> str:
-    """The README.md of the exported model (Hugging Face front matter + text)."""
-    sft = summary["task"] == "sft"
+    """The README.md of the exported model (Hugging Face front matter + text); what the
+    card says of the model's kind and use is the task's (``Task.card_*``)."""
+    from common.tasks import get_task, task_info
+
+    task = get_task(summary["task"])
     metrics = _metrics_line(summary["task"], summary["final-central"])
     selection = summary.get("selection")
     selected = []
@@ -354,15 +325,14 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
                      f"{changes}"]
     base = summary["base-model"]
     front = ["---", "library_name: transformers",
-             f"pipeline_tag: {'text-generation' if sft else 'text-classification'}",
+             f"pipeline_tag: {task.card_pipeline_tag}",
              "tags: [fedsft, flower, federated-learning]"]
     if base and not str(base).startswith("/") and " " not in str(base):
         front.append(f"base_model: {base}")
     front.append("---")
-    what = "chat model" if sft else "text classifier"
     return "\n".join([
         *front, "",
-        f"# {run_name}: federated fine-tuned {what}", "",
+        f"# {run_name}: federated fine-tuned {task.card_noun}", "",
         "Fine-tuned with [fedsft](https://flower.ai) on Flower: each site trained on its "
         "own data and sent only weight updates; the server aggregated them.", "",
         f"- base model: {base}",
@@ -377,12 +347,13 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
         else f"- final central evaluation: {metrics}",
         *retention,
         f"- max length: {summary['max-length']} tokens (use the same at inference)",
-        *([] if sft else [f"- labels: {', '.join(labels)}"]),
+        *([f"- labels: {', '.join(labels)}"] if task_info(summary["task"]).has_classes
+          else []),
         *_privacy_lines(summary["privacy"]),
         *participation_lines(summary),
         *app_lines(summary.get("apps") or []), "",
         "## Use", "",
-        *_usage_lines(summary),
+        *task.card_usage(summary),
     ])
 
 

@@ -265,14 +265,9 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
-# Short names for the progress line (the rest print their metric name).
-_SHORT_NAMES = {"accuracy": "acc", "f1_macro": "f1", "exact_match": "em", "token_f1": "f1",
-                "perplexity": "ppl"}
-
-
 def _metrics_text(block: Metrics, metrics: Sequence[MetricInfo]) -> str:
     """The task's metrics present in ``block``, in the task's order: "acc 0.8833  f1 ..."."""
-    return "  ".join(f"{_SHORT_NAMES.get(m.name, m.name)} {block[m.name]:.4f}"
+    return "  ".join(f"{m.short or m.name} {block[m.name]:.4f}"
                      for m in metrics if m.name in block)
 
 

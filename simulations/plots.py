@@ -182,9 +182,11 @@ def plot_loss(
 
 def plot_client_spread(
     path: Path, *, rounds: Sequence[int], minimum: Sequence[float], p10: Sequence[float],
-    median: Sequence[float], central: Sequence[float], title: str,
+    median: Sequence[float], central: Sequence[float], title: str, metric: str = "accuracy",
+    bounded: bool = True,
 ) -> Path:
-    """Spread of the clients' local accuracy per round: min, 10th percentile, median."""
+    """Spread of the clients' local ``metric`` (the task's headline, its label) per round:
+    min, 10th percentile, median; ``bounded``: on a 0-1 axis."""
     fig = _figure()
     ax = fig.add_subplot()
     ax.fill_between(rounds, minimum, median, alpha=0.15, color="C0")
@@ -192,9 +194,10 @@ def plot_client_spread(
     ax.plot(rounds, p10, marker="v", color="C1", label="10th percentile client")
     ax.plot(rounds, minimum, marker="x", color="C3", label="worst client (min)")
     if _has_values(central):
-        ax.plot(rounds, central, color="0.5", linestyle="--", label="central accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("local eval accuracy (0-1)")
+        ax.plot(rounds, central, color="0.5", linestyle="--", label=f"central {metric}")
+    if bounded:
+        ax.set_ylim(0, 1.02)
+    ax.set_ylabel(f"local eval {metric}" + (" (0-1)" if bounded else ""))
     ax.set_title(title)
     _round_axis(ax, rounds)
     ax.legend(loc="lower right")

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from common.tasks import TASK_METRICS, MetricInfo
+from common.tasks import TASK_METRICS, MetricInfo, task_info
 from server.results import ResultsError, ResultsRow, SiteData, read_results
 from simulations import plots
 
@@ -66,6 +66,11 @@ class RunData:
     def metrics(self) -> tuple[MetricInfo, ...]:
         """The task's metrics, headline first."""
         return TASK_METRICS[self.task]
+
+    @property
+    def has_classes(self) -> bool:
+        """Whether the run's task has classes (class-distribution figures)."""
+        return task_info(self.task).has_classes
 
 
 def load_run(run_dir: Path | str) -> RunData:
@@ -204,9 +209,9 @@ def summarize(run: RunData) -> dict[str, Any]:
     summary["best round"] = best[1]
     summary[f"final federated {headline.label}"] = _nanlast(
         _metrics(rows, "federated", f"eval_{headline.name}"))
-    if _has_accuracy(run):  # the clients' spread is of the headline metric
-        summary[f"final worst-client {headline.label}"] = _nanlast(
-            _series(rows, lambda r: r.clients.eval_headline_spread.get("min")))
+    # The clients' spread is of the headline metric (server/tracked_strategy.py).
+    summary[f"final worst-client {headline.label}"] = _nanlast(
+        _series(rows, lambda r: r.clients.eval_headline_spread.get("min")))
     if any(r.retention for r in rows):
         for info in run.metrics:
             summary[f"retention {info.label} since round 0"] = retention_change(
@@ -226,10 +231,6 @@ def summarize(run: RunData) -> dict[str, Any]:
             _series(rows, lambda r: r.memory_mb.client_peak) + [0.0])),
     })
     return summary
-
-
-def _has_accuracy(run: RunData) -> bool:
-    return any(info.name == "accuracy" for info in run.metrics)
 
 
 # --- label distribution -------------------------------------------------------------------
@@ -409,20 +410,23 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                                   if any(info.name in (r.retention or {}) for r in rows)},
                          title=f"Retention set per round - {name}")))
 
+    head = run.metrics[0]  # the clients' spread is of the headline metric
     spread_rows = [r for r in rows if r.clients.eval_headline_spread]
     if spread_rows:
         figs.append((
-            "Fairness: spread of the sampled clients' accuracy on their own local eval split",
+            f"Fairness: spread of the sampled clients' {head.label} on their own local eval "
+            "split",
             plots.plot_client_spread(
                 out / "client_spread.png", rounds=[r.round for r in spread_rows],
                 minimum=_series(spread_rows, lambda r: r.clients.eval_headline_spread.get("min")),
                 p10=_series(spread_rows, lambda r: r.clients.eval_headline_spread.get("p10")),
                 median=_series(spread_rows, lambda r: r.clients.eval_headline_spread.get("median")),
-                central=_metrics(spread_rows, "central", "accuracy"),
-                title=f"Per-client accuracy spread - {name}")))
-    elif _has_accuracy(run):
-        notes.append("No per-client accuracy spread: no round had federated evaluation "
-                     "(`fraction-evaluate` = 0?).")
+                central=_metrics(spread_rows, "central", head.name),
+                title=f"Per-client {head.label} spread - {name}", metric=head.label,
+                bounded=head.bounded)))
+    else:
+        notes.append(f"No per-client {head.label} spread: no round had federated "
+                     "evaluation (`fraction-evaluate` = 0?).")
 
     nodes = num_supernodes or (run.simulation or {}).get("num-supernodes")
     if not nodes:
@@ -433,7 +437,7 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
     elif run.config.get("labels"):
         notes.append("Label distribution per client skipped: the server had no training "
                      "data (`labels` set: the sites hold it).")
-    elif not run.label_names and run.task != "classification":
+    elif not run.has_classes:
         notes.append(f"Label distribution per client skipped: task {run.task} has no "
                      "classes.")
     else:
@@ -653,8 +657,7 @@ def write_comparison(
     summaries = {r.name: summarize(r) for r in runs}
     finals = [f"final {m.label}" for m in metrics]
     columns = ["rounds", *finals, f"best {head.label}"]
-    if _has_accuracy(runs[0]):
-        columns.append("final worst-client accuracy")
+    columns.append(f"final worst-client {head.label}")
     columns += sorted({k for summary in summaries.values() for k in summary
                        if k.startswith("retention ")})
     columns += ["bytes up", "bytes down", "mean round seconds", "failures"]
@@ -730,9 +733,10 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# Summary keys ending in a metric's label are metrics: shown with 4 decimals.
-_METRIC_LABELS = tuple({m.label for metrics in TASK_METRICS.values() for m in metrics}
-                       | {"accuracy", "F1", "loss"})
+def _metric_labels() -> tuple[str, ...]:
+    """Summary keys ending in a metric's label are metrics: shown with 4 decimals."""
+    return tuple({m.label for metrics in TASK_METRICS.values() for m in metrics}
+                 | {"accuracy", "F1", "loss"})
 
 
 def _fmt_summary(key: str, value: Any) -> str:
@@ -743,7 +747,7 @@ def _fmt_summary(key: str, value: Any) -> str:
         return f"{value / scale:.2f} {unit}"
     if isinstance(value, float) and math.isfinite(value) and key.startswith("retention "):
         return f"{value:+.4f}"  # a change: the sign is the news
-    if isinstance(value, float) and math.isfinite(value) and key.endswith(_METRIC_LABELS):
+    if isinstance(value, float) and math.isfinite(value) and key.endswith(_metric_labels()):
         return f"{value:.4f}"
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.1f}"

@@ -1,15 +1,24 @@
 """The task layer: one module per task (see ``common/tasks/base.py`` for the interface).
 
-This package's ``__init__`` is light (no torch import): the config validation and the
-preflight read ``TASK_METRICS`` to check names; ``get_task`` imports the task module
-only when a run needs it.
+This package's ``__init__`` is light (no torch import): it is the registry of the tasks,
+with what the config validation, the preflight, the recorder and the reports need to know
+of a task without importing its module (``TaskInfo``: metrics, default model, own config
+keys, site keys, whether it has classes). ``get_task`` imports the task module only when a
+run needs it.
+
+Adding a task: its module in this package (a ``TASK`` object satisfying ``Task``) and one
+``TaskInfo`` entry in ``_TASKS`` below. ``task_registered`` adds one for the length of a
+``with`` block, for tests: a registration lives in one process only (the ServerApp and
+each ClientApp worker import this module afresh), so a real task is an entry here.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from common.tasks.base import Task
@@ -23,33 +32,114 @@ class MetricInfo:
     label: str  # for tables and plot axes
     higher_is_better: bool
     bounded: bool = True  # in [0, 1]: plotted on a 0-1 axis
+    short: str = ""  # the server's progress line ("acc 0.8833"); empty: ``name``
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What the machinery knows of a task without importing its module."""
+
+    module: str  # the module whose ``TASK`` is the task object
+    metrics: tuple[MetricInfo, ...]  # headline first; `loss` is always there
+    default_model: str  # the packaged, offline model for an empty `model` (model_source.py)
+    # RunConfig fields only this task reads: set (changed from the default) for another
+    # task they are refused, naming this task, rather than ignored. A field may be owned
+    # by several tasks; one no task owns is common to all.
+    own_keys: tuple[str, ...] = ()
+    # Node-config keys (dashed) a site sets for its own file (its column names, ...),
+    # read over the run's values (client/local_data.py ``site_columns``).
+    site_keys: tuple[str, ...] = ()
+    # Its rows have classes: an int ``label`` column and class names (the label map, the
+    # stratified partitioners, the reports' class-distribution figures).
+    has_classes: bool = False
+
+
+_TASKS: dict[str, TaskInfo] = {
+    "classification": TaskInfo(
+        module="common.tasks.classification",
+        metrics=(
+            MetricInfo("accuracy", "accuracy", higher_is_better=True, short="acc"),
+            MetricInfo("f1_macro", "macro-F1", higher_is_better=True, short="f1"),
+            MetricInfo("loss", "loss", higher_is_better=False, bounded=False),
+        ),
+        default_model="minilm",
+        own_keys=("labels", "text_column", "label_column", "label_case_fold",
+                  "classes_per_client", "skew_loss", "skew_loss_tau",
+                  "class_weighting", "class_weighting_source", "class_weighting_beta",
+                  "focal_gamma", "augment", "augment_rate"),
+        site_keys=("text-column", "label-column"),
+        has_classes=True,
+    ),
+    "sft": TaskInfo(
+        module="common.tasks.sft",
+        metrics=(
+            MetricInfo("exact_match", "exact match", higher_is_better=True, short="em"),
+            MetricInfo("token_f1", "token F1", higher_is_better=True, short="f1"),
+            MetricInfo("loss", "assistant-token loss", higher_is_better=False, bounded=False),
+            MetricInfo("perplexity", "perplexity", higher_is_better=False, bounded=False,
+                       short="ppl"),
+        ),
+        default_model="smollm2",
+        own_keys=("chat_format", "messages_column", "instruction_column", "input_column",
+                  "output_column", "prompt_column", "response_column", "system_prompt",
+                  "chat_template", "train_on", "overflow", "generate_every",
+                  "generation_samples", "max_new_tokens", "retention_dataset",
+                  "gradient_checkpointing"),
+        site_keys=("chat-format", "messages-column", "instruction-column", "input-column",
+                   "output-column", "prompt-column", "response-column"),
+    ),
+}
+
+_V = TypeVar("_V")
+
+
+class _Column(Mapping[str, _V], Generic[_V]):
+    """A read-only, live view of one ``TaskInfo`` field of every registered task."""
+
+    def __init__(self, pick: Callable[[TaskInfo], _V]) -> None:
+        self._pick = pick
+
+    def __getitem__(self, task: str) -> _V:
+        return self._pick(_TASKS[task])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TASKS)
+
+    def __len__(self) -> int:
+        return len(_TASKS)
 
 
 # Every task's metrics, headline first; `loss` is always there.
-TASK_METRICS: dict[str, tuple[MetricInfo, ...]] = {
-    "classification": (
-        MetricInfo("accuracy", "accuracy", higher_is_better=True),
-        MetricInfo("f1_macro", "macro-F1", higher_is_better=True),
-        MetricInfo("loss", "loss", higher_is_better=False, bounded=False),
-    ),
-    "sft": (
-        MetricInfo("exact_match", "exact match", higher_is_better=True),
-        MetricInfo("token_f1", "token F1", higher_is_better=True),
-        MetricInfo("loss", "assistant-token loss", higher_is_better=False, bounded=False),
-        MetricInfo("perplexity", "perplexity", higher_is_better=False, bounded=False),
-    ),
-}
-TASK_NAMES = tuple(TASK_METRICS)
+TASK_METRICS: Mapping[str, tuple[MetricInfo, ...]] = _Column(lambda info: info.metrics)
 # The packaged, offline model a task uses when `model` is empty (common/model_source.py).
-DEFAULT_MODELS = {"classification": "minilm", "sft": "smollm2"}
-_MODULES = {"classification": "common.tasks.classification", "sft": "common.tasks.sft"}
+DEFAULT_MODELS: Mapping[str, str] = _Column(lambda info: info.default_model)
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered tasks, in registry order."""
+    return tuple(_TASKS)
+
+
+def task_info(name: str) -> TaskInfo:
+    """The registry entry of task ``name`` (``ValueError`` for an unknown task)."""
+    if name not in _TASKS:
+        raise ValueError(f"unknown task {name!r}; known: {', '.join(_TASKS)}")
+    return _TASKS[name]
+
+
+def key_owners() -> dict[str, tuple[str, ...]]:
+    """Each task-specific RunConfig field -> the tasks that read it, in registry order
+    (keys of the first task first, each task's in its ``own_keys`` order)."""
+    owners: dict[str, tuple[str, ...]] = {}
+    for name, info in _TASKS.items():
+        for key in info.own_keys:
+            owners[key] = (*owners.get(key, ()), name)
+    return owners
 
 
 def get_task(name: str) -> Task:
     """The task object for a ``task`` config value (its module imported on first use)."""
-    if name not in _MODULES:
-        raise ValueError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
-    return importlib.import_module(_MODULES[name]).TASK  # type: ignore[no-any-return]
+    return importlib.import_module(task_info(name).module).TASK  # type: ignore[no-any-return]
 
 
 def metric_info(task: str, metric: str) -> MetricInfo:
@@ -58,3 +148,21 @@ def metric_info(task: str, metric: str) -> MetricInfo:
         if info.name == metric:
             return info
     raise ValueError(f"task {task!r} has no metric {metric!r}")
+
+
+@contextmanager
+def task_registered(name: str, info: TaskInfo) -> Iterator[None]:
+    """Task ``name`` is registered (``info``) inside the ``with`` block, in this process.
+
+    For tests of the task-agnostic machinery on a task of their own; the registry is as
+    before on exit. Refuses a name already registered and metrics without ``loss``.
+    """
+    if name in _TASKS:
+        raise ValueError(f"task {name!r} is already registered")
+    if "loss" not in {m.name for m in info.metrics}:
+        raise ValueError(f"task {name!r}: its metrics must include loss")
+    _TASKS[name] = info
+    try:
+        yield
+    finally:
+        del _TASKS[name]

@@ -134,6 +134,8 @@ class Task(Protocol):
     lora_targets: tuple[str, ...] | None
     read_as_text: bool  # read every CSV/TSV cell as a string (answers like "42" stay text)
     architecture_suffix: str  # what config.json `architectures` of its models end with
+    card_pipeline_tag: str  # the exported model card's Hugging Face `pipeline_tag`
+    card_noun: str  # what the card's title calls the model ("text classifier")
 
     def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
         """The task's seeded, offline built-in data (``dataset = "builtin"``), raw."""
@@ -262,4 +264,11 @@ class Task(Protocol):
         progress: Callable[[int], None] | None = None,
     ) -> list[str]:
         """One output string per input (a class name, a generated answer)."""
+        ...
+
+    def card_usage(self, settings: Mapping[str, Any]) -> list[str]:
+        """The exported model card's "Use" section: markdown lines ending in a blank one.
+
+        ``settings`` is the export's summary (the run's keys, e.g. ``max-new-tokens``).
+        """
         ...

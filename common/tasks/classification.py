@@ -124,6 +124,18 @@ class ClassificationTask:
     lora_targets = None  # peft's default per architecture (BERT: query, value)
     read_as_text = False
     architecture_suffix = "ForSequenceClassification"
+    card_pipeline_tag = "text-classification"
+    card_noun = "text classifier"
+
+    def card_usage(self, settings: Mapping[str, Any]) -> list[str]:
+        """A transformers pipeline, or ``fedsft predict`` on a table."""
+        return [
+            "```python",
+            "from transformers import pipeline",
+            "classify = pipeline('text-classification', model='PATH/TO/THIS/FOLDER')",
+            "```", "",
+            "or `fedsft predict PATH/TO/THIS/FOLDER data.csv --output predictions.csv`.", "",
+        ]
 
     def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
         return generate_builtin(num_examples, seed=seed).rename(

@@ -279,6 +279,32 @@ class SftTask:
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     read_as_text = True
     architecture_suffix = "ForCausalLM"
+    card_pipeline_tag = "text-generation"
+    card_noun = "chat model"
+
+    def card_usage(self, settings: Mapping[str, Any]) -> list[str]:
+        """Greedy chat generation with the run's system prompt and answer length, or
+        ``fedsft predict`` on a prompts file."""
+        system = settings.get("system-prompt") or ""
+        turns = ([f"    {{'role': 'system', 'content': {system!r}}},"] if system else [])
+        return [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "tokenizer = AutoTokenizer.from_pretrained('PATH/TO/THIS/FOLDER')",
+            "model = AutoModelForCausalLM.from_pretrained('PATH/TO/THIS/FOLDER')",
+            "messages = [",
+            *turns,
+            "    {'role': 'user', 'content': 'Your instruction here'},",
+            "]",
+            "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True,",
+            "                                       return_tensors='pt')",
+            "output = model.generate(inputs, max_new_tokens="
+            f"{settings.get('max-new-tokens') or 48}, do_sample=False)",
+            "print(tokenizer.decode(output[0, inputs.shape[1]:], skip_special_tokens=True))",
+            "```", "",
+            "or `fedsft predict PATH/TO/THIS/FOLDER prompts.jsonl --output answers.jsonl` "
+            "(the same greedy generation, one answer per prompt).", "",
+        ]
 
     def builtin_rows(self, num_examples: int, *, seed: int, spec: DataSpec) -> pd.DataFrame:
         return generate_sft(num_examples, seed)

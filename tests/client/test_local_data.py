@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 from client.local_data import clear_local_data_cache, load_local_data, site_file_version
-from common.config import RunConfig
+from common.config import ConfigError, RunConfig
 from common.model import build_model
 from common.specs import ModelSpec
 
@@ -58,3 +60,14 @@ def test_a_sft_site_names_its_chat_columns_in_its_node_config():
     assert (cfg.prompt_column, cfg.response_column) == ("question", "answer")
     plain = site_columns(RunConfig(), {"data-path": "x", "text-column": "body"})
     assert (plain.text_column, plain.prompt_column) == ("body", "prompt")
+
+
+def test_a_site_key_of_another_task_is_refused_naming_its_task():
+    from client.local_data import site_columns
+
+    with pytest.raises(ConfigError, match="`text-column`: only for task classification"):
+        site_columns(RunConfig(task="sft"), {"data-path": "x", "text-column": "body"})
+    with pytest.raises(ConfigError, match="`messages-column`: only for task sft"):
+        site_columns(RunConfig(), {"data-path": "x", "messages-column": "turns"})
+    # The other task's key at its default value changes nothing and is accepted.
+    assert site_columns(RunConfig(), {"chat-format": "auto"}) == RunConfig()

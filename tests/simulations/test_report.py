@@ -263,7 +263,9 @@ def test_an_sft_report_draws_the_tasks_metrics_and_the_forgetting_monitor(tmp_pa
             in html)
     assert "retention exact match since round 0</td><td class='num'>+0.0000" in html
     assert "task sft has no classes" in html
+    # The clients' spread is of the headline metric (none here: no federated spread).
     assert "per-client accuracy spread" not in html
+    assert "No per-client exact match spread" in html
 
 
 def test_the_sft_summary_by_hand(tmp_path):
@@ -276,6 +278,23 @@ def test_the_sft_summary_by_hand(tmp_path):
     assert summary["retention perplexity since round 0"] == pytest.approx(
         np.exp(1.62) - np.exp(1.5))
     assert "final worst-client accuracy" not in summary
+    worst = summary["final worst-client exact match"]
+    assert worst != worst  # NaN: no round had a clients' spread
+
+
+def test_the_clients_spread_is_of_the_tasks_headline_metric(tmp_path):
+    run = make_sft_run(tmp_path / "sft")
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for row in rows[1:]:  # the clients' exact match in every trained round
+        row["clients"]["eval_accuracy_spread"] = {"min": 0.1, "p10": 0.15, "median": 0.3}
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    html = write_report(run).read_text()
+
+    assert "spread of the sampled clients&#x27; exact match on their own" in html
+    assert (run / "report" / "client_spread.png").is_file()
+    assert "accuracy" not in html
+    assert summarize(load_run(run))["final worst-client exact match"] == pytest.approx(0.1)
 
 
 def test_compare_of_sft_runs_overlays_their_metrics_and_refuses_mixed_tasks(tmp_path):
