@@ -122,6 +122,10 @@ def test_a_superlink_killed_mid_run_resumes_to_the_uninterrupted_runs_weights(ru
         f"resume-from={restart.run_dir}"), restart.resume_command
     assert restart.resume_returncode == 0, "\n".join(lines[-60:])
     assert restart.differing == () and restart.ok, restart
+    # The second attempt really resumed (the ServerApp's own line, streamed by submit):
+    # identical weights cannot come from a retrain from scratch.
+    resumed = f"[fedsft] resuming {restart.run_dir} after round 1"
+    assert any(resumed in line and "preflight" not in line for line in lines), lines[-60:]
     assert [r["round"] for r in _rows(restart.run_dir)] == [0, 1, 2]
     outcome = json.loads((restart.run_dir / "outcome.json").read_text())
     assert outcome["status"] == "completed" and outcome["rounds_aggregated"] == 2
