@@ -145,6 +145,9 @@ def _bundle(args: argparse.Namespace) -> int:
              "task": args.task, "audit_egress": args.audit_egress}
     settings = replace(cons.bundle_settings(c, args.site),
                        **{k: v for k, v in given.items() if v is not None})
+    warning = cons.check_bundle_port(c, settings.runtime_port)
+    if warning:
+        print(f"fedsft: warning: {warning}", file=sys.stderr)
     script = cons.write_bundle_script(c, args.site, settings)
     print(f"[fedsft] bundle for {args.site}: {c.site_dir(args.site)} (run {script.name})")
     _print_fingerprint(c)
