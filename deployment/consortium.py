@@ -488,7 +488,10 @@ def proxy_settings(c: Consortium, *, listen_port: int, listen_host: str = ""
 
 def write_superlink_scripts(c: Consortium, *, listen_port: int) -> Path:
     """Write ``superlink/Caddyfile`` and ``superlink/start-superlink.sh``; returns the script."""
-    c.caddyfile.write_text(proxy.caddyfile(proxy_settings(c, listen_port=listen_port)),
+    # A loopback public address (a rehearsal) needs no other interface.
+    host = "127.0.0.1" if _is_loopback(c.address.rsplit(":", 1)[0]) else ""
+    c.caddyfile.write_text(proxy.caddyfile(proxy_settings(c, listen_port=listen_port,
+                                                          listen_host=host)),
                            encoding="utf-8")
     local_port = c.local_address.rsplit(":", 1)[1]
     path = c.root / "superlink" / "start-superlink.sh"

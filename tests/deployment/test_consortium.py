@@ -17,7 +17,7 @@ import pytest
 from deployment import consortium as cons
 from deployment import pki
 from deployment.cli import main
-from deployment.rehearsal import register_site, revoke_site
+from deployment.registry import register_site, revoke_site
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -271,7 +271,7 @@ def test_rotation_remembers_the_old_node_id_to_unregister(consortium, fake_flwr,
 
 
 def test_a_register_reply_without_node_id_is_a_clear_error(consortium, monkeypatch):
-    monkeypatch.setattr("deployment.rehearsal.flwr_json", lambda *a, **k: {"success": True})
+    monkeypatch.setattr("deployment.registry.flwr_json", lambda *a, **k: {"success": True})
     with pytest.raises(cons.ConsortiumError, match="gave no node id"):
         register_site(consortium, "a")
 
