@@ -130,7 +130,7 @@ def test_a_superlink_killed_mid_run_resumes_to_the_uninterrupted_runs_weights(ru
     # Resumed with the documented command, on the restarted SuperLink (same database).
     assert restart.resume_command[:4] == (
         "submit", str(result.work_dir / "consortium"), "--set",
-        f"resume-from={restart.run_dir}"), restart.resume_command
+        f'resume-from="{restart.run_dir}"'), restart.resume_command  # a TOML string
     assert restart.resume_returncode == 0, "\n".join(lines[-60:])
     assert restart.differing == () and restart.ok, restart
     # The second attempt really resumed (the ServerApp's own line, streamed by submit):
