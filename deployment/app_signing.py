@@ -42,8 +42,6 @@ from typing import Any
 import yaml  # type: ignore[import-untyped]
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from flwr.cli.build import build_fab_from_disk
-from flwr.common.config import get_fab_config, get_metadata_from_config
 from flwr.supercore.primitives.asymmetric_ed25519 import (
     create_message_to_sign,
     decode_base64url,
@@ -232,12 +230,24 @@ def read_signed_apps(log: Path) -> list[SignedApp]:
 
 def build_fab(app_dir: Path) -> bytes:
     """The FAB of an app folder, built as ``flwr run``/``flwr build`` build it."""
+    # Imported here: flwr.cli.build costs seconds (FastAPI), which every `fedsft`
+    # command importing the consortium module would pay.
+    from flwr.cli.build import build_fab_from_disk
+
     return build_fab_from_disk(app_dir)
+
+
+def _fab_metadata(fab: bytes) -> tuple[str, str]:
+    """The FAB's ``(publisher/name, version)`` from its pyproject.toml."""
+    from flwr.common.config import get_fab_config, get_metadata_from_config
+
+    fab_id, version = get_metadata_from_config(get_fab_config(fab))
+    return str(fab_id), str(version)
 
 
 def app_spec(fab: bytes) -> str:
     """The ``flwr run`` app spec of a FAB: ``@publisher/name==version``."""
-    fab_id, version = get_metadata_from_config(get_fab_config(fab))
+    fab_id, version = _fab_metadata(fab)
     return f"@{fab_id}=={version}"
 
 
@@ -253,7 +263,7 @@ class AppIndex:
                  port: int = APP_INDEX_PORT) -> None:
         self.fab = fab
         self.signatures = signatures
-        fab_id, self.version = get_metadata_from_config(get_fab_config(fab))
+        fab_id, self.version = _fab_metadata(fab)
         self.app_id = f"@{fab_id}"
         self.sha = hashlib.sha256(fab).hexdigest()
         index = self

@@ -1,6 +1,7 @@
 """``fedsft``: the deployment life cycle on the command line (thin argparse wiring).
 
     fedsft create DIR --site a --site b [--san host --san 10.0.0.5] [--address host:port]
+                  [--local-port 9093] [--app-index-port 9095]
     fedsft add-site DIR SITE [--public-key supernode.pub] [--data-path P] [--register]
     fedsft site init DIR --site SITE | fedsft site verify BUNDLE [--fingerprint F]
     fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C]
@@ -85,7 +86,8 @@ def _create(args: argparse.Namespace) -> int:
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
     c = cons.create(Path(args.dir), name=args.name, names=names, address=args.address,
                     sites=tuple(args.site), force=args.force,
-                    local_port=args.local_port or cons.LOCAL_PORT)
+                    local_port=args.local_port or cons.LOCAL_PORT,
+                    app_index_port=args.app_index_port or cons.app_signing.APP_INDEX_PORT)
     print(f"[fedsft] consortium {c.root}: SuperLink address {c.address} (sites: Fleet API "
           f"only), admin address {c.local_address} (this host only), "
           f"certificate names {list(names.dns) + list(names.ips)}")
@@ -109,7 +111,7 @@ def _print_fingerprint(c: Any) -> None:
 
 def _add_site(args: argparse.Namespace) -> int:
     from deployment import consortium as cons
-    from deployment.rehearsal import register_site
+    from deployment.registry import register_site
 
     c = _consortium(args.dir)
     public_key = Path(args.public_key).expanduser() if args.public_key else None
@@ -145,6 +147,9 @@ def _bundle(args: argparse.Namespace) -> int:
              "task": args.task, "audit_egress": args.audit_egress}
     settings = replace(cons.bundle_settings(c, args.site),
                        **{k: v for k, v in given.items() if v is not None})
+    warning = cons.check_bundle_port(c, settings.runtime_port)
+    if warning:
+        print(f"fedsft: warning: {warning}", file=sys.stderr)
     script = cons.write_bundle_script(c, args.site, settings)
     print(f"[fedsft] bundle for {args.site}: {c.site_dir(args.site)} (run {script.name})")
     _print_fingerprint(c)
@@ -178,7 +183,7 @@ def _site_verify(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from deployment.rehearsal import register_site
+    from deployment.registry import register_site
 
     c = _consortium(args.dir)
     _print_registered(c, args.site, register_site(c, args.site))
@@ -186,7 +191,7 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    from deployment.rehearsal import revoke_site
+    from deployment.registry import revoke_site
 
     c = _consortium(args.dir)
     print(f"[fedsft] unregistered {args.site} (node {revoke_site(c, args.site)})")
@@ -531,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local-port", type=int,
                    help="the SuperLink's own port on 127.0.0.1 (Control API, for the "
                         "coordinator's flwr CLI; default 9093)")
+    p.add_argument("--app-index-port", type=int,
+                   help="the loopback port where `fedsft submit` serves the signed app to "
+                        "the SuperLink (default 9095)")
     p.add_argument("--site", action="append", default=[], help="a partner site (repeat)")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_create)

@@ -488,7 +488,10 @@ def proxy_settings(c: Consortium, *, listen_port: int, listen_host: str = ""
 
 def write_superlink_scripts(c: Consortium, *, listen_port: int) -> Path:
     """Write ``superlink/Caddyfile`` and ``superlink/start-superlink.sh``; returns the script."""
-    c.caddyfile.write_text(proxy.caddyfile(proxy_settings(c, listen_port=listen_port)),
+    # A loopback public address (a rehearsal) needs no other interface.
+    host = "127.0.0.1" if _is_loopback(c.address.rsplit(":", 1)[0]) else ""
+    c.caddyfile.write_text(proxy.caddyfile(proxy_settings(c, listen_port=listen_port,
+                                                          listen_host=host)),
                            encoding="utf-8")
     local_port = c.local_address.rsplit(":", 1)[1]
     path = c.root / "superlink" / "start-superlink.sh"
@@ -505,6 +508,46 @@ def site_check_command(settings: BundleSettings, site: str) -> list[str]:
                                  text_column=settings.text_column,
                                  label_column=settings.label_column)
     return ["fedsft", "check-data", "--task", settings.task, "--site-config", node_config]
+
+
+def _is_loopback(host: str) -> bool:
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def superlink_host_ports(c: Consortium) -> dict[int, str]:
+    """The ports the coordinator's processes hold on the SuperLink's host, and what for."""
+    return {
+        int(c.address.rsplit(":", 1)[1]): "the public port (Caddy, `address`)",
+        int(c.local_address.rsplit(":", 1)[1]): "the SuperLink's own port "
+                                                 "(`local-address`)",
+        c.app_index_port: "the app index where `fedsft submit` serves the signed app "
+                          "(`app-index-port`)",
+    }
+
+
+def check_bundle_port(c: Consortium, port: int) -> str:
+    """A site's ClientApp port against the ports taken on the SuperLink's host.
+
+    Returns "" when it cannot collide, else a warning: the site may run on the
+    SuperLink's host, which the coordinator cannot know for a public address.
+
+    Raises
+    ------
+    ConsortiumError
+        If the port is one of them and the SuperLink address is a loopback one (so the
+        site runs on the SuperLink's host).
+    """
+    taken = superlink_host_ports(c).get(port)
+    if taken is None:
+        return ""
+    clash = (f"--port {port} is {taken} in {c.root / 'consortium.json'}, taken on the "
+             f"SuperLink's host")
+    if _is_loopback(c.address.rsplit(":", 1)[0]):
+        raise ConsortiumError(f"{clash}; this consortium's SuperLink address {c.address} "
+                              f"is a loopback one, so the site shares that host: pick "
+                              f"another --port")
+    return f"{clash}: if this site runs on that host, pick another --port"
 
 
 def write_bundle_script(c: Consortium, site: str,

@@ -256,7 +256,9 @@ def wait_for_port(port: int, *, proc: subprocess.Popen[bytes], log_path: Path,
             )
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.settimeout(0.2)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            # A connection to itself (Linux picks the port as its own source port when
+            # nothing listens on an ephemeral port) is not a listener.
+            if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 return
         time.sleep(0.2)
     raise ProcessError(f"nothing listens on port {port} after {timeout:g} s; log "

@@ -1,24 +1,48 @@
 """A local rehearsal of a deployment: the real Deployment Engine, all on 127.0.0.1.
 
-One SuperLink with TLS and SuperNode authentication on its own loopback port, Caddy in
-front of it on the public port (the Fleet API only: ``deployment/proxy.py``), one
-SuperNode per site (each with its own data file and key) connecting to the public port,
-the sites registered with ``flwr supernode register`` and the run submitted with
-``flwr run`` through the coordinator's ``FLWR_HOME`` (the loopback port). While the run
-goes on, a site tries the Control API through the public port with what its bundle
-holds (``flwr`` with the bundle's ``ca.pem``): register a key, unregister another site,
-submit a run, list runs, read the run's logs, stop it; each must be refused by the proxy
-(403). Everything started here is stopped when the rehearsal ends, also on errors and
-Ctrl-C; the run folder stays. With ``restart=True`` the same run is done a second time
-and the SuperLink is killed once its first round is recorded, restarted, and the run
-resumed with the documented command (``fedsft submit DIR --set resume-from=...``): it
-must end with the first run's final weights, bit for bit.
+It follows docs/deployment.md with this checkout's ``fedsft`` (``python -m
+deployment.cli``) and the scripts it generates; only the ports differ (free loopback
+ports, given with the commands' port options). The documented steps it runs:
+
+1. ``fedsft create DIR --name fedsft-rehearsal --address 127.0.0.1:P --local-port L
+   --app-index-port A --site ...`` (the CA fingerprint is read from its output, as a
+   site admin hears it);
+2. ``bash DIR/superlink/start-superlink.sh`` (the SuperLink on 127.0.0.1:L with TLS,
+   SuperNode authentication and ``--database superlink/state.db``; Caddy on P, Fleet
+   API only; it binds 127.0.0.1 because the address is a loopback one);
+3. ``fedsft register DIR SITE`` for every site;
+4. ``fedsft bundle DIR SITE --data-path F [--text-column C --label-column C] --port N``
+   (each site its own ClientApp port: they share this host);
+5. ``fedsft sites DIR``;
+6. ``FEDSFT_CA_FINGERPRINT=<fingerprint> sh DIR/sites/SITE/start-supernode.sh`` (the
+   fingerprint check, the data check, then ``flower-supernode`` with the bundle's own
+   ``FLWR_HOME``): a site whose file is missing is refused there (exit 2), and the run
+   goes on with the others (``min-nodes`` = the sites that started, unless given);
+7. ``fedsft submit DIR --set k=v ... --app APP`` (signed, streamed, its exit code);
+8. with ``restart=True``: the same run again, the SuperLink's host "crashes" (SIGKILL of
+   ``start-superlink.sh`` and its children) once round 1 is recorded, step 2 again (same
+   database), and ``fedsft submit DIR --set resume-from=<run folder> ...`` (the
+   documented resume command: the first run's settings but ``run-name``): it must end
+   with the first run's final weights, bit for bit.
+
+``fedsft export RUN OUT --consortium DIR`` and ``fedsft predict`` are run by the test
+(tests/deployment/test_rehearsal.py) on the result. Not through the CLI: the restarted
+run's first attempt and the attack runs are submitted with ``flwr run`` (the attack
+apps are what ``fedsft submit`` would never send).
+
+While the run goes on, a site tries the Control API through the public port with what
+its bundle holds (``flwr`` with the bundle's ``ca.pem``): register a key, unregister
+another site, submit a run, list runs, read the run's logs, stop it; each must be
+refused by the proxy (403, read from Caddy's access log in the start script's log).
+Everything started here is stopped when the rehearsal ends, also on errors and Ctrl-C;
+the run folder stays.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -33,7 +57,7 @@ import tomli_w
 from common.config import NO_DATASET, RunConfig
 from common.specs import DataSpec
 from common.tasks import get_task
-from deployment import app_signing, pki, proxy
+from deployment import app_signing, pki
 from deployment import consortium as cons
 from deployment.processes import (
     ProcessError,
@@ -46,11 +70,15 @@ from deployment.processes import (
     started_run_id,
     wait_for_port,
 )
-from deployment.site_attacks import Attack, site_attacks, summary
+from deployment.registry import site_flwr_home
+from deployment.site import FINGERPRINT_ENV
+from deployment.site_attacks import Attack, fedsft_on_path, site_attacks, summary
 from server.preflight import preflight
 from server.run_outputs import resumable_round, run_folder
 from server.run_verdict import attempt_outcome, has_final_model, outcome_stamp, run_verdict
 from simulations.runner import APP_DIR
+
+_REPO = Path(__file__).resolve().parents[1]  # this checkout: its CLI runs the steps
 
 
 @dataclass(frozen=True)
@@ -120,6 +148,50 @@ class RestartCheck:
 
 
 @dataclass(frozen=True)
+class SiteRefusal:
+    """A site whose ``start-supernode.sh`` exited before its SuperNode came online."""
+
+    site: str
+    returncode: int  # 2: the fingerprint or the data check refused it
+    reason: str  # the script's last ``fedsft: error:`` line (else its last line)
+
+    def line(self) -> str:
+        return (f"site {self.site} refused by its start-supernode.sh (exit "
+                f"{self.returncode}): {self.reason}")
+
+
+def wait_for_sites(rehearsal: Rehearsal, started: Mapping[str, subprocess.Popen[bytes]],
+                   *, timeout: float = 240) -> tuple[SiteRefusal, ...]:
+    """Wait until each started site script is either online or has exited; the exited.
+
+    Raises
+    ------
+    ProcessError
+        If, after ``timeout``, a script still runs without its SuperNode online.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        exited = {name: proc.returncode for name, proc in started.items()
+                  if proc.poll() is not None}
+        online = rehearsal.online_count()
+        if online >= len(started) - len(exited):
+            break
+        if time.monotonic() > deadline:
+            raise ProcessError(f"{len(started) - len(exited)} site scripts running but "
+                               f"{online} SuperNodes online after {timeout:g} s; logs in "
+                               f"{rehearsal.logs}")
+        time.sleep(1)
+    refusals = []
+    for name, code in sorted(exited.items()):
+        log = rehearsal.logs / f"supernode-{name}.log"
+        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip()]
+        reason = next((x for x in reversed(lines) if "fedsft: error:" in x),
+                      lines[-1] if lines else "(no output)")
+        refusals.append(SiteRefusal(site=name, returncode=code, reason=reason.strip()))
+    return tuple(refusals)
+
+
+@dataclass(frozen=True)
 class RehearsalResult:
     """What a rehearsal leaves behind."""
 
@@ -133,31 +205,40 @@ class RehearsalResult:
     nodes_after: tuple[int, ...] = ()  # node ids still registered after the run (admin's view)
     runs_after: int = 0  # runs the SuperLink knows after the run (admin's view)
     restart: RestartCheck | None = None  # ``restart=True``: the kill, restart and resume
+    refused_sites: tuple[SiteRefusal, ...] = ()  # sites their start script refused
 
 
 class Rehearsal:
     """A SuperLink and SuperNodes on loopback; use as a context manager.
 
-    ``work_dir`` receives the consortium folder (keys, certificates), the SuperLink's
-    state database and one log per process.
+    ``work_dir`` receives the consortium folder (made by ``fedsft create``: keys,
+    certificates, the SuperLink's state database) and one log per process. The
+    SuperLink and its proxy run as ``bash superlink/start-superlink.sh``.
     """
 
     def __init__(self, work_dir: Path, site_names: Sequence[str]) -> None:
         self.work_dir = work_dir.resolve()
-        self.port = free_port()  # public: the proxy, what SuperNodes (and sites) reach
-        self.local_port = free_port()  # the SuperLink's own, loopback: the admin's
-        while self.local_port == self.port:
-            self.local_port = free_port()
-        self.consortium = cons.create(
-            self.work_dir / "consortium", name="fedsft-rehearsal", names=pki.Names(),
-            address=f"127.0.0.1:{self.port}", sites=tuple(site_names), force=True,
-            app_index_port=free_port(),
-            local_port=self.local_port,
-        )
         self.logs = self.work_dir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        ports: list[int] = []
+        while len(ports) < 3:  # public (the proxy), local (the admin's), the app index
+            if (port := free_port()) not in ports:
+                ports.append(port)
+        self.port, self.local_port, app_index_port = ports
+        # The documented command; only the ports differ (free ones, on loopback).
+        out = self.fedsft(["create", str(self.work_dir / "consortium"),
+                           "--name", "fedsft-rehearsal",
+                           "--address", f"127.0.0.1:{self.port}",
+                           "--local-port", str(self.local_port),
+                           "--app-index-port", str(app_index_port),
+                           *[w for s in site_names for w in ("--site", s)], "--force"])
+        self.consortium = cons.Consortium(self.work_dir / "consortium")
+        # What the coordinator tells each site admin out of band: the printed line.
+        self.fingerprint = next(
+            line.rsplit(": ", 1)[1].strip() for line in out.splitlines()
+            if line.startswith("[fedsft] CA SHA-256 fingerprint: "))
         self.processes = ProcessSet()
         self.superlink: subprocess.Popen[bytes] | None = None
-        self.proxy: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Rehearsal:
         return self
@@ -165,50 +246,85 @@ class Rehearsal:
     def __exit__(self, *exc: object) -> None:
         self.processes.stop_all()
 
-    # --- processes --------------------------------------------------------------
-    def start_superlink(self) -> None:
-        """Start the SuperLink (TLS, SuperNode authentication, loopback) and its proxy.
+    # --- the documented commands ------------------------------------------------
+    def fedsft(self, words: Sequence[str], *, check: bool = True,
+               timeout: float = 300) -> str:
+        """Run one ``fedsft`` command (this checkout's CLI, ``python -m deployment.cli``,
+        as the ``fedsft`` script runs it); returns its output, logged to logs/fedsft.log.
 
-        The proxy is started once and outlives a SuperLink restart (it answers 502
-        meanwhile, which SuperNodes retry).
+        Raises ``ProcessError`` if it exits non-zero and ``check``.
         """
-        command = cons.superlink_command(
-            self.consortium, port=self.local_port,
-            database=str(self.work_dir / "superlink-state.db"),
-        )
-        log = self.logs / "superlink.log"
-        self.superlink = self.processes.start(
-            "superlink", command, log_path=log,
-            env={**flower_env(), **cons.superlink_signing_env(self.consortium)})
-        wait_for_port(self.local_port, proc=self.superlink, log_path=log)
-        if self.proxy is None or self.proxy.poll() is not None:
-            self.start_proxy()
+        result = subprocess.run([sys.executable, "-m", "deployment.cli", *words],
+                                cwd=_REPO, capture_output=True, text=True,
+                                timeout=timeout, check=False, env=flower_env())
+        output = result.stdout + result.stderr
+        with (self.logs / "fedsft.log").open("a", encoding="utf-8") as log:
+            log.write(f"$ fedsft {' '.join(words)}\n{output}(exit {result.returncode})\n")
+        if check and result.returncode != 0:
+            raise ProcessError(f"`fedsft {' '.join(words)}` exited {result.returncode}: "
+                               f"{output.strip()[-2000:]}")
+        return output
+
+    def script_env(self, **extra: str) -> dict[str, str]:
+        """The environment of the generated scripts: ``fedsft`` (this checkout),
+        ``flower-*`` and ``caddy`` on the PATH; Caddy's data not in ``~/.local``."""
+        tools = fedsft_on_path(self.work_dir / "bin")
+        path = os.pathsep.join([str(tools), str(Path(sys.executable).parent),
+                                os.environ.get("PATH", "")])
+        return {**flower_env(PATH=path, XDG_DATA_HOME=str(self.work_dir / "caddy-data")),
+                **extra}
+
+    # --- processes --------------------------------------------------------------
+    @property
+    def superlink_log(self) -> Path:
+        return self.logs / "superlink.log"
 
     @property
     def proxy_log(self) -> Path:
-        return self.logs / "proxy.log"
+        """Caddy's access log (JSON lines), in the start script's output."""
+        return self.superlink_log
 
-    def start_proxy(self) -> None:
-        """Start Caddy on the public port (127.0.0.1 here) with the generated Caddyfile."""
-        caddyfile = self.work_dir / "Caddyfile"
-        caddyfile.write_text(proxy.caddyfile(cons.proxy_settings(
-            self.consortium, listen_port=self.port, listen_host="127.0.0.1")),
-            encoding="utf-8")
-        self.proxy = self.processes.start(
-            "proxy", proxy.caddy_command(caddyfile),
-            log_path=self.proxy_log,
-            env=flower_env(XDG_DATA_HOME=str(self.work_dir / "caddy-data")))  # not ~/.local
-        wait_for_port(self.port, proc=self.proxy, log_path=self.proxy_log)
+    def start_superlink(self) -> None:
+        """``bash superlink/start-superlink.sh``: the SuperLink (TLS, SuperNode
+        authentication, ``--database``, loopback) and Caddy on the public port."""
+        script = self.consortium.root / "superlink" / "start-superlink.sh"
+        self.superlink = self.processes.start(
+            "superlink", ["bash", str(script)], log_path=self.superlink_log,
+            env=self.script_env())
+        for port in (self.local_port, self.port):
+            wait_for_port(port, proc=self.superlink, log_path=self.superlink_log)
 
     def crash_superlink(self) -> None:
-        """Kill the SuperLink and its ServerApp process at once (SIGKILL), as a crash."""
+        """Kill the SuperLink, its ServerApp and the proxy at once (SIGKILL), as a crash
+        of the SuperLink's host."""
         if self.superlink is not None:
             self.processes.kill(self.superlink)
             self.superlink = None
 
+    def bundle(self, site: Site) -> None:
+        """``fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C]
+        --port N``: the site's data and its own ClientApp port (sites share this host)."""
+        words = ["bundle", str(self.consortium.root), site.name,
+                 "--data-path", str(site.data_path), "--port", str(free_port())]
+        if site.text_column:
+            words += ["--text-column", site.text_column]
+        if site.label_column:
+            words += ["--label-column", site.label_column]
+        self.fedsft(words)
+
+    def start_site(self, site: str) -> subprocess.Popen[bytes]:
+        """``FEDSFT_CA_FINGERPRINT=<told out of band> sh sites/<site>/start-supernode.sh``:
+        the fingerprint check, the data check, then the SuperNode (its own FLWR_HOME)."""
+        script = self.consortium.site_dir(site) / "start-supernode.sh"
+        return self.processes.start(
+            f"supernode-{site}", ["sh", str(script)],
+            log_path=self.logs / f"supernode-{site}.log",
+            env=self.script_env(**{FINGERPRINT_ENV: self.fingerprint}))
+
     def start_supernode(self, site: Site, *, tls: bool = True,
                         give_up_after: float | None = None) -> subprocess.Popen[bytes]:
-        """Start a site's SuperNode; ``tls=False`` tries without TLS or a key (to fail)."""
+        """Start a site's ``flower-supernode`` directly, not through its script (for the
+        refusal checks); ``tls=False`` tries without TLS or a key (to fail)."""
         command = cons.supernode_command(
             superlink=self.consortium.address, ca_cert=self.consortium.ca_cert,
             private_key=self.consortium.site_key(site.name), data_path=site.data_path,
@@ -229,12 +345,44 @@ class Rehearsal:
 
     # --- Flower's node registry -------------------------------------------------
     def register(self, site: str) -> int:
-        """``flwr supernode register`` the site's public key; returns its node id."""
-        return register_site(self.consortium, site)
+        """``fedsft register DIR SITE``; returns its node id (from registry.json)."""
+        self.fedsft(["register", str(self.consortium.root), site])
+        return int(self.consortium.registry()[site]["node-id"])
 
     def unregister(self, site: str) -> None:
-        """``flwr supernode unregister`` the site (revocation)."""
-        revoke_site(self.consortium, site)
+        """``fedsft revoke DIR SITE`` (``flwr supernode unregister``)."""
+        self.fedsft(["revoke", str(self.consortium.root), site])
+
+    def fedsft_submit(self, run_config: Mapping[str, Any], *, app_dir: Path = APP_DIR,
+                      on_line: Callable[[str], None] = print, timeout: float | None = None,
+                      log_name: str = "flwr-run.log") -> tuple[int, Path]:
+        """``fedsft submit DIR --app APP --set k=v ...`` (the documented command: it
+        signs the app, serves it to the SuperLink, streams the log and exits 0 only for a
+        completed run), each output line passed on; returns its exit code and log."""
+        words = [*submit_words(self.consortium.root, run_config), "--app", str(app_dir)]
+        log_path = self.logs / log_name
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with log_path.open("w", encoding="utf-8") as log, subprocess.Popen(
+            [sys.executable, "-m", "deployment.cli", *words], cwd=_REPO,
+            env=flower_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            bufsize=1, errors="replace",
+        ) as proc:
+            try:
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    log.write(line)
+                    log.flush()
+                    on_line(line.rstrip("\n"))
+                    if deadline is not None and time.monotonic() > deadline:
+                        raise ProcessError(f"the run exceeded {timeout:g} s; log {log_path}")
+                return proc.wait(), log_path
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()  # submit stops serving the app; the run is stopped
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=10)
+                    if proc.poll() is None:
+                        proc.kill()
 
     def runs(self) -> list[dict[str, Any]]:
         """``flwr list`` (the admin's connection): every run the SuperLink knows."""
@@ -245,11 +393,18 @@ class Rehearsal:
         return list(flwr_json(["supernode", "list"], flwr_home=self.consortium.flwr_home)
                     ["nodes"])
 
+    def online_count(self) -> int:
+        """SuperNodes online; 0 while the SuperLink does not answer yet (a restart)."""
+        try:
+            return sum(n["status"] == "online" for n in self.nodes())
+        except ProcessError:
+            return 0
+
     def wait_online(self, count: int, *, timeout: float = 60) -> None:
         """Wait until ``count`` SuperNodes are online."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if sum(n["status"] == "online" for n in self.nodes()) >= count:
+            if self.online_count() >= count:
                 return
             time.sleep(1)
         raise ProcessError(f"fewer than {count} SuperNodes online after {timeout:g} s: "
@@ -300,72 +455,6 @@ class Rehearsal:
             finally:
                 if proc.poll() is None:
                     proc.kill()
-
-
-def register_site(c: cons.Consortium, site: str) -> int:
-    """Register a site's public key with the SuperLink; remember its node id.
-
-    A site whose current key was revoked is refused with the way back: Flower never
-    accepts a revoked public key again, so re-admitting it takes a new key pair
-    (``fedsft add-site DIR SITE --force --register``). A new key of a registered site
-    (a rotation) is registered and the old node id kept under ``replaced-node-ids``, to
-    be unregistered once the site runs with the new key.
-
-    Raises
-    ------
-    ConsortiumError
-        If the site's key was revoked, or the SuperLink's reply gives no node id.
-    """
-    public_key = c.site_pub(site).read_text(encoding="utf-8").strip()
-    registry = c.registry()
-    entry = dict(registry.get(site) or {})
-    if entry.get("revoked") and entry.get("public-key") == public_key:
-        raise cons.ConsortiumError(
-            f"site {site!r}: its key was revoked (node {entry['node-id']}) and Flower "
-            f"never accepts a revoked key again; re-admit the site with a new key: "
-            f"`fedsft add-site {c.root} {site} --force --register`, then send it the "
-            f"new bundle")
-    reply = flwr_json(["supernode", "register", str(c.site_pub(site))], flwr_home=c.flwr_home)
-    if not isinstance(reply, dict) or "node-id" not in reply:
-        raise cons.ConsortiumError(
-            f"`flwr supernode register` of site {site!r} gave no node id: {reply}")
-    node_id = int(reply["node-id"])
-    replaced = list(entry.get("replaced-node-ids", []))
-    if "node-id" in entry and not entry.get("revoked") and entry["node-id"] != node_id:
-        replaced.append(int(entry["node-id"]))  # still registered: unregister it later
-    registry[site] = {"node-id": node_id, "public-key": public_key,
-                      **({"replaced-node-ids": replaced} if replaced else {})}
-    c.save_registry(registry)
-    return node_id
-
-
-def revoke_site(c: cons.Consortium, site: str) -> int:
-    """Unregister a site's node id from the SuperLink; returns the id.
-
-    The registry keeps the site, marked ``revoked``, so that ``register`` can tell a
-    revoked key from a new one.
-    """
-    registry = c.registry()
-    entry = registry.get(site)
-    if entry is None:
-        raise cons.ConsortiumError(f"site {site!r} is not registered (registry.json)")
-    if entry.get("revoked"):
-        raise cons.ConsortiumError(f"site {site!r} is already revoked "
-                                   f"(node {entry['node-id']})")
-    node_id = int(entry["node-id"])
-    flwr(["supernode", "unregister", str(node_id)], flwr_home=c.flwr_home)
-    registry[site] = {**entry, "revoked": True}
-    c.save_registry(registry)
-    return node_id
-
-
-def site_flwr_home(c: cons.Consortium, site: str, folder: Path) -> Path:
-    """A ``FLWR_HOME`` made of what the site's bundle holds: the address, ``ca.pem``.
-
-    This is the connection a site would write to try the Control API itself.
-    """
-    cons.write_flwr_config(folder, address=c.address, ca_cert=c.site_dir(site) / "ca.pem")
-    return folder
 
 
 def site_admin_calls(*, other_node_id: int, run_id: int, rogue_key: Path,
@@ -570,6 +659,7 @@ def rehearse(
         run_config.setdefault("labels", labels_of(sites, cfg))
     else:  # the data is only at the sites: no central evaluation on built-in examples
         run_config.setdefault("dataset", NO_DATASET)
+    min_nodes_given = "min-nodes" in run_config
     run_config.setdefault("min-nodes", len(sites))
     cfg = RunConfig.from_flower(run_config)
     for note in preflight(cfg, num_partitions=None):  # before any process starts
@@ -586,9 +676,16 @@ def rehearse(
             node_ids[site.name] = rehearsal.register(site.name)
             on_line(f"[fedsft] registered site {site.name} as node {node_ids[site.name]}")
         for site in sites:
-            rehearsal.start_supernode(site)
-        rehearsal.wait_online(len(sites))
-        on_line(f"[fedsft] {len(sites)} SuperNodes online; submitting the run")
+            rehearsal.bundle(site)
+        on_line(rehearsal.fedsft(["sites", str(rehearsal.consortium.root)]).rstrip())
+        started = {site.name: rehearsal.start_site(site.name) for site in sites}
+        refusals = wait_for_sites(rehearsal, started)
+        for refusal in refusals:
+            on_line(f"[fedsft] {refusal.line()}")
+        running = [s for s in sites if s.name not in {r.site for r in refusals}]
+        if not min_nodes_given:  # the sites whose start script let them start
+            run_config["min-nodes"] = max(1, len(running))
+        on_line(f"[fedsft] {len(running)} SuperNodes online; submitting the run")
 
         attacker: threading.Thread | None = None
         if try_admin_calls and sites:
@@ -607,8 +704,8 @@ def rehearse(
                 attacker = threading.Thread(target=attack, args=(run_id,), daemon=True)
                 attacker.start()
 
-        returncode, log_path = rehearsal.submit(run_config, app_dir=app_dir,
-                                                on_line=watch, timeout=timeout)
+        returncode, log_path = rehearsal.fedsft_submit(run_config, app_dir=app_dir,
+                                                       on_line=watch, timeout=timeout)
         if attacker is not None:
             attacker.join(timeout=900)
         if try_admin_calls:
@@ -625,12 +722,12 @@ def rehearse(
         restarted: RestartCheck | None = None
         if restart:
             restarted = restart_and_resume(rehearsal, run_config, reference=run_dir,
-                                           sites=len(sites), app_dir=app_dir,
+                                           sites=len(running), app_dir=app_dir,
                                            on_line=on_line)
             on_line(f"[fedsft] {restarted.line()}")
         tried: list[Attack] = []
         if attacks:
-            tried = site_attacks(rehearsal, [s.name for s in sites], run_config,
+            tried = site_attacks(rehearsal, [s.name for s in running], run_config,
                                  app_dir=app_dir, on_line=on_line)
             on_line(f"[fedsft] {summary(tried)}")
     # `flwr run --stream` exits 0 also when the ServerApp failed: the run folder says.
@@ -652,4 +749,4 @@ def rehearse(
                            log_path=log_path, work_dir=work_dir, message=message,
                            attacks=tuple(tried), admin_attempts=tuple(attempts),
                            nodes_after=nodes_after, runs_after=runs_after,
-                           restart=restarted)
+                           restart=restarted, refused_sites=refusals)

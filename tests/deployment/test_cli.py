@@ -403,3 +403,16 @@ def test_the_cli_and_the_client_read_the_same_sft_site_keys():
     from deployment import cli
 
     assert cli.SFT_SITE_KEYS == SFT_SITE_KEYS
+
+
+def test_submit_resolves_a_relative_resume_from_where_submit_runs(tmp_path, monkeypatch):
+    # The ServerApp runs in the SuperLink's working directory: a relative path must be
+    # made absolute here, against the caller's directory, before it is sent.
+    app = cli._app_dir(None)
+    caller = tmp_path / "coordinator"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    config = cli.submit_run_config(app, ["labels=neg,pos", "resume-from=outputs/first",
+                                         "output-dir=outputs"])
+    assert config["resume-from"] == str(caller / "outputs" / "first")
+    assert config["output-dir"] == str(caller / "outputs")

@@ -17,7 +17,7 @@ import pytest
 from deployment import consortium as cons
 from deployment import pki
 from deployment.cli import main
-from deployment.rehearsal import register_site, revoke_site
+from deployment.registry import register_site, revoke_site
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,20 +69,43 @@ def test_a_supernode_retries_for_a_day_after_losing_the_superlink():
 def test_bundle_port_gives_each_site_its_own_clientapp_port_and_flwr_home(consortium):
     assert main(["bundle", str(consortium.root), "a", "--data-path", "/data/a.csv"]) == 0
     assert main(["bundle", str(consortium.root), "b", "--data-path", "/data/b.csv",
-                 "--port", "9095", "--text-column", "body"]) == 0
+                 "--port", "9096", "--text-column", "body"]) == 0
 
     a = consortium.site_dir("a") / "start-supernode.sh"
     b = consortium.site_dir("b") / "start-supernode.sh"
     assert _flag(_exec_line(a), "--port") == "9094"
-    assert _flag(_exec_line(b), "--port") == "9095"
+    assert _flag(_exec_line(b), "--port") == "9096"
     assert 'export FLWR_HOME="$HERE/flwr-home"' in b.read_text()
     assert _flag(_exec_line(b), "--node-config") == (
         'data-path="/data/b.csv" site-name="b" audit-egress=true text-column="body"')
     assert json.loads((consortium.site_dir("b") / "bundle.json").read_text()) == {
         "data-path": "/data/b.csv", "text-column": "body", "label-column": None,
-        "runtime-port": 9095, "task": "classification", "audit-egress": True,
+        "runtime-port": 9096, "task": "classification", "audit-egress": True,
         "superlink": "localhost:8000",
         "ca-sha256": pki.fingerprint(pki.load_cert(consortium.ca_cert))}
+
+
+def test_bundle_refuses_the_app_index_port_on_a_loopback_consortium(consortium, capsys):
+    # localhost:8000: the site shares the SuperLink's host, where `fedsft submit` serves
+    # the signed app on the app-index port (9095 by default).
+    assert consortium.app_index_port == 9095
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.csv",
+                 "--port", "9095"]) == 2
+    err = capsys.readouterr().err
+    assert "--port 9095 is the app index" in err and "pick another --port" in err
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.csv",
+                 "--port", "9093"]) == 2  # the SuperLink's own port
+    assert _flag(_exec_line(consortium.site_dir("a") / "start-supernode.sh"),
+                 "--port") == "9094"  # nothing was rewritten
+
+
+def test_bundle_warns_of_the_app_index_port_when_the_host_is_unknown(tmp_path, capsys):
+    c = cons.create(tmp_path / "c", name="t", names=pki.Names(dns=("link.example.org",)),
+                    sites=("a",))
+    assert main(["bundle", str(c.root), "a", "--data-path", "/d.csv", "--port", "9095"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("fedsft: warning: --port 9095 is the app index")
+    assert "if this site runs on that host" in err
 
 
 def test_bundle_refuses_a_port_that_is_no_port(consortium, capsys):
@@ -248,7 +271,7 @@ def test_rotation_remembers_the_old_node_id_to_unregister(consortium, fake_flwr,
 
 
 def test_a_register_reply_without_node_id_is_a_clear_error(consortium, monkeypatch):
-    monkeypatch.setattr("deployment.rehearsal.flwr_json", lambda *a, **k: {"success": True})
+    monkeypatch.setattr("deployment.registry.flwr_json", lambda *a, **k: {"success": True})
     with pytest.raises(cons.ConsortiumError, match="gave no node id"):
         register_site(consortium, "a")
 

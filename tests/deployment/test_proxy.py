@@ -297,7 +297,8 @@ def test_start_script_stops_the_superlink_when_the_proxy_exits(tmp_path, stub_to
 
 
 def test_a_site_tries_the_six_control_api_calls_with_its_bundle_only(tmp_path):
-    from deployment.rehearsal import ADMIN_CALLS, site_admin_calls, site_flwr_home
+    from deployment.registry import site_flwr_home
+    from deployment.rehearsal import ADMIN_CALLS, site_admin_calls
 
     c = cons.create(tmp_path / "c", name="t", names=pki.Names(), sites=("a",))
     home = site_flwr_home(c, "a", tmp_path / "home")

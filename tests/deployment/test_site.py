@@ -19,7 +19,7 @@ from flwr.supernode.start_client_internal import _verify_fab
 from deployment import app_signing, pki
 from deployment import consortium as cons
 from deployment.cli import main
-from deployment.rehearsal import register_site, revoke_site
+from deployment.registry import register_site, revoke_site
 from deployment.site import BundleError, site_init, verify_bundle
 from deployment.site_attacks import Attack, modified_fab, summary
 from tests.deployment.test_consortium import (  # noqa: F401 (pytest fixtures)
