@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.tasks import metric_info
+from common.tasks import TASK_METRICS, metric_info
 from simulations import plots
 from simulations.report import _esc, _figure_html, _page, _table
 from simulations.tune import defaults_sentence
@@ -182,6 +182,9 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
     numbers side by side. ``command`` is the tune's command line, ``machine`` the
     benchmark machine record (its ``date`` says when the search finished)."""
     label = f"validation {metric_label(record['task'], record['metric'])}"
+    # The test column is the task's headline metric (accuracy, exact match), whatever
+    # the search compared on.
+    headline = TASK_METRICS[record["task"]][0]
     keys = list(record["space"])
     defaults = record.get("defaults")
     best = record.get("best")
@@ -192,7 +195,7 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
             role.append("the scenario's settings")
         if best is not None and t["number"] == best["number"]:
             role.append("best")
-        test = t["test"].get("accuracy")
+        test = t["test"].get(headline.name)
         rows.append([t["number"], ", ".join(role) or "-", *(t["params"][k] for k in keys),
                      t["state"], "-" if t["value"] is None else t["value"],
                      "-" if t["selected_round"] is None else t["selected_round"],
@@ -200,9 +203,10 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
     sentence = defaults_sentence(defaults, note=record.get("defaults_note", ""), label=label)
     notes = [sentence + "."]
     if defaults is not None and best is not None and defaults.get("test") and best["test"]:
-        first, top = defaults["test"].get("accuracy"), best["test"].get("accuracy")
+        first, top = defaults["test"].get(headline.name), best["test"].get(headline.name)
         if first is not None and top is not None:
-            notes.append(f"Final test set (central eval, never read by the search) accuracy "
+            notes.append(f"Final test set (central eval, never read by the search) "
+                         f"{headline.label} "
                          f"of the exported model: trial 0 {first:.4f}, best trial "
                          f"{best['number']} {top:.4f} ({(top - first) * 100:+.2f} points).")
     notes.append(f"{len(record['trials'])} of {record['trials_requested']} trial(s) ran "
@@ -216,12 +220,12 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
             f"`python -m simulations tune` on scenario `{record['scenario']}`: each trial "
             f"is one federated run, compared on the {label} (a split held out of the "
             "training rows); trial 0 is the scenario's own settings, so the table says "
-            "whether the search beat them. Accuracy is the final test set (central eval) "
-            "of the round each run exports."),
+            f"whether the search beat them. Test {headline.label} is the final test set "
+            "(central eval) of the round each run exports."),
         "config": {"scenario_file": record["scenario_file"], "overrides": record["overrides"],
                    "space": record["space"], "num_supernodes": record["num_supernodes"]},
         "table": {"columns": ["trial", "role", *keys, "state", label, "exported round",
-                              "test accuracy"], "rows": rows},
+                              f"test {headline.label}"], "rows": rows},
         "targets": [],
         "notes": notes,
     }

@@ -545,3 +545,28 @@ def test_trial_0_is_reported_unbeaten_when_no_trial_does_better(tmp_path):
     assert entry["best_trial"] == 0
     assert "no trial beat it" in tune.defaults_sentence(entry, note="", label="loss")
     assert tune.defaults_comparison([worse], plan) is None  # trial 0 did not run
+
+
+def test_the_results_section_shows_an_sft_search_its_headline_test_metric(tmp_path):
+    from simulations.tune_report import results_section
+
+    plan = tune.TunePlan(scenario=_scenario(tmp_path), space=parse_space(["local-steps=1,2"]),
+                         base_overrides={}, task="sft", metric="loss",
+                         direction="minimize", max_rounds=3, defaults={"local-steps": 1})
+    first = tune.TrialRecord(number=0, params={"local-steps": 1}, state="complete",
+                             value=0.9, values=((1, 0.9),), selected_round=1,
+                             test={"exact_match": 0.25, "loss": 0.95})
+    better = tune.TrialRecord(number=1, params={"local-steps": 2}, state="complete",
+                              value=0.7, values=((1, 0.7),), selected_round=1,
+                              test={"exact_match": 0.4, "loss": 0.75})
+    record = tune.tune_json(plan, [first, better], status="completed", trials=2, seed=0,
+                            pruner="none", num_supernodes=2, seconds=1.0)
+
+    section = results_section(record, command="tune", machine={})
+
+    table = section["table"]
+    assert table["columns"][-1] == "test exact match"
+    assert [row[-1] for row in table["rows"]] == [0.25, 0.4]
+    assert any("exact match of the exported model: trial 0 0.2500, best trial 1 0.4000 "
+               "(+15.00 points)" in note for note in section["notes"])
+    assert "Test exact match is the final test set" in section["description"]
