@@ -92,9 +92,11 @@ class SpaceParam:
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is a point of this dimension (a choice, or in the range
-        with the range's type: an integer range holds integers only)."""
+        with the range's type: an integer range holds integers only). Numeric choices
+        match by value (RunConfig holds a float key's choice ``0`` as ``0.0``); a bool
+        matches a bool only (True is not the choice 1), text matches text only."""
         if self.kind == "categorical":
-            return any(type(value) is type(c) and value == c for c in self.choices)
+            return any(_same_choice(value, c) for c in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -118,6 +120,15 @@ class SpaceParam:
         if self.kind == "categorical":
             return {"kind": self.kind, "choices": list(self.choices)}
         return {"kind": self.kind, "low": self.low, "high": self.high, "log": self.log}
+
+
+def _same_choice(value: Any, choice: Any) -> bool:
+    def numeric(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if numeric(value) and numeric(choice):
+        return bool(value == choice)
+    return type(value) is type(choice) and bool(value == choice)
 
 
 def _fmt(value: Any) -> str:

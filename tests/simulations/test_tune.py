@@ -473,6 +473,21 @@ def test_a_dimension_contains_its_choices_and_its_range_only():
     assert chosen.contains(10) and not chosen.contains(12) and not chosen.contains("10")
 
 
+def test_a_numeric_choice_matches_by_value_but_a_bool_only_a_bool():
+    gamma = parse_space_item("focal-gamma=0,2")  # RunConfig holds the value as 0.0
+    ones = SpaceParam("local-steps", "categorical", choices=(1, 2))
+    flags = SpaceParam("secure-aggregation", "categorical", choices=(True, False))
+    assert gamma.contains(0.0) and gamma.contains(2) and not gamma.contains(1.0)
+    assert ones.contains(1.0) and not ones.contains(True)
+    assert flags.contains(True) and not flags.contains(1) and not flags.contains(0.0)
+
+
+def test_trial_0_keeps_a_float_keys_default_given_as_a_whole_choice(tmp_path):
+    plan = tune.plan_search(_scenario(tmp_path), parse_space(["focal-gamma=0,2"]), {},
+                            tune_dir=tmp_path / "t", num_partitions=2)
+    assert plan.defaults == {"focal-gamma": 0.0} and plan.defaults_note == ""
+
+
 def test_the_plan_takes_the_scenarios_values_as_trial_0_when_inside_the_space(tmp_path):
     scenario = _scenario(tmp_path, TINY + "local-steps = 2\nlearning-rate = 0.003\n")
     inside = tune.plan_search(
