@@ -34,8 +34,9 @@ from typing import Any
 
 import tomli_w
 
-from common.config import SELECTION_METRICS, ConfigError, RunConfig
-from server.model_selection import METRIC_MODES, finite
+from common.config import ConfigError, RunConfig, selection_metrics
+from common.tasks import metric_info
+from server.model_selection import finite
 from server.results import read_results
 from server.run_outputs import atomic_write_bytes
 from simulations.runner import QUEUED_RUN_WAIT_SECONDS, run_app
@@ -562,7 +563,7 @@ def plan_search(
         notes.append(f"validation-fraction={DEFAULT_VALIDATION_FRACTION:g}: trials are "
                      "compared on this held-out share of the training rows, the central "
                      "eval split stays the final test set")
-    allowed = SELECTION_METRICS[cfg.task]
+    allowed = selection_metrics(cfg.task)  # live: a registered task's too
     if metric not in allowed:
         raise ConfigError(f"--metric must be auto or a metric of task {cfg.task!r} "
                           f"({', '.join(allowed[1:])}), got {metric!r}")
@@ -587,7 +588,7 @@ def plan_search(
                                   f"scenario {scenario.name!r}: {error}") from error
             max_rounds = max(max_rounds, checked.num_server_rounds)
     preflight(cfg, num_partitions=num_partitions)
-    direction = "maximize" if METRIC_MODES[cfg.task][name] == "max" else "minimize"
+    direction = "maximize" if metric_info(cfg.task, name).higher_is_better else "minimize"
     defaults, defaults_note = scenario_defaults(cfg, space)
     return TunePlan(scenario=scenario, space=dict(space), base_overrides=base,
                     task=cfg.task, metric=name, direction=direction, max_rounds=max_rounds,

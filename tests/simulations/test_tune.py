@@ -585,3 +585,21 @@ def test_the_results_section_shows_an_sft_search_its_headline_test_metric(tmp_pa
     assert any("exact match of the exported model: trial 0 0.2500, best trial 1 0.4000 "
                "(+15.00 points)" in note for note in section["notes"])
     assert "Test exact match is the final test set" in section["description"]
+
+
+def test_a_registered_task_is_searched_on_its_own_metrics(tmp_path, monkeypatch):
+    from common.tasks import MetricInfo, TaskInfo, task_registered
+
+    monkeypatch.setattr("server.preflight.preflight", lambda cfg, num_partitions: [])
+    toy = TaskInfo(module=__name__, default_model="toy-linear", metrics=(
+        MetricInfo("miss_rate", "miss rate", higher_is_better=False),
+        MetricInfo("loss", "loss", higher_is_better=False, bounded=False)))
+    with task_registered("toy", toy):
+        scenario = _scenario(tmp_path, TINY + 'task = "toy"\n')
+        plan = tune.plan_search(scenario, parse_space(["local-steps=1,2"]), {},
+                                tune_dir=tmp_path / "t", num_partitions=2,
+                                metric="miss_rate")
+        with pytest.raises(ConfigError, match=r"task 'toy' \(miss_rate, loss\)"):
+            tune.plan_search(scenario, parse_space(["local-steps=1,2"]), {},
+                             tune_dir=tmp_path / "t", num_partitions=2, metric="accuracy")
+    assert plan.metric == "miss_rate" and plan.direction == "minimize"
