@@ -603,3 +603,33 @@ def test_a_registered_task_is_searched_on_its_own_metrics(tmp_path, monkeypatch)
             tune.plan_search(scenario, parse_space(["local-steps=1,2"]), {},
                              tune_dir=tmp_path / "t", num_partitions=2, metric="accuracy")
     assert plan.metric == "miss_rate" and plan.direction == "minimize"
+
+
+def test_the_results_section_states_the_split_sizes_the_trials_measured(tmp_path):
+    from simulations.tune_report import results_section, split_rows
+
+    def run(name: str, validation: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [ResultsRow.from_json({
+            "round": rnd, "central": {"accuracy": 0.5, "num_examples": 300},
+            "validation": {"accuracy": 0.5, "num_examples": validation}}) for rnd in (0, 1)]
+        (folder / "results.jsonl").write_text(
+            "".join(json.dumps(r.to_json()) + "\n" for r in rows))
+        return folder
+
+    sizes = split_rows([run("a", 270), run("b", 270), tmp_path / "never-ran"])
+    assert sizes == {"validation": (270,), "central": (300,)}
+    assert split_rows([run("c", 250), tmp_path / "a"])["validation"] == (250, 270)
+
+    plan = tune.TunePlan(scenario=_scenario(tmp_path), space=parse_space(["local-steps=1,2"]),
+                         base_overrides={}, task="classification", metric="accuracy",
+                         direction="maximize", max_rounds=1)
+    record = tune.tune_json(plan, [], status="interrupted", trials=2, seed=0, pruner="none",
+                            num_supernodes=2, seconds=1.0)
+    notes = results_section(record, command="tune", machine={}, sizes=sizes)["notes"]
+    assert notes[-1] == ("Split sizes, from the trials' results.jsonl: validation split 270 "
+                         "rows (one row = 0.37 points of accuracy); test set (central eval) "
+                         "300 rows (one row = 0.33 points of accuracy).")
+    assert not any("Split sizes" in n for n in
+                   results_section(record, command="tune", machine={})["notes"])
