@@ -54,8 +54,6 @@ def selection_metrics(task: str) -> tuple[str, ...]:
     return ("auto", *(m.name for m in TASK_METRICS[task]))
 
 
-# `selection_metrics` of each built-in task.
-SELECTION_METRICS = {task: selection_metrics(task) for task in TASK_METRICS}
 # What `auto` selects by. sft: loss, measured every round (exact match only in the rounds
 # that generate, `generate-every`); a task missing here selects by its headline metric.
 AUTO_SELECTION_METRICS = {"classification": "accuracy", "sft": "loss"}

@@ -1,14 +1,16 @@
 """``fedsft``: the deployment life cycle on the command line (thin argparse wiring).
 
     fedsft create DIR --site a --site b [--san host --san 10.0.0.5] [--address host:port]
-                  [--local-port 9093] [--app-index-port 9095]
+                  [--local-port 9093] [--app-index-port 9095] [--name N] [--force]
     fedsft add-site DIR SITE [--public-key supernode.pub] [--data-path P] [--register]
     fedsft site init DIR --site SITE | fedsft site verify BUNDLE [--fingerprint F]
-    fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C]
+    fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C] [--port N]
+                  [--task T] [--no-audit-egress]
     fedsft register DIR SITE | fedsft revoke DIR SITE | fedsft sites DIR
-    fedsft submit DIR --set labels=a,b --set output-dir=/abs/out ...
+    fedsft submit DIR [--app APP] --set labels=a,b --set output-dir=/abs/out ...
     fedsft rehearse --site a=/data/a.csv --site b=/data/b.csv --output-dir out ...
-    fedsft export RUN_DIR OUT
+                    [--attacks] [--restart]
+    fedsft export RUN_DIR OUT [--consortium DIR] [--force]
     fedsft predict MODEL INPUT --output OUT
     fedsft check-data FILE [--site-config KEY=VALUE|node.toml ...] [--labels a,b] ...
 """
@@ -22,6 +24,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+
+from common.tasks import task_info
 
 # Every handler imports what it needs when it runs: `fedsft --help` and usage errors
 # must not wait seconds for torch, transformers, datasets and pandas to load.
@@ -449,11 +453,10 @@ def _check_data(args: argparse.Namespace) -> int:
     return _report(report, args.json)
 
 
-# The run-config keys of an sft site check: a --flag, else (the column keys the client
-# takes from it, client/local_data.py) the node config's, else the run config's default,
-# as --text-column / text-column for classification.
-SFT_SITE_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
-                 "output-column", "prompt-column", "response-column")
+# The run-config keys of an sft site check: a --flag, else (the task's site keys: the
+# column keys the client takes from it, client/local_data.py) the node config's, else
+# the run config's default, as --text-column / text-column for classification.
+SFT_SITE_KEYS = task_info("sft").site_keys
 SFT_CHECK_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
                   "output-column", "prompt-column", "response-column", "system-prompt",
                   "chat-template", "train-on", "overflow", "model")

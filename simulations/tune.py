@@ -34,8 +34,9 @@ from typing import Any
 
 import tomli_w
 
-from common.config import SELECTION_METRICS, ConfigError, RunConfig
-from server.model_selection import METRIC_MODES, finite
+from common.config import ConfigError, RunConfig, selection_metrics
+from common.tasks import metric_info
+from server.model_selection import finite
 from server.results import read_results
 from server.run_outputs import atomic_write_bytes
 from simulations.runner import QUEUED_RUN_WAIT_SECONDS, run_app
@@ -92,9 +93,11 @@ class SpaceParam:
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is a point of this dimension (a choice, or in the range
-        with the range's type: an integer range holds integers only)."""
+        with the range's type: an integer range holds integers only). Numeric choices
+        match by value (RunConfig holds a float key's choice ``0`` as ``0.0``); a bool
+        matches a bool only (True is not the choice 1), text matches text only."""
         if self.kind == "categorical":
-            return any(type(value) is type(c) and value == c for c in self.choices)
+            return any(_same_choice(value, c) for c in self.choices)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             return False
         if self.kind == "int" and not isinstance(value, int):
@@ -118,6 +121,15 @@ class SpaceParam:
         if self.kind == "categorical":
             return {"kind": self.kind, "choices": list(self.choices)}
         return {"kind": self.kind, "low": self.low, "high": self.high, "log": self.log}
+
+
+def _same_choice(value: Any, choice: Any) -> bool:
+    def numeric(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if numeric(value) and numeric(choice):
+        return bool(value == choice)
+    return type(value) is type(choice) and bool(value == choice)
 
 
 def _fmt(value: Any) -> str:
@@ -551,7 +563,7 @@ def plan_search(
         notes.append(f"validation-fraction={DEFAULT_VALIDATION_FRACTION:g}: trials are "
                      "compared on this held-out share of the training rows, the central "
                      "eval split stays the final test set")
-    allowed = SELECTION_METRICS[cfg.task]
+    allowed = selection_metrics(cfg.task)  # live: a registered task's too
     if metric not in allowed:
         raise ConfigError(f"--metric must be auto or a metric of task {cfg.task!r} "
                           f"({', '.join(allowed[1:])}), got {metric!r}")
@@ -576,7 +588,7 @@ def plan_search(
                                   f"scenario {scenario.name!r}: {error}") from error
             max_rounds = max(max_rounds, checked.num_server_rounds)
     preflight(cfg, num_partitions=num_partitions)
-    direction = "maximize" if METRIC_MODES[cfg.task][name] == "max" else "minimize"
+    direction = "maximize" if metric_info(cfg.task, name).higher_is_better else "minimize"
     defaults, defaults_note = scenario_defaults(cfg, space)
     return TunePlan(scenario=scenario, space=dict(space), base_overrides=base,
                     task=cfg.task, metric=name, direction=direction, max_rounds=max_rounds,

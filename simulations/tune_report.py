@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from common.tasks import metric_info
+from common.tasks import TASK_METRICS, metric_info
+from server.results import read_results
 from simulations import plots
 from simulations.report import _esc, _figure_html, _page, _table
 from simulations.tune import defaults_sentence
@@ -174,14 +175,52 @@ def write_tune_report(tune_dir: Path, record: Mapping[str, Any]) -> Path:
 # --- a tune as a section of the benchmarks' RESULTS.md -----------------------------------
 
 
-def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping[str, Any]
-                    ) -> dict[str, Any]:
+SPLIT_NAMES = {"validation": "validation split", "central": "test set (central eval)"}
+
+
+def split_rows(run_dirs: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    """The rows each evaluation split had (``num_examples`` of results.jsonl's
+    ``validation`` and ``central``), over every round of the runs in ``run_dirs``: split
+    -> its distinct sizes, sorted (one, unless the runs differ); a split no row
+    measured is left out.
+
+    Raises ``ResultsError`` (server/results.py) for a results.jsonl that is not one.
+    """
+    sizes: dict[str, set[int]] = {}
+    for run_dir in run_dirs:
+        for row in read_results(Path(run_dir) / "results.jsonl"):
+            for split in SPLIT_NAMES:
+                block = row.metrics(split)
+                if block and block.get("num_examples"):
+                    sizes.setdefault(split, set()).add(int(block["num_examples"]))
+    return {split: tuple(sorted(sizes[split])) for split in SPLIT_NAMES if split in sizes}
+
+
+def split_rows_note(sizes: Mapping[str, Sequence[int]], *, label: str) -> str:
+    """The sentence on the splits' sizes: how much one row moves a per-row share such
+    as ``label`` (accuracy), so a reader sees what a difference in the table resolves."""
+    parts = []
+    for split, counts in sizes.items():
+        rows = " or ".join(str(n) for n in counts)
+        step = " or ".join(f"{100 / n:.2f}" for n in counts)
+        parts.append(f"{SPLIT_NAMES[split]} {rows} rows (one row = {step} points of "
+                     f"{label})")
+    return f"Split sizes, from the trials' results.jsonl: {'; '.join(parts)}."
+
+
+def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping[str, Any],
+                    sizes: Mapping[str, Sequence[int]] | None = None) -> dict[str, Any]:
     """A search (its tune.json) in the benchmark result format that
     ``simulations.benchmarks`` renders into RESULTS.md: one row per trial, trial 0
     (the scenario's settings) and the best marked, their objective and final test
     numbers side by side. ``command`` is the tune's command line, ``machine`` the
-    benchmark machine record (its ``date`` says when the search finished)."""
+    benchmark machine record (its ``date`` says when the search finished); ``sizes``
+    (:func:`split_rows` of the trials' runs), when given, adds a note on the splits'
+    sizes."""
     label = f"validation {metric_label(record['task'], record['metric'])}"
+    # The test column is the task's headline metric (accuracy, exact match), whatever
+    # the search compared on.
+    headline = TASK_METRICS[record["task"]][0]
     keys = list(record["space"])
     defaults = record.get("defaults")
     best = record.get("best")
@@ -192,7 +231,7 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
             role.append("the scenario's settings")
         if best is not None and t["number"] == best["number"]:
             role.append("best")
-        test = t["test"].get("accuracy")
+        test = t["test"].get(headline.name)
         rows.append([t["number"], ", ".join(role) or "-", *(t["params"][k] for k in keys),
                      t["state"], "-" if t["value"] is None else t["value"],
                      "-" if t["selected_round"] is None else t["selected_round"],
@@ -200,15 +239,18 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
     sentence = defaults_sentence(defaults, note=record.get("defaults_note", ""), label=label)
     notes = [sentence + "."]
     if defaults is not None and best is not None and defaults.get("test") and best["test"]:
-        first, top = defaults["test"].get("accuracy"), best["test"].get("accuracy")
+        first, top = defaults["test"].get(headline.name), best["test"].get(headline.name)
         if first is not None and top is not None:
-            notes.append(f"Final test set (central eval, never read by the search) accuracy "
+            notes.append(f"Final test set (central eval, never read by the search) "
+                         f"{headline.label} "
                          f"of the exported model: trial 0 {first:.4f}, best trial "
                          f"{best['number']} {top:.4f} ({(top - first) * 100:+.2f} points).")
     notes.append(f"{len(record['trials'])} of {record['trials_requested']} trial(s) ran "
                  f"({', '.join(f'{n} {s}' for s, n in record['counts'].items())}); sampler "
                  f"TPE (seed {record['sampler']['seed']}), pruner {record['pruner']}; "
                  f"status {record['status']}.")
+    if sizes:
+        notes.append(split_rows_note(sizes, label=headline.label))
     return {
         "status": "ok", "mode": "hand-run", "command": command,
         "seconds": float(record["seconds"]), "machine": dict(machine),
@@ -216,12 +258,12 @@ def results_section(record: Mapping[str, Any], *, command: str, machine: Mapping
             f"`python -m simulations tune` on scenario `{record['scenario']}`: each trial "
             f"is one federated run, compared on the {label} (a split held out of the "
             "training rows); trial 0 is the scenario's own settings, so the table says "
-            "whether the search beat them. Accuracy is the final test set (central eval) "
-            "of the round each run exports."),
+            f"whether the search beat them. Test {headline.label} is the final test set "
+            "(central eval) of the round each run exports."),
         "config": {"scenario_file": record["scenario_file"], "overrides": record["overrides"],
                    "space": record["space"], "num_supernodes": record["num_supernodes"]},
         "table": {"columns": ["trial", "role", *keys, "state", label, "exported round",
-                              "test accuracy"], "rows": rows},
+                              f"test {headline.label}"], "rows": rows},
         "targets": [],
         "notes": notes,
     }
@@ -241,8 +283,10 @@ def write_results_section(tune_dir: Path, *, command: str, output: Path) -> Path
     record = json.loads(source.read_text(encoding="utf-8"))
     machine = machine_info()
     finished = datetime.fromtimestamp(source.stat().st_mtime, UTC)
+    run_dirs = [Path(t["run_dir"]) for t in record["trials"] if t["run_dir"]]
     section = results_section(record, command=command, machine={
-        **machine, "date": finished.strftime("%Y-%m-%d %H:%M UTC")})
+        **machine, "date": finished.strftime("%Y-%m-%d %H:%M UTC")},
+        sizes=split_rows(run_dirs))
     section.update(name="tune", runs_dir=str(tune_dir))
     (output / "results").mkdir(parents=True, exist_ok=True)
     path = output / "results" / "tune.json"
@@ -263,6 +307,9 @@ if __name__ == "__main__":
     parser.add_argument("tune_dir", type=Path)
     parser.add_argument("--command", required=True, help="the tune's command line")
     parser.add_argument("--output", type=Path,
-                        default=Path(__file__).resolve().parent / "benchmarks")
+                        default=Path(__file__).resolve().parent / "benchmarks",
+                        help="the benchmarks folder whose results/tune.json and "
+                             "RESULTS.md are written (default: this checkout's "
+                             "simulations/benchmarks)")
     args = parser.parse_args()
     print(write_results_section(args.tune_dir, command=args.command, output=args.output))

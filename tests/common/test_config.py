@@ -197,3 +197,21 @@ def test_imbalance_and_augmentation_keys_that_combine():
     # with DP-SGD (each example is augmented on its own)
     RunConfig.from_flower({"class-weighting": "inverse-frequency", "secure-aggregation": True})
     RunConfig.from_flower({"augment": "both", "dp-sgd-noise-multiplier": 1.0})
+
+
+def test_every_builtin_tasks_own_and_site_keys_are_run_config_fields():
+    # `_check_task_keys` skips an own key that is no RunConfig field (a test's toy task
+    # may own one), so a misspelt key of a built-in task would silently never be refused.
+    import dataclasses
+
+    from common.tasks import task_info, task_names
+
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    for task in task_names():
+        info = task_info(task)
+        assert set(info.own_keys) <= names, (task, set(info.own_keys) - names)
+        # client/local_data.py `site_columns` reads a site key into the field of its
+        # underscored name; another task refuses it only as one of this task's own keys.
+        site_fields = {key.replace("-", "_") for key in info.site_keys}
+        assert all("_" not in key for key in info.site_keys), (task, info.site_keys)
+        assert site_fields <= set(info.own_keys), (task, site_fields - set(info.own_keys))

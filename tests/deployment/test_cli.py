@@ -398,11 +398,18 @@ def test_check_data_sft_counts_tokens_with_the_model(tmp_path, tiny_llama_dir, c
     assert "WARNING: 5 of 5 conversations are longer than `max-length` 40" in text
 
 
-def test_the_cli_and_the_client_read_the_same_sft_site_keys():
-    from client.local_data import SFT_SITE_KEYS
+def test_check_data_reads_every_sft_site_key_from_the_node_config():
+    # `sft_check_config` takes a site key from --site-config when its flag is absent:
+    # every one the client reads (the registry's site_keys) must have a flag to miss.
+    from common.tasks import task_info
     from deployment import cli
 
-    assert cli.SFT_SITE_KEYS == SFT_SITE_KEYS
+    site_keys = task_info("sft").site_keys
+    assert set(site_keys) <= set(cli.SFT_CHECK_KEYS)
+    args = cli.build_parser().parse_args(["check-data", "x.jsonl", "--task", "sft"])
+    cfg = cli.sft_check_config(args, {"messages-column": "chat", "chat-format": "messages",
+                                      "system-prompt": "not a site key"})
+    assert cfg.messages_column == "chat" and cfg.system_prompt != "not a site key"
 
 
 def test_submit_resolves_a_relative_resume_from_where_submit_runs(tmp_path, monkeypatch):

@@ -331,6 +331,20 @@ def _with_app(run: Path, fab_sha: str, run_ids=(7,)) -> Path:
     return run
 
 
+def test_the_card_tells_a_simulation_run_it_has_no_signature_to_check(tmp_path):
+    bare = _run(tmp_path / "outputs" / "bare")  # no app.json
+    card = (export_run(bare, tmp_path / "bare-model") / "README.md").read_text()
+    assert "- app: not recorded (the run names no Flower App bundle)" in card
+
+    sha = "cd" * 32
+    simulated = _with_app(_run(tmp_path / "outputs" / "sim"), sha)
+    (simulated / "simulation.json").write_text(json.dumps({"num-supernodes": 2}))
+    card = (export_run(simulated, tmp_path / "sim-model") / "README.md").read_text()
+    assert (f"FAB sha256 `{sha}`; signature not checked: a simulation run (its "
+            "simulation.json); only a deployment's `fedsft submit` signs the app") in card
+    assert "--consortium" not in card
+
+
 def test_the_card_names_the_app_and_its_verified_signature(tmp_path):
     from deployment import app_signing
 
@@ -339,7 +353,7 @@ def test_the_card_names_the_app_and_its_verified_signature(tmp_path):
     c = _signed_consortium(tmp_path, sha)
     card = (export_run(run, tmp_path / "plain") / "README.md").read_text()
     assert (f"- app: `@fedsft/fedsft==1.0.0`, FAB sha256 `{sha}`; signature not checked "
-            "(export with `--consortium DIR`") in card
+            "(for a deployment's run, export with `--consortium DIR`") in card
     out = export_run(run, tmp_path / "model", consortium=c.root)
     public = app_signing.read_public_key(c.app_signing_key.with_name("app-signing.key.pub"))
     fingerprint = app_signing.key_fingerprint(public)

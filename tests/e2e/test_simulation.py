@@ -172,9 +172,10 @@ def test_missing_nodes_stop_the_run_with_a_clear_error(tmp_path, tiny_model_dir)
 def test_minilm_on_sst2_sample_beats_chance(tmp_path):
     import pandas as pd
 
-    # Two rounds of 30 local steps (the same training as three of 20, one central
-    # evaluation fewer), evaluated on half of the dev set (a central evaluation of MiniLM
-    # costs as much as a round's training): 436 rows still measure accuracy to ~0.02.
+    # Two rounds of 30 local steps (the same number of local steps as three of 20, one
+    # central evaluation fewer; FedAvg averages at other points, so not the same
+    # training), evaluated on half of the dev set (a central evaluation of MiniLM costs
+    # as much as a round's training): 436 rows still measure accuracy to ~0.02.
     train = pd.read_csv(SST2 / "train.tsv", sep="\t", quoting=3).sample(2400, random_state=0)
     train.to_csv(tmp_path / "train.tsv", sep="\t", index=False)
     dev = pd.read_csv(SST2 / "dev.tsv", sep="\t", quoting=3).sample(436, random_state=0)

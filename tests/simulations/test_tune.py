@@ -473,6 +473,21 @@ def test_a_dimension_contains_its_choices_and_its_range_only():
     assert chosen.contains(10) and not chosen.contains(12) and not chosen.contains("10")
 
 
+def test_a_numeric_choice_matches_by_value_but_a_bool_only_a_bool():
+    gamma = parse_space_item("focal-gamma=0,2")  # RunConfig holds the value as 0.0
+    ones = SpaceParam("local-steps", "categorical", choices=(1, 2))
+    flags = SpaceParam("secure-aggregation", "categorical", choices=(True, False))
+    assert gamma.contains(0.0) and gamma.contains(2) and not gamma.contains(1.0)
+    assert ones.contains(1.0) and not ones.contains(True)
+    assert flags.contains(True) and not flags.contains(1) and not flags.contains(0.0)
+
+
+def test_trial_0_keeps_a_float_keys_default_given_as_a_whole_choice(tmp_path):
+    plan = tune.plan_search(_scenario(tmp_path), parse_space(["focal-gamma=0,2"]), {},
+                            tune_dir=tmp_path / "t", num_partitions=2)
+    assert plan.defaults == {"focal-gamma": 0.0} and plan.defaults_note == ""
+
+
 def test_the_plan_takes_the_scenarios_values_as_trial_0_when_inside_the_space(tmp_path):
     scenario = _scenario(tmp_path, TINY + "local-steps = 2\nlearning-rate = 0.003\n")
     inside = tune.plan_search(
@@ -545,3 +560,76 @@ def test_trial_0_is_reported_unbeaten_when_no_trial_does_better(tmp_path):
     assert entry["best_trial"] == 0
     assert "no trial beat it" in tune.defaults_sentence(entry, note="", label="loss")
     assert tune.defaults_comparison([worse], plan) is None  # trial 0 did not run
+
+
+def test_the_results_section_shows_an_sft_search_its_headline_test_metric(tmp_path):
+    from simulations.tune_report import results_section
+
+    plan = tune.TunePlan(scenario=_scenario(tmp_path), space=parse_space(["local-steps=1,2"]),
+                         base_overrides={}, task="sft", metric="loss",
+                         direction="minimize", max_rounds=3, defaults={"local-steps": 1})
+    first = tune.TrialRecord(number=0, params={"local-steps": 1}, state="complete",
+                             value=0.9, values=((1, 0.9),), selected_round=1,
+                             test={"exact_match": 0.25, "loss": 0.95})
+    better = tune.TrialRecord(number=1, params={"local-steps": 2}, state="complete",
+                              value=0.7, values=((1, 0.7),), selected_round=1,
+                              test={"exact_match": 0.4, "loss": 0.75})
+    record = tune.tune_json(plan, [first, better], status="completed", trials=2, seed=0,
+                            pruner="none", num_supernodes=2, seconds=1.0)
+
+    section = results_section(record, command="tune", machine={})
+
+    table = section["table"]
+    assert table["columns"][-1] == "test exact match"
+    assert [row[-1] for row in table["rows"]] == [0.25, 0.4]
+    assert any("exact match of the exported model: trial 0 0.2500, best trial 1 0.4000 "
+               "(+15.00 points)" in note for note in section["notes"])
+    assert "Test exact match is the final test set" in section["description"]
+
+
+def test_a_registered_task_is_searched_on_its_own_metrics(tmp_path, monkeypatch):
+    from common.tasks import MetricInfo, TaskInfo, task_registered
+
+    monkeypatch.setattr("server.preflight.preflight", lambda cfg, num_partitions: [])
+    toy = TaskInfo(module=__name__, default_model="toy-linear", metrics=(
+        MetricInfo("miss_rate", "miss rate", higher_is_better=False),
+        MetricInfo("loss", "loss", higher_is_better=False, bounded=False)))
+    with task_registered("toy", toy):
+        scenario = _scenario(tmp_path, TINY + 'task = "toy"\n')
+        plan = tune.plan_search(scenario, parse_space(["local-steps=1,2"]), {},
+                                tune_dir=tmp_path / "t", num_partitions=2,
+                                metric="miss_rate")
+        with pytest.raises(ConfigError, match=r"task 'toy' \(miss_rate, loss\)"):
+            tune.plan_search(scenario, parse_space(["local-steps=1,2"]), {},
+                             tune_dir=tmp_path / "t", num_partitions=2, metric="accuracy")
+    assert plan.metric == "miss_rate" and plan.direction == "minimize"
+
+
+def test_the_results_section_states_the_split_sizes_the_trials_measured(tmp_path):
+    from simulations.tune_report import results_section, split_rows
+
+    def run(name: str, validation: int) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        rows = [ResultsRow.from_json({
+            "round": rnd, "central": {"accuracy": 0.5, "num_examples": 300},
+            "validation": {"accuracy": 0.5, "num_examples": validation}}) for rnd in (0, 1)]
+        (folder / "results.jsonl").write_text(
+            "".join(json.dumps(r.to_json()) + "\n" for r in rows))
+        return folder
+
+    sizes = split_rows([run("a", 270), run("b", 270), tmp_path / "never-ran"])
+    assert sizes == {"validation": (270,), "central": (300,)}
+    assert split_rows([run("c", 250), tmp_path / "a"])["validation"] == (250, 270)
+
+    plan = tune.TunePlan(scenario=_scenario(tmp_path), space=parse_space(["local-steps=1,2"]),
+                         base_overrides={}, task="classification", metric="accuracy",
+                         direction="maximize", max_rounds=1)
+    record = tune.tune_json(plan, [], status="interrupted", trials=2, seed=0, pruner="none",
+                            num_supernodes=2, seconds=1.0)
+    notes = results_section(record, command="tune", machine={}, sizes=sizes)["notes"]
+    assert notes[-1] == ("Split sizes, from the trials' results.jsonl: validation split 270 "
+                         "rows (one row = 0.37 points of accuracy); test set (central eval) "
+                         "300 rows (one row = 0.33 points of accuracy).")
+    assert not any("Split sizes" in n for n in
+                   results_section(record, command="tune", machine={})["notes"])
