@@ -120,12 +120,18 @@ def follow_run(command: Sequence[str], *, env: Mapping[str, str], cwd: Path,
             return proc.wait()
         finally:
             # Interrupted (Ctrl-C, SIGTERM): stop following; the run goes on at the SuperLink.
-            if proc.poll() is None:
-                proc.terminate()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-                if proc.poll() is None:
-                    proc.kill()
+            stop_following(proc, grace=5)
+
+
+def stop_following(proc: subprocess.Popen[str], *, grace: float) -> None:
+    """Stop a command that follows a run, if still running: SIGTERM, then SIGKILL after
+    ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+        if proc.poll() is None:
+            proc.kill()
 
 
 @dataclass(frozen=True)

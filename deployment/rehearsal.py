@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import tomli_w
 
@@ -68,6 +68,7 @@ from deployment.processes import (
     flwr_json,
     free_port,
     started_run_id,
+    stop_following,
     wait_for_port,
 )
 from deployment.registry import site_flwr_home
@@ -403,24 +404,12 @@ class Rehearsal:
             bufsize=1, errors="replace",
         ) as proc:
             try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    on_line(line.rstrip("\n"))
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise ProcessError(f"the run exceeded {timeout:g} s; log {log_path}")
-                return proc.wait(), log_path
+                return _stream(proc, log, on_line, deadline=deadline, timeout=timeout), log_path
             finally:
-                if proc.poll() is None:
-                    # submit stops serving the app and following the run; the run goes
-                    # on at the SuperLink (as submit says) until the rehearsal ends and
-                    # stops the SuperLink with every other process it started.
-                    proc.terminate()
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=10)
-                    if proc.poll() is None:
-                        proc.kill()
+                # submit stops serving the app and following the run; the run goes on at
+                # the SuperLink (as submit says) until the rehearsal ends and stops the
+                # SuperLink with every other process it started.
+                stop_following(proc, grace=10)
 
     def runs(self) -> list[dict[str, Any]]:
         """``flwr list`` (the admin's connection): every run the SuperLink knows."""
@@ -482,17 +471,24 @@ class Rehearsal:
             stderr=subprocess.STDOUT, text=True, bufsize=1, cwd=app_dir,
         ) as proc:
             try:
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    log.write(line)
-                    log.flush()
-                    on_line(line.rstrip("\n"))
-                    if deadline is not None and time.monotonic() > deadline:
-                        raise ProcessError(f"the run exceeded {timeout:g} s; log {log_path}")
-                return proc.wait(), log_path
+                return _stream(proc, log, on_line, deadline=deadline, timeout=timeout), log_path
             finally:
                 if proc.poll() is None:
                     proc.kill()
+
+
+def _stream(proc: subprocess.Popen[str], log: IO[str], on_line: Callable[[str], None], *,
+            deadline: float | None, timeout: float | None) -> int:
+    """Copy ``proc``'s output to ``log`` and ``on_line`` line by line until it exits;
+    returns its exit code. Raises ``ProcessError`` once ``deadline`` (monotonic) passes."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.write(line)
+        log.flush()
+        on_line(line.rstrip("\n"))
+        if deadline is not None and time.monotonic() > deadline:
+            raise ProcessError(f"the run exceeded {timeout:g} s; log {log.name}")
+    return proc.wait()
 
 
 def site_admin_calls(*, other_node_id: int, run_id: int, rogue_key: Path,
