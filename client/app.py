@@ -1,7 +1,9 @@
 """The fedsft ClientApp: fine-tune the global state locally, reply with the new state.
 
 Only the exchanged (trainable) tensors and scalar metrics leave the site; evaluation
-replies carry metrics only.
+replies carry metrics only. With ``lora-aggregation`` fedsa the site's own LoRA B
+matrices stay in its node state (client/site_state.py) and are used for its training
+and its federated evaluation.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from client.local_data import client_key, data_stats_metrics, load_local_data
 from client.outgoing import outgoing_update
 from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
+from client.site_state import keep_site_state, restore_site_state
 from common.config import RunConfig
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.records import array_record, config_record, config_strs, numpy_arrays
@@ -42,6 +45,7 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
                                  max_length=cfg.max_length)
     received = numpy_arrays(array_record(msg.content, "arrays"))
     set_exchanged_state(model, received)
+    restore_site_state(model, context.state)  # fedsa: this site's own B; else a no-op
     try:
         data = load_local_data(cfg, context.node_config, label_names, tokenizer)
     except Exception:
@@ -88,6 +92,7 @@ def train(msg: Message, context: Context) -> Message:
             proximal_mu=float(config.get("proximal-mu", 0.0)),
             pad_token_id=tokenizer.pad_token_id, round_config=config,
         )
+    keep_site_state(model, context.state)  # fedsa: B stays here for the next round
     payload, extra = outgoing_update(
         get_exchanged_state(model), received, cfg=cfg, config=config, context=context,
         num_examples=result.num_examples,

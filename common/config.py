@@ -24,8 +24,10 @@ CLASS_WEIGHTING_SOURCES = ("site", "global")
 AUGMENTS = ("none", "token-dropout", "random-swap", "both")
 # How LoRA adapters are aggregated: fedavg averages A and B separately (the mean of the
 # products is not the product of the means); ffa freezes every A at its seeded init and
-# trains and sends only B, so the average is exact (FFA-LoRA, Sun et al. 2024).
-LORA_AGGREGATIONS = ("fedavg", "ffa")
+# trains and sends only B, so the average is exact (FFA-LoRA, Sun et al. 2024); fedsa
+# trains A and B, shares and averages only A (and the head) and keeps each site's B on
+# that site: personalized models (FedSA-LoRA, Guo et al. 2025).
+LORA_AGGREGATIONS = ("fedavg", "ffa", "fedsa")
 # Strategies whose aggregate is a (weighted) mean of the replies.
 MEAN_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad", "fedavgm")
 STRATEGIES = (
@@ -91,8 +93,10 @@ class RunConfig:
     lora_alpha: int = 16  # alpha = 2r keeps the update scale of the LoRA paper
     lora_dropout: float = 0.05
     lora_target_modules: str = ""  # comma list; empty = peft's choice per architecture
-    # fedavg | ffa: ffa freezes A (identical everywhere: built after the same seed), so
-    # only B and the head train and cross the wire: exact averaging, about half the bytes.
+    # fedavg | ffa | fedsa: ffa freezes A (identical everywhere: built after the same
+    # seed), so only B and the head train and cross the wire: exact averaging, about half
+    # the bytes; fedsa trains A and B but sends only A and the head, each site keeping
+    # its own B (personalized models).
     lora_aggregation: str = "fedavg"
     freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
     # --- data ---
@@ -226,6 +230,8 @@ class RunConfig:
                 f"`lora-aggregation` {self.lora_aggregation!r} needs `method` lora, got "
                 f"{self.method!r}; keep lora-aggregation=fedavg with other methods"
             )
+        if self.lora_aggregation == "fedsa":
+            self._check_fedsa()
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("device", self.device, DEVICES)
         _check_choice("update-encoding", self.update_encoding, ENCODINGS)
@@ -452,6 +458,22 @@ class RunConfig:
                 "has none: give an `eval-dataset`, or set selection-metric=auto (the last "
                 "round is then delivered) or select-model=last"
             )
+
+    def _check_fedsa(self) -> None:
+        """What FedSA-LoRA (each site keeps its B in its node's state) cannot do."""
+        if self.resume_from:
+            raise ConfigError(
+                "`lora-aggregation` fedsa keeps each site's B matrices in its node's "
+                "memory (Flower's context.state), which a resumed run does not have (new "
+                "client processes): its sites would restart B from zero under the "
+                f"trained A. Start a new run instead of `resume-from` {self.resume_from!r}, "
+                "or use lora-aggregation fedavg or ffa")
+        if self.strategy == "fedprox":
+            raise ConfigError(
+                "`lora-aggregation` fedsa cannot be combined with `strategy` fedprox: "
+                "FedProx pulls every trained tensor towards the global model, which has "
+                "no B (each site keeps its own), so the local loop would pull B towards "
+                "the site's previous B instead: use fedavg or another strategy")
 
     def _check_secure_aggregation(self) -> None:
         if self.strategy not in MEAN_STRATEGIES:

@@ -6,6 +6,9 @@ exactly what the method says (LoRA adapters + head, the head alone, the upper la
 or everything). Only those trainable tensors ever cross the wire,
 through ``get_exchanged_state`` / ``set_exchanged_state``; the frozen rest is rebuilt
 identically on the server and on every client from the same checkpoint and seed.
+With ``lora-aggregation`` fedsa (FedSA-LoRA) the LoRA B matrices train but stay at
+their site: they are the *site state* (``get_site_state`` / ``set_site_state``), kept
+by the client between rounds, and the exchanged state is the rest (A and the head).
 
 Which model a name points to, and whether ``max-length`` fits it, is checked without
 loading anything in ``common/model_source.py``; ``build_model`` uses the same checks.
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,6 +35,13 @@ from common.specs import ModelSpec
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 # peft's down-projection matrices: lora_A of Linear layers, lora_embedding_A of embeddings.
 _LORA_A = re.compile(r"\.lora_(?:embedding_)?A\.")
+# ... and their up-projections, which FedSA-LoRA keeps at each site.
+_LORA_B = re.compile(r"\.lora_(?:embedding_)?B\.")
+# Model -> the initial values of its site-local tensors (fedsa: every LoRA B), by name,
+# taken when it was built. Only such models are keys; for every other model the site
+# state is empty. Weak keys: a model dropped from the cache takes its entry with it.
+_SITE_INIT: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = (
+    weakref.WeakKeyDictionary())
 
 
 def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -138,6 +149,14 @@ def _apply_lora(
         for name, param in model.named_parameters():
             if _LORA_A.search(name):
                 param.requires_grad_(False)
+    elif spec.lora_aggregation == "fedsa":
+        # FedSA-LoRA: A and B both train; B stays at the site. Its init (peft: zero for
+        # Linear layers, seeded random for embeddings) is what a site starts from and
+        # what the server's model keeps, so it is remembered here.
+        _SITE_INIT[model] = {
+            name: param.detach().clone()
+            for name, param in model.named_parameters() if _LORA_B.search(name)
+        }
     return model
 
 
@@ -194,20 +213,24 @@ def get_exchanged_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     Returns
     -------
     dict[str, numpy.ndarray]
-        ``named_parameters()`` names and order, restricted to ``requires_grad``;
-        contiguous CPU float32 arrays that share no memory with the model.
+        ``named_parameters()`` names and order, restricted to ``requires_grad`` (less
+        the site-local tensors of ``get_site_state``); contiguous CPU float32 arrays
+        that share no memory with the model.
     """
+    local = _SITE_INIT.get(model, {})
     return {
-        name: np.ascontiguousarray(
-            param.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy()
-        )
+        name: _float32_copy(param)
         for name, param in model.named_parameters()
-        if param.requires_grad
+        if param.requires_grad and name not in local
     }
 
 
 def set_exchanged_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
     """Overwrite the trainable parameters of ``model`` in place with ``state``.
+
+    The site-local tensors (fedsa: every LoRA B), which are not in ``state``, are reset
+    to their initialisation, so the call fully resets a shared (cached) model whatever
+    trained it last; a client then puts its own back with ``set_site_state``.
 
     Parameters
     ----------
@@ -223,19 +246,54 @@ def set_exchanged_state(model: torch.nn.Module, state: Mapping[str, np.ndarray])
         On missing or unexpected names (all listed) or the first shape mismatch.
         Nothing is written in that case.
     """
-    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    local = _SITE_INIT.get(model, {})
+    params = {name: p for name, p in model.named_parameters()
+              if p.requires_grad and name not in local}
+    _write(params, state, what="exchanged state")
+    set_site_state(model, {name: init.cpu().numpy() for name, init in local.items()})
+
+
+def get_site_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The trained tensors that never leave the site: with ``lora-aggregation`` fedsa
+    every LoRA B (float32 copies, ``named_parameters()`` order); empty otherwise."""
+    local = _SITE_INIT.get(model, {})
+    return {name: _float32_copy(param) for name, param in model.named_parameters()
+            if name in local}
+
+
+def set_site_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> None:
+    """Overwrite the site-local tensors of ``model`` (``get_site_state``'s names) in place.
+
+    Raises
+    ------
+    ValueError
+        On missing or unexpected names or a shape mismatch; nothing is written then.
+    """
+    local = _SITE_INIT.get(model, {})
+    params = {name: p for name, p in model.named_parameters() if name in local}
+    _write(params, state, what="site state")
+
+
+def _float32_copy(param: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(
+        param.detach().to(device="cpu", dtype=torch.float32, copy=True).numpy())
+
+
+def _write(params: Mapping[str, torch.Tensor], state: Mapping[str, np.ndarray], *,
+           what: str) -> None:
+    """Copy ``state`` into ``params`` after checking every name and shape."""
     missing = [name for name in params if name not in state]
     unexpected = [name for name in state if name not in params]
     if missing or unexpected:
         raise ValueError(
-            f"exchanged state does not match the model's trainable parameters: "
+            f"{what} does not match the model's parameters: "
             f"missing {missing or 'none'}, unexpected {unexpected or 'none'}"
         )
     for name, param in params.items():
         shape = tuple(np.shape(state[name]))
         if shape != tuple(param.shape):
             raise ValueError(
-                f"exchanged state {name!r} has shape {shape}, the model expects "
+                f"{what} {name!r} has shape {shape}, the model expects "
                 f"{tuple(param.shape)}"
             )
     with torch.no_grad():
@@ -332,5 +390,5 @@ def clear_model_cache() -> None:
 
 
 def trainable_parameter_count(model: torch.nn.Module) -> int:
-    """Number of trainable scalars: the size of the exchanged state."""
+    """Number of trainable scalars: the exchanged state plus the site state (fedsa)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

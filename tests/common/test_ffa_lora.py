@@ -145,8 +145,9 @@ def test_ffa_needs_lora(method: str) -> None:
 
 
 def test_unknown_lora_aggregation_is_refused() -> None:
-    with pytest.raises(ConfigError, match="`lora-aggregation` must be one of fedavg, ffa"):
-        RunConfig(lora_aggregation="fedsa")
+    with pytest.raises(ConfigError,
+                       match="`lora-aggregation` must be one of fedavg, ffa, fedsa"):
+        RunConfig(lora_aggregation="fedex")
 
 
 def test_dp_sgd_trains_only_b_and_the_head(tiny_model_dir: Path) -> None:
