@@ -139,6 +139,10 @@ def summarize(
         "task": config.get("task") or "classification",
         "base-model": _base_model(config),
         "method": config.get("method"),
+        "lora-aggregation": config.get("lora-aggregation") or "fedavg",
+        # the sites' own federated evaluation in the last round (fedsa: their
+        # personalized models, which are not exported)
+        "site-eval-spread": dict(clients[-1].eval_headline_spread) if clients else {},
         "strategy": config.get("strategy"),
         "rounds": max((r.round for r in trained), default=0),
         "sites-sampled": max((c.sampled for c in clients), default=0),
@@ -310,6 +314,22 @@ def _metrics_line(task: str, final: dict[str, Any] | None) -> str:
             + (f" on {final['num_examples']} examples" if "num_examples" in final else ""))
 
 
+def _fedsa_lines(summary: dict[str, Any]) -> list[str]:
+    """What a FedSA-LoRA run's exported model is: the shared part only."""
+    if summary.get("lora-aggregation") != "fedsa":
+        return []
+    spread = summary.get("site-eval-spread") or {}
+    scores = (", ".join(f"{k} {v:.4f}" for k, v in spread.items()) if spread
+              else "not recorded")
+    return [
+        "- LoRA aggregation: fedsa (FedSA-LoRA): the sites shared A (and the head) and "
+        "each kept its own B, which never left it; this model holds the shared part "
+        "only, with B at its initialisation (zero for Linear layers, whose adapters then "
+        "change nothing). The sites' "
+        "personalized models are not exported; their federated evaluation (headline "
+        f"metric, each on its own eval split) in the last round: {scores}"]
+
+
 def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str,
                simulation_run: bool = False) -> str:
     """The README.md of the exported model (Hugging Face front matter + text); what the
@@ -348,6 +368,7 @@ def model_card(summary: dict[str, Any], *, labels: list[str], run_name: str,
         f"- base model: {base}",
         f"- method: {summary['method']} (LoRA adapters merged into the weights)"
         if summary["method"] == "lora" else f"- method: {summary['method']}",
+        *_fedsa_lines(summary),
         f"- aggregation strategy: {summary['strategy']}",
         f"- rounds: {summary['rounds']}",
         f"- sites: {summary['sites-aggregated']} took part "

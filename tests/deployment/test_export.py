@@ -387,3 +387,22 @@ def test_a_run_without_app_record_says_so_and_a_bad_consortium_is_an_error(tmp_p
     (tmp_path / "empty").mkdir()
     with pytest.raises(ExportError, match="--consortium"):
         export_run(run, tmp_path / "m2", consortium=tmp_path / "empty")
+
+
+def test_a_fedsa_card_says_the_model_is_the_shared_part_and_gives_the_sites_spread():
+    rows = [ResultsRow.from_json(r) for r in [
+        {"round": 0, "clients": {}},
+        {"round": 1, "clients": {"eval_headline": [0.5, 0.7],
+                                 "eval_headline_spread": {"min": 0.5, "median": 0.6}}},
+        {"round": 2, "clients": {"eval_headline": [0.6, 0.9],
+                                 "eval_headline_spread": {"min": 0.6, "median": 0.75}}},
+    ]]
+    fedsa = export_module.summarize({"lora-aggregation": "fedsa"}, rows)
+    fedavg = export_module.summarize({}, rows)
+
+    lines = export_module._fedsa_lines(fedsa)
+
+    assert fedsa["site-eval-spread"] == {"min": 0.6, "median": 0.75}  # the last round's
+    assert len(lines) == 1 and "this model holds the shared part only" in lines[0]
+    assert lines[0].endswith("in the last round: min 0.6000, median 0.7500")
+    assert fedavg["lora-aggregation"] == "fedavg" and export_module._fedsa_lines(fedavg) == []

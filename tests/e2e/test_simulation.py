@@ -336,3 +336,40 @@ def test_class_weights_from_federation_counts_and_augmentation_complete(shared_r
         # Every site reported their label counts (the round's metrics hold their mean).
         assert row["train"]["label_count_0"] > 0
     assert "[fedsft] round 2/2" in log
+
+
+def test_fedsa_lora_shares_a_and_evaluates_each_sites_own_model(tmp_path, tiny_model_dir):
+    from flwr.app import Array
+
+    from common.config import RunConfig
+    from common.model import build_model, get_exchanged_state, get_site_state
+    from common.specs import ModelSpec
+
+    nodes = 3
+    result = _run(tmp_path, tiny_model_dir, "fedsa", nodes=nodes, **{
+        "num-server-rounds": 2, "lora-aggregation": "fedsa", "audit-egress": True})
+    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    rows = _results(result.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2]
+    labels = list(json.loads((result.run_dir / "label_map.json").read_text()).values())
+    model, _ = build_model(ModelSpec.of(
+        RunConfig(model=str(tiny_model_dir), lora_aggregation="fedsa"), labels))
+    shared = sum(len(Array(a).data) for a in get_exchanged_state(model).values())
+    kept = sum(len(Array(a).data) for a in get_site_state(model).values())
+    assert kept > 0
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == nodes and row["clients"]["failures"] == 0
+        assert row["train"]["egress_audited"] == 1
+        # Each train reply carried A and the head only: no site's B crossed the wire.
+        assert row["bytes"]["up"] == nodes * shared
+        # Every site evaluated its own model (global A and head, its own B) on its own
+        # eval split: one headline value per site, and their spread.
+        per_site = row["clients"]["eval_headline"]
+        assert len(per_site) == nodes and all(0.0 <= v <= 1.0 for v in per_site)
+        assert row["clients"]["eval_headline_spread"]["min"] == min(per_site)
+    state = _final_checkpoint(result.run_dir)
+    assert any("lora_A" in k for k in state) and not any("lora_B" in k for k in state)
+    # The server has no site's B: its model (and the exported one) keeps B at zero.
+    adapter = load_file(str(result.run_dir / "final" / "adapter" / "adapter_model.safetensors"))
+    b = [v for k, v in adapter.items() if ".lora_B." in k]
+    assert b and not any(v.any() for v in b)
