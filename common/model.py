@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,11 +36,10 @@ _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
 _LORA_A = re.compile(r"\.lora_(?:embedding_)?A\.")
 # ... and their up-projections, which FedSA-LoRA keeps at each site.
 _LORA_B = re.compile(r"\.lora_(?:embedding_)?B\.")
-# Model -> the initial values of its site-local tensors (fedsa: every LoRA B), by name,
-# taken when it was built. Only such models are keys; for every other model the site
-# state is empty. Weak keys: a model dropped from the cache takes its entry with it.
-_SITE_INIT: weakref.WeakKeyDictionary[torch.nn.Module, dict[str, torch.Tensor]] = (
-    weakref.WeakKeyDictionary())
+# The attribute of a fedsa model holding the initial values of its site-local tensors
+# (every LoRA B), by name, taken when it was built: on the model itself, so it lives and
+# dies with it (no module-level registry). Other models have none: no site state.
+_SITE_INIT_ATTR = "fedsft_site_init"
 
 
 def build_model(spec: ModelSpec) -> tuple[torch.nn.Module, PreTrainedTokenizerBase]:
@@ -153,10 +151,10 @@ def _apply_lora(
         # FedSA-LoRA: A and B both train; B stays at the site. Its init (peft: zero for
         # Linear layers, seeded random for embeddings) is what a site starts from and
         # what the server's model keeps, so it is remembered here.
-        _SITE_INIT[model] = {
+        setattr(model, _SITE_INIT_ATTR, {
             name: param.detach().clone()
             for name, param in model.named_parameters() if _LORA_B.search(name)
-        }
+        })
     return model
 
 
@@ -217,7 +215,7 @@ def get_exchanged_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
         the site-local tensors of ``get_site_state``); contiguous CPU float32 arrays
         that share no memory with the model.
     """
-    local = _SITE_INIT.get(model, {})
+    local = _site_init(model)
     return {
         name: _float32_copy(param)
         for name, param in model.named_parameters()
@@ -246,17 +244,22 @@ def set_exchanged_state(model: torch.nn.Module, state: Mapping[str, np.ndarray])
         On missing or unexpected names (all listed) or the first shape mismatch.
         Nothing is written in that case.
     """
-    local = _SITE_INIT.get(model, {})
+    local = _site_init(model)
     params = {name: p for name, p in model.named_parameters()
               if p.requires_grad and name not in local}
     _write(params, state, what="exchanged state")
     set_site_state(model, {name: init.cpu().numpy() for name, init in local.items()})
 
 
+def _site_init(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The initial site-local tensors of ``model`` by name (fedsa), else empty."""
+    return model.__dict__.get(_SITE_INIT_ATTR, {})
+
+
 def get_site_state(model: torch.nn.Module) -> dict[str, np.ndarray]:
     """The trained tensors that never leave the site: with ``lora-aggregation`` fedsa
     every LoRA B (float32 copies, ``named_parameters()`` order); empty otherwise."""
-    local = _SITE_INIT.get(model, {})
+    local = _site_init(model)
     return {name: _float32_copy(param) for name, param in model.named_parameters()
             if name in local}
 
@@ -269,7 +272,7 @@ def set_site_state(model: torch.nn.Module, state: Mapping[str, np.ndarray]) -> N
     ValueError
         On missing or unexpected names or a shape mismatch; nothing is written then.
     """
-    local = _SITE_INIT.get(model, {})
+    local = _site_init(model)
     params = {name: p for name, p in model.named_parameters() if name in local}
     _write(params, state, what="site state")
 
