@@ -138,7 +138,7 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, app: AppRecord | None)
         strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled, max_update_norm=cfg.max_update_norm,
-        round_feedback=task.round_feedback(cfg),
+        round_feedback=task.round_feedback(task.loss_spec(cfg)),
         headline_metric=TASK_METRICS[cfg.task][0].name,
         secure=SecureAggregator(
             threshold_fraction=cfg.secagg_threshold, clip_range=cfg.secagg_clip_range,

@@ -98,7 +98,7 @@ def _train_and_evaluate(overrides: Mapping[str, Any], frame: pd.DataFrame, split
 
     from common.config import RunConfig
     from common.model import build_model
-    from common.specs import EncodeSpec, ModelSpec
+    from common.specs import EncodeSpec, ModelSpec, TrainSpec
     from common.tasks import get_task
     from common.tasks.base import EvalContext
     from common.training import train_local
@@ -111,7 +111,8 @@ def _train_and_evaluate(overrides: Mapping[str, Any], frame: pd.DataFrame, split
                        spec=spec)
     device = torch.device("cpu")
     started = time.perf_counter()
-    train_local(model, data, cfg, task=task, seed=seed, device=device,
+    train_local(model, data, TrainSpec.of(cfg), task=task, loss_spec=task.loss_spec(cfg),
+                seed=seed, device=device,
                 pad_token_id=tokenizer.pad_token_id)
     trained = time.perf_counter()
     metrics = task.evaluate(model, tokenizer, task.encode(splits.eval, tokenizer, spec=spec),

@@ -15,7 +15,7 @@ from common.config import RunConfig
 from common.data import DataError, load_site_data, load_splits
 from common.dp_sgd import train_local_dp_sgd
 from common.model import build_model, get_exchanged_state
-from common.specs import EncodeSpec, ModelSpec
+from common.specs import DPSGDSpec, EncodeSpec, ModelSpec, TrainSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext, TrainContext
 from common.tasks.sft import TASK, prompts_from_frame
@@ -67,7 +67,7 @@ def test_lora_targets_every_attention_projection_of_a_llama(setup):
 def test_the_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(setup):
     cfg, model, tokenizer, train, _ = setup
     batch = TASK.collate(train, [0, 1], tokenizer.pad_token_id)
-    loss = TASK.make_loss(train, cfg=cfg, ctx=TrainContext())(model, batch)
+    loss = TASK.make_loss(train, spec=TASK.loss_spec(cfg), ctx=TrainContext())(model, batch)
 
     logits = model(input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).logits.float()
@@ -86,8 +86,9 @@ def test_training_lowers_the_assistant_token_loss(setup):
     cfg, model, tokenizer, train, evaluation = setup
     ctx = EvalContext(batch_size=8, device=CPU, precision="fp32", server_round=1, cfg=cfg)
     before = TASK.evaluate(model, tokenizer, evaluation, ctx)["loss"]
-    result = train_local(model, train, cfg.replace(local_steps=15), task=TASK, seed=0,
-                         device=CPU, pad_token_id=tokenizer.pad_token_id)
+    result = train_local(model, train, TrainSpec.of(cfg.replace(local_steps=15)), task=TASK,
+                         loss_spec=TASK.loss_spec(cfg), seed=0, device=CPU,
+                         pad_token_id=tokenizer.pad_token_id)
     after = TASK.evaluate(model, tokenizer, evaluation, ctx)
     assert result.steps == 15 and after["loss"] < before
     assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
@@ -112,9 +113,10 @@ def test_generation_metrics_run_in_round_0_every_n_rounds_and_at_the_end(setup):
 def test_dp_sgd_trains_a_causal_lm_with_lora(setup):
     cfg, model, tokenizer, train, _ = setup
     before = get_exchanged_state(model)
+    dp_cfg = cfg.replace(dp_sgd_noise_multiplier=1.0, local_steps=3)
     result, (noise, rate, steps) = train_local_dp_sgd(
-        model, train, cfg.replace(dp_sgd_noise_multiplier=1.0, local_steps=3), task=TASK,
-        seed=1, device=CPU, pad_token_id=tokenizer.pad_token_id)
+        model, train, TrainSpec.of(dp_cfg), dp=DPSGDSpec.of(dp_cfg), task=TASK,
+        loss_spec=TASK.loss_spec(dp_cfg), seed=1, device=CPU, pad_token_id=tokenizer.pad_token_id)
     after = get_exchanged_state(model)
     assert steps == 3 and noise == 1.0 and 0 < rate < 1
     assert any((before[k] != after[k]).any() for k in before)
@@ -263,7 +265,8 @@ def test_gradient_checkpointing_trains_a_causal_lm(tiny_llama_dir):
     splits = load_splits(cfg)
     train = TASK.encode(splits.train, tokenizer, spec=EncodeSpec.of(cfg, tokenizer.name_or_path))
     before = get_exchanged_state(model)
-    result = train_local(model, train, cfg, task=TASK, seed=0, device=CPU,
+    result = train_local(model, train, TrainSpec.of(cfg), task=TASK,
+                         loss_spec=TASK.loss_spec(cfg), seed=0, device=CPU,
                          pad_token_id=tokenizer.pad_token_id)
     after = get_exchanged_state(model)
     assert result.steps == cfg.local_steps
