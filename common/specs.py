@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.config import RunConfig
+from common.config import RunConfig, _column_partition
 
 T = TypeVar("T")
 
@@ -126,6 +126,11 @@ class PartitionSpec:
     @classmethod
     def of(cls, cfg: RunConfig) -> PartitionSpec:
         return spec_from_config(cls, cfg)
+
+    @property
+    def partition_column(self) -> str | None:
+        """The column of a ``column:<name>`` partitioner, else None."""
+        return _column_partition(self.partitioner)
 
 
 @dataclass(frozen=True)

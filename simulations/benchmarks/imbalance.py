@@ -124,6 +124,7 @@ def run(bench: Bench) -> dict[str, Any]:
     """Measure both experiments; see the module docstring."""
     from common.config import RunConfig
     from common.data import load_splits
+    from common.specs import DataSpec
 
     size = SIZES[bench.mode]
     data = {} if bench.mode == "quick" else sst2_config()
@@ -133,7 +134,7 @@ def run(bench: Bench) -> dict[str, Any]:
     for key in ("num-server-rounds", "fraction-train", "fraction-evaluate", "min-nodes",
                 "node-wait-timeout", "round-timeout"):
         base.pop(key, None)  # federation keys: nothing here is federated
-    splits = load_splits(RunConfig.from_flower(base))
+    splits = load_splits(DataSpec.of(RunConfig.from_flower(base)))
     train = splits.train.to_pandas()
     minority = len(splits.label_names) - 1
     measured: dict[str, dict[str, Any]] = {}

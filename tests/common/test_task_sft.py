@@ -15,7 +15,7 @@ from common.config import RunConfig
 from common.data import DataError, load_site_data, load_splits
 from common.dp_sgd import train_local_dp_sgd
 from common.model import build_model, get_exchanged_state
-from common.specs import DPSGDSpec, EncodeSpec, ModelSpec, TrainSpec
+from common.specs import DataSpec, DPSGDSpec, EncodeSpec, ModelSpec, TrainSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext, TrainContext
 from common.tasks.sft import TASK, prompts_from_frame
@@ -35,7 +35,7 @@ def _cfg(model_dir, **changes):
 def setup(tiny_llama_dir):  # type: ignore[no-untyped-def]
     cfg = _cfg(tiny_llama_dir)
     model, tokenizer = build_model(ModelSpec.of(cfg, []))
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     encoding = EncodeSpec.of(cfg, tokenizer.name_or_path)
     train = TASK.encode(splits.train, tokenizer, spec=encoding)
     evaluation = TASK.encode(splits.eval, tokenizer, spec=encoding)
@@ -48,7 +48,7 @@ def test_get_task_finds_the_sft_task():
 
 
 def test_builtin_rows_become_conversations_and_keep_the_task_column(tiny_llama_dir):
-    splits = load_splits(_cfg(tiny_llama_dir))
+    splits = load_splits(DataSpec.of(_cfg(tiny_llama_dir)))
     assert splits.label_names == []
     assert splits.train.column_names[0] == "messages"
     assert {"task", "domain"} <= set(splits.train.column_names)
@@ -127,7 +127,7 @@ def test_a_site_file_is_read_as_conversations(tiny_llama_dir, tmp_path):
     rows = [{"instruction": "Say hi", "input": "", "output": "hi"},
             {"instruction": "Add", "input": "2 and 3", "output": "5"}]
     site.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    data = load_site_data(str(site), _cfg(tiny_llama_dir), [])
+    data = load_site_data(str(site), DataSpec.of(_cfg(tiny_llama_dir)), [])
     assert data.column_names == ["messages"]
     assert data[1]["messages"][0]["content"] == "Add\n\n2 and 3"
     assert data[1]["messages"][1] == {"role": "assistant", "content": "5"}
@@ -136,7 +136,7 @@ def test_a_site_file_is_read_as_conversations(tiny_llama_dir, tmp_path):
 def test_a_csv_answer_that_looks_like_a_number_stays_text(tiny_llama_dir, tmp_path):
     site = tmp_path / "site.csv"
     site.write_text("prompt,response\nWhat is 2+2?,4\nAnd 3+3?,6\n", encoding="utf-8")
-    data = load_site_data(str(site), _cfg(tiny_llama_dir), [])
+    data = load_site_data(str(site), DataSpec.of(_cfg(tiny_llama_dir)), [])
     assert data[0]["messages"][1]["content"] == "4"
 
 
@@ -145,7 +145,7 @@ def test_a_conversation_without_an_answer_is_refused_naming_the_row(tiny_llama_d
     site.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
                     encoding="utf-8")
     with pytest.raises(DataError, match=r"site.jsonl.*row 1"):
-        load_site_data(str(site), _cfg(tiny_llama_dir), [])
+        load_site_data(str(site), DataSpec.of(_cfg(tiny_llama_dir)), [])
 
 
 def test_the_site_check_counts_long_conversations(setup, tmp_path):
@@ -262,7 +262,7 @@ def test_sft_refuses_settings_that_cannot_work(changes, message):
 def test_gradient_checkpointing_trains_a_causal_lm(tiny_llama_dir):
     cfg = _cfg(tiny_llama_dir, gradient_checkpointing=True)
     model, tokenizer = build_model(ModelSpec.of(cfg, []))
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     train = TASK.encode(splits.train, tokenizer, spec=EncodeSpec.of(cfg, tokenizer.name_or_path))
     before = get_exchanged_state(model)
     result = train_local(model, train, TrainSpec.of(cfg), task=TASK,
