@@ -26,7 +26,7 @@ from client.site_state import keep_site_state, restore_site_state
 from common.config import RunConfig
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.records import array_record, config_record, config_strs, numpy_arrays
-from common.specs import ModelSpec
+from common.specs import ModelSpec, TrainSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext
 from common.training import derive_seed, train_local
@@ -80,6 +80,7 @@ def train(msg: Message, context: Context) -> Message:
         train_data = flip_labels(train_data, num_classes=len(config["label-names"]))
     seed = derive_seed(cfg.seed, server_round, key)
     privacy: dict[str, float] = {}
+    loss_spec = task.loss_spec(cfg)
     start_gpu_measurement(device)
     if cfg.dp_sgd_enabled:
         result, privacy = train_with_dp_sgd(
@@ -88,8 +89,8 @@ def train(msg: Message, context: Context) -> Message:
         )
     else:
         result = train_local(
-            model, train_data, cfg, task=task, seed=seed, device=device,
-            proximal_mu=float(config.get("proximal-mu", 0.0)),
+            model, train_data, TrainSpec.of(cfg), task=task, loss_spec=loss_spec, seed=seed,
+            device=device, proximal_mu=float(config.get("proximal-mu", 0.0)),
             pad_token_id=tokenizer.pad_token_id, round_config=config,
         )
     keep_site_state(model, context.state)  # fedsa: B stays here for the next round
@@ -109,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": result.steps,
         **compute_metrics(result, device),  # seconds, throughput, memory (client/compute.py)
         **data_stats_metrics(data, context.node_config, context.state),  # site opt-in
-        **task.site_metrics(train_data, cfg=cfg),  # what the run's keys ask (label counts)
+        **task.site_metrics(train_data, spec=loss_spec),  # what the run's keys ask (label counts)
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -3,7 +3,7 @@
 In simulation a virtual client is one partition of the run's data set (``partition-id``
 and ``num-partitions`` in the node config, set by Flower). In deployment a SuperNode
 reads its own file from ``data-path`` in its node config (column names may be given
-there too: ``text-column`` / ``label-column``, task sft ``SFT_SITE_KEYS``). Either way
+there too: the task's ``site_keys``, e.g. ``text-column`` / ``label-column``). Either way
 the result is split into local train and local eval parts and tokenized once; later
 rounds hit the cache.
 
@@ -47,10 +47,6 @@ from common.tasks.base import Examples, SiteReport, Task
 
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
-# Node config (task sft): where the site's file keeps its conversations, as the
-# classification site's text-column / label-column (the registry's site_keys; named here
-# for deployment/cli.py's check-data, which reads the same keys).
-SFT_SITE_KEYS = task_info("sft").site_keys
 _STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
 
 
@@ -98,22 +94,24 @@ def load_local_data(
         )
     task = get_task(cfg.task)
     encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
-    key = (source, site_file_version(source), DataSpec.of(cfg), PartitionSpec.of(cfg),
-           encoding, tuple(label_names))
+    data_spec, partition_spec = DataSpec.of(cfg), PartitionSpec.of(cfg)
+    key = (source, site_file_version(source), data_spec, partition_spec, encoding,
+           tuple(label_names))
     if key not in _CACHE:
         report = None
         if source[0] == "site":
             report = check_site_file(source[1], cfg, label_names, tokenizer, task=task)
-            dataset = load_site_data(source[1], cfg, label_names)
+            dataset = load_site_data(source[1], data_spec, label_names)
         else:
-            splits = load_splits(cfg)
+            splits = load_splits(data_spec)
             if splits.label_names != label_names:
                 raise ConfigError(
                     f"the server's labels {label_names} differ from this client's "
                     f"{splits.label_names}: both must read the same `dataset`"
                 )
             dataset = partition_dataset(
-                splits.train, cfg, num_partitions=source[2], partition_id=source[1]
+                splits.train, partition_spec, source=cfg.dataset, num_partitions=source[2],
+                partition_id=source[1]
             )
             report = task.partition_report(dataset, source=f"partition {source[1]}",
                                            encoding=encoding, label_names=label_names,
@@ -140,8 +138,8 @@ def load_local_data(
 
 def site_columns(cfg: RunConfig, node_config: Mapping[str, Any]) -> RunConfig:
     """``cfg`` with the site's own settings from its node config: the task's
-    ``site_keys`` (classification: ``text-column`` / ``label-column``; sft: the
-    ``SFT_SITE_KEYS``). Another task's site key set to a value of its own is refused, as
+    ``site_keys`` (classification: ``text-column`` / ``label-column``; sft: the columns
+    of its conversations). Another task's site key set to a value of its own is refused, as
     the run's config refuses it: raises ``ConfigError`` for it or a bad value."""
     keys = dict.fromkeys(key for name in task_names() for key in task_info(name).site_keys)
     return cfg.replace(**{key.replace("-", "_"): str(node_config[key])

@@ -16,6 +16,7 @@ from flwr.app import ConfigRecord, RecordDict
 from common.config import RunConfig
 from common.dp_sgd import planned_entry, sample_level_epsilon, train_local_dp_sgd
 from common.records import config_floats, config_ints
+from common.specs import DPSGDSpec, TrainSpec
 from common.tasks.base import Examples, Task
 from common.training import TrainResult
 
@@ -62,30 +63,32 @@ def train_with_dp_sgd(
         site then sends a failed reply with that reason, and every later round too.
     """
     earlier = load_history(state)
-    entry = planned_entry(cfg, len(data))
-    if not earlier and cfg.dp_sgd_noise_multiplier == 0:  # say once what was chosen
+    spec, dp = TrainSpec.of(cfg), DPSGDSpec.of(cfg)
+    entry = planned_entry(dp, spec, len(data))
+    if not earlier and dp.dp_sgd_noise_multiplier == 0:  # say once what was chosen
         noise, rate, steps = entry
         # Printed like the server's [fedsft] lines, so the site's operator sees it.
         print(
             f"[fedsft] DP-SGD: noise multiplier {noise:.4g} calibrated for this site's "
-            f"dp-sgd-target-epsilon {cfg.dp_sgd_target_epsilon:g} at delta "
-            f"{cfg.dp_sgd_delta:g} over {cfg.num_server_rounds} planned rounds x {steps} "
+            f"dp-sgd-target-epsilon {dp.dp_sgd_target_epsilon:g} at delta "
+            f"{dp.dp_sgd_delta:g} over {dp.num_server_rounds} planned rounds x {steps} "
             f"steps at sample rate {rate:.4g} ({len(data)} examples); rounds this site is "
             "not sampled for leave part of the budget unspent", flush=True,
         )
-    planned = sample_level_epsilon([*earlier, entry], delta=cfg.dp_sgd_delta)
+    planned = sample_level_epsilon([*earlier, entry], delta=dp.dp_sgd_delta)
     # With a calibrated noise multiplier this holds for every planned round; it stops a
     # site that would train more DP-SGD rounds than the calibration planned for.
-    if planned > cfg.dp_sgd_target_epsilon:
+    if planned > dp.dp_sgd_target_epsilon:
         raise BudgetExhausted(
             f"DP-SGD budget: this round would take the site's epsilon to {planned:.4g} > "
-            f"`dp-sgd-target-epsilon` {cfg.dp_sgd_target_epsilon:g} (delta "
-            f"{cfg.dp_sgd_delta:g}); the site trains no more in this run"
+            f"`dp-sgd-target-epsilon` {dp.dp_sgd_target_epsilon:g} (delta "
+            f"{dp.dp_sgd_delta:g}); the site trains no more in this run"
         )
-    result, entry = train_local_dp_sgd(model, data, cfg, task=task, seed=seed, device=device,
+    result, entry = train_local_dp_sgd(model, data, spec, dp=dp, task=task,
+                                       loss_spec=task.loss_spec(cfg), seed=seed, device=device,
                                        pad_token_id=pad_token_id, round_config=round_config)
     history = [*earlier, entry]
     store_history(state, history)
-    epsilon = sample_level_epsilon(history, delta=cfg.dp_sgd_delta)
+    epsilon = sample_level_epsilon(history, delta=dp.dp_sgd_delta)
     return result, {"dp-sgd-epsilon": epsilon, "dp-sgd-steps": sum(n for _, _, n in history),
                     "dp-sgd-noise-multiplier": entry[0]}

@@ -10,7 +10,8 @@ partitioners share rows by. Problems with the data raise ``DataError``, whose me
 names the source and the problem.
 
 The server and every client compute the same splits and partitions independently from
-the same ``RunConfig``, so everything here is deterministic under ``cfg.seed``. Two
+the same config, so everything here is deterministic under its ``seed``; the functions
+take the frozen specs of ``common/specs.py`` (``DataSpec``, ``PartitionSpec``). Two
 explicit per-process caches (``_SPLITS_CACHE``, ``_PARTITIONER_CACHE``) avoid redoing
 that work: Flower's simulation runs many virtual clients in one worker process. Their
 keys hold every argument that changes the result; ``clear_caches`` empties them.
@@ -205,20 +206,21 @@ def _read_json(content: str, *, source: str) -> pd.DataFrame:
 # --- server-side splits ----------------------------------------------------------------
 
 
-def load_splits(cfg: RunConfig) -> Splits:
-    """Read ``cfg.dataset`` as the task's rows and hold out the server's eval split.
+def load_splits(spec: DataSpec) -> Splits:
+    """Read ``spec.dataset`` as the task's rows and hold out the server's eval split.
 
-    The task (``cfg.task``, ``common/tasks/``) turns each raw table into its canonical
-    rows and, for the training data, derives the class names. With ``cfg.eval_dataset``
+    The task (``spec.task``, ``common/tasks/``) turns each raw table into its canonical
+    rows and, for the training data, derives the class names. With ``spec.eval_dataset``
     that file is the eval split (with the training class names) and the whole,
-    seed-shuffled ``cfg.dataset`` is the training split. Otherwise a stratified (when
+    seed-shuffled ``spec.dataset`` is the training split. Otherwise a stratified (when
     the rows have a ``label`` and every class has at least two rows, else plain) seeded
-    ``cfg.eval_fraction`` of ``cfg.dataset`` is held out. With
-    ``cfg.validation_fraction`` > 0 that share of the training split is then held out
+    ``spec.eval_fraction`` of ``spec.dataset`` is held out. With
+    ``spec.validation_fraction`` > 0 that share of the training split is then held out
     the same way as ``validation``, before any client partitions ``train``; at 0 the
     splits are exactly those without it. The same config gives the same splits in every
     process (the server's and the clients'); results are cached per process, keyed by
-    the ``DataSpec`` (every field that changes them, and the files' versions).
+    ``spec`` (``DataSpec.of(cfg)``: every field that changes them, and the files'
+    versions).
 
     Raises
     ------
@@ -226,7 +228,6 @@ def load_splits(cfg: RunConfig) -> Splits:
         If a source cannot be read or the task refuses its rows (e.g. fewer than two
         classes, eval labels the training data lacks).
     """
-    spec = DataSpec.of(cfg)
     if spec not in _SPLITS_CACHE:
         _SPLITS_CACHE[spec] = _compute_splits(spec)
     return _SPLITS_CACHE[spec]
@@ -312,27 +313,30 @@ def _to_dataset(frame: pd.DataFrame, *, source: str) -> datasets.Dataset:
 
 def partition_dataset(
     train: datasets.Dataset,
-    cfg: RunConfig,
+    spec: PartitionSpec,
     *,
+    source: str,
     num_partitions: int,
     partition_id: int,
 ) -> datasets.Dataset:
-    """One client's share of the training data, by ``cfg.partitioner``.
+    """One client's share of the training data, by ``spec.partitioner``.
 
     ``iid`` cuts ``train`` into contiguous, near-equal shards (``load_splits`` shuffled
-    it); ``dirichlet`` draws label shares per client with ``cfg.dirichlet_alpha``;
-    ``pathological`` gives each client ``cfg.classes_per_client`` classes (the first one
+    it); ``dirichlet`` draws label shares per client with ``spec.dirichlet_alpha``;
+    ``pathological`` gives each client ``spec.classes_per_client`` classes (the first one
     by client id, so every class is used once there are enough clients);
     ``column:<name>`` gives each distinct value of that column to one client, in sorted
-    order. All are deterministic under ``cfg.seed``; the partitioner is cached per
+    order. All are deterministic under ``spec.seed``; the partitioner is cached per
     process, so the other clients' calls do not repartition.
 
     Parameters
     ----------
     train
         The training split from ``load_splits``.
-    cfg
-        The run configuration.
+    spec
+        ``PartitionSpec.of(cfg)``.
+    source
+        The training data's name in error messages (the ``dataset`` key).
     num_partitions
         Number of clients.
     partition_id
@@ -352,10 +356,11 @@ def partition_dataset(
         partitioner fails, or this client's partition would be empty.
     """
     partition = _load_partition(
-        train, cfg, num_partitions=num_partitions, partition_id=partition_id
+        train, spec, source=source, num_partitions=num_partitions, partition_id=partition_id
     )
     if partition.num_rows == 0:
-        raise _empty_partitions_error(cfg, [partition_id], num_partitions=num_partitions)
+        raise _empty_partitions_error(spec, [partition_id], source=source,
+                                      num_partitions=num_partitions)
     return partition
 
 
@@ -386,7 +391,8 @@ class PartitionPlan:
 
 
 def check_partition_plan(
-    train: datasets.Dataset | pd.DataFrame, cfg: RunConfig, *, num_partitions: int
+    train: datasets.Dataset | pd.DataFrame, spec: PartitionSpec, *, source: str,
+    num_partitions: int,
 ) -> PartitionPlan:
     """Partition ``train`` for ``num_partitions`` clients as they will, and check it.
 
@@ -397,12 +403,14 @@ def check_partition_plan(
     Parameters
     ----------
     train
-        The training split, ``load_splits(cfg).train`` (a frame with ``text`` and an
-        int ``label`` column is converted). Passing that same data set lets the clients
-        of this process reuse the cached partitioner.
-    cfg
-        The run configuration (``partitioner`` and its settings, ``seed``,
+        The training split, ``load_splits(DataSpec.of(cfg)).train`` (a frame with
+        ``text`` and an int ``label`` column is converted). Passing that same data set
+        lets the clients of this process reuse the cached partitioner.
+    spec
+        ``PartitionSpec.of(cfg)`` (``partitioner`` and its settings, ``seed``,
         ``client-eval-fraction``).
+    source
+        The training data's name in error messages (the ``dataset`` key).
     num_partitions
         Number of clients (simulation: ``num-supernodes``).
 
@@ -421,18 +429,20 @@ def check_partition_plan(
         clients are named).
     """
     if isinstance(train, pd.DataFrame):
-        train = _to_dataset(train, source=cfg.dataset)
+        train = _to_dataset(train, source=source)
     # Class counts for a task with class labels (an int `label` column); a task
     # without classes (sft) gets empty counts.
     labelled = "label" in train.column_names
     num_classes = int(max(train["label"])) + 1 if labelled and train.num_rows else 0
     parts = [
-        _load_partition(train, cfg, num_partitions=num_partitions, partition_id=i)
+        _load_partition(train, spec, source=source, num_partitions=num_partitions,
+                        partition_id=i)
         for i in range(num_partitions)
     ]
     empty = [i for i, part in enumerate(parts) if part.num_rows == 0]
     if empty:
-        raise _empty_partitions_error(cfg, empty, num_partitions=num_partitions)
+        raise _empty_partitions_error(spec, empty, source=source,
+                                      num_partitions=num_partitions)
     return PartitionPlan(
         rows=tuple(part.num_rows for part in parts),
         label_counts=tuple(
@@ -442,42 +452,44 @@ def check_partition_plan(
             for part in parts
         ),
         local_eval_rows=tuple(
-            _local_eval_rows(part.num_rows, cfg.client_eval_fraction) for part in parts
+            _local_eval_rows(part.num_rows, spec.client_eval_fraction) for part in parts
         ),
     )
 
 
 def _empty_partitions_error(
-    cfg: RunConfig, empty: list[int], *, num_partitions: int
+    spec: PartitionSpec, empty: list[int], *, source: str, num_partitions: int
 ) -> DataError:
     """The error for clients whose partition has no rows."""
     shown = ", ".join(map(str, empty[:_MAX_LISTED]))
     more = f" and {len(empty) - _MAX_LISTED} more" if len(empty) > _MAX_LISTED else ""
-    hint = _PARTITIONER_HINTS.get(cfg.partitioner, "use fewer clients")
+    hint = _PARTITIONER_HINTS.get(spec.partitioner, "use fewer clients")
     return DataError(
-        f"{cfg.dataset}: partitioner {cfg.partitioner!r} gives {len(empty)} of "
+        f"{source}: partitioner {spec.partitioner!r} gives {len(empty)} of "
         f"{num_partitions} clients no training rows (client {shown}{more}): {hint}"
     )
 
 
 def _load_partition(
-    train: datasets.Dataset, cfg: RunConfig, *, num_partitions: int, partition_id: int
+    train: datasets.Dataset, spec: PartitionSpec, *, source: str, num_partitions: int,
+    partition_id: int,
 ) -> datasets.Dataset:
     """``partition_dataset`` without the empty-partition check."""
     if num_partitions < 1:
-        raise DataError(f"{cfg.dataset}: num_partitions must be >= 1, got {num_partitions}")
+        raise DataError(f"{source}: num_partitions must be >= 1, got {num_partitions}")
     if not 0 <= partition_id < num_partitions:
         raise DataError(
-            f"{cfg.dataset}: partition_id must be in [0, {num_partitions}), got {partition_id}"
+            f"{source}: partition_id must be in [0, {num_partitions}), got {partition_id}"
         )
     if num_partitions > train.num_rows:
         raise DataError(
-            f"{cfg.dataset}: {num_partitions} clients but only {train.num_rows} training "
+            f"{source}: {num_partitions} clients but only {train.num_rows} training "
             f"rows: use fewer clients or more data"
         )
-    key = (train._fingerprint, PartitionSpec.of(cfg), num_partitions)
+    key = (train._fingerprint, spec, num_partitions)
     if key not in _PARTITIONER_CACHE:
-        partitioner = _build_partitioner(train, cfg, num_partitions=num_partitions)
+        partitioner = _build_partitioner(train, spec, source=source,
+                                         num_partitions=num_partitions)
         partitioner.dataset = train
         _PARTITIONER_CACHE[key] = partitioner
     try:
@@ -487,15 +499,15 @@ def _load_partition(
             return _PARTITIONER_CACHE[key].load_partition(partition_id)
     except ValueError as error:
         del _PARTITIONER_CACHE[key]  # a failed partitioner is in a half-built state
-        hint = _PARTITIONER_HINTS.get(cfg.partitioner, "use fewer clients")
+        hint = _PARTITIONER_HINTS.get(spec.partitioner, "use fewer clients")
         raise DataError(
-            f"{cfg.dataset}: partitioner {cfg.partitioner!r} failed for {num_partitions} "
+            f"{source}: partitioner {spec.partitioner!r} failed for {num_partitions} "
             f"clients: {error} (hint: {hint})"
         ) from error
 
 
 def _build_partitioner(
-    train: datasets.Dataset, cfg: RunConfig, *, num_partitions: int
+    train: datasets.Dataset, spec: PartitionSpec, *, source: str, num_partitions: int
 ) -> Partitioner:
     # Imported here: flwr_datasets loads its plotting code (seaborn, matplotlib) on
     # import, seconds that only simulations, which partition, should pay.
@@ -506,41 +518,41 @@ def _build_partitioner(
         PathologicalPartitioner,
     )
 
-    column = cfg.partition_column
-    if cfg.partitioner == "pathological":
+    column = spec.partition_column
+    if spec.partitioner == "pathological":
         num_classes = len(train.unique("label"))
-        if cfg.classes_per_client > num_classes:
+        if spec.classes_per_client > num_classes:
             raise DataError(
-                f"{cfg.dataset}: `classes-per-client` is {cfg.classes_per_client} but the "
+                f"{source}: `classes-per-client` is {spec.classes_per_client} but the "
                 f"training data has only {num_classes} classes: lower it to at most "
                 f"{num_classes}"
             )
     if column is not None:
         if column not in train.column_names:
             raise DataError(
-                f"{cfg.dataset}: partition column {column!r} not found; columns: "
+                f"{source}: partition column {column!r} not found; columns: "
                 f"{', '.join(map(repr, train.column_names))}"
             )
         distinct = len(train.unique(column))
         if distinct != num_partitions:
             raise DataError(
-                f"{cfg.dataset}: column {column!r} has {distinct} distinct values but the "
+                f"{source}: column {column!r} has {distinct} distinct values but the "
                 f"simulation has {num_partitions} clients: use num-supernodes={distinct}"
             )
         return NaturalIdPartitioner(partition_by=column)
-    if cfg.partitioner == "iid":
+    if spec.partitioner == "iid":
         return IidPartitioner(num_partitions=num_partitions)
-    if cfg.partitioner == "dirichlet":
+    if spec.partitioner == "dirichlet":
         return DirichletPartitioner(
             num_partitions=num_partitions, partition_by="label",
-            alpha=cfg.dirichlet_alpha, min_partition_size=_DIRICHLET_MIN_PARTITION_SIZE,
-            self_balancing=False, shuffle=True, seed=cfg.seed,
+            alpha=spec.dirichlet_alpha, min_partition_size=_DIRICHLET_MIN_PARTITION_SIZE,
+            self_balancing=False, shuffle=True, seed=spec.seed,
         )
-    assert cfg.partitioner == "pathological", cfg.partitioner  # RunConfig validated it
+    assert spec.partitioner == "pathological", spec.partitioner  # RunConfig validated it
     return PathologicalPartitioner(
         num_partitions=num_partitions, partition_by="label",
-        num_classes_per_partition=cfg.classes_per_client,
-        class_assignment_mode="first-deterministic", shuffle=True, seed=cfg.seed,
+        num_classes_per_partition=spec.classes_per_client,
+        class_assignment_mode="first-deterministic", shuffle=True, seed=spec.seed,
     )
 
 
@@ -581,8 +593,9 @@ def _local_eval_rows(num_rows: int, fraction: float) -> int:
 # --- deployment ------------------------------------------------------------------------
 
 
-def load_site_data(path: str, cfg: RunConfig, label_names: list[str]) -> datasets.Dataset:
-    """Read one site's data file for a deployed client, as the task's canonical rows.
+def load_site_data(path: str, spec: DataSpec, label_names: list[str]) -> datasets.Dataset:
+    """Read one site's data file for a deployed client, as the task's canonical rows
+    (read and cleaned by ``spec``: its task, columns, case folding).
 
     ``label_names`` are the federation's classes, from the server (labels outside them
     are refused); [] for a task without classes.
@@ -592,7 +605,6 @@ def load_site_data(path: str, cfg: RunConfig, label_names: list[str]) -> dataset
     DataError
         If the file cannot be read or the task refuses its rows.
     """
-    spec = DataSpec.of(cfg)
     task = get_task(spec.task)
     rows, _ = task.prepare(read_rows(path, spec), source=path, spec=spec,
                            label_names=label_names)
@@ -609,10 +621,10 @@ def load_server_eval(cfg: RunConfig) -> tuple[list[str], datasets.Dataset | None
     task checks as it checks class names read from data (``Task.check_label_names``).
     Otherwise both come from :func:`load_splits` (the held-out split or eval file).
     """
-    if cfg.server_reads_dataset:
-        splits = load_splits(cfg)
-        return splits.label_names, splits.eval
     spec = DataSpec.of(cfg)
+    if cfg.server_reads_dataset:
+        splits = load_splits(spec)
+        return splits.label_names, splits.eval
     task = get_task(spec.task)
     if cfg.label_list:
         task.check_label_names(cfg.label_list, source="`labels`")

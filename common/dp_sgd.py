@@ -33,7 +33,7 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from transformers import get_linear_schedule_with_warmup
 
-from common.config import RunConfig
+from common.specs import DPSGDSpec, TrainSpec
 from common.tasks.base import Examples, Task, TrainContext
 from common.training import TrainResult
 
@@ -101,36 +101,35 @@ def calibrate_noise_multiplier(
         ) from error
 
 
-def site_noise_multiplier(cfg: RunConfig, num_examples: int) -> float:
+def site_noise_multiplier(dp: DPSGDSpec, train: TrainSpec, num_examples: int) -> float:
     """The noise multiplier a site with ``num_examples`` training examples uses.
 
     ``dp-sgd-noise-multiplier`` when set (or no target is); otherwise calibrated from
     ``dp-sgd-target-epsilon`` for every round the run plans: ``num-server-rounds``
-    times this site's steps per round at its own sample rate. The plan assumes the
-    site trains in every round; with ``fraction-train`` < 1 it trains in fewer and
-    spends less than the target (conservative: more noise than needed).
+    times this site's steps per round (``train.steps``) at its own sample rate. The plan
+    assumes the site trains in every round; with ``fraction-train`` < 1 it trains in
+    fewer and spends less than the target (conservative: more noise than needed).
     """
-    if cfg.dp_sgd_noise_multiplier > 0 or math.isinf(cfg.dp_sgd_target_epsilon):
-        return cfg.dp_sgd_noise_multiplier
-    sample_rate, steps = _sample_rate_and_steps(cfg, num_examples)
+    if dp.dp_sgd_noise_multiplier > 0 or math.isinf(dp.dp_sgd_target_epsilon):
+        return dp.dp_sgd_noise_multiplier
+    sample_rate, steps = _sample_rate_and_steps(train, num_examples)
     return calibrate_noise_multiplier(
-        target_epsilon=cfg.dp_sgd_target_epsilon, delta=cfg.dp_sgd_delta,
-        sample_rate=sample_rate, steps=cfg.num_server_rounds * steps,
+        target_epsilon=dp.dp_sgd_target_epsilon, delta=dp.dp_sgd_delta,
+        sample_rate=sample_rate, steps=dp.num_server_rounds * steps,
     )
 
 
-def planned_entry(cfg: RunConfig, num_examples: int) -> tuple[float, float, int]:
+def planned_entry(
+    dp: DPSGDSpec, train: TrainSpec, num_examples: int
+) -> tuple[float, float, int]:
     """The accountant entry ``(noise multiplier, sample rate, steps)`` one call will add."""
-    sample_rate, steps = _sample_rate_and_steps(cfg, num_examples)
-    return site_noise_multiplier(cfg, num_examples), sample_rate, steps
+    sample_rate, steps = _sample_rate_and_steps(train, num_examples)
+    return site_noise_multiplier(dp, train, num_examples), sample_rate, steps
 
 
-def _sample_rate_and_steps(cfg: RunConfig, num_examples: int) -> tuple[float, int]:
+def _sample_rate_and_steps(train: TrainSpec, num_examples: int) -> tuple[float, int]:
     """This site's Poisson sample rate and its DP-SGD steps in one round."""
-    sample_rate = min(cfg.batch_size / num_examples, 1.0)
-    steps = (cfg.local_steps if cfg.local_steps > 0
-             else cfg.local_epochs * math.ceil(num_examples / cfg.batch_size))
-    return sample_rate, steps
+    return min(train.batch_size / num_examples, 1.0), train.steps(num_examples)
 
 
 def poisson_batches(
@@ -145,9 +144,11 @@ def poisson_batches(
 def train_local_dp_sgd(
     model: torch.nn.Module,
     data: Examples,
-    cfg: RunConfig,
+    spec: TrainSpec,
     *,
+    dp: DPSGDSpec,
     task: Task,
+    loss_spec: Any,
     seed: int,
     device: torch.device,
     pad_token_id: int,
@@ -157,8 +158,9 @@ def train_local_dp_sgd(
 
     The same AdamW, schedule and step count as ``common.training.train_local``
     (``local-steps``, else ``local-epochs`` expected passes over the data); ``grad-clip``
-    is replaced by the per-example bound ``dp-sgd-max-grad-norm``; autocast is off
-    (Opacus computes per-example gradients in fp32).
+    is replaced by the per-example bound ``dp-sgd-max-grad-norm`` of ``dp``; autocast is
+    off (Opacus computes per-example gradients in fp32); the noise multiplier is
+    ``site_noise_multiplier(dp, spec, len(data))``.
 
     A Poisson batch may be empty; its step still runs (noise only), as the accountant
     assumes. When every batch of the call was empty no loss was computed:
@@ -181,23 +183,23 @@ def train_local_dp_sgd(
     start = time.perf_counter()
     torch.manual_seed(seed)  # dropout; sampling below has its own seeded generator
     sampling = torch.Generator().manual_seed(seed)
-    noise_multiplier, sample_rate, total_steps = planned_entry(cfg, len(data))
+    noise_multiplier, sample_rate, total_steps = planned_entry(dp, spec, len(data))
 
     params = [p for p in model.parameters() if p.requires_grad]
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay),
+        torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay),
         noise_multiplier=noise_multiplier,
-        max_grad_norm=cfg.dp_sgd_max_grad_norm,
-        expected_batch_size=cfg.batch_size,
+        max_grad_norm=dp.dp_sgd_max_grad_norm,
+        expected_batch_size=spec.batch_size,
         generator=noise,
     )
     scheduler = get_linear_schedule_with_warmup(
         optimizer,
-        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_warmup_steps=round(spec.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    loss_of = task.make_loss(data, cfg=cfg, ctx=TrainContext(
+    loss_of = task.make_loss(data, spec=loss_spec, ctx=TrainContext(
         seed=seed, round_config=dict(round_config or {})))
     model.train()  # Opacus records activations in training mode only
     per_example = GradSampleModule(model, batch_first=True, loss_reduction="mean")

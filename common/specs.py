@@ -1,25 +1,28 @@
-"""Frozen specs: the parts of the run config that determine a built object.
+"""Frozen specs: the parts of the run config that a component depends on.
 
-The per-process caches (the model in ``common/model.py``, the splits in
-``common/data.py``, the tokenized site data in ``client/local_data.py``) are keyed by
-these specs as a whole: a spec holds *every* config field that changes what it builds,
-so adding a field to a spec is the only step needed to key the caches by it. A
-component takes the spec it needs, not the whole ``RunConfig``.
+A component takes the spec it needs, not the whole ``RunConfig``. The per-process
+caches (the model in ``common/model.py``, the splits in ``common/data.py``, the
+tokenized site data in ``client/local_data.py``) are keyed by these specs as a whole: a
+spec holds *every* config field that changes what it builds, so adding a field to a
+spec is the only step needed to key the caches by it. Local training takes a
+``TrainSpec`` (with DP-SGD also a ``DPSGDSpec``) and the task's own loss spec
+(``Task.loss_spec``).
 
 Each spec's fields are named exactly like the ``RunConfig`` fields they copy and are
 filled by name (``spec_from_config``). ``tests/common/test_specs.py`` checks that every
-``RunConfig`` field is in a spec or listed as changing no cached object, so a new
-config field cannot be forgotten in the cache keys.
+``RunConfig`` field is in a spec (these, or a task's loss spec) or listed as in none,
+so a new config field cannot be forgotten in the cache keys.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from common.config import RunConfig
+from common.config import RunConfig, _column_partition
 
 T = TypeVar("T")
 
@@ -124,6 +127,11 @@ class PartitionSpec:
     def of(cls, cfg: RunConfig) -> PartitionSpec:
         return spec_from_config(cls, cfg)
 
+    @property
+    def partition_column(self) -> str | None:
+        """The column of a ``column:<name>`` partitioner, else None."""
+        return _column_partition(self.partitioner)
+
 
 @dataclass(frozen=True)
 class EncodeSpec:
@@ -140,3 +148,44 @@ class EncodeSpec:
     @classmethod
     def of(cls, cfg: RunConfig, tokenizer_path: str) -> EncodeSpec:
         return spec_from_config(cls, cfg, tokenizer_path=tokenizer_path)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """The local optimizer, schedule, precision and step count of ``train_local``."""
+
+    batch_size: int
+    local_steps: int  # > 0: exactly that many steps, else local_epochs passes
+    local_epochs: int
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_clip: float  # 0: off
+    precision: str
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> TrainSpec:
+        return spec_from_config(cls, cfg)
+
+    def steps(self, num_examples: int) -> int:
+        """Optimizer steps of one local training call on ``num_examples`` examples:
+        ``local_steps`` when > 0, else ``local_epochs`` passes of whole batches."""
+        if self.local_steps > 0:
+            return self.local_steps
+        return self.local_epochs * math.ceil(num_examples / self.batch_size)
+
+
+@dataclass(frozen=True)
+class DPSGDSpec:
+    """Sample-level DP-SGD in a client (``common/dp_sgd.py``), with the rounds its
+    budget is planned over."""
+
+    dp_sgd_noise_multiplier: float  # > 0: used as set; 0: calibrated to the target
+    dp_sgd_max_grad_norm: float
+    dp_sgd_delta: float
+    dp_sgd_target_epsilon: float  # inf: no budget
+    num_server_rounds: int
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> DPSGDSpec:
+        return spec_from_config(cls, cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -20,8 +19,8 @@ import numpy as np
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from common.config import RunConfig
 from common.model import autocast_context
+from common.specs import TrainSpec
 from common.tasks.base import Batch, Examples, Task, TrainContext
 
 
@@ -81,9 +80,10 @@ def batch_tokens(batch: Batch) -> int | None:
 def train_local(
     model: torch.nn.Module,
     data: Examples,
-    cfg: RunConfig,
+    spec: TrainSpec,
     *,
     task: Task,
+    loss_spec: Any,
     seed: int,
     device: torch.device,
     proximal_mu: float = 0.0,
@@ -96,8 +96,9 @@ def train_local(
     warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient-norm
     clipping at ``grad_clip`` (0: off) and, when ``proximal_mu > 0``, FedProx's term
     ``mu/2 * sum ||w - w_global||^2`` with ``w_global`` the weights at the start of
-    this call. The loss of a batch is the task's (``task.make_loss``: e.g. cross-entropy,
-    or with ``skew-loss`` the logit-adjusted loss with this site's class prior).
+    this call. The loss of a batch is the task's (``task.make_loss`` with ``loss_spec``:
+    e.g. cross-entropy, or with ``skew-loss`` the logit-adjusted loss with this site's
+    class prior).
 
     Parameters
     ----------
@@ -105,13 +106,15 @@ def train_local(
         Already on ``device``. Left in eval mode.
     data
         The local partition; must not be empty.
-    cfg
-        Uses ``local_steps`` (> 0: exactly that many optimizer steps, cycling through
-        reshuffled epochs if needed), else ``local_epochs`` full epochs;
+    spec
+        ``local_steps`` (> 0: exactly that many optimizer steps, cycling through
+        reshuffled epochs if needed), else ``local_epochs`` full epochs (``spec.steps``);
         ``batch_size``, ``learning_rate``, ``weight_decay``, ``warmup_ratio``,
-        ``grad_clip``, ``precision`` (and what the task's loss reads).
+        ``grad_clip``, ``precision``.
     task
         The run's task: its ``collate`` and ``make_loss``.
+    loss_spec
+        The task's loss spec, ``task.loss_spec(cfg)``.
     seed
         Seeds dropout and the shuffling order; derive it with ``derive_seed`` from
         (run seed, round, client) so every round and client differs reproducibly.
@@ -144,27 +147,26 @@ def train_local(
     start = time.perf_counter()
     torch.manual_seed(seed)  # dropout
     shuffle = torch.Generator().manual_seed(seed)
-    batches_per_epoch = math.ceil(len(data) / cfg.batch_size)
-    total_steps = cfg.local_steps if cfg.local_steps > 0 else cfg.local_epochs * batches_per_epoch
+    total_steps = spec.steps(len(data))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
     scheduler = get_linear_schedule_with_warmup(
         optimizer,
-        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_warmup_steps=round(spec.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
     # fp16 autocast needs loss scaling against gradient underflow; disabled it is a no-op.
     scaler = torch.amp.GradScaler(
-        device.type, enabled=cfg.precision == "fp16" and device.type == "cuda"
+        device.type, enabled=spec.precision == "fp16" and device.type == "cuda"
     )
     global_params = [p.detach().clone() for p in params] if proximal_mu > 0 else []
-    loss_of = task.make_loss(data, cfg=cfg, ctx=TrainContext(
+    loss_of = task.make_loss(data, spec=loss_spec, ctx=TrainContext(
         seed=seed, round_config=dict(round_config or {})))
 
     def endless_batches() -> Iterator[dict[str, torch.Tensor]]:
         while True:  # a fresh shuffle per epoch
-            yield from iterate_batches(data, task.collate, batch_size=cfg.batch_size,
+            yield from iterate_batches(data, task.collate, batch_size=spec.batch_size,
                                        pad_token_id=pad_token_id, generator=shuffle)
 
     model.train()
@@ -176,7 +178,7 @@ def train_local(
         counted = batch_tokens(batch)  # on the CPU tensors: no device sync
         tokens = tokens + counted if tokens is not None and counted is not None else None
         batch = {name: tensor.to(device) for name, tensor in batch.items()}
-        with autocast_context(cfg.precision, device):
+        with autocast_context(spec.precision, device):
             loss = loss_of(model, batch)
         objective = loss
         if proximal_mu > 0:
@@ -186,9 +188,9 @@ def train_local(
             objective = loss + proximal_mu / 2 * distance
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(objective).backward()
-        if cfg.grad_clip > 0:
+        if spec.grad_clip > 0:
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, spec.grad_clip)
         scaler.step(optimizer)
         scaler.update()
         scheduler.step()
@@ -196,7 +198,7 @@ def train_local(
     optimizer.zero_grad(set_to_none=True)  # free gradient memory of a cached model
     model.eval()
     return TrainResult(
-        num_examples=min(len(losses) * cfg.batch_size, len(data)),
+        num_examples=min(len(losses) * spec.batch_size, len(data)),
         train_loss=float(np.mean(losses)),
         steps=len(losses),
         seconds=time.perf_counter() - start,

@@ -23,6 +23,7 @@ from common.data import (
     load_site_data,
     load_splits,
 )
+from common.specs import DataSpec, PartitionSpec
 from common.tasks import get_task
 from server.run_outputs import check_resume, run_folder
 
@@ -143,7 +144,7 @@ def check_retention_data(cfg: RunConfig, num_partitions: int | None = None) -> s
         return None
     label_names, _ = load_server_eval(cfg)  # cached: check_server_data read it already
     try:
-        rows = load_site_data(cfg.retention_dataset, cfg, label_names)
+        rows = load_site_data(cfg.retention_dataset, DataSpec.of(cfg), label_names)
     except DataError as error:
         # The file is named in the error already; say which setting named the file.
         raise DataError(f"`retention-dataset` (the forgetting monitor): {error}") from error
@@ -161,7 +162,8 @@ def check_partitions(cfg: RunConfig, num_partitions: int | None = None) -> str |
             f"the {num_partitions} virtual clients of a simulation partition `dataset`: "
             "give a file, hf:<name> or builtin (`dataset` none is for a deployment's "
             "coordinator, whose sites read their own `data-path`)")
-    plan = check_partition_plan(load_splits(cfg).train, cfg, num_partitions=num_partitions)
+    plan = check_partition_plan(load_splits(DataSpec.of(cfg)).train, PartitionSpec.of(cfg),
+                                source=cfg.dataset, num_partitions=num_partitions)
     return (f"{plan.num_partitions} clients get {min(plan.rows)}-{max(plan.rows)} training "
             f"rows each ({cfg.partitioner})")
 

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from common.config import RunConfig
 from common.data import load_server_eval, load_site_data, load_splits
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
-from common.specs import EncodeSpec, ModelSpec
+from common.specs import DataSpec, EncodeSpec, ModelSpec
 from common.tasks import TASK_METRICS, get_task
 from server.export import export_final_model
 from server.grid import NodeWaitingGrid
@@ -97,13 +97,13 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, app: AppRecord | None)
     eval_data = None if eval_set is None else task.encode(eval_set, tokenizer, spec=encoding)
     validation_data = None
     if cfg.validation_fraction > 0:  # RunConfig refuses it when the server reads no dataset
-        validation_set = load_splits(cfg).validation
+        validation_set = load_splits(DataSpec.of(cfg)).validation
         assert validation_set is not None  # load_splits holds it out at this fraction
         validation_data = task.encode(validation_set, tokenizer, spec=encoding)
     retention_data = None
     if cfg.retention_dataset:  # the forgetting monitor: one file, read as a site's is
-        retention_data = task.encode(load_site_data(cfg.retention_dataset, cfg, label_names),
-                                     tokenizer, spec=encoding)
+        retention = load_site_data(cfg.retention_dataset, DataSpec.of(cfg), label_names)
+        retention_data = task.encode(retention, tokenizer, spec=encoding)
 
     # The key query is each node's first message (a cold ClientApp under load can take
     # a minute): one that times out stays in flight, and in a simulation its late end
@@ -138,7 +138,7 @@ def _run(grid: Grid, cfg: RunConfig, outputs: RunOutputs, app: AppRecord | None)
         strategy, exchanged_spec=exchanged_spec, seed=cfg.seed,
         encoding=cfg.encoding, min_replies=cfg.min_replies, round_offset=done_rounds,
         uniform_weights=cfg.dp_enabled, max_update_norm=cfg.max_update_norm,
-        round_feedback=task.round_feedback(cfg),
+        round_feedback=task.round_feedback(task.loss_spec(cfg)),
         headline_metric=TASK_METRICS[cfg.task][0].name,
         secure=SecureAggregator(
             threshold_fraction=cfg.secagg_threshold, clip_range=cfg.secagg_clip_range,

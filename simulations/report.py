@@ -253,15 +253,16 @@ def label_distribution(
     """
     from common.config import RunConfig
     from common.data import load_splits, partition_dataset
+    from common.specs import DataSpec, PartitionSpec
 
     known = {f.name.replace("_", "-") for f in fields(RunConfig)}
     cfg = RunConfig.from_flower({k: v for k, v in config.items() if k in known})
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     client_ids = list(range(min(num_partitions, max_clients)))
     counts = np.zeros((len(client_ids), len(splits.label_names)), dtype=np.int64)
     for i in client_ids:
-        part = partition_dataset(splits.train, cfg, num_partitions=num_partitions,
-                                 partition_id=i)
+        part = partition_dataset(splits.train, PartitionSpec.of(cfg), source=cfg.dataset,
+                                 num_partitions=num_partitions, partition_id=i)
         counts[i] = np.bincount(np.asarray(part["label"], dtype=np.int64),
                                 minlength=len(splits.label_names))
     return counts, list(splits.label_names), client_ids

@@ -14,7 +14,7 @@ task object may be shared by every virtual client of a worker process.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -53,7 +53,7 @@ class EvalContext:
 
 @dataclass(frozen=True)
 class TrainContext:
-    """What a local training call hands the task's loss besides the examples and config."""
+    """What a local training call hands the task's loss besides the examples and spec."""
 
     # The call's seed (``derive_seed(run seed, round, client)``): a task's own randomness
     # (e.g. augmentation) derives from it, so it is reproducible per round and site.
@@ -220,20 +220,28 @@ class Task(Protocol):
         """The examples at ``index`` as one right-padded batch (0 rows for [])."""
         ...
 
-    def make_loss(self, examples: Examples, *, cfg: RunConfig, ctx: TrainContext) -> LossFn:
-        """The local training loss for this site's ``examples`` (e.g. with its prior).
+    def loss_spec(self, cfg: RunConfig) -> Hashable:
+        """The task's own keys that shape its loss, ``site_metrics`` and
+        ``round_feedback``: a frozen dataclass of the task's, filled from ``cfg`` by name
+        (``common.specs.spec_from_config``); equal for configs that differ only in keys
+        it does not own. What ``make_loss`` and the two others take as ``spec``."""
+        ...
+
+    def make_loss(self, examples: Examples, *, spec: Any, ctx: TrainContext) -> LossFn:
+        """The local training loss for this site's ``examples`` (e.g. with its prior),
+        as the task's ``spec`` (``loss_spec``) asks.
 
         Called once per local training call; the loss runs under the caller's autocast,
         on training batches only (a task may transform the batch first, e.g. augment).
         """
         ...
 
-    def site_metrics(self, examples: Examples, *, cfg: RunConfig) -> dict[str, int | float]:
+    def site_metrics(self, examples: Examples, *, spec: Any) -> dict[str, int | float]:
         """Aggregate statistics of the training ``examples`` the training reply carries
         because the run asks for them (e.g. label counts); {} when it asks for none."""
         ...
 
-    def round_feedback(self, cfg: RunConfig) -> RoundFeedback | None:
+    def round_feedback(self, spec: Any) -> RoundFeedback | None:
         """What the server collects from the training replies and sends back in the next
         rounds' config (``RoundFeedback``), or None when the run needs nothing of it."""
         ...

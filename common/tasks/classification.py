@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.config import RunConfig
 from common.data import DataError
 from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec
+from common.specs import DataSpec, EncodeSpec, spec_from_config
 from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
 from common.tasks.classification_builtin_data import generate_builtin
 from common.tasks.classification_check import DataReport, check_site_data
@@ -52,6 +52,26 @@ from common.tasks.classification_losses import (
     sum_label_counts,
 )
 from common.training import derive_seed, iterate_batches
+
+
+@dataclass(frozen=True)
+class ClassificationLossSpec:
+    """The classification keys that shape the local loss, the site's label-count
+    metrics and the federation's label-count feedback (``ClassificationTask.loss_spec``)."""
+
+    skew_loss: str
+    skew_loss_tau: float
+    class_weighting: str
+    class_weighting_source: str
+    class_weighting_beta: float
+    focal_gamma: float
+    augment: str
+    augment_rate: float
+
+    @property
+    def global_counts(self) -> bool:
+        """Classes are weighted by the federation's label counts (sent each round)."""
+        return self.class_weighting != "none" and self.class_weighting_source == "global"
 
 
 @dataclass(frozen=True)
@@ -229,7 +249,12 @@ class ClassificationTask:
     def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
         return collate(examples, index, pad_token_id)
 
-    def make_loss(self, examples: Any, *, cfg: RunConfig, ctx: TrainContext) -> LossFn:
+    def loss_spec(self, cfg: RunConfig) -> ClassificationLossSpec:
+        return spec_from_config(ClassificationLossSpec, cfg)
+
+    def make_loss(
+        self, examples: Any, *, spec: ClassificationLossSpec, ctx: TrainContext
+    ) -> LossFn:
         """Cross-entropy, with the options of the run's keys applied in this order.
 
         ``augment``: the batch's token ids are augmented first (``augment_token_ids``,
@@ -240,8 +265,8 @@ class ClassificationTask:
         in the round config (``label-counts``; absent in round 1: the site's counts);
         ``focal-gamma``: focal loss. Plain ``F.cross_entropy`` when none is set.
         """
-        plain = (cfg.skew_loss == "none" and cfg.class_weighting == "none"
-                 and cfg.focal_gamma == 0 and cfg.augment == "none")
+        plain = (spec.skew_loss == "none" and spec.class_weighting == "none"
+                 and spec.focal_gamma == 0 and spec.augment == "none")
         if plain:
             def cross_entropy(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
                 return F.cross_entropy(_logits(model, batch).float(), batch["labels"])
@@ -252,39 +277,41 @@ class ClassificationTask:
         steps = [0]
 
         def loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-            if cfg.augment != "none":
+            if spec.augment != "none":
                 generator = torch.Generator().manual_seed(
                     derive_seed(ctx.seed, "augment", steps[0]))
                 steps[0] += 1
                 ids, mask = augment_token_ids(
-                    batch["input_ids"], batch["attention_mask"], mode=cfg.augment,
-                    rate=cfg.augment_rate, generator=generator, pad_token_id=_pad_of(model))
+                    batch["input_ids"], batch["attention_mask"], mode=spec.augment,
+                    rate=spec.augment_rate, generator=generator, pad_token_id=_pad_of(model))
                 batch = {**batch, "input_ids": ids, "attention_mask": mask}
             logits = _logits(model, batch).float()
             num_classes = logits.shape[-1]
             if not weight:
                 prior.append(class_log_prior(examples.labels, num_classes))
-                weight.append(None if cfg.class_weighting == "none" else class_weights(
-                    _weighting_counts(examples, cfg, ctx, num_classes), cfg.class_weighting,
-                    beta=cfg.class_weighting_beta))
-            if cfg.skew_loss != "none":
-                logits = logits + cfg.skew_loss_tau * prior[0].to(logits.device)
-            return focal_cross_entropy(logits, batch["labels"], gamma=cfg.focal_gamma,
+                weight.append(None if spec.class_weighting == "none" else class_weights(
+                    _weighting_counts(examples, spec, ctx, num_classes), spec.class_weighting,
+                    beta=spec.class_weighting_beta))
+            if spec.skew_loss != "none":
+                logits = logits + spec.skew_loss_tau * prior[0].to(logits.device)
+            return focal_cross_entropy(logits, batch["labels"], gamma=spec.focal_gamma,
                                        class_weight=weight[0])
         return loss
 
-    def site_metrics(self, examples: Any, *, cfg: RunConfig) -> dict[str, int | float]:
+    def site_metrics(
+        self, examples: Any, *, spec: ClassificationLossSpec
+    ) -> dict[str, int | float]:
         """The site's label counts (``label-count-<k>``) when the run weights classes by
         the federation's counts (``class-weighting-source`` global), else nothing."""
-        if cfg.class_weighting == "none" or cfg.class_weighting_source != "global":
+        if not spec.global_counts:
             return {}
         # The classes the labels reach; the server pads shorter vectors with zeros.
         return dict(label_count_metrics(_site_counts(examples, 0)))
 
-    def round_feedback(self, cfg: RunConfig) -> FederationLabelCounts | None:
+    def round_feedback(self, spec: ClassificationLossSpec) -> FederationLabelCounts | None:
         """The federation's label counts when the run weights classes by them
         (``class-weighting-source`` global), else None."""
-        if cfg.class_weighting == "none" or cfg.class_weighting_source != "global":
+        if not spec.global_counts:
             return None
         return FederationLabelCounts()
 
@@ -403,10 +430,10 @@ def _site_counts(examples: Any, num_classes: int) -> list[int]:
     return torch.bincount(examples.labels.reshape(-1).long(), minlength=num_classes).tolist()
 
 
-def _weighting_counts(examples: Any, cfg: RunConfig, ctx: TrainContext,
+def _weighting_counts(examples: Any, spec: ClassificationLossSpec, ctx: TrainContext,
                       num_classes: int) -> list[int]:
     """The label counts the class weights come from (see ``make_loss``)."""
-    if cfg.class_weighting_source == "global" and LABEL_COUNTS_KEY in ctx.round_config:
+    if spec.class_weighting_source == "global" and LABEL_COUNTS_KEY in ctx.round_config:
         counts = [int(c) for c in ctx.round_config[LABEL_COUNTS_KEY]]
         if len(counts) > num_classes:
             raise ValueError(

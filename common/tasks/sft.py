@@ -55,6 +55,13 @@ _EVAL_BATCH = 8  # logits are (batch, tokens, vocabulary): keep evaluation batch
 
 
 @dataclass(frozen=True)
+class SftLossSpec:
+    """The SFT keys that shape the local loss (``SftTask.loss_spec``): none. The loss is
+    the mean next-token cross-entropy over the trained tokens, whatever the config;
+    which tokens are trained (``train-on``) is fixed when the examples are encoded."""
+
+
+@dataclass(frozen=True)
 class ChatExamples:
     """Tokenized conversations (``examples``) and, for generation, the conversations."""
 
@@ -429,16 +436,19 @@ class SftTask:
     def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
         return collate_chat(examples.examples, index, _pad(pad_token_id))
 
-    def make_loss(self, examples: Any, *, cfg: RunConfig, ctx: TrainContext) -> LossFn:
+    def loss_spec(self, cfg: RunConfig) -> SftLossSpec:
+        return SftLossSpec()
+
+    def make_loss(self, examples: Any, *, spec: SftLossSpec, ctx: TrainContext) -> LossFn:
         def assistant_token_loss(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
             # Mean next-token cross-entropy over the trained (label != -100) tokens.
             return _token_losses(model, batch).sum() / _trained(batch).clamp(min=1)
         return assistant_token_loss
 
-    def site_metrics(self, examples: Any, *, cfg: RunConfig) -> dict[str, int | float]:
+    def site_metrics(self, examples: Any, *, spec: SftLossSpec) -> dict[str, int | float]:
         return {}  # no SFT key asks a site for statistics
 
-    def round_feedback(self, cfg: RunConfig) -> None:
+    def round_feedback(self, spec: SftLossSpec) -> None:
         return None  # no SFT key needs the federation's view of the sites' data
 
     def evaluate(

@@ -218,18 +218,19 @@ def train_in_process(
     from common.config import RunConfig
     from common.data import load_splits, partition_dataset, split_for_local_eval
     from common.model import build_model
-    from common.specs import EncodeSpec, ModelSpec
+    from common.specs import DataSpec, EncodeSpec, ModelSpec, PartitionSpec, TrainSpec
     from common.tasks import get_task
     from common.tasks.base import EvalContext
     from common.training import train_local
 
     started = time.perf_counter()
     cfg = RunConfig.from_flower({**overrides, "local-steps": total_steps})
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     task = get_task(cfg.task)
     parts = []
     for partition_id in range(num_clients):
-        part = partition_dataset(splits.train, cfg, num_partitions=num_clients,
+        part = partition_dataset(splits.train, PartitionSpec.of(cfg), source=cfg.dataset,
+                                 num_partitions=num_clients,
                                  partition_id=partition_id)
         train, _ = split_for_local_eval(part, fraction=cfg.client_eval_fraction, seed=cfg.seed)
         parts.append(train)
@@ -239,7 +240,8 @@ def train_in_process(
     data = task.encode(datasets.concatenate_datasets(parts), tokenizer, spec=encoding)
     eval_data = task.encode(splits.eval, tokenizer, spec=encoding)
     prepared = time.perf_counter()
-    result = train_local(model, data, cfg, task=task, seed=cfg.seed, device=device,
+    result = train_local(model, data, TrainSpec.of(cfg), task=task, loss_spec=task.loss_spec(cfg),
+                         seed=cfg.seed, device=device,
                          pad_token_id=tokenizer.pad_token_id)
     trained = time.perf_counter()
     metrics = task.evaluate(model, tokenizer, eval_data, EvalContext(

@@ -98,7 +98,7 @@ def _train_and_evaluate(overrides: Mapping[str, Any], frame: pd.DataFrame, split
 
     from common.config import RunConfig
     from common.model import build_model
-    from common.specs import EncodeSpec, ModelSpec
+    from common.specs import EncodeSpec, ModelSpec, TrainSpec
     from common.tasks import get_task
     from common.tasks.base import EvalContext
     from common.training import train_local
@@ -111,7 +111,8 @@ def _train_and_evaluate(overrides: Mapping[str, Any], frame: pd.DataFrame, split
                        spec=spec)
     device = torch.device("cpu")
     started = time.perf_counter()
-    train_local(model, data, cfg, task=task, seed=seed, device=device,
+    train_local(model, data, TrainSpec.of(cfg), task=task, loss_spec=task.loss_spec(cfg),
+                seed=seed, device=device,
                 pad_token_id=tokenizer.pad_token_id)
     trained = time.perf_counter()
     metrics = task.evaluate(model, tokenizer, task.encode(splits.eval, tokenizer, spec=spec),
@@ -123,6 +124,7 @@ def run(bench: Bench) -> dict[str, Any]:
     """Measure both experiments; see the module docstring."""
     from common.config import RunConfig
     from common.data import load_splits
+    from common.specs import DataSpec
 
     size = SIZES[bench.mode]
     data = {} if bench.mode == "quick" else sst2_config()
@@ -132,7 +134,7 @@ def run(bench: Bench) -> dict[str, Any]:
     for key in ("num-server-rounds", "fraction-train", "fraction-evaluate", "min-nodes",
                 "node-wait-timeout", "round-timeout"):
         base.pop(key, None)  # federation keys: nothing here is federated
-    splits = load_splits(RunConfig.from_flower(base))
+    splits = load_splits(DataSpec.of(RunConfig.from_flower(base)))
     train = splits.train.to_pandas()
     minority = len(splits.label_names) - 1
     measured: dict[str, dict[str, Any]] = {}

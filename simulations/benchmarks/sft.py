@@ -195,7 +195,7 @@ def measure_throughput(overrides: Mapping[str, Any], plan: Plan) -> dict[str, An
     from common.config import RunConfig
     from common.data import load_splits
     from common.model import build_model
-    from common.specs import EncodeSpec, ModelSpec
+    from common.specs import DataSpec, EncodeSpec, ModelSpec, TrainSpec
     from common.tasks import get_task
     from common.training import iterate_batches, train_local
 
@@ -205,7 +205,7 @@ def measure_throughput(overrides: Mapping[str, Any], plan: Plan) -> dict[str, An
     task = get_task("sft")
     spec = ModelSpec.of(cfg, [])
     _, tokenizer = build_model(spec)
-    data = task.encode(load_splits(cfg).train, tokenizer,
+    data = task.encode(load_splits(DataSpec.of(cfg)).train, tokenizer,
                        spec=EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path))
     if steps * cfg.batch_size > len(data):
         raise BenchmarkError(f"{steps} steps of batch {cfg.batch_size} need more than the "
@@ -221,10 +221,12 @@ def measure_throughput(overrides: Mapping[str, Any], plan: Plan) -> dict[str, An
     losses: dict[str, list[float]] = {"fedsft": [], "plain": []}
     for _ in range(plan.throughput_repeats):
         model, _ = build_model(spec)
-        train_local(model, data, warm_cfg, task=task, seed=seed, device=device,
+        train_local(model, data, TrainSpec.of(warm_cfg), task=task,
+                    loss_spec=task.loss_spec(warm_cfg), seed=seed, device=device,
                     pad_token_id=pad)  # warm-up step, not timed
         started = time.perf_counter()
-        result = train_local(model, data, cfg, task=task, seed=seed, device=device,
+        result = train_local(model, data, TrainSpec.of(cfg), task=task,
+                             loss_spec=task.loss_spec(cfg), seed=seed, device=device,
                              pad_token_id=pad)
         runs["fedsft"].append(time.perf_counter() - started)
         losses["fedsft"].append(result.train_loss)
@@ -301,7 +303,7 @@ def memory_probe(overrides: Mapping[str, Any]) -> dict[str, float]:
     from common.config import RunConfig
     from common.data import load_splits
     from common.model import build_model
-    from common.specs import EncodeSpec, ModelSpec
+    from common.specs import DataSpec, EncodeSpec, ModelSpec, TrainSpec
     from common.tasks import get_task
     from common.training import train_local
 
@@ -312,10 +314,11 @@ def memory_probe(overrides: Mapping[str, Any]) -> dict[str, float]:
     cfg = RunConfig.from_flower(dict(overrides))
     task = get_task("sft")
     model, tokenizer = build_model(ModelSpec.of(cfg, []))
-    data = task.encode(load_splits(cfg).train, tokenizer,
+    data = task.encode(load_splits(DataSpec.of(cfg)).train, tokenizer,
                        spec=EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path))
     built = peak_mb()
-    train_local(model, data, cfg, task=task, seed=cfg.seed, device=torch.device("cpu"),
+    train_local(model, data, TrainSpec.of(cfg), task=task, loss_spec=task.loss_spec(cfg),
+                seed=cfg.seed, device=torch.device("cpu"),
                 pad_token_id=tokenizer.pad_token_id)
     return {"peak_mb_after_imports": start, "peak_mb_after_build": built,
             "peak_mb": peak_mb(), "steps": cfg.local_steps}
@@ -351,7 +354,7 @@ def train_centralized(overrides: Mapping[str, Any], plan: Plan) -> dict[str, Any
     from common.config import RunConfig
     from common.data import load_splits
     from common.model import build_model, get_exchanged_state, set_exchanged_state
-    from common.specs import EncodeSpec, ModelSpec
+    from common.specs import DataSpec, EncodeSpec, ModelSpec, TrainSpec
     from common.tasks import get_task
     from common.tasks.base import EvalContext
     from common.training import derive_seed, train_local
@@ -359,7 +362,7 @@ def train_centralized(overrides: Mapping[str, Any], plan: Plan) -> dict[str, Any
     started = time.perf_counter()
     chunk = plan.clients * plan.local_steps
     cfg = RunConfig.from_flower({**overrides, "local-steps": chunk})
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     if splits.validation is None:
         raise BenchmarkError("the centralized run needs `validation-fraction` > 0")
     task = get_task("sft")
@@ -380,7 +383,8 @@ def train_centralized(overrides: Mapping[str, Any], plan: Plan) -> dict[str, Any
     best_state = get_exchanged_state(model)
     steps = 0
     for chunk_no in range(1, plan.rounds + 1):
-        steps += train_local(model, train, cfg, task=task, device=device,
+        steps += train_local(model, train, TrainSpec.of(cfg), task=task,
+                             loss_spec=task.loss_spec(cfg), device=device,
                              seed=derive_seed(cfg.seed, chunk_no, "centralized"),
                              pad_token_id=tokenizer.pad_token_id).steps
         val_losses.append(evaluate(validation, chunk_no=chunk_no, final=False)["loss"])

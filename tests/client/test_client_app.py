@@ -15,7 +15,7 @@ from client.local_data import client_key, load_local_data
 from common.config import ConfigError, RunConfig
 from common.data import DataError
 from common.model import build_model, get_exchanged_state
-from common.specs import ModelSpec
+from common.specs import DataSpec, ModelSpec, PartitionSpec
 
 LABELS = ["negative", "neutral", "positive"]
 
@@ -224,7 +224,8 @@ def test_simulated_clients_share_their_partition_counts_unless_told_not_to(
     from common.data import load_splits, partition_dataset
 
     cfg = RunConfig.from_flower(_run_config(tiny_model_dir))
-    part = partition_dataset(load_splits(cfg).train, cfg, num_partitions=3, partition_id=1)
+    part = partition_dataset(load_splits(DataSpec.of(cfg)).train, PartitionSpec.of(cfg),
+                             source=cfg.dataset, num_partitions=3, partition_id=1)
     counts = np.bincount(np.asarray(part["label"]), minlength=3)
     shared = _context(tiny_model_dir)
     refused = _context(tiny_model_dir, {"partition-id": 1, "num-partitions": 3,

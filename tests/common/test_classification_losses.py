@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import RunConfig
+from common.specs import TrainSpec
 from common.tasks import get_task
 from common.tasks.base import TrainContext
 from common.tasks.classification import TASK, EncodedData
@@ -91,7 +92,8 @@ def test_logit_adjustment_removes_most_of_a_skewed_sites_bias(tiny_model_dir: Pa
     for skew_loss in ("none", "logit-adjusted"):
         cfg, model, site, balanced, pad = _skewed_site(tiny_model_dir, skew_loss=skew_loss)
         before = _mean_gap(model, balanced, pad)
-        train_local(model, site, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+        train_local(model, site, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                    seed=0, device=CPU, pad_token_id=pad)
         moved[skew_loss] = _mean_gap(model, balanced, pad) - before
 
     assert moved["none"] > 0.5
@@ -101,7 +103,8 @@ def test_logit_adjustment_removes_most_of_a_skewed_sites_bias(tiny_model_dir: Pa
 def test_rule_data_still_learnable_with_the_adjusted_loss(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, n=64, local_steps=30, batch_size=8,
                                   learning_rate=0.01, skew_loss="logit-adjusted")
-    result = train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                         seed=0, device=CPU, pad_token_id=pad)
     assert result.train_loss < result.first_loss
     assert len(rule_data(4)[0]) == 4
 
@@ -257,7 +260,7 @@ ONE, ZERO = -math.log(3 / 4), -math.log(1 / 4)  # cross-entropy of label 1 and o
 
 def _task_loss(ctx: TrainContext | None = None, **keys: object) -> float:
     cfg = RunConfig(**keys)  # type: ignore[arg-type]
-    loss = TASK.make_loss(SITE, cfg=cfg, ctx=ctx or TrainContext(seed=1))
+    loss = TASK.make_loss(SITE, spec=TASK.loss_spec(cfg), ctx=ctx or TrainContext(seed=1))
     return loss(_Recorder(), BATCH).item()
 
 
@@ -284,8 +287,8 @@ def test_task_loss_with_site_and_federation_class_weights() -> None:
 def test_task_loss_augments_training_batches_per_seed_and_step() -> None:
     def ids_seen(seed: int) -> list[list[list[int]]]:
         model = _Recorder()
-        loss = TASK.make_loss(SITE, cfg=RunConfig(augment="both", augment_rate=0.5),
-                              ctx=TrainContext(seed=seed))
+        spec = TASK.loss_spec(RunConfig(augment="both", augment_rate=0.5))
+        loss = TASK.make_loss(SITE, spec=spec, ctx=TrainContext(seed=seed))
         for _ in range(3):
             loss(model, BATCH)
         return [ids.tolist() for ids in model.seen]
@@ -299,10 +302,13 @@ def test_task_loss_augments_training_batches_per_seed_and_step() -> None:
 
 
 def test_site_reports_label_counts_only_for_federation_weights() -> None:
-    assert TASK.site_metrics(SITE, cfg=RunConfig()) == {}
-    assert TASK.site_metrics(SITE, cfg=RunConfig(class_weighting="inverse-frequency")) == {}
-    cfg = RunConfig(class_weighting="inverse-frequency", class_weighting_source="global")
-    assert TASK.site_metrics(SITE, cfg=cfg) == {"label-count-0": 3, "label-count-1": 1}
+    def metrics(**keys: str) -> dict[str, int | float]:
+        return TASK.site_metrics(SITE, spec=TASK.loss_spec(RunConfig(**keys)))
+
+    assert metrics() == {}
+    assert metrics(class_weighting="inverse-frequency") == {}
+    assert metrics(class_weighting="inverse-frequency", class_weighting_source="global") == {
+        "label-count-0": 3, "label-count-1": 1}
 
 
 def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
@@ -314,7 +320,8 @@ def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
         cfg, model, site, balanced, pad = _skewed_site(tiny_model_dir,
                                                       class_weighting=weighting)
         before = _mean_gap(model, balanced, pad)
-        train_local(model, site, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+        train_local(model, site, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                    seed=0, device=CPU, pad_token_id=pad)
         moved[weighting] = _mean_gap(model, balanced, pad) - before
 
     assert moved["none"] > 0.5
@@ -322,8 +329,8 @@ def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
 
 
 def test_federation_label_counts_are_summed_by_site_latest():
-    feedback = TASK.round_feedback(
-        RunConfig(class_weighting="inverse-frequency", class_weighting_source="global"))
+    feedback = TASK.round_feedback(TASK.loss_spec(
+        RunConfig(class_weighting="inverse-frequency", class_weighting_source="global")))
     assert feedback is not None and feedback.config_entries() == {}  # round 1: not known
     feedback.collect("a", {"num-examples": 4, "label-count-0": 3, "label-count-1": 1})
     feedback.collect("b", {"label-count-0": 1, "label-count-1": 2, "label-count-2": 2})
@@ -335,6 +342,8 @@ def test_federation_label_counts_are_summed_by_site_latest():
 
 
 def test_label_counts_are_not_collected_or_sent_unless_asked():
-    assert TASK.round_feedback(RunConfig()) is None
-    assert TASK.round_feedback(RunConfig(class_weighting="inverse-frequency")) is None
-    assert get_task("sft").round_feedback(RunConfig(task="sft")) is None
+    assert TASK.round_feedback(TASK.loss_spec(RunConfig())) is None
+    assert TASK.round_feedback(TASK.loss_spec(RunConfig(class_weighting="inverse-frequency"))
+                               ) is None
+    sft = get_task("sft")
+    assert sft.round_feedback(sft.loss_spec(RunConfig(task="sft"))) is None

@@ -26,6 +26,7 @@ from common.data import (
     partition_dataset,
     split_for_local_eval,
 )
+from common.specs import DataSpec, PartitionSpec
 
 ROWS = [
     {"text": "great film", "label": "pos"},
@@ -80,9 +81,9 @@ def _labelled_csv(path: Path, labels: list, *, prefix: str = "row") -> Path:
 def test_builtin_splits_are_deterministic_disjoint_and_stratified() -> None:
     cfg = RunConfig(dataset="builtin", builtin_examples=300, eval_fraction=0.2, seed=5)
 
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     clear_caches()
-    again = load_splits(cfg)
+    again = load_splits(DataSpec.of(cfg))
 
     assert splits.label_names == ["negative", "neutral", "positive"]
     assert (splits.train.num_rows, splits.eval.num_rows) == (240, 60)
@@ -97,7 +98,7 @@ def test_held_out_rows_are_disjoint(tmp_path: Path) -> None:
     path = _labelled_csv(tmp_path / "d.csv", [i % 3 for i in range(50)])
     cfg = RunConfig(dataset=str(path), eval_fraction=0.2, seed=1)
 
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
 
     train, held_out = set(splits.train["text"]), set(splits.eval["text"])
     assert not train & held_out
@@ -108,8 +109,8 @@ def test_held_out_rows_are_disjoint(tmp_path: Path) -> None:
 def test_other_seed_gives_other_split(tmp_path: Path) -> None:
     path = _labelled_csv(tmp_path / "d.csv", [i % 2 for i in range(40)])
 
-    first = load_splits(RunConfig(dataset=str(path), seed=1)).eval["text"]
-    second = load_splits(RunConfig(dataset=str(path), seed=2)).eval["text"]
+    first = load_splits(DataSpec.of(RunConfig(dataset=str(path), seed=1))).eval["text"]
+    second = load_splits(DataSpec.of(RunConfig(dataset=str(path), seed=2))).eval["text"]
 
     assert sorted(first) != sorted(second)
 
@@ -117,7 +118,7 @@ def test_other_seed_gives_other_split(tmp_path: Path) -> None:
 def test_tiny_class_falls_back_to_an_unstratified_split(tmp_path: Path) -> None:
     path = _labelled_csv(tmp_path / "d.csv", [0] * 10 + [1] * 9 + [2])
 
-    splits = load_splits(RunConfig(dataset=str(path), eval_fraction=0.1))
+    splits = load_splits(DataSpec.of(RunConfig(dataset=str(path), eval_fraction=0.1)))
 
     assert (splits.train.num_rows, splits.eval.num_rows) == (18, 2)
 
@@ -125,20 +126,20 @@ def test_tiny_class_falls_back_to_an_unstratified_split(tmp_path: Path) -> None:
 def test_splits_are_cached_and_keyed_by_config(tmp_path: Path) -> None:
     cfg = RunConfig(dataset="builtin", builtin_examples=60)
 
-    assert load_splits(cfg) is load_splits(cfg)
-    assert load_splits(cfg) is not load_splits(cfg.replace(seed=43))
-    assert load_splits(cfg.replace(builtin_examples=90)).train.num_rows == 81
+    assert load_splits(DataSpec.of(cfg)) is load_splits(DataSpec.of(cfg))
+    assert load_splits(DataSpec.of(cfg)) is not load_splits(DataSpec.of(cfg.replace(seed=43)))
+    assert load_splits(DataSpec.of(cfg.replace(builtin_examples=90))).train.num_rows == 81
 
 
 def test_an_edited_file_is_read_again(tmp_path: Path) -> None:
     path = _labelled_csv(tmp_path / "d.csv", [0, 1] * 10)
     cfg = RunConfig(dataset=str(path))
-    before = load_splits(cfg)
+    before = load_splits(DataSpec.of(cfg))
 
     _labelled_csv(path, [0, 1] * 20)
 
-    assert load_splits(cfg) is not before
-    assert load_splits(cfg).train.num_rows == 36
+    assert load_splits(DataSpec.of(cfg)) is not before
+    assert load_splits(DataSpec.of(cfg)).train.num_rows == 36
 
 
 def test_eval_dataset_is_used_when_set(tmp_path: Path) -> None:
@@ -146,7 +147,7 @@ def test_eval_dataset_is_used_when_set(tmp_path: Path) -> None:
     eval_path = _labelled_csv(tmp_path / "eval.csv", ["a", "b", "b"], prefix="held")
     cfg = RunConfig(dataset=str(train_path), eval_dataset=str(eval_path), seed=3)
 
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
 
     assert splits.label_names == ["a", "b"]
     assert splits.train.num_rows == 20  # the whole training file
@@ -162,25 +163,26 @@ def test_eval_labels_unseen_in_training(tmp_path: Path) -> None:
     cfg = RunConfig(dataset=str(train_path), eval_dataset=str(eval_path))
 
     with pytest.raises(DataError, match=r"eval\.csv: labels 'c' not seen in training"):
-        load_splits(cfg)
+        load_splits(DataSpec.of(cfg))
 
 
 def test_single_class_dataset(tmp_path: Path) -> None:
     path = _labelled_csv(tmp_path / "one.csv", ["x"] * 5)
 
     with pytest.raises(DataError, match=r"only one class 'x' found in .*one\.csv"):
-        load_splits(RunConfig(dataset=str(path)))
+        load_splits(DataSpec.of(RunConfig(dataset=str(path))))
 
 
 # --- partitions ------------------------------------------------------------------------
 
 
 def _train(seed: int = 0, examples: int = 300) -> datasets.Dataset:
-    return load_splits(RunConfig(builtin_examples=examples, seed=seed)).train
+    return load_splits(DataSpec.of(RunConfig(builtin_examples=examples, seed=seed))).train
 
 
 def _partitions(cfg: RunConfig, train: datasets.Dataset, n: int) -> list[datasets.Dataset]:
-    return [partition_dataset(train, cfg, num_partitions=n, partition_id=i) for i in range(n)]
+    return [partition_dataset(train, PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=n,
+                              partition_id=i) for i in range(n)]
 
 
 @pytest.mark.parametrize("partitioner", ["iid", "dirichlet", "pathological"])
@@ -253,7 +255,8 @@ def test_column_partitioner_count_mismatch() -> None:
 
     with pytest.raises(DataError, match="column 'domain' has 3 distinct values but the "
                                         "simulation has 10 clients: use num-supernodes=3"):
-        partition_dataset(_train(), cfg, num_partitions=10, partition_id=0)
+        partition_dataset(_train(), PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=10,
+                          partition_id=0)
 
 
 def test_column_partitioner_missing_column() -> None:
@@ -261,20 +264,23 @@ def test_column_partitioner_missing_column() -> None:
 
     with pytest.raises(DataError, match=r"partition column 'site' not found; columns: "
                                         r"'text', 'label', 'domain'"):
-        partition_dataset(_train(), cfg, num_partitions=3, partition_id=0)
+        partition_dataset(_train(), PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=3,
+                          partition_id=0)
 
 
 @pytest.mark.parametrize(("num_partitions", "partition_id"), [(3, 3), (3, -1), (0, 0)])
 def test_partition_id_out_of_range(num_partitions: int, partition_id: int) -> None:
     with pytest.raises(DataError, match="num_partitions|partition_id"):
         partition_dataset(
-            _train(), RunConfig(), num_partitions=num_partitions, partition_id=partition_id
+            _train(), PartitionSpec.of(RunConfig()), source="builtin",
+            num_partitions=num_partitions, partition_id=partition_id
         )
 
 
 def test_more_clients_than_rows() -> None:
     with pytest.raises(DataError, match="30 clients but only 27 training rows"):
-        partition_dataset(_train(examples=30), RunConfig(), num_partitions=30, partition_id=0)
+        partition_dataset(_train(examples=30), PartitionSpec.of(RunConfig()),
+                          source="builtin", num_partitions=30, partition_id=0)
 
 
 def _nine_rows() -> datasets.Dataset:
@@ -294,7 +300,8 @@ def _nine_rows() -> datasets.Dataset:
 def test_partitioner_failure_is_wrapped(cfg: RunConfig, train, hint: str) -> None:
     n = 4 if cfg.partitioner == "pathological" else 10
     with pytest.raises(DataError, match=f"partitioner '{cfg.partitioner}' failed.*{hint}"):
-        partition_dataset(train(), cfg, num_partitions=n, partition_id=0)
+        partition_dataset(train(), PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=n,
+                          partition_id=0)
     assert not data._PARTITIONER_CACHE  # the half-built partitioner is not kept
 
 
@@ -302,10 +309,13 @@ def test_partitioner_is_cached_per_setting() -> None:
     train = _train()
     cfg = RunConfig(partitioner="dirichlet")
 
-    partition_dataset(train, cfg, num_partitions=4, partition_id=0)
-    partition_dataset(train, cfg, num_partitions=4, partition_id=1)
+    partition_dataset(train, PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=4,
+                      partition_id=0)
+    partition_dataset(train, PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=4,
+                      partition_id=1)
     assert len(data._PARTITIONER_CACHE) == 1
-    partition_dataset(train, cfg.replace(dirichlet_alpha=1.0), num_partitions=4, partition_id=0)
+    partition_dataset(train, PartitionSpec.of(cfg.replace(dirichlet_alpha=1.0)),
+                      source=cfg.dataset, num_partitions=4, partition_id=0)
     assert len(data._PARTITIONER_CACHE) == 2
 
 
@@ -340,7 +350,7 @@ def test_local_eval_split_keeps_a_training_row(
 def test_site_data_uses_the_federation_labels(tmp_path: Path) -> None:
     path = _write(tmp_path / "site.jsonl", ROWS)
 
-    site = load_site_data(str(path), RunConfig(), ["neg", "pos"])
+    site = load_site_data(str(path), DataSpec.of(RunConfig()), ["neg", "pos"])
 
     assert site.column_names == ["text", "label"]
     assert list(site["label"]) == [1, 0, 1, 0]
@@ -350,7 +360,7 @@ def test_site_data_with_unknown_labels(tmp_path: Path) -> None:
     path = _write(tmp_path / "site.jsonl", ROWS)
 
     with pytest.raises(DataError, match=r"site\.jsonl: labels 'pos' not seen in training"):
-        load_site_data(str(path), RunConfig(), ["neg", "neutral"])
+        load_site_data(str(path), DataSpec.of(RunConfig()), ["neg", "neutral"])
 
 
 # --- the label rule through the splits, site data and `labels` ---------------------------
@@ -369,9 +379,10 @@ def test_eval_and_site_data_follow_the_same_label_rule(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"eval\.csv: labels 'Neg', 'POS' not seen in "
                                         r"training.*'Neg', 'POS' differ from known labels "
                                         r"only by case: set `label-case-fold`=true"):
-        load_splits(cfg)
-    splits = load_splits(cfg.replace(label_case_fold=True))
-    site = load_site_data(str(held_out), cfg.replace(label_case_fold=True), splits.label_names)
+        load_splits(DataSpec.of(cfg))
+    splits = load_splits(DataSpec.of(cfg.replace(label_case_fold=True)))
+    site = load_site_data(str(held_out), DataSpec.of(cfg.replace(label_case_fold=True)),
+                          splits.label_names)
 
     assert splits.label_names == ["neg", "pos"]
     assert list(splits.eval["label"]) == [1, 0]
@@ -410,7 +421,8 @@ def test_an_infeasible_plan_is_refused(
     cfg: RunConfig, num_partitions: int, message: str
 ) -> None:
     with pytest.raises(DataError, match=message):
-        check_partition_plan(_train(), cfg, num_partitions=num_partitions)
+        check_partition_plan(_train(), PartitionSpec.of(cfg), source=cfg.dataset,
+                             num_partitions=num_partitions)
 
 
 def test_a_plan_with_an_empty_partition_is_refused_like_the_client(
@@ -425,16 +437,19 @@ def test_a_plan_with_an_empty_partition_is_refused_like_the_client(
     train = _train()
 
     with pytest.raises(DataError, match=message):
-        check_partition_plan(train, cfg, num_partitions=10)
+        check_partition_plan(train, PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=10)
     with pytest.raises(DataError, match=message):
-        partition_dataset(train, cfg, num_partitions=10, partition_id=8)
-    assert partition_dataset(train, cfg, num_partitions=10, partition_id=0).num_rows > 0
+        partition_dataset(train, PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=10,
+                          partition_id=8)
+    assert partition_dataset(train, PartitionSpec.of(cfg), source=cfg.dataset, num_partitions=10,
+                             partition_id=0).num_rows > 0
 
 
 def test_a_feasible_plan_counts_rows_and_labels() -> None:
     train = _train()  # 270 rows, 90 per class
 
-    plan = check_partition_plan(train, RunConfig(partitioner="iid"), num_partitions=4)
+    plan = check_partition_plan(train, PartitionSpec.of(RunConfig(partitioner="iid")),
+                                source="builtin", num_partitions=4)
 
     assert isinstance(plan, PartitionPlan) and plan.num_partitions == 4
     assert plan.rows == (68, 68, 67, 67) and sum(plan.rows) == train.num_rows
@@ -449,7 +464,8 @@ def test_the_plan_is_what_the_clients_get(partitioner: str) -> None:
     cfg = RunConfig(partitioner=partitioner, classes_per_client=1, seed=3)
     n = 3 if partitioner.startswith("column:") else 6
 
-    plan = check_partition_plan(_train(), cfg, num_partitions=n)
+    plan = check_partition_plan(_train(), PartitionSpec.of(cfg), source=cfg.dataset,
+                                num_partitions=n)
     clear_caches()  # the clients rebuild the partitioner in their own process
     parts = _partitions(cfg, _train(), n)
 
@@ -462,15 +478,16 @@ def test_the_plan_is_what_the_clients_get(partitioner: str) -> None:
 def test_a_plan_from_a_frame() -> None:
     frame = _train().to_pandas()
 
-    plan = check_partition_plan(frame, RunConfig(), num_partitions=3)
+    plan = check_partition_plan(frame, PartitionSpec.of(RunConfig()), source="builtin",
+                                num_partitions=3)
 
     assert plan.rows == (90, 90, 90)
 
 
 def test_validation_is_held_out_of_the_training_rows_only() -> None:
     base = RunConfig(dataset="builtin", builtin_examples=300, eval_fraction=0.2, seed=5)
-    plain = load_splits(base)
-    splits = load_splits(base.replace(validation_fraction=0.25))
+    plain = load_splits(DataSpec.of(base))
+    splits = load_splits(DataSpec.of(base.replace(validation_fraction=0.25)))
 
     assert plain.validation is None
     # The test set is untouched; the validation rows leave the training rows.
@@ -482,6 +499,7 @@ def test_validation_is_held_out_of_the_training_rows_only() -> None:
     assert np.bincount(list(splits.validation["label"])).tolist() == [20, 20, 20]
     # Clients partition `train`: no client ever trains on a validation row.
     cfg = base.replace(validation_fraction=0.25)
-    parts = [partition_dataset(load_splits(cfg).train, cfg, num_partitions=3, partition_id=i)
+    parts = [partition_dataset(load_splits(DataSpec.of(cfg)).train, PartitionSpec.of(cfg),
+                               source=cfg.dataset, num_partitions=3, partition_id=i)
              for i in range(3)]
     assert not set().union(*(set(p["text"]) for p in parts)) & validation

@@ -20,6 +20,7 @@ from common.dp_sgd import (
     train_local_dp_sgd,
 )
 from common.model import get_exchanged_state, set_exchanged_state
+from common.specs import DPSGDSpec, TrainSpec
 from common.tasks.classification import TASK
 from common.training import train_local
 from tests.common.test_training import setup
@@ -71,7 +72,8 @@ def _one_sgd_step(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, **chang
     cfg, model, data, pad = setup(tiny_model_dir, n=16, method="lora", local_steps=1,
                                   batch_size=16, **changes)
     before = get_exchanged_state(model)
-    train_local_dp_sgd(model, data, cfg, task=TASK, seed=3, device=CPU, pad_token_id=pad)
+    train_local_dp_sgd(model, data, TrainSpec.of(cfg), dp=DPSGDSpec.of(cfg), task=TASK,
+                       loss_spec=TASK.loss_spec(cfg), seed=3, device=CPU, pad_token_id=pad)
     after = get_exchanged_state(model)
     return np.concatenate([(after[k] - before[k]).ravel() for k in before])
 
@@ -108,7 +110,9 @@ def test_dp_sgd_learns_and_leaves_the_cached_model_clean(tiny_model_dir: Path,
     start = get_exchanged_state(model)
     before = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
-    result, (z, q, steps) = train_local_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU,
+    result, (z, q, steps) = train_local_dp_sgd(model, data, TrainSpec.of(cfg),
+                                               dp=DPSGDSpec.of(cfg), task=TASK,
+                                               loss_spec=TASK.loss_spec(cfg), seed=1, device=CPU,
                                                pad_token_id=pad)
     after = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
@@ -121,7 +125,8 @@ def test_dp_sgd_learns_and_leaves_the_cached_model_clean(tiny_model_dir: Path,
     assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
     # The same (cached) model then trains without DP as before.
     set_exchanged_state(model, start)
-    train_local(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
+    train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg), seed=1,
+                device=CPU, pad_token_id=pad)
 
 
 def test_client_accounts_every_round_in_its_node_state(tiny_model_dir: Path) -> None:
@@ -195,17 +200,19 @@ def test_each_site_calibrates_for_every_planned_round_at_its_own_rate() -> None:
     cfg = RunConfig(dp_sgd_target_epsilon=8.0, num_server_rounds=10, local_steps=20,
                     batch_size=32)
 
-    small, large = site_noise_multiplier(cfg, 400), site_noise_multiplier(cfg, 1600)
+    dp, train = DPSGDSpec.of(cfg), TrainSpec.of(cfg)
+    small, large = site_noise_multiplier(dp, train, 400), site_noise_multiplier(dp, train, 1600)
 
     assert small == calibrate_noise_multiplier(target_epsilon=8.0, delta=1e-5,
                                                sample_rate=32 / 400, steps=200)
     assert small > large
-    assert planned_entry(cfg, 400) == (small, 32 / 400, 20)
+    assert planned_entry(dp, train, 400) == (small, 32 / 400, 20)
     # All planned rounds together stay within the budget, at each site.
     for z, n in ((small, 400), (large, 1600)):
         assert sample_level_epsilon([(z, 32 / n, 20)] * 10, delta=1e-5) <= 8.0
     # A set noise multiplier is used as it is.
-    assert site_noise_multiplier(RunConfig(dp_sgd_noise_multiplier=0.7), 400) == 0.7
+    set_noise = RunConfig(dp_sgd_noise_multiplier=0.7)
+    assert site_noise_multiplier(DPSGDSpec.of(set_noise), TrainSpec.of(set_noise), 400) == 0.7
 
 
 def test_a_target_epsilon_alone_turns_dp_sgd_on() -> None:
@@ -232,7 +239,8 @@ def test_a_call_whose_batches_are_all_empty_takes_noise_steps_only(
                                   batch_size=1, dp_sgd_noise_multiplier=1.0)
     before = get_exchanged_state(model)
 
-    result, entry = train_local_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU,
+    result, entry = train_local_dp_sgd(model, data, TrainSpec.of(cfg), dp=DPSGDSpec.of(cfg),
+                                       task=TASK, loss_spec=TASK.loss_spec(cfg), seed=1, device=CPU,
                                        pad_token_id=pad)
 
     after = get_exchanged_state(model)

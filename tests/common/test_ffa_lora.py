@@ -22,7 +22,7 @@ from common.model import (
     get_model,
     set_exchanged_state,
 )
-from common.specs import ModelSpec
+from common.specs import DPSGDSpec, ModelSpec, TrainSpec
 from common.tasks.classification import TASK
 from common.training import train_local
 from tests.common.test_training import setup
@@ -71,7 +71,8 @@ def test_after_local_training_a_equals_its_init_and_b_changed(tiny_model_dir: Pa
                                   local_steps=5, batch_size=8, learning_rate=1e-2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    train_local(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
+    train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg), seed=1,
+                device=CPU, pad_token_id=pad)
 
     after = dict(model.named_parameters())
     a, b, head = _lora_parts(list(after))
@@ -158,7 +159,8 @@ def test_dp_sgd_trains_only_b_and_the_head(tiny_model_dir: Path) -> None:
                                   local_steps=3, batch_size=8, dp_sgd_noise_multiplier=1.0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
 
-    train_local_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
+    train_local_dp_sgd(model, data, TrainSpec.of(cfg), dp=DPSGDSpec.of(cfg), task=TASK,
+                       loss_spec=TASK.loss_spec(cfg), seed=1, device=CPU, pad_token_id=pad)
 
     after = dict(model.named_parameters())
     a, b, _ = _lora_parts(list(after))

@@ -1,4 +1,5 @@
-"""The frozen specs key the per-process caches: every config field is accounted for."""
+"""The frozen specs: every config field is in one (or declared in none), and a spec
+changes exactly with its own fields."""
 
 from __future__ import annotations
 
@@ -7,34 +8,46 @@ import dataclasses
 import pytest
 
 from common.config import RunConfig
-from common.specs import DataSpec, EncodeSpec, ModelSpec, PartitionSpec, spec_from_config
+from common.specs import (
+    DataSpec,
+    DPSGDSpec,
+    EncodeSpec,
+    ModelSpec,
+    PartitionSpec,
+    TrainSpec,
+    spec_from_config,
+)
+from common.tasks import get_task, task_names
 
-SPECS = (ModelSpec, DataSpec, PartitionSpec, EncodeSpec)
-# Fields that change no cached object (the model, the splits, the partitions or the
-# encoded examples). `model` enters ModelSpec resolved, as `model_path`; `labels` as the
-# class names the server derives. A new RunConfig field must go into a spec or here.
+SPECS = (ModelSpec, DataSpec, PartitionSpec, EncodeSpec, TrainSpec, DPSGDSpec)
+# Fields in no spec: read by the server, the strategy or the client's glue directly.
+# `model` enters ModelSpec resolved, as `model_path`; `labels` as the class names the
+# server derives. A new RunConfig field must go into a spec (a task's own loss key: its
+# `loss_spec`) or here.
 NOT_CACHED = {
     "model", "labels",
-    "num_server_rounds", "fraction_train", "fraction_evaluate", "min_nodes", "min_replies",
+    "fraction_train", "fraction_evaluate", "min_nodes", "min_replies",
     "round_timeout", "node_wait_timeout", "max_update_norm", "strategy", "proximal_mu",
     "server_learning_rate", "server_momentum", "trim_fraction", "num_malicious", "krum_keep",
-    "local_steps", "local_epochs", "batch_size", "learning_rate", "weight_decay",
-    "warmup_ratio", "grad_clip", "skew_loss", "skew_loss_tau", "class_weighting",
-    "class_weighting_source", "class_weighting_beta", "focal_gamma", "augment",
-    "augment_rate", "update_encoding",
+    "update_encoding",
     "int8_block_size", "topk_fraction", "dp_noise_multiplier", "dp_clipping_norm",
-    "dp_clipping", "dp_side", "dp_delta", "dp_target_epsilon", "dp_sgd_noise_multiplier",
-    "dp_sgd_max_grad_norm", "dp_sgd_delta", "dp_sgd_target_epsilon", "attack",
+    "dp_clipping", "dp_side", "dp_delta", "dp_target_epsilon", "attack",
     "attack_fraction", "attack_scale", "secure_aggregation", "secagg_threshold",
-    "secagg_clip_range", "secagg_max_weight", "audit_egress", "device", "precision",
+    "secagg_clip_range", "secagg_max_weight", "audit_egress", "device",
     "output_dir", "run_name", "resume_from", "keep_checkpoints", "log_to", "select_model",
     "selection_metric", "early_stopping_patience", "early_stopping_min_delta",
     "generate_every", "generation_samples", "max_new_tokens", "retention_dataset",
 }
 
 
+def _loss_spec_fields() -> set[str]:
+    """The fields of every registered task's loss spec (``Task.loss_spec``)."""
+    return {f.name for name in task_names()
+            for f in dataclasses.fields(get_task(name).loss_spec(RunConfig(task=name)))}
+
+
 def _spec_fields() -> set[str]:
-    return {f.name for spec in SPECS for f in dataclasses.fields(spec)}
+    return {f.name for spec in SPECS for f in dataclasses.fields(spec)} | _loss_spec_fields()
 
 
 def test_every_config_field_is_in_a_spec_or_declared_uncached():
@@ -87,3 +100,38 @@ def test_spec_from_config_takes_extra_fields_only_for_names_outside_the_config()
     spec = spec_from_config(EncodeSpec, RunConfig(max_length=32), tokenizer_path="/t")
     assert spec == EncodeSpec(task="classification", max_length=32, tokenizer_path="/t",
                               chat_template="", train_on="assistant", overflow="truncate")
+
+
+@pytest.mark.parametrize("change", [
+    {"batch_size": 8}, {"local_steps": 3}, {"local_epochs": 2}, {"learning_rate": 1e-3},
+    {"weight_decay": 0.1}, {"warmup_ratio": 0.2}, {"grad_clip": 0.5}, {"precision": "bf16"},
+])
+def test_a_train_field_changes_the_train_spec_and_nothing_else_does(change):
+    assert TrainSpec.of(RunConfig(**change)) != TrainSpec.of(RunConfig())
+    others = RunConfig(seed=3, proximal_mu=0.1, focal_gamma=2.0, dp_sgd_noise_multiplier=1.0)
+    assert TrainSpec.of(others) == TrainSpec.of(RunConfig())
+
+
+def test_train_spec_steps_are_local_steps_else_whole_epochs():
+    assert TrainSpec.of(RunConfig(local_steps=7)).steps(1000) == 7
+    assert TrainSpec.of(RunConfig(local_steps=0, local_epochs=2, batch_size=4)).steps(10) == 6
+
+
+def test_the_dp_sgd_spec_holds_the_rounds_its_budget_is_planned_over():
+    cfg = RunConfig(dp_sgd_target_epsilon=8.0, num_server_rounds=7)
+    assert DPSGDSpec.of(cfg).num_server_rounds == 7
+    assert DPSGDSpec.of(cfg) != DPSGDSpec.of(cfg.replace(dp_sgd_delta=1e-6))
+    assert DPSGDSpec.of(cfg) == DPSGDSpec.of(cfg.replace(learning_rate=1e-3))
+
+
+def test_a_tasks_loss_spec_holds_its_own_loss_keys_only():
+    task = get_task("classification")
+    plain = task.loss_spec(RunConfig())
+    assert task.loss_spec(RunConfig(focal_gamma=2.0)) != plain
+    assert task.loss_spec(RunConfig(class_weighting="inverse-frequency")) != plain
+    # keys it does not own (training, data, server, sft's) leave it equal
+    assert task.loss_spec(RunConfig(learning_rate=1e-3, seed=5, max_length=32,
+                                    num_server_rounds=9)) == plain
+    sft = get_task("sft")
+    assert sft.loss_spec(RunConfig(task="sft", train_on="all")) == sft.loss_spec(
+        RunConfig(task="sft"))

@@ -15,7 +15,7 @@ from common.config import RunConfig
 from common.data import DataError, load_site_data, load_splits
 from common.dp_sgd import train_local_dp_sgd
 from common.model import build_model, get_exchanged_state
-from common.specs import EncodeSpec, ModelSpec
+from common.specs import DataSpec, DPSGDSpec, EncodeSpec, ModelSpec, TrainSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext, TrainContext
 from common.tasks.sft import TASK, prompts_from_frame
@@ -35,7 +35,7 @@ def _cfg(model_dir, **changes):
 def setup(tiny_llama_dir):  # type: ignore[no-untyped-def]
     cfg = _cfg(tiny_llama_dir)
     model, tokenizer = build_model(ModelSpec.of(cfg, []))
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     encoding = EncodeSpec.of(cfg, tokenizer.name_or_path)
     train = TASK.encode(splits.train, tokenizer, spec=encoding)
     evaluation = TASK.encode(splits.eval, tokenizer, spec=encoding)
@@ -48,7 +48,7 @@ def test_get_task_finds_the_sft_task():
 
 
 def test_builtin_rows_become_conversations_and_keep_the_task_column(tiny_llama_dir):
-    splits = load_splits(_cfg(tiny_llama_dir))
+    splits = load_splits(DataSpec.of(_cfg(tiny_llama_dir)))
     assert splits.label_names == []
     assert splits.train.column_names[0] == "messages"
     assert {"task", "domain"} <= set(splits.train.column_names)
@@ -67,7 +67,7 @@ def test_lora_targets_every_attention_projection_of_a_llama(setup):
 def test_the_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(setup):
     cfg, model, tokenizer, train, _ = setup
     batch = TASK.collate(train, [0, 1], tokenizer.pad_token_id)
-    loss = TASK.make_loss(train, cfg=cfg, ctx=TrainContext())(model, batch)
+    loss = TASK.make_loss(train, spec=TASK.loss_spec(cfg), ctx=TrainContext())(model, batch)
 
     logits = model(input_ids=batch["input_ids"],
                    attention_mask=batch["attention_mask"]).logits.float()
@@ -86,8 +86,9 @@ def test_training_lowers_the_assistant_token_loss(setup):
     cfg, model, tokenizer, train, evaluation = setup
     ctx = EvalContext(batch_size=8, device=CPU, precision="fp32", server_round=1, cfg=cfg)
     before = TASK.evaluate(model, tokenizer, evaluation, ctx)["loss"]
-    result = train_local(model, train, cfg.replace(local_steps=15), task=TASK, seed=0,
-                         device=CPU, pad_token_id=tokenizer.pad_token_id)
+    result = train_local(model, train, TrainSpec.of(cfg.replace(local_steps=15)), task=TASK,
+                         loss_spec=TASK.loss_spec(cfg), seed=0, device=CPU,
+                         pad_token_id=tokenizer.pad_token_id)
     after = TASK.evaluate(model, tokenizer, evaluation, ctx)
     assert result.steps == 15 and after["loss"] < before
     assert after["perplexity"] == pytest.approx(math.exp(after["loss"]))
@@ -112,9 +113,10 @@ def test_generation_metrics_run_in_round_0_every_n_rounds_and_at_the_end(setup):
 def test_dp_sgd_trains_a_causal_lm_with_lora(setup):
     cfg, model, tokenizer, train, _ = setup
     before = get_exchanged_state(model)
+    dp_cfg = cfg.replace(dp_sgd_noise_multiplier=1.0, local_steps=3)
     result, (noise, rate, steps) = train_local_dp_sgd(
-        model, train, cfg.replace(dp_sgd_noise_multiplier=1.0, local_steps=3), task=TASK,
-        seed=1, device=CPU, pad_token_id=tokenizer.pad_token_id)
+        model, train, TrainSpec.of(dp_cfg), dp=DPSGDSpec.of(dp_cfg), task=TASK,
+        loss_spec=TASK.loss_spec(dp_cfg), seed=1, device=CPU, pad_token_id=tokenizer.pad_token_id)
     after = get_exchanged_state(model)
     assert steps == 3 and noise == 1.0 and 0 < rate < 1
     assert any((before[k] != after[k]).any() for k in before)
@@ -125,7 +127,7 @@ def test_a_site_file_is_read_as_conversations(tiny_llama_dir, tmp_path):
     rows = [{"instruction": "Say hi", "input": "", "output": "hi"},
             {"instruction": "Add", "input": "2 and 3", "output": "5"}]
     site.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
-    data = load_site_data(str(site), _cfg(tiny_llama_dir), [])
+    data = load_site_data(str(site), DataSpec.of(_cfg(tiny_llama_dir)), [])
     assert data.column_names == ["messages"]
     assert data[1]["messages"][0]["content"] == "Add\n\n2 and 3"
     assert data[1]["messages"][1] == {"role": "assistant", "content": "5"}
@@ -134,7 +136,7 @@ def test_a_site_file_is_read_as_conversations(tiny_llama_dir, tmp_path):
 def test_a_csv_answer_that_looks_like_a_number_stays_text(tiny_llama_dir, tmp_path):
     site = tmp_path / "site.csv"
     site.write_text("prompt,response\nWhat is 2+2?,4\nAnd 3+3?,6\n", encoding="utf-8")
-    data = load_site_data(str(site), _cfg(tiny_llama_dir), [])
+    data = load_site_data(str(site), DataSpec.of(_cfg(tiny_llama_dir)), [])
     assert data[0]["messages"][1]["content"] == "4"
 
 
@@ -143,7 +145,7 @@ def test_a_conversation_without_an_answer_is_refused_naming_the_row(tiny_llama_d
     site.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n",
                     encoding="utf-8")
     with pytest.raises(DataError, match=r"site.jsonl.*row 1"):
-        load_site_data(str(site), _cfg(tiny_llama_dir), [])
+        load_site_data(str(site), DataSpec.of(_cfg(tiny_llama_dir)), [])
 
 
 def test_the_site_check_counts_long_conversations(setup, tmp_path):
@@ -260,10 +262,11 @@ def test_sft_refuses_settings_that_cannot_work(changes, message):
 def test_gradient_checkpointing_trains_a_causal_lm(tiny_llama_dir):
     cfg = _cfg(tiny_llama_dir, gradient_checkpointing=True)
     model, tokenizer = build_model(ModelSpec.of(cfg, []))
-    splits = load_splits(cfg)
+    splits = load_splits(DataSpec.of(cfg))
     train = TASK.encode(splits.train, tokenizer, spec=EncodeSpec.of(cfg, tokenizer.name_or_path))
     before = get_exchanged_state(model)
-    result = train_local(model, train, cfg, task=TASK, seed=0, device=CPU,
+    result = train_local(model, train, TrainSpec.of(cfg), task=TASK,
+                         loss_spec=TASK.loss_spec(cfg), seed=0, device=CPU,
                          pad_token_id=tokenizer.pad_token_id)
     after = get_exchanged_state(model)
     assert result.steps == cfg.local_steps

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common.config import ConfigError, RunConfig
+from common.specs import TrainSpec
 from common.tasks import (
     MetricInfo,
     TaskInfo,
@@ -59,6 +60,11 @@ class ToyExamples:
         return len(self.targets)
 
 
+@dataclass(frozen=True)
+class ToyLossSpec:
+    """No toy key shapes its loss."""
+
+
 class ToyTask:
     """Binary classification of random vectors by a linear layer."""
 
@@ -72,7 +78,10 @@ class ToyTask:
                 ) -> dict[str, torch.Tensor]:
         return {"features": examples.features[index], "labels": examples.targets[index]}
 
-    def make_loss(self, examples: ToyExamples, *, cfg: RunConfig, ctx: Any) -> Any:
+    def loss_spec(self, cfg: RunConfig) -> ToyLossSpec:
+        return ToyLossSpec()
+
+    def make_loss(self, examples: ToyExamples, *, spec: ToyLossSpec, ctx: Any) -> Any:
         def loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
             return F.cross_entropy(model(batch["features"]), batch["labels"])
         return loss
@@ -141,8 +150,8 @@ def test_local_training_runs_the_toys_collate_and_loss(toy):
     before = model.weight.detach().clone()
     data = toy.examples(10, cfg.toy_width, seed=1)
 
-    result = train_local(model, data, cfg, task=toy, seed=5, device=torch.device("cpu"),
-                         pad_token_id=0)
+    result = train_local(model, data, TrainSpec.of(cfg), task=toy, loss_spec=toy.loss_spec(cfg),
+                         seed=5, device=torch.device("cpu"), pad_token_id=0)
 
     assert (result.steps, result.num_examples, result.examples_seen) == (2, 8, 8)
     assert result.tokens is None  # the toy's batches have no attention mask

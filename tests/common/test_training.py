@@ -14,7 +14,7 @@ from transformers import AutoTokenizer
 
 from common.config import RunConfig
 from common.model import build_model, get_exchanged_state, set_exchanged_state
-from common.specs import ModelSpec
+from common.specs import ModelSpec, TrainSpec
 from common.tasks.classification import TASK, EncodedData, collate, encode
 from common.training import batch_tokens, derive_seed, iterate_batches, train_local
 from tests.helpers import classify_eval as evaluate
@@ -87,7 +87,8 @@ def test_the_loop_counts_every_row_and_token_it_processed(tiny_model_dir: Path) 
     cfg, model, data, pad = setup(tiny_model_dir, n=10, batch_size=4, local_steps=0,
                                 local_epochs=2)
 
-    result = train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                         seed=0, device=CPU, pad_token_id=pad)
 
     # Two epochs over 10 examples (batches of 4, 4, 2): each row and its tokens twice.
     assert result.examples_seen == 20 and result.num_examples == 10
@@ -126,7 +127,8 @@ def test_training_lowers_the_loss_and_learns_the_rule(tiny_model_dir: Path) -> N
                                   batch_size=16, learning_rate=1e-2)
     before = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
-    result = train_local(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                         seed=1, device=CPU, pad_token_id=pad)
     after = evaluate(model, data, batch_size=32, device=CPU, pad_token_id=pad)
 
     assert result.steps == 60
@@ -140,7 +142,8 @@ def test_training_lowers_the_loss_and_learns_the_rule(tiny_model_dir: Path) -> N
 def test_first_loss_regression(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=2)
 
-    result = train_local(model, data, cfg, task=TASK, seed=derive_seed(42, 1, 0), device=CPU,
+    result = train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                         seed=derive_seed(42, 1, 0), device=CPU,
                          pad_token_id=pad)
 
     # pinned: tiny BERT (seed 0), head and LoRA seeded by RunConfig.seed=42
@@ -153,7 +156,8 @@ def test_same_seed_same_weights_other_seed_other_weights(tiny_model_dir: Path) -
 
     def train(seed: int) -> dict[str, np.ndarray]:
         set_exchanged_state(model, start)
-        train_local(model, data, cfg, task=TASK, seed=seed, device=CPU, pad_token_id=pad)
+        train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                    seed=seed, device=CPU, pad_token_id=pad)
         return get_exchanged_state(model)
 
     first, again, other = train(1), train(1), train(2)
@@ -176,7 +180,8 @@ def test_step_cap_and_num_examples(tiny_model_dir: Path, local_steps: int, local
     cfg, model, data, pad = setup(tiny_model_dir, n=10, method="head", batch_size=4,
                                   local_steps=local_steps, local_epochs=local_epochs)
 
-    result = train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+    result = train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                         seed=0, device=CPU, pad_token_id=pad)
 
     assert (result.steps, result.num_examples) == (steps, num_examples)
     assert result.seconds > 0
@@ -189,7 +194,8 @@ def test_proximal_term_keeps_weights_near_the_global_ones(tiny_model_dir: Path) 
 
     def distance_moved(mu: float) -> float:
         set_exchanged_state(model, start)
-        train_local(model, data, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad,
+        train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                    seed=0, device=CPU, pad_token_id=pad,
                     proximal_mu=mu)
         end = get_exchanged_state(model)
         return math.sqrt(sum(float(((end[k] - start[k]) ** 2).sum()) for k in start))
@@ -202,8 +208,8 @@ def test_proximal_term_keeps_weights_near_the_global_ones(tiny_model_dir: Path) 
 def test_training_under_bf16_autocast_on_cpu(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, n=8, method="lora", local_steps=1)
 
-    result = train_local(model, data, cfg.replace(precision="bf16"), task=TASK, seed=0, device=CPU,
-                         pad_token_id=pad)
+    result = train_local(model, data, TrainSpec.of(cfg.replace(precision="bf16")), task=TASK,
+                         loss_spec=TASK.loss_spec(cfg), seed=0, device=CPU, pad_token_id=pad)
 
     assert math.isfinite(result.train_loss)
 
@@ -213,7 +219,8 @@ def test_empty_data_is_an_error(tiny_model_dir: Path) -> None:
     empty = EncodedData(input_ids=[], labels=torch.zeros(0, dtype=torch.int64))
 
     with pytest.raises(ValueError, match="empty"):
-        train_local(model, empty, cfg, task=TASK, seed=0, device=CPU, pad_token_id=pad)
+        train_local(model, empty, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                    seed=0, device=CPU, pad_token_id=pad)
     with pytest.raises(ValueError, match="empty"):
         evaluate(model, empty, batch_size=4, device=CPU, pad_token_id=pad)
 

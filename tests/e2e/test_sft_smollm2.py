@@ -12,7 +12,7 @@ import torch
 from common.config import RunConfig
 from common.data import load_site_data
 from common.model import build_model
-from common.specs import EncodeSpec, ModelSpec
+from common.specs import DataSpec, EncodeSpec, ModelSpec, TrainSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext
 from common.training import train_local
@@ -39,13 +39,16 @@ def test_a_few_steps_lower_the_assistant_token_loss_on_gsm8k(tmp_path):
     task = get_task("sft")
     model, tokenizer = build_model(ModelSpec.of(cfg, []))
     encoding = EncodeSpec.of(cfg, tokenizer.name_or_path)
-    train = task.encode(load_site_data(str(train_file), cfg, []), tokenizer, spec=encoding)
-    held_out = task.encode(load_site_data(str(eval_file), cfg, []), tokenizer, spec=encoding)
+    train = task.encode(load_site_data(str(train_file), DataSpec.of(cfg), []), tokenizer,
+                        spec=encoding)
+    held_out = task.encode(load_site_data(str(eval_file), DataSpec.of(cfg), []), tokenizer,
+                           spec=encoding)
     ctx = EvalContext(batch_size=8, device=torch.device("cpu"), precision="fp32",
                       server_round=1, cfg=cfg)  # round 1: loss only, no generation
 
     before = task.evaluate(model, tokenizer, held_out, ctx)["loss"]
-    result = train_local(model, train, cfg, task=task, seed=0, device=torch.device("cpu"),
+    result = train_local(model, train, TrainSpec.of(cfg), task=task,
+                         loss_spec=task.loss_spec(cfg), seed=0, device=torch.device("cpu"),
                          pad_token_id=tokenizer.pad_token_id)
     after = task.evaluate(model, tokenizer, held_out, ctx)["loss"]
 

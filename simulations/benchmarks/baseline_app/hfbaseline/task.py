@@ -37,8 +37,9 @@ def model_path(run_config: Mapping[str, Any]) -> str:
 def label_names(run_config: Mapping[str, Any]) -> list[str]:
     """The classes of the data set."""
     from common.data import load_splits
+    from common.specs import DataSpec
 
-    return load_splits(_data_config(run_config)).label_names
+    return load_splits(DataSpec.of(_data_config(run_config))).label_names
 
 
 def load_model(run_config: Mapping[str, Any]) -> torch.nn.Module:
@@ -54,9 +55,11 @@ def load_data(
 ) -> tuple[DataLoader, DataLoader, int]:
     """Tokenize this partition's train and eval rows (every call) into DataLoaders."""
     from common.data import load_splits, partition_dataset, split_for_local_eval
+    from common.specs import DataSpec, PartitionSpec
 
     cfg = _data_config(run_config)
-    part = partition_dataset(load_splits(cfg).train, cfg, num_partitions=num_partitions,
+    part = partition_dataset(load_splits(DataSpec.of(cfg)).train, PartitionSpec.of(cfg),
+                             source=cfg.dataset, num_partitions=num_partitions,
                              partition_id=partition_id)
     train, test = split_for_local_eval(part, fraction=cfg.client_eval_fraction, seed=cfg.seed)
     tokenizer = AutoTokenizer.from_pretrained(model_path(run_config))
