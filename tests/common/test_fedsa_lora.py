@@ -22,6 +22,7 @@ from common.model import (
     set_site_state,
     trainable_parameter_count,
 )
+from common.specs import DPSGDSpec, TrainSpec
 from common.tasks.classification import TASK
 from common.training import train_local
 from tests.common.test_training import setup
@@ -72,7 +73,8 @@ def test_local_training_moves_a_and_b_and_set_exchanged_state_resets_b(
     start_shared, start_site = get_exchanged_state(model), get_site_state(model)
     assert all(not v.any() for v in start_site.values())  # peft: B starts at zero
 
-    train_local(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
+    train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                seed=1, device=CPU, pad_token_id=pad)
 
     trained_site = get_site_state(model)
     assert all(not np.array_equal(trained_site[n], start_site[n]) for n in start_site)
@@ -130,7 +132,8 @@ def test_dp_sgd_trains_a_and_b(tiny_model_dir: Path) -> None:
                                   local_steps=3, batch_size=8, dp_sgd_noise_multiplier=1.0)
     shared, site = get_exchanged_state(model), get_site_state(model)
 
-    train_local_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad)
+    train_local_dp_sgd(model, data, TrainSpec.of(cfg), dp=DPSGDSpec.of(cfg), task=TASK,
+                       loss_spec=TASK.loss_spec(cfg), seed=1, device=CPU, pad_token_id=pad)
 
     after_shared, after_site = get_exchanged_state(model), get_site_state(model)
     assert all(not np.array_equal(after_site[n], site[n]) for n in site)
