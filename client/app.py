@@ -3,7 +3,8 @@
 Only the exchanged (trainable) tensors and scalar metrics leave the site; evaluation
 replies carry metrics only. With ``lora-aggregation`` fedsa the site's own LoRA B
 matrices stay in its node state (client/site_state.py) and are used for its training
-and its federated evaluation.
+and its federated evaluation. Under secure aggregation the task's site statistics leave
+only masked, inside the update's sum.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from client.attacks import attacker_partition, flip_labels, is_attacker
 from client.compute import compute_metrics, start_gpu_measurement
 from client.egress_audit import egress_audit_mod
 from client.local_data import client_key, data_stats_metrics, load_local_data
-from client.outgoing import outgoing_update
+from client.outgoing import outgoing_update, plaintext_site_metrics
 from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
 from client.site_state import keep_site_state, restore_site_state
@@ -28,7 +29,7 @@ from common.model import get_exchanged_state, get_model, select_device, set_exch
 from common.records import array_record, config_record, config_strs, numpy_arrays
 from common.specs import ModelSpec, TrainSpec
 from common.tasks import get_task
-from common.tasks.base import EvalContext
+from common.tasks.base import EvalContext, TrainContext
 from common.training import derive_seed, train_local
 
 log = logging.getLogger(__name__)
@@ -94,10 +95,14 @@ def train(msg: Message, context: Context) -> Message:
             pad_token_id=tokenizer.pad_token_id, round_config=config,
         )
     keep_site_state(model, context.state)  # fedsa: B stays here for the next round
+    # What the run's keys ask of the site (label counts): masked under secure aggregation.
+    statistics = task.site_metrics(train_data, spec=loss_spec,
+                                   ctx=TrainContext(seed=seed, round_config=config))
     payload, extra = outgoing_update(
         get_exchanged_state(model), received, cfg=cfg, config=config, context=context,
         num_examples=result.num_examples,
         attack_seed=derive_seed(cfg.seed, server_round, key, "attack") if attacker else None,
+        statistics=statistics,
     )
     arrays = ArrayRecord({k: Array(v) for k, v in payload.items()})
     # A DP-SGD round whose Poisson batches were all empty computed no loss (NaN): leave
@@ -110,7 +115,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-steps": result.steps,
         **compute_metrics(result, device),  # seconds, throughput, memory (client/compute.py)
         **data_stats_metrics(data, context.node_config, context.state),  # site opt-in
-        **task.site_metrics(train_data, spec=loss_spec),  # what the run's keys ask (label counts)
+        **plaintext_site_metrics(statistics, config),
     })
     return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
 

@@ -6,9 +6,10 @@ stricter of the two wins, so a coordinator cannot switch off what a site require
 When on, each reply must hold only what fedsft is meant to send:
 
 - train replies: one ArrayRecord whose names are exactly the wire names of the
-  exchanged trainable tensors (for the configured encoding, or the masked vectors and
-  the masked weight under secure aggregation) with numeric dtypes, and one
-  MetricRecord of scalars;
+  exchanged trainable tensors (for the configured encoding, or the masked vectors, the
+  masked weight and the masked summed statistics under secure aggregation) with
+  numeric dtypes, and one MetricRecord of scalars, none of them a statistic the round
+  sums securely (``secagg-sum-keys``: those leave only masked);
 - evaluate replies: one MetricRecord of scalars, no arrays;
 - query replies: ConfigRecords whose values are the small scalars/bytes of the
   protocol (the client key, public keys, encrypted shares), no arrays.
@@ -40,7 +41,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.local_data import client_key
 from client.outgoing import SECAGG_ROUND_KEY
-from client.secagg import WEIGHT_KEY
+from client.secagg import SUMS_KEY, WEIGHT_KEY, summed_keys_of
 from common.config import ConfigError, RunConfig
 from common.encoding import expected_keys
 from common.records import array_record, numpy_arrays
@@ -78,11 +79,12 @@ class EgressViolation(RuntimeError):
 
 def egress_problems(
     sent: Message, reply: Message, *, allowed_array_names: set[str] | None,
-    own_key: str | None = None,
+    own_key: str | None = None, masked_metrics: frozenset[str] = frozenset(),
 ) -> list[str]:
     """What in ``reply`` (to ``sent``) must not leave the site; empty when clean.
 
-    ``own_key``: this site's ``client-key`` (the one string a query reply may carry).
+    ``own_key``: this site's ``client-key`` (the one string a query reply may carry);
+    ``masked_metrics``: metric names that may leave only inside the masked sum.
     """
     problems: list[str] = []
     content = reply.content
@@ -93,7 +95,10 @@ def egress_problems(
             problems.append(f"metrics {key!r} in a {kind} reply")
             continue
         for name, value in metrics.items():
-            if not names.fullmatch(name):
+            if name in masked_metrics:
+                problems.append(f"metric {key}/{name} is summed securely this round and "
+                                "must not travel in plaintext")
+            elif not names.fullmatch(name):
                 # The name itself is withheld: it is what could carry a row.
                 problems.append(f"metric {key}/<{len(name)} characters> is not an "
                                 f"allowed {kind} metric name")
@@ -168,14 +173,18 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
                            reply_to=msg)
         return reply
     allowed = None
+    masked: frozenset[str] = frozenset()
     if msg.metadata.message_type == "train":
         cfg = RunConfig.from_flower(context.run_config)
         received = numpy_arrays(array_record(msg.content, "arrays"))
         allowed = expected_keys(received, cfg.encoding) | set(received)
-        if SECAGG_ROUND_KEY in msg.content["config"]:  # masked update + masked weight
-            allowed = set(received) | {WEIGHT_KEY}
+        config = msg.content["config"]
+        if SECAGG_ROUND_KEY in config:  # masked update, weight and summed statistics
+            allowed = set(received) | {WEIGHT_KEY, SUMS_KEY}
+            masked = frozenset(summed_keys_of(config))
     problems = egress_problems(msg, reply, allowed_array_names=allowed,
-                               own_key=client_key(context.node_config, context.node_id))
+                               own_key=client_key(context.node_config, context.node_id),
+                               masked_metrics=masked)
     if problems:
         raise EgressViolation("egress audit refused the reply: " + "; ".join(problems))
     if msg.metadata.message_type == "train":

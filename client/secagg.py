@@ -1,7 +1,8 @@
 """The client side of secure aggregation over Flower messages (common/secagg_protocol.py).
 
 The server drives the stages with ``query`` messages whose config names a
-``secagg-stage``; the masked input itself is the train reply (:func:`mask_update`).
+``secagg-stage``; the masked input itself is the train reply (:func:`mask_update`),
+with the site statistics the round sums (``secagg-sum-keys``) masked after the weight.
 Per-round secrets live in ``context.state`` (kept by Flower per node, never sent) and
 are deleted once the round's unmask request is answered. Every refusal raises
 :class:`common.secagg.SecAggRefusal` (a ValueError), which Flower turns into an error
@@ -16,11 +17,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
-from common.secagg import flatten
+from common.secagg import WEIGHT_WORDS, flatten
 from common.secagg_protocol import (
     ADVERTISE,
     SHARE_KEYS,
     STAGE,
+    SUM_KEYS,
+    SUMS_KEY,
     UNMASK,
     WEIGHT_KEY,
     ClientState,
@@ -36,9 +39,12 @@ from common.secagg_protocol import (
     get_int,
     get_ints,
     get_pairs,
+    get_strs,
+    summed_values,
 )
 
-__all__ = ["STAGE", "STATE_KEY", "WEIGHT_KEY", "handle_stage", "mask_update"]
+__all__ = ["STAGE", "STATE_KEY", "SUMS_KEY", "SUM_KEYS", "WEIGHT_KEY", "handle_stage",
+           "mask_update", "summed_keys_of"]
 STATE_KEY = "secagg"  # in context.state
 
 
@@ -87,15 +93,28 @@ def handle_stage(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"config": ConfigRecord(reply)}), reply_to=msg)
 
 
+def summed_keys_of(config: Mapping[str, object]) -> list[str]:
+    """The site statistics a train config asks to sum securely (``secagg-sum-keys``)."""
+    return get_strs(config, SUM_KEYS)
+
+
 def mask_update(
-    delta: Mapping[str, np.ndarray], weight: int, config: ConfigRecord, context: Context
+    delta: Mapping[str, np.ndarray], weight: int, config: ConfigRecord, context: Context,
+    statistics: Mapping[str, object] | None = None,
 ) -> dict[str, np.ndarray]:
     """The masked train payload: name -> uint32 array (shapes as ``delta``) plus
     ``WEIGHT_KEY`` (2 words). ``delta`` is new - global; it is clipped to
     ``secagg-clip-range``, multiplied by ``weight`` (capped at ``secagg-max-weight``) and
-    quantized with ``secagg-frac-bits`` before masking."""
-    if WEIGHT_KEY in delta:
-        raise ValueError(f"{WEIGHT_KEY!r} is reserved for the secure-aggregation weight")
+    quantized with ``secagg-frac-bits`` before masking.
+
+    When the config names ``secagg-sum-keys``, their values in ``statistics`` (the
+    task's site metrics: non-negative ints) are masked too and sent as ``SUMS_KEY``, one
+    word each in that order; a missing, non-integer or too large value is refused.
+    """
+    if WEIGHT_KEY in delta or SUMS_KEY in delta:
+        raise ValueError(f"{WEIGHT_KEY!r} and {SUMS_KEY!r} are reserved for secure aggregation")
+    keys = summed_keys_of(config)
+    sums = dict(zip(keys, summed_values(statistics or {}, keys), strict=True))
     server_round = get_int(config, "secagg-round")
     state, _ = _load(context)
     state = _current(state, server_round)
@@ -106,7 +125,7 @@ def mask_update(
         values=flatten(delta), weight=int(weight),
         clip_range=get_float(config, "secagg-clip-range"),
         frac_bits=get_int(config, "secagg-frac-bits"),
-        max_weight=get_int(config, "secagg-max-weight"),
+        max_weight=get_int(config, "secagg-max-weight"), sums=sums,
     )
     _save(context, state)
     out, start = {}, 0
@@ -115,7 +134,9 @@ def mask_update(
         size = int(np.prod(shape, dtype=np.int64))
         out[name] = vector[start : start + size].reshape(shape)
         start += size
-    out[WEIGHT_KEY] = vector[start:]
+    out[WEIGHT_KEY] = vector[start : start + WEIGHT_WORDS]
+    if keys:
+        out[SUMS_KEY] = vector[start + WEIGHT_WORDS :]
     return out
 
 

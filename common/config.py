@@ -418,12 +418,6 @@ class RunConfig:
                 f"{_DP_SGD_ON}: the weights are computed from the records' labels, "
                 "outside the privacy accounting; set class-weighting=none (focal-gamma "
                 "needs no counts and works with DP-SGD)")
-        if self.class_weighting_source == "global" and self.secure_aggregation:
-            raise ConfigError(
-                "`class-weighting-source` global sends each site's label counts to the "
-                "server as plain reply metrics, which `secure-aggregation` is meant to "
-                "prevent (its masked sum carries only the clipped model update): use "
-                "class-weighting-source=site, or turn secure aggregation off")
 
     def _check_model_selection(self) -> None:
         _check_choice("select-model", self.select_model, SELECT_MODELS)

@@ -13,6 +13,9 @@ updates (and the sum of their weights), never one client's update. Stages of one
 3. masked input: each client quantizes ``weight * clip(delta)`` to the ring Z_2^32 and
    adds its self mask ``PRG(b)`` and, for every other participant ``v``, the pairwise
    mask ``+-PRG(KDF(s_u, s_v))`` (``+`` if u < v): pairwise masks cancel in the sum.
+   After the weight come the round's summed integer statistics, if the server names
+   any (``SUM_KEYS``: e.g. the label counts of ``class-weighting-source`` global), as
+   exact words: the server learns only their sum over the survivors.
 4. unmask: survivors reveal their shares of ``b`` of every survivor and of ``s_sk`` of
    every dropped participant, never both for one node; the server rebuilds the seeds,
    removes the masks and decodes the sum.
@@ -39,11 +42,13 @@ from cryptography.exceptions import InvalidTag
 from common.secagg import (
     INFO,
     KEY_BYTES,
+    RING,
     SEED_BYTES,
     SHARE_BYTES,
     WEIGHT_WORDS,
     agree,
     commitment,
+    decode_weight,
     decrypt,
     encode_weight,
     encrypt,
@@ -60,6 +65,10 @@ from common.secagg import (
 STAGE = "secagg-stage"  # in a query's config: which stage the server asks for
 ADVERTISE, SHARE_KEYS, UNMASK = "advertise-keys", "share-keys", "unmask"
 WEIGHT_KEY = "secagg::weight"  # the extra uplink entry: the weight, as 2 uint32 words
+# In a train config: the names of the site statistics the round sums (a list of str);
+# the masked statistics travel as the uplink entry SUMS_KEY, one word each, in that order.
+SUM_KEYS = "secagg-sum-keys"
+SUMS_KEY = "secagg::sums"
 
 
 class SecAggAbort(RuntimeError):
@@ -105,6 +114,14 @@ def get_ints(config: Mapping[str, object], key: str) -> list[int]:
     ):
         raise ValueError(f"secure aggregation: `{key}` must be a list of ints")
     return [int(v) for v in value]
+
+
+def get_strs(config: Mapping[str, object], key: str) -> list[str]:
+    """``config[key]`` as a list of str; an absent key is an empty list."""
+    value = config.get(key, [])
+    if not isinstance(value, list) or any(not isinstance(v, str) for v in value):
+        raise ValueError(f"secure aggregation: `{key}` must be a list of strings")
+    return [str(v) for v in value]
 
 
 def get_bytes_list(config: Mapping[str, object], key: str) -> list[bytes]:
@@ -153,6 +170,48 @@ def pairwise_mask(
     """The mask ``me`` adds for ``peer`` (the peer subtracts the same vector)."""
     info = pair_info("mask", server_round=server_round, a=me, b=peer)
     return prg_uint32(agree(s_sk, peer_s_pk, info=info), length)
+
+
+def summed_values(statistics: Mapping[str, object], keys: Sequence[str]) -> list[int]:
+    """The values of ``keys`` in a site's ``statistics``, in order, for the masked sum.
+
+    Refuses (:class:`SecAggRefusal`) duplicate keys, a key the site does not have and a
+    value that is not a non-negative int (a float is refused too: the sum is exact).
+    """
+    if len(set(keys)) != len(keys):
+        raise SecAggRefusal(f"secure aggregation: duplicate summed keys in {list(keys)}")
+    values = []
+    for key in keys:
+        if key not in statistics:
+            raise SecAggRefusal(
+                f"secure aggregation: the server asks for the sum of `{key}`, which this "
+                f"site's statistics do not have (it has: {', '.join(sorted(statistics))})")
+        value = statistics[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SecAggRefusal(
+                f"secure aggregation: the summed statistic `{key}` must be a non-negative "
+                f"int, got {value!r:.40}")
+        values.append(int(value))
+    return values
+
+
+def max_summed_value(num_participants: int) -> int:
+    """The largest statistic a client may add: the sum of ``num_participants`` of them
+    must stay below 2^32 (the words are summed mod 2^32, an overflow would wrap)."""
+    return (RING - 1) // max(num_participants, 1)
+
+
+def split_total(total: np.ndarray, keys: Sequence[str]) -> tuple[np.ndarray, int, dict[str, int]]:
+    """An unmasked sum (:meth:`ServerRound.unmasked_sum`) as its three parts: the model
+    words (still quantized), the summed weight, and the summed statistics of ``keys``
+    (the round's ``SUM_KEYS``, in the order the clients appended them)."""
+    extra = WEIGHT_WORDS + len(keys)
+    if len(total) < extra:
+        raise SecAggAbort(f"secure aggregation: a sum of {len(total)} words cannot hold the "
+                          f"weight and {len(keys)} summed statistics")
+    model, tail = total[: len(total) - extra], total[len(total) - extra :]
+    sums = {key: int(word) for key, word in zip(keys, tail[WEIGHT_WORDS:], strict=True)}
+    return model, decode_weight(tail[:WEIGHT_WORDS]), sums
 
 
 # --- protocol: client side ---------------------------------------------------------------
@@ -267,11 +326,15 @@ def client_mask(
     clip_range: float,
     frac_bits: int,
     max_weight: int,
+    sums: Mapping[str, int] | None = None,
 ) -> tuple[ClientState, np.ndarray]:
-    """Stage 3: the masked input: quantized ``weight * clip(values)``, then the weight.
+    """Stage 3: the masked input: quantized ``weight * clip(values)``, the weight, then
+    the values of ``sums`` (integer site statistics by name, in the server's order, one
+    exact word each).
 
-    ``weight`` is capped at ``max_weight`` (the overflow bound assumes it). Returns a
-    uint32 vector of ``len(values) + WEIGHT_WORDS`` values.
+    ``weight`` is capped at ``max_weight`` (the overflow bound assumes it); a value of
+    ``sums`` above :func:`max_summed_value` of the participants is refused. Returns a
+    uint32 vector of ``len(values) + WEIGHT_WORDS + len(sums)`` values.
     """
     state.require(server_round=server_round, stage="shared")
     me = state.node_id
@@ -309,10 +372,19 @@ def client_mask(
     if weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
     weight = min(int(weight), max_weight)
-    length = len(values) + WEIGHT_WORDS
+    sums = dict(sums or {})
+    limit = max_summed_value(len(group))
+    for name, value in sums.items():
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+            raise SecAggRefusal(
+                f"secure aggregation: the summed statistic `{name}` is {value!r:.40}; it must "
+                f"be an int in [0, {limit}], or the sum over {len(group)} participants could "
+                "overflow its 32-bit word (the words are summed mod 2^32)")
+    length = len(values) + WEIGHT_WORDS + len(sums)
     vector = np.concatenate([
         quantize(values, weight=weight, clip_range=clip_range, frac_bits=frac_bits),
         encode_weight(weight),
+        np.asarray(list(sums.values()), dtype=np.uint32),
     ])
     vector += prg_uint32(state.b_seed, length)
     for peer in group:

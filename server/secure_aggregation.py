@@ -2,10 +2,13 @@
 
 ``SecureAggregator.setup`` runs the key stages before a round's train messages go out;
 ``SecureAggregator.aggregate`` runs the unmask stage on the train replies and returns
-the weighted mean delta. All stage messages are ``query`` messages whose config holds
-``secagg-stage`` (answered by ``client.secagg.handle_stage``). A node that does not
-answer, answers with an error, or answers malformed, is excluded from the rest of the
-round; the round aborts (:class:`SecAggAbort`) only when fewer than the threshold remain.
+the weighted mean delta; the site statistics a round sums (``summed_keys`` of
+``setup``, masked by the clients after the weight) come out as ``round_info().sums``,
+their total over the round's survivors (never one site's). All stage messages are
+``query`` messages whose config holds ``secagg-stage`` (answered by
+``client.secagg.handle_stage``). A node that does not answer, answers with an error,
+or answers malformed, is excluded from the rest of the round; the round aborts
+(:class:`SecAggAbort`) only when fewer than the threshold remain.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -23,7 +26,6 @@ from flwr.serverapp import Grid
 
 from common.secagg import (
     WEIGHT_WORDS,
-    decode_weight,
     dequantize_sum,
     frac_bits_for,
     mean_error_bound,
@@ -33,6 +35,8 @@ from common.secagg_protocol import (
     ADVERTISE,
     SHARE_KEYS,
     STAGE,
+    SUM_KEYS,
+    SUMS_KEY,
     UNMASK,
     WEIGHT_KEY,
     KeyAdvert,
@@ -40,6 +44,7 @@ from common.secagg_protocol import (
     ServerRound,
     get_bytes,
     get_pairs,
+    split_total,
 )
 from server.reply_pipeline import (
     Aggregate,
@@ -83,6 +88,9 @@ class SecAggRoundInfo:
     unmask_bytes_down: int = 0
     unmask_bytes_up: int = 0
     problems: tuple[str, ...] = ()
+    # The unmasked sums of the site statistics the round summed, over its survivors
+    # (empty when it summed none, or before its unmasking succeeded).
+    sums: Mapping[str, int] = field(default_factory=dict)
 
 
 def content_bytes(message: Message) -> int:
@@ -125,6 +133,7 @@ class SecureAggregator:
         self._info = SecAggRoundInfo()  # the latest round's, replaced as its stages run
         self._round: ServerRound | None = None
         self._frac_bits = 0
+        self._summed_keys: tuple[str, ...] = ()
 
     def round_info(self) -> SecAggRoundInfo:
         """What the protocol did in the latest round so far (set-up, then unmasking)."""
@@ -142,9 +151,17 @@ class SecureAggregator:
                         f"{phase}_bytes_up": getattr(self._info, f"{phase}_bytes_up") + up})
 
     # --- key stages ---------------------------------------------------------------------
-    def setup(self, grid: Grid, node_ids: list[int], server_round: int) -> dict[int, ConfigRecord]:
-        """Advertise and share keys; the train-config entries for each remaining node."""
+    def setup(self, grid: Grid, node_ids: list[int], server_round: int,
+              summed_keys: Sequence[str] = ()) -> dict[int, ConfigRecord]:
+        """Advertise and share keys; the train-config entries for each remaining node.
+
+        ``summed_keys``: site statistics (integer reply metrics of the task) the clients
+        add to their masked input, summed with it (``secagg-sum-keys`` in the entries).
+        """
+        if len(set(summed_keys)) != len(summed_keys):
+            raise ValueError(f"duplicate summed keys: {list(summed_keys)}")
         self._round = None
+        self._summed_keys = tuple(summed_keys)
         protocol = ServerRound(server_round=server_round, sampled=node_ids,
                                threshold_fraction=self.threshold_fraction)
         self._info = SecAggRoundInfo(round=server_round, sampled=len(protocol.sampled),
@@ -199,6 +216,7 @@ class SecureAggregator:
                 "secagg-frac-bits": self._frac_bits,
                 "secagg-clip-range": self.clip_range,
                 "secagg-max-weight": self.max_weight,
+                **({SUM_KEYS: list(self._summed_keys)} if self._summed_keys else {}),
             })
             self._add_bytes("setup", down=recorddict_to_proto(
                 RecordDict({"config": train_entries[node]})).ByteSize())
@@ -225,7 +243,8 @@ class SecureAggregator:
         seen: set[int] = set()
         for reply in replies:
             node = reply.metadata.src_node_id
-            vector = None if reply.has_error() else _masked_vector(reply, shapes)
+            vector = None if reply.has_error() else _masked_vector(
+                reply, shapes, num_sums=len(self._summed_keys))
             if node in seen or node not in protocol.participants or vector is None:
                 self._problem(f"node {node}: malformed or unexpected masked input")
                 masked.pop(node, None)  # a node that replied twice is dropped altogether
@@ -246,12 +265,13 @@ class SecureAggregator:
                 self._problem(f"node {node}: malformed unmask shares: {exc!r}")
         self._record(unmasked=len(responses), dropped_unmask=len(survivors) - len(responses))
         total = protocol.unmasked_sum({n: masked[n] for n in survivors}, responses)
-        weight = decode_weight(total[-WEIGHT_WORDS:])
+        model, weight, sums = split_total(total, self._summed_keys)
         if weight <= 0:
             raise SecAggAbort("secure aggregation: the summed weight is 0")
-        mean = dequantize_sum(total[:-WEIGHT_WORDS], frac_bits=self._frac_bits) / weight
+        mean = dequantize_sum(model, frac_bits=self._frac_bits) / weight
         self._record(total_weight=weight, error_bound=mean_error_bound(
-            num_clients=len(survivors), frac_bits=self._frac_bits, total_weight=weight))
+            num_clients=len(survivors), frac_bits=self._frac_bits, total_weight=weight),
+            sums=sums)
         arrays = {k: v.astype(np.float32) for k, v in unflatten(mean, shapes).items()}
         return arrays, float(weight)
 
@@ -310,12 +330,16 @@ class SecureAggregationStep:
         self.min_replies = min_replies
         self._grid: Grid | None = None  # the unmask stage talks to the clients again
 
-    def setup(self, rnd: int, node_ids: list[int], grid: Grid) -> SetupOutcome:
-        """The key stages for ``node_ids``; no entries when the set-up aborts."""
+    def setup(self, rnd: int, node_ids: list[int], grid: Grid,
+              summed_keys: Sequence[str] = ()) -> SetupOutcome:
+        """The key stages for ``node_ids``; no entries when the set-up aborts.
+
+        ``summed_keys``: the site statistics the round sums with the update (after the
+        round, ``sums()`` holds their total)."""
         self._grid = grid
         problems: list[str] = []
         try:
-            entries = self.secure.setup(grid, node_ids, rnd)
+            entries = self.secure.setup(grid, node_ids, rnd, summed_keys=summed_keys)
         except SecAggAbort as exc:
             problems.append(f"secure aggregation set-up failed: {exc}")
             entries = {}
@@ -323,6 +347,12 @@ class SecureAggregationStep:
         return SetupOutcome(entries=entries, bytes_down=info.setup_bytes_down,
                             bytes_up=info.setup_bytes_up,
                             problems=(*problems, *info.problems))
+
+    def sums(self, rnd: int) -> dict[str, int]:
+        """The unmasked sums of round ``rnd``'s summed statistics; {} when it summed none
+        or its unmasking failed (a later set-up replaces them)."""
+        info = self.secure.round_info()
+        return dict(info.sums) if info.round == rnd else {}
 
     def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate:
         assert self._grid is not None, "setup() runs before the replies are aggregated"
@@ -378,7 +408,7 @@ def _common_shapes(replies: list[Message]) -> dict[str, tuple[int, ...]]:
         record = next(iter(reply.content.array_records.values()))
         key: tuple[tuple[str, tuple[int, ...]], ...] = tuple(sorted(
             (name, tuple(int(d) for d in array.shape))
-            for name, array in record.items() if name != WEIGHT_KEY
+            for name, array in record.items() if name not in (WEIGHT_KEY, SUMS_KEY)
         ))
         counts[key] = counts.get(key, 0) + 1
     if not counts:
@@ -387,19 +417,22 @@ def _common_shapes(replies: list[Message]) -> dict[str, tuple[int, ...]]:
     return dict(best)
 
 
-def _masked_vector(reply: Message, shapes: Mapping[str, tuple[int, ...]]) -> np.ndarray | None:
-    """The flat uint32 masked input of a reply, or None if it does not match ``shapes``."""
+def _masked_vector(reply: Message, shapes: Mapping[str, tuple[int, ...]], *,
+                   num_sums: int = 0) -> np.ndarray | None:
+    """The flat uint32 masked input of a reply (the update, the weight, ``num_sums``
+    summed statistics), or None if it does not match ``shapes``."""
     if len(reply.content.array_records) != 1:
         return None
     record = next(iter(reply.content.array_records.values()))
-    if set(record) != set(shapes) | {WEIGHT_KEY}:
+    tail = [WEIGHT_KEY, SUMS_KEY] if num_sums else [WEIGHT_KEY]
+    if set(record) != set(shapes) | set(tail):
         return None
     try:
         arrays = {name: array.numpy() for name, array in record.items()}
     except Exception:  # undecodable bytes
         return None
-    expected = {**shapes, WEIGHT_KEY: (WEIGHT_WORDS,)}
+    expected = {**shapes, WEIGHT_KEY: (WEIGHT_WORDS,), SUMS_KEY: (num_sums,)}
     if any(a.dtype != np.uint32 or tuple(a.shape) != tuple(expected[n])
            for n, a in arrays.items()):
         return None
-    return np.concatenate([arrays[n].ravel() for n in sorted(shapes)] + [arrays[WEIGHT_KEY]])
+    return np.concatenate([arrays[n].ravel() for n in [*sorted(shapes), *tail]])

@@ -15,9 +15,12 @@ Composition, not inheritance: ``TrackedStrategy`` holds any Flower Message-API s
   by the recorder with ``take_round_stats``;
 - with a task's ``round_feedback`` (``common/tasks/base.py`` ``RoundFeedback``, e.g.
   the federation's label counts of ``class-weighting-source`` global): the metrics
-  of every training reply that is not an error go to it, by site, and its
-  ``config_entries()`` go into every later round's config; what it collects and sends
-  is the task's business (this module knows no metric names of a task);
+  of every training reply that is not an error go to it, by site (``collect``), and
+  its ``config_entries()`` go into every later round's config; with secure
+  aggregation, the statistics it names (``summed_keys``) are summed inside the masked
+  vector instead and only their round total reaches it (``collect_sum``); what it
+  collects and sends is the task's business (this module knows no metric names of a
+  task);
 - the per-client federated evaluation of the task's headline metric
   (``headline_metric``: ``eval-<name>`` reply metrics), kept sorted per round.
 
@@ -259,12 +262,19 @@ class TrackedStrategy(Strategy):
         random.seed(derive_seed(self.seed, rnd, "train-sampling"))
         round_config = dict(config)
         if self.round_feedback is not None:
-            round_config.update(self.round_feedback.config_entries())
+            entries = self.round_feedback.config_entries()
+            if entries:  # the federation's aggregates (e.g. summed label counts), in the log
+                print(f"[fedsft] round {rnd} config: " + ", ".join(
+                    f"{k}={v}" for k, v in sorted(entries.items())), flush=True)
+            round_config.update(entries)
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(round_config),
                                                    grid))
         stats = self._update(rnd, sampled=len(messages))
         if self.secure_step is not None:
-            setup = self.secure_step.setup(rnd, [m.metadata.dst_node_id for m in messages], grid)
+            keys = (() if self.round_feedback is None
+                    else self.round_feedback.summed_keys(round_config))
+            setup = self.secure_step.setup(rnd, [m.metadata.dst_node_id for m in messages],
+                                           grid, summed_keys=keys)
             messages = _with_entries(messages, setup.entries)
             stats = self._update(rnd, bytes_down=stats.bytes_down + setup.bytes_down,
                                  bytes_up=stats.bytes_up + setup.bytes_up,
@@ -287,12 +297,16 @@ class TrackedStrategy(Strategy):
                                     sent_to=sent_to, site_key=self._site_key)
                  for m in messages]
         measured = client_measurements(plain, site_key=self._site_key)
-        if self.round_feedback is not None:
+        if self.round_feedback is not None and self.secure_step is None:
             for reply in plain:
                 if reply.error is None:
                     site = self._site_key(reply.node) if self._site_key else f"node-{reply.node}"
                     self.round_feedback.collect(site, reply.metrics)
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
+        if self.round_feedback is not None and self.secure_step is not None:
+            sums = self.secure_step.sums(rnd)  # {} when the round's unmasking failed
+            if sums:
+                self.round_feedback.collect_sum(sums)
         self._update(
             rnd, wait_seconds=wait, replies=len(messages),
             timeouts=max(stats.sampled - len(messages), 0),

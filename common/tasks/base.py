@@ -73,11 +73,28 @@ class RoundFeedback(Protocol):
     error (``collect``),
     and every later round's config carries ``config_entries()``. It keeps its own state,
     in memory only: after a resume it starts empty again.
+
+    With ``secure-aggregation`` the replies carry no such metric in plaintext: the
+    server asks for the integer statistics named by ``summed_keys`` (keys of the sites'
+    ``Task.site_metrics``, non-negative ints), each client masks them after its weight,
+    and after the round the feedback gets only their sum over the round's surviving
+    sampled sites (``collect_sum``), never one site's values; ``collect`` is not called.
     """
 
     def collect(self, site: str, metrics: Mapping[str, Any]) -> None:
         """Take what ``site``'s training reply ``metrics`` carry (a newer reply of the
         same site replaces its older values)."""
+        ...
+
+    def summed_keys(self, round_config: Mapping[str, Any]) -> tuple[str, ...]:
+        """The site metrics to sum securely in a round with ``round_config`` (its config
+        before the secure-aggregation entries, e.g. with ``label-names``); () for none.
+        Every site must report each of them as a non-negative int, or it refuses."""
+        ...
+
+    def collect_sum(self, sums: Mapping[str, int]) -> None:
+        """Take a round's secure sums of ``summed_keys`` (key -> total over the round's
+        surviving sites); called only for a round whose unmasking succeeded."""
         ...
 
     def config_entries(self) -> dict[str, Any]:
@@ -236,9 +253,15 @@ class Task(Protocol):
         """
         ...
 
-    def site_metrics(self, examples: Examples, *, spec: Any) -> dict[str, int | float]:
+    def site_metrics(self, examples: Examples, *, spec: Any,
+                     ctx: TrainContext | None = None) -> dict[str, int | float]:
         """Aggregate statistics of the training ``examples`` the training reply carries
-        because the run asks for them (e.g. label counts); {} when it asks for none."""
+        because the run asks for them (e.g. label counts); {} when it asks for none.
+
+        ``ctx.round_config`` is the round's config (e.g. ``label-names``: a count per
+        class, also of classes the site has no row of). With secure aggregation they do
+        not travel in plaintext: the ones the round's ``RoundFeedback.summed_keys`` name
+        are masked into the update's sum, the others stay at the site."""
         ...
 
     def round_feedback(self, spec: Any) -> RoundFeedback | None:

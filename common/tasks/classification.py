@@ -107,7 +107,9 @@ def encode(
     """
     if len(texts) != len(labels):
         raise ValueError(f"{len(texts)} texts but {len(labels)} labels")
-    input_ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    # A fast tokenizer fails on an empty batch (e.g. `client-eval-fraction` 0: no eval rows).
+    input_ids = tokenizer(list(texts), truncation=True,
+                          max_length=max_length)["input_ids"] if len(texts) else []
     return EncodedData(
         input_ids=[list(ids) for ids in input_ids],
         labels=torch.tensor(list(labels), dtype=torch.int64),
@@ -298,15 +300,15 @@ class ClassificationTask:
                                        class_weight=weight[0])
         return loss
 
-    def site_metrics(
-        self, examples: Any, *, spec: ClassificationLossSpec
-    ) -> dict[str, int | float]:
+    def site_metrics(self, examples: Any, *, spec: ClassificationLossSpec,
+                     ctx: TrainContext | None = None) -> dict[str, int | float]:
         """The site's label counts (``label-count-<k>``) when the run weights classes by
         the federation's counts (``class-weighting-source`` global), else nothing."""
         if not spec.global_counts:
             return {}
-        # The classes the labels reach; the server pads shorter vectors with zeros.
-        return dict(label_count_metrics(_site_counts(examples, 0)))
+        # Every class of the round's label names (the secure sum asks for each one);
+        # without them, the classes the labels reach (the server pads with zeros).
+        return dict(label_count_metrics(_site_counts(examples, _num_classes(ctx))))
 
     def round_feedback(self, spec: ClassificationLossSpec) -> FederationLabelCounts | None:
         """The federation's label counts when the run weights classes by them
@@ -396,18 +398,37 @@ class FederationLabelCounts:
     the next rounds' config (``_weighting_counts`` reads it at the sites). Round 1, and
     the first round after a resume (the counts live in memory only), have none yet: the
     sites then weight by their own counts.
+
+    With secure aggregation the server sees no site's counts: each round sums
+    ``label-count-0..K-1`` (K: the round's ``label-names``) inside the masked vector
+    and ``collect_sum`` keeps that total, the pooled counts of the round's surviving
+    sampled sites (with ``fraction-train`` < 1 a sample of the federation; the class
+    weights depend only on the proportions). The latest round's sum is what is sent.
     """
 
     def __init__(self) -> None:
         self._latest: dict[str, list[int]] = {}  # site -> its latest label counts
+        self._secure: list[int] | None = None  # the latest round's secure sum
 
     def collect(self, site: str, metrics: Mapping[str, Any]) -> None:
         counts = read_label_counts(metrics)
         if counts is not None:
             self._latest[site] = counts
 
+    def summed_keys(self, round_config: Mapping[str, Any]) -> tuple[str, ...]:
+        names = round_config.get("label-names") or []
+        return tuple(label_count_metrics([0] * len(names)))
+
+    def collect_sum(self, sums: Mapping[str, int]) -> None:
+        counts = read_label_counts(sums)
+        if counts is not None and sum(counts) > 0:  # no example at all weights nothing
+            self._secure = counts
+
     def counts(self) -> list[int] | None:
-        """The federation's label counts: the sum of each site's latest, or None yet."""
+        """The federation's label counts: the latest secure sum (secure aggregation),
+        else the sum of each site's latest counts; None while nothing is known."""
+        if self._secure is not None:
+            return list(self._secure)
         if not self._latest:
             return None
         return sum_label_counts(self._latest[site] for site in sorted(self._latest))
@@ -424,6 +445,11 @@ def per_class_recall(labels: np.ndarray, predicted: np.ndarray) -> dict[str, flo
     recalls = recall_score(labels, predicted, labels=present, average=None, zero_division=0)
     out = {f"recall_{k}": float(r) for k, r in zip(present, recalls, strict=True)}
     return {"recall_min": min(out.values()), **out}
+
+
+def _num_classes(ctx: TrainContext | None) -> int:
+    """The number of the round's label names (0 when there is no round config)."""
+    return len(ctx.round_config.get("label-names") or []) if ctx is not None else 0
 
 
 def _site_counts(examples: Any, num_classes: int) -> list[int]:

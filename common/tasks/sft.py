@@ -445,7 +445,8 @@ class SftTask:
             return _token_losses(model, batch).sum() / _trained(batch).clamp(min=1)
         return assistant_token_loss
 
-    def site_metrics(self, examples: Any, *, spec: SftLossSpec) -> dict[str, int | float]:
+    def site_metrics(self, examples: Any, *, spec: SftLossSpec,
+                     ctx: TrainContext | None = None) -> dict[str, int | float]:
         return {}  # no SFT key asks a site for statistics
 
     def round_feedback(self, spec: SftLossSpec) -> None:

@@ -149,3 +149,22 @@ def test_every_metric_a_classification_evaluation_reports_passes_the_audit():
     assert egress_problems(sent, reply, allowed_array_names=None) == []
     unknown = _message("evaluate", {"metrics": MetricRecord({**metrics, "eval-text": 1.0})})
     assert egress_problems(sent, unknown, allowed_array_names=None)
+
+
+def test_under_secure_aggregation_the_summed_statistics_leave_only_masked():
+    from client.secagg import SUMS_KEY, WEIGHT_KEY
+
+    sent = _message("train", {
+        "arrays": ArrayRecord({k: Array(v) for k, v in STATE.items()}),
+        "config": ConfigRecord({"server-round": 1, "secagg-round": 1,
+                                "secagg-sum-keys": ["label-count-0", "label-count-1"]})})
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
+                      run_config={"audit-egress": True})
+    masked = {"lora_A": np.zeros((2, 3), np.uint32), WEIGHT_KEY: np.zeros(2, np.uint32),
+              SUMS_KEY: np.zeros(2, np.uint32)}
+    clean = egress_audit_mod(sent, context, lambda m, c: _reply(masked, {"train-steps": 3}))
+    assert clean.content["metrics"]["egress-audited"] == 1
+    # the same counts in plaintext next to the masked sum: refused
+    leaky = _reply(masked, {"train-steps": 3, "label-count-1": 4})
+    with pytest.raises(EgressViolation, match="label-count-1 is summed securely"):
+        egress_audit_mod(sent, context, lambda m, c: leaky)

@@ -309,6 +309,12 @@ def test_site_reports_label_counts_only_for_federation_weights() -> None:
     assert metrics(class_weighting="inverse-frequency") == {}
     assert metrics(class_weighting="inverse-frequency", class_weighting_source="global") == {
         "label-count-0": 3, "label-count-1": 1}
+    # with the round's label names: a count for every class, also those without rows
+    ctx = TrainContext(round_config={"label-names": ["a", "b", "c"]})
+    spec = TASK.loss_spec(RunConfig(class_weighting="inverse-frequency",
+                                    class_weighting_source="global"))
+    assert TASK.site_metrics(SITE, spec=spec, ctx=ctx) == {
+        "label-count-0": 3, "label-count-1": 1, "label-count-2": 0}
 
 
 def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
@@ -347,3 +353,21 @@ def test_label_counts_are_not_collected_or_sent_unless_asked():
                                ) is None
     sft = get_task("sft")
     assert sft.round_feedback(sft.loss_spec(RunConfig(task="sft"))) is None
+
+
+def test_federation_label_counts_through_the_secure_sum():
+    feedback = TASK.round_feedback(TASK.loss_spec(
+        RunConfig(class_weighting="inverse-frequency", class_weighting_source="global")))
+    assert feedback is not None
+    assert feedback.summed_keys({"label-names": ["a", "b", "c"]}) == (
+        "label-count-0", "label-count-1", "label-count-2")
+    assert feedback.summed_keys({}) == ()
+    feedback.collect_sum({"label-count-0": 4, "label-count-1": 0, "label-count-2": 2})
+    assert feedback.config_entries() == {"label-counts": [4, 0, 2]}
+    # the latest round's sum replaces the earlier one (it is not added to it)
+    feedback.collect_sum({"label-count-0": 1, "label-count-1": 1, "label-count-2": 1})
+    assert feedback.counts() == [1, 1, 1]
+    # a sum with no example (or with gaps in the classes) changes nothing
+    feedback.collect_sum({"label-count-0": 0, "label-count-1": 0, "label-count-2": 0})
+    feedback.collect_sum({"label-count-0": 5, "label-count-2": 5})
+    assert feedback.counts() == [1, 1, 1]

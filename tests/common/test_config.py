@@ -70,8 +70,6 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
          "together they correct twice"),
         ({"class-weighting": "effective-number", "dp-sgd-noise-multiplier": 1.0},
          "outside the privacy accounting; set class-weighting=none"),
-        ({"class-weighting": "inverse-frequency", "class-weighting-source": "global",
-          "secure-aggregation": True}, "which `secure-aggregation` is meant to prevent"),
         ({"task": "sft", "class-weighting": "inverse-frequency"},
          "`class-weighting`: only for task classification"),
         ({"task": "sft", "augment": "both"}, "`augment`: only for task classification"),
@@ -197,6 +195,11 @@ def test_imbalance_and_augmentation_keys_that_combine():
     # with DP-SGD (each example is augmented on its own)
     RunConfig.from_flower({"class-weighting": "inverse-frequency", "secure-aggregation": True})
     RunConfig.from_flower({"augment": "both", "dp-sgd-noise-multiplier": 1.0})
+    # the federation's counts travel through the secure sum (no site's counts in clear)
+    cfg = RunConfig.from_flower({"class-weighting": "inverse-frequency",
+                                 "class-weighting-source": "global",
+                                 "secure-aggregation": True})
+    assert cfg.class_weighting_source == "global" and cfg.secure_aggregation
 
 
 def test_every_builtin_tasks_own_and_site_keys_are_run_config_fields():

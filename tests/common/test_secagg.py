@@ -33,7 +33,10 @@ from common.secagg_protocol import (
     client_mask,
     client_share_keys,
     client_unmask,
+    max_summed_value,
     pairwise_mask,
+    split_total,
+    summed_values,
     threshold_for,
 )
 
@@ -156,12 +159,14 @@ def test_no_overflow_at_documented_maxima(sign, n, max_weight):
 
 def run_round(
     updates, weights, *, fraction=0.6, server_round=1, drop=None, states=None, unmask=None,
-    keep=None,
+    keep=None, sums=None, summed=None,
 ):
     """One round: ``drop[stage]`` lists nodes that vanish at that stage ("advertise",
     "share", "mask", "unmask"). ``unmask(server, node) -> (survivors, dropped)`` replaces
     the honest server's unmask request; ``keep[node]`` then gets (survivors, dropped,
-    b shares, s_sk shares) of each answer. Returns (mean, weight, server, states)."""
+    b shares, s_sk shares) of each answer. ``sums[node]`` (key -> int, the same keys in
+    the same order for every node) are masked after the weight; ``summed`` then gets
+    the unmasked sums. Returns (mean, weight, server, states)."""
     drop = drop or {}
     states = dict(states or {})
     server = ServerRound(server_round=server_round, sampled=list(updates),
@@ -187,7 +192,7 @@ def run_round(
         states[node], vector = client_mask(
             states[node], server_round=server_round, participants=server.participants,
             incoming=incoming, values=updates[node], weight=weights[node], clip_range=CLIP,
-            frac_bits=f, max_weight=MAX_WEIGHT)
+            frac_bits=f, max_weight=MAX_WEIGHT, sums=(sums or {}).get(node))
         if node not in drop.get("mask", ()):
             masked[node] = vector
     survivors, dropped = server.unmask_request(sorted(masked))
@@ -204,8 +209,11 @@ def run_round(
         if node not in drop.get("unmask", ()):
             responses[node] = (b, sk)
     total = server.unmasked_sum({n: masked[n] for n in survivors}, responses)
-    weight = decode_weight(total[-2:])
-    return dequantize_sum(total[:-2], frac_bits=f) / weight, weight, server, states
+    keys = list(next(iter(sums.values()))) if sums else []
+    model, weight, unmasked = split_total(total, keys)
+    if summed is not None:
+        summed.update(unmasked)
+    return dequantize_sum(model, frac_bits=f) / weight, weight, server, states
 
 
 def clients(n, length=300, seed=0):
@@ -420,3 +428,93 @@ def test_tampered_share_is_refused_at_masking():
         client_mask(states[3], server_round=1, participants=nodes, incoming=swapped,
                     values=np.zeros(4), weight=1, clip_range=CLIP, frac_bits=10,
                     max_weight=MAX_WEIGHT)
+
+
+# --- integer site statistics in the masked sum ------------------------------------------
+
+COUNTS = ("label-count-0", "label-count-1", "label-count-2")
+
+
+def _three_sites():
+    updates, weights = clients(3, length=40)
+    nodes = sorted(updates)
+    per_site = [(7, 0, 3), (2, 5, 0), (0, 1, 9)]
+    sums = {node: dict(zip(COUNTS, c, strict=True)) for node, c in zip(nodes, per_site,
+                                                                        strict=True)}
+    return updates, weights, nodes, sums
+
+
+def test_summed_statistics_are_exact_and_leave_the_model_sum_unchanged():
+    updates, weights, nodes, sums = _three_sites()
+    summed = {}
+
+    mean, weight, server, _ = run_round(updates, weights, sums=sums, summed=summed)
+    plain_mean_, plain_weight, _, _ = run_round(updates, weights)
+
+    assert summed == {"label-count-0": 9, "label-count-1": 6, "label-count-2": 12}
+    assert list(summed) == list(COUNTS)  # in the order the clients appended them
+    # the model part and the weight are the very numbers of a round without the words
+    assert weight == plain_weight == sum(weights.values())
+    np.testing.assert_array_equal(mean, plain_mean_)
+    assert server.dropped == ()
+
+
+def test_summed_statistics_of_the_survivors_after_a_dropout_at_masking():
+    updates, weights, nodes, sums = _three_sites()
+    assert threshold_for(3, 0.6) == 2
+    summed = {}
+
+    mean, weight, server, _ = run_round(updates, weights, sums=sums, summed=summed,
+                                        drop={"mask": [nodes[0]]})
+
+    # the dropped site's pairwise masks are rebuilt from shares; its counts are not in
+    assert server.dropped == (nodes[0],)
+    assert summed == {"label-count-0": 2, "label-count-1": 6, "label-count-2": 9}
+    assert weight == weights[nodes[1]] + weights[nodes[2]]
+    expected, _ = plain_mean(updates, weights, nodes[1:])
+    np.testing.assert_allclose(mean, expected, atol=1e-5)
+
+
+def test_summed_values_refuse_a_missing_or_non_integer_statistic():
+    site = {"label-count-0": 3, "label-count-1": 1, "train-loss": 0.5, "flag": True}
+
+    assert summed_values(site, ["label-count-1", "label-count-0"]) == [1, 3]
+    assert summed_values(site, []) == []
+    with pytest.raises(SecAggRefusal, match="sum of `label-count-2`, which this site's "
+                                            "statistics do not have"):
+        summed_values(site, ["label-count-0", "label-count-2"])
+    for key in ("train-loss", "flag"):
+        with pytest.raises(SecAggRefusal, match=f"`{key}` must be a non-negative int"):
+            summed_values(site, [key])
+    with pytest.raises(SecAggRefusal, match="must be a non-negative int"):
+        summed_values({"k": -1}, ["k"])
+    with pytest.raises(SecAggRefusal, match="duplicate summed keys"):
+        summed_values(site, ["label-count-0", "label-count-0"])
+
+
+def test_a_statistic_that_could_overflow_the_sum_is_refused():
+    # 3 participants: each value at most floor((2^32 - 1) / 3) = 1431655765
+    assert max_summed_value(3) == 1431655765
+    updates, weights, nodes, _ = _three_sites()
+    at_max = {node: {"k": 1431655765} for node in nodes}
+    summed = {}
+
+    run_round(updates, weights, sums=at_max, summed=summed)
+    assert summed == {"k": 3 * 1431655765} == {"k": 2**32 - 1}  # exact, no wrap
+
+    over = {**at_max, nodes[1]: {"k": 1431655766}}
+    with pytest.raises(SecAggRefusal, match="`k` is 1431655766; it must be an int in "
+                                            r"\[0, 1431655765\].*could overflow"):
+        run_round(updates, weights, sums=over)
+
+
+def test_split_total_by_hand():
+    total = np.array([5, 7, 3, 1, 11, 0], dtype=np.uint32)  # 2 model words, weight, sums
+
+    model, weight, sums = split_total(total, ["a", "b"])
+
+    assert model.tolist() == [5, 7]
+    assert weight == 3 + (1 << 16)
+    assert sums == {"a": 11, "b": 0}
+    with pytest.raises(SecAggAbort, match="cannot hold the weight and 9 summed"):
+        split_total(total, [str(i) for i in range(9)])

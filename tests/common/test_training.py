@@ -60,6 +60,8 @@ def test_encode_truncates_and_keeps_labels(tiny_model_dir: Path) -> None:
     assert data.labels.dtype == torch.int64 and data.labels.tolist() == [1, 0]
     with pytest.raises(ValueError, match="2 texts but 1 labels"):
         encode(["a", "b"], [1], tokenizer, max_length=8)
+    empty = encode([], [], tokenizer, max_length=8)  # no local eval rows
+    assert len(empty) == 0 and empty.labels.dtype == torch.int64
 
 
 def test_iterate_batches_pads_each_batch_in_order() -> None:

@@ -7,6 +7,7 @@ real packaged MiniLM on a sample of SST-2 and must beat chance clearly.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -373,3 +374,29 @@ def test_fedsa_lora_shares_a_and_evaluates_each_sites_own_model(tmp_path, tiny_m
     adapter = load_file(str(result.run_dir / "final" / "adapter" / "adapter_model.safetensors"))
     b = [v for k, v in adapter.items() if ".lora_B." in k]
     assert b and not any(v.any() for v in b)
+
+
+def test_secure_aggregation_sums_the_federations_label_counts(tmp_path, tiny_model_dir):
+    """`class-weighting-source` global with secure aggregation: the counts travel only
+    inside the masked sum, and round 2's config carries their total over the sites."""
+    result = _run(tmp_path, tiny_model_dir, "secure-counts", nodes=3, **{
+        "num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True,
+        "client-eval-fraction": 0.0,  # every partition row trains: the counts are the rows
+        "secure-aggregation": True, "class-weighting": "inverse-frequency",
+        "class-weighting-source": "global"})
+    log = result.log_path.read_text()
+    assert result.returncode == 0, log[-3000:]
+    rows = _results(result.run_dir)
+    for row in rows[1:]:
+        assert row["clients"]["aggregated"] == 3, row["clients"]["problems"]
+        assert row["train"]["egress_audited"] == 1
+        assert not any(name.startswith("label_count") for name in row["train"])  # not in clear
+    # Each partition's shared data statistics (sent once, in round 1) give the truth.
+    sites = rows[1]["site_data"]
+    assert len(sites) == 3
+    per_class = [sum(counts) for counts in zip(*(s["label_counts"] for s in sites.values()),
+                                               strict=True)]
+    assert sum(per_class) == sum(s["rows"] for s in sites.values()) > 0
+    sent = re.findall(r"\[fedsft\] round (\d+) config: label-counts=\[([\d, ]+)\]", log)
+    assert [rnd for rnd, _ in sent] == ["2"]  # round 1 knows no counts yet
+    assert [int(c) for c in sent[0][1].split(",")] == per_class

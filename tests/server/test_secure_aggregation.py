@@ -26,7 +26,7 @@ from flwr.common import Metadata
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.secagg import STATE_KEY, WEIGHT_KEY, handle_stage, mask_update
+from client.secagg import STATE_KEY, SUMS_KEY, WEIGHT_KEY, handle_stage, mask_update
 from common.secagg import frac_bits_for, mean_error_bound
 from server.secure_aggregation import SecAggAbort, SecureAggregator, content_bytes
 
@@ -54,8 +54,9 @@ class FakeGrid:
     is lost; ``tamper(node, arrays) -> arrays`` rewrites train replies.
     """
 
-    def __init__(self, deltas, weights, *, drop=None, tamper=None):
+    def __init__(self, deltas, weights, *, drop=None, tamper=None, statistics=None):
         self.deltas, self.weights = deltas, weights
+        self.statistics = statistics or {}  # node -> its site metrics (secure sums)
         self.contexts = {
             n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={})
             for n in deltas
@@ -97,7 +98,7 @@ class FakeGrid:
     def train(self, msg, context):
         node = msg.metadata.dst_node_id
         masked = mask_update(self.deltas[node], self.weights[node], msg.content["config"],
-                             context)
+                             context, self.statistics.get(node))
         if self.tamper:
             masked = self.tamper(node, masked)
         reply = Message(RecordDict({
@@ -108,9 +109,10 @@ class FakeGrid:
         return reply
 
 
-def run_round(grid, aggregator, server_round=1, spec=None):
+def run_round(grid, aggregator, server_round=1, spec=None, summed_keys=()):
     """setup -> train messages with the merged config -> aggregate."""
-    entries = aggregator.setup(grid, sorted(grid.deltas), server_round)
+    entries = aggregator.setup(grid, sorted(grid.deltas), server_round,
+                               summed_keys=summed_keys)
     train = [
         Message(RecordDict({"config": ConfigRecord({"server-round": server_round,
                                                     **dict(extra)})}),
@@ -346,3 +348,46 @@ def test_weight_entry_is_two_uint32_words():
     arrays = next(iter(captured.values()))
     assert arrays[WEIGHT_KEY].dtype == np.uint32 and arrays[WEIGHT_KEY].shape == (2,)
     assert all(a.dtype == np.uint32 for a in arrays.values())
+
+
+def test_summed_statistics_travel_masked_and_come_out_as_the_survivors_total():
+    deltas, weights = population(4)
+    nodes = sorted(deltas)
+    counts = {nodes[0]: (3, 1), nodes[1]: (0, 4), nodes[2]: (2, 2), nodes[3]: (5, 0)}
+    statistics = {n: {"label-count-0": a, "label-count-1": b, "train-steps": 9}
+                  for n, (a, b) in counts.items()}
+    del statistics[nodes[3]]["label-count-1"]  # this site refuses: a key it lacks
+    keys = ("label-count-0", "label-count-1")
+    sent = []
+
+    def tamper(node, arrays):
+        sent.append(arrays)
+        return arrays
+
+    grid = FakeGrid(deltas, weights, statistics=statistics, tamper=tamper)
+    agg = aggregator()
+
+    (mean, total), entries = run_round(grid, agg, summed_keys=keys)
+
+    assert all(list(e["secagg-sum-keys"]) == list(keys) for e in entries.values())
+    assert agg.round_info().sums == {"label-count-0": 5, "label-count-1": 7}
+    assert agg.round_info().dropped_masked_input == 1
+    assert any("which this site's statistics do not have" in e for e in grid.errors)
+    # the statistics leave each site as 2 masked words of their own entry, nothing else
+    assert all(a[SUMS_KEY].dtype == np.uint32 and a[SUMS_KEY].shape == (2,) for a in sent)
+    expected, expected_total = plain_mean(deltas, weights, nodes[:3])
+    assert total == expected_total
+    assert_close(mean, expected, 1e-5)
+
+
+def test_without_summed_keys_the_reply_has_no_sums_entry_and_info_no_sums():
+    deltas, weights = population(3)
+    sent = []
+    grid = FakeGrid(deltas, weights, statistics={n: {"label-count-0": 1} for n in deltas},
+                    tamper=lambda node, arrays: sent.append(arrays) or arrays)
+    agg = aggregator()
+
+    _, entries = run_round(grid, agg)
+
+    assert all("secagg-sum-keys" not in e for e in entries.values())
+    assert all(SUMS_KEY not in a for a in sent) and agg.round_info().sums == {}
