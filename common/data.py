@@ -28,16 +28,17 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from common.config import RunConfig
 from common.specs import DataSpec, PartitionSpec
 from common.tasks import get_task
 
+# `datasets` and sklearn load in the functions that use them (seconds of imports):
+# `fedsft check-data` reads and cleans a table through this module without them.
 if TYPE_CHECKING:
+    import datasets
     from flwr_datasets.partitioner import Partitioner
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
@@ -105,6 +106,8 @@ def _read_hf(source: str) -> pd.DataFrame:
     name, _, split = source[len("hf:"):].partition(":")
     if not name:
         raise DataError(f"{source}: expected hf:<name> or hf:<name>:<split>")
+    import datasets
+
     try:
         frame = datasets.load_dataset(name, split=split or "train").to_pandas()
     except Exception as error:  # the hub, the cache and the builders raise many types
@@ -288,6 +291,8 @@ def _hold_out(
     frame: pd.DataFrame, *, fraction: float, seed: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Seeded (stratified when possible) split of ``frame``: the rest and ``fraction``."""
+    from sklearn.model_selection import train_test_split
+
     indices = np.arange(len(frame))
     try:
         if "label" not in frame.columns:
@@ -302,6 +307,8 @@ def _hold_out(
 
 
 def _to_dataset(frame: pd.DataFrame, *, source: str) -> datasets.Dataset:
+    import datasets
+
     try:
         return datasets.Dataset.from_pandas(frame.reset_index(drop=True), preserve_index=False)
     except Exception as error:  # pyarrow rejects columns of mixed types

@@ -431,7 +431,7 @@ def _check_data(args: argparse.Namespace) -> int:
 
     from common.config import ConfigError, RunConfig
     from common.specs import DataSpec, EncodeSpec
-    from common.tasks import get_task
+    from common.tasks import get_site_check
 
     site = parse_site_config(args.site_config)
     path = args.file or site.get("data-path")
@@ -446,7 +446,8 @@ def _check_data(args: argparse.Namespace) -> int:
         labels=args.labels or "", label_case_fold=args.label_case_fold,
         max_length=args.max_length if args.max_length is not None else 64,
     )
-    report = get_task("classification").check_site(
+    # The light check (no torch, transformers, sklearn): every SuperNode start runs it.
+    report = get_site_check("classification")(
         str(path), spec=DataSpec.of(cfg), encoding=EncodeSpec.of(cfg, tokenizer_path=""),
         label_names=cfg.label_list or None, tokenizer=None, eval_path=args.eval,
     )

@@ -148,12 +148,19 @@ def fedsft_on_path(folder: Path) -> Path:
     """A ``bin`` folder whose ``fedsft`` runs this checkout's CLI (for the site scripts)."""
     folder.mkdir(parents=True, exist_ok=True)
     tool = folder / "fedsft"
-    tool.write_text(
-        f"#!/bin/sh\nexec {sys.executable!s} -c 'import sys; sys.path.insert(0, "
-        f"{json.dumps(str(_REPO))}); from deployment.cli import main; "
-        "sys.exit(main(sys.argv[1:]))'"
-        ' "$@"\n', encoding="utf-8")
-    tool.chmod(0o755)
+    script = (f"#!/bin/sh\nexec {sys.executable!s} -c 'import sys; sys.path.insert(0, "
+              f"{json.dumps(str(_REPO))}); from deployment.cli import main; "
+              "sys.exit(main(sys.argv[1:]))'"
+              ' "$@"\n')
+    if tool.is_file() and tool.read_text(encoding="utf-8") == script:
+        return folder
+    # Written aside and renamed over: a site script started a moment before may be
+    # exec'ing the tool now, and a file open for writing fails exec (ETXTBSY), so `sh`
+    # would go on down the PATH and run another `fedsft`.
+    partial = folder / f".fedsft.{os.getpid()}"
+    partial.write_text(script, encoding="utf-8")
+    partial.chmod(0o755)
+    os.replace(partial, tool)
     return folder
 
 

@@ -95,3 +95,21 @@ def test_the_config_data_and_interface_load_no_task_module():
     loaded = set(result.stdout.split())
     assert {"common.config", "common.data", "common.tasks.base"} <= loaded
     assert loaded & (_task_modules() | {"common.data_check"}) == set()
+
+
+def test_check_data_loads_no_training_stack(tmp_path):
+    # Every generated start-supernode.sh runs `fedsft check-data` (deployment/consortium.py)
+    # before its SuperNode starts: the classification check reads and cleans a table,
+    # and torch, transformers, sklearn and datasets are seconds of imports it does not use.
+    data = tmp_path / "site.csv"
+    data.write_text("text,label\n" + "".join(f"review number {i} here,{'ab'[i % 2]}\n"
+                                             for i in range(6)), encoding="utf-8")
+    heavy = ("torch", "transformers", "sklearn", "datasets")
+    code = ("import sys; from deployment.cli import main; "
+            f"code = main(['check-data', '--task', 'classification', '--site-config', "
+            f"'data-path={data}']); "
+            f"print('exit', code, 'loaded', *sorted(m for m in {heavy!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                            text=True, check=True)
+    assert "rows read: 6" in result.stdout  # the check ran on the file
+    assert result.stdout.splitlines()[-1] == "exit 0 loaded"

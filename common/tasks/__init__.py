@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
-    from common.tasks.base import Task
+    from common.tasks.base import SiteReport, Task
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,11 @@ class TaskInfo:
     # Its rows have classes: an int ``label`` column and class names (the label map, the
     # stratified partitioners, the reports' class-distribution figures).
     has_classes: bool = False
+    # A module of the task's package with a ``check_site`` function (``Task.check_site``'s
+    # arguments and report, which the task object's ``check_site`` delegates to) that
+    # imports no training stack (torch, transformers): ``fedsft check-data`` runs at every
+    # SuperNode start. Empty: the task object's ``check_site`` (``get_site_check``).
+    site_check: str = ""
 
 
 _TASKS: dict[str, TaskInfo] = {
@@ -69,6 +74,7 @@ _TASKS: dict[str, TaskInfo] = {
                   "focal_gamma", "augment", "augment_rate"),
         site_keys=("text-column", "label-column"),
         has_classes=True,
+        site_check="common.tasks.classification_check",
     ),
     "sft": TaskInfo(
         module="common.tasks.sft",
@@ -140,6 +146,16 @@ def key_owners() -> dict[str, tuple[str, ...]]:
 def get_task(name: str) -> Task:
     """The task object for a ``task`` config value (its module imported on first use)."""
     return importlib.import_module(task_info(name).module).TASK  # type: ignore[no-any-return]
+
+
+def get_site_check(name: str) -> Callable[..., SiteReport]:
+    """Task ``name``'s site check, called as ``Task.check_site``: its ``site_check``
+    module's ``check_site`` when it has one (the task module and its imports stay
+    unloaded), else the task object's (``ValueError`` for an unknown task)."""
+    info = task_info(name)
+    if info.site_check:
+        return importlib.import_module(info.site_check).check_site  # type: ignore[no-any-return]
+    return get_task(name).check_site
 
 
 def metric_info(task: str, metric: str) -> MetricInfo:

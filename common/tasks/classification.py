@@ -32,7 +32,7 @@ from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec, spec_from_config
 from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
 from common.tasks.classification_builtin_data import generate_builtin
-from common.tasks.classification_check import DataReport, check_site_data
+from common.tasks.classification_check import DataReport, check_site, check_site_data
 from common.tasks.classification_data import (
     build_label_names,
     check_columns,
@@ -200,12 +200,10 @@ class ClassificationTask:
         label_names: Sequence[str] | None, tokenizer: PreTrainedTokenizerBase | None,
         eval_path: str | None = None,
     ) -> DataReport:
-        """``check_site_data`` of the file with the run's columns and label rule."""
-        return check_site_data(
-            path, text_column=spec.text_column, label_column=spec.label_column,
-            max_length=encoding.max_length,
-            label_names=list(label_names) if label_names is not None else None,
-            tokenizer=tokenizer, eval_data=eval_path, label_case_fold=spec.label_case_fold)
+        """``classification_check.check_site``: ``check_site_data`` of the file with the
+        run's columns and label rule."""
+        return check_site(path, spec=spec, encoding=encoding, label_names=label_names,
+                          tokenizer=tokenizer, eval_path=eval_path)
 
     def partition_report(
         self, rows: Any, *, source: str, encoding: EncodeSpec, label_names: Sequence[str],

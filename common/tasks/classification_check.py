@@ -60,6 +60,8 @@ from common.tasks.classification_data import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from common.specs import DataSpec, EncodeSpec
+
 SHORT_WORDS = 3  # a text of fewer words says little for a classifier
 IMBALANCE_WARNING = 10.0  # largest / smallest class above this: a warning
 TRUNCATED_WARNING = 0.20  # share of rows longer than max-length above this: a warning
@@ -249,6 +251,22 @@ def imbalance_ratio(counts: Sequence[int]) -> float | None:
     """Largest / smallest of the positive counts; None when none is positive."""
     present = [count for count in counts if count > 0]
     return max(present) / min(present) if present else None
+
+
+def check_site(
+    path: str, *, spec: DataSpec, encoding: EncodeSpec,
+    label_names: Sequence[str] | None, tokenizer: PreTrainedTokenizerBase | None,
+    eval_path: str | None = None,
+) -> DataReport:
+    """``Task.check_site`` of classification: ``check_site_data`` of the file with the
+    run's columns and label rule. Here, not in ``common.tasks.classification``, so that
+    ``fedsft check-data`` loads neither torch nor transformers
+    (``common.tasks.get_site_check``)."""
+    return check_site_data(
+        path, text_column=spec.text_column, label_column=spec.label_column,
+        max_length=encoding.max_length,
+        label_names=list(label_names) if label_names is not None else None,
+        tokenizer=tokenizer, eval_data=eval_path, label_case_fold=spec.label_case_fold)
 
 
 def check_site_data(

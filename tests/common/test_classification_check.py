@@ -5,7 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from common.config import RunConfig
 from common.data import DataError
+from common.specs import DataSpec, EncodeSpec
+from common.tasks import get_site_check, get_task
 from common.tasks.classification_check import (
     TOKENIZER_COUNT,
     WHITESPACE_ESTIMATE,
@@ -66,6 +69,21 @@ def test_every_statistic_of_a_small_file(site):
         "dropped-rows", "duplicates", "short-texts", "eval-overlap"]
     assert report.blocking == ()
     assert report.lines()[-1] == "result: no blocking problem, 4 warning(s)"
+
+
+def test_the_light_site_check_is_the_tasks(site):
+    # `fedsft check-data` calls get_site_check (no torch import), a deployed client the
+    # task object's check_site: one check, with the run's columns and label rule.
+    cfg = RunConfig(max_length=8, label_case_fold=True)
+    args = {"spec": DataSpec.of(cfg), "encoding": EncodeSpec.of(cfg, tokenizer_path=""),
+            "label_names": ["neg"], "tokenizer": None, "eval_path": str(site / "eval.csv")}
+    light = get_site_check("classification")(str(site / "site.csv"), **args)
+    assert light == get_task("classification").check_site(str(site / "site.csv"), **args)
+    assert light == _check(site / "site.csv", label_names=["neg"], label_case_fold=True,
+                           eval_data=str(site / "eval.csv"))
+    assert light.unknown_labels == ("pos",)  # the label rule reached the check
+    # A task without a light check module: its task object's.
+    assert get_site_check("sft") == get_task("sft").check_site
 
 
 def test_aggregate_stats_are_counts_and_shares_only(site):

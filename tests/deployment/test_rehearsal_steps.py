@@ -35,3 +35,22 @@ def test_the_sites_not_refused_run_and_none_running_is_an_error():
     assert "site site-a refused" in str(error.value) and "bad file" in str(error.value)
     with pytest.raises(ProcessError, match="no sites were given"):
         running_sites([], [])
+
+
+def test_the_fedsft_tool_is_replaced_never_rewritten_in_place(tmp_path):
+    # Each site script started runs the tool; rewriting it in place while one execs it
+    # fails that exec (ETXTBSY) and `sh` runs the next `fedsft` on the PATH instead.
+    import os
+    import subprocess
+
+    from deployment.site_attacks import fedsft_on_path
+
+    tool = fedsft_on_path(tmp_path) / "fedsft"
+    first = tool.stat().st_ino
+    assert fedsft_on_path(tmp_path) == tmp_path and tool.stat().st_ino == first  # kept
+    tool.write_text("#!/bin/sh\nexit 3\n", encoding="utf-8")  # stale content
+    fedsft_on_path(tmp_path)
+    assert tool.stat().st_ino != first and os.access(tool, os.X_OK)  # a new file
+    assert [p.name for p in tmp_path.iterdir()] == ["fedsft"]  # nothing left aside
+    usage = subprocess.run([str(tool), "--help"], capture_output=True, text=True, check=True)
+    assert "check-data" in usage.stdout  # this checkout's CLI

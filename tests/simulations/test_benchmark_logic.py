@@ -1,9 +1,12 @@
-"""The arithmetic of four benchmarks, against a fake runner instead of Flower.
+"""The arithmetic of the benchmarks that only run fedsft, against a fake runner instead
+of Flower.
 
-``communication``, ``vs-centralized``, ``robustness``, ``dp-accuracy`` and
-``secure-aggregation`` are loops over run-config variants of the fedsft app and
-arithmetic on the rows. Their simulations prove nothing the e2e tests do not (secure vs
-plaintext fedavg: tests/e2e/test_simulation.py), so the benchmark smoke test leaves them out and
+``communication``, ``vs-centralized``, ``robustness``, ``dp-accuracy``,
+``secure-aggregation`` and ``scale`` are loops over run-config variants of the fedsft app
+and arithmetic on the rows. Their simulations prove nothing the e2e tests do not (secure
+vs plaintext fedavg: tests/e2e/test_simulation.py; client sampling: its resume test;
+the recorded peak memory: the smoke test's shared quick run), so the benchmark smoke
+test leaves them out and
 this module runs them in quick mode with ``Bench.runner`` replaced by ``FakeFedsft``:
 it validates each run config as ``python -m simulations run`` does before Flower starts
 (Flower's TOML round trip over the app's pyproject defaults, ``RunConfig.from_flower``,
@@ -28,13 +31,14 @@ from common.config import ConfigError, RunConfig
 from common.data import load_server_eval
 from server.preflight import preflight
 from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
-from server.results import Bytes, Clients, ResultsRow, Seconds
+from server.results import Bytes, Clients, Memory, ResultsRow, Seconds
 from server.run_outputs import RunOutputs, run_folder
 from simulations.benchmarks import (
     communication,
     dp_accuracy,
     imbalance,
     robustness,
+    scale,
     secure_aggregation,
     vs_centralized,
 )
@@ -43,7 +47,7 @@ from simulations.runner import APP_DIR, SimulationResult
 
 # The benchmarks this module checks; the smoke test runs the others for real.
 LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy",
-                "secure-aggregation", "imbalance")
+                "secure-aggregation", "imbalance", "scale")
 APP_DEFAULTS = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))[
     "tool"]["flwr"]["app"]["config"]
 WALL_SECONDS = 50.0  # what the fake says each `flwr run` took
@@ -61,6 +65,10 @@ class Planned:
     bytes_up: int = 1000
     bytes_down: int = 1000
     round_seconds: float = ROUND_SECONDS
+    # Peak MiB (server, client) in round 1, and what each later round adds to both.
+    memory_mb: tuple[float, float] = (400.0, 300.0)
+    memory_growth_mb: float = 0.0
+    sampled: int | None = None  # clients sampled per round; None: as the strategy samples
 
 
 def central(accuracy: float, num_examples: int) -> dict[str, float]:
@@ -102,7 +110,7 @@ class FakeFedsft:
         self.eval_examples.add(len(eval_set))
         outputs = RunOutputs(run_folder(cfg), keep_checkpoints=cfg.keep_checkpoints)
         outputs.start(cfg, label_names)
-        sampled = sampled_per_round(num_supernodes, cfg.fraction_train)
+        sampled = planned.sampled or sampled_per_round(num_supernodes, cfg.fraction_train)
         privacy = (PrivacyReport(cfg, sampling_rate=sampled / num_supernodes)
                    if cfg.dp_noise_multiplier > 0 else None)
         rounds = cfg.num_server_rounds
@@ -117,6 +125,9 @@ class FakeFedsft:
                 bytes=Bytes(up=planned.bytes_up, down=planned.bytes_down,
                             up_total=planned.bytes_up * r, down_total=planned.bytes_down * r),
                 seconds=Seconds(round=planned.round_seconds),
+                memory_mb=Memory(
+                    server_peak=planned.memory_mb[0] + planned.memory_growth_mb * (r - 1),
+                    client_peak=planned.memory_mb[1] + planned.memory_growth_mb * (r - 1)),
                 privacy=None if privacy is None else privacy.row(r)))
         outputs.save_checkpoint(rounds, {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
         log = outputs.folder / "flwr.log"
@@ -363,6 +374,57 @@ def test_secure_aggregation_compares_secure_with_plaintext_fedavg(tmp_path, tiny
                                                          pytest.approx(1.05)]
     assert f"{TRAINABLE_VALUES:,} values per client" in result["notes"][0]
     assert "Quick mode uses a tiny random BERT" in result["notes"][-1]
+
+
+# --- scale -----------------------------------------------------------------------------
+
+
+def test_scale_compares_many_idle_clients_with_a_small_federation(tmp_path, tiny_model_dir):
+    def plan(cfg: RunConfig) -> Planned:
+        if cfg.min_nodes == 100:  # 10 MiB more per round; rounds 30 % slower
+            return Planned(0.5, 0.6, round_seconds=2.6, memory_mb=(420.0, 300.0),
+                           memory_growth_mb=10.0)
+        return Planned(0.5, 0.6)
+
+    fake = FakeFedsft(plan)
+    result = scale.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    # The small federation is the shared quick run; the big one samples 2 of 100.
+    assert [(v.run_name, v.num_supernodes, v.cfg.min_nodes, v.cfg.fraction_train,
+             v.cfg.fraction_evaluate) for v in fake.validated] == [
+        ("scale-small-00", 2, 2, 1.0, 1.0), ("scale-many-01", 100, 100, 0.02, 0.02)]
+    assert {v.cfg.num_server_rounds for v in fake.validated} == {2}
+    small_cfg = {**quick_bench(tmp_path, tiny_model_dir, fake).base(),
+                 "fraction-evaluate": 1.0}
+    assert result["config"]["small run-config"] == small_cfg  # shared with the others
+
+    numbers = result["numbers"]
+    small, many, ratios = numbers["small"], numbers["many"], numbers["ratios"]
+    assert (small["server_peak_mb_first_round"], small["server_peak_mb_last_round"]) == (
+        400.0, 400.0)
+    assert (many["server_peak_mb_first_round"], many["server_peak_mb_last_round"]) == (
+        420.0, 430.0)
+    assert (many["client_peak_mb_last_round"], many["client_peak_mb_max"]) == (310.0, 310.0)
+    assert many["clients_sampled_per_round"] == small["clients_sampled_per_round"] == 2
+    assert (many["mean_round_seconds_after_first"], many["wall_seconds"]) == (
+        2.6, WALL_SECONDS)
+    assert ratios == pytest.approx({
+        "server_peak": 430 / 400, "client_peak": 310 / 300, "round_seconds": 1.3,
+        "server_growth_many": 430 / 420, "client_growth_many": 310 / 300})
+    assert result["table"]["rows"] == [
+        ["2 clients in total", 400.0, 400.0, 300.0, 300.0, ROUND_SECONDS, ROUND_SECONDS,
+         WALL_SECONDS],
+        ["100 clients, 2 sampled", 420.0, 430.0, 300.0, 310.0, 2.6, 2.6, WALL_SECONDS]]
+    assert [(t["limit"], t["met"]) for t in result["targets"]] == [
+        (1.1, True), (1.1, True), (1.25, False), (1.1, True), (1.1, True)]
+
+
+def test_scale_refuses_a_federation_that_sampled_another_number(tmp_path, tiny_model_dir):
+    fake = FakeFedsft(lambda cfg: Planned(0.5, 0.6, sampled=3 if cfg.min_nodes == 100
+                                          else None))
+    with pytest.raises(RuntimeError, match=r"sampled 3.0 of 100 clients per round, "
+                                           r"expected 2.0"):
+        scale.run(quick_bench(tmp_path, tiny_model_dir, fake))
 
 
 # --- imbalance (in process: its training is replaced, not a runner) ----------------------
