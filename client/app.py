@@ -122,7 +122,8 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Evaluate the global state on this site's local eval split: metrics only."""
+    """Evaluate the global state (with fedsa: plus this site's own B) on this site's
+    local eval split: metrics only."""
     cfg, config, _, model, tokenizer, data, device = _setup(msg, context)
     started = time.monotonic()
     if len(data.eval) == 0:

@@ -468,6 +468,21 @@ class RunConfig:
                 "FedProx pulls every trained tensor towards the global model, which has "
                 "no B (each site keeps its own), so the local loop would pull B towards "
                 "the site's previous B instead: use fedavg or another strategy")
+        # The server's model has no site's B (B at its init: zero), so its central
+        # evaluation measures the shared part only: the frozen body and the federated
+        # head. Stopping on it would stop while the sites' own models still improve.
+        if self.early_stopping_patience > 0:
+            raise ConfigError(
+                "`lora-aggregation` fedsa cannot be combined with `early-stopping-patience` "
+                f"{self.early_stopping_patience}: the server's model has no site's B, so "
+                "its validation metric measures the shared part only, not the sites' own "
+                "models; set early-stopping-patience=0")
+        if self.task != "classification":
+            raise ConfigError(
+                f"`lora-aggregation` fedsa needs a task with a shared head (classification), "
+                f"got task {self.task!r}: without one, the server's model (LoRA B at zero) "
+                "is the pretrained model, and that is what would be evaluated and exported; "
+                "use lora-aggregation fedavg or ffa")
 
     def _check_secure_aggregation(self) -> None:
         if self.strategy not in MEAN_STRATEGIES:

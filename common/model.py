@@ -149,8 +149,20 @@ def _apply_lora(
                 param.requires_grad_(False)
     elif spec.lora_aggregation == "fedsa":
         # FedSA-LoRA: A and B both train; B stays at the site. Its init (peft: zero for
-        # Linear layers, seeded random for embeddings) is what a site starts from and
-        # what the server's model keeps, so it is remembered here.
+        # Linear layers) is what a site starts from and what the server's model keeps,
+        # so it is remembered here. peft inits an embedding adapter the other way round
+        # (A zero, B random): the server's model would then carry B_init @ A_mean, a
+        # change no site trained, so embedding targets are refused.
+        embedding = sorted({name.split(".lora_embedding_B.")[0].removeprefix("base_model.model.")
+                            for name, _ in model.named_parameters()
+                            if ".lora_embedding_B." in name})
+        if embedding:
+            raise ConfigError(
+                "`lora-aggregation` fedsa keeps each site's LoRA B, and the server's model "
+                "keeps B at its init; for an embedding adapter peft's init of B is random, "
+                "so the shared model would carry an update no site trained: drop the "
+                f"embedding module(s) {', '.join(embedding)} from `lora-target-modules`, "
+                "or use lora-aggregation fedavg or ffa")
         setattr(model, _SITE_INIT_ATTR, {
             name: param.detach().clone()
             for name, param in model.named_parameters() if _LORA_B.search(name)

@@ -11,7 +11,10 @@ spec is the only step needed to key the caches by it. Local training takes a
 Each spec's fields are named exactly like the ``RunConfig`` fields they copy and are
 filled by name (``spec_from_config``). ``tests/common/test_specs.py`` checks that every
 ``RunConfig`` field is in a spec (these, or a task's loss spec) or listed as in none,
-so a new config field cannot be forgotten in the cache keys.
+so a new config field cannot be forgotten: whoever adds one decides where it goes. Only
+``ModelSpec``, ``DataSpec``, ``PartitionSpec`` and ``EncodeSpec`` key caches; a field
+that changes a cached object belongs in one of those, not in ``TrainSpec``,
+``DPSGDSpec`` or a loss spec (which are rebuilt every round).
 """
 
 from __future__ import annotations

@@ -697,6 +697,8 @@ def rehearse(
     min_nodes_given = "min-nodes" in run_config
     run_config.setdefault("min-nodes", len(sites))
     cfg = RunConfig.from_flower(run_config)
+    if restart:  # the resumed attempt's config, refused (e.g. fedsa) before anything runs
+        cfg.replace(resume_from=str(Path(cfg.output_dir) / f"{cfg.run_name}-restarted"))
     for note in preflight(cfg, num_partitions=None):  # before any process starts
         on_line(f"[fedsft] preflight: {note}")
     run_dir = run_folder(cfg)

@@ -157,17 +157,39 @@ def test_fedsa_refuses_fedprox() -> None:
         RunConfig(lora_aggregation="fedsa", strategy="fedprox")
 
 
+def test_fedsa_refuses_early_stopping_and_tasks_without_a_head() -> None:
+    # The server's model has no site's B: its validation measures the shared part only.
+    with pytest.raises(ConfigError, match="fedsa cannot be combined with "
+                                          "`early-stopping-patience` 2"):
+        RunConfig(lora_aggregation="fedsa", early_stopping_patience=2)
+    with pytest.raises(ConfigError, match="fedsa needs a task with a shared head"):
+        RunConfig(task="sft", lora_aggregation="fedsa")
+
+
+def test_fedsa_refuses_an_embedding_adapter(tiny_llama_dir: Path) -> None:
+    # Only reachable with a model whose embedding peft can adapt: a classification
+    # model on the tiny Llama (the model class loads any decoder with a fresh head).
+    from common.model import build_model
+    from common.specs import ModelSpec
+
+    cfg = RunConfig(model=str(tiny_llama_dir), lora_aggregation="fedsa",
+                    lora_target_modules="embed_tokens,q_proj")
+    with pytest.raises(ConfigError, match="embedding module.*embed_tokens"):
+        build_model(ModelSpec.of(cfg, ["a", "b"]))
+
+
 @pytest.mark.parametrize("changes", [
     {"strategy": "fedadam"}, {"strategy": "krum"},
     {"secure-aggregation": True, "dp-noise-multiplier": 1.0, "dp-side": "client"},
     {"update-encoding": "int8", "topk-fraction": 0.1},
-    {"dp-sgd-noise-multiplier": 1.0}, {"task": "sft"},
+    {"dp-sgd-noise-multiplier": 1.0},
 ])
 def test_fedsa_combines_with_strategies_privacy_and_encodings(
     changes: dict[str, object],
 ) -> None:
-    # Only which tensors cross the wire changes: A and the head are aggregated, clipped,
-    # masked, noised and encoded like any exchanged state.
+    # Accepted: only which tensors cross the wire changes (the client's encodings, the
+    # masking and the clipping read the names of the state they received). Run for real
+    # here: fedavg + the egress audit (tests/e2e/test_simulation.py).
     cfg = RunConfig.from_flower({**RunConfig().to_flower(), "lora-aggregation": "fedsa",
                                  **changes})
     assert cfg.lora_aggregation == "fedsa"

@@ -54,3 +54,15 @@ def test_the_fedsft_tool_is_replaced_never_rewritten_in_place(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fedsft"]  # nothing left aside
     usage = subprocess.run([str(tool), "--help"], capture_output=True, text=True, check=True)
     assert "check-data" in usage.stdout  # this checkout's CLI
+
+
+def test_a_restart_rehearsal_refuses_a_config_that_cannot_resume_before_starting(tmp_path):
+    from common.config import ConfigError
+    from deployment.rehearsal import rehearse
+
+    (tmp_path / "a.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    with pytest.raises(ConfigError, match="fedsa keeps each site's B"):
+        rehearse([Site("site-a", tmp_path / "a.csv")],
+                 {"lora-aggregation": "fedsa", "output-dir": str(tmp_path / "out"),
+                  "run-name": "r"}, work_dir=tmp_path / "work", restart=True)
+    assert not (tmp_path / "work").exists()  # nothing was set up, nothing started

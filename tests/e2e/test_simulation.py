@@ -49,9 +49,10 @@ def _final_checkpoint(run_dir: Path) -> dict[str, np.ndarray]:
     return load_file(str(last))
 
 
-# One run that three tests read (each Flower start-up costs ~45 s): the egress audit,
+# One run that four tests read (each Flower start-up costs ~45 s): the egress audit,
 # class weights from the federation's counts with focal loss and augmentation, and
-# FFA-LoRA compose, and each test asserts its own part of the run.
+# FFA-LoRA compose, and each test asserts its own part of the run; it is also the
+# plaintext reference of the secure-aggregation run.
 SHARED_NODES = 3
 SHARED = {"num-server-rounds": 2, "audit-egress": True,
           "class-weighting": "inverse-frequency", "class-weighting-source": "global",
@@ -303,28 +304,6 @@ def test_dp_sgd_target_epsilon_calibrates_each_site_within_its_budget(dp_sgd_run
     assert card.count("  - site `") == DP_SGD_NODES
 
 
-def test_secure_aggregation_matches_plaintext_fedavg(tmp_path, tiny_model_dir):
-    common = {"num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True}
-    plain = _run(tmp_path, tiny_model_dir, "plain", nodes=4, **common)
-    secure = _run(tmp_path, tiny_model_dir, "secure", nodes=4,
-                  **{**common, "secure-aggregation": True})
-    for result in (plain, secure):
-        assert result.returncode == 0, result.log_path.read_text()[-3000:]
-    rows = _results(secure.run_dir)
-    for row in rows[1:]:
-        assert row["clients"]["aggregated"] == 4 and not row["clients"]["skipped"]
-        assert row["train"]["egress_audited"] == 1  # masked arrays + weight only
-    # Masked uplink is the size of the update (uint32) plus the protocol's messages.
-    plain_up = _results(plain.run_dir)[1]["bytes"]["up"]
-    assert plain_up < rows[1]["bytes"]["up"] < 1.5 * plain_up
-    # The server only unmasked the weighted sum: same model as plaintext FedAvg, up to
-    # the quantization error (2^-frac_bits per value).
-    a, b = _final_checkpoint(plain.run_dir), _final_checkpoint(secure.run_dir)
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
-
-
 def test_class_weights_from_federation_counts_and_augmentation_complete(shared_run):
     result, log = shared_run  # class weights (global counts), focal loss, augmentation
     rows = _results(result.run_dir)
@@ -376,27 +355,34 @@ def test_fedsa_lora_shares_a_and_evaluates_each_sites_own_model(tmp_path, tiny_m
     assert b and not any(v.any() for v in b)
 
 
-def test_secure_aggregation_sums_the_federations_label_counts(tmp_path, tiny_model_dir):
-    """`class-weighting-source` global with secure aggregation: the counts travel only
-    inside the masked sum, and round 2's config carries their total over the sites."""
-    result = _run(tmp_path, tiny_model_dir, "secure-counts", nodes=3, **{
-        "num-server-rounds": 2, "fraction-evaluate": 0.0, "audit-egress": True,
-        "client-eval-fraction": 0.0,  # every partition row trains: the counts are the rows
-        "secure-aggregation": True, "class-weighting": "inverse-frequency",
-        "class-weighting-source": "global"})
-    log = result.log_path.read_text()
-    assert result.returncode == 0, log[-3000:]
-    rows = _results(result.run_dir)
+def test_secure_aggregation_matches_the_shared_plaintext_run_and_sums_the_label_counts(
+    shared_run, tmp_path, tiny_model_dir
+):
+    """The shared run again with secure aggregation: the server unmasks only the sums of
+    the updates and of the sites' label counts (class weights from the federation's
+    counts travel inside the masked vector), and gets the plaintext run's model."""
+    plain, plain_log = shared_run
+    secure = _run(tmp_path, tiny_model_dir, "secure", nodes=SHARED_NODES,
+                  **{**SHARED, "secure-aggregation": True})
+    log = secure.log_path.read_text()
+    assert secure.returncode == 0, log[-3000:]
+    rows = _results(secure.run_dir)
     for row in rows[1:]:
-        assert row["clients"]["aggregated"] == 3, row["clients"]["problems"]
-        assert row["train"]["egress_audited"] == 1
+        assert row["clients"]["aggregated"] == SHARED_NODES and not row["clients"]["skipped"]
+        assert row["train"]["egress_audited"] == 1  # masked arrays, weight and sums only
         assert not any(name.startswith("label_count") for name in row["train"])  # not in clear
-    # Each partition's shared data statistics (sent once, in round 1) give the truth.
-    sites = rows[1]["site_data"]
-    assert len(sites) == 3
-    per_class = [sum(counts) for counts in zip(*(s["label_counts"] for s in sites.values()),
-                                               strict=True)]
-    assert sum(per_class) == sum(s["rows"] for s in sites.values()) > 0
-    sent = re.findall(r"\[fedsft\] round (\d+) config: label-counts=\[([\d, ]+)\]", log)
-    assert [rnd for rnd, _ in sent] == ["2"]  # round 1 knows no counts yet
-    assert [int(c) for c in sent[0][1].split(",")] == per_class
+    # Masked uplink is the size of the update (uint32) plus the protocol's messages.
+    plain_up = _results(plain.run_dir)[1]["bytes"]["up"]
+    assert plain_up < rows[1]["bytes"]["up"] < 1.5 * plain_up
+    # Round 2's config carries the federation's counts: the secure sum equals the sum
+    # of the counts the plaintext run's sites sent in clear (round 1 knows none yet).
+    pattern = r"\[fedsft\] round (\d+) config: label-counts=\[([\d, ]+)\]"
+    sent, sent_plain = re.findall(pattern, log), re.findall(pattern, plain_log)
+    assert [rnd for rnd, _ in sent] == ["2"] and sent == sent_plain, (sent, sent_plain)
+    assert sum(int(c) for c in sent[0][1].split(",")) > 0
+    # Same model as plaintext FedAvg, up to the quantization error (2^-frac_bits per value).
+    a, b = _final_checkpoint(plain.run_dir), _final_checkpoint(secure.run_dir)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-5, err_msg=key)
+
