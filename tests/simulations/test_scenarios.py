@@ -227,6 +227,29 @@ def test_sweep_goes_on_after_failures_and_compares_the_runs(tmp_path):
     assert "sw-local-steps=1-seed=2" in html and "sw-local-steps=2-seed=1" not in html
 
 
+def test_a_sweep_run_is_the_run_command_with_its_seed(tmp_path):
+    # What makes a sweep's seed-1 run reproducible by `run --set seed=1`: both hand the
+    # simulation the same run config and clients (the simulation itself is
+    # deterministic per seed: tests/e2e/test_simulation.py's resume test).
+    from simulations.sweep import run_scenario
+
+    scenario = load_scenario(str(_write(
+        tmp_path, "num-supernodes = 3\n[run-config]\nbuiltin-examples = 200\n", "sw.toml")))
+    seen = []
+
+    def recording(run_config, **kwargs):
+        seen.append(({k: v for k, v in run_config.items()
+                      if k not in ("run-name", "output-dir")}, kwargs["num_supernodes"]))
+        return _fake_runner(set(), set())[0](run_config, **kwargs)
+
+    run_sweep(scenario, grid={}, seeds=[1], base_overrides={}, sweep_dir=tmp_path / "sweep",
+              run_fn=recording)
+    run_scenario(scenario, parse_set(["seed=1"]), output_dir=tmp_path / "out",
+                 run_name="again", run_fn=recording)
+    (swept, nodes), (again, nodes_again) = seen
+    assert swept == again and swept["seed"] == 1 and nodes == nodes_again == 3
+
+
 def test_sweep_command_validates_every_grid_point_first(tmp_path, capsys):
     path = _write(tmp_path, "num-supernodes = 2\n", "sw.toml")
 
