@@ -43,3 +43,18 @@ def test_the_data_files_the_code_reads_are_package_data():
         assert any(fnmatch(needed, pattern) for pattern in patterns), needed
     for scenario in (ROOT / "simulations" / "scenarios").glob("*.toml"):
         assert any(fnmatch(f"scenarios/{scenario.name}", p) for p in patterns), scenario
+
+
+def test_ci_runs_exactly_the_readmes_test_command():
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    setup = readme.split("## Set-up: two commands", 1)[1].split("```", 2)[1]
+    (command,) = [line for line in setup.splitlines() if line.startswith("python -m pytest")]
+    ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
+          if re.match(r"python -m pytest\b", line)]
+    assert ci == [command]
+    # The workers' plugin is installed by the extras the set-up installs.
+    dev = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]["dev"]
+    assert any(req.startswith("pytest-xdist") for req in dev) == ("-n " in command)
