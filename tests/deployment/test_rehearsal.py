@@ -1,8 +1,10 @@
 """The Deployment Engine on loopback: TLS, SuperNode authentication, a real run.
 
 One rehearsal (module fixture) driven by docs/deployment.md's commands (the list is in
-deployment/rehearsal.py's docstring): two sites holding different CSV files and a third
-whose file is missing (its start script refuses it), all behind the proxy, while site-a
+deployment/rehearsal.py's docstring): two sites holding different CSV files, a third
+whose file is missing (its start script refuses it) and a fourth whose file holds a
+class the federation does not have (its client's data check refuses to train, and the
+server records why), all behind the proxy, while site-a
 tries six Control API calls through the public address; the same run again with the
 SuperLink killed after round 1, restarted and resumed; then `fedsft export
 --consortium` + `fedsft predict` on its result. Separate short-lived SuperLinks check
@@ -51,9 +53,14 @@ def run(tmp_path_factory, tiny_model_dir):
     _easy(200, seed=2).rename(columns={"text": "body", "label": "y"}).to_csv(
         tmp / "b.csv", index=False)
     _easy(200, seed=3).to_csv(tmp / "eval.csv", index=False)
+    # Site d: a readable file (its start script's check, which knows no label map,
+    # passes it) with a class outside the run's `labels`: blocking at its client.
+    unknown = _easy(60, seed=4)
+    unknown.loc[::3, "label"] = "neutral"
+    unknown.to_csv(tmp / "d.csv", index=False)
     sites = [Site("site-a", tmp / "a.csv"),
              Site("site-b", tmp / "b.csv", text_column="body", label_column="y"),
-             Site("site-c", tmp / "missing.csv")]
+             Site("site-c", tmp / "missing.csv"), Site("site-d", tmp / "d.csv")]
     lines: list[str] = []
     result = rehearse(sites, {
         "model": str(tiny_model_dir), "method": "lora", "learning-rate": 0.03,
@@ -86,14 +93,20 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
     registry = json.loads((result.work_dir / "consortium/registry.json").read_text())
     # No rogue key admitted, site-c not unregistered.
     assert result.nodes_after == tuple(sorted(int(e["node-id"]) for e in registry.values()))
-    assert len(result.nodes_after) == 3
+    assert len(result.nodes_after) == 4
     assert result.runs_after == 1  # the site's run was never started
     rows = _rows(result.run_dir)
     assert [r["round"] for r in rows] == [0, 1, 2]
+    site_d = int(registry["site-d"]["node-id"])
     for row in rows[1:]:
         clients = row["clients"]
-        assert clients["sampled"] == 2 and clients["aggregated"] == 2, clients
-        assert not clients.get("failures") and not clients.get("problems"), clients
+        assert clients["sampled"] == 3 and clients["aggregated"] == 2, clients
+        # Site d's client refused its file before training (the data check: a label
+        # outside the federation's), and the server recorded which node and why.
+        assert clients["failures"] == 1, clients
+        (problem,) = clients["problems"]
+        assert f"node {site_d}" in problem and "site data" in problem, problem
+        assert "cannot be used" in problem, problem
         # Counts by site name (from each site's node config), not by node id.
         assert clients["examples"].keys() == {"site-a", "site-b"}
     losses = [r["central"]["loss"] for r in rows]
@@ -105,7 +118,7 @@ def test_rehearsal_runs_two_rounds_and_improves(run):
     assert config["labels"] == "negative,positive" and config["dataset"] == "builtin"
     # Site c's file is missing: its start-supernode.sh refused to start it (the data
     # check, exit 2, the file named) and it never came online; the run went on with 2.
-    (refusal,) = result.refused_sites
+    (refusal,) = result.refused_sites  # site d's script started it: its file is readable
     assert (refusal.site, refusal.returncode) == ("site-c", 2), refusal
     assert "data file not found" in refusal.reason and "missing.csv" in refusal.reason
     assert any(x.startswith("[fedsft] site site-c refused by its start-supernode.sh "
