@@ -19,7 +19,12 @@ from flwr.clientapp import ClientApp
 from client.attacks import attacker_partition, flip_labels, is_attacker
 from client.compute import compute_metrics, start_gpu_measurement
 from client.egress_audit import egress_audit_mod
-from client.local_data import client_key, data_stats_metrics, load_local_data
+from client.local_data import (
+    client_key,
+    data_stats_metrics,
+    load_local_data,
+    log_partition_warnings,
+)
 from client.outgoing import outgoing_update, plaintext_site_metrics
 from client.sample_dp import train_with_dp_sgd
 from client.secagg import STAGE, handle_stage
@@ -52,6 +57,7 @@ def _setup(msg: Message, context: Context):  # type: ignore[no-untyped-def]
     except Exception:
         log.exception("fedsft client %s cannot load its data", context.node_id)
         raise  # Flower reports it to the server as a failed reply with the reason
+    log_partition_warnings(data, context.node_config, context.state)  # simulation only
     return cfg, config, received, model, tokenizer, data, device
 
 

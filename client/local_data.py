@@ -20,6 +20,9 @@ not know) already raise in ``partition_dataset`` and ``load_local_data``. A
 classification partition still gets the check's statistics (``Task.partition_report``), and
 shares them unless its node config says ``share-data-stats = false``: the server holds
 that data already, so the report shows the partitions as it shows deployed sites.
+Its warnings (imbalance, short or truncated texts, ...) are logged as a site's are, once
+per node and run (``log_partition_warnings``, marked in ``context.state``): nothing more
+is sent for them.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from common.tasks.base import Examples, SiteReport, Task
 log = logging.getLogger(__name__)
 SHARE_STATS_KEY = "share-data-stats"  # node config: send aggregate data stats (opt-in)
 _STATS_SENT = "data-stats-sent"  # context.state record: the stats went out once
+_WARNINGS_LOGGED = "data-warnings-logged"  # context.state record: logged once
 
 
 @dataclass(frozen=True)
@@ -175,8 +179,7 @@ def check_site_file(
     report = task.check_site(path, spec=DataSpec.of(cfg),
                              encoding=EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path),
                              label_names=label_names, tokenizer=tokenizer)
-    for finding in report.warnings:
-        log.warning("site data %s: %s", path, finding.message)
+    log_warnings(report, path)
     if report.blocking:
         problems = "; ".join(finding.message for finding in report.blocking)
         raise DataError(
@@ -184,6 +187,28 @@ def check_site_file(
             f"{path}` at the site for the full report)"
         )
     return report
+
+
+def log_warnings(report: SiteReport, where: str) -> None:
+    """Log each warning of a data report at this client (``site data <where>: ...``)."""
+    for finding in report.warnings:
+        log.warning("site data %s: %s", where, finding.message)
+
+
+def log_partition_warnings(
+    data: LocalData, node_config: Mapping[str, Any], state: RecordDict
+) -> None:
+    """Log a simulated partition's data warnings once per node and run.
+
+    A deployed site's file logs them in ``check_site_file``, with its blocking check; a
+    partition is not blocked (module docstring), but its warnings are as worth a look.
+    Marked in ``state`` (the node's ``context.state``), so a node served by several
+    worker processes logs them once; a site (no ``partition-id``) logs nothing here.
+    """
+    if "partition-id" not in node_config or data.report is None or _WARNINGS_LOGGED in state:
+        return
+    state[_WARNINGS_LOGGED] = ConfigRecord({"logged": True})
+    log_warnings(data.report, f"partition {int(node_config['partition-id'])}")
 
 
 def data_stats_metrics(

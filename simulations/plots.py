@@ -109,6 +109,31 @@ def plot_scores(
     return _save(fig, path)
 
 
+def plot_class_recall(
+    path: Path, *, rounds: Sequence[int], recalls: Mapping[str, Sequence[float]],
+    worst: Sequence[float], title: str,
+) -> Path:
+    """Each class's recall per round (one line per class, named) and the worst class's
+    (black, dashed: ``recall_min``), each through the rounds that measured it."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    for color, (name, values) in zip(_colors(len(recalls)), recalls.items(), strict=True):
+        if _has_values(values):
+            ax.plot(*_measured(rounds, values), marker="o", color=color, label=f"recall {name}")
+    if _has_values(worst):
+        ax.plot(*_measured(rounds, worst), color="black", linestyle="--", linewidth=2.5,
+                label="worst class (recall_min)")
+    if not ax.lines:
+        _empty_note(ax, "no per-class recall")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("recall (0-1)")
+    ax.set_title(title)
+    _round_axis(ax, rounds)
+    if ax.lines:
+        ax.legend(loc="lower right", fontsize="small", ncol=1 + len(ax.lines) // 12)
+    return _save(fig, path)
+
+
 def plot_metric(
     path: Path, *, rounds: Sequence[int], central: Sequence[float],
     federated: Sequence[float], label: str, title: str,

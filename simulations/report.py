@@ -3,7 +3,9 @@
 Figures and tables follow the run's task (``config.json`` ``task``; runs from before
 the task layer are classification): its metrics (``TASK_METRICS``) each get a final
 value, the headline (the first) a best round, bounded ones share a 0-1 figure and the
-forgetting monitor (``retention``) gets its change since round 0.
+forgetting monitor (``retention``) gets its change since round 0. A task with classes
+also gets each class's recall (``recall_<k>``, ``recall_min`` the worst class) per round
+and in the summary, named from ``label_map.json``.
 
 A run report reads what a run folder holds (``results.jsonl``, ``config.json``,
 ``label_map.json`` and, for harness runs, ``simulation.json``), draws one PNG per
@@ -158,6 +160,25 @@ def _nanlast(values: Sequence[float]) -> float:
     return finite[-1] if finite else _NAN
 
 
+_RECALL_KEY = re.compile(r"recall_(\d+)")
+RECALL_PREFIX = "final recall "  # summary keys of the classes' recall: ``final recall <name>``
+WORST_RECALL = "final worst-class recall"
+
+
+def class_recalls(rows: Sequence[ResultsRow], split: str = "central") -> dict[int, list[float]]:
+    """Each class's recall per row (``recall_<k>`` of evaluation part ``split``), by class
+    index; NaN in a row that did not measure it (no eval example of the class there).
+    Empty for rows without per-class recall (sft, runs from before it was recorded)."""
+    classes = sorted({int(match.group(1)) for row in rows for key in (row.metrics(split) or {})
+                      if (match := _RECALL_KEY.fullmatch(key))})
+    return {k: _metrics(rows, split, f"recall_{k}") for k in classes}
+
+
+def class_name(label_names: Sequence[str], index: int) -> str:
+    """Class ``index``'s name from the run's label map, ``class <index>`` past it."""
+    return label_names[index] if index < len(label_names) else f"class {index}"
+
+
 def time_split(row: ResultsRow) -> dict[str, float]:
     """One round's wall time split into parts that add up to ``seconds.round``.
 
@@ -191,7 +212,9 @@ def summarize(run: RunData) -> dict[str, Any]:
     Every metric of the task gets ``final <label>`` (its last measured value), the
     headline metric ``best <label>`` and ``best round`` (in its direction), the clients'
     ``final federated <label>``; with a retention set, ``retention <label> since round 0``
-    is each retention metric's change.
+    is each retention metric's change. A task with classes whose rows hold per-class
+    recall adds ``final recall <class name>`` per class and ``final worst-class recall``
+    (``recall_min``), each its last measured central value.
     """
     rows = run.rows
     trained = [r for r in rows if r.round > 0]
@@ -212,6 +235,11 @@ def summarize(run: RunData) -> dict[str, Any]:
     # The clients' spread is of the headline metric (server/tracked_strategy.py).
     summary[f"final worst-client {headline.label}"] = _nanlast(
         _series(rows, lambda r: r.clients.eval_headline_spread.get("min")))
+    recalls = class_recalls(rows) if run.has_classes else {}
+    for k, values in recalls.items():
+        summary[RECALL_PREFIX + class_name(run.label_names, k)] = _nanlast(values)
+    if recalls:
+        summary[WORST_RECALL] = _nanlast(_metrics(rows, "central", "recall_min"))
     if any(r.retention for r in rows):
         for info in run.metrics:
             summary[f"retention {info.label} since round 0"] = retention_change(
@@ -402,6 +430,7 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
     notes: list[str] = []
     figs: list[tuple[str, Path]] = []
     figs += _metric_figures(run, out)
+    figs += _recall_figures(run, out)
     if any(r.retention for r in rows):
         figs.append(("Forgetting monitor: the retention set's metrics per round, against "
                      "round 0 (the model before fine-tuning)", plots.plot_retention(
@@ -430,14 +459,16 @@ def _figures(run: RunData, out: Path, *, num_supernodes: int | None) -> tuple[
                      "evaluation (`fraction-evaluate` = 0?).")
 
     nodes = num_supernodes or (run.simulation or {}).get("num-supernodes")
-    if not nodes:
-        notes.append("Label distribution per client skipped: this run has no "
-                      f"{SIMULATION_FILE} (not started by the simulation harness, e.g. a "
-                      "deployment), so the number of clients is unknown. "
-                      "`python -m simulations report RUN --num-supernodes N` recomputes it.")
-    elif run.config.get("labels"):
+    # `labels` first: a deployment's sites hold the data, whatever the client count (the
+    # Sites section shows what they reported).
+    if run.config.get("labels"):
         notes.append("Label distribution per client skipped: the server had no training "
                      "data (`labels` set: the sites hold it).")
+    elif not nodes:
+        notes.append("Label distribution per client skipped: this run has no "
+                     f"{SIMULATION_FILE} (not started by the simulation harness), so the "
+                     "number of clients is unknown. "
+                     "`python -m simulations report RUN --num-supernodes N` recomputes it.")
     elif not run.has_classes:
         notes.append(f"Label distribution per client skipped: task {run.task} has no "
                      "classes.")
@@ -517,6 +548,22 @@ def _metric_figures(run: RunData, out: Path) -> list[tuple[str, Path]]:
                 federated=_metrics(rows, "federated", f"eval_{m.name}"), label=m.label,
                 title=f"{_capital(m.label)} per round - {name}")))
     return figs
+
+
+def _recall_figures(run: RunData, out: Path) -> list[tuple[str, Path]]:
+    """Each class's central recall per round and the worst class's (``recall_min``);
+    nothing for a task without classes or rows without per-class recall."""
+    recalls = class_recalls(run.rows) if run.has_classes else {}
+    if not recalls:
+        return []
+    return [("Per-class recall on the server's held-out data (the dashed line: the worst "
+             "class, recall_min): what class weighting or focal loss should lift",
+             plots.plot_class_recall(
+                 out / "class_recall.png", rounds=[r.round for r in run.rows],
+                 recalls={class_name(run.label_names, k): values
+                          for k, values in recalls.items()},
+                 worst=_metrics(run.rows, "central", "recall_min"),
+                 title=f"Recall per class and round - {run.name}"))]
 
 
 def _capital(text: str) -> str:
@@ -659,6 +706,10 @@ def write_comparison(
     finals = [f"final {m.label}" for m in metrics]
     columns = ["rounds", *finals, f"best {head.label}"]
     columns.append(f"final worst-client {head.label}")
+    # Per-class recall (classification runs that recorded it), in class order, then the
+    # worst class; a run without it shows "-".
+    columns += list(dict.fromkeys(k for summary in summaries.values() for k in summary
+                                  if k.startswith(RECALL_PREFIX) or k == WORST_RECALL))
     columns += sorted({k for summary in summaries.values() for k in summary
                        if k.startswith("retention ")})
     columns += ["bytes up", "bytes down", "mean round seconds", "failures"]
@@ -737,7 +788,7 @@ def _fmt(value: Any) -> str:
 def _metric_labels() -> tuple[str, ...]:
     """Summary keys ending in a metric's label are metrics: shown with 4 decimals."""
     return tuple({m.label for metrics in TASK_METRICS.values() for m in metrics}
-                 | {"accuracy", "F1", "loss"})
+                 | {"accuracy", "F1", "loss", "recall"})
 
 
 def _fmt_summary(key: str, value: Any) -> str:
@@ -748,7 +799,8 @@ def _fmt_summary(key: str, value: Any) -> str:
         return f"{value / scale:.2f} {unit}"
     if isinstance(value, float) and math.isfinite(value) and key.startswith("retention "):
         return f"{value:+.4f}"  # a change: the sign is the news
-    if isinstance(value, float) and math.isfinite(value) and key.endswith(_metric_labels()):
+    if isinstance(value, float) and math.isfinite(value) and (
+            key.endswith(_metric_labels()) or key.startswith(RECALL_PREFIX)):
         return f"{value:.4f}"
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.1f}"

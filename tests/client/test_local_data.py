@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pytest
+from flwr.app import RecordDict
 
-from client.local_data import clear_local_data_cache, load_local_data, site_file_version
+from client.local_data import (
+    clear_local_data_cache,
+    data_stats_metrics,
+    load_local_data,
+    log_partition_warnings,
+    site_file_version,
+)
 from common.config import ConfigError, RunConfig
 from common.model import build_model
 from common.specs import ModelSpec
@@ -45,6 +53,32 @@ def test_two_files_and_a_rewritten_file_give_their_own_data(tmp_path, tiny_model
     again = load_local_data(cfg, {"data-path": str(first)}, LABELS, tokenizer)
     assert len(again.train) + len(again.eval) == 14
     assert all("gamma" in text for text in _texts(again, tokenizer))
+    clear_local_data_cache()
+
+
+def test_a_partitions_data_warnings_are_logged_once_per_node(tmp_path, tiny_model_dir, caplog):
+    clear_local_data_cache()
+    source = tmp_path / "short.csv"  # every text two words long: a short-texts warning
+    source.write_text("text,label\n" + "".join(
+        f"text{i} here,{LABELS[i % 2]}\n" for i in range(60)))
+    cfg = RunConfig(model=str(tiny_model_dir), max_length=24, dataset=str(source))
+    _, tokenizer = build_model(ModelSpec.of(cfg, LABELS))
+    node = {"partition-id": 1, "num-partitions": 2}
+    data = load_local_data(cfg, node, LABELS, tokenizer)
+    state = RecordDict()
+
+    with caplog.at_level(logging.WARNING, logger="client.local_data"):
+        log_partition_warnings(data, node, state)
+        log_partition_warnings(data, node, state)  # the node's next round: not again
+        log_partition_warnings(data, {"data-path": "x"}, RecordDict())  # a site: its check
+
+    messages = [r.getMessage() for r in caplog.records if r.name == "client.local_data"]
+    assert len(messages) == 1
+    assert messages[0].startswith("site data partition 1: 100.0% of the texts have fewer "
+                                  "than 3 words")
+    # What the node sends is unchanged: its statistics still go out, once.
+    assert data_stats_metrics(data, node, state) == data.report.aggregate_stats() != {}
+    assert data_stats_metrics(data, node, state) == {}
     clear_local_data_cache()
 
 

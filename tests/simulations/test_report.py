@@ -15,6 +15,7 @@ from common.config import RunConfig
 from server.results import ResultsRow, SiteCompute, SiteData
 from simulations.report import (
     ReportError,
+    class_recalls,
     label_distribution,
     load_run,
     site_compute_table,
@@ -102,6 +103,7 @@ def test_run_report_writes_self_contained_html_and_every_figure(tmp_path):
     assert "3.00 kB" in html  # bytes up total: 1000 B x 3 rounds
     assert "<td>builtin-examples</td><td class='num'>200</td>" in html
     assert "synthetic" in html  # the scenario from simulation.json
+    assert "final recall" not in html and "worst-class recall" not in html  # none recorded
 
 
 def test_report_without_simulation_file_skips_the_label_distribution_with_a_note(tmp_path):
@@ -204,6 +206,48 @@ def test_compare_overlays_runs_with_a_final_metrics_table(tmp_path):
     assert "sweep-seed=2/report.html" not in html
     assert "Mean &plusmn; standard deviation over seeds" in html
     assert "0.7000 &plusmn; 0.1000" in html
+
+
+def _with_recall(run: Path) -> Path:
+    """The run's rows with per-class recall as the server records it: positive (class 2)
+    lags, neutral (class 1) has no eval example in round 0."""
+    rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    for row in rows:
+        rnd = row["round"]
+        recalls = {"recall_0": 0.5 + 0.1 * rnd, "recall_2": 0.1 * rnd,
+                   **({"recall_1": 0.4 + 0.1 * rnd} if rnd else {})}
+        row["central"].update(recalls, recall_min=min(recalls.values()))
+    (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run
+
+
+def test_the_report_shows_each_classs_recall_by_its_name(tmp_path):
+    run = _with_recall(make_run(tmp_path / "imbalanced"))
+
+    html = write_report(run).read_text()
+
+    assert (run / "report" / "class_recall.png").is_file()
+    assert html.count("<img") == 9
+    # The last round's (round 3) recall per class, named from label_map.json.
+    assert "final recall negative</td><td class='num'>0.8000" in html
+    assert "final recall neutral</td><td class='num'>0.7000" in html
+    assert "final recall positive</td><td class='num'>0.3000" in html
+    assert "final worst-class recall</td><td class='num'>0.3000" in html
+    recalls = class_recalls(load_run(run).rows)
+    assert list(recalls) == [0, 1, 2] and recalls[1][0] != recalls[1][0]  # NaN: unmeasured
+    assert recalls[2] == pytest.approx([0.0, 0.1, 0.2, 0.3])
+
+
+def test_compare_lists_the_recall_per_class_and_a_dash_for_a_run_without(tmp_path):
+    a = _with_recall(make_run(tmp_path / "runs" / "weighted"))
+    b = make_run(tmp_path / "runs" / "older")
+
+    html = write_comparison([a, b], tmp_path / "cmp").read_text()
+
+    assert ("<th>final recall negative</th><th>final recall neutral</th>"
+            "<th>final recall positive</th><th>final worst-class recall</th>") in html
+    older = html[html.index("<td>older</td>"):]
+    assert older.split("</tr>")[0].count("<td class='num'>-</td>") == 4
 
 
 def test_compare_refuses_runs_with_the_same_name(tmp_path):
@@ -355,14 +399,18 @@ def test_the_site_compute_table_by_hand_with_no_gpu_numbers_made_up():
     assert rows[1] == ["clinic-b", "2", "5", "-", "-", "-", "2048", "-"]
 
 
-def test_the_report_has_the_site_tables_and_figures(tmp_path):
-    run = make_run(tmp_path / "sites", accs=(0.3, 0.5, 0.7))
+def _with_site_rows(run: Path) -> Path:
+    """The run's three rows with ``_site_rows``'s site data and compute."""
     lines = [ResultsRow.from_json(json.loads(line)) for line in
              (run / "results.jsonl").read_text().splitlines()]
-    sites = _site_rows()
     rows = [replace(r, site_data=s.site_data, site_compute=s.site_compute)
-            for r, s in zip(lines, sites, strict=True)]
+            for r, s in zip(lines, _site_rows(), strict=True)]
     (run / "results.jsonl").write_text("".join(r.to_line() for r in rows))
+    return run
+
+
+def test_the_report_has_the_site_tables_and_figures(tmp_path):
+    run = _with_site_rows(make_run(tmp_path / "sites", accs=(0.3, 0.5, 0.7)))
 
     html = write_report(run).read_text()
 
@@ -370,3 +418,23 @@ def test_the_report_has_the_site_tables_and_figures(tmp_path):
     assert "<td>clinic-a</td><td class='num'>12</td>" in html
     assert (run / "report" / "site_labels.png").exists()
     assert (run / "report" / "site_train_time.png").exists()
+
+
+def test_a_deployment_run_folder_gets_its_report_from_the_cli(tmp_path, capsys):
+    """As docs/deployment.md says: `python -m simulations report <run folder>` on the
+    coordinator's run folder (no simulation.json; `labels` set, the sites hold the data)."""
+    from simulations.__main__ import main
+
+    run = _with_site_rows(make_run(tmp_path / "first", accs=(0.3, 0.5, 0.7), nodes=None,
+                                   labels="negative,neutral,positive"))
+
+    assert main(["report", str(run)]) == 0
+
+    assert f"[fedsft] report: {run / 'report.html'}" in capsys.readouterr().out
+    html = (run / "report.html").read_text()
+    assert "<h2>Sites</h2>" in html and "<td>clinic-a</td><td class='num'>12</td>" in html
+    assert (run / "report" / "site_labels.png").is_file()
+    assert (run / "report" / "site_train_time.png").is_file()
+    # No partition to recompute, and no hint to give a client count: the sites hold it.
+    assert "the server had no training data" in html and "--num-supernodes" not in html
+    assert not (run / "report" / "label_distribution.png").exists()
