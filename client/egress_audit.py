@@ -15,14 +15,16 @@ When on, each reply must hold only what fedsft is meant to send:
   protocol (the client key, public keys, encrypted shares), no arrays.
 
 No text, token ids, labels or per-example values can pass: metric names must be in
-the allow-list below (``TRAIN_METRICS`` / ``EVALUATE_METRICS``: a metric name is a
-string too, and could carry a row), metric values must be ``int`` or ``float``, arrays
-are limited to the exchanged names, query replies carry only the protocol's keys, with
-no string but this site's own ``client-key``. Error replies are checked too: an
-exception's message can quote a data row (a tokenizer or parser error), so only
-fedsft's own error types (:data:`SAFE_ERRORS`, messages that name files, keys and
-settings) keep their message, cut to ``MAX_ERROR_CHARS``; any other error reaches the
-server as its type name only, the full message staying in the site's log.
+the allow-list (``allowed_metric_names``: the machinery's names below plus the run's
+task's own, from its registry entry, ``TaskInfo.train_reply_metrics`` /
+``eval_reply_metrics``; a metric name is a string too, and could carry a row), metric
+values must be ``int`` or ``float``, arrays are limited to the exchanged names, query
+replies carry only the protocol's keys, with no string but this site's own
+``client-key``. Error replies are checked too: an exception's message can quote a data
+row (a tokenizer or parser error), so only fedsft's own error types
+(:data:`SAFE_ERRORS`, messages that name files, keys and settings) keep their message,
+cut to ``MAX_ERROR_CHARS``; any other error reaches the server as its type name only,
+the full message staying in the site's log.
 A violation turns the reply into an error (Flower reports it to the server as a failed
 reply), so a leak is loud, never silent. The number of audited replies is added to
 the train metrics (``egress-audited``) so a test can see the audit ran.
@@ -45,7 +47,7 @@ from client.secagg import SUMS_KEY, WEIGHT_KEY, summed_keys_of
 from common.config import ConfigError, RunConfig
 from common.encoding import expected_keys
 from common.records import array_record, numpy_arrays
-from common.tasks import TASK_METRICS
+from common.tasks import task_info, task_names
 
 log = logging.getLogger(__name__)
 
@@ -54,19 +56,17 @@ NUMERIC_DTYPES = {np.dtype(t) for t in
 _AUDITED_KEY = "egress-audited"
 NODE_CONFIG_KEY = "audit-egress"  # the site's switch, in its node config
 
-# Every metric name a fedsft ClientApp sends (client/app.py, client/outgoing.py,
-# client/sample_dp.py, client/dp_clipping.py, the tasks' site metrics and data stats):
-# a name outside these patterns is refused, whatever its value.
-TRAIN_METRICS = re.compile(
-    r"num-examples|train-loss|train-first-loss|train-steps|train-seconds|peak-rss-mb"
-    r"|train-examples-seen|train-tokens|gpu-peak-memory-mb|gpu-utilization"
-    r"|norm_bit|dp-sgd-epsilon|dp-sgd-steps|dp-sgd-noise-multiplier|label-count-\d{1,4}"
-    r"|data-rows-read|data-rows|data-label-(count|share)-\d{1,4}|data-duplicate-share"
-    r"|data-short-share|data-truncated-share|data-truncated|data-dropped"
-    r"|data-median-tokens|" + _AUDITED_KEY)
-EVALUATE_METRICS = re.compile("|".join(
-    ["num-examples", "eval-seconds", r"eval-recall-(min|\d{1,4})"]  # per-class recall
-    + sorted({f"eval-{m.name.replace('_', '-')}" for ms in TASK_METRICS.values() for m in ms})))
+# The metric names the machinery of a fedsft ClientApp sends, for any task
+# (client/app.py, client/outgoing.py, client/compute.py, client/sample_dp.py,
+# client/dp_clipping.py, and ``data-rows``, which every task's data stats have); a
+# task's own names are in its registry entry. A name outside these patterns is refused,
+# whatever its value.
+_TRAIN_METRICS = (
+    "num-examples", "train-loss", "train-first-loss", "train-steps", "train-seconds",
+    "peak-rss-mb", "train-examples-seen", "train-tokens", "gpu-peak-memory-mb",
+    "gpu-utilization", "norm_bit", "dp-sgd-epsilon", "dp-sgd-steps",
+    "dp-sgd-noise-multiplier", "data-rows", _AUDITED_KEY)
+_EVALUATE_METRICS = ("num-examples", "eval-seconds")
 QUERY_KEYS = re.compile(r"client-key|secagg-[a-z-]{1,32}")
 # fedsft's own errors, whose messages name files, keys and settings, not data rows.
 SAFE_ERRORS = ("DataError", "ConfigError", "EgressViolation", "SecAggRefusal")
@@ -77,19 +77,41 @@ class EgressViolation(RuntimeError):
     """An outgoing message carries something other than updates and scalar metrics."""
 
 
+def allowed_metric_names(kind: str, task: str | None = None) -> re.Pattern[str]:
+    """The metric names a ``kind`` reply ("train"; any other: "evaluate") may carry in a
+    run of ``task``: the machinery's, plus the task's ``TaskInfo.train_reply_metrics``
+    (train) or ``eval-<metric, dashed>`` of its metrics and its ``eval_reply_metrics``
+    (evaluate). ``task`` None: those of every registered task.
+
+    Raises ``ValueError`` for an unknown ``task``.
+    """
+    infos = [task_info(name) for name in (task_names() if task is None else (task,))]
+    if kind == "train":
+        patterns = [*_TRAIN_METRICS, *(p for info in infos for p in info.train_reply_metrics)]
+    else:
+        patterns = [*_EVALUATE_METRICS,
+                    *sorted({f"eval-{m.name.replace('_', '-')}"
+                             for info in infos for m in info.metrics}),
+                    *(p for info in infos for p in info.eval_reply_metrics)]
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
 def egress_problems(
     sent: Message, reply: Message, *, allowed_array_names: set[str] | None,
     own_key: str | None = None, masked_metrics: frozenset[str] = frozenset(),
+    task: str | None = None,
 ) -> list[str]:
     """What in ``reply`` (to ``sent``) must not leave the site; empty when clean.
 
     ``own_key``: this site's ``client-key`` (the one string a query reply may carry);
-    ``masked_metrics``: metric names that may leave only inside the masked sum.
+    ``masked_metrics``: metric names that may leave only inside the masked sum;
+    ``task``: the run's task, whose own metric names pass (None: every registered
+    task's, see ``allowed_metric_names``).
     """
     problems: list[str] = []
     content = reply.content
     kind = sent.metadata.message_type
-    names = TRAIN_METRICS if kind == "train" else EVALUATE_METRICS
+    names = allowed_metric_names(kind, task)
     for key, metrics in content.metric_records.items():
         if kind not in ("train", "evaluate"):
             problems.append(f"metrics {key!r} in a {kind} reply")
@@ -174,8 +196,11 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
         return reply
     allowed = None
     masked: frozenset[str] = frozenset()
-    if msg.metadata.message_type == "train":
+    task: str | None = None  # a query reply may carry no metrics at all
+    if msg.metadata.message_type in ("train", "evaluate"):
         cfg = RunConfig.from_flower(context.run_config)
+        task = cfg.task
+    if msg.metadata.message_type == "train":
         received = numpy_arrays(array_record(msg.content, "arrays"))
         allowed = expected_keys(received, cfg.encoding) | set(received)
         config = msg.content["config"]
@@ -184,7 +209,7 @@ def egress_audit_mod(msg: Message, context: Context, call_next: ClientAppCallabl
             masked = frozenset(summed_keys_of(config))
     problems = egress_problems(msg, reply, allowed_array_names=allowed,
                                own_key=client_key(context.node_config, context.node_id),
-                               masked_metrics=masked)
+                               masked_metrics=masked, task=task)
     if problems:
         raise EgressViolation("egress audit refused the reply: " + "; ".join(problems))
     if msg.metadata.message_type == "train":

@@ -25,7 +25,7 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -71,6 +71,12 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
+# The metrics of a global state on a split (``state``, its examples, the call's context):
+# the task's ``evaluate`` of the server's model with ``state`` loaded, unless a caller
+# (a test of the recording around it) gives its own.
+StateEvaluator = Callable[[dict[str, np.ndarray], Examples, EvalContext], dict[str, Any]]
+
+
 class EarlyStop(Exception):  # noqa: N818 (not an error: a normal end of the run)
     """Raised by ``RoundRecorder`` after the round that exhausted the patience.
 
@@ -79,7 +85,11 @@ class EarlyStop(Exception):  # noqa: N818 (not an error: a normal end of the run
 
 
 class RoundRecorder:
-    """``evaluate_fn`` for ``Strategy.start``; see the module docstring."""
+    """``evaluate_fn`` for ``Strategy.start``; see the module docstring.
+
+    ``evaluate`` computes a state's metrics on each server split with data (default: the
+    state loaded into ``model``, then ``task.evaluate``).
+    """
 
     def __init__(
         self,
@@ -98,6 +108,7 @@ class RoundRecorder:
         sinks: Sequence[MetricSink] = (),
         validation_data: Examples | None = None,
         retention_data: Examples | None = None,
+        evaluate: StateEvaluator | None = None,
     ) -> None:
         self.cfg = cfg
         self.task = task
@@ -118,6 +129,7 @@ class RoundRecorder:
         self.last_row: ResultsRow | None = None
         self.validation_data = validation_data
         self.retention_data = retention_data
+        self.evaluate_state = self._task_evaluate if evaluate is None else evaluate
         self.split = selection_split(cfg.validation_fraction)
         # Rows so far: on resume, those of the earlier attempts (already cut back to the
         # resumed round), so the best round and the patience count carry over.
@@ -152,7 +164,7 @@ class RoundRecorder:
         for sink in self.sinks:
             sink.log_round(row)
         self.last_row = row
-        print(_progress_line(row, self.total_rounds, metrics=TASK_METRICS[self.cfg.task]),
+        print(progress_line(row, self.total_rounds, metrics=TASK_METRICS[self.cfg.task]),
               flush=True)
         if rnd > 0 and (reason := self.early_stop_reason()):
             print(f"[fedsft] {reason}", flush=True)
@@ -204,11 +216,16 @@ class RoundRecorder:
         """The task's metrics of ``state`` on ``data``; None when there is no such data."""
         if data is None or len(data) == 0:
             return None
-        set_exchanged_state(self.model, state)
-        return self.task.evaluate(self.model, self.tokenizer, data, EvalContext(
+        return self.evaluate_state(state, data, EvalContext(
             batch_size=max(self.cfg.batch_size, 64), device=self.device,
             precision=self.cfg.precision, server_round=rnd,
             final=final, cfg=self.cfg))
+
+    def _task_evaluate(self, state: dict[str, np.ndarray], data: Examples,
+                       ctx: EvalContext) -> dict[str, Any]:
+        """The default ``evaluate``: ``state`` loaded into the model, the task's metrics."""
+        set_exchanged_state(self.model, state)
+        return self.task.evaluate(self.model, self.tokenizer, data, ctx)
 
     def _row(
         self, rnd: int, central: dict[str, Any] | None, validation: dict[str, Any] | None,
@@ -277,7 +294,7 @@ def _headline_text(block: Metrics, metrics: Sequence[MetricInfo]) -> str:
     return "" if first is None else _metrics_text(block, [first])
 
 
-def _progress_line(
+def progress_line(
     row: ResultsRow, total_rounds: int, *, metrics: Sequence[MetricInfo]
 ) -> str:
     """One line per round: the task's central metrics (``metrics``: its TASK_METRICS)

@@ -3,8 +3,8 @@
 This package's ``__init__`` is light (no torch import): it is the registry of the tasks,
 with what the config validation, the preflight, the recorder and the reports need to know
 of a task without importing its module (``TaskInfo``: metrics, default model, own config
-keys, site keys, whether it has classes). ``get_task`` imports the task module only when a
-run needs it.
+keys, site keys, whether it has classes, the reply metric names the egress audit lets
+through). ``get_task`` imports the task module only when a run needs it.
 
 Adding a task: its module in this package (a ``TASK`` object satisfying ``Task``) and one
 ``TaskInfo`` entry in ``_TASKS`` below. ``task_registered`` adds one for the length of a
@@ -57,6 +57,15 @@ class TaskInfo:
     # imports no training stack (torch, transformers): ``fedsft check-data`` runs at every
     # SuperNode start. Empty: the task object's ``check_site`` (``get_site_check``).
     site_check: str = ""
+    # The task's own reply metric names, regular expressions (full match) that the
+    # site's egress audit lets through besides the machinery's (client/egress_audit.py;
+    # a name no pattern matches is refused): in training replies its ``site_metrics``
+    # and its ``SiteReport.aggregate_stats`` (all but ``data-rows``, which every report
+    # has; a ``data-*`` name must also be one the server's ``site_data_stats`` takes), in
+    # evaluation replies what its ``evaluate`` returns beyond ``metrics`` (those pass as
+    # ``eval-<name, dashed>`` for every task).
+    train_reply_metrics: tuple[str, ...] = ()
+    eval_reply_metrics: tuple[str, ...] = ()
 
 
 _TASKS: dict[str, TaskInfo] = {
@@ -75,6 +84,12 @@ _TASKS: dict[str, TaskInfo] = {
         site_keys=("text-column", "label-column"),
         has_classes=True,
         site_check="common.tasks.classification_check",
+        train_reply_metrics=(
+            r"label-count-\d{1,4}",  # class-weighting-source global
+            r"data-rows-read", r"data-label-(count|share)-\d{1,4}", r"data-duplicate-share",
+            r"data-short-share", r"data-truncated-share",
+        ),
+        eval_reply_metrics=(r"eval-recall-(min|\d{1,4})",),  # per-class recall
     ),
     "sft": TaskInfo(
         module="common.tasks.sft",
@@ -93,6 +108,7 @@ _TASKS: dict[str, TaskInfo] = {
                   "gradient_checkpointing"),
         site_keys=("chat-format", "messages-column", "instruction-column", "input-column",
                    "output-column", "prompt-column", "response-column"),
+        train_reply_metrics=(r"data-truncated", r"data-dropped", r"data-median-tokens"),
     ),
 }
 

@@ -30,7 +30,7 @@ from common.config import RunConfig
 from common.data import DataError
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec, spec_from_config
-from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
+from common.tasks.base import Batch, EvalContext, LossFn, Task, TrainContext
 from common.tasks.classification_builtin_data import generate_builtin
 from common.tasks.classification_check import DataReport, check_site, check_site_data
 from common.tasks.classification_data import (
@@ -142,8 +142,10 @@ class ClassificationTask:
 
     name = "classification"
     peft_task_type = "SEQ_CLS"  # peft then also trains (and exchanges) the head
-    columns = ("text", "label")
-    lora_targets = None  # peft's default per architecture (BERT: query, value)
+    # The protocol's types (a protocol attribute is invariant: tuple[str, str] or None
+    # alone would not satisfy ``Task``).
+    columns: tuple[str, ...] = ("text", "label")
+    lora_targets: tuple[str, ...] | None = None  # peft's per architecture (BERT: query, value)
     read_as_text = False
     architecture_suffix = "ForSequenceClassification"
     card_pipeline_tag = "text-classification"
@@ -483,4 +485,4 @@ def _batches(task: ClassificationTask, examples: Any, batch_size: int,
                            pad_token_id=pad_id(tokenizer), generator=None)
 
 
-TASK = ClassificationTask()
+TASK: Task = ClassificationTask()  # mypy checks it against the protocol

@@ -30,7 +30,7 @@ from common.config import RunConfig
 from common.data import DataError, read_rows
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec
-from common.tasks.base import Batch, EvalContext, LossFn, TrainContext
+from common.tasks.base import Batch, EvalContext, LossFn, Task, TrainContext
 from common.tasks.sft_builtin_data import generate_sft
 from common.tasks.sft_chat_data import (
     chat_frame,
@@ -281,9 +281,9 @@ class SftTask:
 
     name = "sft"
     peft_task_type = "CAUSAL_LM"
-    columns = ("messages",)
+    columns: tuple[str, ...] = ("messages",)  # the protocol's types: see classification
     # LoRA on every attention projection the model has (Llama, Mistral, Qwen, SmolLM).
-    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    lora_targets: tuple[str, ...] | None = ("q_proj", "k_proj", "v_proj", "o_proj")
     read_as_text = True
     architecture_suffix = "ForCausalLM"
     card_pipeline_tag = "text-generation"
@@ -628,4 +628,4 @@ def _pad(pad_token_id: int | None) -> int:
     return 0 if pad_token_id is None else int(pad_token_id)
 
 
-TASK = SftTask()
+TASK: Task = SftTask()  # mypy checks it against the protocol

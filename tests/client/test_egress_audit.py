@@ -168,3 +168,40 @@ def test_under_secure_aggregation_the_summed_statistics_leave_only_masked():
     leaky = _reply(masked, {"train-steps": 3, "label-count-1": 4})
     with pytest.raises(EgressViolation, match="label-count-1 is summed securely"):
         egress_audit_mod(sent, context, lambda m, c: leaky)
+
+
+def test_a_registered_tasks_declared_metrics_pass_and_no_other_task_s_do():
+    """The allow-list is the machinery's names plus the run's task's own, from its
+    registry entry: a task the project does not ship gets its declared metrics out."""
+    from common.tasks import MetricInfo, TaskInfo, task_registered
+
+    info = TaskInfo(module=__name__, default_model="toy-linear",  # (never imported here)
+                    metrics=(MetricInfo("miss_rate", "miss rate", higher_is_better=False),
+                             MetricInfo("loss", "loss", higher_is_better=False)),
+                    train_reply_metrics=(r"toy-positives",),
+                    eval_reply_metrics=(r"eval-miss-(first|last)",))
+    context = Context(run_id=1, node_id=7, node_config={}, state=RecordDict(),
+                      run_config={"audit-egress": True, "task": "toy"})
+    evaluate = _message("evaluate", {"config": ConfigRecord({"server-round": 1})})
+
+    def evaluated(metrics):
+        return lambda m, c: _message("evaluate", {"metrics": MetricRecord(metrics)})
+
+    with task_registered("toy", info):
+        clean = egress_audit_mod(_train_msg(), context, lambda m, c: _reply(
+            STATE, {"num-examples": 4, "train-loss": 0.3, "toy-positives": 2}))
+        assert clean.content["metrics"]["egress-audited"] == 1
+        declared = {"num-examples": 4, "eval-miss-rate": 0.2, "eval-miss-first": 0.1}
+        passed = egress_audit_mod(evaluate, context, evaluated(declared))
+        assert dict(passed.content["metrics"]) == declared
+        for undeclared in ("toy-negatives", "label-count-0"):  # the latter: classification's
+            with pytest.raises(EgressViolation, match="not an allowed train metric name"):
+                egress_audit_mod(_train_msg(), context, lambda m, c, name=undeclared: _reply(
+                    STATE, {"num-examples": 4, name: 1}))
+        for undeclared in ("eval-miss-middle", "eval-accuracy"):
+            with pytest.raises(EgressViolation, match="not an allowed evaluate metric name"):
+                egress_audit_mod(evaluate, context, evaluated({undeclared: 0.5}))
+        # Without the run's task, every registered task's names pass.
+        toy_reply = _reply(STATE, {"toy-positives": 2, "label-count-0": 3})
+        assert egress_problems(_train_msg(), toy_reply, allowed_array_names=set(STATE)) == []
+    assert egress_problems(_train_msg(), toy_reply, allowed_array_names=set(STATE))

@@ -29,7 +29,7 @@ from common.tasks import (
 )
 from common.training import train_local
 from server.model_selection import early_stop_reason, select_round
-from server.recorder import _progress_line
+from server.recorder import progress_line
 from server.results import Clients, ResultsRow
 
 # A lower-is-better headline, so selection must read the direction from the registry.
@@ -175,5 +175,5 @@ def test_model_selection_follows_the_toys_headline_direction(toy):
     assert "the eval miss rate did not improve" in str(early_stop_reason(
         rows, patience=1, min_delta=0.0, metric="miss_rate", split="central",
         total_rounds=5, task="toy"))
-    assert _progress_line(rows[2], 5, metrics=TOY_INFO.metrics).startswith(
+    assert progress_line(rows[2], 5, metrics=TOY_INFO.metrics).startswith(
         "[fedsft] round 2/5  miss 0.1000  loss 1.0000")

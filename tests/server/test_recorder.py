@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from common.tasks import TASK_METRICS
-from server.recorder import _progress_line
+from server.recorder import progress_line
 from server.results import Bytes, Clients, ResultsRow, Seconds
 
 CLASSIFICATION = TASK_METRICS["classification"]
@@ -20,7 +20,7 @@ def test_the_classification_line_is_the_quickstarts():
     row = _row({"accuracy": 0.88333, "f1_macro": 0.88349, "loss": 0.43351,
                 "num_examples": 300}, validation={"accuracy": 0.9, "loss": 0.4})
 
-    line = _progress_line(row, 8, metrics=CLASSIFICATION)
+    line = progress_line(row, 8, metrics=CLASSIFICATION)
 
     assert line == ("[fedsft] round 8/8  acc 0.8833  f1 0.8835  loss 0.4335  |  up 1.51 MB  "
                     "down 2.42 MB  |  10.1 s  |  validation acc 0.9000  |  clients 5/5")
@@ -29,10 +29,10 @@ def test_the_classification_line_is_the_quickstarts():
 def test_without_central_evaluation_the_clients_accuracy_is_shown():
     row = _row(None, federated={"eval_accuracy": 0.75, "eval_loss": 0.6})
 
-    line = _progress_line(row, 8, metrics=CLASSIFICATION)
+    line = progress_line(row, 8, metrics=CLASSIFICATION)
 
     assert line.startswith("[fedsft] round 8/8  federated acc 0.7500  |")
-    assert "no central evaluation" in _progress_line(_row(None), 8, metrics=CLASSIFICATION)
+    assert "no central evaluation" in progress_line(_row(None), 8, metrics=CLASSIFICATION)
 
 
 def test_the_sft_line_shows_the_metrics_each_round_measured():
@@ -43,11 +43,11 @@ def test_the_sft_line_shows_the_metrics_each_round_measured():
     loss_only = _row({"loss": 1.2345, "perplexity": 3.4366, "num_examples": 40},
                      validation={"loss": 1.1, "perplexity": 3.0}, retention={"loss": 1.5})
 
-    assert _progress_line(generated, 8, metrics=SFT).startswith(
+    assert progress_line(generated, 8, metrics=SFT).startswith(
         "[fedsft] round 8/8  em 0.2500  f1 0.4120  loss 1.2345  ppl 3.4366  |  up 1.51 MB")
     assert "|  validation em 0.3000  |  retention em 0.5000  |  clients 5/5" in (
-        _progress_line(generated, 8, metrics=SFT))
+        progress_line(generated, 8, metrics=SFT))
     # A round without generation: no exact match, and the headline falls back to loss.
-    line = _progress_line(loss_only, 8, metrics=SFT)
+    line = progress_line(loss_only, 8, metrics=SFT)
     assert line.startswith("[fedsft] round 8/8  loss 1.2345  ppl 3.4366  |")
     assert "|  validation loss 1.1000  |  retention loss 1.5000  |" in line

@@ -272,23 +272,20 @@ class _Strategy:
         return strategy_state(self.inner)
 
 
-def _recorder(outputs, accuracies, *, round_offset=0, **cfg_changes):
+def _recorder(outputs, accuracies, *, round_offset=0, strategy=_Strategy, **cfg_changes):
     """A RoundRecorder whose validation accuracy in round r is ``accuracies[r]``."""
     cfg = RunConfig(validation_fraction=0.1, keep_checkpoints=outputs.keep_checkpoints,
                     **cfg_changes)
-    recorder = RoundRecorder(cfg=cfg, task=None, model=None, tokenizer=None, eval_data=None,
-                             device=None, strategy=_Strategy(round_offset), outputs=outputs,
-                             total_rounds=len(accuracies) - 1)
 
-    def evaluate(state, data, rnd, *, final=False):  # type: ignore[no-untyped-def]
-        if data is None:
-            return None
+    def evaluate(state, data, ctx):  # type: ignore[no-untyped-def]
         return {"accuracy": accuracies[int(state["w"][0])], "f1_macro": 0.0, "loss": 1.0,
                 "num_examples": 4}
 
-    recorder._evaluate = evaluate  # type: ignore[method-assign]
-    recorder.validation_data = object()  # any non-None: evaluate above ignores it
-    return recorder
+    # Only a validation split (any examples: evaluate above ignores them), no central one.
+    return RoundRecorder(cfg=cfg, task=None, model=None, tokenizer=None, eval_data=None,
+                         device=None, strategy=strategy(round_offset), outputs=outputs,
+                         total_rounds=len(accuracies) - 1, validation_data=[0],
+                         evaluate=evaluate)
 
 
 def _round(recorder, rnd, offset=0):  # type: ignore[no-untyped-def]
@@ -371,13 +368,11 @@ class _SitesStrategy(_Strategy):
 
 def test_site_data_is_recorded_in_its_first_round_and_kept_across_a_resume(tmp_path):
     outputs = _outputs(tmp_path)
-    recorder = _recorder(outputs, [0.5, 0.6, 0.7, 0.8])
-    recorder.strategy = _SitesStrategy()
+    recorder = _recorder(outputs, [0.5, 0.6, 0.7, 0.8], strategy=_SitesStrategy)
     for rnd in range(2):
         _round(recorder, rnd)
     resumed = _recorder(RunOutputs(outputs.folder, keep_checkpoints=0), [0.5, 0.6, 0.7, 0.8],
-                        round_offset=1)
-    resumed.strategy = _SitesStrategy(round_offset=1)
+                        round_offset=1, strategy=_SitesStrategy)
     _round(resumed, 2, offset=1)
 
     rows = read_results(outputs.results_path)
