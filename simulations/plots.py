@@ -98,15 +98,22 @@ def plot_scores(
     for label, values in federated.items():
         if _has_values(values):
             ax.plot(*_measured(rounds, values), marker=".", linestyle="--", label=label)
+    _finish_score_axis(ax, rounds, title=title, ylabel="score (0-1)",
+                       empty="no evaluation results")
+    return _save(fig, path)
+
+
+def _finish_score_axis(ax: Any, rounds: Sequence[int], *, title: str, ylabel: str,
+                       empty: str, **legend: Any) -> None:
+    """A 0-1 score per round: the note when nothing was drawn, the axes, the legend."""
     if not ax.lines:
-        _empty_note(ax, "no evaluation results")
+        _empty_note(ax, empty)
     ax.set_ylim(0, 1.02)
-    ax.set_ylabel("score (0-1)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     _round_axis(ax, rounds)
     if ax.lines:
-        ax.legend(loc="lower right")
-    return _save(fig, path)
+        ax.legend(loc="lower right", **legend)
 
 
 def plot_class_recall(
@@ -123,14 +130,9 @@ def plot_class_recall(
     if _has_values(worst):
         ax.plot(*_measured(rounds, worst), color="black", linestyle="--", linewidth=2.5,
                 label="worst class (recall_min)")
-    if not ax.lines:
-        _empty_note(ax, "no per-class recall")
-    ax.set_ylim(0, 1.02)
-    ax.set_ylabel("recall (0-1)")
-    ax.set_title(title)
-    _round_axis(ax, rounds)
-    if ax.lines:
-        ax.legend(loc="lower right", fontsize="small", ncol=1 + len(ax.lines) // 12)
+    _finish_score_axis(ax, rounds, title=title, ylabel="recall (0-1)",
+                       empty="no per-class recall", fontsize="small",
+                       ncol=1 + len(ax.lines) // 12)
     return _save(fig, path)
 
 
