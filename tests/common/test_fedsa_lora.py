@@ -11,8 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.config import ConfigError, RunConfig
 from common.model import (
@@ -25,6 +23,7 @@ from common.model import (
 from common.specs import DPSGDSpec, TrainSpec
 from common.tasks.classification import TASK
 from common.training import train_local
+from tests.common.test_ffa_lora import mean_of_ones_and_threes
 from tests.common.test_training import setup
 
 CPU = torch.device("cpu")
@@ -108,15 +107,8 @@ def test_aggregating_fedsa_replies_is_the_plain_mean_of_a_and_the_head(
     # Two sites' shared parts, hand-made: 1 everywhere and 3 everywhere, equal weights.
     _, server, _, _ = setup(tiny_model_dir, method="lora", lora_aggregation="fedsa")
     shared = get_exchanged_state(server)
-    ones = {n: np.ones_like(v) for n, v in shared.items()}
-    threes = {n: np.full_like(v, 3.0) for n, v in shared.items()}
-    replies = [
-        RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in state.items()}),
-                    "metrics": MetricRecord({"num-examples": 10})})
-        for state in (ones, threes)
-    ]
 
-    mean = {n: a.numpy() for n, a in aggregate_arrayrecords(replies, "num-examples").items()}
+    mean = mean_of_ones_and_threes(shared)
 
     assert mean.keys() == shared.keys()
     assert all(np.array_equal(mean[n], np.full_like(shared[n], 2.0)) for n in shared)

@@ -100,19 +100,24 @@ def test_a_is_identical_in_every_process_that_builds_the_model(tiny_model_dir: P
     assert not all(torch.equal(p, a_other[n]) for n, p in a_server.items())
 
 
+def mean_of_ones_and_threes(shared: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Flower's weighted mean of two replies of ``shared``'s names and shapes, one all 1
+    and one all 3, 10 examples each: 2 everywhere when the aggregation is a plain mean."""
+    replies = [
+        RecordDict({"arrays": ArrayRecord({n: Array(np.full_like(v, value))
+                                           for n, v in shared.items()}),
+                    "metrics": MetricRecord({"num-examples": 10})})
+        for value in (1.0, 3.0)
+    ]
+    return {n: a.numpy() for n, a in aggregate_arrayrecords(replies, "num-examples").items()}
+
+
 def test_averaging_b_is_exact(tiny_model_dir: Path) -> None:
     # Two clients' B's, hand-made: 1 everywhere and 3 everywhere, equal weights.
     _, model, _, _ = setup(tiny_model_dir, method="lora", lora_aggregation="ffa")
     shared = get_exchanged_state(model)
-    ones = {n: np.ones_like(v) for n, v in shared.items()}
-    threes = {n: np.full_like(v, 3.0) for n, v in shared.items()}
-    replies = [
-        RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in state.items()}),
-                    "metrics": MetricRecord({"num-examples": 10})})
-        for state in (ones, threes)
-    ]
 
-    mean = {n: a.numpy() for n, a in aggregate_arrayrecords(replies, "num-examples").items()}
+    mean = mean_of_ones_and_threes(shared)
 
     assert all(np.array_equal(mean[n], np.full_like(shared[n], 2.0)) for n in shared)
     # With A shared and frozen, the mean of the clients' LoRA updates B_i A is exactly
@@ -121,7 +126,7 @@ def test_averaging_b_is_exact(tiny_model_dir: Path) -> None:
     params = dict(model.named_parameters())
     for b_name in (n for n in shared if ".lora_B." in n):
         a = params[b_name.replace(".lora_B.", ".lora_A.")].detach().numpy()
-        per_client = [s[b_name] @ a for s in (ones, threes)]
+        per_client = [np.full_like(shared[b_name], value) @ a for value in (1.0, 3.0)]
         np.testing.assert_allclose(params[b_name].detach().numpy() @ a,
                                    np.mean(per_client, axis=0), rtol=1e-5, atol=1e-7)
 
