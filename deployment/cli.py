@@ -231,6 +231,7 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
         readable pyproject.toml.
     """
     from common.config import NO_DATASET, RunConfig
+    from common.tasks import DEFAULT_TASK, task_names
     from simulations.scenarios import parse_set
 
     run_config = parse_set(items)
@@ -238,8 +239,10 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
     # Sent absolute, so the ServerApp writes where this command (and its preflight)
     # looked, not relative to the SuperLink's working directory.
     run_config.setdefault("output-dir", defaults.get("output-dir", "outputs"))
-    if {**defaults, **run_config}.get("task") == "sft":
-        # The coordinator holds no site's data: never evaluate on the built-in examples.
+    task = str({**defaults, **run_config}.get("task") or DEFAULT_TASK)
+    if task in task_names() and task_info(task).deploy_without_dataset:
+        # The coordinator holds no site's data: never evaluate on the built-in examples
+        # (TaskInfo.deploy_without_dataset; an unknown task is refused by RunConfig below).
         run_config.setdefault("dataset", NO_DATASET)
     for key in ("output-dir", "resume-from"):
         if run_config.get(key):

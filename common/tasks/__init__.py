@@ -2,9 +2,11 @@
 
 This package's ``__init__`` is light (no torch import): it is the registry of the tasks,
 with what the config validation, the preflight, the recorder and the reports need to know
-of a task without importing its module (``TaskInfo``: metrics, default model, own config
-keys, site keys, whether it has classes, the reply metric names the egress audit lets
-through). ``get_task`` imports the task module only when a run needs it.
+of a task without importing its module (``TaskInfo``: metrics and what ``auto`` selects by,
+default model, own config keys and their value check, site keys, whether it has classes
+and a trainable head, the reply metric names the egress audit lets through). The federated
+machinery reads these fields, never a task's name: ``get_task`` imports the task module
+only when a run needs it.
 
 Adding a task: its module in this package (a ``TASK`` object satisfying ``Task``) and one
 ``TaskInfo`` entry in ``_TASKS`` below. ``task_registered`` adds one for the length of a
@@ -21,7 +23,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
+    from common.config import RunConfig
     from common.tasks.base import SiteReport, Task
+
+# The task of a run config without a `task` key (RunConfig's default), and of the outputs
+# of runs from before the key existed (config.json, an export's settings, a bundle).
+DEFAULT_TASK = "classification"
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,8 @@ class TaskInfo:
     module: str  # the module whose ``TASK`` is the task object
     metrics: tuple[MetricInfo, ...]  # headline first; `loss` is always there
     default_model: str  # the packaged, offline model for an empty `model` (model_source.py)
+    # What `selection-metric` = auto selects by: one of ``metrics``; empty: the headline.
+    selection_metric: str = ""
     # RunConfig fields only this task reads: set (changed from the default) for another
     # task they are refused, naming this task, rather than ignored. A field may be owned
     # by several tasks; one no task owns is common to all.
@@ -51,7 +60,30 @@ class TaskInfo:
     site_keys: tuple[str, ...] = ()
     # Its rows have classes: an int ``label`` column and class names (the label map, the
     # stratified partitioners, the reports' class-distribution figures).
+    # Without them the config refuses what shares out or flips class labels (partitioner
+    # dirichlet and pathological, attack label-flip); with them a run whose server reads
+    # no data (`dataset` = none) needs `labels` to know the class names.
     has_classes: bool = False
+    # Its model has a trainable head of its own over the pretrained body (a classifier's):
+    # `method` head trains only it, and FedSA-LoRA needs it shared (the server's model,
+    # with no site's B, is otherwise the pretrained one). Without one the config refuses
+    # both; ``no_head_reason`` says why the task has none, for that message.
+    has_head: bool = False
+    no_head_reason: str = ""
+    # What to partition by instead of the class labels, for the message refusing
+    # dirichlet and pathological (a task without classes); empty: no hint beyond the
+    # partitioners that need no labels.
+    partition_hint: str = ""
+    # A light module (no torch) with ``check_config(cfg: RunConfig) -> None``, raising
+    # ``ConfigError`` for a bad value of the task's own keys or a combination only it
+    # refuses (``RunConfig`` calls it right after its key-ownership check, on the run's
+    # task only); empty: the generic checks are all.
+    config_check: str = ""
+    # A deployment's run (``fedsft run``) sets `dataset` = none unless given: the
+    # coordinator holds no site's data, and the default (builtin) would have its server
+    # evaluate on generated examples instead. Not for a task with classes: its
+    # deployments name the classes with `labels`, which keeps the server off `dataset`.
+    deploy_without_dataset: bool = False
     # A module of the task's package with a ``check_site`` function (``Task.check_site``'s
     # arguments and report, which the task object's ``check_site`` delegates to) that
     # imports no training stack (torch, transformers): ``fedsft check-data`` runs at every
@@ -77,12 +109,14 @@ _TASKS: dict[str, TaskInfo] = {
             MetricInfo("loss", "loss", higher_is_better=False, bounded=False),
         ),
         default_model="minilm",
+        selection_metric="accuracy",
         own_keys=("labels", "text_column", "label_column", "label_case_fold",
                   "classes_per_client", "skew_loss", "skew_loss_tau",
                   "class_weighting", "class_weighting_source", "class_weighting_beta",
                   "focal_gamma", "augment", "augment_rate"),
         site_keys=("text-column", "label-column"),
         has_classes=True,
+        has_head=True,
         site_check="common.tasks.classification_check",
         train_reply_metrics=(
             r"label-count-\d{1,4}",  # class-weighting-source global
@@ -101,6 +135,9 @@ _TASKS: dict[str, TaskInfo] = {
                        short="ppl"),
         ),
         default_model="smollm2",
+        # Loss, measured every round; exact match only in the rounds that generate
+        # (`generate-every`).
+        selection_metric="loss",
         own_keys=("chat_format", "messages_column", "instruction_column", "input_column",
                   "output_column", "prompt_column", "response_column", "system_prompt",
                   "chat_template", "train_on", "overflow", "generate_every",
@@ -108,6 +145,10 @@ _TASKS: dict[str, TaskInfo] = {
                   "gradient_checkpointing"),
         site_keys=("chat-format", "messages-column", "instruction-column", "input-column",
                    "output-column", "prompt-column", "response-column"),
+        no_head_reason="a causal LM's output layer is tied to its frozen embeddings",
+        partition_hint="e.g. column:task for the built-in data's task types",
+        config_check="common.tasks.sft_config",
+        deploy_without_dataset=True,
         train_reply_metrics=(r"data-truncated", r"data-dropped", r"data-median-tokens"),
     ),
 }
@@ -174,6 +215,22 @@ def get_site_check(name: str) -> Callable[..., SiteReport]:
     return get_task(name).check_site
 
 
+def get_config_check(name: str) -> Callable[[RunConfig], None] | None:
+    """Task ``name``'s check of its own config values (its ``config_check`` module's
+    ``check_config``), or None when it has none (``ValueError`` for an unknown task)."""
+    info = task_info(name)
+    if not info.config_check:
+        return None
+    return importlib.import_module(info.config_check).check_config  # type: ignore[no-any-return]
+
+
+def auto_selection_metric(name: str) -> str:
+    """What `selection-metric` = auto selects by for task ``name``: its
+    ``selection_metric``, else its headline metric."""
+    info = task_info(name)
+    return info.selection_metric or info.metrics[0].name
+
+
 def metric_info(task: str, metric: str) -> MetricInfo:
     """The ``MetricInfo`` of ``metric`` in ``task``."""
     for info in TASK_METRICS[task]:
@@ -187,12 +244,17 @@ def task_registered(name: str, info: TaskInfo) -> Iterator[None]:
     """Task ``name`` is registered (``info``) inside the ``with`` block, in this process.
 
     For tests of the task-agnostic machinery on a task of their own; the registry is as
-    before on exit. Refuses a name already registered and metrics without ``loss``.
+    before on exit. Refuses a name already registered, metrics without ``loss`` and a
+    ``selection_metric`` not among them.
     """
     if name in _TASKS:
         raise ValueError(f"task {name!r} is already registered")
-    if "loss" not in {m.name for m in info.metrics}:
+    metrics = {m.name for m in info.metrics}
+    if "loss" not in metrics:
         raise ValueError(f"task {name!r}: its metrics must include loss")
+    if info.selection_metric and info.selection_metric not in metrics:
+        raise ValueError(f"task {name!r}: its selection_metric {info.selection_metric!r} "
+                         f"is not one of its metrics ({', '.join(sorted(metrics))})")
     _TASKS[name] = info
     try:
         yield
