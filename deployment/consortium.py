@@ -42,6 +42,7 @@ from typing import Any
 
 import tomli_w
 
+from common.tasks import DEFAULT_TASK
 from deployment import app_signing, pki, proxy
 
 CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
@@ -294,7 +295,7 @@ class BundleSettings:
     text_column: str | None = None
     label_column: str | None = None
     runtime_port: int = RUNTIME_PORT  # its own per SuperNode when sites share a host
-    task: str = "classification"  # which data check the script runs before starting
+    task: str = DEFAULT_TASK  # which data check the script runs before starting
     # The site's own egress policy (node config `audit-egress`): on unless the site
     # turns it off; the run config cannot turn it off (client/egress_audit.py).
     audit_egress: bool = True
@@ -310,7 +311,7 @@ class BundleSettings:
             data_path=str(obj.get("data-path") or PLACEHOLDER_DATA_PATH),
             text_column=obj.get("text-column"), label_column=obj.get("label-column"),
             runtime_port=int(obj.get("runtime-port") or RUNTIME_PORT),
-            task=str(obj.get("task") or "classification"),
+            task=str(obj.get("task") or DEFAULT_TASK),
             audit_egress=bool(obj.get("audit-egress", True)))
 
 

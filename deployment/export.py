@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from common.model_source import has_weights
+from common.tasks import DEFAULT_TASK
 from deployment import app_signing
 from deployment import consortium as cons
 from server.results import ResultsError, ResultsRow, read_results
@@ -136,7 +137,7 @@ def summarize(
     else:
         final = next((r.central for r in reversed(rows) if r.central), None)
     return {
-        "task": config.get("task") or "classification",
+        "task": config.get("task") or DEFAULT_TASK,
         "base-model": _base_model(config),
         "method": config.get("method"),
         "lora-aggregation": config.get("lora-aggregation") or "fedavg",
@@ -299,7 +300,7 @@ def _base_model(config: dict[str, Any]) -> str:
     """The run's pretrained model as the card names it (a packaged default by name)."""
     from common.tasks import DEFAULT_MODELS
 
-    name = str(config.get("model") or DEFAULT_MODELS[str(config.get("task") or "classification")])
+    name = str(config.get("model") or DEFAULT_MODELS[str(config.get("task") or DEFAULT_TASK)])
     return _PACKAGED.get(name, name)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.model_source import has_weights
+from common.tasks import DEFAULT_TASK
 from deployment.export import EXPORT_META
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def read_input(path: Path, *, text_column: str | None) -> pd.DataFrame:
     return frame
 
 
-def check_model_dir(model_dir: Path, *, task: str = "classification") -> None:
+def check_model_dir(model_dir: Path, *, task: str = DEFAULT_TASK) -> None:
     """Raise ``PredictError`` naming what ``model_dir`` lacks to be a model of ``task``.
 
     A usable folder (an export of ``fedsft export``, or any Hugging Face model of the
@@ -140,7 +141,7 @@ def predict_labels(
 
     from common.tasks import get_task
 
-    task_name = str(settings.get("task") or "classification")
+    task_name = str(settings.get("task") or DEFAULT_TASK)
     check_model_dir(model_dir, task=task_name)
     task = get_task(task_name)
     try:
@@ -179,7 +180,7 @@ def predict_file(
     from common.tasks import get_task
 
     settings = export_settings(model_dir)
-    task_name = str(settings.get("task") or "classification")
+    task_name = str(settings.get("task") or DEFAULT_TASK)
     check_model_dir(model_dir, task=task_name)
     if max_length is None:
         if not settings.get("max-length"):

@@ -79,7 +79,7 @@ def _output_dir(args: argparse.Namespace, overrides: dict[str, Any],
 
 
 def _command_run(args: argparse.Namespace) -> int:
-    from common.tasks import TASK_METRICS
+    from common.tasks import DEFAULT_TASK, TASK_METRICS
     from server.results import read_results
     from simulations.sweep import run_scenario
 
@@ -111,7 +111,7 @@ def _command_run(args: argparse.Namespace) -> int:
         # The first two of the task's metrics the round measured ("central accuracy
         # 0.8833, macro-F1 0.8835"; sft without generation: loss and perplexity).
         config = json.loads((outcome.run_dir / "config.json").read_text(encoding="utf-8"))
-        shown = [m for m in TASK_METRICS[config.get("task") or "classification"]
+        shown = [m for m in TASK_METRICS[config.get("task") or DEFAULT_TASK]
                  if m.name in exported.central][:2]
         metrics = "central " + ", ".join(f"{m.label} {exported.central[m.name]:.4f}"
                                          for m in shown)

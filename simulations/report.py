@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from common.tasks import TASK_METRICS, MetricInfo, task_info
+from common.tasks import DEFAULT_TASK, TASK_METRICS, MetricInfo, task_info
 from server.results import ResultsError, ResultsRow, SiteData, read_results
 from simulations import plots
 
@@ -61,8 +61,8 @@ class RunData:
 
     @property
     def task(self) -> str:
-        """The run's task (``config.json`` ``task``; older runs: classification)."""
-        return str(self.config.get("task") or "classification")
+        """The run's task (``config.json`` ``task``; older runs: the default task)."""
+        return str(self.config.get("task") or DEFAULT_TASK)
 
     @property
     def metrics(self) -> tuple[MetricInfo, ...]:
