@@ -178,7 +178,7 @@ def _what(task: str, split: str, metric: str) -> str:
 
 def select_round(
     rows: Sequence[ResultsRow], *, rule: str, metric: str, split: str,
-    min_delta: float = 0.0, task: str = "classification",
+    task: str, min_delta: float = 0.0,
 ) -> Selection | None:
     """The round of ``rows`` (results.jsonl rows) whose model to export, and why.
 
@@ -220,7 +220,7 @@ def select_round(
 
 def early_stop_reason(
     rows: Sequence[ResultsRow], *, patience: int, min_delta: float, metric: str,
-    split: str, total_rounds: int, task: str = "classification",
+    split: str, total_rounds: int, task: str,
 ) -> str | None:
     """Why the run stops after the last round of ``rows`` (``should_stop``), else None.
 

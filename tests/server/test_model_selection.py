@@ -89,7 +89,8 @@ def test_stops_after_exactly_patience_rounds_without_improvement():
 
 def test_select_round_names_the_best_round_and_why():
     rows = _rows([0.9, 0.6, 0.84, 0.8, 0.7, 0.84, 0.8, 0.7, 0.75])
-    selection = select_round(rows, rule="best", metric="accuracy", split="validation")
+    selection = select_round(rows, rule="best", metric="accuracy",
+                             split="validation", task="classification")
     assert (selection.rule, selection.round, selection.last_round) == ("best", 2, 8)
     assert selection.value == 0.84
     # Round 0 (the untrained model) is never a candidate, even with the top score.
@@ -99,7 +100,8 @@ def test_select_round_names_the_best_round_and_why():
 
 def test_selecting_on_the_eval_split_says_it_is_optimistic():
     rows = _rows([0.5, 0.4, 0.3, 0.35], split="central", metric="loss")
-    selection = select_round(rows, rule="best", metric="loss", split="central")
+    selection = select_round(rows, rule="best", metric="loss",
+                             split="central", task="classification")
     assert selection.round == 2
     assert selection.note.startswith("best eval loss 0.3000 at round 2 of 3")
     assert "optimistic" in selection.note
@@ -107,27 +109,29 @@ def test_selecting_on_the_eval_split_says_it_is_optimistic():
 
 def test_skipped_rounds_are_not_candidates():
     rows = _rows([0.5, 0.6, 0.9, 0.7], skipped=(2,))
-    assert select_round(rows, rule="best", metric="accuracy", split="validation").round == 3
+    assert select_round(rows, rule="best", metric="accuracy",
+                        split="validation", task="classification").round == 3
 
 
 def test_without_metrics_best_falls_back_to_last_with_a_note():
     rows = _rows([None, None, None])
-    selection = select_round(rows, rule="best", metric="accuracy", split="central")
+    selection = select_round(rows, rule="best", metric="accuracy",
+                             split="central", task="classification")
     assert (selection.rule, selection.round, selection.value) == ("last", 2, None)
     assert "fell back to the last round" in selection.note
     last = select_round(_rows([0.5, 0.9, 0.1]), rule="last", metric="accuracy",
-                        split="validation")
+                        split="validation", task="classification")
     assert (last.rule, last.round) == ("last", 2)
     assert select_round(_rows([0.5]), rule="best", metric="accuracy",
-                        split="validation") is None
+                        split="validation", task="classification") is None
 
 
 def test_early_stop_reason_names_the_patience_and_the_round():
     rows = _rows([0.5, 0.6, 0.8, 0.7, 0.8])
     assert early_stop_reason(rows[:4], patience=2, min_delta=0.0, metric="accuracy",
-                             split="validation", total_rounds=10) is None
+                             split="validation", total_rounds=10, task="classification") is None
     reason = early_stop_reason(rows, patience=2, min_delta=0.0, metric="accuracy",
-                               split="validation", total_rounds=10)
+                               split="validation", total_rounds=10, task="classification")
     assert reason is not None
     assert "`early-stopping-patience` = 2" in reason and "after round 4 of 10" in reason
 
@@ -147,7 +151,8 @@ def test_auto_selects_sft_by_the_lowest_loss_and_classification_by_accuracy():
     assert selection.note == "best validation assistant-token loss 1.2000 at round 2 of 3"
     classification = _rows([0.3, 0.6, 0.8, 0.7])
     metric = RunConfig().selection_metric_name
-    selection = select_round(classification, rule="best", metric=metric, split="validation")
+    selection = select_round(classification, rule="best", metric=metric,
+                             split="validation", task="classification")
     assert (selection.metric, selection.round) == ("accuracy", 2)
     assert selection.note == "best validation accuracy 0.8000 at round 2 of 3"
 
