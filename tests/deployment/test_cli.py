@@ -276,6 +276,19 @@ def test_submit_sends_an_sft_run_without_the_sites_data_to_the_coordinator(tmp_p
     assert "dataset" not in classification  # `labels` already keeps it off `dataset`
 
 
+def test_submit_drops_dataset_for_any_task_whose_entry_says_so(tmp_path):
+    # The registry field decides, not the task's name (a made-up task here).
+    from common.tasks import TASK_METRICS, TaskInfo, task_registered
+
+    app, out = cli._app_dir(None), str(tmp_path / "out")
+    info = TaskInfo(module=__name__, metrics=TASK_METRICS["sft"], default_model="x")
+    with task_registered("chat2", info):
+        assert "dataset" not in cli.submit_run_config(app, ["task=chat2", f"output-dir={out}"])
+    with task_registered("chat2", dataclasses.replace(info, deploy_without_dataset=True)):
+        sent = cli.submit_run_config(app, ["task=chat2", f"output-dir={out}"])
+        assert sent["dataset"] == "none"
+
+
 def test_submit_that_starts_no_run_is_an_error(fake_flwr, consortium, monkeypatch, capsys):
     fake_flwr["FAKE_RUN_OUT"].write_text("Error: SuperLink unavailable\n")
     monkeypatch.setenv("FAKE_RUN_CODE", "1")
