@@ -230,6 +230,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         check_choice("task", self.task, task_names())
         self._check_task_keys()
+        self._check_task_capabilities()
+        if (check := get_config_check(self.task)) is not None:
+            check(self)  # the task's own values (TaskInfo.config_check)
         check_choice("method", self.method, METHODS)
         check_choice("lora-aggregation", self.lora_aggregation, LORA_AGGREGATIONS)
         if self.lora_aggregation != "fedavg" and self.method != "lora":
@@ -261,9 +264,9 @@ class RunConfig:
         check_range("dp-sgd-noise-multiplier", self.dp_sgd_noise_multiplier, low=0)
         check_range("dp-sgd-max-grad-norm", self.dp_sgd_max_grad_norm, low=0, low_open=True)
         check_range("dp-sgd-delta", self.dp_sgd_delta, low=0, high=1, low_open=True,
-                     high_open=True)
+                    high_open=True)
         check_range("dp-sgd-target-epsilon", self.dp_sgd_target_epsilon, low=0,
-                     low_open=True)
+                    low_open=True)
         if self.dp_sgd_noise_multiplier > 0 and math.isfinite(self.dp_sgd_target_epsilon):
             raise ConfigError(
                 "set either `dp-sgd-target-epsilon` (each site then calibrates its noise "
@@ -334,7 +337,7 @@ class RunConfig:
         check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
         check_range("topk-fraction", self.topk_fraction, low=0, high=1, high_open=True)
         check_range("client-eval-fraction", self.client_eval_fraction,
-                     low=0, high=1, high_open=True)
+                    low=0, high=1, high_open=True)
         if self.eval_fraction == 0 and not self.eval_dataset:
             raise ConfigError(
                 "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
@@ -378,10 +381,6 @@ class RunConfig:
                 f"{' or '.join(owners)}, and this run has `task`={self.task!r}; remove the "
                 f"key or set {' or '.join(f'`task`={owner!r}' for owner in owners)}"
             )
-        self._check_task_capabilities()
-        check = get_config_check(self.task)
-        if check is not None:
-            check(self)
 
     def _check_task_capabilities(self) -> None:
         """What the task's model and rows cannot take (its ``has_classes``, ``has_head``)."""
@@ -404,13 +403,13 @@ class RunConfig:
     def _check_imbalance_and_augmentation(self) -> None:
         check_choice("class-weighting", self.class_weighting, CLASS_WEIGHTINGS)
         check_choice("class-weighting-source", self.class_weighting_source,
-                      CLASS_WEIGHTING_SOURCES)
+                     CLASS_WEIGHTING_SOURCES)
         check_range("class-weighting-beta", self.class_weighting_beta, low=0, high=1,
-                     low_open=True, high_open=True)
+                    low_open=True, high_open=True)
         check_range("focal-gamma", self.focal_gamma, low=0)
         check_choice("augment", self.augment, AUGMENTS)
         check_range("augment-rate", self.augment_rate, low=0, high=1, low_open=True,
-                     high_open=True)
+                    high_open=True)
         if self.class_weighting == "none":
             return
         if self.skew_loss != "none":
@@ -435,7 +434,7 @@ class RunConfig:
         check_range("early-stopping-patience", self.early_stopping_patience, low=0)
         check_range("early-stopping-min-delta", self.early_stopping_min_delta, low=0)
         check_range("validation-fraction", self.validation_fraction, low=0, high=0.5,
-                     high_open=True)
+                    high_open=True)
         if not self.server_reads_dataset and self.validation_fraction > 0:
             raise ConfigError(
                 "`validation-fraction` > 0 holds out part of `dataset`, but "

@@ -76,7 +76,7 @@ class TaskInfo:
     partition_hint: str = ""
     # A light module (no torch) with ``check_config(cfg: RunConfig) -> None``, raising
     # ``ConfigError`` for a bad value of the task's own keys or a combination only it
-    # refuses (``RunConfig`` calls it right after its key-ownership check, on the run's
+    # refuses (``RunConfig`` calls it after its key-ownership and capability checks, on the run's
     # task only); empty: the generic checks are all.
     config_check: str = ""
     # A deployment's run (``fedsft run``) sets `dataset` = none unless given: the
