@@ -445,13 +445,26 @@ def _check_data(args: argparse.Namespace) -> int:
         label_column=str(args.label_column or site.get("label-column") or "label"),
         labels=args.labels or "", label_case_fold=args.label_case_fold,
         max_length=args.max_length if args.max_length is not None else 64,
+        model=args.model or "",
     )
-    # The light check (no torch, transformers, sklearn): every SuperNode start runs it.
+    # Without --model the light check (no torch, transformers, sklearn): every SuperNode
+    # start runs it. With it, the tokens are counted as training encodes them.
+    tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
     report = get_site_check("classification")(
-        str(path), spec=DataSpec.of(cfg), encoding=EncodeSpec.of(cfg, tokenizer_path=""),
-        label_names=cfg.label_list or None, tokenizer=None, eval_path=args.eval,
+        str(path), spec=DataSpec.of(cfg),
+        encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
+        label_names=cfg.label_list or None, tokenizer=tokenizer, eval_path=args.eval,
     )
     return _report(report, args.json)
+
+
+def _check_tokenizer(model: str) -> Any:
+    """The tokenizer of the run's ``model`` (``--model``), as the client loads it."""
+    from transformers import AutoTokenizer
+
+    from common.model_source import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model).path)
 
 
 # The run-config keys of an sft site check: a --flag, else (the task's site keys: the
@@ -460,17 +473,18 @@ def _check_data(args: argparse.Namespace) -> int:
 SFT_SITE_KEYS = task_info("sft").site_keys
 SFT_CHECK_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
                   "output-column", "prompt-column", "response-column", "system-prompt",
-                  "chat-template", "train-on", "overflow", "model")
+                  "chat-template", "train-on", "overflow")
 
 
 def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
     """The ``RunConfig`` an sft site check reads and encodes with: each of
-    ``SFT_CHECK_KEYS`` and ``max-length`` from its flag, else (``SFT_SITE_KEYS``) the
-    node config (``--site-config``), else the default. Raises ``ConfigError`` for a bad value."""
+    ``SFT_CHECK_KEYS``, ``model`` and ``max-length`` from its flag, else
+    (``SFT_SITE_KEYS``) the node config (``--site-config``), else the default. Raises
+    ``ConfigError`` for a bad value."""
     from common.config import RunConfig
 
     given: dict[str, Any] = {"task": "sft"}
-    for key in (*SFT_CHECK_KEYS, "max-length"):
+    for key in (*SFT_CHECK_KEYS, "model", "max-length"):
         value = getattr(args, key.replace("-", "_"), None)
         if value is None and key in SFT_SITE_KEYS:  # what the client reads from it too
             value = site.get(key)
@@ -481,22 +495,18 @@ def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
 
 def _check_conversations(path: str, args: argparse.Namespace, site: dict[str, Any]) -> int:
     """The SFT site check: every row read as a conversation with the federation's chat
-    columns; token lengths with ``--model``'s tokenizer."""
+    columns, duplicates and ``--eval`` overlap; token lengths with ``--model``'s
+    tokenizer."""
 
-    from common.model_source import resolve_model
     from common.specs import DataSpec, EncodeSpec
     from common.tasks import get_task
 
     cfg = sft_check_config(args, site)
-    tokenizer = None
-    if args.model:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model_name).path)
+    tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
     report = get_task("sft").check_site(
         path, spec=DataSpec.of(cfg.replace(dataset=path)),
         encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
-        label_names=[], tokenizer=tokenizer)
+        label_names=[], tokenizer=tokenizer, eval_path=args.eval)
     return _report(report, args.json)
 
 
@@ -669,7 +679,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check-data", help="check a site's data file before it joins",
             description="Check a site's data before it joins a federation (classification; "
                         "with --task sft: rows refused and without an assistant turn, "
-                        "token lengths with --model): "
+                        "duplicates, eval overlap; token lengths with --model): "
                         "rows dropped and why, label distribution and imbalance, "
                         "duplicates, short and over-long texts, eval overlap, labels "
                         "unknown to the federation. Exit code: 0 if no blocking problem "
@@ -687,9 +697,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-case-fold", action="store_true",
                    help="case-fold string labels (the run's `label-case-fold`)")
     p.add_argument("--max-length", type=int,
-                   help="the run's max-length in tokens (default 64); classification: "
-                        "counted as whitespace words, a lower bound")
-    p.add_argument("--eval", help="an eval file whose texts should not be in FILE")
+                   help="the run's max-length in tokens (default 64); counted with "
+                        "--model's tokenizer, else (classification) estimated by "
+                        "whitespace words, a lower bound, or (sft) not checked")
+    p.add_argument("--model",
+                   help="the run's `model` (a name, folder or Hub id): its tokenizer "
+                        "counts the tokens as training encodes them (loads transformers; "
+                        "default: no tokenizer)")
+    p.add_argument("--eval", help="an eval file whose texts (sft: conversations) should "
+                                  "not be in FILE")
     p.add_argument("--task", choices=("classification", "sft"), default="classification",
                    help="sft: every row read as a conversation with the run's chat "
                         "columns (the options below, else the node config's keys of the "
@@ -697,8 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key in SFT_CHECK_KEYS:
         p.add_argument(f"--{key}", help=f"sft: the run's `{key}` (default: "
                                         + ("the node config's, else " if key in SFT_SITE_KEYS
-                                           else "") + "the run default)"
-                       + ("; its tokenizer counts the tokens" if key == "model" else ""))
+                                           else "") + "the run default)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser
