@@ -2,6 +2,7 @@
 
     fedsft create DIR --site a --site b [--san host --san 10.0.0.5] [--address host:port]
                   [--local-port 9093] [--app-index-port 9095] [--name N] [--force]
+                  [--labels a,b [--label-case-fold]]
     fedsft add-site DIR SITE [--public-key supernode.pub] [--data-path P] [--register]
     fedsft site init DIR --site SITE | fedsft site verify BUNDLE [--fingerprint F]
     fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C] [--port N]
@@ -88,15 +89,30 @@ def _create(args: argparse.Namespace) -> int:
     from deployment import pki
 
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
+    labels: list[str] = []
+    if args.labels is not None:
+        from common.config import ConfigError, RunConfig
+
+        # The run's rule for `labels`: RunConfig raises ConfigError for fewer than 2
+        # distinct classes; an empty value would mean "no labels", not a federation's.
+        labels = RunConfig(labels=args.labels, label_case_fold=args.label_case_fold
+                           ).label_list
+        if not labels:
+            raise ConfigError(f"--labels must name at least 2 distinct classes, "
+                              f"got {args.labels!r}")
     c = cons.create(Path(args.dir), name=args.name, names=names, address=args.address,
                     sites=tuple(args.site), force=args.force,
                     local_port=args.local_port or cons.LOCAL_PORT,
-                    app_index_port=args.app_index_port or cons.app_signing.APP_INDEX_PORT)
+                    app_index_port=args.app_index_port or cons.app_signing.APP_INDEX_PORT,
+                    labels=labels, label_case_fold=args.label_case_fold)
     print(f"[fedsft] consortium {c.root}: SuperLink address {c.address} (sites: Fleet API "
           f"only), admin address {c.local_address} (this host only), "
           f"certificate names {list(names.dns) + list(names.ips)}")
     print(f"[fedsft] start the SuperLink with {c.root / 'superlink' / 'start-superlink.sh'}")
     _print_fingerprint(c)
+    if labels:
+        print(f"[fedsft] the federation's labels: {', '.join(labels)} (each classification "
+              f"bundle's data check refuses a file with others)")
     for site in args.site:
         print(f"[fedsft] site bundle: {c.site_dir(site)}")
     return 0
@@ -554,6 +570,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the loopback port where `fedsft submit` serves the signed app to "
                         "the SuperLink (default 9095)")
     p.add_argument("--site", action="append", default=[], help="a partner site (repeat)")
+    p.add_argument("--labels", metavar="A,B,...",
+                   help="the federation's classes (the runs' `labels`), kept in "
+                        "consortium.json: each classification bundle's start-supernode.sh "
+                        "then refuses a data file with other labels (check-data --labels)")
+    p.add_argument("--label-case-fold", action="store_true",
+                   help="with --labels: the runs case-fold string labels "
+                        "(`label-case-fold`), and so does the bundles' data check")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_create)
 
