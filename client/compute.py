@@ -35,14 +35,16 @@ def gpu_metrics(device: torch.device) -> dict[str, float]:
     """``gpu-peak-memory-mb`` (``torch.cuda.max_memory_allocated`` since
     ``start_gpu_measurement``) and ``gpu-utilization`` (percent, NVML's sample of the
     last moments of training) on CUDA; {} elsewhere. Utilization is left out where NVML
-    cannot be read (no ``pynvml``, no driver access)."""
+    cannot be read: no ``pynvml`` module (package ``nvidia-ml-py``, the optional extra
+    ``fedsft[gpu]``), no driver access."""
     if device.type != "cuda":
         return {}
     metrics = {"gpu-peak-memory-mb": torch.cuda.max_memory_allocated(device) / 2**20}
     try:
         metrics["gpu-utilization"] = float(torch.cuda.utilization(device))
     except Exception as error:  # pynvml missing, or NVML's own error classes
-        log.info("GPU utilization not measured: %s", error)
+        log.info("GPU utilization not measured (NVML not readable; without the pynvml "
+                 "module, install the fedsft[gpu] extra): %s", error)
     return metrics
 
 

@@ -2,6 +2,7 @@
 
     fedsft create DIR --site a --site b [--san host --san 10.0.0.5] [--address host:port]
                   [--local-port 9093] [--app-index-port 9095] [--name N] [--force]
+                  [--labels a,b [--label-case-fold]]
     fedsft add-site DIR SITE [--public-key supernode.pub] [--data-path P] [--register]
     fedsft site init DIR --site SITE | fedsft site verify BUNDLE [--fingerprint F]
     fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C] [--port N]
@@ -88,15 +89,30 @@ def _create(args: argparse.Namespace) -> int:
     from deployment import pki
 
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
+    labels: list[str] = []
+    if args.labels is not None:
+        from common.config import ConfigError, RunConfig
+
+        # The run's rule for `labels`: RunConfig raises ConfigError for fewer than 2
+        # distinct classes; an empty value would mean "no labels", not a federation's.
+        labels = RunConfig(labels=args.labels, label_case_fold=args.label_case_fold
+                           ).label_list
+        if not labels:
+            raise ConfigError(f"--labels must name at least 2 distinct classes, "
+                              f"got {args.labels!r}")
     c = cons.create(Path(args.dir), name=args.name, names=names, address=args.address,
                     sites=tuple(args.site), force=args.force,
                     local_port=args.local_port or cons.LOCAL_PORT,
-                    app_index_port=args.app_index_port or cons.app_signing.APP_INDEX_PORT)
+                    app_index_port=args.app_index_port or cons.app_signing.APP_INDEX_PORT,
+                    labels=labels, label_case_fold=args.label_case_fold)
     print(f"[fedsft] consortium {c.root}: SuperLink address {c.address} (sites: Fleet API "
           f"only), admin address {c.local_address} (this host only), "
           f"certificate names {list(names.dns) + list(names.ips)}")
     print(f"[fedsft] start the SuperLink with {c.root / 'superlink' / 'start-superlink.sh'}")
     _print_fingerprint(c)
+    if labels:
+        print(f"[fedsft] the federation's labels: {', '.join(labels)} (each classification "
+              f"bundle's data check refuses a file with others)")
     for site in args.site:
         print(f"[fedsft] site bundle: {c.site_dir(site)}")
     return 0
@@ -448,13 +464,26 @@ def _check_data(args: argparse.Namespace) -> int:
         label_column=str(args.label_column or site.get("label-column") or "label"),
         labels=args.labels or "", label_case_fold=args.label_case_fold,
         max_length=args.max_length if args.max_length is not None else 64,
+        model=args.model or "",
     )
-    # The light check (no torch, transformers, sklearn): every SuperNode start runs it.
+    # Without --model the light check (no torch, transformers, sklearn): every SuperNode
+    # start runs it. With it, the tokens are counted as training encodes them.
+    tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
     report = get_site_check("classification")(
-        str(path), spec=DataSpec.of(cfg), encoding=EncodeSpec.of(cfg, tokenizer_path=""),
-        label_names=cfg.label_list or None, tokenizer=None, eval_path=args.eval,
+        str(path), spec=DataSpec.of(cfg),
+        encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
+        label_names=cfg.label_list or None, tokenizer=tokenizer, eval_path=args.eval,
     )
     return _report(report, args.json)
+
+
+def _check_tokenizer(model: str) -> Any:
+    """The tokenizer of the run's ``model`` (``--model``), as the client loads it."""
+    from transformers import AutoTokenizer
+
+    from common.model_source import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model).path)
 
 
 # The run-config keys of an sft site check: a --flag, else (the task's site keys: the
@@ -463,17 +492,18 @@ def _check_data(args: argparse.Namespace) -> int:
 SFT_SITE_KEYS = task_info("sft").site_keys
 SFT_CHECK_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
                   "output-column", "prompt-column", "response-column", "system-prompt",
-                  "chat-template", "train-on", "overflow", "model")
+                  "chat-template", "train-on", "overflow")
 
 
 def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
     """The ``RunConfig`` an sft site check reads and encodes with: each of
-    ``SFT_CHECK_KEYS`` and ``max-length`` from its flag, else (``SFT_SITE_KEYS``) the
-    node config (``--site-config``), else the default. Raises ``ConfigError`` for a bad value."""
+    ``SFT_CHECK_KEYS``, ``model`` and ``max-length`` from its flag, else
+    (``SFT_SITE_KEYS``) the node config (``--site-config``), else the default. Raises
+    ``ConfigError`` for a bad value."""
     from common.config import RunConfig
 
     given: dict[str, Any] = {"task": "sft"}
-    for key in (*SFT_CHECK_KEYS, "max-length"):
+    for key in (*SFT_CHECK_KEYS, "model", "max-length"):
         value = getattr(args, key.replace("-", "_"), None)
         if value is None and key in SFT_SITE_KEYS:  # what the client reads from it too
             value = site.get(key)
@@ -484,22 +514,18 @@ def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
 
 def _check_conversations(path: str, args: argparse.Namespace, site: dict[str, Any]) -> int:
     """The SFT site check: every row read as a conversation with the federation's chat
-    columns; token lengths with ``--model``'s tokenizer."""
+    columns, duplicates and ``--eval`` overlap; token lengths with ``--model``'s
+    tokenizer."""
 
-    from common.model_source import resolve_model
     from common.specs import DataSpec, EncodeSpec
     from common.tasks import get_task
 
     cfg = sft_check_config(args, site)
-    tokenizer = None
-    if args.model:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.model_name).path)
+    tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
     report = get_task("sft").check_site(
         path, spec=DataSpec.of(cfg.replace(dataset=path)),
         encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
-        label_names=[], tokenizer=tokenizer)
+        label_names=[], tokenizer=tokenizer, eval_path=args.eval)
     return _report(report, args.json)
 
 
@@ -547,6 +573,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the loopback port where `fedsft submit` serves the signed app to "
                         "the SuperLink (default 9095)")
     p.add_argument("--site", action="append", default=[], help="a partner site (repeat)")
+    p.add_argument("--labels", metavar="A,B,...",
+                   help="the federation's classes (the runs' `labels`), kept in "
+                        "consortium.json: each classification bundle's start-supernode.sh "
+                        "then refuses a data file with other labels (check-data --labels)")
+    p.add_argument("--label-case-fold", action="store_true",
+                   help="with --labels: the runs case-fold string labels "
+                        "(`label-case-fold`), and so does the bundles' data check")
     p.add_argument("--force", action="store_true", help="replace existing keys")
     p.set_defaults(func=_create)
 
@@ -672,7 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check-data", help="check a site's data file before it joins",
             description="Check a site's data before it joins a federation (classification; "
                         "with --task sft: rows refused and without an assistant turn, "
-                        "token lengths with --model): "
+                        "duplicates, eval overlap; token lengths with --model): "
                         "rows dropped and why, label distribution and imbalance, "
                         "duplicates, short and over-long texts, eval overlap, labels "
                         "unknown to the federation. Exit code: 0 if no blocking problem "
@@ -690,9 +723,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-case-fold", action="store_true",
                    help="case-fold string labels (the run's `label-case-fold`)")
     p.add_argument("--max-length", type=int,
-                   help="the run's max-length in tokens (default 64); classification: "
-                        "counted as whitespace words, a lower bound")
-    p.add_argument("--eval", help="an eval file whose texts should not be in FILE")
+                   help="the run's max-length in tokens (default 64); counted with "
+                        "--model's tokenizer, else (classification) estimated by "
+                        "whitespace words, a lower bound, or (sft) not checked")
+    p.add_argument("--model",
+                   help="the run's `model` (a name, folder or Hub id): its tokenizer "
+                        "counts the tokens as training encodes them (loads transformers; "
+                        "default: no tokenizer)")
+    p.add_argument("--eval", help="an eval file whose texts (sft: conversations) should "
+                                  "not be in FILE")
     p.add_argument("--task", choices=("classification", "sft"), default="classification",
                    help="sft: every row read as a conversation with the run's chat "
                         "columns (the options below, else the node config's keys of the "
@@ -700,8 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     for key in SFT_CHECK_KEYS:
         p.add_argument(f"--{key}", help=f"sft: the run's `{key}` (default: "
                                         + ("the node config's, else " if key in SFT_SITE_KEYS
-                                           else "") + "the run default)"
-                       + ("; its tokenizer counts the tokens" if key == "model" else ""))
+                                           else "") + "the run default)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser

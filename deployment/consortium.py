@@ -2,7 +2,8 @@
 
 ```
 <consortium>/
-  consortium.json          name, SuperLink address, certificate names
+  consortium.json          name, SuperLink address, certificate names, the federation's
+                           labels when the coordinator gave them (`create --labels`)
   ca/ca.pem                the consortium CA certificate (public: every party gets it)
   ca/ca.key                the CA private key (0600; stays with the coordinator, offline)
   superlink/ca.pem         what `flower-superlink` needs: CA, certificate, key (0600)
@@ -42,7 +43,7 @@ from typing import Any
 
 import tomli_w
 
-from common.tasks import DEFAULT_TASK
+from common.tasks import DEFAULT_TASK, task_info
 from deployment import app_signing, pki, proxy
 
 CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
@@ -134,6 +135,17 @@ class Consortium:
         return str(self.settings["address"])
 
     @property
+    def labels(self) -> tuple[str, ...]:
+        """The federation's classes (``fedsft create --labels``, the runs' ``labels``);
+        empty when the coordinator did not give them."""
+        return tuple(str(name) for name in self.settings.get("labels") or ())
+
+    @property
+    def label_case_fold(self) -> bool:
+        """Whether the runs case-fold string labels (``create --label-case-fold``)."""
+        return bool(self.settings.get("label-case-fold", False))
+
+    @property
     def local_address(self) -> str:
         """The SuperLink's own address, 127.0.0.1:port: the Control API, for admins only."""
         return str(self.settings.get("local-address") or f"127.0.0.1:{LOCAL_PORT}")
@@ -177,14 +189,20 @@ def create(
     force: bool = False,
     app_index_port: int = app_signing.APP_INDEX_PORT,
     local_port: int = LOCAL_PORT,
+    labels: Sequence[str] = (),
+    label_case_fold: bool = False,
 ) -> Consortium:
     """Create a consortium: CA, SuperLink certificate, ``flwr`` connection, site bundles,
     the app-signing key.
 
     ``address`` is the public one (Caddy, Fleet API only) that site bundles name;
     ``local_port`` the SuperLink's own port on 127.0.0.1, which the coordinator's
-    ``flwr-home`` connection uses. Refuses (``pki.KeyExistsError``) when key files
-    exist, unless ``force``; then nothing is written.
+    ``flwr-home`` connection uses. ``labels`` (checked by the caller, as the run's
+    ``labels``) and ``label_case_fold``: the federation's classes, kept in
+    ``consortium.json`` so that each classification bundle's data check refuses labels
+    outside them before its SuperNode starts (``site_check_command``). Refuses
+    (``pki.KeyExistsError``) when key files exist, unless ``force``; then nothing is
+    written.
     """
     c = Consortium(root.resolve())
     for site in sites:
@@ -220,6 +238,8 @@ def create(
     settings = {"name": name, "address": address, "local-address": local_address,
                 "app-index-port": app_index_port,
                 "dns-names": list(names.dns), "ip-addresses": list(names.ips)}
+    if labels:
+        settings |= {"labels": list(labels), "label-case-fold": label_case_fold}
     (c.root / "consortium.json").write_text(
         json.dumps(settings, indent=2) + "\n", encoding="utf-8"
     )
@@ -503,12 +523,23 @@ def write_superlink_scripts(c: Consortium, *, listen_port: int) -> Path:
     return path
 
 
-def site_check_command(settings: BundleSettings, site: str) -> list[str]:
-    """``fedsft check-data`` of the site's node config: run before the SuperNode starts."""
+def site_check_command(settings: BundleSettings, site: str, *, labels: Sequence[str] = (),
+                       label_case_fold: bool = False) -> list[str]:
+    """``fedsft check-data`` of the site's node config: run before the SuperNode starts.
+
+    The check of a task with classes (classification) gets the federation's ``labels`` (and
+    ``--label-case-fold``) when the consortium knows them (``Consortium.labels``), so a
+    site's unknown class stops the script (exit 1) instead of its first round.
+    """
     node_config = node_config_of(data_path=settings.data_path, site=site,
                                  text_column=settings.text_column,
                                  label_column=settings.label_column)
-    return ["fedsft", "check-data", "--task", settings.task, "--site-config", node_config]
+    command = ["fedsft", "check-data", "--task", settings.task, "--site-config", node_config]
+    if labels and task_info(settings.task).has_classes:
+        command += ["--labels", ",".join(labels)]
+        if label_case_fold:
+            command.append("--label-case-fold")
+    return command
 
 
 def _is_loopback(host: str) -> bool:
@@ -579,7 +610,8 @@ def write_bundle_script(c: Consortium, site: str,
     path = folder / "start-supernode.sh"
     _write_script(path, command, here=True, flwr_home="$HERE/flwr-home",
                   before=[["fedsft", "site", "verify", "$HERE", "--address", c.address],
-                          site_check_command(settings, site)])
+                          site_check_command(settings, site, labels=c.labels,
+                                             label_case_fold=c.label_case_fold)])
     (folder / "bundle.json").write_text(json.dumps(
         {**settings.to_json(), **bundle_identity(c)}, indent=2) + "\n", encoding="utf-8")
     return path

@@ -13,10 +13,11 @@ The rules, so the numbers can be checked by hand:
 
 - **Exact duplicate**: a row whose text (as read; labels ignored) equals an earlier
   row's. The count is the number of repeats (rows minus distinct texts).
-- **Normalized duplicate**: the same with the normalized text: case-folded, every run
-  of whitespace collapsed to one space, then punctuation (Unicode category ``P*``) and
-  whitespace stripped at both ends. ``"Great  product!"`` and ``"great product"`` are
-  one text; inner punctuation counts. It includes the exact duplicates.
+- **Normalized duplicate**: the same with the normalized text (``common.tasks.duplicates``:
+  case-folded, every run of whitespace collapsed to one space, then punctuation
+  (Unicode category ``P*``) and whitespace stripped at both ends). ``"Great  product!"``
+  and ``"great product"`` are one text; inner punctuation counts. It includes the exact
+  duplicates.
 - **Conflicting labels**: normalized texts that occur with more than one label.
 - **Short text**: fewer than ``SHORT_WORDS`` (3) whitespace-separated words. Empty
   texts never get here: cleaning drops them (counted as dropped rows).
@@ -37,8 +38,6 @@ from __future__ import annotations
 
 import functools
 import math
-import re
-import unicodedata
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -56,6 +55,7 @@ from common.tasks.classification_data import (
     read_raw_table,
     unusable_rows,
 )
+from common.tasks.duplicates import normalize_text, repeats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -69,7 +69,6 @@ SHORT_WARNING = 0.05  # share of short texts above this: a warning
 WHITESPACE_ESTIMATE = "estimated by whitespace words, a lower bound"
 TOKENIZER_COUNT = "counted by the tokenizer"
 _SHOWN = 5  # labels quoted in a finding
-_SPACES = re.compile(r"\s+")
 
 Severity = Literal["blocking", "warning"]
 
@@ -231,22 +230,6 @@ class DataReport:
         return lines
 
 
-def normalize_text(text: str) -> str:
-    """The text duplicates are compared by (module docstring: normalized duplicate)."""
-    text = _SPACES.sub(" ", text.casefold())
-    start, end = 0, len(text)
-    while start < end and _is_edge(text[start]):
-        start += 1
-    while end > start and _is_edge(text[end - 1]):
-        end -= 1
-    return text[start:end]
-
-
-def _is_edge(char: str) -> bool:
-    """Stripped at the ends of a normalized text: whitespace or punctuation."""
-    return char.isspace() or unicodedata.category(char).startswith("P")
-
-
 def imbalance_ratio(counts: Sequence[int]) -> float | None:
     """Largest / smallest of the positive counts; None when none is positive."""
     present = [count for count in counts if count > 0]
@@ -372,8 +355,8 @@ def check_site_data(
         rows_kept=len(frame),
         label_counts=counts,
         unknown_labels=unknown,
-        exact_duplicates=len(texts) - len(set(texts)),
-        normalized_duplicates=len(normalized) - len(set(normalized)),
+        exact_duplicates=repeats(texts),
+        normalized_duplicates=repeats(normalized),
         conflicting_labels=sum(len(found) > 1 for found in labels_by_text.values()),
         short_texts=sum(len(text.split()) < SHORT_WORDS for text in texts),
         too_long=sum(length > max_length for length in lengths),

@@ -31,6 +31,7 @@ from common.data import DataError, read_rows
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec
 from common.tasks.base import Batch, EvalContext, LossFn, Task, TrainContext
+from common.tasks.duplicates import normalize_text, repeats
 from common.tasks.sft_builtin_data import generate_sft
 from common.tasks.sft_chat_data import (
     chat_frame,
@@ -111,6 +112,14 @@ class SftSiteReport:
     ``truncated`` / ``dropped`` are as the run encodes them (``max-length``,
     ``overflow``) and ``median_tokens`` / ``p90_tokens`` / ``max_tokens`` describe
     each readable conversation's full rendered length, before any truncation.
+
+    Duplicates are counted over the readable conversations, as the classification check
+    counts texts (``common.tasks.duplicates``): ``exact_duplicates`` repeat an earlier
+    conversation message for message (roles and contents as read),
+    ``normalized_duplicates`` (which include them) do so once each content is
+    normalized. ``eval_rows`` (the readable conversations of the eval file) and
+    ``eval_overlap`` (those whose normalized conversation is also in the site's file)
+    are None without an eval file.
     """
 
     source: str
@@ -126,11 +135,25 @@ class SftSiteReport:
     problems: tuple[str, ...] = ()
     p90_tokens: float = 0.0
     measured: bool = True
+    exact_duplicates: int = 0
+    normalized_duplicates: int = 0
+    eval_rows: int | None = None
+    eval_overlap: int | None = None
 
     @property
     def no_assistant_share(self) -> float:
         """Share of the rows read that have no assistant turn."""
         return self.no_assistant / self.conversations if self.conversations else 0.0
+
+    @property
+    def readable(self) -> int:
+        """The rows read as a conversation (read, less refused)."""
+        return self.conversations - self.refused
+
+    @property
+    def duplicate_share(self) -> float:
+        """Share of the readable conversations that repeat an earlier one (normalized)."""
+        return self.normalized_duplicates / self.readable if self.readable else 0.0
 
     @property
     def blocking(self) -> tuple[Any, ...]:
@@ -149,11 +172,22 @@ class SftSiteReport:
 
     @property
     def warnings(self) -> tuple[Any, ...]:
+        found = []
         if self.truncated or self.dropped:
-            return (_Finding(f"{self.truncated + self.dropped} of {self.conversations} "
-                             f"conversations are longer than `max-length` {self.max_length}: "
-                             f"{self.truncated} truncated, {self.dropped} dropped"),)
-        return ()
+            found.append(_Finding(
+                f"{self.truncated + self.dropped} of {self.conversations} conversations "
+                f"are longer than `max-length` {self.max_length}: {self.truncated} "
+                f"truncated, {self.dropped} dropped"))
+        if self.normalized_duplicates:
+            found.append(_Finding(
+                f"{self.normalized_duplicates} duplicate conversations "
+                f"({self.exact_duplicates} exact, {self.duplicate_share:.1%} of the "
+                "readable ones): duplicates weigh those conversations more in training"))
+        if self.eval_overlap:
+            found.append(_Finding(
+                f"{self.eval_overlap} of {self.eval_rows} eval conversations are also in "
+                "the data (normalized): evaluation on them overstates the model"))
+        return tuple(found)
 
     def aggregate_stats(self) -> dict[str, int | float]:
         return {"data-rows": self.kept, "data-truncated": self.truncated,
@@ -169,6 +203,10 @@ class SftSiteReport:
             "max-length": self.max_length, "tokens-measured": self.measured,
             "median-tokens": self.median_tokens, "p90-tokens": self.p90_tokens,
             "max-tokens": self.max_tokens,
+            "exact-duplicates": self.exact_duplicates,
+            "normalized-duplicates": self.normalized_duplicates,
+            "duplicate-share": self.duplicate_share,
+            "eval-rows": self.eval_rows, "eval-overlap": self.eval_overlap,
             "findings": [{"severity": severity, "message": f.message}
                          for severity, group in (("blocking", self.blocking),
                                                  ("warning", self.warnings)) for f in group],
@@ -182,7 +220,13 @@ class SftSiteReport:
             f"  rows read: {self.conversations}",
             f"  rows refused: {self.refused} ({self.no_assistant} without an assistant "
             f"turn: {self.no_assistant_share:.1%})",
+            f"  exact duplicate conversations: {self.exact_duplicates}",
+            f"  normalized duplicate conversations (case, whitespace, end punctuation): "
+            f"{self.normalized_duplicates} ({self.duplicate_share:.1%})",
         ]
+        if self.eval_rows is not None:
+            lines.append(f"  eval conversations also in the data (normalized): "
+                         f"{self.eval_overlap} of {self.eval_rows}")
         if self.measured:
             lines += [
                 f"  tokens per conversation (chat template applied): median "
@@ -249,6 +293,21 @@ def scan_conversations(
             problems.append(f"{source}: row {number}{text[len(first_row):]}")
             no_assistant += _lacks_answer(one.iloc[0], fmt=fmt, spec=spec)
     return kept, problems, no_assistant
+
+
+def exact_conversation(
+    conversation: Sequence[Mapping[str, str]],
+) -> tuple[tuple[str, str], ...]:
+    """A conversation as compared for exact duplicates: (role, content) as read."""
+    return tuple((m["role"], m["content"]) for m in conversation)
+
+
+def normalized_conversation(
+    conversation: Sequence[Mapping[str, str]],
+) -> tuple[tuple[str, str], ...]:
+    """A conversation as compared for normalized duplicates: (role, normalized content),
+    ``common.tasks.duplicates.normalize_text``."""
+    return tuple((m["role"], normalize_text(m["content"])) for m in conversation)
 
 
 def _lacks_answer(row: pd.Series, *, fmt: str, spec: DataSpec) -> bool:
@@ -340,15 +399,28 @@ class SftTask:
         counted, refused rows are blocking) and, with the run's ``tokenizer``, encoded as
         the run will (its chat template, ``train-on`` and ``overflow``); no conversation
         left is blocking. ``tokenizer`` None: no token counts (``fedsft check-data``
-        without ``--model``). ``label_names`` and ``eval_path`` are not used: no classes,
-        and no overlap measure for conversations."""
+        without ``--model``). Duplicates, and with ``eval_path`` (read with the same
+        columns) its conversations also in the file, are counted over the readable
+        conversations (``SftSiteReport``): warnings. ``label_names`` is not used: no
+        classes."""
         frame = read_rows(path, spec)
         kept, problems, no_assistant = scan_conversations(frame, source=path, spec=spec)
+        normalized = [normalized_conversation(c) for c in kept]
+        eval_rows = eval_overlap = None
+        if eval_path is not None:
+            eval_kept, _, _ = scan_conversations(read_rows(eval_path, spec), source=eval_path,
+                                                 spec=spec)
+            seen = set(normalized)
+            eval_rows = len(eval_kept)
+            eval_overlap = sum(normalized_conversation(c) in seen for c in eval_kept)
         report = SftSiteReport(
             source=path, conversations=len(frame), kept=len(kept), truncated=0, dropped=0,
             median_tokens=0.0, max_tokens=0, max_length=encoding.max_length,
             refused=len(problems), no_assistant=no_assistant,
-            problems=tuple(problems[:_SHOWN_PROBLEMS]), measured=tokenizer is not None)
+            problems=tuple(problems[:_SHOWN_PROBLEMS]), measured=tokenizer is not None,
+            exact_duplicates=repeats(exact_conversation(c) for c in kept),
+            normalized_duplicates=repeats(normalized), eval_rows=eval_rows,
+            eval_overlap=eval_overlap)
         if tokenizer is None or not kept:
             return report
         rows = {"messages": kept}

@@ -108,6 +108,8 @@ def test_deployment_site_reads_its_own_file(tmp_path, tiny_model_dir):
         LABELS, tokenizer,
     )
     assert len(data.train) + len(data.eval) == 20
+    # The check before the first round counts tokens with the run's tokenizer, not words.
+    assert data.report.length_measure == "counted by the tokenizer"
 
 
 def test_deployment_site_with_a_bad_file_fails_with_the_reason(tmp_path, tiny_model_dir,

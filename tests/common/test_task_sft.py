@@ -166,6 +166,70 @@ def test_the_site_check_counts_long_conversations(setup, tmp_path):
     assert report.aggregate_stats()["data-rows"] == 1
 
 
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def test_the_site_check_counts_duplicate_conversations_and_eval_overlap(tmp_path):
+    pr = [("What is 2+2?", "4"),
+          ("What is 2+2?", "4"),  # exact repeat of row 1
+          ("what is  2+2", "4."),  # row 1 normalized (case, spaces, end punctuation)
+          ("Name a colour.", "Blue"),
+          ("Name a colour.", "Red"),  # another answer: another conversation
+          ("Capital of France?", "Paris"),
+          ("Capital of France?", "Paris"),  # exact repeat of row 6
+          ("Say hi", ""),  # refused (no answer): not a conversation, not counted
+          ("Say hi", "hi"),
+          ("Say hi!", "Hi")]  # row 9 normalized
+    site = _jsonl(tmp_path / "site.jsonl", [{"prompt": p, "response": r} for p, r in pr])
+    evaluation = _jsonl(tmp_path / "eval.jsonl", [
+        {"prompt": "WHAT IS 2+2?", "response": "4"},  # in the site's file, normalized
+        {"prompt": "Name a colour.", "response": "Green"},
+        {"prompt": "Capital of France", "response": "Paris!"},  # in it, normalized
+        {"prompt": "Unseen", "response": "x"}])
+    cfg = _cfg("unused")
+
+    report = TASK.check_site(str(site), spec=DataSpec.of(cfg),
+                             encoding=EncodeSpec.of(cfg, ""), label_names=[], tokenizer=None,
+                             eval_path=str(evaluation))
+
+    # 9 readable conversations: rows 2, 7 repeat exactly; rows 2, 3, 7, 10 normalized.
+    assert (report.conversations, report.refused, report.readable) == (10, 1, 9)
+    assert (report.exact_duplicates, report.normalized_duplicates) == (2, 4)
+    assert report.duplicate_share == pytest.approx(4 / 9)
+    assert (report.eval_rows, report.eval_overlap) == (4, 2)
+    assert [f.message for f in report.warnings] == [
+        "4 duplicate conversations (2 exact, 44.4% of the readable ones): duplicates "
+        "weigh those conversations more in training",
+        "2 of 4 eval conversations are also in the data (normalized): evaluation on them "
+        "overstates the model"]
+    assert len(report.blocking) == 1  # the refused row, as before
+    as_json = report.to_dict()
+    assert (as_json["exact-duplicates"], as_json["normalized-duplicates"],
+            as_json["eval-rows"], as_json["eval-overlap"]) == (2, 4, 4, 2)
+    lines = report.lines()
+    assert "  exact duplicate conversations: 2" in lines
+    assert ("  normalized duplicate conversations (case, whitespace, end punctuation): "
+            "4 (44.4%)") in lines
+    assert "  eval conversations also in the data (normalized): 2 of 4" in lines
+    # Counts and shares only: no text of the file in the report.
+    assert "Capital" not in json.dumps(as_json) + "\n".join(lines)
+
+
+def test_the_site_check_of_distinct_conversations_warns_of_nothing(tmp_path):
+    site = _jsonl(tmp_path / "site.jsonl", [{"prompt": "Say hi", "response": "hi"},
+                                            {"prompt": "Say hi", "response": "hello"}])
+    cfg = _cfg("unused")
+
+    report = TASK.check_site(str(site), spec=DataSpec.of(cfg),
+                             encoding=EncodeSpec.of(cfg, ""), label_names=[], tokenizer=None)
+
+    assert (report.exact_duplicates, report.normalized_duplicates) == (0, 0)
+    assert (report.eval_rows, report.eval_overlap) == (None, None)
+    assert report.warnings == () and report.blocking == ()
+
+
 @pytest.mark.parametrize(("row", "expected"), [
     ({"prompt": "Hello"}, [{"role": "user", "content": "Hello"}]),
     ({"instruction": "Add", "input": "1 and 2"}, [{"role": "user", "content": "Add\n\n1 and 2"}]),

@@ -353,6 +353,27 @@ def test_check_data_reads_the_sites_node_config(site_config, tmp_path, capsys):
     assert report["label-counts"] == {"routine": 4, "urgent": 3}
 
 
+def test_check_data_counts_classification_tokens_with_the_models_tokenizer(
+        tmp_path, tiny_model_dir, capsys):
+    # "patient note number 3": 4 words, 6 tokens ([CLS] and [SEP] added, as training
+    # encodes), so max-length 5 truncates every row, which the word count cannot see.
+    (tmp_path / "site.csv").write_text(CLEAN_SITE)
+    argv = ["check-data", str(tmp_path / "site.csv"), "--text-column", "note",
+            "--label-column", "triage", "--max-length", "5", "--json"]
+    reports = {}
+    for name, extra in (("words", []), ("tokens", ["--model", str(tiny_model_dir)])):
+        out = tmp_path / f"{name}.json"
+        assert main([*argv, str(out), *extra]) == 0  # truncation is a warning
+        reports[name] = json.loads(out.read_text(encoding="utf-8"))
+
+    assert (reports["words"]["too-long"], reports["words"]["length-measure"]) == (
+        0, "estimated by whitespace words, a lower bound")
+    assert (reports["tokens"]["too-long"], reports["tokens"]["length-measure"]) == (
+        6, "counted by the tokenizer")
+    assert "longer than max-length 5 tokens (counted by the tokenizer): 6 (100.0% " \
+           "truncated)" in capsys.readouterr().out
+
+
 def test_parse_site_config():
     assert cli.parse_site_config(['data-path="/d/a b.csv" share-data-stats=true',
                                   "max=3", "data-path=/d/c.csv"]) == {
@@ -409,6 +430,25 @@ def test_check_data_sft_counts_tokens_with_the_model(tmp_path, tiny_llama_dir, c
     assert report["max-tokens"] > 40 and (report["kept"], report["truncated"]) == (5, 5)
     assert 0 < report["median-tokens"] <= report["p90-tokens"] <= report["max-tokens"]
     assert "WARNING: 5 of 5 conversations are longer than `max-length` 40" in text
+
+
+def test_check_data_sft_counts_duplicates_and_the_eval_files_overlap(tmp_path, capsys):
+    site, evaluation = tmp_path / "site.jsonl", tmp_path / "eval.jsonl"
+    site.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in (
+        ("Hi", "Hello"), ("Hi", "Hello"), ("hi!", "hello"), ("Bye", "See you"))))
+    evaluation.write_text(json.dumps({"prompt": "HI", "response": "Hello."}) + "\n"
+                          + json.dumps({"prompt": "Why?", "response": "Because"}) + "\n")
+    out = tmp_path / "report.json"
+
+    code = main(["check-data", str(site), "--task", "sft", "--eval", str(evaluation),
+                 "--json", str(out)])
+
+    assert code == 0  # duplicates and overlap are warnings
+    report = json.loads(out.read_text(encoding="utf-8"))
+    assert (report["exact-duplicates"], report["normalized-duplicates"]) == (1, 2)
+    assert (report["eval-rows"], report["eval-overlap"]) == (2, 1)
+    assert "WARNING: 1 of 2 eval conversations are also in the data" in \
+        capsys.readouterr().out
 
 
 def test_check_data_reads_every_sft_site_key_from_the_node_config():

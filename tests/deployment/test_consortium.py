@@ -211,6 +211,48 @@ def test_the_supernode_starts_after_its_data_passes_the_check(consortium, site_t
         consortium.site_key("a"))
 
 
+def test_the_supernode_does_not_start_on_a_label_unknown_to_the_federation(
+        tmp_path, site_tools, capsys):
+    root = tmp_path / "c"
+    assert main(["create", str(root), "--site", "a", "--labels", "routine, urgent"]) == 0
+    assert "the federation's labels: routine, urgent" in capsys.readouterr().out
+    c = cons.Consortium(root)
+    data = tmp_path / "site.csv"
+    data.write_text("note,triage\n" + "".join(
+        f"patient note number {i},{'later' if i % 2 else 'routine'}\n" for i in range(6)))
+    assert main(["bundle", str(root), "a", "--data-path", str(data),
+                 "--text-column", "note", "--label-column", "triage"]) == 0
+    script = c.site_dir("a") / "start-supernode.sh"
+    check = next(shlex.split(line) for line in script.read_text().splitlines()
+                 if line.startswith("fedsft check-data "))
+
+    result = _start(script, site_tools, tmp_path / "started.json")
+
+    assert (c.labels, c.label_case_fold) == (("routine", "urgent"), False)
+    assert _flag(check, "--labels") == "routine,urgent"
+    assert "--label-case-fold" not in check
+    assert result.returncode == 1, result.stderr
+    assert ("BLOCKING: label(s) 'later' not in the federation's labels ('routine', "
+            "'urgent')") in result.stdout
+    assert not (tmp_path / "started.json").exists()
+
+
+def test_the_data_check_gets_labels_only_when_known_and_the_task_has_classes():
+    settings = cons.BundleSettings(data_path="/d.csv")
+    assert "--labels" not in cons.site_check_command(settings, "a")  # none known
+    folded = cons.site_check_command(settings, "a", labels=("x", "y"), label_case_fold=True)
+    assert folded[-3:] == ["--labels", "x,y", "--label-case-fold"]
+    sft = cons.BundleSettings(data_path="/d.jsonl", task="sft")
+    assert "--labels" not in cons.site_check_command(sft, "a", labels=("x", "y"))
+
+
+@pytest.mark.parametrize("labels", ["only", "", "a,a"])
+def test_create_refuses_labels_a_run_would_refuse(labels, tmp_path, capsys):
+    assert main(["create", str(tmp_path / "c"), "--labels", labels]) == 2
+    assert "must name at least 2 distinct classes" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
 # --- the registry ------------------------------------------------------------------------
 
 @pytest.fixture
