@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common.tasks import task_info
+from common.tasks import DEFAULT_TASK, task_info, task_names
 
 # Every handler imports what it needs when it runs: `fedsft --help` and usage errors
 # must not wait seconds for torch, transformers, datasets and pandas to load.
@@ -247,7 +247,6 @@ def submit_run_config(app_dir: Path, items: list[str]) -> dict[str, Any]:
         readable pyproject.toml.
     """
     from common.config import NO_DATASET, RunConfig
-    from common.tasks import DEFAULT_TASK, task_names
     from simulations.scenarios import parse_set
 
     run_config = parse_set(items)
@@ -607,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int,
                    help="the SuperNode's ClientApp port on 127.0.0.1 (default 9094): "
                         "each SuperNode on one host needs its own")
-    p.add_argument("--task", choices=("classification", "sft"),
+    p.add_argument("--task", choices=task_names(),
                    help="the federation's task: which data check runs before the "
                         "SuperNode starts (default classification)")
     p.add_argument("--no-audit-egress", dest="audit_egress", action="store_const",
@@ -732,7 +731,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: no tokenizer)")
     p.add_argument("--eval", help="an eval file whose texts (sft: conversations) should "
                                   "not be in FILE")
-    p.add_argument("--task", choices=("classification", "sft"), default="classification",
+    p.add_argument("--task", choices=task_names(), default=DEFAULT_TASK,
                    help="sft: every row read as a conversation with the run's chat "
                         "columns (the options below, else the node config's keys of the "
                         "same names); token lengths with --model")

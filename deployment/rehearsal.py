@@ -56,7 +56,7 @@ import tomli_w
 
 from common.config import NO_DATASET, RunConfig
 from common.specs import DataSpec
-from common.tasks import get_task
+from common.tasks import get_task, task_info
 from deployment import app_signing, pki
 from deployment import consortium as cons
 from deployment.processes import (
@@ -690,9 +690,10 @@ def rehearse(
         run_config["resume-from"] = str(Path(str(run_config["resume-from"])).expanduser()
                                         .resolve())
     cfg = RunConfig.from_flower(run_config)  # fail here, not in the ServerApp
-    if cfg.task == "classification":  # the sites' classes; a task without classes has none
+    info = task_info(cfg.task)
+    if info.has_classes:  # the sites' classes; a task without classes has none
         run_config.setdefault("labels", labels_of(sites, cfg))
-    else:  # the data is only at the sites: no central evaluation on built-in examples
+    if info.deploy_without_dataset:  # no central evaluation on built-in examples
         run_config.setdefault("dataset", NO_DATASET)
     min_nodes_given = "min-nodes" in run_config
     run_config.setdefault("min-nodes", len(sites))
