@@ -579,7 +579,8 @@ def test_dp_sgd_reports_each_sites_spend_the_drop_and_the_targets(tmp_path, tiny
 def test_dp_sgd_flags_a_drop_over_5_points_and_a_site_over_its_budget(
         tmp_path, tiny_model_dir):
     # Default mode's variants (no DP, epsilon 8, epsilon 1; epsilon 3 left out) on quick
-    # runs, summarized and compared as run() does. site-3 overspends epsilon 1 (1.2); every other site keeps to its budget.
+    # runs, summarized and compared as run() does. site-3 overspends epsilon 1 (1.2);
+    # every other site keeps to its budget.
     fake = FakeDpSgdFedsft(
         lambda cfg: Planned(0.5, {8.0: 0.74, 1.0: 0.6}.get(cfg.dp_sgd_target_epsilon, 0.8)),
         exported_round=2,
