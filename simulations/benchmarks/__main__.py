@@ -35,6 +35,7 @@ BENCHMARKS = {  # name -> module
     "scale": "simulations.benchmarks.scale",
     "secure-aggregation": "simulations.benchmarks.secure_aggregation",
     "dp-accuracy": "simulations.benchmarks.dp_accuracy",
+    "dp-sgd": "simulations.benchmarks.dp_sgd",
     "robustness": "simulations.benchmarks.robustness",
     "sft": "simulations.benchmarks.sft",
     "imbalance": "simulations.benchmarks.imbalance",

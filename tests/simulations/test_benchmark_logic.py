@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from server.run_outputs import RunOutputs, run_folder
 from simulations.benchmarks import (
     communication,
     dp_accuracy,
+    dp_sgd,
     imbalance,
     robustness,
     scale,
@@ -47,7 +48,7 @@ from simulations.runner import APP_DIR, SimulationResult
 
 # The benchmarks this module checks; the smoke test runs the others for real.
 LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy",
-                "secure-aggregation", "imbalance", "scale")
+                "secure-aggregation", "imbalance", "scale", "dp-sgd")
 APP_DEFAULTS = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))[
     "tool"]["flwr"]["app"]["config"]
 WALL_SECONDS = 50.0  # what the fake says each `flwr run` took
@@ -487,3 +488,161 @@ def test_imbalance_reports_the_means_per_seed_and_the_convergence_check(tmp_path
     rows = result["table"]["rows"]
     assert len(rows) == 8 and rows[0][5] == "0.500 / 0.510"
     assert rows[-1][1] == "class-weighting inverse-frequency, seed 0, 2 steps (vs 4)"
+
+
+# --- dp-sgd (sample-level DP-SGD at each site) -------------------------------------------
+
+# What each fake DP-SGD site reports, per target epsilon: the noise multiplier it chose and
+# the epsilon it spent after the last round (chosen by hand, not by the accountant).
+DP_SGD_SITES = {8.0: (0.61, 7.98), 1.0: (1.9, 0.99)}
+
+
+class FakeDpSgdFedsft(FakeFedsft):
+    """``FakeFedsft`` whose DP-SGD runs also record each site's ``dp_sgd`` (site ``site-i``,
+    epsilon spent growing linearly to its last round, the noise multiplier it chose), and
+    which writes ``outcome.json`` exporting round ``exported_round``."""
+
+    def __init__(self, plan: Callable[[RunConfig], Planned], *, exported_round: int,
+                 site_epsilon: Callable[[RunConfig, int], float] | None = None) -> None:
+        super().__init__(plan)
+        self.exported_round = exported_round
+        self.site_epsilon = site_epsilon
+
+    def __call__(self, run_config: Mapping[str, Any], **kwargs: Any) -> SimulationResult:
+        from server.results import DpSgd, read_results
+        from server.run_outputs import outcome_of, write_outcome
+
+        result = super().__call__(run_config, **kwargs)
+        cfg = self.validated[-1].cfg
+        path = result.run_dir / "results.jsonl"
+        rows = read_results(path)
+        if cfg.dp_sgd_enabled:
+            z, last = DP_SGD_SITES[cfg.dp_sgd_target_epsilon]
+            rounds = cfg.num_server_rounds
+
+            def sites(r: int) -> dict[str, dict[str, float]]:
+                return {f"site-{i}": {"epsilon": (self.site_epsilon(cfg, i) if
+                                                  self.site_epsilon else last) * r / rounds,
+                                      "noise_multiplier": z}
+                        for i in range(kwargs["num_supernodes"])}
+
+            rows = [row if row.round == 0 else replace(row, dp_sgd=DpSgd(
+                epsilon_max=max(s["epsilon"] for s in sites(row.round).values()),
+                delta=cfg.dp_sgd_delta, sites=sites(row.round))) for row in rows]
+            path.write_text("".join(row.to_line() for row in rows), encoding="utf-8")
+        write_outcome(result.run_dir, outcome_of(
+            rows, status="completed", message="fake", final_model=True,
+            selection={"rule": "best", "round": self.exported_round, "split": "central"}))
+        return result
+
+
+def test_dp_sgd_reports_each_sites_spend_the_drop_and_the_targets(tmp_path, tiny_model_dir):
+    # no DP ends at 0.80, epsilon 8 at 0.76 (4 points: met); the exported round is 1,
+    # whose accuracy the fake interpolates: 0.5 + (final - 0.5) / 2.
+    fake = FakeDpSgdFedsft(lambda cfg: Planned(0.5, 0.76 if cfg.dp_sgd_enabled else 0.80),
+                           exported_round=1)
+    result = dp_sgd.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    no_dp, eps8 = fake.validated  # quick mode: no DP and epsilon 8 only
+    assert [v.run_name for v in fake.validated] == ["dp-sgd-no-dp-00", "dp-sgd-eps-8-01"]
+    assert {(v.num_supernodes, v.cfg.min_nodes, v.cfg.fraction_train, v.cfg.seed,
+             v.cfg.method, v.cfg.num_server_rounds) for v in fake.validated} == {
+        (5, 5, 1.0, 0, "lora", 2)}
+    assert not no_dp.cfg.dp_sgd_enabled
+    # Only the budget: each site calibrates its noise multiplier.
+    assert (eps8.cfg.dp_sgd_target_epsilon, eps8.cfg.dp_sgd_delta,
+            eps8.cfg.dp_sgd_noise_multiplier) == (8.0, 1e-5, 0.0)
+    assert eps8.cfg.dp_noise_multiplier == 0.0  # no client-level DP
+
+    numbers = result["numbers"]
+    s8 = numbers["eps-8"]
+    assert s8["site_epsilon"] == {f"site-{i}": 7.98 for i in range(5)}
+    assert s8["site_noise_multiplier"] == {f"site-{i}": 0.61 for i in range(5)}
+    assert (s8["epsilon_max"], s8["within_budget"], s8["rounds_done"]) == (7.98, True, 2)
+    assert s8["drop_points"] == pytest.approx(4.0)
+    assert (s8["exported_round"], s8["exported_accuracy"]) == (1, pytest.approx(0.63))
+    assert s8["exported_drop_points"] == pytest.approx(2.0)  # 0.65 - 0.63
+    assert (numbers["no-dp"]["site_epsilon"], numbers["no-dp"]["within_budget"]) == ({}, None)
+    assert numbers["no-dp"]["drop_points"] == 0.0
+    assert result["table"]["rows"] == [
+        ["no-dp", "-", "-", "-", 0.80, "0.6500 (round 1)", 0.0, 0.0, "-"],
+        ["eps-8", 8.0, "0.61", "7.98", 0.76, "0.6300 (round 1)", pytest.approx(4.0),
+         pytest.approx(2.0), True]]
+    assert [(t["what"], t["measured"], t["limit"], t["met"]) for t in result["targets"]] == [
+        ("epsilon 8: final accuracy drop vs no DP", pytest.approx(4.0), 5.0, True),
+        ("eps-8: largest site epsilon spent (every site within its budget)", 7.98, 8.0,
+         True)]
+    assert "on the central split (the same rows" in result["notes"][1]
+    assert result["config"]["set because DP-SGD refuses the default"].startswith("nothing")
+
+
+def test_dp_sgd_flags_a_drop_over_5_points_and_a_site_over_its_budget(
+        tmp_path, tiny_model_dir):
+    # Default mode's variants (no DP, epsilon 8, epsilon 1; epsilon 3 left out) on quick
+    # runs, summarized and compared as run() does. site-3 overspends epsilon 1 (1.2);
+    # every other site keeps to its budget.
+    fake = FakeDpSgdFedsft(
+        lambda cfg: Planned(0.5, {8.0: 0.74, 1.0: 0.6}.get(cfg.dp_sgd_target_epsilon, 0.8)),
+        exported_round=2,
+        site_epsilon=lambda cfg, i: 1.2 if cfg.dp_sgd_target_epsilon == 1 and i == 3
+        else DP_SGD_SITES[cfg.dp_sgd_target_epsilon][1])
+    numbers = {}
+    for name, eps in (("no-dp", None), ("eps-8", 8.0), ("eps-1", 1.0)):
+        overrides = {**quick_bench(tmp_path, tiny_model_dir, fake).base(), "min-nodes": 5,
+                     "num-server-rounds": 2}
+        if eps is not None:
+            overrides["dp-sgd-target-epsilon"] = eps
+        bench = quick_bench(tmp_path / name, tiny_model_dir, fake)
+        numbers[name] = dp_sgd.summarize(bench.fedsft(name, overrides, num_supernodes=5),
+                                         target_epsilon=eps, sites=5)
+    dp_sgd.compare(numbers)
+
+    assert numbers["eps-8"]["drop_points"] == pytest.approx(6.0)
+    assert numbers["eps-1"]["drop_points"] == pytest.approx(20.0)
+    assert numbers["eps-1"]["site_epsilon"]["site-3"] == pytest.approx(1.2)
+    assert (numbers["eps-1"]["epsilon_max"], numbers["eps-1"]["within_budget"]) == (
+        pytest.approx(1.2), False)
+    assert [(t["measured"], t["limit"], t["met"]) for t in dp_sgd.targets(numbers)] == [
+        (pytest.approx(6.0), 5.0, False), (7.98, 8.0, True), (pytest.approx(1.2), 1.0, False)]
+
+
+def test_dp_sgd_refuses_a_dp_run_where_a_site_reported_no_epsilon(tmp_path, tiny_model_dir):
+    fake = FakeDpSgdFedsft(lambda cfg: Planned(0.5, 0.7), exported_round=2)
+    bench = quick_bench(tmp_path, tiny_model_dir, fake)
+    run = bench.fedsft("eps-8", {**bench.base(), "dp-sgd-target-epsilon": 8.0},
+                       num_supernodes=2)  # 2 sites reported, 5 planned
+    with pytest.raises(RuntimeError, match="2 of 5 sites reported a DP-SGD epsilon"):
+        dp_sgd.summarize(run, target_epsilon=8.0, sites=5)
+
+
+def test_dp_sgd_sets_only_what_dp_sgd_refuses_and_says_why():
+    defaults = {"skew-loss": "logit-adjusted", "class-weighting": "none",
+                "strategy": "fedprox", "gradient-checkpointing": False}
+    needs = dp_sgd.dp_sgd_needs(defaults)
+    assert {key: value for key, (value, _) in needs.items()} == {
+        "skew-loss": "none", "strategy": "fedavg"}
+    assert "outside the privacy accounting" in needs["skew-loss"][1]
+    assert dp_sgd.dp_sgd_needs({"skew-loss": "none", "strategy": "fedavg"}) == {}
+    # Every value it sets is one DP-SGD accepts: the app's config validation agrees.
+    RunConfig.from_flower({**APP_DEFAULTS, **{k: v for k, (v, _) in needs.items()},
+                           "dp-sgd-target-epsilon": 8.0})
+    with pytest.raises(ConfigError, match="skew-loss"):
+        RunConfig.from_flower({**APP_DEFAULTS, "skew-loss": "logit-adjusted",
+                               "dp-sgd-target-epsilon": 8.0})
+
+
+def test_dp_sgd_sample_keeps_the_header_and_chosen_lines_verbatim(tmp_path):
+    source = tmp_path / "train.tsv"
+    lines = [f'a "quote {i}\t{i % 2}\n' for i in range(10)]
+    source.write_text("sentence\tlabel\n" + "".join(lines), encoding="utf-8")
+    first = dp_sgd.sample_tsv(source, tmp_path / "a" / "s.tsv", rows=4, seed=0)
+    again = dp_sgd.sample_tsv(source, tmp_path / "b" / "s.tsv", rows=4, seed=0)
+    header, *kept = first.read_text(encoding="utf-8").splitlines(keepends=True)
+
+    assert header == "sentence\tlabel\n" and len(kept) == 4
+    assert kept == [line for line in lines if line in kept]  # source lines, source order
+    assert len(set(kept)) == 4 and first.read_text() == again.read_text()
+    assert dp_sgd.sample_tsv(source, tmp_path / "c.tsv", rows=4, seed=1).read_text() != \
+        first.read_text()
+    with pytest.raises(RuntimeError, match="has 10 data rows; the sample needs 11"):
+        dp_sgd.sample_tsv(source, tmp_path / "d.tsv", rows=11, seed=0)
