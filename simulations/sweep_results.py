@@ -1,0 +1,179 @@
+"""Finished sweeps as one RESULTS.md section: every run's central accuracy per round.
+
+``python -m simulations sweep`` compares its runs in its own compare.html; a defaults
+decision (issue #12: the label-skew sweep) rests on several sweeps run one after
+another, and belongs in the benchmarks' RESULTS.md next to the other measurements,
+with the commands that made them. This module reads the sweeps' ``sweep.json`` and
+each run's ``results.jsonl`` (nothing is typed in) and writes the section.
+
+Interrupted runs are listed with the rounds they finished (marked), so a sweep that
+was stopped early is not silently dropped; their best is over the rounds they ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from server.results import read_results
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One run of a sweep as the section reports it."""
+
+    name: str
+    settings: dict[str, Any]  # the sweep's fixed overrides, then the grid point and seed
+    accuracies: tuple[float, ...]  # central accuracy, round 0 (before training) first
+    planned_rounds: int
+    exported_round: int | None  # outcome.json's selection, None if the run did not end
+
+    @property
+    def finished(self) -> bool:
+        return len(self.accuracies) - 1 >= self.planned_rounds
+
+    @property
+    def best(self) -> tuple[int, float]:
+        """(round, accuracy) of the best training round (round 0 when none ran)."""
+        rounds = list(enumerate(self.accuracies))[1:] or [(0, self.accuracies[0])]
+        return max(rounds, key=lambda pair: (pair[1], -pair[0]))
+
+
+def largest_drop(accuracies: Sequence[float], *, after: int = 3) -> float:
+    """The largest fall from one round to the next among the rounds after round
+    ``after`` (issue #12's stability target: after round 3, no fall of more than 3
+    points); 0 when accuracy never falls there. ``accuracies[0]`` is round 0."""
+    drops = [accuracies[r - 1] - accuracies[r] for r in range(after + 1, len(accuracies))]
+    return max([0.0, *drops])
+
+
+def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
+    """``sweep_dir``'s sweep.json and the runs that recorded at least one round.
+
+    Raises ``FileNotFoundError`` / ``ValueError`` naming the file when sweep.json is
+    missing or unreadable."""
+    path = sweep_dir / "sweep.json"
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not a sweep record ({error})") from error
+    runs = []
+    for run in record.get("runs", []):
+        run_dir = Path(run["run_dir"])
+        results = run_dir / "results.jsonl"
+        if not results.is_file():
+            continue  # stopped before its first evaluation: nothing measured
+        rows = read_results(results)
+        accuracies = tuple(float(r.central["accuracy"]) for r in rows if r.central)
+        if not accuracies:
+            continue
+        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
+        outcome_path = run_dir / "outcome.json"
+        exported = None
+        if outcome_path.is_file():
+            selection = json.loads(outcome_path.read_text(encoding="utf-8")).get("selection")
+            exported = selection.get("round") if selection else None
+        runs.append(SweepRun(
+            name=run["name"], settings={**record.get("overrides", {}), **run["overrides"]},
+            accuracies=accuracies, planned_rounds=int(config["num-server-rounds"]),
+            exported_round=exported))
+    return record, runs
+
+
+def section(sweeps: Sequence[tuple[str, dict[str, Any], list[SweepRun]]], *, name: str,
+            description: str, machine: dict[str, Any], seconds: float) -> dict[str, Any]:
+    """The RESULTS.md section (the benchmarks' result record) of ``sweeps``: one row per
+    run with its settings (the keys that vary across all runs), accuracy per round,
+    best round, last, largest drop after round 3 and the exported round."""
+    runs = [run for _, _, rs in sweeps for run in rs]
+    if not runs:
+        raise ValueError("no sweep run recorded a round: nothing to report")
+    varying = sorted({key for run in runs for key in run.settings
+                      if len({json.dumps(r.settings.get(key)) for r in runs}) > 1})
+    rounds = max(len(run.accuracies) for run in runs)
+    rows = []
+    for run in runs:
+        best_round, best = run.best
+        per_round = [f"{a:.3f}" for a in run.accuracies] + ["-"] * (rounds - len(run.accuracies))
+        rows.append([*(_value(run.settings.get(key)) for key in varying), *per_round,
+                     f"{best:.3f} (round {best_round})",
+                     f"{run.accuracies[-1]:.3f}" + ("" if run.finished else " (stopped)"),
+                     f"{largest_drop(run.accuracies) * 100:.1f}",
+                     "-" if run.exported_round is None else str(run.exported_round)])
+    fixed = {key: value for key, value in runs[0].settings.items() if key not in varying}
+    return {
+        "name": name, "status": "ok", "mode": "hand-run", "seconds": seconds,
+        "command": " ; ".join(command for command, _, _ in sweeps),
+        "machine": machine, "description": description,
+        "config": {"scenario": sweeps[0][1].get("scenario"), "same in every run": fixed},
+        "table": {"columns": [*varying, *(f"round {r}" for r in range(rounds)), "best",
+                              "last", "largest drop after round 3 (points)",
+                              "exported round"],
+                  "rows": rows},
+        "targets": [],
+        "notes": [
+            "Central accuracy on the server's evaluation set after each round (round 0: "
+            "before training). A run marked (stopped) was interrupted; its best is over the "
+            "rounds it ran.",
+            f"{sum(r.finished for r in runs)} of {len(runs)} run(s) finished.",
+        ],
+    }
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}" if math.isfinite(value) else str(value)
+    return "-" if value is None else str(value)
+
+
+def write_results_section(sweep_dirs: Sequence[Path], commands: Sequence[str], *, name: str,
+                          description: str, output: Path) -> Path:
+    """Write ``output/results/<name>.json`` from the sweeps and re-render
+    ``output/RESULTS.md`` from every result there (as the benchmarks do)."""
+    from simulations.benchmarks.__main__ import load_results, render
+    from simulations.benchmarks.harness import machine_info
+
+    if len(commands) != len(sweep_dirs):
+        raise ValueError(f"{len(sweep_dirs)} sweep folder(s) but {len(commands)} command(s)")
+    sweeps, seconds, last = [], 0.0, 0.0
+    for command, folder in zip(commands, sweep_dirs, strict=True):
+        record, runs = read_sweep(folder)
+        sweeps.append((command, record, runs))
+        seconds += float(record.get("seconds", 0.0))
+        last = max(last, (folder / "sweep.json").stat().st_mtime)
+    machine = {**machine_info(),
+               "date": datetime.fromtimestamp(last, UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    result = section(sweeps, name=name, description=description, machine=machine,
+                     seconds=seconds)
+    result["runs_dir"] = ", ".join(str(folder) for folder in sweep_dirs)
+    (output / "results").mkdir(parents=True, exist_ok=True)
+    (output / "results" / f"{name}.json").write_text(
+        json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    results = output / "RESULTS.md"
+    results.write_text(render(load_results(output / "results"), machine_info(), pending=[]),
+                       encoding="utf-8")
+    return results
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.sweep_results",
+        description="Add finished sweeps (their sweep.json) to the benchmarks' RESULTS.md "
+                    "as one section.")
+    parser.add_argument("sweep_dir", type=Path, nargs="+")
+    parser.add_argument("--command", action="append", required=True,
+                        help="each sweep's command line, in the order of the folders")
+    parser.add_argument("--name", required=True, help="the section's name")
+    parser.add_argument("--description", required=True)
+    parser.add_argument("--output", type=Path,
+                        default=Path(__file__).resolve().parent / "benchmarks")
+    args = parser.parse_args()
+    print(write_results_section(args.sweep_dir, args.command, name=args.name,
+                                description=args.description, output=args.output))
