@@ -5,6 +5,8 @@ Runs the benchmarks one after another, each catching its own failure, and writes
 one, so an interrupted suite still leaves what it measured. RESULTS.md is rendered from
 every ``results/*.json`` in the output folder, so benchmarks run one at a time with
 ``--only`` add up to one report; each section names the command and date that measured it.
+A benchmark that returns ``figures`` (``[{"file": path, "caption": text}]``) has them
+copied next to its JSON (``publish_figures``) and linked at the end of its section.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ BENCHMARKS = {  # name -> module
     "compute-fraction": "simulations.benchmarks.compute_fraction",
     "baseline-app": "simulations.benchmarks.baseline",
     "communication": "simulations.benchmarks.communication",
-    "vs-centralized": "simulations.benchmarks.vs_centralized",
+    "at-convergence": "simulations.benchmarks.at_convergence",
     "scale": "simulations.benchmarks.scale",
     "secure-aggregation": "simulations.benchmarks.secure_aggregation",
     "dp-accuracy": "simulations.benchmarks.dp_accuracy",
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             result.update(name=name, mode=args.mode, command=command_line(name, args.mode),
                           seconds=time.monotonic() - t0, machine=machine_info(),
                           runs_dir=str(runs_dir))
+            if result.get("figures"):
+                result["figures"] = publish_figures(result["figures"], output, name)
             results[name] = result
             (output / "results" / f"{name}.json").write_text(
                 json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
@@ -124,6 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"[bench] wrote {output / 'RESULTS.md'}", flush=True)
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
+def publish_figures(
+    figures: list[dict[str, str]], output: Path, name: str
+) -> list[dict[str, str]]:
+    """Copy a benchmark's figures next to its results JSON, ``<output>/results/<name>-<file
+    name>``, and return them with ``file`` relative to ``output`` (where RESULTS.md links
+    them from). Each figure is ``{"file": path, "caption": text}``, as ``run`` returns it.
+    """
+    published = []
+    for figure in figures:
+        source = Path(figure["file"])
+        target = output / "results" / f"{name}-{source.name}"
+        shutil.copyfile(source, target)
+        published.append({**figure, "file": target.relative_to(output).as_posix()})
+    return published
 
 
 # --- RESULTS.md ------------------------------------------------------------------------
@@ -220,6 +240,8 @@ def render(
                              f"{fmt(t['limit'])} {t['unit']})" for t in missed) + "."
                                    if missed else ""))
         lines += ["", *[f"Note: {n}" for n in r.get("notes", [])], ""]
+        lines += [line for f in r.get("figures", []) for line in
+                  (f"![{f['caption']}]({f['file']})", "")]
     return "\n".join(lines).rstrip() + "\n"
 
 

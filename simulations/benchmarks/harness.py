@@ -17,12 +17,18 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from server.results import ResultsRow, read_results
 from simulations.runner import APP_DIR, HarnessError, SimulationResult, run_app
+
+if TYPE_CHECKING:  # torch and the task layer load lazily: most benchmarks only run Flower
+    import torch
+
+    from common.config import RunConfig
+    from common.tasks.base import Task
 
 SST2_DIR = APP_DIR.parent / "shared" / "data" / "sst2"
 MODES = ("quick", "default", "full")
@@ -144,9 +150,14 @@ class Bench:
         """This mode's base run-config overrides."""
         return base_config(self.mode, self.model)
 
-    def fedsft(self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int) -> FedRun:
-        """Run fedsft with ``overrides``; an identical earlier run is reused."""
-        return self._run(name, overrides, num_supernodes=num_supernodes, app_dir=APP_DIR)
+    def fedsft(self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int,
+               timeout: float | None = None) -> FedRun:
+        """Run fedsft with ``overrides``; an identical earlier run is reused.
+
+        ``timeout`` (seconds) replaces ``run_timeout`` for this run (a run of many rounds).
+        """
+        return self._run(name, overrides, num_supernodes=num_supernodes, app_dir=APP_DIR,
+                         timeout=timeout)
 
     def app(
         self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int, app_dir: Path
@@ -155,7 +166,8 @@ class Bench:
         return self._run(name, overrides, num_supernodes=num_supernodes, app_dir=app_dir)
 
     def _run(
-        self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int, app_dir: Path
+        self, name: str, overrides: Mapping[str, Any], *, num_supernodes: int, app_dir: Path,
+        timeout: float | None = None,
     ) -> FedRun:
         key = json.dumps([str(app_dir), num_supernodes, sorted(overrides.items())])
         if key in self._cache:
@@ -165,7 +177,8 @@ class Bench:
         print(f"[bench] run {run_name}: {num_supernodes} supernodes", flush=True)
         try:
             result = self.runner(config, num_supernodes=num_supernodes, num_cpus=1,
-                                 app_dir=app_dir, timeout=self.run_timeout, quiet=True)
+                                 app_dir=app_dir, timeout=timeout or self.run_timeout,
+                                 quiet=True)
         except HarnessError as error:
             raise BenchmarkError(f"run {run_name} failed: {error}") from error
         wall = result.seconds  # measured by run_app after it holds the machine
@@ -202,15 +215,35 @@ def _stopped_early(run_dir: Path, rows: list[ResultsRow], expected: int) -> bool
 # --- in-process (non-federated) training -------------------------------------------------
 
 
-def train_in_process(
-    overrides: Mapping[str, Any], *, num_clients: int, total_steps: int
-) -> dict[str, float]:
-    """Train one model in this process on the union of the clients' training data.
+@dataclass(frozen=True)
+class InProcess:
+    """A model and the encoded data to train it in this process (``prepare_in_process``)."""
+
+    cfg: RunConfig
+    task: Task
+    model: torch.nn.Module  # on ``device``
+    tokenizer: Any
+    train: Any  # the union of the clients' training shares, encoded
+    eval: Any  # the server's eval split, encoded
+    validation: Any  # the validation split (``validation-fraction`` > 0), encoded, or None
+    device: torch.device
+    prepare_seconds: float
+
+    def evaluate(self, data: Any) -> dict[str, float]:
+        """The task's metrics of the model on ``data`` (one of the encoded splits)."""
+        from common.tasks.base import EvalContext
+
+        return self.task.evaluate(self.model, self.tokenizer, data, EvalContext(
+            batch_size=max(self.cfg.batch_size, 64), device=self.device,
+            precision=self.cfg.precision))
+
+
+def prepare_in_process(overrides: Mapping[str, Any], *, num_clients: int) -> InProcess:
+    """The model and the union of the clients' training data of a run with ``overrides``.
 
     The union is built exactly as the clients build their shares (``partition_dataset``
     then ``split_for_local_eval``), so the examples are those of the federated run with
-    the same ``overrides``; ``total_steps`` optimizer steps of ``train_local`` with the
-    same batch size and learning rate, then ``evaluate`` on the server's eval split.
+    the same ``overrides``; the eval and validation splits are the server's.
     """
     import datasets
     import torch
@@ -218,13 +251,11 @@ def train_in_process(
     from common.config import RunConfig
     from common.data import load_splits, partition_dataset, split_for_local_eval
     from common.model import build_model
-    from common.specs import DataSpec, EncodeSpec, ModelSpec, PartitionSpec, TrainSpec
+    from common.specs import DataSpec, EncodeSpec, ModelSpec, PartitionSpec
     from common.tasks import get_task
-    from common.tasks.base import EvalContext
-    from common.training import train_local
 
     started = time.perf_counter()
-    cfg = RunConfig.from_flower({**overrides, "local-steps": total_steps})
+    cfg = RunConfig.from_flower(dict(overrides))
     splits = load_splits(DataSpec.of(cfg))
     task = get_task(cfg.task)
     parts = []
@@ -235,27 +266,49 @@ def train_in_process(
         train, _ = split_for_local_eval(part, fraction=cfg.client_eval_fraction, seed=cfg.seed)
         parts.append(train)
     model, tokenizer = build_model(ModelSpec.of(cfg, splits.label_names))
-    device = torch.device("cpu")
     encoding = EncodeSpec.of(cfg, tokenizer_path=tokenizer.name_or_path)
-    data = task.encode(datasets.concatenate_datasets(parts), tokenizer, spec=encoding)
-    eval_data = task.encode(splits.eval, tokenizer, spec=encoding)
+    validation = (None if splits.validation is None
+                  else task.encode(splits.validation, tokenizer, spec=encoding))
+    return InProcess(
+        cfg=cfg, task=task, model=model, tokenizer=tokenizer,
+        train=task.encode(datasets.concatenate_datasets(parts), tokenizer, spec=encoding),
+        eval=task.encode(splits.eval, tokenizer, spec=encoding), validation=validation,
+        device=torch.device("cpu"), prepare_seconds=time.perf_counter() - started)
+
+
+def train_in_process(
+    overrides: Mapping[str, Any], *, num_clients: int, total_steps: int
+) -> dict[str, float]:
+    """Train one model in this process on the union of the clients' training data.
+
+    ``prepare_in_process`` builds the union, then ``total_steps`` optimizer steps of
+    ``train_local`` with the same batch size and learning rate, then ``evaluate`` on the
+    server's eval split.
+    """
+    import torch
+
+    from common.specs import TrainSpec
+    from common.training import train_local
+
+    run = prepare_in_process({**overrides, "local-steps": total_steps},
+                             num_clients=num_clients)
+    cfg = run.cfg
     prepared = time.perf_counter()
-    result = train_local(model, data, TrainSpec.of(cfg), task=task, loss_spec=task.loss_spec(cfg),
-                         seed=cfg.seed, device=device,
-                         pad_token_id=tokenizer.pad_token_id)
+    result = train_local(run.model, run.train, TrainSpec.of(cfg), task=run.task,
+                         loss_spec=run.task.loss_spec(cfg), seed=cfg.seed, device=run.device,
+                         pad_token_id=run.tokenizer.pad_token_id)
     trained = time.perf_counter()
-    metrics = task.evaluate(model, tokenizer, eval_data, EvalContext(
-        batch_size=max(cfg.batch_size, 64), device=device, precision=cfg.precision))
+    metrics = run.evaluate(run.eval)
     finished = time.perf_counter()
     return {
-        "examples_available": len(data),
+        "examples_available": len(run.train),
         "steps": result.steps,
         "examples_seen": result.steps * cfg.batch_size,
         "torch_threads": torch.get_num_threads(),
-        "prepare_seconds": prepared - started,
+        "prepare_seconds": run.prepare_seconds,
         "train_seconds": trained - prepared,
         "eval_seconds": finished - trained,
-        "total_seconds": finished - started,
+        "total_seconds": run.prepare_seconds + finished - prepared,
         **{name: value for name, value in metrics.items() if name != "num_examples"},
     }
 

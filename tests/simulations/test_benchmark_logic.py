@@ -1,7 +1,7 @@
 """The arithmetic of the benchmarks that only run fedsft, against a fake runner instead
 of Flower.
 
-``communication``, ``vs-centralized``, ``robustness``, ``dp-accuracy``,
+``communication``, ``at-convergence``, ``robustness``, ``dp-accuracy``,
 ``secure-aggregation`` and ``scale`` are loops over run-config variants of the fedsft app
 and arithmetic on the rows. Their simulations prove nothing the e2e tests do not (secure
 vs plaintext fedavg: tests/e2e/test_simulation.py; client sampling: its resume test;
@@ -16,6 +16,7 @@ numbers this module chooses so that every gap, ratio and verdict is checked by h
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tomllib
 from collections.abc import Callable, Mapping
@@ -29,11 +30,13 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from common.data import load_server_eval
+from server.model_selection import early_stop_reason, select_round, selection_split
 from server.preflight import preflight
 from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
 from server.results import Bytes, Clients, Memory, ResultsRow, Seconds
-from server.run_outputs import RunOutputs, run_folder
+from server.run_outputs import RunOutputs, outcome_of, run_folder, write_outcome
 from simulations.benchmarks import (
+    at_convergence,
     communication,
     dp_accuracy,
     dp_sgd,
@@ -41,13 +44,12 @@ from simulations.benchmarks import (
     robustness,
     scale,
     secure_aggregation,
-    vs_centralized,
 )
 from simulations.benchmarks.harness import Bench
 from simulations.runner import APP_DIR, SimulationResult
 
 # The benchmarks this module checks; the smoke test runs the others for real.
-LOGIC_TESTED = ("communication", "vs-centralized", "robustness", "dp-accuracy",
+LOGIC_TESTED = ("communication", "at-convergence", "robustness", "dp-accuracy",
                 "secure-aggregation", "imbalance", "scale", "dp-sgd")
 APP_DEFAULTS = tomllib.loads((APP_DIR / "pyproject.toml").read_text(encoding="utf-8"))[
     "tool"]["flwr"]["app"]["config"]
@@ -70,6 +72,11 @@ class Planned:
     memory_mb: tuple[float, float] = (400.0, 300.0)
     memory_growth_mb: float = 0.0
     sampled: int | None = None  # clients sampled per round; None: as the strategy samples
+    # Central (and validation) accuracy of rounds 1, 2, ...; empty: a straight line from
+    # initial to final. Given, the run ends as the server would: at the round early
+    # stopping (the run's own patience) stops it, else at num-server-rounds.
+    accuracies: tuple[float, ...] = ()
+    validation: tuple[float, ...] = ()
 
 
 def central(accuracy: float, num_examples: int) -> dict[str, float]:
@@ -115,13 +122,21 @@ class FakeFedsft:
         privacy = (PrivacyReport(cfg, sampling_rate=sampled / num_supernodes)
                    if cfg.dp_noise_multiplier > 0 else None)
         rounds = cfg.num_server_rounds
-        outputs.append_result(ResultsRow(
-            round=0, central=central(planned.initial_accuracy, len(eval_set))))
+        split = selection_split(cfg.validation_fraction)
+        rows = [ResultsRow(round=0, central=central(planned.initial_accuracy, len(eval_set)))]
+        outputs.append_result(rows[0])
+        stopped_early = None
         for r in range(1, rounds + 1):
-            accuracy = planned.final_accuracy if r == rounds else planned.initial_accuracy + (
-                planned.final_accuracy - planned.initial_accuracy) * r / rounds
-            outputs.append_result(ResultsRow(
-                round=r, central=central(accuracy, len(eval_set)),
+            if planned.accuracies:
+                accuracy = planned.accuracies[r - 1]
+            else:
+                accuracy = planned.final_accuracy if r == rounds else (
+                    planned.initial_accuracy
+                    + (planned.final_accuracy - planned.initial_accuracy) * r / rounds)
+            validation = (central(planned.validation[r - 1], 100) if planned.validation
+                          else None)
+            rows.append(ResultsRow(
+                round=r, central=central(accuracy, len(eval_set)), validation=validation,
                 clients=Clients(sampled=sampled, replies=sampled, aggregated=sampled),
                 bytes=Bytes(up=planned.bytes_up, down=planned.bytes_down,
                             up_total=planned.bytes_up * r, down_total=planned.bytes_down * r),
@@ -130,7 +145,21 @@ class FakeFedsft:
                     server_peak=planned.memory_mb[0] + planned.memory_growth_mb * (r - 1),
                     client_peak=planned.memory_mb[1] + planned.memory_growth_mb * (r - 1)),
                 privacy=None if privacy is None else privacy.row(r)))
-        outputs.save_checkpoint(rounds, {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
+            outputs.append_result(rows[-1])
+            stopped_early = early_stop_reason(
+                rows, patience=cfg.early_stopping_patience,
+                min_delta=cfg.early_stopping_min_delta, metric=cfg.selection_metric_name,
+                split=split, total_rounds=rounds)
+            if stopped_early:
+                break
+        outputs.save_checkpoint(rows[-1].round,
+                                {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
+        selection = select_round(rows, rule=cfg.select_model, metric=cfg.selection_metric_name,
+                                 split=split, min_delta=cfg.early_stopping_min_delta)
+        assert selection is not None
+        write_outcome(outputs.folder, outcome_of(
+            rows, status="completed", message="fake run", final_model=True,
+            stopped_early=stopped_early, selection=selection.to_json()))
         log = outputs.folder / "flwr.log"
         log.write_text("fake run: no Flower\n", encoding="utf-8")
         return SimulationResult(run_dir=outputs.folder, returncode=0, log_path=log,
@@ -218,49 +247,219 @@ def test_a_variant_the_app_would_refuse_fails_before_any_run(
         communication.run(quick_bench(tmp_path / "again", tiny_model_dir, fake))
 
 
-# --- vs-centralized --------------------------------------------------------------------
+# --- at-convergence --------------------------------------------------------------------
 
 
-def test_vs_centralized_gaps_are_centralized_minus_federated(
+def test_plateau_round_is_the_first_round_within_a_point_of_the_plateau():
+    accuracies = {3: 0.8, 1: 0.7, 2: 0.79, 4: 0.81}  # any order: rounds are sorted
+    assert at_convergence.plateau_round(accuracies, plateau=0.8) == 2  # 1 point below: in
+    assert at_convergence.plateau_round(accuracies, plateau=0.81, within=0.005) == 4
+    assert at_convergence.plateau_round(accuracies, plateau=0.7, within=0.0) == 1
+    with pytest.raises(ValueError, match="no round is within 0.01 of the plateau 0.9"):
+        at_convergence.plateau_round(accuracies, plateau=0.9)
+
+
+def test_largest_drop_compares_consecutive_rounds_after_the_given_one():
+    accuracies = {1: 0.8, 2: 0.7, 3: 0.75, 4: 0.7, 5: 0.74}
+    assert at_convergence.largest_drop(accuracies, after=3) == pytest.approx(0.05)  # 3 -> 4
+    assert at_convergence.largest_drop(accuracies, after=1) == pytest.approx(0.1)  # 1 -> 2
+    assert at_convergence.largest_drop(accuracies, after=4) == 0.0  # 4 -> 5 rose
+    assert at_convergence.largest_drop(accuracies, after=5) is None  # no pair left
+    assert at_convergence.largest_drop({1: 0.8, 3: 0.6}, after=0) is None  # not consecutive
+
+
+def test_bytes_until_sums_up_and_down_of_the_training_rounds():
+    rows = [ResultsRow(round=0, bytes=Bytes(up=99, down=99))] + [
+        ResultsRow(round=r, bytes=Bytes(up=10 * r, down=r)) for r in (1, 2, 3)]
+    assert at_convergence.bytes_until(rows, 2) == 10 + 1 + 20 + 2  # round 0 sends nothing
+    assert at_convergence.bytes_until(rows, 3) == 66
+
+
+def _checks(validation: list[float], dev: list[float]) -> Callable[[int], Any]:
+    def step(i: int) -> at_convergence.Check:
+        return at_convergence.Check(steps=10 * i, validation_accuracy=validation[i - 1],
+                                    eval_metrics={"accuracy": dev[i - 1]})
+    return step
+
+
+def test_centralized_stops_after_patience_and_reports_the_best_validation_check():
+    validation = [0.70, 0.75, 0.74, 0.76, 0.75, 0.76, 0.73, 0.9]
+    dev = [0.70, 0.83, 0.75, 0.80, 0.79, 0.81, 0.78, 0.9]  # best dev (0.83) is not reported
+    plateau = at_convergence.train_until_plateau(_checks(validation, dev), patience=3,
+                                                 max_checks=8)
+    # Check 4 (0.76) is the best; 5, 6 (a tie is no gain), 7 bring none: stop after 7.
+    assert len(plateau.checks) == 7 and plateau.stopped_early
+    assert plateau.best == 3 and plateau.best_check.steps == 40
+    assert plateau.best_check.eval_metrics["accuracy"] == 0.80
+
+    capped = at_convergence.train_until_plateau(_checks([0.5, 0.6, 0.7], [0.5, 0.6, 0.7]),
+                                                patience=2, max_checks=3)
+    assert (len(capped.checks), capped.best, capped.stopped_early) == (3, 2, False)
+    with pytest.raises(ValueError, match="patience and max_checks must be >= 1"):
+        at_convergence.train_until_plateau(_checks([0.5], [0.5]), patience=0, max_checks=3)
+
+
+def test_centralized_trains_in_chunks_on_the_tiny_model(tiny_model_dir):
+    from simulations.benchmarks.harness import base_config
+
+    size = at_convergence.SIZES["quick"]
+    overrides = {**{k: v for k, v in base_config("quick", str(tiny_model_dir)).items()
+                    if k not in at_convergence.TRAINING_KEYS},
+                 **at_convergence.PLAIN, "validation-fraction": 0.1, "seed": 0}
+    result = at_convergence.train_centralized(overrides, num_clients=2, size=size)
+
+    history = result["history"]
+    assert [h["steps"] for h in history] == [4 * i for i in range(1, len(history) + 1)]
+    assert 2 <= len(history) <= 3 and result["steps"] == history[-1]["steps"]
+    best = max(history, key=lambda h: h["validation_accuracy"])  # first of the highest
+    assert result["best_steps"] == best["steps"]
+    assert result["accuracy"] == best["eval_accuracy"]
+    # Patience 2: stopped by it when two checks followed the best (else the 12-step cap).
+    assert result["stopped_early"] == (len(history) - history.index(best) - 1 >= 2)
+    # builtin 600 rows: 60 held out for eval, then 10 % of the 540 left for validation.
+    assert (result["eval_examples"], result["validation_examples"]) == (60, 54)
+
+
+CENTRALIZED = {  # what the fake centralized run reports (train_centralized's keys)
+    "accuracy": 0.815, "f1_macro": 0.8, "validation_accuracy": 0.82, "best_steps": 8,
+    "steps": 12, "stopped_early": True, "examples_available": 400,
+    "validation_examples": 54, "eval_examples": 60}
+
+
+def at_convergence_plan(cfg: RunConfig) -> Planned:
+    """Per-round accuracies whose plateau, drops and stopping round are checked by hand
+    (validation = central unless given)."""
+    name = cfg.run_name.removeprefix("at-convergence-").rsplit("-", 1)[0]
+    bytes_ = {"bytes_up": 300, "bytes_down": 1200}
+    if name == "recommended-iid":  # best validation round 5; 6 and 7 bring none: stop
+        return Planned(0.5, 0.0, accuracies=(0.70, 0.78, 0.80, 0.76, 0.81, 0.805, 0.79, 0.9),
+                       validation=(0.70, 0.78, 0.80, 0.77, 0.82, 0.81, 0.80, 0.9), **bytes_)
+    if name == "plain-iid":  # best round 3; stops after 5
+        accuracies = (0.6, 0.7, 0.75, 0.74, 0.73, 0.72, 0.71, 0.70)
+        return Planned(0.5, 0.0, accuracies=accuracies, validation=accuracies, **bytes_)
+    if name == "recommended-dirichlet-0.1":  # validation picks round 2, below the last
+        return Planned(0.5, 0.0, accuracies=(0.60, 0.72, 0.70, 0.74, 0, 0, 0, 0),
+                       validation=(0.60, 0.75, 0.74, 0.745, 0, 0, 0, 0), **bytes_)
+    assert name == "plain-dirichlet-0.1", name  # rises to the cap: exported = last
+    accuracies = (0.5, 0.55, 0.6, 0.62, 0.64, 0.66, 0.67, 0.68)
+    return Planned(0.5, 0.0, accuracies=accuracies, validation=accuracies, **bytes_)
+
+
+def test_at_convergence_reports_plateaus_drops_bytes_and_exported_vs_last(
         tmp_path, tiny_model_dir, monkeypatch):
     calls = []
 
-    def train_in_process(overrides: Mapping[str, Any], *, num_clients: int,
-                         total_steps: int) -> dict[str, float]:
-        # The real one builds its RunConfig so, and trains total_steps steps.
-        cfg = RunConfig.from_flower({**overrides, "local-steps": total_steps})
-        calls.append((cfg, num_clients))
-        return {"examples_available": 500, "steps": total_steps,
-                "examples_seen": total_steps * cfg.batch_size, "torch_threads": 1,
-                "prepare_seconds": 1.0, "train_seconds": 2.0, "eval_seconds": 0.5,
-                "total_seconds": 3.5, "accuracy": 0.8, "f1_macro": 0.78, "loss": 0.5}
+    def train_centralized(overrides: Mapping[str, Any], *, num_clients: int,
+                          size: at_convergence.Size) -> dict[str, Any]:
+        calls.append((RunConfig.from_flower(dict(overrides)), num_clients, size))
+        return CENTRALIZED
 
-    monkeypatch.setattr(vs_centralized, "train_in_process", train_in_process)
-    fake = FakeFedsft(lambda cfg: Planned(0.5, 0.795 if cfg.partitioner == "iid" else 0.76))
-    result = vs_centralized.run(quick_bench(tmp_path, tiny_model_dir, fake))
+    size = at_convergence.Size(
+        clients=2, fraction_train=0.5, max_rounds=8, patience=2,
+        partitions=("iid", "dirichlet-0.1"), drop_after=3, validation_fraction=0.1,
+        central_eval_every=4, central_patience=2, central_max_steps=12, run_timeout=60.0)
+    monkeypatch.setitem(at_convergence.SIZES, "quick", size)
+    monkeypatch.setattr(at_convergence, "train_centralized", train_centralized)
+    fake = FakeFedsft(at_convergence_plan)
+    result = at_convergence.run(quick_bench(tmp_path, tiny_model_dir, fake))
 
-    # Centralized: the clients x rounds x steps budget (2 x 2 x 2) on the IID shares.
-    ((cfg, clients),) = calls
-    assert (clients, cfg.local_steps, cfg.partitioner, cfg.seed) == (2, 8, "iid", 0)
-    assert [(v.cfg.partitioner, v.cfg.dirichlet_alpha, v.cfg.seed, v.num_supernodes)
-            for v in fake.validated] == [("iid", 0.5, 0, 2), ("dirichlet", 0.1, 0, 2)]
+    ((central_cfg, clients, central_size),) = calls
+    assert (clients, central_size, central_cfg.partitioner) == (2, size, "iid")
+    assert (central_cfg.validation_fraction, central_cfg.skew_loss, central_cfg.seed) == (
+        0.1, "none", 0)
+    assert [(v.run_name, v.cfg.partitioner, v.cfg.dirichlet_alpha) for v in fake.validated] == [
+        ("at-convergence-plain-iid-00", "iid", 0.5),
+        ("at-convergence-recommended-iid-01", "iid", 0.5),
+        ("at-convergence-plain-dirichlet-0.1-02", "dirichlet", 0.1),
+        ("at-convergence-recommended-dirichlet-0.1-03", "dirichlet", 0.1)]
+    assert {(v.cfg.num_server_rounds, v.cfg.early_stopping_patience, v.cfg.validation_fraction,
+             v.cfg.fraction_train, v.cfg.select_model, v.cfg.selection_metric, v.num_supernodes)
+            for v in fake.validated} == {(8, 2, 0.1, 0.5, "best", "accuracy", 2)}
+    # Plain names its keys; recommended trains with the app's defaults, whatever they are.
+    plain, recommended = fake.validated[0].cfg, fake.validated[1].cfg
+    assert (plain.learning_rate, plain.local_steps, plain.batch_size, plain.strategy) == (
+        2e-3, 10, 16, "fedavg")
+    for key in at_convergence.PLAIN:
+        field = key.replace("-", "_")
+        assert getattr(recommended, field) == getattr(RunConfig.from_flower(APP_DEFAULTS),
+                                                      field), key
 
-    numbers = result["numbers"]
-    assert numbers["examples_budget"] == 8 * 8  # steps x batch size 8
-    # 2 rounds x 2 aggregated clients x 2 local steps x batch 8
-    assert numbers["iid"]["examples_seen"] == numbers["dirichlet-0.1"]["examples_seen"] == 64
-    assert numbers["iid"]["gap_points"] == pytest.approx(0.5)
-    assert numbers["dirichlet-0.1"]["gap_points"] == pytest.approx(4.0)
-    assert numbers["dirichlet-0.1"]["final_f1_macro"] == pytest.approx(0.66)
-    assert numbers["iid"]["failed_clients"] == 0
-    assert "dirichlet-1.0" not in numbers  # quick runs one alpha
-    assert result["table"]["rows"] == [
-        ["centralized (in-process)", 64, 0.8, 0.78, 0.0],
-        ["federated, iid", 64, 0.795, pytest.approx(0.695), pytest.approx(0.5)],
-        ["federated, dirichlet-0.1", 64, 0.76, pytest.approx(0.66), pytest.approx(4.0)]]
-    assert [(t["limit"], t["met"]) for t in result["targets"]] == [(1.0, True), (3.5, False)]
-    assert f"({one_eval_size(fake)} rows)" in result["notes"][1]
+    iid, skewed = result["numbers"]["iid"], result["numbers"]["dirichlet-0.1"]
+    rec = iid["recommended"]
+    assert (rec["last_round"], rec["exported_round"], rec["exported_accuracy"]) == (7, 5, 0.81)
+    assert rec["exported_validation_accuracy"] == 0.82 and rec["stopped_early"]
+    assert rec["gap_points"] == pytest.approx(0.5)  # 0.815 - 0.81
+    assert rec["exported_minus_last_points"] == pytest.approx(2.0)  # 0.81 - 0.79
+    assert rec["rounds_to_plateau"] == 3  # 0.80: the first within a point of 0.81
+    assert rec["bytes_to_plateau"] == 3 * 1500
+    assert rec["largest_drop_points"] == pytest.approx(4.0)  # round 3 -> 4
+    assert rec["accuracy_per_round"] == [0.70, 0.78, 0.80, 0.76, 0.81, 0.805, 0.79]
+    assert (iid["plain"]["last_round"], iid["plain"]["exported_round"],
+            iid["plain"]["rounds_to_plateau"]) == (5, 3, 3)
+    assert iid["plain"]["largest_drop_points"] == pytest.approx(1.0)
+    low = skewed["recommended"]
+    assert (low["last_round"], low["exported_round"], low["rounds_to_plateau"]) == (4, 2, 2)
+    assert low["exported_minus_last_points"] == pytest.approx(-2.0)  # 0.72 vs 0.74
+    assert (low["largest_drop_points"], low["bytes_to_plateau"]) == (0.0, 3000)
+    capped = skewed["plain"]
+    assert (capped["last_round"], capped["exported_round"], capped["stopped_early"]) == (
+        8, 8, None)
+    assert (capped["rounds_to_plateau"], capped["bytes_to_plateau"]) == (7, 7 * 1500)
+    assert capped["exported_minus_last_points"] == 0.0
 
+    rows = result["table"]["rows"]
+    assert rows[0] == ["centralized (in-process)", "-", "8 of 12 steps", 0.815, "-", 0.0,
+                       "-", "-", "-"]
+    assert rows[2] == ["recommended", "iid", "5 of 7", 0.81, 0.79, pytest.approx(0.5), 3,
+                       4500, pytest.approx(4.0)]
+    assert [(t["what"], t["limit"], t["met"]) for t in result["targets"]] == [
+        ("exported >= last round, plain, iid (exported - last)", 0.0, True),
+        ("exported >= last round, recommended, iid (exported - last)", 0.0, True),
+        ("gap to centralized, recommended, iid", 1.0, True),
+        ("largest drop between rounds after round 3, recommended, iid", 3.0, False),
+        ("exported >= last round, plain, dirichlet-0.1 (exported - last)", 0.0, True),
+        ("exported >= last round, recommended, dirichlet-0.1 (exported - last)", 0.0, False),
+        ("gap to centralized, recommended, dirichlet-0.1", 3.5, False),
+        ("largest drop between rounds after round 3, recommended, dirichlet-0.1", 3.0, True)]
+    figures = result["figures"]
+    assert [Path(f["file"]).name for f in figures] == ["accuracy-iid.png",
+                                                      "accuracy-dirichlet-0.1.png"]
+    assert all(Path(f["file"]).read_bytes().startswith(b"\x89PNG") for f in figures)
+    assert result["config"]["settings"] == {"plain": at_convergence.PLAIN, "recommended": {}}
+    assert "(60 rows)" in result["notes"][0] and "54 rows" in result["notes"][1]
+
+
+def test_at_convergence_refuses_a_run_selected_on_the_eval_split(tmp_path, tiny_model_dir,
+                                                                 monkeypatch):
+    size = dataclasses.replace(at_convergence.SIZES["quick"], validation_fraction=0.0)
+    monkeypatch.setitem(at_convergence.SIZES, "quick", size)
+    monkeypatch.setattr(at_convergence, "train_centralized",
+                        lambda overrides, *, num_clients, size: CENTRALIZED)
+    fake = FakeFedsft(lambda cfg: Planned(0.5, 0.6))
+    with pytest.raises(RuntimeError, match="not selected on the validation split"):
+        at_convergence.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+
+def test_figures_are_copied_next_to_the_json_and_linked_from_the_section(tmp_path):
+    from simulations.benchmarks.__main__ import publish_figures, render
+
+    source = tmp_path / "runs" / "accuracy-iid.png"
+    source.parent.mkdir()
+    source.write_bytes(b"\x89PNG fake")
+    (tmp_path / "out" / "results").mkdir(parents=True)
+    figures = publish_figures([{"file": str(source), "caption": "accuracy, iid"}],
+                              tmp_path / "out", "at-convergence")
+    assert figures == [{"file": "results/at-convergence-accuracy-iid.png",
+                        "caption": "accuracy, iid"}]
+    assert (tmp_path / "out" / figures[0]["file"]).read_bytes() == b"\x89PNG fake"
+
+    result = {"status": "ok", "mode": "quick", "command": "c", "seconds": 1.0,
+              "machine": {"date": "d"}, "description": "x", "config": {},
+              "table": {"columns": ["a"], "rows": [[1]]}, "targets": [], "figures": figures}
+    report = render({"at-convergence": result}, {"cores": 2}, pending=[])
+    assert "![accuracy, iid](results/at-convergence-accuracy-iid.png)" in report
+    assert "![" not in render({"at-convergence": {**result, "figures": []}}, {"cores": 2},
+                              pending=[])
 
 # --- robustness ------------------------------------------------------------------------
 

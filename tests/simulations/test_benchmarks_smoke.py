@@ -1,7 +1,7 @@
 """Smoke test of the benchmark suite: the benchmarks with machinery of their own in
 --quick mode, into a tmp folder.
 
-``communication``, ``vs-centralized``, ``robustness``, ``dp-accuracy``,
+``communication``, ``at-convergence``, ``robustness``, ``dp-accuracy``,
 ``secure-aggregation`` and ``scale`` only loop over run-config variants of fedsft and
 compute on the rows: test_benchmark_logic.py runs them against a fake runner (no
 Flower), which saves the 11 simulations they would add here (secure vs plaintext fedavg
