@@ -149,13 +149,14 @@ class FakeFedsft:
             stopped_early = early_stop_reason(
                 rows, patience=cfg.early_stopping_patience,
                 min_delta=cfg.early_stopping_min_delta, metric=cfg.selection_metric_name,
-                split=split, total_rounds=rounds)
+                split=split, total_rounds=rounds, task=cfg.task)
             if stopped_early:
                 break
         outputs.save_checkpoint(rows[-1].round,
                                 {"lora": np.zeros(TRAINABLE_VALUES, np.float32)}, {})
         selection = select_round(rows, rule=cfg.select_model, metric=cfg.selection_metric_name,
-                                 split=split, min_delta=cfg.early_stopping_min_delta)
+                                 split=split, min_delta=cfg.early_stopping_min_delta,
+                                 task=cfg.task)
         assert selection is not None
         write_outcome(outputs.folder, outcome_of(
             rows, status="completed", message="fake run", final_model=True,
