@@ -28,6 +28,7 @@ from common.tasks import (
 
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
+LOCAL_OPTIMIZERS = ("adamw", "sgd")
 CLASS_WEIGHTINGS = ("none", "inverse-frequency", "effective-number")
 CLASS_WEIGHTING_SOURCES = ("site", "global")
 AUGMENTS = ("none", "token-dropout", "random-swap", "both")
@@ -162,6 +163,10 @@ class RunConfig:
     batch_size: int = 16
     learning_rate: float = 2e-3  # LoRA needs a large rate; use ~5e-5 with method=full
     weight_decay: float = 0.01
+    # adamw | sgd (momentum 0.9): Adam scales every step to about the learning rate, so
+    # a site whose loss barely pulls (logit-adjusted on a one-class site) still moves the
+    # model at full speed; SGD's steps keep the gradient's size (common/training.py).
+    local_optimizer: str = "adamw"
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     # none | logit-adjusted (common/tasks/classification_losses.py): the site's class
@@ -333,6 +338,7 @@ class RunConfig:
         check_range("lora-dropout", self.lora_dropout, low=0, high=1, high_open=True)
         check_range("server-momentum", self.server_momentum, low=0, high=1, high_open=True)
         check_range("warmup-ratio", self.warmup_ratio, low=0, high=1, high_open=True)
+        check_choice("local-optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
         check_range("trim-fraction", self.trim_fraction, low=0, high=0.5, high_open=True)
         check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
         check_range("topk-fraction", self.topk_fraction, low=0, high=1, high_open=True)

@@ -35,7 +35,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from common.specs import DPSGDSpec, TrainSpec
 from common.tasks.base import Examples, Task, TrainContext
-from common.training import TrainResult
+from common.training import TrainResult, make_optimizer
 
 
 def sample_level_epsilon(
@@ -156,8 +156,9 @@ def train_local_dp_sgd(
 ) -> tuple[TrainResult, tuple[float, float, int]]:
     """``train_local`` with DP-SGD: per-example clipping, Gaussian noise, Poisson batches.
 
-    The same AdamW, schedule and step count as ``common.training.train_local``
-    (``local-steps``, else ``local-epochs`` expected passes over the data); ``grad-clip``
+    The same optimizer (``make_optimizer``), schedule and step count as
+    ``common.training.train_local`` (``local-steps``, else ``local-epochs`` expected
+    passes over the data); ``grad-clip``
     is replaced by the per-example bound ``dp-sgd-max-grad-norm`` of ``dp``; autocast is
     off (Opacus computes per-example gradients in fp32); the noise multiplier is
     ``site_noise_multiplier(dp, spec, len(data))``.
@@ -188,7 +189,7 @@ def train_local_dp_sgd(
     params = [p for p in model.parameters() if p.requires_grad]
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     optimizer = DPOptimizer(
-        torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay),
+        make_optimizer(params, spec),
         noise_multiplier=noise_multiplier,
         max_grad_norm=dp.dp_sgd_max_grad_norm,
         expected_batch_size=spec.batch_size,

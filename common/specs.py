@@ -162,6 +162,7 @@ class TrainSpec:
     local_epochs: int
     learning_rate: float
     weight_decay: float
+    local_optimizer: str  # adamw | sgd
     warmup_ratio: float
     grad_clip: float  # 0: off
     precision: str

@@ -77,6 +77,20 @@ def batch_tokens(batch: Batch) -> int | None:
     return None if mask is None else int(mask.sum())
 
 
+SGD_MOMENTUM = 0.9  # the usual value; the local optimizer restarts every round anyway
+
+
+def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
+    """The local optimizer of ``spec.local_optimizer``: AdamW, or SGD with momentum
+    ``SGD_MOMENTUM`` (``weight_decay`` as its L2 penalty), at ``spec.learning_rate``."""
+    if spec.local_optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.learning_rate, momentum=SGD_MOMENTUM,
+                               weight_decay=spec.weight_decay)
+    if spec.local_optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    raise ValueError(f"local optimizer must be adamw or sgd, got {spec.local_optimizer!r}")
+
+
 def train_local(
     model: torch.nn.Module,
     data: Examples,
@@ -92,7 +106,8 @@ def train_local(
 ) -> TrainResult:
     """Train the trainable parameters of ``model`` on ``data`` in place.
 
-    AdamW (``learning_rate``, ``weight_decay``) over the trainable parameters, linear
+    AdamW or SGD (``make_optimizer``: ``local_optimizer``, ``learning_rate``,
+    ``weight_decay``) over the trainable parameters, linear
     warm-up over ``warmup_ratio`` of the steps then linear decay to 0, gradient-norm
     clipping at ``grad_clip`` (0: off) and, when ``proximal_mu > 0``, FedProx's term
     ``mu/2 * sum ||w - w_global||^2`` with ``w_global`` the weights at the start of
@@ -150,7 +165,7 @@ def train_local(
     total_steps = spec.steps(len(data))
 
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(params, spec)
     scheduler = get_linear_schedule_with_warmup(
         optimizer,
         num_warmup_steps=round(spec.warmup_ratio * total_steps),

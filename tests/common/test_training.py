@@ -16,7 +16,14 @@ from common.config import RunConfig
 from common.model import build_model, get_exchanged_state, set_exchanged_state
 from common.specs import ModelSpec, TrainSpec
 from common.tasks.classification import TASK, EncodedData, collate, encode
-from common.training import batch_tokens, derive_seed, iterate_batches, train_local
+from common.training import (
+    SGD_MOMENTUM,
+    batch_tokens,
+    derive_seed,
+    iterate_batches,
+    make_optimizer,
+    train_local,
+)
 from tests.helpers import classify_eval as evaluate
 
 CPU = torch.device("cpu")
@@ -269,3 +276,58 @@ def test_evaluate_macro_f1_counts_every_class_of_the_model() -> None:
     assert result.f1_macro == pytest.approx((1 + 2 / 3 + 2 / 3 + 0) / 4)
     # class 3 has no eval rows: no recall of its own, and it is not the worst recall
     assert not hasattr(result, "recall_3") and result.recall_min == 0.5
+
+
+# --- the local optimizer ---------------------------------------------------------------------
+
+
+def _first_step(optimizer_name: str, gradient: float) -> float:
+    """How far one step of ``make_optimizer`` moves a parameter at 0 whose loss is
+    ``gradient * p`` (weight decay has nothing to act on at 0)."""
+    param = torch.nn.Parameter(torch.zeros(1))
+    cfg = RunConfig(local_optimizer=optimizer_name, learning_rate=0.1)
+    optimizer = make_optimizer([param], TrainSpec.of(cfg))
+    (gradient * param).sum().backward()
+    optimizer.step()
+    return float(param.detach()[0])
+
+
+def test_sgd_steps_keep_the_gradients_size_and_adamw_steps_do_not() -> None:
+    # SGD: -lr * g on the first step (momentum has no history yet), so a gradient 1000x
+    # smaller moves 1000x less. AdamW's bias-corrected first step is -lr * g / |g|:
+    # the same length for both (why a barely-pulling site still moves the model).
+    assert _first_step("sgd", 1.0) == pytest.approx(-0.1)
+    assert _first_step("sgd", 1e-3) == pytest.approx(-1e-4)
+    assert _first_step("adamw", 1.0) == pytest.approx(-0.1, rel=1e-3)
+    assert _first_step("adamw", 1e-3) == pytest.approx(-0.1, rel=1e-2)
+    optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))],
+                               TrainSpec.of(RunConfig(local_optimizer="sgd")))
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.defaults["momentum"] == SGD_MOMENTUM == 0.9
+
+
+def _moved(model_dir: Path, optimizer_name: str) -> float:
+    cfg, model, data, pad = setup(model_dir, method="full", local_steps=3, batch_size=16,
+                                  learning_rate=1e-3, local_optimizer=optimizer_name)
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                seed=1, device=CPU, pad_token_id=pad)
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    return float(torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(after, before,
+                                                                      strict=True))))
+
+
+def test_train_local_steps_with_the_configured_optimizer(tiny_model_dir: Path) -> None:
+    # Gradients are clipped to norm 1, so 3 SGD steps (momentum 0.9) move the weights by
+    # at most lr * (1 + 1.9 + 2.71); AdamW moves every coordinate by about lr per step,
+    # far more over the model's many coordinates.
+    sgd, adamw = _moved(tiny_model_dir, "sgd"), _moved(tiny_model_dir, "adamw")
+    assert 0 < sgd <= 1e-3 * (1 + 1.9 + 2.71) + 1e-9
+    assert adamw > 10 * sgd
+
+
+def test_an_unknown_local_optimizer_is_refused() -> None:
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="local-optimizer.*adamw.*sgd"):
+        RunConfig(local_optimizer="lion")
