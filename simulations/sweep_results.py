@@ -7,7 +7,8 @@ with the commands that made them. This module reads the sweeps' ``sweep.json`` a
 each run's ``results.jsonl`` (nothing is typed in) and writes the section.
 
 Interrupted runs are listed with the rounds they finished (marked), so a sweep that
-was stopped early is not silently dropped; their best is over the rounds they ran.
+was stopped is not silently dropped; their best is over the rounds they ran. A run that
+the run config's early stopping ended is complete, and marked as early-stopped.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from server.results import read_results
+from simulations.benchmarks.at_convergence import largest_drop
 
 
 @dataclass(frozen=True)
@@ -29,27 +31,26 @@ class SweepRun:
 
     name: str
     settings: dict[str, Any]  # the sweep's fixed overrides, then the grid point and seed
-    accuracies: tuple[float, ...]  # central accuracy, round 0 (before training) first
-    planned_rounds: int
-    exported_round: int | None  # outcome.json's selection, None if the run did not end
+    accuracies: dict[int, float]  # round -> central accuracy (0: before training)
+    status: str  # outcome.json's status ("completed", ...); "interrupted" without one
+    stopped_early: bool  # the run config's early stopping ended it (a complete run)
+    exported_round: int | None  # outcome.json's selection
 
     @property
     def finished(self) -> bool:
-        return len(self.accuracies) - 1 >= self.planned_rounds
+        return self.status == "completed"
+
+    @property
+    def last(self) -> float:
+        return self.accuracies[max(self.accuracies)]
 
     @property
     def best(self) -> tuple[int, float]:
-        """(round, accuracy) of the best training round (round 0 when none ran)."""
-        rounds = list(enumerate(self.accuracies))[1:] or [(0, self.accuracies[0])]
+        """(round, accuracy) of the best training round (round 0 when none ran); the
+        earliest of equal ones."""
+        rounds = [(r, a) for r, a in self.accuracies.items() if r > 0] or [
+            (min(self.accuracies), self.accuracies[min(self.accuracies)])]
         return max(rounds, key=lambda pair: (pair[1], -pair[0]))
-
-
-def largest_drop(accuracies: Sequence[float], *, after: int = 3) -> float:
-    """The largest fall from one round to the next among the rounds after round
-    ``after`` (issue #12's stability target: after round 3, no fall of more than 3
-    points); 0 when accuracy never falls there. ``accuracies[0]`` is round 0."""
-    drops = [accuracies[r - 1] - accuracies[r] for r in range(after + 1, len(accuracies))]
-    return max([0.0, *drops])
 
 
 def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
@@ -68,20 +69,19 @@ def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
         results = run_dir / "results.jsonl"
         if not results.is_file():
             continue  # stopped before its first evaluation: nothing measured
-        rows = read_results(results)
-        accuracies = tuple(float(r.central["accuracy"]) for r in rows if r.central)
+        accuracies = {r.round: float(r.central["accuracy"])
+                      for r in read_results(results) if r.central}
         if not accuracies:
             continue
-        config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         outcome_path = run_dir / "outcome.json"
-        exported = None
-        if outcome_path.is_file():
-            selection = json.loads(outcome_path.read_text(encoding="utf-8")).get("selection")
-            exported = selection.get("round") if selection else None
+        outcome = (json.loads(outcome_path.read_text(encoding="utf-8"))
+                   if outcome_path.is_file() else {})
+        selection = outcome.get("selection") or {}
         runs.append(SweepRun(
             name=run["name"], settings={**record.get("overrides", {}), **run["overrides"]},
-            accuracies=accuracies, planned_rounds=int(config["num-server-rounds"]),
-            exported_round=exported))
+            accuracies=accuracies, status=str(outcome.get("status") or "interrupted"),
+            stopped_early=bool(outcome.get("stopped_early")),
+            exported_round=selection.get("round")))
     return record, runs
 
 
@@ -95,15 +95,18 @@ def section(sweeps: Sequence[tuple[str, dict[str, Any], list[SweepRun]]], *, nam
         raise ValueError("no sweep run recorded a round: nothing to report")
     varying = sorted({key for run in runs for key in run.settings
                       if len({json.dumps(r.settings.get(key)) for r in runs}) > 1})
-    rounds = max(len(run.accuracies) for run in runs)
+    rounds = range(min(min(run.accuracies) for run in runs),
+                   max(max(run.accuracies) for run in runs) + 1)
     rows = []
     for run in runs:
         best_round, best = run.best
-        per_round = [f"{a:.3f}" for a in run.accuracies] + ["-"] * (rounds - len(run.accuracies))
+        per_round = [f"{run.accuracies[r]:.3f}" if r in run.accuracies else "-" for r in rounds]
+        drop = largest_drop(run.accuracies, after=3)
+        mark = " (early-stopped)" if run.stopped_early else (
+            "" if run.finished else f" ({run.status})")
         rows.append([*(_value(run.settings.get(key)) for key in varying), *per_round,
-                     f"{best:.3f} (round {best_round})",
-                     f"{run.accuracies[-1]:.3f}" + ("" if run.finished else " (stopped)"),
-                     f"{largest_drop(run.accuracies) * 100:.1f}",
+                     f"{best:.3f} (round {best_round})", f"{run.last:.3f}{mark}",
+                     "-" if drop is None else f"{drop * 100:.1f}",
                      "-" if run.exported_round is None else str(run.exported_round)])
     fixed = {key: value for key, value in runs[0].settings.items() if key not in varying}
     return {
@@ -111,15 +114,16 @@ def section(sweeps: Sequence[tuple[str, dict[str, Any], list[SweepRun]]], *, nam
         "command": " ; ".join(command for command, _, _ in sweeps),
         "machine": machine, "description": description,
         "config": {"scenario": sweeps[0][1].get("scenario"), "same in every run": fixed},
-        "table": {"columns": [*varying, *(f"round {r}" for r in range(rounds)), "best",
+        "table": {"columns": [*varying, *(f"round {r}" for r in rounds), "best",
                               "last", "largest drop after round 3 (points)",
                               "exported round"],
                   "rows": rows},
         "targets": [],
         "notes": [
             "Central accuracy on the server's evaluation set after each round (round 0: "
-            "before training). A run marked (stopped) was interrupted; its best is over the "
-            "rounds it ran.",
+            "before training). A run marked (interrupted) was stopped before its last "
+            "round; its best is over the rounds it ran. Largest drop: '-' when the run "
+            "ended by round 3.",
             f"{sum(r.finished for r in runs)} of {len(runs)} run(s) finished.",
         ],
     }
