@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,13 @@ class SweepRun:
     status: str  # outcome.json's status ("completed", ...); "interrupted" without one
     stopped_early: bool  # the run config's early stopping ended it (a complete run)
     exported_round: int | None  # outcome.json's selection
+    # The run's config.json (every run-config key as it ran; {} without one): where a
+    # key another sweep of the section varies is read, so defaults show as values.
+    config: dict[str, Any] = field(default_factory=dict)
+    named: tuple[str, ...] = ()  # the keys its sweep sets, varies or seeds
+
+    def value(self, key: str) -> Any:
+        return self.config.get(key, self.settings.get(key))
 
     @property
     def finished(self) -> bool:
@@ -54,7 +61,9 @@ class SweepRun:
 
 
 def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
-    """``sweep_dir``'s sweep.json and the runs that recorded at least one round.
+    """``sweep_dir``'s sweep.json and the runs that recorded at least one round: those
+    it lists, then (sorted) the run folders in ``sweep_dir`` it does not list (a run the
+    sweep was stopped in is not in sweep.json, but its rounds were measured).
 
     Raises ``FileNotFoundError`` / ``ValueError`` naming the file when sweep.json is
     missing or unreadable."""
@@ -63,8 +72,15 @@ def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
         record = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a sweep record ({error})") from error
+    listed = list(record.get("runs", []))
+    named = tuple(sorted({*record.get("overrides", {}), *record.get("grid", {}), "seed",
+                          *(key for run in listed for key in run.get("overrides", {}))}))
+    known = {Path(run["run_dir"]).resolve() for run in listed}
+    listed += [{"name": folder.name, "run_dir": str(folder), "overrides": {}}
+               for folder in sorted(sweep_dir.iterdir())
+               if (folder / "results.jsonl").is_file() and folder.resolve() not in known]
     runs = []
-    for run in record.get("runs", []):
+    for run in listed:
         run_dir = Path(run["run_dir"])
         results = run_dir / "results.jsonl"
         if not results.is_file():
@@ -77,11 +93,14 @@ def read_sweep(sweep_dir: Path) -> tuple[dict[str, Any], list[SweepRun]]:
         outcome = (json.loads(outcome_path.read_text(encoding="utf-8"))
                    if outcome_path.is_file() else {})
         selection = outcome.get("selection") or {}
+        config_path = run_dir / "config.json"
+        config = (json.loads(config_path.read_text(encoding="utf-8"))
+                  if config_path.is_file() else {})
         runs.append(SweepRun(
             name=run["name"], settings={**record.get("overrides", {}), **run["overrides"]},
             accuracies=accuracies, status=str(outcome.get("status") or "interrupted"),
             stopped_early=bool(outcome.get("stopped_early")),
-            exported_round=selection.get("round")))
+            exported_round=selection.get("round"), config=config, named=named))
     return record, runs
 
 
@@ -93,8 +112,9 @@ def section(sweeps: Sequence[tuple[str, dict[str, Any], list[SweepRun]]], *, nam
     runs = [run for _, _, rs in sweeps for run in rs]
     if not runs:
         raise ValueError("no sweep run recorded a round: nothing to report")
-    varying = sorted({key for run in runs for key in run.settings
-                      if len({json.dumps(r.settings.get(key)) for r in runs}) > 1})
+    named = sorted({key for run in runs for key in (run.named or run.settings)})
+    varying = [key for key in named
+               if len({json.dumps(r.value(key), default=str) for r in runs}) > 1]
     rounds = range(min(min(run.accuracies) for run in runs),
                    max(max(run.accuracies) for run in runs) + 1)
     rows = []
@@ -104,11 +124,11 @@ def section(sweeps: Sequence[tuple[str, dict[str, Any], list[SweepRun]]], *, nam
         drop = largest_drop(run.accuracies, after=3)
         mark = " (early-stopped)" if run.stopped_early else (
             "" if run.finished else f" ({run.status})")
-        rows.append([*(_value(run.settings.get(key)) for key in varying), *per_round,
+        rows.append([*(_value(run.value(key)) for key in varying), *per_round,
                      f"{best:.3f} (round {best_round})", f"{run.last:.3f}{mark}",
                      "-" if drop is None else f"{drop * 100:.1f}",
                      "-" if run.exported_round is None else str(run.exported_round)])
-    fixed = {key: value for key, value in runs[0].settings.items() if key not in varying}
+    fixed = {key: runs[0].value(key) for key in named if key not in varying}
     return {
         "name": name, "status": "ok", "mode": "hand-run", "seconds": seconds,
         "command": " ; ".join(command for command, _, _ in sweeps),

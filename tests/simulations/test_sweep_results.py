@@ -32,12 +32,17 @@ def test_a_sweep_becomes_one_row_per_run_with_the_settings_that_vary(tmp_path: P
                  outcome={"status": "completed", "stopped_early": "patience",
                           "selection": {"round": 3}})]
     never = {"name": "fedadam", "run_dir": str(tmp_path / "absent"), "overrides": {}}
+    # A run the sweep was stopped in: in the folder, not in sweep.json; its settings come
+    # from its config.json.
+    _run(tmp_path, "stopped-in", {0: 0.5, 1: 0.55}, outcome=None)
+    (tmp_path / "stopped-in" / "config.json").write_text(json.dumps(
+        {"strategy": "fedyogi", "seed": 1, "learning-rate": 0.002}))
     (tmp_path / "sweep.json").write_text(json.dumps({
         "scenario": "skew", "overrides": {"learning-rate": 0.002},
         "runs": [*runs, never], "seconds": 10.0}))
     record, read = read_sweep(tmp_path)
     # The unstarted run is left out.
-    assert [r.name for r in read] == ["fedavg", "fedavgm", "fedprox"]
+    assert [r.name for r in read] == ["fedavg", "fedavgm", "fedprox", "stopped-in"]
     assert read[0].finished and not read[1].finished and read[2].finished
     assert read[0].best == (4, 0.8) and read[1].best == (1, 0.7)
 
@@ -46,7 +51,8 @@ def test_a_sweep_becomes_one_row_per_run_with_the_settings_that_vary(tmp_path: P
     columns = result["table"]["columns"]
     assert columns[0] == "strategy"  # seed and learning-rate are the same in every run
     assert result["config"]["same in every run"] == {"learning-rate": 0.002, "seed": 1}
-    first, second, third = result["table"]["rows"]
+    first, second, third, fourth = result["table"]["rows"]
+    assert fourth[0] == "fedyogi" and fourth[columns.index("last")] == "0.550 (interrupted)"
     assert first[columns.index("round 4")] == "0.800"
     assert first[columns.index("best")] == "0.800 (round 4)"
     assert first[columns.index("exported round")] == "4"
@@ -60,7 +66,7 @@ def test_a_sweep_becomes_one_row_per_run_with_the_settings_that_vary(tmp_path: P
     assert third[columns.index("round 5")] == "-" and third[columns.index("round 6")] == "0.700"
     assert third[columns.index("largest drop after round 3 (points)")] == "5.0"
     assert third[columns.index("last")] == "0.700 (early-stopped)"
-    assert "2 of 3 run(s) finished." in result["notes"]
+    assert "2 of 4 run(s) finished." in result["notes"]
 
 
 def test_no_recorded_round_is_an_error_not_an_empty_section() -> None:
