@@ -30,6 +30,7 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from common.data import load_server_eval
+from common.specs import EncodeSpec, TrainSpec
 from server.model_selection import early_stop_reason, select_round, selection_split
 from server.preflight import preflight
 from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
@@ -346,6 +347,41 @@ def at_convergence_plan(cfg: RunConfig) -> Planned:
     return Planned(0.5, 0.0, accuracies=accuracies, validation=accuracies, **bytes_)
 
 
+def assert_trains_as_the_app_defaults(cfg: RunConfig) -> None:
+    """Every key ``plain`` sets and every run-config field a ``TrainSpec`` or an
+    ``EncodeSpec`` reads is the app's default in ``cfg``: nothing of the shared base config
+    (``Bench.base``) leaks into "recommended"."""
+    defaults = RunConfig.from_flower(APP_DEFAULTS)
+    config_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    spec_fields = {f.name for spec in (TrainSpec, EncodeSpec) for f in dataclasses.fields(spec)}
+    keys = {k.replace("-", "_") for k in at_convergence.PLAIN} | (spec_fields & config_fields)
+    assert {"max_length", "local_optimizer", "learning_rate"} <= keys
+    differ = {k: (getattr(cfg, k), getattr(defaults, k)) for k in sorted(keys)
+              if getattr(cfg, k) != getattr(defaults, k)}
+    assert differ == {}
+
+
+def test_at_convergence_recommended_in_default_mode_trains_as_the_app_defaults(
+        tmp_path, tiny_model_dir, monkeypatch):
+    # Default mode's base config (max-length, batch size, ... of its own) with the
+    # built-in data instead of SST-2, one partition, the centralized side faked.
+    size = dataclasses.replace(at_convergence.SIZES["default"], clients=2, max_rounds=8,
+                               patience=2, partitions=("iid",), validation_fraction=0.1)
+    monkeypatch.setitem(at_convergence.SIZES, "default", size)
+    monkeypatch.setattr(at_convergence, "sst2_config", dict)
+    monkeypatch.setattr(at_convergence, "train_centralized",
+                        lambda overrides, *, num_clients, size: CENTRALIZED)
+    fake = FakeFedsft(at_convergence_plan)
+    at_convergence.run(Bench(mode="default", model=str(tiny_model_dir),
+                             runs_dir=tmp_path / "runs", parallel_workers=1, runner=fake))
+
+    plain, recommended = (v.cfg for v in fake.validated)
+    assert recommended.run_name.startswith("at-convergence-recommended-iid")
+    assert_trains_as_the_app_defaults(recommended)
+    assert (plain.learning_rate, plain.batch_size, plain.local_optimizer) == (
+        2e-3, 16, "adamw")
+
+
 def test_at_convergence_reports_plateaus_drops_bytes_and_exported_vs_last(
         tmp_path, tiny_model_dir, monkeypatch):
     calls = []
@@ -380,10 +416,8 @@ def test_at_convergence_reports_plateaus_drops_bytes_and_exported_vs_last(
     plain, recommended = fake.validated[0].cfg, fake.validated[1].cfg
     assert (plain.learning_rate, plain.local_steps, plain.batch_size, plain.strategy) == (
         2e-3, 10, 16, "fedavg")
-    for key in at_convergence.PLAIN:
-        field = key.replace("-", "_")
-        assert getattr(recommended, field) == getattr(RunConfig.from_flower(APP_DEFAULTS),
-                                                      field), key
+    assert plain.local_optimizer == "adamw"
+    assert_trains_as_the_app_defaults(recommended)
 
     iid, skewed = result["numbers"]["iid"], result["numbers"]["dirichlet-0.1"]
     rec = iid["recommended"]
