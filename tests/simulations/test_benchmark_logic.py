@@ -807,7 +807,31 @@ def test_dp_sgd_reports_each_sites_spend_the_drop_and_the_targets(tmp_path, tiny
         ("eps-8: largest site epsilon spent (every site within its budget)", 7.98, 8.0,
          True)]
     assert "on the central split (the same rows" in result["notes"][1]
-    assert result["config"]["set because DP-SGD refuses the default"].startswith("nothing")
+    # The app's defaults work with DP-SGD: only the noise multipliers are set (always).
+    assert set(result["config"]["set for every variant (why)"]) == {
+        "dp-sgd-noise-multiplier", "dp-noise-multiplier"}
+    assert result["config"]["variants add"]["no-dp"] == {"dp-sgd-target-epsilon": math.inf}
+
+
+@pytest.mark.parametrize("default", [
+    {"dp-sgd-target-epsilon": 3.0},  # DP-SGD on by default, from a budget
+    {"dp-sgd-noise-multiplier": 1.2},  # DP-SGD on by default, with its own noise
+    {"dp-noise-multiplier": 0.5},  # client-level DP on by default
+])
+def test_dp_sgd_measures_dp_sgd_alone_whatever_dp_the_defaults_turn_on(
+        tmp_path, tiny_model_dir, monkeypatch, default):
+    for key, value in default.items():
+        monkeypatch.setitem(APP_DEFAULTS, key, value)  # what the fake's runs start from
+    monkeypatch.setattr(dp_sgd, "app_defaults", lambda: dict(APP_DEFAULTS))
+    RunConfig.from_flower(APP_DEFAULTS)  # a default the app accepts
+    fake = FakeDpSgdFedsft(lambda cfg: Planned(0.5, 0.76 if cfg.dp_sgd_enabled else 0.80),
+                           exported_round=1)
+    dp_sgd.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    no_dp, eps8 = (v.cfg for v in fake.validated)
+    assert not no_dp.dp_sgd_enabled and not no_dp.dp_enabled
+    assert (eps8.dp_sgd_target_epsilon, eps8.dp_sgd_noise_multiplier, eps8.dp_enabled) == (
+        8.0, 0.0, False)
 
 
 def test_dp_sgd_flags_a_drop_over_5_points_and_a_site_over_its_budget(
@@ -853,10 +877,12 @@ def test_dp_sgd_sets_only_what_dp_sgd_refuses_and_says_why():
     defaults = {"skew-loss": "logit-adjusted", "class-weighting": "none",
                 "strategy": "fedprox", "gradient-checkpointing": False}
     needs = dp_sgd.dp_sgd_needs(defaults)
+    noise_off = {"dp-sgd-noise-multiplier": 0.0, "dp-noise-multiplier": 0.0}  # always
     assert {key: value for key, (value, _) in needs.items()} == {
-        "skew-loss": "none", "strategy": "fedavg"}
+        **noise_off, "skew-loss": "none", "strategy": "fedavg"}
     assert "outside the privacy accounting" in needs["skew-loss"][1]
-    assert dp_sgd.dp_sgd_needs({"skew-loss": "none", "strategy": "fedavg"}) == {}
+    assert {key: value for key, (value, _) in dp_sgd.dp_sgd_needs(
+        {"skew-loss": "none", "strategy": "fedavg"}).items()} == noise_off
     # Every value it sets is one DP-SGD accepts: the app's config validation agrees.
     RunConfig.from_flower({**APP_DEFAULTS, **{k: v for k, (v, _) in needs.items()},
                            "dp-sgd-target-epsilon": 8.0})
