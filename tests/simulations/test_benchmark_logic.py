@@ -496,6 +496,31 @@ def test_figures_are_copied_next_to_the_json_and_linked_from_the_section(tmp_pat
     assert "![" not in render({"at-convergence": {**result, "figures": []}}, {"cores": 2},
                               pending=[])
 
+
+def test_a_figure_a_benchmark_did_not_write_fails_that_benchmark_alone(
+        tmp_path, tiny_model_dir, monkeypatch):
+    from simulations.benchmarks.__main__ import run_benchmark
+
+    written = tmp_path / "runs" / "accuracy-iid.png"
+    written.parent.mkdir()
+    written.write_bytes(b"\x89PNG fake")
+    missing = tmp_path / "runs" / "accuracy-dirichlet-0.1.png"
+    figures = {"at-convergence": written, "communication": missing}
+    monkeypatch.setattr(at_convergence, "run", lambda bench: {
+        "figures": [{"file": str(figures["at-convergence"]), "caption": "c"}]})
+    monkeypatch.setattr(communication, "run", lambda bench: {
+        "figures": [{"file": str(figures["communication"]), "caption": "c"}]})
+    (tmp_path / "out" / "results").mkdir(parents=True)
+    bench = quick_bench(tmp_path, tiny_model_dir, FakeFedsft(at_convergence_plan))
+
+    failed = run_benchmark("communication", bench, tmp_path / "out")
+    assert failed["status"] == "failed" and "figures" not in failed
+    assert failed["error"].startswith("FileNotFoundError") and str(missing) in failed["error"]
+    ok = run_benchmark("at-convergence", bench, tmp_path / "out")  # the next one still runs
+    assert ok == {"status": "ok", "figures": [
+        {"file": "results/at-convergence-accuracy-iid.png", "caption": "c"}]}
+
+
 # --- robustness ------------------------------------------------------------------------
 
 
