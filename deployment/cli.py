@@ -459,6 +459,7 @@ def _check_data(args: argparse.Namespace) -> int:
         return _check_conversations(str(path), args, site)
     # RunConfig validates the values as a run would and applies the `labels` rule.
     cfg = RunConfig(
+        task=args.task,
         text_column=str(args.text_column or site.get("text-column") or "text"),
         label_column=str(args.label_column or site.get("label-column") or "label"),
         labels=args.labels or "", label_case_fold=args.label_case_fold,
@@ -468,7 +469,7 @@ def _check_data(args: argparse.Namespace) -> int:
     # Without --model the light check (no torch, transformers, sklearn): every SuperNode
     # start runs it. With it, the tokens are counted as training encodes them.
     tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
-    report = get_site_check("classification")(
+    report = get_site_check(args.task)(
         str(path), spec=DataSpec.of(cfg),
         encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
         label_names=cfg.label_list or None, tokenizer=tokenizer, eval_path=args.eval,
