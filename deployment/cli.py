@@ -90,13 +90,21 @@ def _create(args: argparse.Namespace) -> int:
 
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
     labels: list[str] = []
-    if args.labels is not None:
-        from common.config import ConfigError, RunConfig
+    from common.config import ConfigError, RunConfig
 
+    if args.label_case_fold and args.labels is None:
+        # Nothing would be kept: consortium.json holds label-case-fold with the labels.
+        raise ConfigError("--label-case-fold needs --labels (it says how the runs compare "
+                          "the federation's classes); give --labels a,b,... or leave "
+                          "--label-case-fold out")
+    if args.labels is not None:
         # The run's rule for `labels`: RunConfig raises ConfigError for fewer than 2
         # distinct classes; an empty value would mean "no labels", not a federation's.
-        labels = RunConfig(labels=args.labels, label_case_fold=args.label_case_fold
-                           ).label_list
+        try:
+            labels = RunConfig(labels=args.labels, label_case_fold=args.label_case_fold
+                               ).label_list
+        except ConfigError as error:
+            raise ConfigError(f"--labels {args.labels!r}: {error}") from error
         if not labels:
             raise ConfigError(f"--labels must name at least 2 distinct classes, "
                               f"got {args.labels!r}")

@@ -249,8 +249,17 @@ def test_the_data_check_gets_labels_only_when_known_and_the_task_has_classes():
 @pytest.mark.parametrize("labels", ["only", "", "a,a"])
 def test_create_refuses_labels_a_run_would_refuse(labels, tmp_path, capsys):
     assert main(["create", str(tmp_path / "c"), "--labels", labels]) == 2
-    assert "must name at least 2 distinct classes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "must name at least 2 distinct classes" in err
+    assert err.startswith("fedsft: error: --labels")  # the flag, not only the run's key
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_create_refuses_label_case_fold_without_labels(tmp_path, capsys):
+    assert main(["create", str(tmp_path / "c"), "--label-case-fold"]) == 2
+    err = capsys.readouterr().err
+    assert "--label-case-fold needs --labels" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
 
 
 def _edit_settings(c: cons.Consortium, **changes: object) -> None:
