@@ -90,13 +90,21 @@ def _create(args: argparse.Namespace) -> int:
 
     names = pki.split_names(args.san or ["localhost", "127.0.0.1"])
     labels: list[str] = []
-    if args.labels is not None:
-        from common.config import ConfigError, RunConfig
+    from common.config import ConfigError, RunConfig
 
+    if args.label_case_fold and args.labels is None:
+        # Nothing would be kept: consortium.json holds label-case-fold with the labels.
+        raise ConfigError("--label-case-fold needs --labels (it says how the runs compare "
+                          "the federation's classes); give --labels a,b,... or leave "
+                          "--label-case-fold out")
+    if args.labels is not None:
         # The run's rule for `labels`: RunConfig raises ConfigError for fewer than 2
         # distinct classes; an empty value would mean "no labels", not a federation's.
-        labels = RunConfig(labels=args.labels, label_case_fold=args.label_case_fold
-                           ).label_list
+        try:
+            labels = RunConfig(labels=args.labels, label_case_fold=args.label_case_fold
+                               ).label_list
+        except ConfigError as error:
+            raise ConfigError(f"--labels {args.labels!r}: {error}") from error
         if not labels:
             raise ConfigError(f"--labels must name at least 2 distinct classes, "
                               f"got {args.labels!r}")
@@ -459,6 +467,7 @@ def _check_data(args: argparse.Namespace) -> int:
         return _check_conversations(str(path), args, site)
     # RunConfig validates the values as a run would and applies the `labels` rule.
     cfg = RunConfig(
+        task=args.task,
         text_column=str(args.text_column or site.get("text-column") or "text"),
         label_column=str(args.label_column or site.get("label-column") or "label"),
         labels=args.labels or "", label_case_fold=args.label_case_fold,
@@ -468,7 +477,7 @@ def _check_data(args: argparse.Namespace) -> int:
     # Without --model the light check (no torch, transformers, sklearn): every SuperNode
     # start runs it. With it, the tokens are counted as training encodes them.
     tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
-    report = get_site_check("classification")(
+    report = get_site_check(args.task)(
         str(path), spec=DataSpec.of(cfg),
         encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
         label_names=cfg.label_list or None, tokenizer=tokenizer, eval_path=args.eval,

@@ -137,13 +137,42 @@ class Consortium:
     @property
     def labels(self) -> tuple[str, ...]:
         """The federation's classes (``fedsft create --labels``, the runs' ``labels``);
-        empty when the coordinator did not give them."""
-        return tuple(str(name) for name in self.settings.get("labels") or ())
+        empty when the coordinator did not give them (no key, null or ``[]``).
+
+        Raises
+        ------
+        ConsortiumError
+            consortium.json (which coordinators may edit) holds anything but a list of at
+            least 2 distinct non-empty strings without commas (each is one class of the
+            runs' comma list ``labels``; distinct as the runs compare them: case-folded
+            with ``label-case-fold``).
+        """
+        value = self.settings.get("labels")
+        if value is None or value == []:
+            return ()
+        allowed = ("a list of at least 2 distinct non-empty class names without commas "
+                   "([] for none)")
+        if not isinstance(value, list) or not all(
+                isinstance(name, str) and name.strip() and "," not in name for name in value):
+            raise self._setting_error("labels", value, allowed)
+        names = [name.strip() for name in value]
+        compared = [name.casefold() for name in names] if self.label_case_fold else names
+        if len(names) < 2 or len(set(compared)) != len(compared):
+            raise self._setting_error("labels", value, allowed)
+        return tuple(names)
 
     @property
     def label_case_fold(self) -> bool:
-        """Whether the runs case-fold string labels (``create --label-case-fold``)."""
-        return bool(self.settings.get("label-case-fold", False))
+        """Whether the runs case-fold string labels (``create --label-case-fold``); false
+        when not given. Raises ConsortiumError for a value that is not true or false."""
+        value = self.settings.get("label-case-fold", False)
+        if not isinstance(value, bool):
+            raise self._setting_error("label-case-fold", value, "true or false")
+        return value
+
+    def _setting_error(self, key: str, value: Any, allowed: str) -> ConsortiumError:
+        return ConsortiumError(f"{self.root / 'consortium.json'}: {key!r} must be "
+                               f"{allowed}, got {json.dumps(value)}")
 
     @property
     def local_address(self) -> str:

@@ -79,9 +79,10 @@ class TaskInfo:
     # refuses (``RunConfig`` calls it after its key-ownership and capability checks, on the run's
     # task only); empty: the generic checks are all.
     config_check: str = ""
-    # A deployment's run (``fedsft run``) sets `dataset` = none unless given: the
-    # coordinator holds no site's data, and the default (builtin) would have its server
-    # evaluate on generated examples instead. Not for a task with classes: its
+    # A deployment's run (``fedsft submit``, through ``submit_run_config``, and ``fedsft
+    # rehearse``) sets `dataset` = none unless given: the coordinator holds no site's
+    # data, and the default (builtin) would have its server evaluate on generated
+    # examples instead. Not for a task with classes: its
     # deployments name the classes with `labels`, which keeps the server off `dataset`.
     deploy_without_dataset: bool = False
     # A module of the task's package with a ``check_site`` function (``Task.check_site``'s

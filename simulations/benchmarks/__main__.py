@@ -104,18 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.names:
             print(f"[bench] === {name} ({args.mode}) ===", flush=True)
             t0 = time.monotonic()
-            try:
-                result = importlib.import_module(BENCHMARKS[name]).run(bench)
-                result["status"] = "ok"
-            except Exception as error:  # each benchmark fails alone; the others still run
-                traceback.print_exc()
-                result = {"status": "failed", "error": f"{type(error).__name__}: {error}",
-                          "traceback": traceback.format_exc()[-4000:]}
+            result = run_benchmark(name, bench, output)
             result.update(name=name, mode=args.mode, command=command_line(name, args.mode),
                           seconds=time.monotonic() - t0, machine=machine_info(),
                           runs_dir=str(runs_dir))
-            if result.get("figures"):
-                result["figures"] = publish_figures(result["figures"], output, name)
             results[name] = result
             (output / "results" / f"{name}.json").write_text(
                 json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
@@ -128,6 +120,23 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"[bench] wrote {output / 'RESULTS.md'}", flush=True)
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
+def run_benchmark(name: str, bench: Bench, output: Path) -> dict[str, Any]:
+    """Run benchmark ``name`` and publish its figures (``publish_figures``): its result
+    with ``status`` ok, or ``{"status": "failed", "error", "traceback"}`` when either
+    raised, so that one benchmark's failure (a figure it did not write included) leaves
+    the others to run."""
+    try:
+        result = importlib.import_module(BENCHMARKS[name]).run(bench)
+        if result.get("figures"):
+            result["figures"] = publish_figures(result["figures"], output, name)
+        result["status"] = "ok"
+    except Exception as error:  # each benchmark fails alone; the others still run
+        traceback.print_exc()
+        result = {"status": "failed", "error": f"{type(error).__name__}: {error}",
+                  "traceback": traceback.format_exc()[-4000:]}
+    return result
 
 
 def publish_figures(

@@ -4,9 +4,10 @@ Five IID sites, LoRA, every site in every round; no DP against
 ``dp-sgd-target-epsilon`` about 8, 3 and 1 per site (``dp-sgd-delta`` 1e-5) in the same
 invocation, same seed, same data. Only the budget is given: each site calibrates its own
 noise multiplier for the planned rounds, local steps and its sampling rate
-(``common/dp_sgd.py``). Every other key is the app's default, except what DP-SGD
-refuses (``dp_sgd_needs``): those are set for every variant, no DP included, so that the
-drop measures DP-SGD alone.
+(``common/dp_sgd.py``); no DP sets ``dp-sgd-target-epsilon`` inf. Every other key is the
+app's default, except the DP noise multipliers (0: no client-level DP, no fixed DP-SGD
+noise) and what DP-SGD refuses (``dp_sgd_needs``): those are set for every variant, no DP
+included, so that the drop measures DP-SGD alone whatever the defaults.
 
 Data: default size trains on a seeded sample of ``TRAIN_ROWS`` rows of SST-2
 train.tsv (``sample_tsv``, the issue's 4,000-row set-up), ``--full`` on the whole
@@ -22,6 +23,7 @@ within its budget (largest epsilon spent <= the target) at each epsilon.
 from __future__ import annotations
 
 import json
+import math
 import random
 import tomllib
 from collections.abc import Mapping
@@ -78,15 +80,29 @@ def app_defaults() -> dict[str, Any]:
     return dict(data["tool"]["flwr"]["app"]["config"])
 
 
+# Set for every variant whatever the defaults, so that no DP is no DP at all and each DP
+# variant is DP-SGD from its budget alone: key, value, why.
+_ALWAYS: tuple[tuple[str, Any, str], ...] = (
+    ("dp-sgd-noise-multiplier", 0.0,
+     "each DP variant gives only its budget and each site calibrates its noise to it; "
+     "a noise multiplier would turn DP-SGD on in no DP too"),
+    ("dp-noise-multiplier", 0.0,
+     "no client-level DP, so that the drop measures DP-SGD alone"),
+)
+
+
 def dp_sgd_needs(defaults: Mapping[str, Any]) -> dict[str, tuple[Any, str]]:
-    """The keys whose default DP-SGD refuses: key -> (value to set, why).
+    """The keys every variant sets: key -> (value to set, why). The DP noise multipliers
+    always (``_ALWAYS``: 0, whatever the defaults), and each key whose default DP-SGD
+    refuses.
 
     ``method`` full and ``strategy`` fedprox are refused too; the benchmark is LoRA
     (``method`` lora is always set) and fedprox's proximal term is not a per-example
     loss, so a fedprox default is replaced by fedavg, the plain mean.
     """
-    needs = {key: (value, why) for key, allowed, value, why in _DP_SGD_REFUSES
-             if defaults.get(key, allowed) != allowed}
+    needs = {key: (value, why) for key, value, why in _ALWAYS}
+    needs |= {key: (value, why) for key, allowed, value, why in _DP_SGD_REFUSES
+              if defaults.get(key, allowed) != allowed}
     if defaults.get("strategy") == "fedprox":
         needs["strategy"] = ("fedavg", "fedprox's proximal term is not a per-example loss, "
                                        "so DP-SGD would not clip it")
@@ -243,7 +259,9 @@ def run(bench: Bench) -> dict[str, Any]:
         # The app's defaults decide the training: the lead sets them from measurements.
         for key in ("local-steps", "batch-size", "learning-rate", "max-length"):
             common.pop(key, None)
-    variants: list[tuple[str, float | None, dict[str, Any]]] = [("no-dp", None, {})]
+    # No DP says so itself: a finite default budget would otherwise turn DP-SGD on in it.
+    variants: list[tuple[str, float | None, dict[str, Any]]] = [
+        ("no-dp", None, {"dp-sgd-target-epsilon": math.inf})]
     variants += [(f"eps-{eps:g}", eps, {"dp-sgd-target-epsilon": eps, "dp-sgd-delta": DELTA})
                  for eps in epsilons]
 
@@ -302,9 +320,8 @@ def run(bench: Bench) -> dict[str, Any]:
             f"within {MAX_DROP_POINTS:g} points of no DP; every site within its budget."),
         "config": {
             "run-config (every variant)": common,
-            "dp variants add": {name: o for name, _, o in variants if o},
-            "set because DP-SGD refuses the default": set_why or "nothing (the defaults "
-                                                               "all work with DP-SGD)",
+            "variants add": {name: o for name, _, o in variants},
+            "set for every variant (why)": set_why,
             "resolved in the runs (config.json)": resolved,
             "data": data_used, "num-supernodes": SITES, "client-resources-num-cpus": 1,
             "run_dirs": {name: numbers[name]["run_dir"] for name, _, _ in variants}},

@@ -147,12 +147,16 @@ def gap_points(centralized: float, federated: float) -> float:
 
 
 def _plain_steps(model: Any, batches: Sequence[Mapping[str, Any]], cfg: Any) -> list[float]:
-    """The plain loop: AdamW, the same linear schedule and clipping, HF's own loss."""
+    """The plain loop: train_local's optimizer (``make_optimizer``: the run's
+    ``local-optimizer``), the same linear schedule and clipping, HF's own loss."""
     import torch
     from transformers import get_linear_schedule_with_warmup
 
+    from common.specs import TrainSpec
+    from common.training import make_optimizer
+
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(params, TrainSpec.of(cfg))
     scheduler = get_linear_schedule_with_warmup(
         optimizer, num_warmup_steps=round(cfg.warmup_ratio * len(batches)),
         num_training_steps=len(batches))

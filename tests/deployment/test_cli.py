@@ -331,6 +331,34 @@ def test_check_data_exit_codes(argv, code, line, tmp_path, capsys):
     assert "Traceback" not in captured.out + captured.err
 
 
+def test_check_data_runs_the_site_check_of_the_task_it_is_given(tmp_path, monkeypatch,
+                                                                capsys):
+    # A task besides classification and sft (here classification's registry entry under
+    # another name): check-data runs that task's site check, on a config of that task.
+    import common.tasks as tasks
+
+    monkeypatch.setitem(tasks._TASKS, "triage", tasks._TASKS["classification"])
+    asked = []
+    real = tasks.get_site_check
+
+    def get_site_check(name: str):
+        asked.append(name)
+        check = real("classification")
+
+        def check_site(path, *, encoding, **kwargs):
+            asked.append(encoding.task)
+            return check(path, encoding=encoding, **kwargs)
+        return check_site
+
+    monkeypatch.setattr(tasks, "get_site_check", get_site_check)
+    (tmp_path / "site.csv").write_text(CLEAN_SITE)
+
+    assert main(["check-data", str(tmp_path / "site.csv"), "--task", "triage",
+                 "--text-column", "note", "--label-column", "triage"]) == 0
+    assert asked == ["triage", "triage"]
+    assert "result: no blocking problem" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("site_config", [
     ['data-path="{t}/site.csv" text-column="note"', "label-column=triage"],
     ["{t}/node.toml"],

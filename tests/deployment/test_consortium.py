@@ -249,8 +249,65 @@ def test_the_data_check_gets_labels_only_when_known_and_the_task_has_classes():
 @pytest.mark.parametrize("labels", ["only", "", "a,a"])
 def test_create_refuses_labels_a_run_would_refuse(labels, tmp_path, capsys):
     assert main(["create", str(tmp_path / "c"), "--labels", labels]) == 2
-    assert "must name at least 2 distinct classes" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "must name at least 2 distinct classes" in err
+    assert err.startswith("fedsft: error: --labels")  # the flag, not only the run's key
     assert not (tmp_path / "c").exists()  # refused before anything is written
+
+
+def test_create_refuses_label_case_fold_without_labels(tmp_path, capsys):
+    assert main(["create", str(tmp_path / "c"), "--label-case-fold"]) == 2
+    err = capsys.readouterr().err
+    assert "--label-case-fold needs --labels" in err and "Traceback" not in err
+    assert not (tmp_path / "c").exists()
+
+
+def _edit_settings(c: cons.Consortium, **changes: object) -> None:
+    """Edit consortium.json by hand, as a coordinator may."""
+    path = c.root / "consortium.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("labels, fold, expected", [
+    (None, None, ((), False)),  # not given: no labels, no folding
+    ([], False, ((), False)),
+    (["routine", " urgent"], True, (("routine", "urgent"), True)),
+])
+def test_labels_read_from_consortium_json(consortium, labels, fold, expected):
+    changes = {"labels": labels} if labels is not None else {}
+    if fold is not None:
+        changes["label-case-fold"] = fold
+    _edit_settings(consortium, **changes)
+    assert (consortium.labels, consortium.label_case_fold) == expected
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("labels", "routine,urgent", "a list of at least 2 distinct"),  # a string, not a list
+    ("labels", ["routine"], "a list of at least 2 distinct"),
+    ("labels", ["routine", "routine"], "a list of at least 2 distinct"),
+    ("labels", ["routine", ""], "non-empty class names"),
+    ("labels", ["routine", "a,b"], "without commas"),
+    ("labels", ["routine", 3], "a list of at least 2 distinct"),
+    ("label-case-fold", "yes", "true or false"),
+    ("label-case-fold", 1, "true or false"),
+])
+def test_an_edited_consortium_json_with_bad_labels_is_refused_by_name(
+        consortium, key, value, allowed):
+    _edit_settings(consortium, **{key: value, **({} if key == "labels" else
+                                                 {"labels": ["x", "y"]})})
+    with pytest.raises(cons.ConsortiumError) as caught:
+        _ = consortium.labels, consortium.label_case_fold
+    message = str(caught.value)
+    assert str(consortium.root / "consortium.json") in message and repr(key) in message
+    assert allowed in message and json.dumps(value) in message
+
+
+def test_labels_equal_once_case_folded_are_refused_when_the_runs_fold(consortium):
+    _edit_settings(consortium, labels=["Urgent", "urgent"], **{"label-case-fold": False})
+    assert consortium.labels == ("Urgent", "urgent")
+    _edit_settings(consortium, **{"label-case-fold": True})
+    with pytest.raises(cons.ConsortiumError, match="2 distinct"):
+        _ = consortium.labels
 
 
 # --- the registry ------------------------------------------------------------------------

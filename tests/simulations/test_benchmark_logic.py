@@ -30,6 +30,7 @@ import tomli_w
 
 from common.config import ConfigError, RunConfig
 from common.data import load_server_eval
+from common.specs import EncodeSpec, TrainSpec
 from server.model_selection import early_stop_reason, select_round, selection_split
 from server.preflight import preflight
 from server.privacy import PrivacyReport, client_level_epsilon, sampled_per_round
@@ -346,6 +347,41 @@ def at_convergence_plan(cfg: RunConfig) -> Planned:
     return Planned(0.5, 0.0, accuracies=accuracies, validation=accuracies, **bytes_)
 
 
+def assert_trains_as_the_app_defaults(cfg: RunConfig) -> None:
+    """Every key ``plain`` sets and every run-config field a ``TrainSpec`` or an
+    ``EncodeSpec`` reads is the app's default in ``cfg``: nothing of the shared base config
+    (``Bench.base``) leaks into "recommended"."""
+    defaults = RunConfig.from_flower(APP_DEFAULTS)
+    config_fields = {f.name for f in dataclasses.fields(RunConfig)}
+    spec_fields = {f.name for spec in (TrainSpec, EncodeSpec) for f in dataclasses.fields(spec)}
+    keys = {k.replace("-", "_") for k in at_convergence.PLAIN} | (spec_fields & config_fields)
+    assert {"max_length", "local_optimizer", "learning_rate"} <= keys
+    differ = {k: (getattr(cfg, k), getattr(defaults, k)) for k in sorted(keys)
+              if getattr(cfg, k) != getattr(defaults, k)}
+    assert differ == {}
+
+
+def test_at_convergence_recommended_in_default_mode_trains_as_the_app_defaults(
+        tmp_path, tiny_model_dir, monkeypatch):
+    # Default mode's base config (max-length, batch size, ... of its own) with the
+    # built-in data instead of SST-2, one partition, the centralized side faked.
+    size = dataclasses.replace(at_convergence.SIZES["default"], clients=2, max_rounds=8,
+                               patience=2, partitions=("iid",), validation_fraction=0.1)
+    monkeypatch.setitem(at_convergence.SIZES, "default", size)
+    monkeypatch.setattr(at_convergence, "sst2_config", dict)
+    monkeypatch.setattr(at_convergence, "train_centralized",
+                        lambda overrides, *, num_clients, size: CENTRALIZED)
+    fake = FakeFedsft(at_convergence_plan)
+    at_convergence.run(Bench(mode="default", model=str(tiny_model_dir),
+                             runs_dir=tmp_path / "runs", parallel_workers=1, runner=fake))
+
+    plain, recommended = (v.cfg for v in fake.validated)
+    assert recommended.run_name.startswith("at-convergence-recommended-iid")
+    assert_trains_as_the_app_defaults(recommended)
+    assert (plain.learning_rate, plain.batch_size, plain.local_optimizer) == (
+        2e-3, 16, "adamw")
+
+
 def test_at_convergence_reports_plateaus_drops_bytes_and_exported_vs_last(
         tmp_path, tiny_model_dir, monkeypatch):
     calls = []
@@ -380,10 +416,8 @@ def test_at_convergence_reports_plateaus_drops_bytes_and_exported_vs_last(
     plain, recommended = fake.validated[0].cfg, fake.validated[1].cfg
     assert (plain.learning_rate, plain.local_steps, plain.batch_size, plain.strategy) == (
         2e-3, 10, 16, "fedavg")
-    for key in at_convergence.PLAIN:
-        field = key.replace("-", "_")
-        assert getattr(recommended, field) == getattr(RunConfig.from_flower(APP_DEFAULTS),
-                                                      field), key
+    assert plain.local_optimizer == "adamw"
+    assert_trains_as_the_app_defaults(recommended)
 
     iid, skewed = result["numbers"]["iid"], result["numbers"]["dirichlet-0.1"]
     rec = iid["recommended"]
@@ -461,6 +495,31 @@ def test_figures_are_copied_next_to_the_json_and_linked_from_the_section(tmp_pat
     assert "![accuracy, iid](results/at-convergence-accuracy-iid.png)" in report
     assert "![" not in render({"at-convergence": {**result, "figures": []}}, {"cores": 2},
                               pending=[])
+
+
+def test_a_figure_a_benchmark_did_not_write_fails_that_benchmark_alone(
+        tmp_path, tiny_model_dir, monkeypatch):
+    from simulations.benchmarks.__main__ import run_benchmark
+
+    written = tmp_path / "runs" / "accuracy-iid.png"
+    written.parent.mkdir()
+    written.write_bytes(b"\x89PNG fake")
+    missing = tmp_path / "runs" / "accuracy-dirichlet-0.1.png"
+    figures = {"at-convergence": written, "communication": missing}
+    monkeypatch.setattr(at_convergence, "run", lambda bench: {
+        "figures": [{"file": str(figures["at-convergence"]), "caption": "c"}]})
+    monkeypatch.setattr(communication, "run", lambda bench: {
+        "figures": [{"file": str(figures["communication"]), "caption": "c"}]})
+    (tmp_path / "out" / "results").mkdir(parents=True)
+    bench = quick_bench(tmp_path, tiny_model_dir, FakeFedsft(at_convergence_plan))
+
+    failed = run_benchmark("communication", bench, tmp_path / "out")
+    assert failed["status"] == "failed" and "figures" not in failed
+    assert failed["error"].startswith("FileNotFoundError") and str(missing) in failed["error"]
+    ok = run_benchmark("at-convergence", bench, tmp_path / "out")  # the next one still runs
+    assert ok == {"status": "ok", "figures": [
+        {"file": "results/at-convergence-accuracy-iid.png", "caption": "c"}]}
+
 
 # --- robustness ------------------------------------------------------------------------
 
@@ -773,7 +832,31 @@ def test_dp_sgd_reports_each_sites_spend_the_drop_and_the_targets(tmp_path, tiny
         ("eps-8: largest site epsilon spent (every site within its budget)", 7.98, 8.0,
          True)]
     assert "on the central split (the same rows" in result["notes"][1]
-    assert result["config"]["set because DP-SGD refuses the default"].startswith("nothing")
+    # The app's defaults work with DP-SGD: only the noise multipliers are set (always).
+    assert set(result["config"]["set for every variant (why)"]) == {
+        "dp-sgd-noise-multiplier", "dp-noise-multiplier"}
+    assert result["config"]["variants add"]["no-dp"] == {"dp-sgd-target-epsilon": math.inf}
+
+
+@pytest.mark.parametrize("default", [
+    {"dp-sgd-target-epsilon": 3.0},  # DP-SGD on by default, from a budget
+    {"dp-sgd-noise-multiplier": 1.2},  # DP-SGD on by default, with its own noise
+    {"dp-noise-multiplier": 0.5},  # client-level DP on by default
+])
+def test_dp_sgd_measures_dp_sgd_alone_whatever_dp_the_defaults_turn_on(
+        tmp_path, tiny_model_dir, monkeypatch, default):
+    for key, value in default.items():
+        monkeypatch.setitem(APP_DEFAULTS, key, value)  # what the fake's runs start from
+    monkeypatch.setattr(dp_sgd, "app_defaults", lambda: dict(APP_DEFAULTS))
+    RunConfig.from_flower(APP_DEFAULTS)  # a default the app accepts
+    fake = FakeDpSgdFedsft(lambda cfg: Planned(0.5, 0.76 if cfg.dp_sgd_enabled else 0.80),
+                           exported_round=1)
+    dp_sgd.run(quick_bench(tmp_path, tiny_model_dir, fake))
+
+    no_dp, eps8 = (v.cfg for v in fake.validated)
+    assert not no_dp.dp_sgd_enabled and not no_dp.dp_enabled
+    assert (eps8.dp_sgd_target_epsilon, eps8.dp_sgd_noise_multiplier, eps8.dp_enabled) == (
+        8.0, 0.0, False)
 
 
 def test_dp_sgd_flags_a_drop_over_5_points_and_a_site_over_its_budget(
@@ -819,10 +902,12 @@ def test_dp_sgd_sets_only_what_dp_sgd_refuses_and_says_why():
     defaults = {"skew-loss": "logit-adjusted", "class-weighting": "none",
                 "strategy": "fedprox", "gradient-checkpointing": False}
     needs = dp_sgd.dp_sgd_needs(defaults)
+    noise_off = {"dp-sgd-noise-multiplier": 0.0, "dp-noise-multiplier": 0.0}  # always
     assert {key: value for key, (value, _) in needs.items()} == {
-        "skew-loss": "none", "strategy": "fedavg"}
+        **noise_off, "skew-loss": "none", "strategy": "fedavg"}
     assert "outside the privacy accounting" in needs["skew-loss"][1]
-    assert dp_sgd.dp_sgd_needs({"skew-loss": "none", "strategy": "fedavg"}) == {}
+    assert {key: value for key, (value, _) in dp_sgd.dp_sgd_needs(
+        {"skew-loss": "none", "strategy": "fedavg"}).items()} == noise_off
     # Every value it sets is one DP-SGD accepts: the app's config validation agrees.
     RunConfig.from_flower({**APP_DEFAULTS, **{k: v for k, (v, _) in needs.items()},
                            "dp-sgd-target-epsilon": 8.0})

@@ -1,5 +1,9 @@
 """Pure parts of the benchmark plans (the smoke test runs the benchmarks themselves)."""
 
+from types import SimpleNamespace
+
+import pytest
+
 from simulations.benchmarks.robustness import infeasible, num_malicious, setting_name
 
 
@@ -92,3 +96,29 @@ def test_sft_plans_fit_the_non_iid_split_and_the_centralized_budget():
         assert plan.patience < plan.rounds or plan.rounds == 1
     assert PLANS["quick"].budget_steps <= PLANS["default"].budget_steps
     assert round(gap_points(0.5, 0.375), 6) == 12.5
+
+
+@pytest.mark.parametrize("optimizer, step", [("sgd", 0.1), ("adamw", 0.01)])
+def test_sft_plain_loop_steps_with_the_runs_local_optimizer(optimizer, step):
+    # One step on loss 10 * w: SGD moves w by lr * 10, AdamW by about lr whatever the
+    # gradient (no weight decay, warm-up or clipping).
+    import torch
+
+    from common.config import RunConfig
+    from simulations.benchmarks.sft import _plain_steps
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, **batch: torch.Tensor) -> SimpleNamespace:
+            return SimpleNamespace(loss=10 * self.w)
+
+    cfg = RunConfig(local_optimizer=optimizer, learning_rate=0.01, weight_decay=0.0,
+                    warmup_ratio=0.0, grad_clip=0.0)
+    model = Model()
+    batch = {"input_ids": torch.zeros(1), "attention_mask": torch.zeros(1),
+             "labels": torch.zeros(1)}
+    assert _plain_steps(model, [batch], cfg) == [0.0]
+    assert float(model.w) == pytest.approx(-step, rel=1e-3)
