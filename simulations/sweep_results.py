@@ -159,7 +159,7 @@ def write_results_section(sweep_dirs: Sequence[Path], commands: Sequence[str], *
                           description: str, output: Path) -> Path:
     """Write ``output/results/<name>.json`` from the sweeps and re-render
     ``output/RESULTS.md`` from every result there (as the benchmarks do)."""
-    from simulations.benchmarks.__main__ import load_results, render
+    from simulations.benchmarks.__main__ import write_result
     from simulations.benchmarks.harness import machine_info
 
     if len(commands) != len(sweep_dirs):
@@ -175,13 +175,7 @@ def write_results_section(sweep_dirs: Sequence[Path], commands: Sequence[str], *
     result = section(sweeps, name=name, description=description, machine=machine,
                      seconds=seconds)
     result["runs_dir"] = ", ".join(str(folder) for folder in sweep_dirs)
-    (output / "results").mkdir(parents=True, exist_ok=True)
-    (output / "results" / f"{name}.json").write_text(
-        json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-    results = output / "RESULTS.md"
-    results.write_text(render(load_results(output / "results"), machine_info(), pending=[]),
-                       encoding="utf-8")
-    return results
+    return write_result(output, name, result, machine_info())
 
 
 if __name__ == "__main__":

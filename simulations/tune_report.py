@@ -276,7 +276,7 @@ def write_results_section(tune_dir: Path, *, command: str, output: Path) -> Path
     import json
     from datetime import UTC, datetime
 
-    from simulations.benchmarks.__main__ import load_results, render
+    from simulations.benchmarks.__main__ import write_result
     from simulations.benchmarks.harness import machine_info
 
     source = tune_dir / "tune.json"
@@ -288,13 +288,7 @@ def write_results_section(tune_dir: Path, *, command: str, output: Path) -> Path
         **machine, "date": finished.strftime("%Y-%m-%d %H:%M UTC")},
         sizes=split_rows(run_dirs))
     section.update(name="tune", runs_dir=str(tune_dir))
-    (output / "results").mkdir(parents=True, exist_ok=True)
-    path = output / "results" / "tune.json"
-    path.write_text(json.dumps(section, indent=2, default=str) + "\n", encoding="utf-8")
-    results = output / "RESULTS.md"
-    results.write_text(render(load_results(output / "results"), machine, pending=[]),
-                       encoding="utf-8")
-    return results
+    return write_result(output, "tune", section, machine)
 
 
 if __name__ == "__main__":

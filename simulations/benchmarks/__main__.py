@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -109,17 +110,26 @@ def main(argv: list[str] | None = None) -> int:
                           seconds=time.monotonic() - t0, machine=machine_info(),
                           runs_dir=str(runs_dir))
             results[name] = result
-            (output / "results" / f"{name}.json").write_text(
-                json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
-            (output / "RESULTS.md").write_text(
-                render(load_results(output / "results"), machine,
-                       pending=args.names[len(results):]),
-                encoding="utf-8")
+            write_result(output, name, result, machine, pending=args.names[len(results):])
             print(f"[bench] {name}: {result['status']} in {result['seconds']:.0f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"[bench] wrote {output / 'RESULTS.md'}", flush=True)
     return 0 if all(r["status"] == "ok" for r in results.values()) else 1
+
+
+def write_result(output: Path, name: str, result: dict[str, Any], machine: dict[str, Any],
+                 *, pending: Sequence[str] = ()) -> Path:
+    """Save ``result`` as ``output/results/<name>.json`` and re-render
+    ``output/RESULTS.md`` from every result there (a benchmark's, or a hand-run
+    section's: the tune, a sweep); returns RESULTS.md's path."""
+    (output / "results").mkdir(parents=True, exist_ok=True)
+    (output / "results" / f"{name}.json").write_text(
+        json.dumps(result, indent=2, default=str) + "\n", encoding="utf-8")
+    results = output / "RESULTS.md"
+    results.write_text(render(load_results(output / "results"), machine, pending=list(pending)),
+                       encoding="utf-8")
+    return results
 
 
 def run_benchmark(name: str, bench: Bench, output: Path) -> dict[str, Any]:
