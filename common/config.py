@@ -29,6 +29,7 @@ from common.tasks import (
 METHODS = ("lora", "full", "head", "freeze")
 SKEW_LOSSES = ("none", "logit-adjusted")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
+ADAM_EPSILON_DEFAULT = 1e-8  # torch.optim.AdamW's own default
 CLASS_WEIGHTINGS = ("none", "inverse-frequency", "effective-number")
 CLASS_WEIGHTING_SOURCES = ("site", "global")
 AUGMENTS = ("none", "token-dropout", "random-swap", "both")
@@ -167,6 +168,10 @@ class RunConfig:
     # a site whose loss barely pulls (logit-adjusted on a one-class site) still moves the
     # model at full speed; SGD's steps keep the gradient's size (common/training.py).
     local_optimizer: str = "adamw"
+    # AdamW's eps. Adam divides each step by sqrt(v) + eps, so a parameter whose gradients
+    # are far below eps moves far less than the learning rate: a larger eps (e.g. 1e-4)
+    # damps a site whose loss barely pulls (logit-adjusted on a one-class site).
+    adam_epsilon: float = ADAM_EPSILON_DEFAULT
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
     # none | logit-adjusted (common/tasks/classification_losses.py): the site's class
@@ -339,6 +344,11 @@ class RunConfig:
         check_range("server-momentum", self.server_momentum, low=0, high=1, high_open=True)
         check_range("warmup-ratio", self.warmup_ratio, low=0, high=1, high_open=True)
         check_choice("local-optimizer", self.local_optimizer, LOCAL_OPTIMIZERS)
+        check_range("adam-epsilon", self.adam_epsilon, low=0, low_open=True)
+        if self.local_optimizer == "sgd" and self.adam_epsilon != ADAM_EPSILON_DEFAULT:
+            raise ConfigError(
+                f"`adam-epsilon` {self.adam_epsilon!r} is AdamW's and `local-optimizer` is "
+                "sgd: drop `adam-epsilon` or use local-optimizer adamw")
         check_range("trim-fraction", self.trim_fraction, low=0, high=0.5, high_open=True)
         check_range("eval-fraction", self.eval_fraction, low=0, high=1, high_open=True)
         check_range("topk-fraction", self.topk_fraction, low=0, high=1, high_open=True)

@@ -163,6 +163,7 @@ class TrainSpec:
     learning_rate: float
     weight_decay: float
     local_optimizer: str  # adamw | sgd
+    adam_epsilon: float  # AdamW's eps
     warmup_ratio: float
     grad_clip: float  # 0: off
     precision: str

@@ -81,13 +81,15 @@ SGD_MOMENTUM = 0.9  # the usual value; the local optimizer restarts every round 
 
 
 def make_optimizer(params: list[torch.nn.Parameter], spec: TrainSpec) -> torch.optim.Optimizer:
-    """The local optimizer of ``spec.local_optimizer``: AdamW, or SGD with momentum
-    ``SGD_MOMENTUM`` (``weight_decay`` as its L2 penalty), at ``spec.learning_rate``."""
+    """The local optimizer of ``spec.local_optimizer``: AdamW (eps ``spec.adam_epsilon``),
+    or SGD with momentum ``SGD_MOMENTUM`` (``weight_decay`` as its L2 penalty), at
+    ``spec.learning_rate``."""
     if spec.local_optimizer == "sgd":
         return torch.optim.SGD(params, lr=spec.learning_rate, momentum=SGD_MOMENTUM,
                                weight_decay=spec.weight_decay)
     if spec.local_optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay)
+        return torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=spec.weight_decay,
+                                 eps=spec.adam_epsilon)
     raise ValueError(f"local optimizer must be adamw or sgd, got {spec.local_optimizer!r}")
 
 

@@ -61,6 +61,7 @@ PLAIN: dict[str, Any] = {
     "method": "lora", "lora-aggregation": "fedavg", "strategy": "fedavg",
     "skew-loss": "none", "class-weighting": "none", "focal-gamma": 0.0,
     "learning-rate": 2e-3, "local-steps": 10, "batch-size": 16, "local-optimizer": "adamw",
+    "adam-epsilon": 1e-8,
 }
 # Recommended: no training override (only the protocol every run shares), so the
 # benchmark measures fedsft's defaults as they are when it runs.

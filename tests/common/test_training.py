@@ -281,11 +281,11 @@ def test_evaluate_macro_f1_counts_every_class_of_the_model() -> None:
 # --- the local optimizer ---------------------------------------------------------------------
 
 
-def _first_step(optimizer_name: str, gradient: float) -> float:
+def _first_step(optimizer_name: str, gradient: float, **keys: float) -> float:
     """How far one step of ``make_optimizer`` moves a parameter at 0 whose loss is
     ``gradient * p`` (weight decay has nothing to act on at 0)."""
     param = torch.nn.Parameter(torch.zeros(1))
-    cfg = RunConfig(local_optimizer=optimizer_name, learning_rate=0.1)
+    cfg = RunConfig(local_optimizer=optimizer_name, learning_rate=0.1, **keys)
     optimizer = make_optimizer([param], TrainSpec.of(cfg))
     (gradient * param).sum().backward()
     optimizer.step()
@@ -304,6 +304,24 @@ def test_sgd_steps_keep_the_gradients_size_and_adamw_steps_do_not() -> None:
                                TrainSpec.of(RunConfig(local_optimizer="sgd")))
     assert isinstance(optimizer, torch.optim.SGD)
     assert optimizer.defaults["momentum"] == SGD_MOMENTUM == 0.9
+
+
+def test_a_larger_adam_epsilon_damps_gradients_far_below_it() -> None:
+    # AdamW's first step is -lr * g / (|g| + eps): with eps 1e-4 a gradient of 1e-6 moves
+    # 0.1 * 1e-6 / 1.01e-4 (about 100x less than at torch's 1e-8), one of 1 barely less.
+    assert _first_step("adamw", 1e-6, adam_epsilon=1e-4) == pytest.approx(
+        -0.1 * 1e-6 / (1e-6 + 1e-4), rel=1e-3)
+    assert _first_step("adamw", 1e-6) == pytest.approx(-0.1 * 1e-6 / (1e-6 + 1e-8), rel=1e-3)
+    assert _first_step("adamw", 1.0, adam_epsilon=1e-4) == pytest.approx(-0.1, rel=1e-3)
+
+
+def test_adam_epsilon_is_refused_with_sgd_and_must_be_positive() -> None:
+    from common.config import ConfigError
+
+    with pytest.raises(ConfigError, match="adam-epsilon.*sgd"):
+        RunConfig(local_optimizer="sgd", adam_epsilon=1e-4)
+    with pytest.raises(ConfigError, match="adam-epsilon.*> 0"):
+        RunConfig(adam_epsilon=0.0)
 
 
 def _moved(model_dir: Path, optimizer_name: str) -> float:
