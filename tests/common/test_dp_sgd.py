@@ -68,7 +68,7 @@ def test_bad_dp_sgd_settings_are_config_errors(changes: dict, key: str) -> None:
 def _one_sgd_step(monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path, **changes: object):
     """The weight change of one DP-SGD step with plain SGD (lr 1), all 16 examples sampled."""
     monkeypatch.setattr(torch.optim, "AdamW",
-                        lambda params, lr, weight_decay: torch.optim.SGD(params, lr=1.0))
+                        lambda params, **_: torch.optim.SGD(params, lr=1.0))
     cfg, model, data, pad = setup(tiny_model_dir, n=16, method="lora", local_steps=1,
                                   batch_size=16, **changes)
     before = get_exchanged_state(model)
