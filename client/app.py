@@ -32,7 +32,7 @@ from client.site_state import keep_site_state, restore_site_state
 from common.config import RunConfig
 from common.model import get_exchanged_state, get_model, select_device, set_exchanged_state
 from common.records import array_record, config_record, config_strs, numpy_arrays
-from common.specs import ModelSpec, TrainSpec
+from common.specs import DPSGDSpec, ModelSpec, TrainSpec
 from common.tasks import get_task
 from common.tasks.base import EvalContext, TrainContext
 from common.training import derive_seed, train_local
@@ -91,7 +91,8 @@ def train(msg: Message, context: Context) -> Message:
     start_gpu_measurement(device)
     if cfg.dp_sgd_enabled:
         result, privacy = train_with_dp_sgd(
-            model, train_data, cfg, task=task, seed=seed, device=device,
+            model, train_data, TrainSpec.of(cfg), dp=DPSGDSpec.of(cfg), task=task,
+            loss_spec=loss_spec, seed=seed, device=device,
             pad_token_id=tokenizer.pad_token_id, state=context.state, round_config=config,
         )
     else:
@@ -135,9 +136,10 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     if len(data.eval) == 0:
         metrics = MetricRecord({"num-examples": 0})
     else:
-        result = get_task(cfg.task).evaluate(model, tokenizer, data.eval, EvalContext(
+        task = get_task(cfg.task)
+        result = task.evaluate(model, tokenizer, data.eval, EvalContext(
             batch_size=max(cfg.batch_size, 64), device=device, precision=cfg.precision,
-            server_round=int(config.get("server-round", 0)), cfg=cfg))
+            server_round=int(config.get("server-round", 0)), spec=task.eval_spec(cfg)))
         # Reply metric names: "eval-" + the task's metric name, dashed (eval-f1-macro).
         metrics = MetricRecord({
             "num-examples": int(result["num_examples"]),

@@ -7,13 +7,12 @@ reports covers every DP-SGD step it has taken in the run, not just this round's.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
 from flwr.app import ConfigRecord, RecordDict
 
-from common.config import RunConfig
 from common.dp_sgd import planned_entry, sample_level_epsilon, train_local_dp_sgd
 from common.records import config_floats, config_ints
 from common.specs import DPSGDSpec, TrainSpec
@@ -46,9 +45,9 @@ def store_history(state: RecordDict, history: list[tuple[float, float, int]]) ->
 
 
 def train_with_dp_sgd(
-    model: torch.nn.Module, data: Examples, cfg: RunConfig, *, task: Task, seed: int,
-    device: torch.device, pad_token_id: int, state: RecordDict,
-    round_config: Mapping[str, Any] | None = None,
+    model: torch.nn.Module, data: Examples, spec: TrainSpec, *, dp: DPSGDSpec, task: Task,
+    loss_spec: Hashable, seed: int, device: torch.device, pad_token_id: int,
+    state: RecordDict, round_config: Mapping[str, Any] | None = None,
 ) -> tuple[TrainResult, dict[str, float]]:
     """One round of DP-SGD; returns the result and the metrics to report.
 
@@ -63,7 +62,6 @@ def train_with_dp_sgd(
         site then sends a failed reply with that reason, and every later round too.
     """
     earlier = load_history(state)
-    spec, dp = TrainSpec.of(cfg), DPSGDSpec.of(cfg)
     entry = planned_entry(dp, spec, len(data))
     if not earlier and dp.dp_sgd_noise_multiplier == 0:  # say once what was chosen
         noise, rate, steps = entry
@@ -85,7 +83,7 @@ def train_with_dp_sgd(
             f"{dp.dp_sgd_delta:g}); the site trains no more in this run"
         )
     result, entry = train_local_dp_sgd(model, data, spec, dp=dp, task=task,
-                                       loss_spec=task.loss_spec(cfg), seed=seed, device=device,
+                                       loss_spec=loss_spec, seed=seed, device=device,
                                        pad_token_id=pad_token_id, round_config=round_config)
     history = [*earlier, entry]
     store_history(state, history)

@@ -219,7 +219,7 @@ class RoundRecorder:
         return self.evaluate_state(state, data, EvalContext(
             batch_size=max(self.cfg.batch_size, 64), device=self.device,
             precision=self.cfg.precision, server_round=rnd,
-            final=final, cfg=self.cfg))
+            final=final, spec=self.task.eval_spec(self.cfg)))
 
     def _task_evaluate(self, state: dict[str, np.ndarray], data: Examples,
                        ctx: EvalContext) -> dict[str, Any]:

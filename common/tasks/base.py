@@ -48,7 +48,8 @@ class EvalContext:
     precision: str  # the `precision` key: autocast choice
     server_round: int = 0  # a task may do expensive metrics only every N rounds
     final: bool = False  # the last round: expensive metrics always run
-    cfg: RunConfig | None = None  # the run's config, for a task's own evaluation keys
+    # The task's own evaluation keys (``Task.eval_spec``); None: the task's defaults.
+    spec: Any = None
 
 
 @dataclass(frozen=True)
@@ -242,6 +243,11 @@ class Task(Protocol):
         ``round_feedback``: a frozen dataclass of the task's, filled from ``cfg`` by name
         (``common.specs.spec_from_config``); equal for configs that differ only in keys
         it does not own. What ``make_loss`` and the two others take as ``spec``."""
+        ...
+
+    def eval_spec(self, cfg: RunConfig) -> Hashable:
+        """The task's own keys that shape ``evaluate`` (e.g. how often to generate), as a
+        frozen dataclass of the task's; what ``EvalContext.spec`` carries."""
         ...
 
     def make_loss(self, examples: Examples, *, spec: Any, ctx: TrainContext) -> LossFn:

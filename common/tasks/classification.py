@@ -251,6 +251,9 @@ class ClassificationTask:
     def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
         return collate(examples, index, pad_token_id)
 
+    def eval_spec(self, cfg: RunConfig) -> None:
+        return None  # no classification key changes how a model is evaluated
+
     def loss_spec(self, cfg: RunConfig) -> ClassificationLossSpec:
         return spec_from_config(ClassificationLossSpec, cfg)
 

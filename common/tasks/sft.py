@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.config import RunConfig
 from common.data import DataError, read_rows
 from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec
+from common.specs import DataSpec, EncodeSpec, spec_from_config
 from common.tasks.base import Batch, EvalContext, LossFn, Task, TrainContext
 from common.tasks.duplicates import normalize_text, repeats
 from common.tasks.sft_builtin_data import generate_sft
@@ -60,6 +60,17 @@ class SftLossSpec:
     """The SFT keys that shape the local loss (``SftTask.loss_spec``): none. The loss is
     the mean next-token cross-entropy over the trained tokens, whatever the config;
     which tokens are trained (``train-on``) is fixed when the examples are encoded."""
+
+
+@dataclass(frozen=True)
+class SftEvalSpec:
+    """The SFT keys that shape evaluation (``SftTask.eval_spec``); the defaults are the
+    keys' defaults (``RunConfig``)."""
+
+    generate_every: int = 1
+    generation_samples: int = 32
+    max_new_tokens: int = 48
+    max_length: int = 64
 
 
 @dataclass(frozen=True)
@@ -508,6 +519,9 @@ class SftTask:
     def collate(self, examples: Any, index: list[int], pad_token_id: int) -> Batch:
         return collate_chat(examples.examples, index, _pad(pad_token_id))
 
+    def eval_spec(self, cfg: RunConfig) -> SftEvalSpec:
+        return spec_from_config(SftEvalSpec, cfg)
+
     def loss_spec(self, cfg: RunConfig) -> SftLossSpec:
         return SftLossSpec()
 
@@ -552,13 +566,13 @@ class SftTask:
             "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "num_examples": len(examples),
         }
-        cfg = ctx.cfg or RunConfig(task="sft")
-        if _generation_due(cfg, ctx):
-            sample = examples.conversations[: cfg.generation_samples]
+        spec = ctx.spec if ctx.spec is not None else SftEvalSpec()
+        if _generation_due(spec, ctx):
+            sample = examples.conversations[: spec.generation_samples]
             prompts, references = zip(*(split_for_generation(c) for c in sample), strict=True)
             answers = generate_answers(
                 model, tokenizer, list(prompts), chat_template=examples.chat_template,
-                max_length=cfg.max_length, max_new_tokens=cfg.max_new_tokens,
+                max_length=spec.max_length, max_new_tokens=spec.max_new_tokens,
                 device=ctx.device, batch_size=_EVAL_BATCH)
             metrics["exact_match"] = float(np.mean(
                 [exact_match(a, r) for a, r in zip(answers, references, strict=True)]))
@@ -682,8 +696,8 @@ def _trained(batch: Batch) -> torch.Tensor:
     return (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
 
 
-def _generation_due(cfg: RunConfig, ctx: EvalContext) -> bool:
-    every = cfg.generate_every
+def _generation_due(spec: SftEvalSpec, ctx: EvalContext) -> bool:
+    every = spec.generate_every
     return ctx.final or ctx.server_round == 0 or (every > 0 and ctx.server_round % every == 0)
 
 

@@ -235,7 +235,7 @@ class InProcess:
 
         return self.task.evaluate(self.model, self.tokenizer, data, EvalContext(
             batch_size=max(self.cfg.batch_size, 64), device=self.device,
-            precision=self.cfg.precision))
+            precision=self.cfg.precision, spec=self.task.eval_spec(self.cfg)))
 
 
 def prepare_in_process(overrides: Mapping[str, Any], *, num_clients: int) -> InProcess:

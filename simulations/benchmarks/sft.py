@@ -381,7 +381,7 @@ def train_centralized(overrides: Mapping[str, Any], plan: Plan) -> dict[str, Any
     def evaluate(data: Any, *, chunk_no: int, final: bool) -> dict[str, float]:
         return task.evaluate(model, tokenizer, data, EvalContext(
             batch_size=cfg.batch_size, device=device, precision=cfg.precision,
-            server_round=chunk_no, final=final, cfg=cfg))
+            server_round=chunk_no, final=final, spec=task.eval_spec(cfg)))
 
     val_losses: list[float] = []
     best_state = get_exchanged_state(model)

@@ -129,13 +129,19 @@ def test_dp_sgd_learns_and_leaves_the_cached_model_clean(tiny_model_dir: Path,
                 device=CPU, pad_token_id=pad)
 
 
+def _dp_round(model, data, cfg, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    """One client round of DP-SGD with the specs of ``cfg``, as client/app.py calls it."""
+    return train_with_dp_sgd(model, data, TrainSpec.of(cfg), dp=DPSGDSpec.of(cfg), task=TASK,
+                             loss_spec=TASK.loss_spec(cfg), **kwargs)
+
+
 def test_client_accounts_every_round_in_its_node_state(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=5, batch_size=8,
                                   dp_sgd_noise_multiplier=1.0)
     state = RecordDict()
-    _, first = train_with_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU, pad_token_id=pad,
+    _, first = _dp_round(model, data, cfg, seed=1, device=CPU, pad_token_id=pad,
                                  state=state)
-    _, second = train_with_dp_sgd(model, data, cfg, task=TASK, seed=2, device=CPU, pad_token_id=pad,
+    _, second = _dp_round(model, data, cfg, seed=2, device=CPU, pad_token_id=pad,
                                   state=state)
 
     assert load_history(state) == [(1.0, 8 / 64, 5), (1.0, 8 / 64, 5)]
@@ -150,12 +156,12 @@ def test_a_site_refuses_a_round_beyond_the_calibrated_plan(tiny_model_dir: Path)
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=5, batch_size=8,
                                   dp_sgd_target_epsilon=4.0, num_server_rounds=1)
     state = RecordDict()
-    _, metrics = train_with_dp_sgd(model, data, cfg, task=TASK, seed=1, device=CPU,
+    _, metrics = _dp_round(model, data, cfg, seed=1, device=CPU,
                                    pad_token_id=pad, state=state)
     before = get_exchanged_state(model)
 
     with pytest.raises(BudgetExhausted, match="dp-sgd-target-epsilon"):
-        train_with_dp_sgd(model, data, cfg, task=TASK, seed=2, device=CPU, pad_token_id=pad,
+        _dp_round(model, data, cfg, seed=2, device=CPU, pad_token_id=pad,
                           state=state)
     after = get_exchanged_state(model)
     assert all(np.array_equal(before[k], after[k]) for k in before)  # nothing trained

@@ -84,7 +84,8 @@ def test_the_loss_is_the_mean_cross_entropy_of_the_assistant_tokens_only(setup):
 
 def test_training_lowers_the_assistant_token_loss(setup):
     cfg, model, tokenizer, train, evaluation = setup
-    ctx = EvalContext(batch_size=8, device=CPU, precision="fp32", server_round=1, cfg=cfg)
+    ctx = EvalContext(batch_size=8, device=CPU, precision="fp32", server_round=1,
+                      spec=TASK.eval_spec(cfg))
     before = TASK.evaluate(model, tokenizer, evaluation, ctx)["loss"]
     result = train_local(model, train, TrainSpec.of(cfg.replace(local_steps=15)), task=TASK,
                          loss_spec=TASK.loss_spec(cfg), seed=0, device=CPU,
@@ -101,7 +102,7 @@ def test_generation_metrics_run_in_round_0_every_n_rounds_and_at_the_end(setup):
     def metrics(rnd, final=False):
         return TASK.evaluate(model, tokenizer, evaluation, EvalContext(
             batch_size=8, device=CPU, precision="fp32", server_round=rnd, final=final,
-            cfg=cfg))
+            spec=TASK.eval_spec(cfg)))
 
     assert {"exact_match", "token_f1"} <= metrics(0).keys()
     assert "exact_match" not in metrics(1)
@@ -335,3 +336,13 @@ def test_gradient_checkpointing_trains_a_causal_lm(tiny_llama_dir):
     after = get_exchanged_state(model)
     assert result.steps == cfg.local_steps
     assert any((before[k] != after[k]).any() for k in before)
+
+
+def test_the_eval_spec_holds_the_generation_keys_with_their_config_defaults():
+    from common.config import RunConfig
+    from common.tasks.sft import SftEvalSpec
+
+    assert TASK.eval_spec(RunConfig(task="sft")) == SftEvalSpec()  # EvalContext's fallback
+    cfg = RunConfig(task="sft", generate_every=3, generation_samples=5, max_new_tokens=9)
+    assert TASK.eval_spec(cfg) == SftEvalSpec(generate_every=3, generation_samples=5,
+                                              max_new_tokens=9, max_length=cfg.max_length)

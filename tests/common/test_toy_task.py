@@ -78,6 +78,9 @@ class ToyTask:
                 ) -> dict[str, torch.Tensor]:
         return {"features": examples.features[index], "labels": examples.targets[index]}
 
+    def eval_spec(self, cfg: RunConfig) -> None:
+        return None
+
     def loss_spec(self, cfg: RunConfig) -> ToyLossSpec:
         return ToyLossSpec()
 

@@ -44,7 +44,7 @@ def test_a_few_steps_lower_the_assistant_token_loss_on_gsm8k(tmp_path):
     held_out = task.encode(load_site_data(str(eval_file), DataSpec.of(cfg), []), tokenizer,
                            spec=encoding)
     ctx = EvalContext(batch_size=8, device=torch.device("cpu"), precision="fp32",
-                      server_round=1, cfg=cfg)  # round 1: loss only, no generation
+                      server_round=1, spec=task.eval_spec(cfg))  # round 1: loss only, no generation
 
     before = task.evaluate(model, tokenizer, held_out, ctx)["loss"]
     result = train_local(model, train, TrainSpec.of(cfg), task=task,
