@@ -27,7 +27,8 @@ from common.tasks import (
 )
 
 METHODS = ("lora", "full", "head", "freeze")
-SKEW_LOSSES = ("none", "logit-adjusted")
+# auto: logit-adjusted, unless DP-SGD or class weighting is on (both refuse it).
+SKEW_LOSSES = ("auto", "none", "logit-adjusted")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 ADAM_EPSILON_DEFAULT = 1e-8  # torch.optim.AdamW's own default
 CLASS_WEIGHTINGS = ("none", "inverse-frequency", "effective-number")
@@ -294,11 +295,11 @@ class RunConfig:
             )
         check_choice("skew-loss", self.skew_loss, SKEW_LOSSES)
         check_range("skew-loss-tau", self.skew_loss_tau, low=0, low_open=True)
-        if self.dp_sgd_enabled and self.skew_loss != "none":
+        if self.dp_sgd_enabled and self.skew_loss == "logit-adjusted":
             raise ConfigError(
                 f"`skew-loss` logit-adjusted cannot be combined with {_DP_SGD_ON}: "
                 "the site's class prior is computed from "
-                "its records, outside the privacy accounting; set skew-loss=none"
+                "its records, outside the privacy accounting; set skew-loss=none or auto"
             )
         self._check_imbalance_and_augmentation()
         if self.dp_sgd_enabled and self.strategy == "fedprox":
@@ -428,11 +429,12 @@ class RunConfig:
                     high_open=True)
         if self.class_weighting == "none":
             return
-        if self.skew_loss != "none":
+        if self.skew_loss == "logit-adjusted":
             raise ConfigError(
                 f"`class-weighting` {self.class_weighting!r} and `skew-loss` "
                 f"{self.skew_loss!r} both correct the loss for the class frequencies; "
-                "together they correct twice: set one of them to none")
+                "together they correct twice: set one of them to none (skew-loss auto "
+                "turns itself off with class weighting)")
         if self.dp_sgd_enabled:
             raise ConfigError(
                 f"`class-weighting` {self.class_weighting!r} cannot be combined with "
@@ -543,6 +545,17 @@ class RunConfig:
         if self.selection_metric != "auto":
             return self.selection_metric
         return auto_selection_metric(self.task)
+
+    @property
+    def skew_loss_name(self) -> str:
+        """The local loss ``skew-loss`` selects: ``auto`` is logit-adjusted unless DP-SGD
+        (the site's prior would be outside the privacy accounting) or class weighting (a
+        second correction for the same class frequencies) is on."""
+        if self.skew_loss != "auto":
+            return self.skew_loss
+        if self.dp_sgd_enabled or self.class_weighting != "none":
+            return "none"
+        return "logit-adjusted"
 
     @property
     def server_reads_dataset(self) -> bool:

@@ -59,7 +59,7 @@ class ClassificationLossSpec:
     """The classification keys that shape the local loss, the site's label-count
     metrics and the federation's label-count feedback (``ClassificationTask.loss_spec``)."""
 
-    skew_loss: str
+    skew_loss: str  # resolved: none or logit-adjusted (RunConfig.skew_loss_name)
     skew_loss_tau: float
     class_weighting: str
     class_weighting_source: str
@@ -255,7 +255,7 @@ class ClassificationTask:
         return None  # no classification key changes how a model is evaluated
 
     def loss_spec(self, cfg: RunConfig) -> ClassificationLossSpec:
-        return spec_from_config(ClassificationLossSpec, cfg)
+        return spec_from_config(ClassificationLossSpec, cfg, skew_loss=cfg.skew_loss_name)
 
     def make_loss(
         self, examples: Any, *, spec: ClassificationLossSpec, ctx: TrainContext

@@ -186,6 +186,24 @@ def test_an_empty_model_is_the_tasks_packaged_default():
     assert RunConfig(task="sft", model="/m").model_name == "/m"
 
 
+def test_skew_loss_auto_is_logit_adjusted_unless_dp_sgd_or_class_weighting_is_on():
+    assert RunConfig(skew_loss="auto").skew_loss_name == "logit-adjusted"
+    assert RunConfig(skew_loss="none").skew_loss_name == "none"
+    dp_sgd = RunConfig.from_flower({"skew-loss": "auto", "dp-sgd-noise-multiplier": 1.0})
+    assert dp_sgd.skew_loss_name == "none"
+    weighted = RunConfig.from_flower({"skew-loss": "auto",
+                                      "class-weighting": "inverse-frequency"})
+    assert weighted.skew_loss_name == "none"
+    # set by hand, logit-adjusted is still refused with either
+    with pytest.raises(ConfigError, match="outside the privacy accounting"):
+        RunConfig.from_flower({"skew-loss": "logit-adjusted", "dp-sgd-noise-multiplier": 1.0})
+    # the classification loss reads the resolved value
+    from common.tasks.classification import ClassificationTask
+    assert ClassificationTask().loss_spec(dp_sgd).skew_loss == "none"
+    assert ClassificationTask().loss_spec(RunConfig(skew_loss="auto")).skew_loss == \
+        "logit-adjusted"
+
+
 def test_imbalance_and_augmentation_keys_that_combine():
     # focal loss needs no counts: with DP-SGD, skew-loss and class weights it is allowed
     RunConfig.from_flower({"focal-gamma": 2.0, "dp-sgd-noise-multiplier": 1.0})
