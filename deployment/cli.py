@@ -455,7 +455,7 @@ def parse_site_config(items: list[str]) -> dict[str, Any]:
 
 def _check_data(args: argparse.Namespace) -> int:
 
-    from common.config import ConfigError, RunConfig
+    from common.config import ConfigError
     from common.specs import DataSpec, EncodeSpec
     from common.tasks import get_site_check
 
@@ -463,22 +463,13 @@ def _check_data(args: argparse.Namespace) -> int:
     path = args.file or site.get("data-path")
     if not path:
         raise ConfigError("check-data needs a FILE or a --site-config with data-path")
-    if args.task == "sft":
-        return _check_conversations(str(path), args, site)
-    # RunConfig validates the values as a run would and applies the `labels` rule.
-    cfg = RunConfig(
-        task=args.task,
-        text_column=str(args.text_column or site.get("text-column") or "text"),
-        label_column=str(args.label_column or site.get("label-column") or "label"),
-        labels=args.labels or "", label_case_fold=args.label_case_fold,
-        max_length=args.max_length if args.max_length is not None else 64,
-        model=args.model or "",
-    )
+    # RunConfig validates the values as a run would (and applies the `labels` rule).
+    cfg = site_check_config(args, site)
     # Without --model the light check (no torch, transformers, sklearn): every SuperNode
     # start runs it. With it, the tokens are counted as training encodes them.
     tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
     report = get_site_check(args.task)(
-        str(path), spec=DataSpec.of(cfg),
+        str(path), spec=DataSpec.of(cfg.replace(dataset=str(path))),
         encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
         label_names=cfg.label_list or None, tokenizer=tokenizer, eval_path=args.eval,
     )
@@ -494,47 +485,23 @@ def _check_tokenizer(model: str) -> Any:
     return AutoTokenizer.from_pretrained(resolve_model(model).path)
 
 
-# The run-config keys of an sft site check: a --flag, else (the task's site keys: the
-# column keys the client takes from it, client/local_data.py) the node config's, else
-# the run config's default, as --text-column / text-column for classification.
-SFT_SITE_KEYS = task_info("sft").site_keys
-SFT_CHECK_KEYS = ("chat-format", "messages-column", "instruction-column", "input-column",
-                  "output-column", "prompt-column", "response-column", "system-prompt",
-                  "chat-template", "train-on", "overflow")
-
-
-def sft_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
-    """The ``RunConfig`` an sft site check reads and encodes with: each of
-    ``SFT_CHECK_KEYS``, ``model`` and ``max-length`` from its flag, else
-    (``SFT_SITE_KEYS``) the node config (``--site-config``), else the default. Raises
-    ``ConfigError`` for a bad value."""
+def site_check_config(args: argparse.Namespace, site: dict[str, Any]) -> Any:
+    """The ``RunConfig`` a site check of ``--task`` reads and encodes with: each of the
+    task's ``check_keys``, ``model`` and ``max-length`` from its flag, else (one of the
+    task's ``site_keys``, which the client reads from the node config too) the node
+    config (``--site-config``), else the default. Raises ``ConfigError`` for a bad
+    value."""
     from common.config import RunConfig
 
-    given: dict[str, Any] = {"task": "sft"}
-    for key in (*SFT_CHECK_KEYS, "model", "max-length"):
+    info = task_info(args.task)
+    given: dict[str, Any] = {"task": args.task}
+    for key in (*info.check_keys, "model", "max-length"):
         value = getattr(args, key.replace("-", "_"), None)
-        if value is None and key in SFT_SITE_KEYS:  # what the client reads from it too
+        if value is None and key in info.site_keys:
             value = site.get(key)
         if value is not None:
             given[key] = value
     return RunConfig.from_flower(given)
-
-
-def _check_conversations(path: str, args: argparse.Namespace, site: dict[str, Any]) -> int:
-    """The SFT site check: every row read as a conversation with the federation's chat
-    columns, duplicates and ``--eval`` overlap; token lengths with ``--model``'s
-    tokenizer."""
-
-    from common.specs import DataSpec, EncodeSpec
-    from common.tasks import get_task
-
-    cfg = sft_check_config(args, site)
-    tokenizer = _check_tokenizer(cfg.model_name) if args.model else None
-    report = get_task("sft").check_site(
-        path, spec=DataSpec.of(cfg.replace(dataset=path)),
-        encoding=EncodeSpec.of(cfg, tokenizer_path=getattr(tokenizer, "name_or_path", "")),
-        label_names=[], tokenizer=tokenizer, eval_path=args.eval)
-    return _report(report, args.json)
 
 
 def _report(report: Any, json_path: str | None) -> int:
@@ -744,10 +711,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: every row read as a conversation with the run's chat "
                         "columns (the options below, else the node config's keys of the "
                         "same names); token lengths with --model")
-    for key in SFT_CHECK_KEYS:
-        p.add_argument(f"--{key}", help=f"sft: the run's `{key}` (default: "
-                                        + ("the node config's, else " if key in SFT_SITE_KEYS
-                                           else "") + "the run default)")
+    # Every other task's check keys, as flags that task's check reads.
+    given = {"text-column", "label-column", "labels", "label-case-fold"}
+    for name in task_names():
+        info = task_info(name)
+        for key in info.check_keys:
+            if key not in given:
+                given.add(key)
+                site_default = "the node config's, else " if key in info.site_keys else ""
+                p.add_argument(f"--{key}", help=f"{name}: the run's `{key}` (default: "
+                                                f"{site_default}the run default)")
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser

@@ -58,6 +58,10 @@ class TaskInfo:
     # Node-config keys (dashed) a site sets for its own file (its column names, ...),
     # read over the run's values (client/local_data.py ``site_columns``).
     site_keys: tuple[str, ...] = ()
+    # Run-config keys (dashed) that shape ``fedsft check-data`` for this task besides
+    # `model` and `max-length`: each is a flag of the command, else (a site key) the
+    # node config's value, else the default (deployment/cli.py ``site_check_config``).
+    check_keys: tuple[str, ...] = ()
     # Its rows have classes: an int ``label`` column and class names (the label map, the
     # stratified partitioners, the reports' class-distribution figures).
     # Without them the config refuses what shares out or flips class labels (partitioner
@@ -116,6 +120,7 @@ _TASKS: dict[str, TaskInfo] = {
                   "class_weighting", "class_weighting_source", "class_weighting_beta",
                   "focal_gamma", "augment", "augment_rate"),
         site_keys=("text-column", "label-column"),
+        check_keys=("text-column", "label-column", "labels", "label-case-fold"),
         has_classes=True,
         has_head=True,
         site_check="common.tasks.classification_check",
@@ -146,6 +151,9 @@ _TASKS: dict[str, TaskInfo] = {
                   "gradient_checkpointing"),
         site_keys=("chat-format", "messages-column", "instruction-column", "input-column",
                    "output-column", "prompt-column", "response-column"),
+        check_keys=("chat-format", "messages-column", "instruction-column", "input-column",
+                    "output-column", "prompt-column", "response-column", "system-prompt",
+                    "chat-template", "train-on", "overflow"),
         no_head_reason="a causal LM's output layer is tied to its frozen embeddings",
         partition_hint="e.g. column:task for the built-in data's task types",
         config_check="common.tasks.sft_config",

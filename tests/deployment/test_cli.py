@@ -479,18 +479,32 @@ def test_check_data_sft_counts_duplicates_and_the_eval_files_overlap(tmp_path, c
         capsys.readouterr().out
 
 
-def test_check_data_reads_every_sft_site_key_from_the_node_config():
-    # `sft_check_config` takes a site key from --site-config when its flag is absent:
-    # every one the client reads (the registry's site_keys) must have a flag to miss.
+@pytest.mark.parametrize("task", ["classification", "sft"])
+def test_check_data_reads_every_site_key_from_the_node_config(task, capsys):
+    # `site_check_config` takes a site key from --site-config when its flag is absent:
+    # every one the client reads (the registry's site_keys) must be a check key, and
+    # a flag of the command.
     from common.tasks import task_info
     from deployment import cli
 
-    site_keys = task_info("sft").site_keys
-    assert set(site_keys) <= set(cli.SFT_CHECK_KEYS)
-    args = cli.build_parser().parse_args(["check-data", "x.jsonl", "--task", "sft"])
-    cfg = cli.sft_check_config(args, {"messages-column": "chat", "chat-format": "messages",
-                                      "system-prompt": "not a site key"})
-    assert cfg.messages_column == "chat" and cfg.system_prompt != "not a site key"
+    info = task_info(task)
+    assert set(info.site_keys) <= set(info.check_keys)
+    assert cli.main(["check-data", "--help"]) == 0
+    usage = capsys.readouterr().out
+    assert all(f"--{key}" in usage for key in info.check_keys)
+    parser = cli.build_parser()
+    args = parser.parse_args(["check-data", "x.jsonl", "--task", task])
+    if task == "sft":
+        cfg = cli.site_check_config(args, {"messages-column": "chat", "chat-format": "messages",
+                                           "system-prompt": "not a site key"})
+        assert cfg.messages_column == "chat" and cfg.system_prompt != "not a site key"
+    else:
+        cfg = cli.site_check_config(args, {"text-column": "note", "label-column": "y",
+                                           "labels": "not,a,site,key"})
+        assert (cfg.text_column, cfg.label_column, cfg.labels) == ("note", "y", "")
+    # a flag wins over the node config
+    flagged = parser.parse_args(["check-data", "x", "--task", task, "--max-length", "7"])
+    assert cli.site_check_config(flagged, {"max-length": 99}).max_length == 7
 
 
 def test_submit_resolves_a_relative_resume_from_where_submit_runs(tmp_path, monkeypatch):
