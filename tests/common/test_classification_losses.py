@@ -259,7 +259,8 @@ ONE, ZERO = -math.log(3 / 4), -math.log(1 / 4)  # cross-entropy of label 1 and o
 
 
 def _task_loss(ctx: TrainContext | None = None, **keys: object) -> float:
-    cfg = RunConfig(**keys)  # type: ignore[arg-type]
+    # skew-loss none unless given (its default, auto, adjusts the logits by the prior)
+    cfg = RunConfig(**{"skew_loss": "none", **keys})  # type: ignore[arg-type]
     loss = TASK.make_loss(SITE, spec=TASK.loss_spec(cfg), ctx=ctx or TrainContext(seed=1))
     return loss(_Recorder(), BATCH).item()
 
