@@ -64,13 +64,12 @@ class SftLossSpec:
 
 @dataclass(frozen=True)
 class SftEvalSpec:
-    """The SFT keys that shape evaluation (``SftTask.eval_spec``); the defaults are the
-    keys' defaults (``RunConfig``)."""
+    """The SFT keys that shape evaluation (``SftTask.eval_spec``)."""
 
-    generate_every: int = 1
-    generation_samples: int = 32
-    max_new_tokens: int = 48
-    max_length: int = 64
+    generate_every: int
+    generation_samples: int
+    max_new_tokens: int
+    max_length: int
 
 
 @dataclass(frozen=True)
@@ -566,7 +565,8 @@ class SftTask:
             "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
             "num_examples": len(examples),
         }
-        spec = ctx.spec if ctx.spec is not None else SftEvalSpec()
+        # No spec given: the keys' defaults.
+        spec = ctx.spec if ctx.spec is not None else self.eval_spec(RunConfig(task="sft"))
         if _generation_due(spec, ctx):
             sample = examples.conversations[: spec.generation_samples]
             prompts, references = zip(*(split_for_generation(c) for c in sample), strict=True)

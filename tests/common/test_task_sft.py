@@ -342,7 +342,10 @@ def test_the_eval_spec_holds_the_generation_keys_with_their_config_defaults():
     from common.config import RunConfig
     from common.tasks.sft import SftEvalSpec
 
-    assert TASK.eval_spec(RunConfig(task="sft")) == SftEvalSpec()  # EvalContext's fallback
+    default = RunConfig(task="sft")
+    assert TASK.eval_spec(default) == SftEvalSpec(
+        generate_every=default.generate_every, generation_samples=default.generation_samples,
+        max_new_tokens=default.max_new_tokens, max_length=default.max_length)
     cfg = RunConfig(task="sft", generate_every=3, generation_samples=5, max_new_tokens=9)
     assert TASK.eval_spec(cfg) == SftEvalSpec(generate_every=3, generation_samples=5,
                                               max_new_tokens=9, max_length=cfg.max_length)
