@@ -6,6 +6,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import ConfigError, RunConfig
+from common.tasks import get_task
 from server.recorder import EarlyStop, RoundRecorder
 from server.reply_pipeline import Reply, client_measurements
 from server.results import Clients, ResultsRow, read_results
@@ -282,7 +283,7 @@ def _recorder(outputs, accuracies, *, round_offset=0, strategy=_Strategy, **cfg_
                 "num_examples": 4}
 
     # Only a validation split (any examples: evaluate above ignores them), no central one.
-    return RoundRecorder(cfg=cfg, task=None, model=None, tokenizer=None, eval_data=None,
+    return RoundRecorder(cfg=cfg, task=get_task(cfg.task), model=None, tokenizer=None, eval_data=None,
                          device=None, strategy=strategy(round_offset), outputs=outputs,
                          total_rounds=len(accuracies) - 1, validation_data=[0],
                          evaluate=evaluate)
