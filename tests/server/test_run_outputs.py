@@ -79,7 +79,7 @@ def test_old_checkpoints_are_pruned(tmp_path):
 def test_resume_refuses_changed_settings_but_allows_more_rounds(tmp_path):
     outputs = _outputs(tmp_path)
     outputs.check_resumable(RunConfig(num_server_rounds=9, resume_from=str(outputs.folder)))
-    with pytest.raises(ConfigError, match="learning-rate: 0.002 -> 0.1"):
+    with pytest.raises(ConfigError, match=f"learning-rate: {RunConfig().learning_rate} -> 0.1"):
         outputs.check_resumable(RunConfig(learning_rate=0.1))
 
 
@@ -164,7 +164,8 @@ def test_check_resume_names_what_a_non_run_folder_lacks(tmp_path):
 
 def test_check_resume_refuses_changed_settings(tmp_path):
     outputs = _three_rounds(tmp_path)
-    with pytest.raises(ConfigError, match=r"cannot resume .*\(learning-rate: 0.002 -> 0.01\)"):
+    default = RunConfig().learning_rate
+    with pytest.raises(ConfigError, match=rf"cannot resume .*\(learning-rate: {default} -> 0.01\)"):
         check_resume(outputs.folder, RunConfig(learning_rate=0.01))
 
 
@@ -283,9 +284,9 @@ def _recorder(outputs, accuracies, *, round_offset=0, strategy=_Strategy, **cfg_
                 "num_examples": 4}
 
     # Only a validation split (any examples: evaluate above ignores them), no central one.
-    return RoundRecorder(cfg=cfg, task=get_task(cfg.task), model=None, tokenizer=None, eval_data=None,
-                         device=None, strategy=strategy(round_offset), outputs=outputs,
-                         total_rounds=len(accuracies) - 1, validation_data=[0],
+    return RoundRecorder(cfg=cfg, task=get_task(cfg.task), model=None, tokenizer=None,
+                         eval_data=None, device=None, strategy=strategy(round_offset),
+                         outputs=outputs, total_rounds=len(accuracies) - 1, validation_data=[0],
                          evaluate=evaluate)
 
 
