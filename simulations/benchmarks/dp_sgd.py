@@ -64,9 +64,11 @@ REPORTED_KEYS = ("method", "lora-aggregation", "strategy", "local-steps", "local
 # What DP-SGD refuses (common/config.py), the value that turns it off, and why.
 _DP_SGD_REFUSES: tuple[tuple[str, Any, Any, str], ...] = (
     # key, refused when the default is not this, set to, why
+    # `auto` is logit-adjusted without DP-SGD and none with it: none for every variant,
+    # so that no DP trains the same loss and the drop measures DP-SGD alone.
     ("skew-loss", "none", "none",
      "logit adjustment reads the site's class prior from its records, outside the "
-     "privacy accounting"),
+     "privacy accounting; no DP trains the same loss"),
     ("class-weighting", "none", "none",
      "class weights are computed from the records' labels, outside the privacy accounting"),
     ("gradient-checkpointing", False, False,

@@ -324,7 +324,7 @@ def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
     majority) keep the model's logits on balanced data from moving towards class 0."""
     moved = {}
     for weighting in ("none", "inverse-frequency"):
-        cfg, model, site, balanced, pad = _skewed_site(tiny_model_dir,
+        cfg, model, site, balanced, pad = _skewed_site(tiny_model_dir, skew_loss="none",
                                                       class_weighting=weighting)
         before = _mean_gap(model, balanced, pad)
         train_local(model, site, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),

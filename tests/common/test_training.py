@@ -298,8 +298,8 @@ def test_sgd_steps_keep_the_gradients_size_and_adamw_steps_do_not() -> None:
     # the same length for both (why a barely-pulling site still moves the model).
     assert _first_step("sgd", 1.0) == pytest.approx(-0.1)
     assert _first_step("sgd", 1e-3) == pytest.approx(-1e-4)
-    assert _first_step("adamw", 1.0) == pytest.approx(-0.1, rel=1e-3)
-    assert _first_step("adamw", 1e-3) == pytest.approx(-0.1, rel=1e-2)
+    assert _first_step("adamw", 1.0, adam_epsilon=1e-8) == pytest.approx(-0.1, rel=1e-3)
+    assert _first_step("adamw", 1e-3, adam_epsilon=1e-8) == pytest.approx(-0.1, rel=1e-2)
     optimizer = make_optimizer([torch.nn.Parameter(torch.zeros(1))],
                                TrainSpec.of(RunConfig(local_optimizer="sgd")))
     assert isinstance(optimizer, torch.optim.SGD)
@@ -307,11 +307,14 @@ def test_sgd_steps_keep_the_gradients_size_and_adamw_steps_do_not() -> None:
 
 
 def test_a_larger_adam_epsilon_damps_gradients_far_below_it() -> None:
-    # AdamW's first step is -lr * g / (|g| + eps): with eps 1e-4 a gradient of 1e-6 moves
-    # 0.1 * 1e-6 / 1.01e-4 (about 100x less than at torch's 1e-8), one of 1 barely less.
+    # AdamW's first step is -lr * g / (|g| + eps): with eps 1e-4 (the default) a gradient
+    # of 1e-6 moves 0.1 * 1e-6 / 1.01e-4 (about 100x less than at torch's 1e-8), one of 1
+    # barely less.
+    assert RunConfig().adam_epsilon == 1e-4
     assert _first_step("adamw", 1e-6, adam_epsilon=1e-4) == pytest.approx(
         -0.1 * 1e-6 / (1e-6 + 1e-4), rel=1e-3)
-    assert _first_step("adamw", 1e-6) == pytest.approx(-0.1 * 1e-6 / (1e-6 + 1e-8), rel=1e-3)
+    assert _first_step("adamw", 1e-6, adam_epsilon=1e-8) == pytest.approx(
+        -0.1 * 1e-6 / (1e-6 + 1e-8), rel=1e-3)
     assert _first_step("adamw", 1.0, adam_epsilon=1e-4) == pytest.approx(-0.1, rel=1e-3)
 
 
@@ -319,7 +322,8 @@ def test_adam_epsilon_is_refused_with_sgd_and_must_be_positive() -> None:
     from common.config import ConfigError
 
     with pytest.raises(ConfigError, match="adam-epsilon.*sgd"):
-        RunConfig(local_optimizer="sgd", adam_epsilon=1e-4)
+        RunConfig(local_optimizer="sgd", adam_epsilon=1e-8)
+    assert RunConfig(local_optimizer="sgd").local_optimizer == "sgd"  # the default eps is fine
     with pytest.raises(ConfigError, match="adam-epsilon.*> 0"):
         RunConfig(adam_epsilon=0.0)
 

@@ -832,9 +832,11 @@ def test_dp_sgd_reports_each_sites_spend_the_drop_and_the_targets(tmp_path, tiny
         ("eps-8: largest site epsilon spent (every site within its budget)", 7.98, 8.0,
          True)]
     assert "on the central split (the same rows" in result["notes"][1]
-    # The app's defaults work with DP-SGD: only the noise multipliers are set (always).
-    assert set(result["config"]["set for every variant (why)"]) == {
-        "dp-sgd-noise-multiplier", "dp-noise-multiplier"}
+    # The noise multipliers are set (always), and skew-loss none: its default `auto` is
+    # logit-adjusted without DP-SGD, and no DP must train the loss the DP runs train.
+    set_why = result["config"]["set for every variant (why)"]
+    assert set(set_why) == {"dp-sgd-noise-multiplier", "dp-noise-multiplier", "skew-loss"}
+    assert RunConfig().skew_loss == "auto" and no_dp.cfg.skew_loss == "none"
     assert result["config"]["variants add"]["no-dp"] == {"dp-sgd-target-epsilon": math.inf}
 
 
