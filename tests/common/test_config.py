@@ -1,4 +1,5 @@
 import math
+import re
 import tomllib
 from pathlib import Path
 
@@ -13,6 +14,36 @@ def test_pyproject_defaults_equal_the_dataclass_defaults():
     declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
     assert declared == RunConfig().to_flower()
     assert RunConfig.from_flower(declared) == RunConfig()
+
+
+def _readme_key_table() -> list[tuple[str, str]]:
+    """(key, default) of every row of the README's run-config key table."""
+    readme = (PYPROJECT.parent / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Run-config keys", 1)[1].split("| key | default | meaning |", 1)[1]
+    pairs = []
+    for line in table.lstrip("\n").split("\n\n", 1)[0].splitlines()[1:]:  # to a blank line
+        keys_cell, default_cell = (c.strip() for c in line.strip("| ").split(" | ")[:2])
+        keys = re.findall(r"`([a-z0-9-]+)`", keys_cell)
+        # A row of several keys lists their defaults in the same order, comma separated.
+        defaults = default_cell.split(", ") if len(keys) > 1 else [default_cell]
+        assert len(defaults) == len(keys), line
+        pairs += zip(keys, (d.strip("`") for d in defaults), strict=True)
+    return pairs
+
+
+def test_the_readme_key_table_lists_every_key_with_its_default():
+    # The table is what users read: a default changed in the code must change there too.
+    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    table = _readme_key_table()
+    assert sorted(k for k, _ in table) == sorted(declared)
+    for key, shown in table:
+        value = declared[key]
+        if isinstance(value, bool):
+            assert shown == str(value).lower(), key
+        elif isinstance(value, int | float):
+            assert float(shown) == value, (key, shown, value)
+        else:
+            assert shown == (value or '""'), (key, shown, value)
 
 
 def test_dashed_keys_map_to_fields_and_ints_become_floats():
