@@ -933,3 +933,15 @@ def test_dp_sgd_sample_keeps_the_header_and_chosen_lines_verbatim(tmp_path):
         first.read_text()
     with pytest.raises(RuntimeError, match="has 10 data rows; the sample needs 11"):
         dp_sgd.sample_tsv(source, tmp_path / "d.tsv", rows=11, seed=0)
+
+
+def test_the_checked_in_results_md_is_rendered_from_the_checked_in_records():
+    # RESULTS.md is re-rendered from results/*.json by every benchmark or sweep write: a
+    # hand edit of RESULTS.md alone is lost at the next one.
+    from simulations.benchmarks.__main__ import load_results, render
+
+    folder = Path(__file__).resolve().parents[2] / "simulations" / "benchmarks"
+    checked_in = (folder / "RESULTS.md").read_text(encoding="utf-8")
+    rendered = render(load_results(folder / "results"), {"cores": 2}, pending=[])
+    # The machine block is the writer's machine; everything from the summary on is data.
+    assert rendered.split("## Summary", 1)[1] == checked_in.split("## Summary", 1)[1]
