@@ -10,8 +10,13 @@ from common.config import ConfigError, RunConfig
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
+def _declared() -> dict:
+    """The run-config keys and defaults pyproject.toml declares."""
+    return tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+
+
 def test_pyproject_defaults_equal_the_dataclass_defaults():
-    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    declared = _declared()
     assert declared == RunConfig().to_flower()
     assert RunConfig.from_flower(declared) == RunConfig()
 
@@ -33,7 +38,7 @@ def _readme_key_table() -> list[tuple[str, str]]:
 
 def test_the_readme_key_table_lists_every_key_with_its_default():
     # The table is what users read: a default changed in the code must change there too.
-    declared = tomllib.loads(PYPROJECT.read_text())["tool"]["flwr"]["app"]["config"]
+    declared = _declared()
     table = _readme_key_table()
     assert sorted(k for k, _ in table) == sorted(declared)
     for key, shown in table:
