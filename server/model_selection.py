@@ -37,14 +37,10 @@ from types import MappingProxyType
 from typing import Any
 
 from common.config import SELECT_MODELS
-from common.tasks import TASK_METRICS, metric_info
+from common.tasks import metric_info
 from server.results import ResultsRow
 from server.run_outputs import round_aggregated
 
-# Task -> metric -> whether larger ("max") or smaller ("min") is better.
-METRIC_MODES = MappingProxyType({
-    task: MappingProxyType({m.name: "max" if m.higher_is_better else "min" for m in metrics})
-    for task, metrics in TASK_METRICS.items()})
 # The results-row key each split's metrics are under -> how notes name it.
 SPLITS = MappingProxyType({"validation": "validation", "central": "eval"})
 

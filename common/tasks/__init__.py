@@ -241,8 +241,9 @@ def auto_selection_metric(name: str) -> str:
 
 
 def metric_info(task: str, metric: str) -> MetricInfo:
-    """The ``MetricInfo`` of ``metric`` in ``task``."""
-    for info in TASK_METRICS[task]:
+    """The ``MetricInfo`` of ``metric`` in ``task`` (``ValueError`` for an unknown task
+    or a metric it does not have)."""
+    for info in task_info(task).metrics:
         if info.name == metric:
             return info
     raise ValueError(f"task {task!r} has no metric {metric!r}")

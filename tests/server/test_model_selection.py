@@ -7,10 +7,11 @@ import math
 import pytest
 
 from common.config import RunConfig, selection_metrics
+from common.tasks import MetricInfo, TaskInfo, task_names, task_registered
 from server.model_selection import (
-    METRIC_MODES,
     best_round,
     early_stop_reason,
+    metric_mode,
     rounds_without_improvement,
     select_round,
     should_stop,
@@ -31,13 +32,27 @@ def _rows(values, *, split="validation", metric="accuracy", skipped=()):
 
 
 def test_every_selection_metric_has_a_direction():
-    for task in METRIC_MODES:
-        allowed = selection_metrics(task)
-        assert set(METRIC_MODES[task]) == set(allowed) - {"auto"}
-        assert RunConfig(task=task).selection_metric_name in METRIC_MODES[task]
-    assert METRIC_MODES["classification"]["loss"] == METRIC_MODES["sft"]["loss"] == "min"
-    assert METRIC_MODES["sft"]["perplexity"] == "min"
-    assert METRIC_MODES["sft"]["exact_match"] == METRIC_MODES["sft"]["token_f1"] == "max"
+    for task in task_names():
+        named = set(selection_metrics(task)) - {"auto"}
+        assert {metric_mode(task, m) for m in named} <= {"max", "min"}
+        metric_mode(task, RunConfig(task=task).selection_metric_name)  # resolves
+    assert metric_mode("classification", "loss") == metric_mode("sft", "loss") == "min"
+    assert metric_mode("sft", "perplexity") == "min"
+    assert metric_mode("sft", "exact_match") == metric_mode("sft", "token_f1") == "max"
+    with pytest.raises(ValueError, match="no metric 'auto'"):
+        metric_mode("classification", "auto")
+
+
+def test_a_task_registered_after_import_gets_its_directions():
+    # The directions are read from the registry when asked, not copied at import.
+    info = TaskInfo(module="unused", default_model="minilm", metrics=(
+        MetricInfo("bleu", "BLEU", higher_is_better=True),
+        MetricInfo("loss", "loss", higher_is_better=False, bounded=False)))
+    with task_registered("translation", info):
+        assert metric_mode("translation", "bleu") == "max"
+        assert metric_mode("translation", "loss") == "min"
+    with pytest.raises(ValueError, match="unknown task 'translation'"):
+        metric_mode("translation", "bleu")
 
 
 def test_best_round_maximises_accuracy_and_minimises_loss():
