@@ -12,11 +12,12 @@ from __future__ import annotations
 import logging
 import math
 import time
+from typing import cast
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.attacks import attacker_partition, flip_labels, is_attacker
+from client.attacks import attacker_partition, is_attacker
 from client.compute import compute_metrics, start_gpu_measurement
 from client.egress_audit import egress_audit_mod
 from client.local_data import (
@@ -34,7 +35,7 @@ from common.model import get_exchanged_state, get_model, select_device, set_exch
 from common.records import array_record, config_record, config_strs, numpy_arrays
 from common.specs import DPSGDSpec, ModelSpec, TrainSpec
 from common.tasks import get_task
-from common.tasks.base import EvalContext, TrainContext
+from common.tasks.base import ClassTask, EvalContext, TrainContext
 from common.training import derive_seed, train_local
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,9 @@ def train(msg: Message, context: Context) -> Message:
         attacker = is_attacker(partition, num_partitions=partitions,
                                fraction=cfg.attack_fraction, seed=cfg.seed)
     train_data = data.train
-    if attacker and cfg.attack == "label-flip":
-        train_data = flip_labels(train_data, num_classes=len(config["label-names"]))
+    if attacker and cfg.attack == "label-flip":  # RunConfig: only for a task with classes
+        train_data = cast(ClassTask, task).flip_labels(
+            train_data, num_classes=len(config["label-names"]))
     seed = derive_seed(cfg.seed, server_round, key)
     privacy: dict[str, float] = {}
     loss_spec = task.loss_spec(cfg)

@@ -6,7 +6,8 @@ A virtual client is an attacker when its partition is among the seeded
 - ``sign-flip``: sends global - scale * (its honest delta);
 - ``scale``: sends global + scale * (its honest delta);
 - ``gaussian``: sends global + noise with std ``scale`` (no training signal);
-- ``label-flip``: trains honestly on flipped labels (class k -> num_classes - 1 - k);
+- ``label-flip``: trains honestly on flipped labels (class k -> num_classes - 1 - k;
+  the task's ``flip_labels``, see ``common.tasks.base.ClassTask``);
 - ``nan``: sends NaN values.
 
 Only virtual clients (with a ``partition-id``) can attack; a deployed SuperNode never
@@ -15,20 +16,15 @@ runs this code path (the client refuses an attack setting outside simulation).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, TypeVar
 
 import numpy as np
 
 from common.config import ATTACKS, ConfigError
 
-E = TypeVar("E", bound=Any)  # a task's encoded examples with class labels
-
 __all__ = [
-    "ATTACKS", "attacker_count", "attacker_partition", "flip_labels", "is_attacker",
-    "poison_update",
+    "ATTACKS", "attacker_count", "attacker_partition", "is_attacker", "poison_update",
 ]
 
 
@@ -49,15 +45,6 @@ def is_attacker(
     count = attacker_count(num_partitions, fraction)
     attackers = np.random.default_rng(seed).permutation(num_partitions)[:count]
     return partition_id in set(attackers.tolist())
-
-
-def flip_labels(data: E, *, num_classes: int) -> E:
-    """The same examples with every class label k replaced by num_classes - 1 - k.
-
-    For a task whose examples carry class labels (a frozen dataclass with a ``labels``
-    tensor); ``RunConfig`` refuses ``label-flip`` for other tasks.
-    """
-    return dataclasses.replace(data, labels=(num_classes - 1) - data.labels)
 
 
 def poison_update(

@@ -309,3 +309,13 @@ class Task(Protocol):
         ``settings`` is the export's summary (the run's keys, e.g. ``max-new-tokens``).
         """
         ...
+
+
+class ClassTask(Task, Protocol):
+    """A task whose rows have classes (``TaskInfo.has_classes``) also provides this."""
+
+    def flip_labels(self, examples: Examples, *, num_classes: int) -> Examples:
+        """The same ``examples`` with every class label k replaced by
+        num_classes - 1 - k (the simulation's ``label-flip`` attack, which
+        ``RunConfig`` refuses for a task without classes)."""
+        ...

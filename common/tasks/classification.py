@@ -15,7 +15,7 @@ extra details.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from common.config import RunConfig
 from common.data import DataError
 from common.model import autocast_context
 from common.specs import DataSpec, EncodeSpec, spec_from_config
-from common.tasks.base import Batch, EvalContext, LossFn, Task, TrainContext
+from common.tasks.base import Batch, ClassTask, EvalContext, LossFn, TrainContext
 from common.tasks.classification_builtin_data import generate_builtin
 from common.tasks.classification_check import DataReport, check_site, check_site_data
 from common.tasks.classification_data import (
@@ -303,6 +303,10 @@ class ClassificationTask:
                                        class_weight=weight[0])
         return loss
 
+    def flip_labels(self, examples: Any, *, num_classes: int) -> EncodedData:
+        """``examples`` with every label k replaced by num_classes - 1 - k."""
+        return replace(examples, labels=(num_classes - 1) - examples.labels)
+
     def site_metrics(self, examples: Any, *, spec: ClassificationLossSpec,
                      ctx: TrainContext | None = None) -> dict[str, int | float]:
         """The site's label counts (``label-count-<k>``) when the run weights classes by
@@ -488,4 +492,4 @@ def _batches(task: ClassificationTask, examples: Any, batch_size: int,
                            pad_token_id=pad_id(tokenizer), generator=None)
 
 
-TASK: Task = ClassificationTask()  # mypy checks it against the protocol
+TASK: ClassTask = ClassificationTask()  # mypy checks it against the protocol

@@ -5,12 +5,11 @@ import torch
 from client.attacks import (
     attacker_count,
     attacker_partition,
-    flip_labels,
     is_attacker,
     poison_update,
 )
 from common.config import ConfigError, RunConfig
-from common.tasks.classification import EncodedData
+from common.tasks.classification import TASK, EncodedData
 
 BASE = {"w": np.array([1.0, 1.0, 1.0], np.float32)}
 NEW = {"w": np.array([1.5, 0.5, 1.0], np.float32)}
@@ -58,7 +57,9 @@ def test_gaussian_and_nan_attacks():
 
 def test_label_flip_maps_k_to_last_minus_k():
     data = EncodedData(input_ids=[[1], [2], [3]], labels=torch.tensor([0, 1, 2]))
-    assert flip_labels(data, num_classes=3).labels.tolist() == [2, 1, 0]
+    flipped = TASK.flip_labels(data, num_classes=3)
+    assert flipped.labels.tolist() == [2, 1, 0]
+    assert flipped.input_ids == data.input_ids and data.labels.tolist() == [0, 1, 2]
 
 
 def test_attacks_are_simulation_only_and_validated():

@@ -83,6 +83,18 @@ def test_train_is_seeded_per_round_and_client(tiny_model_dir, global_state):
     assert not np.array_equal(weights(first), weights(other))
 
 
+def test_a_label_flip_attacker_trains_on_the_flipped_labels(tiny_model_dir, global_state):
+    honest = train(_message("train", global_state), _context(tiny_model_dir))
+    context = _context(tiny_model_dir)
+    context.run_config.update(attack="label-flip", **{"attack-fraction": 1.0})
+    flipped = train(_message("train", global_state), context)
+    key = next(k for k in global_state if "classifier" in k or "score" in k)
+    # Same seed, same batches: only the labels differ, so the head moves elsewhere.
+    assert not np.allclose(honest.content["arrays"][key].numpy(),
+                           flipped.content["arrays"][key].numpy())
+    assert flipped.content["metrics"]["num-examples"] == 12
+
+
 def test_evaluate_reply_carries_metrics_only(tiny_model_dir, global_state):
     reply = evaluate_global(_message("evaluate", global_state), _context(tiny_model_dir))
     assert not reply.content.array_records

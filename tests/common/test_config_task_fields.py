@@ -16,6 +16,7 @@ from common.tasks import (
     TaskInfo,
     auto_selection_metric,
     get_config_check,
+    get_task,
     task_info,
     task_names,
     task_registered,
@@ -114,3 +115,5 @@ def test_the_shipped_entries_are_consistent():
             assert callable(get_config_check(name))
         assert info.has_head or info.no_head_reason, name
         assert not (info.deploy_without_dataset and info.has_classes), name
+        # A task with classes can be label-flipped (ClassTask), which the client calls.
+        assert callable(getattr(get_task(name), "flip_labels", None)) or not info.has_classes
