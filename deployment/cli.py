@@ -690,13 +690,9 @@ def build_parser() -> argparse.ArgumentParser:
                                            "--site-config)")
     p.add_argument("--site-config", action="append", default=[],
                    metavar="KEY=VALUE|NODE_CONFIG.toml",
-                   help="the site's node config (data-path, text-column, label-column), "
-                        "as given to flower-supernode --node-config (repeat)")
-    p.add_argument("--text-column", help="default: the node config's, else 'text'")
-    p.add_argument("--label-column", help="default: the node config's, else 'label'")
-    p.add_argument("--labels", help="the federation's classes, a,b,c (the run's `labels`)")
-    p.add_argument("--label-case-fold", action="store_true",
-                   help="case-fold string labels (the run's `label-case-fold`)")
+                   help="the site's node config (data-path and the task's column keys, "
+                        "e.g. text-column), as given to flower-supernode --node-config "
+                        "(repeat)")
     p.add_argument("--max-length", type=int,
                    help="the run's max-length in tokens (default 64); counted with "
                         "--model's tokenizer, else (classification) estimated by "
@@ -711,16 +707,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: every row read as a conversation with the run's chat "
                         "columns (the options below, else the node config's keys of the "
                         "same names); token lengths with --model")
-    # Every other task's check keys, as flags that task's check reads.
-    given = {"text-column", "label-column", "labels", "label-case-fold"}
+    # Each task's check keys, as flags its check reads (a key two tasks share: one flag).
+    flagged: set[str] = set()
     for name in task_names():
         info = task_info(name)
-        for key in info.check_keys:
-            if key not in given:
-                given.add(key)
-                site_default = "the node config's, else " if key in info.site_keys else ""
-                p.add_argument(f"--{key}", help=f"{name}: the run's `{key}` (default: "
-                                                f"{site_default}the run default)")
+        for flag in info.check_flags:
+            if flag.key in flagged:
+                continue
+            flagged.add(flag.key)
+            site_default = "the node config's, else " if flag.key in info.site_keys else ""
+            text = flag.help or (f"{name}: the run's `{flag.key}` (default: {site_default}"
+                                 "the run default)")
+            if flag.switch:  # None when absent: the node config's or the default then
+                p.add_argument(f"--{flag.key}", action="store_const", const=True, help=text)
+            else:
+                p.add_argument(f"--{flag.key}", help=text)
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser

@@ -43,6 +43,15 @@ class MetricInfo:
 
 
 @dataclass(frozen=True)
+class CheckFlag:
+    """A run-config key that shapes ``fedsft check-data`` for a task: a flag of it."""
+
+    key: str  # dashed, as in the run config; the flag is ``--<key>``
+    help: str = ""  # the flag's help; empty: "<task>: the run's `<key>`" and its default
+    switch: bool = False  # a boolean key: the flag takes no value and sets it true
+
+
+@dataclass(frozen=True)
 class TaskInfo:
     """What the machinery knows of a task without importing its module."""
 
@@ -58,10 +67,11 @@ class TaskInfo:
     # Node-config keys (dashed) a site sets for its own file (its column names, ...),
     # read over the run's values (client/local_data.py ``site_columns``).
     site_keys: tuple[str, ...] = ()
-    # Run-config keys (dashed) that shape ``fedsft check-data`` for this task besides
-    # `model` and `max-length`: each is a flag of the command, else (a site key) the
-    # node config's value, else the default (deployment/cli.py ``site_check_config``).
-    check_keys: tuple[str, ...] = ()
+    # Run-config keys that shape ``fedsft check-data`` for this task besides `model` and
+    # `max-length`: each is a flag of the command (``check_keys`` lists their names); the
+    # check reads the flag's value, else (a site key) the node config's, else the
+    # default (deployment/cli.py ``site_check_config``).
+    check_flags: tuple[CheckFlag, ...] = ()
     # Its rows have classes: an int ``label`` column and class names (the label map, the
     # stratified partitioners, the reports' class-distribution figures).
     # Without them the config refuses what shares out or flips class labels (partitioner
@@ -104,6 +114,11 @@ class TaskInfo:
     train_reply_metrics: tuple[str, ...] = ()
     eval_reply_metrics: tuple[str, ...] = ()
 
+    @property
+    def check_keys(self) -> tuple[str, ...]:
+        """The dashed run-config keys of ``check_flags``."""
+        return tuple(flag.key for flag in self.check_flags)
+
 
 _TASKS: dict[str, TaskInfo] = {
     "classification": TaskInfo(
@@ -120,7 +135,13 @@ _TASKS: dict[str, TaskInfo] = {
                   "class_weighting", "class_weighting_source", "class_weighting_beta",
                   "focal_gamma", "augment", "augment_rate"),
         site_keys=("text-column", "label-column"),
-        check_keys=("text-column", "label-column", "labels", "label-case-fold"),
+        check_flags=(
+            CheckFlag("text-column", "default: the node config's, else 'text'"),
+            CheckFlag("label-column", "default: the node config's, else 'label'"),
+            CheckFlag("labels", "the federation's classes, a,b,c (the run's `labels`)"),
+            CheckFlag("label-case-fold", "case-fold string labels (the run's "
+                      "`label-case-fold`)", switch=True),
+        ),
         has_classes=True,
         has_head=True,
         site_check="common.tasks.classification_check",
@@ -151,9 +172,10 @@ _TASKS: dict[str, TaskInfo] = {
                   "gradient_checkpointing"),
         site_keys=("chat-format", "messages-column", "instruction-column", "input-column",
                    "output-column", "prompt-column", "response-column"),
-        check_keys=("chat-format", "messages-column", "instruction-column", "input-column",
-                    "output-column", "prompt-column", "response-column", "system-prompt",
-                    "chat-template", "train-on", "overflow"),
+        check_flags=tuple(CheckFlag(key) for key in (
+            "chat-format", "messages-column", "instruction-column", "input-column",
+            "output-column", "prompt-column", "response-column", "system-prompt",
+            "chat-template", "train-on", "overflow")),
         no_head_reason="a causal LM's output layer is tied to its frozen embeddings",
         partition_hint="e.g. column:task for the built-in data's task types",
         config_check="common.tasks.sft_config",

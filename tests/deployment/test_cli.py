@@ -507,6 +507,32 @@ def test_check_data_reads_every_site_key_from_the_node_config(task, capsys):
     assert cli.site_check_config(flagged, {"max-length": 99}).max_length == 7
 
 
+def test_check_data_has_a_flag_for_each_check_key_of_every_task(capsys):
+    # A task's check keys are its registry entry's; the command lists none by hand.
+    from common.tasks import CheckFlag, MetricInfo, TaskInfo, task_registered
+    from deployment import cli
+
+    info = TaskInfo(module="unused", default_model="minilm",
+                    metrics=(MetricInfo("loss", "loss", higher_is_better=False),),
+                    check_flags=(CheckFlag("tag-column", "the tags' column"),
+                                 CheckFlag("lowercase", switch=True)))
+    with task_registered("tagging", info):
+        parser = cli.build_parser()
+        args = parser.parse_args(["check-data", "x", "--task", "tagging",
+                                  "--tag-column", "t", "--lowercase"])
+        assert (args.tag_column, args.lowercase) == ("t", True)
+        assert parser.parse_args(["check-data", "x"]).lowercase is None
+        assert cli.main(["check-data", "--help"]) == 0
+        usage = capsys.readouterr().out
+        assert "the tags' column" in usage and "tagging: the run's `lowercase`" in usage
+    # A switch is None unless given, so the node config's value or the default applies.
+    parser = cli.build_parser()
+    assert parser.parse_args(["check-data", "x", "--label-case-fold"]).label_case_fold is True
+    assert parser.parse_args(["check-data", "x"]).label_case_fold is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["check-data", "x", "--tag-column", "t"])  # not registered now
+
+
 def test_submit_resolves_a_relative_resume_from_where_submit_runs(tmp_path, monkeypatch):
     # The ServerApp runs in the SuperLink's working directory: a relative path must be
     # made absolute here, against the caller's directory, before it is sent.
