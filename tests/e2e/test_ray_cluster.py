@@ -1,0 +1,118 @@
+"""A simulation on an existing two-node Ray cluster, as docs/deployment.md describes it.
+
+The cluster is two ``ray start --block`` processes on 127.0.0.1 (a head and a second
+node, one CPU each, the second with a resource of its own), in a temp folder of their
+own so no other Ray user on the machine finds them (``ray.init()`` without an address
+joins the cluster whose address file is in the default temp folder). The harness's
+``flwr run`` joins it through ``RAY_ADDRESS``, the documented route.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from simulations.runner import run_app
+
+pytestmark = pytest.mark.e2e
+
+# What the cluster holds: its alive nodes and the node of every ClientAppActor it ran
+# (read from the GCS, which needs no dashboard), as JSON, in a process of its own so
+# this test process never initialises Ray.
+_CLUSTER_STATE = """
+import json, sys, ray
+from ray._private import state
+ray.init(address=sys.argv[1], logging_level="ERROR", include_dashboard=False)
+nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+actors = [a["Address"]["NodeID"] for a in state.actors().values()
+          if a["ActorClassName"] == "ClientAppActor"]
+print(json.dumps({"nodes": nodes, "actors": actors}))
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _cluster_state(address: str) -> dict[str, list[str]]:
+    out = subprocess.run([sys.executable, "-c", _CLUSTER_STATE, address], check=True,
+                         capture_output=True, text=True, timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    ray = shutil.which("ray")
+    assert ray, "the `ray` command (flwr[simulation]) is not on PATH"
+    with log.open("ab") as out:
+        return subprocess.Popen([ray, "start", "--block", "--disable-usage-stats",
+                                 "--node-ip-address=127.0.0.1", "--num-cpus=1", *args],
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop one node: ``ray start --block`` stops its node's processes on SIGTERM."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+
+@pytest.fixture
+def ray_cluster(tmp_path: Path) -> Iterator[str]:
+    # Short: Ray's socket paths under its temp folder must stay below 108 characters.
+    temp = tempfile.mkdtemp(prefix="fedsft-ray-", dir="/tmp")
+    address = f"127.0.0.1:{_free_port()}"
+    log = tmp_path / "ray.log"
+    nodes = [_start([f"--port={address.rsplit(':', 1)[1]}", "--head",
+                     "--include-dashboard=false", f"--temp-dir={temp}"], log)]
+    try:
+        deadline = time.monotonic() + 120
+        while not (Path(temp) / "ray_current_cluster").exists():  # the head is up
+            assert nodes[0].poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        nodes.append(_start([f"--address={address}", '--resources={"second": 1}'], log))
+        while len(_cluster_state(address)["nodes"]) < 2:
+            assert nodes[1].poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        yield address
+    finally:
+        for proc in reversed(nodes):
+            _stop(proc)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_a_simulation_joins_a_two_node_ray_cluster_and_runs_clients_on_both(
+    ray_cluster, tmp_path, tiny_model_dir, monkeypatch
+):
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
+    result = run_app({
+        "model": str(tiny_model_dir), "dataset": "builtin", "builtin-examples": 80,
+        "max-length": 32, "batch-size": 8, "local-steps": 2, "num-server-rounds": 1,
+        "fraction-train": 1.0, "fraction-evaluate": 0.0, "min-nodes": 2,
+        "node-wait-timeout": 60.0, "round-timeout": 300.0,
+        "output-dir": str(tmp_path), "run-name": "ray-cluster",
+    }, num_supernodes=2, num_cpus=1, timeout=600, quiet=True)
+    assert result.returncode == 0, result.log_path.read_text()[-3000:]
+    state = _cluster_state(ray_cluster)
+    # One CPU per node and one per virtual client: Flower's actor pool holds one
+    # ClientAppActor per node, and the round's two training messages run at once, one
+    # on each. Both actors lived on this cluster, not on a Ray Flower started itself.
+    assert len(state["nodes"]) == 2
+    assert sorted(state["actors"]) == sorted(state["nodes"])
+    assert (tmp_path / "ray-cluster" / "final" / "model").is_dir()
