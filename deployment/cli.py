@@ -5,7 +5,7 @@
                   [--labels a,b [--label-case-fold]]
     fedsft add-site DIR SITE [--public-key supernode.pub] [--data-path P] [--register]
     fedsft site init DIR --site SITE | fedsft site verify BUNDLE [--fingerprint F]
-    fedsft bundle DIR SITE --data-path P [--text-column C] [--label-column C] [--port N]
+    fedsft bundle DIR SITE --data-path P [--text-column C ...] [--port N]
                   [--task T] [--no-audit-egress]
     fedsft register DIR SITE | fedsft revoke DIR SITE | fedsft sites DIR
     fedsft submit DIR [--app APP] --set labels=a,b --set output-dir=/abs/out ...
@@ -161,6 +161,12 @@ def _print_registered(c: Any, site: str, node_id: int) -> None:
               f"unregister {old}`")
 
 
+def _all_site_keys() -> list[str]:
+    """Every registered task's site keys (``TaskInfo.site_keys``), each once, in order."""
+    return list(dict.fromkeys(key for name in task_names()
+                              for key in task_info(name).site_keys))
+
+
 def _bundle(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -170,10 +176,16 @@ def _bundle(args: argparse.Namespace) -> int:
     if not c.site_pub(args.site).exists():
         raise cons.ConsortiumError(f"no site {args.site!r}; add it with `fedsft add-site`")
     # Options not given keep the bundle's earlier values (bundle.json).
-    given = {"data_path": args.data_path, "text_column": args.text_column,
-             "label_column": args.label_column, "runtime_port": args.port,
-             "task": args.task, "audit_egress": args.audit_egress}
-    settings = replace(cons.bundle_settings(c, args.site),
+    earlier = cons.bundle_settings(c, args.site)
+    task = args.task or earlier.task
+    # Earlier site keys the (maybe new) task has no use for are dropped; given ones are
+    # checked against the task (``write_bundle_script``).
+    site_keys = {k: v for k, v in earlier.site_keys if k in task_info(task).site_keys}
+    site_keys.update({key: value for key in _all_site_keys()
+                      if (value := getattr(args, key.replace("-", "_"))) is not None})
+    given = {"data_path": args.data_path, "runtime_port": args.port, "task": args.task,
+             "audit_egress": args.audit_egress}
+    settings = replace(earlier, site_keys=tuple(sorted(site_keys.items())),
                        **{k: v for k, v in given.items() if v is not None})
     warning = cons.check_bundle_port(c, settings.runtime_port)
     if warning:
@@ -576,9 +588,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("site")
     p.add_argument("--data-path", required=True, help="the data file, as seen at the site")
-    p.add_argument("--text-column", help="the input column (default: the run's text-column; "
-                                         "sft: messages, prompt or instruction)")
-    p.add_argument("--label-column")
+    for key in _all_site_keys():  # each task's node-config keys for a site's own file
+        tasks = [name for name in task_names() if key in task_info(name).site_keys]
+        p.add_argument(f"--{key}", help=f"{', '.join(tasks)}: the site's `{key}` "
+                                        "(default: the bundle's earlier value, else the "
+                                        "run's)")
     p.add_argument("--port", type=int,
                    help="the SuperNode's ClientApp port on 127.0.0.1 (default 9094): "
                         "each SuperNode on one host needs its own")
@@ -704,9 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="an eval file whose texts (sft: conversations) should "
                                   "not be in FILE")
     p.add_argument("--task", choices=task_names(), default=DEFAULT_TASK,
-                   help="sft: every row read as a conversation with the run's chat "
-                        "columns (the options below, else the node config's keys of the "
-                        "same names); token lengths with --model")
+                   help="the run's task: which check runs and which of the options "
+                        "below (each named with its task) it reads; sft reads every row "
+                        "as a conversation with the run's chat columns (else the node "
+                        "config's keys of the same names); token lengths with --model")
     # Each task's check keys, as flags its check reads (a key two tasks share: one flag).
     flagged: set[str] = set()
     for name in task_names():
@@ -716,8 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             flagged.add(flag.key)
             site_default = "the node config's, else " if flag.key in info.site_keys else ""
-            text = flag.help or (f"{name}: the run's `{flag.key}` (default: {site_default}"
-                                 "the run default)")
+            text = f"{name}: " + (flag.help or f"the run's `{flag.key}` (default: "
+                                                f"{site_default}the run default)")
             if flag.switch:  # None when absent: the node config's or the default then
                 p.add_argument(f"--{flag.key}", action="store_const", const=True, help=text)
             else:

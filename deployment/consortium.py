@@ -341,8 +341,9 @@ class BundleSettings:
     """
 
     data_path: str = PLACEHOLDER_DATA_PATH
-    text_column: str | None = None
-    label_column: str | None = None
+    # The site's node-config keys for its own file (its task's ``TaskInfo.site_keys``,
+    # e.g. text-column), sorted (key, value) pairs; absent keys: the run's values.
+    site_keys: tuple[tuple[str, str], ...] = ()
     runtime_port: int = RUNTIME_PORT  # its own per SuperNode when sites share a host
     task: str = DEFAULT_TASK  # which data check the script runs before starting
     # The site's own egress policy (node config `audit-egress`): on unless the site
@@ -350,15 +351,18 @@ class BundleSettings:
     audit_egress: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return {"data-path": self.data_path, "text-column": self.text_column,
-                "label-column": self.label_column, "runtime-port": self.runtime_port,
-                "task": self.task, "audit-egress": self.audit_egress}
+        return {"data-path": self.data_path, "site-keys": dict(self.site_keys),
+                "runtime-port": self.runtime_port, "task": self.task,
+                "audit-egress": self.audit_egress}
 
     @staticmethod
     def from_json(obj: Mapping[str, Any]) -> BundleSettings:
+        # Bundles written before `site-keys` kept the two columns at the top level.
+        keys = {k: obj[k] for k in ("text-column", "label-column") if obj.get(k)}
+        keys.update(obj.get("site-keys") or {})
         return BundleSettings(
             data_path=str(obj.get("data-path") or PLACEHOLDER_DATA_PATH),
-            text_column=obj.get("text-column"), label_column=obj.get("label-column"),
+            site_keys=tuple(sorted((str(k), str(v)) for k, v in keys.items())),
             runtime_port=int(obj.get("runtime-port") or RUNTIME_PORT),
             task=str(obj.get("task") or DEFAULT_TASK),
             audit_egress=bool(obj.get("audit-egress", True)))
@@ -448,16 +452,35 @@ def read_site_public_key(path: Path) -> str:
     return data.decode("ascii").strip() + "\n"
 
 
-def node_config_of(*, data_path: str | Path, site: str, text_column: str | None = None,
-                   label_column: str | None = None, audit_egress: bool = False) -> str:
+def check_site_keys(task: str, site_keys: Mapping[str, str]) -> None:
+    """Refuse a site key that task ``task``'s sites do not set (``TaskInfo.site_keys``)
+    or a value Flower's ``key="value"`` node config cannot carry (a quote, a newline).
+
+    Raises
+    ------
+    ConsortiumError
+        Naming the key and what is allowed.
+    """
+    allowed = task_info(task).site_keys
+    for key, value in site_keys.items():
+        if key not in allowed:
+            raise ConsortiumError(
+                f"--{key}: a site of task {task} does not set it; its site keys: "
+                f"{', '.join(f'--{k}' for k in allowed) or 'none'}")
+        if not value or any(ch in value for ch in '"\\\n\r'):
+            raise ConsortiumError(f"--{key} {value!r}: must be non-empty, without quotes, "
+                                  "backslashes or line breaks")
+
+
+def node_config_of(*, data_path: str | Path, site: str,
+                   site_keys: Mapping[str, str] | Sequence[tuple[str, str]] = (),
+                   audit_egress: bool = False) -> str:
     """The ``--node-config`` value of a site (Flower's ``key="value"`` pairs)."""
     node_config = f'data-path="{data_path}" site-name="{site}"'
     if audit_egress:  # the site's own egress policy: no run config can turn it off
         node_config += " audit-egress=true"
-    if text_column:
-        node_config += f' text-column="{text_column}"'
-    if label_column:
-        node_config += f' label-column="{label_column}"'
+    for key, value in dict(site_keys).items():
+        node_config += f' {key}="{value}"'
     return node_config
 
 
@@ -469,8 +492,7 @@ def supernode_command(
     data_path: str | Path,
     site: str,
     runtime_port: int | None = None,
-    text_column: str | None = None,
-    label_column: str | None = None,
+    site_keys: Mapping[str, str] | Sequence[tuple[str, str]] = (),
     max_wait_time: float | None = RECONNECT_WAIT_S,
     trusted_entities: str | Path | None = None,
     audit_egress: bool = False,
@@ -482,8 +504,8 @@ def supernode_command(
     the YAML file of app-signing keys; with it the SuperNode runs only apps signed by
     one of them. ``audit_egress``: the site requires the egress audit (node config).
     """
-    node_config = node_config_of(data_path=data_path, site=site, text_column=text_column,
-                                 label_column=label_column, audit_egress=audit_egress)
+    node_config = node_config_of(data_path=data_path, site=site, site_keys=site_keys,
+                                 audit_egress=audit_egress)
     command = [
         "flower-supernode",
         "--superlink", superlink,
@@ -561,8 +583,7 @@ def site_check_command(settings: BundleSettings, site: str, *, labels: Sequence[
     site's unknown class stops the script (exit 1) instead of its first round.
     """
     node_config = node_config_of(data_path=settings.data_path, site=site,
-                                 text_column=settings.text_column,
-                                 label_column=settings.label_column)
+                                 site_keys=settings.site_keys)
     command = ["fedsft", "check-data", "--task", settings.task, "--site-config", node_config]
     if labels and task_info(settings.task).has_classes:
         command += ["--labels", ",".join(labels)]
@@ -626,12 +647,13 @@ def write_bundle_script(c: Consortium, site: str,
     audits its replies when the site's settings say so (on by default).
     """
     settings = settings or BundleSettings()
+    check_site_keys(settings.task, dict(settings.site_keys))
     if not 1 <= settings.runtime_port <= 65535:
         raise ConsortiumError(f"--port must be a TCP port (1-65535), got {settings.runtime_port}")
     command = supernode_command(
         superlink=c.address, ca_cert="$HERE/ca.pem", private_key="$HERE/supernode.key",
-        data_path=settings.data_path, site=site, text_column=settings.text_column,
-        label_column=settings.label_column, runtime_port=settings.runtime_port,
+        data_path=settings.data_path, site=site, site_keys=settings.site_keys,
+        runtime_port=settings.runtime_port,
         trusted_entities="$HERE/trusted-entities.yaml", audit_egress=settings.audit_egress,
     )
     folder = c.site_dir(site)

@@ -91,6 +91,12 @@ class Site:
     text_column: str | None = None
     label_column: str | None = None
 
+    @property
+    def site_keys(self) -> dict[str, str]:
+        """Its node-config column keys (the ones it sets)."""
+        return {key: value for key, value in (("text-column", self.text_column),
+                                              ("label-column", self.label_column)) if value}
+
 
 @dataclass(frozen=True)
 class AdminAttempt:
@@ -364,8 +370,8 @@ class Rehearsal:
         command = cons.supernode_command(
             superlink=self.consortium.address, ca_cert=self.consortium.ca_cert,
             private_key=self.consortium.site_key(site.name), data_path=site.data_path,
-            site=site.name, runtime_port=distinct_port(self.ports), text_column=site.text_column,
-            label_column=site.label_column,
+            site=site.name, runtime_port=distinct_port(self.ports),
+            site_keys=site.site_keys,
             max_wait_time=cons.RECONNECT_WAIT_S if give_up_after is None else give_up_after,
             # As the bundle's script: only apps signed by the coordinator, replies audited.
             trusted_entities=self.consortium.site_dir(site.name) / "trusted-entities.yaml",

@@ -79,10 +79,52 @@ def test_bundle_port_gives_each_site_its_own_clientapp_port_and_flwr_home(consor
     assert _flag(_exec_line(b), "--node-config") == (
         'data-path="/data/b.csv" site-name="b" audit-egress=true text-column="body"')
     assert json.loads((consortium.site_dir("b") / "bundle.json").read_text()) == {
-        "data-path": "/data/b.csv", "text-column": "body", "label-column": None,
+        "data-path": "/data/b.csv", "site-keys": {"text-column": "body"},
         "runtime-port": 9096, "task": "classification", "audit-egress": True,
         "superlink": "localhost:8000",
         "ca-sha256": pki.fingerprint(pki.load_cert(consortium.ca_cert))}
+
+
+def test_bundle_sets_the_site_keys_of_the_sites_task_and_refuses_others(consortium, capsys):
+    # Each task's site keys (TaskInfo.site_keys) are flags of `bundle`; an sft site
+    # names its chat columns, which land in its node config and its data check.
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.jsonl",
+                 "--task", "sft", "--chat-format", "messages",
+                 "--messages-column", "chat"]) == 0
+    script = consortium.site_dir("a") / "start-supernode.sh"
+    node_config = ('data-path="/d.jsonl" site-name="a" audit-egress=true '
+                   'chat-format="messages" messages-column="chat"')
+    assert _flag(_exec_line(script), "--node-config") == node_config
+    check = next(line for line in script.read_text().splitlines()
+                 if "check-data" in line)
+    assert "--task sft" in check and 'messages-column="chat"' in check
+    # A key the task's sites do not set is refused, naming the ones they do; nothing
+    # is rewritten.
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.jsonl",
+                 "--text-column", "body"]) == 2
+    err = capsys.readouterr().err
+    assert "--text-column: a site of task sft does not set it" in err
+    assert "--messages-column" in err
+    assert _flag(_exec_line(script), "--node-config") == node_config
+    # Back to classification: the chat keys are dropped, the given column is kept.
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.csv",
+                 "--task", "classification", "--text-column", "body"]) == 0
+    assert _flag(_exec_line(script), "--node-config").endswith(
+        'audit-egress=true text-column="body"')
+    # A value the node config cannot carry.
+    assert main(["bundle", str(consortium.root), "a", "--data-path", "/d.csv",
+                 "--text-column", 'a" b']) == 2
+    assert "must be non-empty, without quotes" in capsys.readouterr().err
+
+
+def test_a_bundle_json_from_before_site_keys_keeps_its_columns(consortium):
+    folder = consortium.site_dir("a")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bundle.json").write_text(json.dumps({
+        "data-path": "/d.csv", "text-column": "note", "label-column": None,
+        "runtime-port": 9094, "task": "classification", "audit-egress": True}))
+    settings = cons.bundle_settings(consortium, "a")
+    assert settings.site_keys == (("text-column", "note"),)
 
 
 def test_bundle_refuses_the_app_index_port_on_a_loopback_consortium(consortium, capsys):
