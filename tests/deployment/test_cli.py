@@ -524,7 +524,8 @@ def test_check_data_has_a_flag_for_each_check_key_of_every_task(capsys):
         assert parser.parse_args(["check-data", "x"]).lowercase is None
         assert cli.main(["check-data", "--help"]) == 0
         usage = capsys.readouterr().out
-        assert "the tags' column" in usage and "tagging: the run's `lowercase`" in usage
+        assert "tagging: the tags' column" in usage
+        assert "tagging: the run's `lowercase`" in usage
     # A switch is None unless given, so the node config's value or the default applies.
     parser = cli.build_parser()
     assert parser.parse_args(["check-data", "x", "--label-case-fold"]).label_case_fold is True

@@ -9,6 +9,7 @@ joins the cluster whose address file is in the default temp folder). The harness
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -47,30 +48,44 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _cluster_state(address: str) -> dict[str, list[str]]:
+def _cluster_state(address: str, timeout: float = 120) -> dict[str, list[str]]:
     out = subprocess.run([sys.executable, "-c", _CLUSTER_STATE, address], check=True,
-                         capture_output=True, text=True, timeout=120).stdout
+                         capture_output=True, text=True, timeout=timeout).stdout
     return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def _alive_nodes(address: str, *, deadline: float) -> int:
+    """How many nodes the cluster has up (0 while it cannot be asked yet)."""
+    try:
+        return len(_cluster_state(address, timeout=max(1.0, deadline - time.monotonic()))
+                   ["nodes"])
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        return 0
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     ray = shutil.which("ray")
     assert ray, "the `ray` command (flwr[simulation]) is not on PATH"
     with log.open("ab") as out:
+        # The ClientAppActors inherit the node's environment, not the harness's: a
+        # cluster's nodes need HF_HUB_OFFLINE themselves (docs/deployment.md).
         return subprocess.Popen([ray, "start", "--block", "--disable-usage-stats",
                                  "--node-ip-address=127.0.0.1", "--num-cpus=1", *args],
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop one node: ``ray start --block`` stops its node's processes on SIGTERM."""
-    if proc.poll() is None:
+    """Stop one node: ``ray start --block`` stops its node's processes on SIGTERM; what
+    is left of its process group (its own session) is killed after it."""
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=30)
 
 
 @pytest.fixture
@@ -87,14 +102,16 @@ def ray_cluster(tmp_path: Path) -> Iterator[str]:
             assert nodes[0].poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.5)
         nodes.append(_start([f"--address={address}", '--resources={"second": 1}'], log))
-        while len(_cluster_state(address)["nodes"]) < 2:
+        while _alive_nodes(address, deadline=deadline) < 2:
             assert nodes[1].poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(1)
         yield address
     finally:
-        for proc in reversed(nodes):
-            _stop(proc)
-        shutil.rmtree(temp, ignore_errors=True)
+        try:
+            for proc in reversed(nodes):
+                _stop(proc)
+        finally:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_a_simulation_joins_a_two_node_ray_cluster_and_runs_clients_on_both(
@@ -113,6 +130,7 @@ def test_a_simulation_joins_a_two_node_ray_cluster_and_runs_clients_on_both(
     # One CPU per node and one per virtual client: Flower's actor pool holds one
     # ClientAppActor per node, and the round's two training messages run at once, one
     # on each. Both actors lived on this cluster, not on a Ray Flower started itself.
+    # (Strict: were Flower to restart an actor, the list would hold a node twice.)
     assert len(state["nodes"]) == 2
     assert sorted(state["actors"]) == sorted(state["nodes"])
     assert (tmp_path / "ray-cluster" / "final" / "model").is_dir()
