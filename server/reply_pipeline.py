@@ -26,7 +26,7 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -190,6 +190,17 @@ def prepare_updates(
 def error_problems(replies: Sequence[Reply]) -> list[str]:
     """The reason of every error reply, as ``prepare_updates`` words it."""
     return [f"{who(r)}: error: {r.error}" for r in replies if r.error is not None]
+
+
+def silent_problems(sent: Iterable[int], replied: Iterable[int], *,
+                    site_key: Callable[[int], str] | None = None) -> list[str]:
+    """One problem per node that was sent a message and sent no reply (it left, or it
+    was slower than `round-timeout`), named as ``who`` names a sender, in node order."""
+    def name(node: int) -> str:
+        site = site_key(node) if site_key else ""
+        return f"{site} (node {node})" if site and site != f"node-{node}" else f"node {node}"
+    return [f"{name(node)}: no reply within round-timeout (the node left or was too slow)"
+            for node in sorted(set(sent) - set(replied))]
 
 
 # --- order -------------------------------------------------------------------------------

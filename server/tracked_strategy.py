@@ -54,6 +54,7 @@ from server.reply_pipeline import (
     client_measurements,
     common_metric_names,
     finite,
+    silent_problems,
 )
 from server.results import SiteCompute, SiteData
 from server.secure_aggregation import SecureAggregationStep, SecureAggregator
@@ -291,12 +292,18 @@ class TrackedStrategy(Strategy):
         stats = self._stats_of(rnd)
         messages = list(replies)
         wait = time.monotonic() - self._sent_at.get(rnd, stats.started)
+        sent = self._messages.pop(rnd, [])
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id
-                   for m in self._messages.pop(rnd, []) if m.metadata.message_id}
+                   for m in sent if m.metadata.message_id}
+
         plain = [reply_from_message(m, load_arrays=self.secure_step is None,
                                     sent_to=sent_to, site_key=self._site_key)
                  for m in messages]
         measured = client_measurements(plain, site_key=self._site_key)
+        # Named, not only counted: the sites this round waited for in vain (a reply the
+        # SuperLink sent for a dead node is that node's: ``reply_from_message``).
+        silent = silent_problems([m.metadata.dst_node_id for m in sent],
+                                 [reply.node for reply in plain], site_key=self._site_key)
         if self.round_feedback is not None and self.secure_step is None:
             for reply in plain:
                 if reply.error is None:
@@ -315,7 +322,7 @@ class TrackedStrategy(Strategy):
             failures=result.failures, invalid=result.invalid, aggregated=result.aggregated,
             skipped=result.arrays is None, aggregate_seconds=result.seconds,
             train_metrics=dict(result.train_metrics),
-            problems=(*stats.problems, *result.problems, *measured.problems),
+            problems=(*stats.problems, *silent, *result.problems, *measured.problems),
             client_train_seconds=measured.train_seconds,
             client_peak_rss_mb=measured.peak_rss_mb, dp_sgd_epsilon=measured.dp_sgd_epsilon,
             dp_sgd_sites=measured.dp_sgd_sites, site_examples=measured.examples,

@@ -23,6 +23,11 @@ def _tracked(inner=None, *, min_replies=1, round_offset=0, encoding=FP32, rounds
     return strategy
 
 
+def _reply_problems(stats):
+    """The round's problems but the nodes that sent nothing (``_tracked`` sends to 6)."""
+    return [p for p in stats.problems if "no reply within round-timeout" not in p]
+
+
 def _w(*values):
     return {"w": np.asarray(values, dtype=np.float32)}
 
@@ -51,6 +56,17 @@ def test_failed_and_invalid_replies_are_dropped_and_counted():
     assert (stats.failures, stats.invalid, stats.timeouts, stats.aggregated) == (1, 3, 1, 1)
     assert any("CUDA out of memory" in p for p in stats.problems)
     assert any("non-finite" in p for p in stats.problems)
+
+
+def test_silent_problems_name_each_silent_node_once():
+    from server.reply_pipeline import silent_problems
+
+    assert silent_problems([1, 2, 3, 3], [1]) == [
+        "node 2: no reply within round-timeout (the node left or was too slow)",
+        "node 3: no reply within round-timeout (the node left or was too slow)"]
+    assert silent_problems([1], [1]) == []
+    # An unknown node (NodeWaitingGrid's fallback key) is named by its id only.
+    assert silent_problems([7], [], site_key=lambda n: f"node-{n}")[0].startswith("node 7:")
 
 
 def test_too_few_valid_replies_skip_the_round():
@@ -155,7 +171,7 @@ def test_compressed_updates_are_decoded_before_aggregation():
     np.testing.assert_allclose(arrays["w"].numpy(), [2.0, 0.0], atol=0.02)
     stats = strategy.take_round_stats(1)
     assert stats.invalid == 1
-    assert "cannot decode the int8 update" in stats.problems[0]
+    assert "cannot decode the int8 update" in _reply_problems(stats)[0]
 
 
 def test_an_aggregation_error_skips_the_round_instead_of_crashing_the_run():
@@ -180,7 +196,7 @@ def test_bad_or_extra_metrics_do_not_break_the_round():
     np.testing.assert_array_equal(arrays["w"].numpy(), [2.0, 2.0])
     assert metrics["train-loss"] == pytest.approx(0.6) and "extra" not in metrics
     stats = strategy.take_round_stats(1)
-    assert stats.invalid == 1 and "dp-sgd-epsilon" in stats.problems[0]
+    assert stats.invalid == 1 and "dp-sgd-epsilon" in _reply_problems(stats)[0]
 
 
 def test_a_nan_informational_metric_keeps_the_update_but_leaves_the_round_metrics():
@@ -197,8 +213,8 @@ def test_a_nan_informational_metric_keeps_the_update_but_leaves_the_round_metric
     assert metrics == {"train-steps": pytest.approx(3.0)}
     stats = strategy.take_round_stats(1)
     assert (stats.invalid, stats.aggregated) == (0, 2)
-    assert stats.problems == ("node 2: metric 'train-loss' is not a finite number; "
-                              "left out of the round's metrics",)
+    assert _reply_problems(stats) == ["node 2: metric 'train-loss' is not a finite number; "
+                                      "left out of the round's metrics"]
     evaluated = strategy.aggregate_evaluate(1, [
         eval_reply(1, **{"num-examples": 1, "eval-accuracy": 0.5}),
         eval_reply(2, **{"num-examples": 1, "eval-accuracy": 0.7, "eval-extra": 2.0}),
@@ -256,6 +272,21 @@ def test_a_dead_site_is_recorded_under_its_site_name_not_the_superlinks_node_id(
     assert stats.failures == 1
     assert stats.problems == ("site-3 (node 3): error: Error: Node Unavailable",)
     assert stats.site_examples == {"site-1": 1, "site-2": 1}  # reported by the live ones
+
+
+def test_a_node_that_sent_no_reply_is_named_in_the_rounds_problems():
+    from flwr.app import ConfigRecord
+
+    strategy = _tracked(rounds=())
+    arrays = ArrayRecord({"w": Array(ZERO["w"])})
+    list(strategy.configure_train(1, arrays, ConfigRecord({}), KeyedGrid(4)))
+    strategy.aggregate_train(1, [train_reply(n, _w(1.0, 1.0), **{"num-examples": 1})
+                                 for n in (1, 3)])
+    stats = strategy.take_round_stats(1)
+    assert stats.timeouts == 2 and stats.aggregated == 2
+    assert stats.problems == tuple(
+        f"site-{n} (node {n}): no reply within round-timeout (the node left or was too "
+        "slow)" for n in (2, 4))
 
 
 class _Feedback:
