@@ -117,3 +117,8 @@ def test_the_shipped_entries_are_consistent():
         assert not (info.deploy_without_dataset and info.has_classes), name
         # A task with classes can be label-flipped (ClassTask), which the client calls.
         assert callable(getattr(get_task(name), "flip_labels", None)) or not info.has_classes
+    # check-data has one flag per key: a key two tasks check must be the same flag.
+    flags: dict[str, object] = {}
+    for name in task_names():
+        for flag in task_info(name).check_flags:
+            assert flags.setdefault(flag.key, flag) == flag, (name, flag.key)
