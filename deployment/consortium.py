@@ -43,7 +43,7 @@ from typing import Any
 
 import tomli_w
 
-from common.tasks import DEFAULT_TASK, task_info
+from common.tasks import DEFAULT_TASK, task_info, task_names
 from deployment import app_signing, pki, proxy
 
 CONNECTION = "consortium"  # the connection name in flwr-home/config.toml
@@ -357,8 +357,11 @@ class BundleSettings:
 
     @staticmethod
     def from_json(obj: Mapping[str, Any]) -> BundleSettings:
-        # Bundles written before `site-keys` kept the two columns at the top level.
-        keys = {k: obj[k] for k in ("text-column", "label-column") if obj.get(k)}
+        # Bundles written before `site-keys` kept the two columns at the top level, also
+        # for a task that ignored them (sft): those stay ignored.
+        task = str(obj.get("task") or DEFAULT_TASK)
+        known = task_info(task).site_keys if task in task_names() else ()
+        keys = {k: obj[k] for k in ("text-column", "label-column") if obj.get(k) and k in known}
         keys.update(obj.get("site-keys") or {})
         return BundleSettings(
             data_path=str(obj.get("data-path") or PLACEHOLDER_DATA_PATH),

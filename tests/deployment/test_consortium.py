@@ -125,6 +125,10 @@ def test_a_bundle_json_from_before_site_keys_keeps_its_columns(consortium):
         "runtime-port": 9094, "task": "classification", "audit-egress": True}))
     settings = cons.bundle_settings(consortium, "a")
     assert settings.site_keys == (("text-column", "note"),)
+    # An sft bundle of then ignored its text-column; a key rotation still works.
+    (folder / "bundle.json").write_text(json.dumps({
+        "data-path": "/d.jsonl", "text-column": "prompt", "task": "sft"}))
+    assert cons.bundle_settings(consortium, "a").site_keys == ()
 
 
 def test_bundle_refuses_the_app_index_port_on_a_loopback_consortium(consortium, capsys):
