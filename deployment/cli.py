@@ -731,9 +731,9 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             flagged.add(flag.key)
             site_default = "the node config's, else " if flag.key in info.site_keys else ""
-            tasks = ", ".join(t for t in task_names() if flag.key in task_info(t).check_keys)
-            text = f"{tasks}: " + (flag.help or f"the run's `{flag.key}` (default: "
-                                                 f"{site_default}the run default)")
+            readers = ", ".join(t for t in task_names() if flag.key in task_info(t).check_keys)
+            text = f"{readers}: " + (flag.help or f"the run's `{flag.key}` (default: "
+                                                   f"{site_default}the run default)")
             if flag.switch:  # None when absent: the node config's or the default then
                 p.add_argument(f"--{flag.key}", action="store_const", const=True, help=text)
             else:
