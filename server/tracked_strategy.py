@@ -295,7 +295,6 @@ class TrackedStrategy(Strategy):
         sent = self._messages.pop(rnd, [])
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in sent if m.metadata.message_id}
-
         plain = [reply_from_message(m, load_arrays=self.secure_step is None,
                                     sent_to=sent_to, site_key=self._site_key)
                  for m in messages]
