@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from common.tasks import DEFAULT_TASK, task_info, task_names
+from common.tasks import DEFAULT_TASK, key_owners, task_info, task_names
 
 # Every handler imports what it needs when it runs: `fedsft --help` and usage errors
 # must not wait seconds for torch, transformers, datasets and pandas to load.
@@ -161,12 +161,6 @@ def _print_registered(c: Any, site: str, node_id: int) -> None:
               f"unregister {old}`")
 
 
-def _all_site_keys() -> list[str]:
-    """Every registered task's site keys (``TaskInfo.site_keys``), each once, in order."""
-    return list(dict.fromkeys(key for name in task_names()
-                              for key in task_info(name).site_keys))
-
-
 def _bundle(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -181,7 +175,7 @@ def _bundle(args: argparse.Namespace) -> int:
     # Earlier site keys the (maybe new) task has no use for are dropped; given ones are
     # checked against the task (``write_bundle_script``).
     site_keys = {k: v for k, v in earlier.site_keys if k in task_info(task).site_keys}
-    site_keys.update({key: value for key in _all_site_keys()
+    site_keys.update({key: value for key in key_owners(lambda info: info.site_keys)
                       if (value := getattr(args, key.replace("-", "_"))) is not None})
     given = {"data_path": args.data_path, "runtime_port": args.port, "task": args.task,
              "audit_egress": args.audit_egress}
@@ -588,8 +582,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir")
     p.add_argument("site")
     p.add_argument("--data-path", required=True, help="the data file, as seen at the site")
-    for key in _all_site_keys():  # each task's node-config keys for a site's own file
-        tasks = [name for name in task_names() if key in task_info(name).site_keys]
+    # Each task's node-config keys for a site's own file.
+    for key, tasks in key_owners(lambda info: info.site_keys).items():
         p.add_argument(f"--{key}", help=f"{', '.join(tasks)}: the site's `{key}` "
                                         "(default: the bundle's earlier value, else the "
                                         "run's)")
@@ -722,22 +716,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "below (each named with its task) it reads; sft reads every row "
                         "as a conversation with the run's chat columns (else the node "
                         "config's keys of the same names); token lengths with --model")
-    # Each task's check keys, as flags its check reads (a key two tasks share: one flag).
-    flagged: set[str] = set()
-    for name in task_names():
-        info = task_info(name)
-        for flag in info.check_flags:
-            if flag.key in flagged:
-                continue
-            flagged.add(flag.key)
-            site_default = "the node config's, else " if flag.key in info.site_keys else ""
-            readers = ", ".join(t for t in task_names() if flag.key in task_info(t).check_keys)
-            text = f"{readers}: " + (flag.help or f"the run's `{flag.key}` (default: "
-                                                   f"{site_default}the run default)")
-            if flag.switch:  # None when absent: the node config's or the default then
-                p.add_argument(f"--{flag.key}", action="store_const", const=True, help=text)
-            else:
-                p.add_argument(f"--{flag.key}", help=text)
+    # Each task's check keys, as flags its check reads (a key two tasks share: one flag,
+    # the same CheckFlag in both, which the registry's test holds).
+    for key, readers in key_owners(lambda info: info.check_keys).items():
+        info = task_info(readers[0])
+        flag = next(f for f in info.check_flags if f.key == key)
+        site_default = "the node config's, else " if key in info.site_keys else ""
+        text = f"{', '.join(readers)}: " + (flag.help or f"the run's `{key}` (default: "
+                                                          f"{site_default}the run default)")
+        if flag.switch:  # None when absent: the node config's or the default then
+            p.add_argument(f"--{key}", action="store_const", const=True, help=text)
+        else:
+            p.add_argument(f"--{key}", help=text)
     p.add_argument("--json", help="also write the report as JSON to this file")
     p.set_defaults(func=_check_data)
     return parser

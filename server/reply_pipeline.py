@@ -198,7 +198,8 @@ def silent_problems(sent: Iterable[int], replied: Iterable[int], *,
     was slower than `round-timeout`), named as ``who`` names a sender, in node order."""
     def name(node: int) -> str:
         site = site_key(node) if site_key else ""
-        return f"{site} (node {node})" if site and site != f"node-{node}" else f"node {node}"
+        # NodeWaitingGrid's key for a node it could not ask is no site name.
+        return who(Reply(node=node, site="" if site == f"node-{node}" else site))
     return [f"{name(node)}: no reply within round-timeout (the node left or was too slow)"
             for node in sorted(set(sent) - set(replied))]
 

@@ -221,12 +221,15 @@ def task_info(name: str) -> TaskInfo:
     return _TASKS[name]
 
 
-def key_owners() -> dict[str, tuple[str, ...]]:
-    """Each task-specific RunConfig field -> the tasks that read it, in registry order
-    (keys of the first task first, each task's in its ``own_keys`` order)."""
+def key_owners(
+    keys: Callable[[TaskInfo], tuple[str, ...]] = lambda info: info.own_keys,
+) -> dict[str, tuple[str, ...]]:
+    """Each key of ``keys`` (default: the task-specific RunConfig fields, ``own_keys``;
+    e.g. ``site_keys`` or ``check_keys``) -> the tasks that have it, in registry order
+    (keys of the first task first, each task's in its own order)."""
     owners: dict[str, tuple[str, ...]] = {}
     for name, info in _TASKS.items():
-        for key in info.own_keys:
+        for key in keys(info):
             owners[key] = (*owners.get(key, ()), name)
     return owners
 
