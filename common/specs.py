@@ -11,7 +11,9 @@ spec is the only step needed to key the caches by it. Local training takes a
 Each spec's fields are named exactly like the ``RunConfig`` fields they copy and are
 filled by name (``spec_from_config``). ``tests/common/test_specs.py`` checks that every
 ``RunConfig`` field is in a spec (these, or a task's loss spec) or listed as in none,
-so a new config field cannot be forgotten: whoever adds one decides where it goes. Only
+so a new config field cannot be forgotten: whoever adds one decides where it goes. A
+task's own keys (``RunConfig.task_options``, its ``TaskInfo.options`` record) travel as one
+field of the model, data and encode specs, so a new one keys every cache. Only
 ``ModelSpec``, ``DataSpec``, ``PartitionSpec`` and ``EncodeSpec`` key caches; a field
 that changes a cached object belongs in one of those, not in ``TrainSpec``,
 ``DPSGDSpec`` or a loss spec (which are rebuilt every round).
@@ -63,9 +65,10 @@ class ModelSpec:
     lora_aggregation: str
     freeze_layers: int
     gradient_checkpointing: bool
-    # task sft: encoding installs a configured template in the (cached) tokenizer, so a
-    # model built for another template must not be shared
-    chat_template: str
+    # The task's own keys (RunConfig.task_options; sft: encoding installs a configured
+    # chat template in the cached tokenizer, so a model built for another template must
+    # not be shared). The whole record keys each cache: a task's keys are few.
+    task_options: Any
     seed: int
     label_names: tuple[str, ...]
 
@@ -97,15 +100,8 @@ class DataSpec:
     validation_fraction: float
     builtin_examples: int
     seed: int
-    # task sft: which columns hold the conversations, and the system turn added
-    chat_format: str
-    messages_column: str
-    instruction_column: str
-    input_column: str
-    output_column: str
-    prompt_column: str
-    response_column: str
-    system_prompt: str
+    # The task's own keys (sft: which columns hold the conversations, the system turn added)
+    task_options: Any
     # The files' versions: an edited file is read again by a long-lived process.
     dataset_stamp: tuple[int, int] | None
     eval_dataset_stamp: tuple[int, int] | None
@@ -143,10 +139,9 @@ class EncodeSpec:
     task: str
     max_length: int
     tokenizer_path: str
-    # task sft: the template applied, the tokens trained on, what happens to long ones
-    chat_template: str
-    train_on: str
-    overflow: str
+    # The task's own keys (sft: the template applied, the tokens trained on, what happens
+    # to long ones)
+    task_options: Any
 
     @classmethod
     def of(cls, cfg: RunConfig, tokenizer_path: str) -> EncodeSpec:

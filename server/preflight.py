@@ -121,7 +121,7 @@ def check_model(cfg: RunConfig, num_partitions: int | None = None) -> str | None
     with _hub_off_unless_set():
         source = model_source.check_model(cfg)
     if source.local and (problem := get_task(cfg.task).check_model_folder(
-            Path(source.path), chat_template=cfg.chat_template)):
+            Path(source.path), options=cfg.task_options)):
         raise ConfigError(f"`model` {cfg.model_name!r}: {problem}")
     if not source.cached:
         return f"model {cfg.model_name!r} is not cached: it will be downloaded from the Hub"

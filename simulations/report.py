@@ -26,7 +26,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -279,11 +279,11 @@ def label_distribution(
         ``(counts, label_names, client_ids)``: ``counts[i, k]`` is the number of rows of
         class ``k`` in client ``client_ids[i]``'s partition.
     """
-    from common.config import RunConfig
+    from common.config import RunConfig, key_types
     from common.data import load_splits, partition_dataset
     from common.specs import DataSpec, PartitionSpec
 
-    known = {f.name.replace("_", "-") for f in fields(RunConfig)}
+    known = key_types()
     cfg = RunConfig.from_flower({k: v for k, v in config.items() if k in known})
     splits = load_splits(DataSpec.of(cfg))
     client_ids = list(range(min(num_partitions, max_clients)))

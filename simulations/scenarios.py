@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +130,9 @@ def check_requires(scenario: Scenario, *, repo_dir: Path = REPO_DIR) -> None:
 
 
 def _string_keys() -> frozenset[str]:
-    from common.config import RunConfig
+    from common.config import key_types
 
-    return frozenset(f.name.replace("_", "-") for f in fields(RunConfig)
-                     if getattr(f.type, "__name__", f.type) == "str")
+    return frozenset(key for key, type_name in key_types().items() if type_name == "str")
 
 
 def parse_value(key: str, text: str) -> Any:

@@ -28,13 +28,13 @@ import math
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
-from common.config import ConfigError, RunConfig, selection_metrics
+from common.config import ConfigError, RunConfig, key_types, selection_metrics
 from common.tasks import metric_info
 from server.model_selection import finite
 from server.results import read_results
@@ -138,8 +138,7 @@ def _fmt(value: Any) -> str:
 
 def _field_types() -> dict[str, str]:
     """Run-config key -> its type name (``float``, ``int``, ``str``, ``bool``)."""
-    return {f.name.replace("_", "-"): str(getattr(f.type, "__name__", f.type))
-            for f in fields(RunConfig)}
+    return key_types()
 
 
 _GRAMMAR = ("key=lo:hi (uniform; integers for an integer key), key=lo:hi:log "

@@ -16,6 +16,7 @@ each ClientApp worker import this module afresh), so a real task is an entry her
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -60,9 +61,17 @@ class TaskInfo:
     default_model: str  # the packaged, offline model for an empty `model` (model_source.py)
     # What `selection-metric` = auto selects by: one of ``metrics``; empty: the headline.
     selection_metric: str = ""
-    # RunConfig fields only this task reads: set (changed from the default) for another
-    # task they are refused, naming this task, rather than ignored. A field may be owned
-    # by several tasks; one no task owns is common to all.
+    # The task's own run-config keys as one record: "module:Class" of a frozen dataclass
+    # in a light module (no torch), a field per key (``train_on`` is `train-on`) with its
+    # default, which ``pyproject.toml`` repeats (Flower refuses an override of a key the
+    # app's config lacks; a test checks they agree). ``RunConfig`` builds it from the run
+    # config as ``task_options`` (``options_class``); set for another task, its keys are
+    # refused, naming this task. Empty: the task has no keys of its own.
+    options: str = ""
+    # RunConfig fields only this task reads (classification's, which the data layer and
+    # the generic checks read too): set (changed from the default) for another task they
+    # are refused, naming this task, rather than ignored. A field may be owned by several
+    # tasks; one no task owns is common to all.
     own_keys: tuple[str, ...] = ()
     # Node-config keys (dashed) a site sets for its own file (its column names, ...),
     # read over the run's values (client/local_data.py ``site_columns``).
@@ -165,11 +174,7 @@ _TASKS: dict[str, TaskInfo] = {
         # Loss, measured every round; exact match only in the rounds that generate
         # (`generate-every`).
         selection_metric="loss",
-        own_keys=("chat_format", "messages_column", "instruction_column", "input_column",
-                  "output_column", "prompt_column", "response_column", "system_prompt",
-                  "chat_template", "train_on", "overflow", "generate_every",
-                  "generation_samples", "max_new_tokens", "retention_dataset",
-                  "gradient_checkpointing"),
+        options="common.tasks.sft_config:SftOptions",
         site_keys=("chat-format", "messages-column", "instruction-column", "input-column",
                    "output-column", "prompt-column", "response-column"),
         check_flags=tuple(CheckFlag(key) for key in (
@@ -221,12 +226,33 @@ def task_info(name: str) -> TaskInfo:
     return _TASKS[name]
 
 
+def _options_record(info: TaskInfo) -> type | None:
+    if not info.options:
+        return None
+    module, _, cls = info.options.partition(":")
+    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+
+
+def options_class(name: str) -> type | None:
+    """The frozen dataclass of task ``name``'s own keys (``TaskInfo.options``, its light
+    module imported), or None when it has none (``ValueError`` for an unknown task)."""
+    return _options_record(task_info(name))
+
+
+def task_keys(info: TaskInfo) -> tuple[str, ...]:
+    """The keys (snake_case) only the task of ``info`` reads: its ``own_keys`` (RunConfig
+    fields), then the fields of its ``options`` record."""
+    record = _options_record(info)
+    options = tuple(f.name for f in dataclasses.fields(record)) if record else ()
+    return (*info.own_keys, *options)
+
+
 def key_owners(
-    keys: Callable[[TaskInfo], tuple[str, ...]] = lambda info: info.own_keys,
+    keys: Callable[[TaskInfo], tuple[str, ...]] = task_keys,
 ) -> dict[str, tuple[str, ...]]:
-    """Each key of ``keys`` (default: the task-specific RunConfig fields, ``own_keys``;
-    e.g. ``site_keys`` or ``check_keys``) -> the tasks that have it, in registry order
-    (keys of the first task first, each task's in its own order)."""
+    """Each key of ``keys`` (default: the task-specific keys, ``task_keys``; e.g.
+    ``site_keys`` or ``check_keys``) -> the tasks that have it, in registry order (keys of
+    the first task first, each task's in its own order)."""
     owners: dict[str, tuple[str, ...]] = {}
     for name, info in _TASKS.items():
         for key in keys(info):

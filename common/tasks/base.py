@@ -210,9 +210,11 @@ class Task(Protocol):
         it shares; None for a task that reports none for partitions."""
         ...
 
-    def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
+    def check_model_folder(self, folder: Path, *, options: Any) -> str | None:
         """What makes a local model folder unusable for this task (from its config and
-        tokenizer files, no weights loaded), or None. Used by the preflight."""
+        tokenizer files, no weights loaded), or None; ``options``: the run's
+        ``RunConfig.task_options`` (sft: a configured chat template). Used by the
+        preflight."""
         ...
 
     def load_model(

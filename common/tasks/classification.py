@@ -220,7 +220,7 @@ class ClassificationTask:
                                label_names=[str(i) for i in range(len(label_names))],
                                source=source)
 
-    def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
+    def check_model_folder(self, folder: Path, *, options: Any) -> str | None:
         return None  # any encoder or decoder gets a fresh classification head
 
     def load_model(

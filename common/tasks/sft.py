@@ -29,7 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.config import RunConfig
 from common.data import DataError, read_rows
 from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec, spec_from_config
+from common.specs import DataSpec, EncodeSpec
 from common.tasks.base import Batch, EvalContext, LossFn, Task, TrainContext
 from common.tasks.duplicates import normalize_text, repeats
 from common.tasks.sft_builtin_data import generate_sft
@@ -50,6 +50,7 @@ from common.tasks.sft_chat_encoding import (
     split_for_generation,
     token_f1,
 )
+from common.tasks.sft_config import SftOptions
 
 log = logging.getLogger(__name__)
 _EVAL_BATCH = 8  # logits are (batch, tokens, vocabulary): keep evaluation batches small
@@ -85,20 +86,33 @@ class ChatExamples:
         return len(self.examples)
 
 
+def options_of(spec: DataSpec | EncodeSpec) -> SftOptions:
+    """The sft keys a spec carries (its ``task_options``; their defaults when it has none)."""
+    options = spec.task_options
+    return options if isinstance(options, SftOptions) else SftOptions()
+
+
 def chat_columns(spec: DataSpec) -> dict[str, str]:
     """The column names and system prompt of ``spec`` as ``sft_chat_data`` takes them."""
+    o = options_of(spec)
     return {
-        "messages_column": spec.messages_column, "instruction_column": spec.instruction_column,
-        "input_column": spec.input_column, "output_column": spec.output_column,
-        "prompt_column": spec.prompt_column, "response_column": spec.response_column,
-        "system_prompt": spec.system_prompt,
+        "messages_column": o.messages_column, "instruction_column": o.instruction_column,
+        "input_column": o.input_column, "output_column": o.output_column,
+        "prompt_column": o.prompt_column, "response_column": o.response_column,
+        "system_prompt": o.system_prompt,
     }
 
 
 def template_of(spec: EncodeSpec) -> str | None:
     """``chat-template``: a Jinja string, or the contents of a ``.jinja`` file; None: the
     tokenizer's own."""
-    text = spec.chat_template.strip()
+    return load_template(options_of(spec).chat_template)
+
+
+def load_template(chat_template: str) -> str | None:
+    """A ``chat-template`` value: a Jinja string, or the contents of a ``.jinja`` file;
+    None when empty."""
+    text = chat_template.strip()
     if not text:
         return None
     path = Path(text).expanduser()
@@ -106,7 +120,7 @@ def template_of(spec: EncodeSpec) -> str | None:
         if not path.is_file():
             raise DataError(f"`chat-template` file not found: {text}")
         return path.read_text(encoding="utf-8")
-    return spec.chat_template
+    return chat_template
 
 
 @dataclass(frozen=True)
@@ -276,18 +290,19 @@ def scan_conversations(
     rows have no assistant turn. Raises ``DataError`` for a problem of the file, not
     of a row (no chat columns, a column the format needs is missing).
     """
-    columns = chat_columns(spec)
+    columns, options = chat_columns(spec), options_of(spec)
     try:
-        return conversations_from_frame(frame, source=source, fmt=spec.chat_format,
+        return conversations_from_frame(frame, source=source, fmt=options.chat_format,
                                         **columns), [], 0
     except DataError:
         pass  # at least one row is refused: look at each
-    fmt = spec.chat_format
+    fmt = options.chat_format
     if fmt == "auto":
         fmt = detect_format(
-            list(frame.columns), source=source, messages_column=spec.messages_column,
-            instruction_column=spec.instruction_column, output_column=spec.output_column,
-            prompt_column=spec.prompt_column, response_column=spec.response_column)
+            list(frame.columns), source=source, messages_column=options.messages_column,
+            instruction_column=options.instruction_column,
+            output_column=options.output_column, prompt_column=options.prompt_column,
+            response_column=options.response_column)
     kept: list[list[dict[str, str]]] = []
     problems: list[str] = []
     no_assistant = 0
@@ -327,11 +342,12 @@ def _lacks_answer(row: pd.Series, *, fmt: str, spec: DataSpec) -> bool:
     def text(value: Any) -> bool:
         return isinstance(value, str) and bool(value.strip())
 
+    options = options_of(spec)
     if fmt == "alpaca":
-        return not text(row.get(spec.output_column))
+        return not text(row.get(options.output_column))
     if fmt == "prompt-response":
-        return not text(row.get(spec.response_column))
-    messages = row.get(spec.messages_column)
+        return not text(row.get(options.response_column))
+    messages = row.get(options.messages_column)
     if isinstance(messages, str):
         try:
             messages = json.loads(messages)
@@ -389,7 +405,7 @@ class SftTask:
         self, frame: pd.DataFrame, *, source: str, spec: DataSpec,
         label_names: Sequence[str] | None,
     ) -> tuple[pd.DataFrame, list[str]]:
-        return chat_frame(frame, source=source, fmt=spec.chat_format,
+        return chat_frame(frame, source=source, fmt=options_of(spec).chat_format,
                           **chat_columns(spec)), []
 
     def check_label_names(self, names: Sequence[str], *, source: str) -> None:
@@ -437,7 +453,8 @@ class SftTask:
         examples = self.encode(rows, tokenizer, spec=encoding)
         # The full lengths: the same rendering with room for every token.
         whole = self.encode(rows, tokenizer, spec=dataclasses.replace(
-            encoding, max_length=10**9, overflow="truncate"))
+            encoding, max_length=10**9, task_options=dataclasses.replace(
+                options_of(encoding), overflow="truncate")))
         lengths = [len(e.input_ids) for e in whole.examples] or [0]
         stats = examples.stats
         assert stats is not None
@@ -452,7 +469,7 @@ class SftTask:
     ) -> None:
         return None  # no statistics of a simulated partition's conversations are shared
 
-    def check_model_folder(self, folder: Path, *, chat_template: str) -> str | None:
+    def check_model_folder(self, folder: Path, *, options: Any) -> str | None:
         """A causal LM (config.json ``architectures`` ``*ForCausalLM``) with a chat
         template (its tokenizer's, or ``chat-template``)."""
         import json
@@ -466,7 +483,8 @@ class SftTask:
             return (f"task sft needs a causal language model (config.json architectures "
                     f"*ForCausalLM), but {folder} is {', '.join(architectures) or 'unnamed'}: "
                     "use model=smollm2 or another chat model")
-        if chat_template.strip() or (folder / "chat_template.jinja").is_file():
+        configured = options.chat_template if isinstance(options, SftOptions) else ""
+        if configured.strip() or (folder / "chat_template.jinja").is_file():
             return None
         try:
             tokenizer_config = json.loads(
@@ -498,19 +516,19 @@ class SftTask:
     ) -> ChatExamples:
         conversations = [check_conversation(list(m), where=f"row {i + 1}")
                          for i, m in enumerate(rows["messages"])]
-        template = template_of(spec)
+        template, options = template_of(spec), options_of(spec)
         if template and not tokenizer.chat_template:
             # The configured template becomes the tokenizer's: the exported model then
             # carries it, and generation renders prompts as training did.
             tokenizer.chat_template = template
         examples, stats = encode_conversations(
-            tokenizer, conversations, max_length=spec.max_length, train_on=spec.train_on,
-            overflow=spec.overflow, chat_template=template)
+            tokenizer, conversations, max_length=spec.max_length, train_on=options.train_on,
+            overflow=options.overflow, chat_template=template)
         if stats.truncated or stats.dropped:
             log.warning("%d of %d conversations are longer than max-length %d: %d truncated, "
                         "%d dropped (overflow=%s)", stats.truncated + stats.dropped,
                         stats.total, spec.max_length, stats.truncated, stats.dropped,
-                        spec.overflow)
+                        options.overflow)
         return ChatExamples(examples=examples,
                             conversations=[conversations[i] for i in stats.kept],
                             stats=stats, chat_template=template)
@@ -519,7 +537,10 @@ class SftTask:
         return collate_chat(examples.examples, index, _pad(pad_token_id))
 
     def eval_spec(self, cfg: RunConfig) -> SftEvalSpec:
-        return spec_from_config(SftEvalSpec, cfg)
+        options: SftOptions = cfg.task_options
+        return SftEvalSpec(generate_every=options.generate_every,
+                           generation_samples=options.generation_samples,
+                           max_new_tokens=options.max_new_tokens, max_length=cfg.max_length)
 
     def loss_spec(self, cfg: RunConfig) -> SftLossSpec:
         return SftLossSpec()

@@ -91,9 +91,11 @@ def test_a_sft_site_names_its_chat_columns_in_its_node_config():
 
     cfg = site_columns(RunConfig(task="sft"), {"data-path": "x", "prompt-column": "question",
                                                "response-column": "answer"})
-    assert (cfg.prompt_column, cfg.response_column) == ("question", "answer")
-    plain = site_columns(RunConfig(), {"data-path": "x", "text-column": "body"})
-    assert (plain.text_column, plain.prompt_column) == ("body", "prompt")
+    options = cfg.task_options
+    assert (options.prompt_column, options.response_column) == ("question", "answer")
+    plain = site_columns(RunConfig(), {"data-path": "x", "text-column": "body",
+                                       "prompt-column": "prompt"})  # sft's, at its default
+    assert (plain.text_column, plain.task_options) == ("body", None)
 
 
 def test_a_site_key_of_another_task_is_refused_naming_its_task():

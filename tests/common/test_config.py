@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from common.config import ConfigError, RunConfig
+from common.tasks import task_names
 
 PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
@@ -16,9 +17,14 @@ def _declared() -> dict:
 
 
 def test_pyproject_defaults_equal_the_dataclass_defaults():
+    # Flower refuses an override of a key the app's config lacks: every task's own keys
+    # (its options record) are there too, at the record's defaults.
     declared = _declared()
-    assert declared == RunConfig().to_flower()
+    every_task = {key: value for name in task_names()
+                  for key, value in RunConfig(task=name).to_flower().items()}
+    assert declared == {**every_task, "task": RunConfig().task}
     assert RunConfig.from_flower(declared) == RunConfig()
+    assert RunConfig.from_flower({**declared, "task": "sft"}) == RunConfig(task="sft")
 
 
 def _readme_key_table() -> list[tuple[str, str]]:
@@ -78,6 +84,8 @@ def test_dashed_keys_map_to_fields_and_ints_become_floats():
          "`skew-loss`: only for task classification"),
         ({"task": "sft", "label-column": "y"}, "`label-column`: only for task classification"),
         ({"train-on": "all"}, "`train-on`: only for task sft"),
+        ({"gradient-checkpointing": True, "dp-sgd-noise-multiplier": 1.0},
+         "`gradient-checkpointing` and DP-SGD do not combine"),
         ({"task": "sft", "partitioner": "dirichlet"}, "shares out class labels"),
         ({"task": "sft", "train-on": "prompt"}, "`train-on` must be one of assistant, all"),
         ({"task": "sft", "overflow": "wrap"}, "`overflow` must be one of truncate, drop"),
@@ -257,18 +265,18 @@ def test_imbalance_and_augmentation_keys_that_combine():
 
 
 def test_every_builtin_tasks_own_and_site_keys_are_run_config_fields():
-    # `_check_task_keys` skips an own key that is no RunConfig field (a test's toy task
-    # may own one), so a misspelt key of a built-in task would silently never be refused.
+    # `_check_task_keys` skips an own key that is no RunConfig field, so a misspelt key of
+    # a built-in task would silently never be refused.
     import dataclasses
 
-    from common.tasks import task_info, task_names
+    from common.tasks import task_info, task_keys, task_names
 
     names = {f.name for f in dataclasses.fields(RunConfig)}
     for task in task_names():
         info = task_info(task)
         assert set(info.own_keys) <= names, (task, set(info.own_keys) - names)
-        # client/local_data.py `site_columns` reads a site key into the field of its
-        # underscored name; another task refuses it only as one of this task's own keys.
+        # client/local_data.py `site_columns` reads a site key into the field (or option)
+        # of its underscored name; another task refuses it only as one of this task's keys.
         site_fields = {key.replace("-", "_") for key in info.site_keys}
         assert all("_" not in key for key in info.site_keys), (task, info.site_keys)
-        assert site_fields <= set(info.own_keys), (task, site_fields - set(info.own_keys))
+        assert site_fields <= set(task_keys(info)), (task, site_fields - set(task_keys(info)))

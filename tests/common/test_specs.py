@@ -36,7 +36,7 @@ NOT_CACHED = {
     "secagg_clip_range", "secagg_max_weight", "audit_egress", "device",
     "output_dir", "run_name", "resume_from", "keep_checkpoints", "log_to", "select_model",
     "selection_metric", "early_stopping_patience", "early_stopping_min_delta",
-    "generate_every", "generation_samples", "max_new_tokens", "retention_dataset",
+    "retention_dataset",
 }
 
 
@@ -58,6 +58,15 @@ def test_every_config_field_is_in_a_spec_or_declared_uncached():
         "what it changes (common/specs.py) or to NOT_CACHED")
     assert config_fields >= NOT_CACHED  # no stale names
     assert not NOT_CACHED & _spec_fields()
+
+
+@pytest.mark.parametrize("spec", [
+    lambda cfg: ModelSpec.of(cfg, []), DataSpec.of, lambda cfg: EncodeSpec.of(cfg, "/t")])
+def test_a_tasks_own_key_changes_every_cache_key(spec):
+    sft = RunConfig(task="sft")
+    assert spec(sft) == spec(RunConfig(task="sft"))
+    assert spec(sft.replace(messages_column="chat")) != spec(sft)
+    assert spec(sft.replace(generation_samples=3)) != spec(sft)
 
 
 def test_spec_fields_copy_the_config_by_name(tmp_path):
@@ -99,7 +108,7 @@ def test_the_model_key_holds_the_resolved_path_and_the_labels(tiny_model_dir):
 def test_spec_from_config_takes_extra_fields_only_for_names_outside_the_config():
     spec = spec_from_config(EncodeSpec, RunConfig(max_length=32), tokenizer_path="/t")
     assert spec == EncodeSpec(task="classification", max_length=32, tokenizer_path="/t",
-                              chat_template="", train_on="assistant", overflow="truncate")
+                              task_options=None)
 
 
 @pytest.mark.parametrize("change", [
@@ -133,5 +142,5 @@ def test_a_tasks_loss_spec_holds_its_own_loss_keys_only():
     assert task.loss_spec(RunConfig(learning_rate=1e-3, seed=5, max_length=32,
                                     num_server_rounds=9)) == plain
     sft = get_task("sft")
-    assert sft.loss_spec(RunConfig(task="sft", train_on="all")) == sft.loss_spec(
+    assert sft.loss_spec(RunConfig(task="sft").replace(train_on="all")) == sft.loss_spec(
         RunConfig(task="sft"))

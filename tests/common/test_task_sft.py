@@ -27,8 +27,8 @@ CPU = torch.device("cpu")
 
 def _cfg(model_dir, **changes):
     return RunConfig(task="sft", model=str(model_dir), max_length=384, builtin_examples=60,
-                     batch_size=4, local_steps=4, learning_rate=5e-3, generation_samples=3,
-                     max_new_tokens=6, **changes)
+                     batch_size=4, local_steps=4, learning_rate=5e-3).replace(
+        generation_samples=3, max_new_tokens=6, **changes)
 
 
 @pytest.fixture
@@ -343,9 +343,10 @@ def test_the_eval_spec_holds_the_generation_keys_with_their_config_defaults():
     from common.tasks.sft import SftEvalSpec
 
     default = RunConfig(task="sft")
+    options = default.task_options
     assert TASK.eval_spec(default) == SftEvalSpec(
-        generate_every=default.generate_every, generation_samples=default.generation_samples,
-        max_new_tokens=default.max_new_tokens, max_length=default.max_length)
-    cfg = RunConfig(task="sft", generate_every=3, generation_samples=5, max_new_tokens=9)
+        generate_every=options.generate_every, generation_samples=options.generation_samples,
+        max_new_tokens=options.max_new_tokens, max_length=default.max_length)
+    cfg = default.replace(generate_every=3, generation_samples=5, max_new_tokens=9)
     assert TASK.eval_spec(cfg) == SftEvalSpec(generate_every=3, generation_samples=5,
                                               max_new_tokens=9, max_length=cfg.max_length)

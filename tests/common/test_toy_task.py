@@ -1,8 +1,9 @@
 """A task the project does not ship plugs into the task-agnostic machinery.
 
 The toy task lives in this module and is registered only inside each test
-(``common.tasks.task_registered``): the config's key check, local training and the
-server's model selection run on it unchanged. The toy implements the ``Task`` members
+(``common.tasks.task_registered``): the config's keys (its own, ``ToyOptions``, read and
+checked with no change to ``RunConfig``), local training and the server's model selection
+run on it unchanged. The toy implements the ``Task`` members
 these pieces call (collate, loss) plus its own tiny data and model; the rest of the
 protocol (data files, site checks, predict, model card) it does not need here.
 """
@@ -27,6 +28,7 @@ from common.tasks import (
     task_names,
     task_registered,
 )
+from common.tasks.sft_config import SftOptions
 from common.training import train_local
 from server.model_selection import early_stop_reason, select_round
 from server.recorder import progress_line
@@ -38,15 +40,21 @@ TOY_INFO = TaskInfo(
     metrics=(MetricInfo("miss_rate", "miss rate", higher_is_better=False, short="miss"),
              MetricInfo("loss", "loss", higher_is_better=False, bounded=False)),
     default_model="toy-linear",
-    own_keys=("toy_width",),
+    options=f"{__name__}:ToyOptions",
 )
 
 
 @dataclass(frozen=True)
-class ToyConfig(RunConfig):
-    """The run config with the toy's own key (a real task adds its fields to RunConfig)."""
+class ToyOptions:
+    """The toy's own key, `toy-width` (a real task's record is in a light module of
+    common/tasks/, its defaults repeated in pyproject.toml)."""
 
     toy_width: int = 4
+
+
+def toy_config(**keys: Any) -> RunConfig:
+    """A run config of Flower's dashed keys (``toy_width`` given as ``toy-width``)."""
+    return RunConfig.from_flower({k.replace("_", "-"): v for k, v in keys.items()})
 
 
 @dataclass(frozen=True)
@@ -119,39 +127,57 @@ def test_a_task_without_a_loss_metric_is_refused():
         pass
 
 
-def test_the_config_checks_the_toys_keys_against_the_registry(toy):
-    cfg = ToyConfig(task="toy", toy_width=8, selection_metric="loss")
-    assert (cfg.toy_width, cfg.model_name) == (8, "toy-linear")
-    assert ToyConfig(task="toy").selection_metric_name == "miss_rate"  # its headline
+def test_the_config_reads_and_checks_the_toys_keys_from_the_registry(toy):
+    cfg = toy_config(task="toy", toy_width=8, selection_metric="loss")
+    assert (cfg.task_options, cfg.model_name) == (ToyOptions(toy_width=8), "toy-linear")
+    assert cfg.to_flower()["toy-width"] == 8  # config.json holds it as a key of its own
+    assert cfg.replace(toy_width=2).task_options == ToyOptions(toy_width=2)
+    assert RunConfig(task="toy").task_options == ToyOptions()  # the defaults
+    assert toy_config(task="toy").selection_metric_name == "miss_rate"  # its headline
     with pytest.raises(ConfigError, match=(
             r"`toy-width`: only for task toy, and this run has `task`='classification'; "
             r"remove the key or set `task`='toy'")):
-        ToyConfig(toy_width=8)
+        toy_config(toy_width=8)
+    assert toy_config(toy_width=4).task_options is None  # another task's default: ignored
+    with pytest.raises(ConfigError, match="`toy-width`: only for task toy"):
+        RunConfig().replace(toy_width=8)
+    with pytest.raises(ConfigError, match="`toy-width` must be an integer"):
+        toy_config(task="toy", toy_width="wide")
     with pytest.raises(ConfigError, match="`skew-loss`: only for task classification"):
-        ToyConfig(task="toy", skew_loss="logit-adjusted")
+        toy_config(task="toy", skew_loss="logit-adjusted")
     with pytest.raises(ConfigError, match="`train-on`: only for task sft"):
-        ToyConfig(task="toy", train_on="all")
+        toy_config(task="toy", train_on="all")
     with pytest.raises(ConfigError, match=r"metric of task 'toy' \(miss_rate, loss\)"):
-        ToyConfig(task="toy", selection_metric="accuracy")
+        toy_config(task="toy", selection_metric="accuracy")
+    with pytest.raises(ConfigError, match="task toy's task_options must be a ToyOptions"):
+        RunConfig(task="toy", task_options=SftOptions())
+
+
+@dataclass(frozen=True)
+class SharedOptions:
+    """A toy that reads sft's `train-on` too."""
+
+    train_on: str = "assistant"
 
 
 def test_a_key_two_tasks_read_names_both():
     shared = TaskInfo(module=__name__, metrics=TOY_INFO.metrics, default_model="x",
-                      own_keys=("train_on",))
+                      options=f"{__name__}:SharedOptions")
     with task_registered("toy", shared):
-        assert ToyConfig(task="toy", train_on="all").train_on == "all"
+        assert toy_config(task="toy", train_on="all").task_options.train_on == "all"
         with pytest.raises(ConfigError, match=(
                 r"`train-on`: only for task sft or toy, .* set `task`='sft' or "
                 r"`task`='toy'")):
-            RunConfig(train_on="all")
+            toy_config(train_on="all")
 
 
 def test_local_training_runs_the_toys_collate_and_loss(toy):
-    cfg = ToyConfig(task="toy", toy_width=3, batch_size=4, local_steps=2,
-                    learning_rate=0.1, seed=0)
-    model = torch.nn.Linear(cfg.toy_width, 2)
+    cfg = toy_config(task="toy", toy_width=3, batch_size=4, local_steps=2,
+                     learning_rate=0.1, seed=0)
+    width = cfg.task_options.toy_width
+    model = torch.nn.Linear(width, 2)
     before = model.weight.detach().clone()
-    data = toy.examples(10, cfg.toy_width, seed=1)
+    data = toy.examples(10, width, seed=1)
 
     result = train_local(model, data, TrainSpec.of(cfg), task=toy, loss_spec=toy.loss_spec(cfg),
                          seed=5, device=torch.device("cpu"), pad_token_id=0)

@@ -159,6 +159,20 @@ def test_first_loss_regression(tiny_model_dir: Path) -> None:
     assert result.first_loss == pytest.approx(0.69583, abs=1e-4)
 
 
+def test_gradient_checkpointing_trains_a_classifier_as_without_it(tiny_model_dir: Path) -> None:
+    # A generic key (not sft's): checkpointing recomputes activations, the steps are equal.
+    states = []
+    for checkpointing in (False, True):
+        cfg, model, data, pad = setup(tiny_model_dir, n=16, method="lora", local_steps=2,
+                                      batch_size=8, gradient_checkpointing=checkpointing)
+        assert model.base_model.model.is_gradient_checkpointing is checkpointing
+        train_local(model, data, TrainSpec.of(cfg), task=TASK, loss_spec=TASK.loss_spec(cfg),
+                    seed=3, device=CPU, pad_token_id=pad)
+        states.append(get_exchanged_state(model))
+    plain, checkpointed = states
+    assert all(np.allclose(plain[k], checkpointed[k], atol=1e-5) for k in plain)
+
+
 def test_same_seed_same_weights_other_seed_other_weights(tiny_model_dir: Path) -> None:
     cfg, model, data, pad = setup(tiny_model_dir, method="lora", local_steps=4, batch_size=8)
     start = get_exchanged_state(model)

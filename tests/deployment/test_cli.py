@@ -497,7 +497,8 @@ def test_check_data_reads_every_site_key_from_the_node_config(task, capsys):
     if task == "sft":
         cfg = cli.site_check_config(args, {"messages-column": "chat", "chat-format": "messages",
                                            "system-prompt": "not a site key"})
-        assert cfg.messages_column == "chat" and cfg.system_prompt != "not a site key"
+        options = cfg.task_options
+        assert options.messages_column == "chat" and options.system_prompt != "not a site key"
     else:
         cfg = cli.site_check_config(args, {"text-column": "note", "label-column": "y",
                                            "labels": "not,a,site,key"})

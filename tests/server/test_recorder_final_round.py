@@ -50,8 +50,9 @@ class NoStatsStrategy:
 
 def _recorder(tmp_path, task: ScriptedTask, *, patience: int, last_round: int | None = None,
               total_rounds: int = 10) -> tuple[RoundRecorder, RunOutputs, ArrayRecord]:
-    cfg = RunConfig(task="sft", num_server_rounds=total_rounds, generate_every=0,
-                    early_stopping_patience=patience, output_dir=str(tmp_path))
+    cfg = RunConfig(task="sft", num_server_rounds=total_rounds,
+                    early_stopping_patience=patience, output_dir=str(tmp_path)
+                    ).replace(generate_every=0)
     model = torch.nn.Linear(2, 1)
     outputs = RunOutputs(tmp_path / "run", keep_checkpoints=0)
     outputs.start(cfg, [])

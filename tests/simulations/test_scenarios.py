@@ -126,10 +126,12 @@ def test_set_parses_toml_scalars_and_keeps_strings():
     assert parse_set([
         "num-server-rounds=3", "learning-rate=1e-3", "strategy=fedprox", "seed= 7",
         "run-name=2024", "dataset=/data/a=b.csv", "labels=\"x,y\"", "fraction-train=1",
+        "system-prompt=true", "max-new-tokens=8",  # a task's own keys (sft's options)
     ]) == {
         "num-server-rounds": 3, "learning-rate": 0.001, "strategy": "fedprox", "seed": 7,
         "run-name": "2024",  # a string key stays a string even when it looks like a number
         "dataset": "/data/a=b.csv", "labels": "x,y", "fraction-train": 1,
+        "system-prompt": "true", "max-new-tokens": 8,
     }
     with pytest.raises(ConfigError, match="--set expects key=value"):
         parse_set(["strategy"])

@@ -48,6 +48,8 @@ def test_a_float_range_is_uniform_and_log_when_asked():
 def test_an_integer_key_gets_an_integer_range():
     param = parse_space_item("local-steps=2:8")
     assert param == SpaceParam("local-steps", "int", 2, 8)
+    # a task's own key (sft's options record) is typed as a field is
+    assert parse_space_item("generation-samples=4:16").kind == "int"
     assert isinstance(param.distribution(), optuna.distributions.IntDistribution)
     assert parse_space_item("lora-r=4:64:log").log
 
