@@ -67,9 +67,11 @@ class Reply:
 
 
 def who(reply: Reply | Update) -> str:
-    """How results and logs name a reply's sender: ``site (node N)``, else ``node N``."""
+    """How results and logs name a reply's sender: ``site (node N)``, else ``node N``
+    (also for ``node-N``, the key a site without a ``site-name`` has: no name to show)."""
     site = getattr(reply, "site", "")
-    return f"{site} (node {reply.node})" if site else f"node {reply.node}"
+    return f"{site} (node {reply.node})" if site and site != f"node-{reply.node}" \
+        else f"node {reply.node}"
 
 
 @dataclass(frozen=True)
@@ -197,9 +199,7 @@ def silent_problems(sent: Iterable[int], replied: Iterable[int], *,
     """One problem per node that was sent a message and sent no reply (it left, or it
     was slower than `round-timeout`), named as ``who`` names a sender, in node order."""
     def name(node: int) -> str:
-        site = site_key(node) if site_key else ""
-        # NodeWaitingGrid's key for a node it could not ask is no site name.
-        return who(Reply(node=node, site="" if site == f"node-{node}" else site))
+        return who(Reply(node=node, site=site_key(node) if site_key else ""))
     return [f"{name(node)}: no reply within round-timeout (the node left or was too slow)"
             for node in sorted(set(sent) - set(replied))]
 

@@ -69,6 +69,16 @@ def test_silent_problems_name_each_silent_node_once():
     assert silent_problems([7], [], site_key=lambda n: f"node-{n}")[0].startswith("node 7:")
 
 
+def test_who_names_a_site_by_its_name_and_a_nameless_one_by_its_node():
+    from server.reply_pipeline import Reply, error_problems, who
+
+    assert who(Reply(node=3, site="hospital-a")) == "hospital-a (node 3)"
+    assert who(Reply(node=7, site="node-7")) == "node 7"  # the key of a site without a name
+    assert who(Reply(node=7, site="node-8")) == "node-8 (node 7)"  # a name, however odd
+    assert error_problems([Reply(node=7, site="node-7", error="boom")]) == [
+        "node 7: error: boom"]
+
+
 def test_too_few_valid_replies_skip_the_round():
     strategy = _tracked(min_replies=2, rounds=(3,))
     arrays, metrics = strategy.aggregate_train(3, [
