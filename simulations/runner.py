@@ -327,19 +327,40 @@ def run_app(
     """
     run_dir = _run_dir(run_config)
     with hold_machine(run_name=run_dir.name, timeout=port_wait) as left:
-        _wait_for_free_ports(left)
-        for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
-            result = _run_locked(run_config, num_supernodes=num_supernodes,
-                                 num_cpus=num_cpus, num_gpus=num_gpus, app_dir=app_dir,
-                                 timeout=timeout, quiet=quiet, should_stop=should_stop)
-            if result.returncode == 0 or not _superlink_start_timed_out(result.log_path):
-                return result
-            if attempt < SUPERLINK_START_ATTEMPTS:
-                print(f"[fedsft] Flower's local SuperLink did not start within its fixed "
-                      f"limit (a busy machine); no run had started: trying again "
-                      f"({attempt + 1}/{SUPERLINK_START_ATTEMPTS})", file=sys.stderr,
-                      flush=True)
-        return result
+        return run_app_on_held_machine(
+            run_config, num_supernodes=num_supernodes, num_cpus=num_cpus,
+            num_gpus=num_gpus, app_dir=app_dir, timeout=timeout, quiet=quiet,
+            port_wait=left, should_stop=should_stop)
+
+
+def run_app_on_held_machine(
+    run_config: Mapping[str, Any],
+    *,
+    num_supernodes: int,
+    num_cpus: float = 1,
+    num_gpus: float = 0.0,
+    app_dir: Path = APP_DIR,
+    timeout: float | None = None,
+    quiet: bool = False,
+    port_wait: float = 900.0,
+    should_stop: Callable[[], bool] | None = None,
+) -> SimulationResult:
+    """``run_app`` for a caller that already holds the machine (``hold_machine``), e.g.
+    to start a Ray cluster for the run inside the same hold: ``port_wait`` seconds for
+    another SuperLink's ports, then the run, with the same retries."""
+    _wait_for_free_ports(port_wait)
+    for attempt in range(1, SUPERLINK_START_ATTEMPTS + 1):
+        result = _run_locked(run_config, num_supernodes=num_supernodes,
+                             num_cpus=num_cpus, num_gpus=num_gpus, app_dir=app_dir,
+                             timeout=timeout, quiet=quiet, should_stop=should_stop)
+        if result.returncode == 0 or not _superlink_start_timed_out(result.log_path):
+            return result
+        if attempt < SUPERLINK_START_ATTEMPTS:
+            print(f"[fedsft] Flower's local SuperLink did not start within its fixed "
+                  f"limit (a busy machine); no run had started: trying again "
+                  f"({attempt + 1}/{SUPERLINK_START_ATTEMPTS})", file=sys.stderr,
+                  flush=True)
+    return result
 
 
 def _superlink_start_timed_out(log_path: Path) -> bool:

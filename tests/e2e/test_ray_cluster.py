@@ -4,7 +4,9 @@ The cluster is two ``ray start --block`` processes on 127.0.0.1 (a head and a se
 node, one CPU each, the second with a resource of its own), in a temp folder of their
 own so no other Ray user on the machine finds them (``ray.init()`` without an address
 joins the cluster whose address file is in the default temp folder). The harness's
-``flwr run`` joins it through ``RAY_ADDRESS``, the documented route.
+``flwr run`` joins it through ``RAY_ADDRESS``, the documented route. The cluster starts
+inside the harness's machine lock (``hold_machine``), so it never waits idle beside
+another test's simulation, and the run uses that same hold.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from simulations.runner import run_app
+from simulations.runner import hold_machine, run_app_on_held_machine
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +91,13 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture
-def ray_cluster(tmp_path: Path) -> Iterator[str]:
+def ray_cluster(tmp_path: Path) -> Iterator[tuple[str, float]]:
+    """The cluster's address and the seconds left of the machine's hold it runs in."""
+    with hold_machine(run_name="ray-cluster", timeout=900) as left:
+        yield from _cluster(tmp_path, left)
+
+
+def _cluster(tmp_path: Path, left: float) -> Iterator[tuple[str, float]]:
     # Short: Ray's socket paths under its temp folder must stay below 108 characters.
     temp = tempfile.mkdtemp(prefix="fedsft-ray-", dir="/tmp")
     address = f"127.0.0.1:{_free_port()}"
@@ -105,7 +113,7 @@ def ray_cluster(tmp_path: Path) -> Iterator[str]:
         while _alive_nodes(address, deadline=deadline) < 2:
             assert nodes[1].poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(1)
-        yield address
+        yield address, left
     finally:
         try:
             for proc in reversed(nodes):
@@ -117,16 +125,17 @@ def ray_cluster(tmp_path: Path) -> Iterator[str]:
 def test_a_simulation_joins_a_two_node_ray_cluster_and_runs_clients_on_both(
     ray_cluster, tmp_path, tiny_model_dir, monkeypatch
 ):
-    monkeypatch.setenv("RAY_ADDRESS", ray_cluster)
-    result = run_app({
+    address, left = ray_cluster
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    result = run_app_on_held_machine({
         "model": str(tiny_model_dir), "dataset": "builtin", "builtin-examples": 80,
         "max-length": 32, "batch-size": 8, "local-steps": 2, "num-server-rounds": 1,
         "fraction-train": 1.0, "fraction-evaluate": 0.0, "min-nodes": 2,
         "node-wait-timeout": 60.0, "round-timeout": 300.0,
         "output-dir": str(tmp_path), "run-name": "ray-cluster",
-    }, num_supernodes=2, num_cpus=1, timeout=600, quiet=True)
+    }, num_supernodes=2, num_cpus=1, timeout=600, quiet=True, port_wait=left)
     assert result.returncode == 0, result.log_path.read_text()[-3000:]
-    state = _cluster_state(ray_cluster)
+    state = _cluster_state(address)
     # One CPU per node and one per virtual client: Flower's actor pool holds one
     # ClientAppActor per node, and the round's two training messages run at once, one
     # on each. Both actors lived on this cluster, not on a Ray Flower started itself.
