@@ -10,7 +10,7 @@
     fedsft register DIR SITE | fedsft revoke DIR SITE | fedsft sites DIR
     fedsft submit DIR [--app APP] --set labels=a,b --set output-dir=/abs/out ...
     fedsft rehearse --site a=/data/a.csv --site b=/data/b.csv --output-dir out ...
-                    [--attacks] [--restart]
+                    [--attacks] [--restart] [--kill-site NAME]
     fedsft export RUN_DIR OUT [--consortium DIR] [--force]
     fedsft predict MODEL INPUT --output OUT
     fedsft check-data FILE [--site-config KEY=VALUE|node.toml ...] [--labels a,b] ...
@@ -385,13 +385,17 @@ def _rehearse(args: argparse.Namespace) -> int:
         if not sep:
             raise ConfigError(f"--site expects NAME=PATH, got {item!r}")
         sites.append(Site(cons.check_site_name(name), Path(path).expanduser().resolve()))
+    if args.kill_site is not None and args.kill_site not in {s.name for s in sites}:
+        raise ConfigError(f"--kill-site {args.kill_site!r} is not one of the --site names "
+                          f"({', '.join(s.name for s in sites)})")
     run_config = {"output-dir": args.output_dir,
                   "run-name": args.run_name or f"rehearsal-{time.strftime('%Y%m%d-%H%M%S')}",
                   **parse_set(args.set)}
     work_dir = Path(args.work_dir or Path(run_config["output-dir"]) /
                     f"{run_config['run-name']}-deployment")
     result = rehearse(sites, run_config, work_dir=work_dir, app_dir=_app_dir(args.app),
-                      attacks=args.attacks, restart=args.restart)
+                      attacks=args.attacks, restart=args.restart,
+                      kill_site=args.kill_site)
     print(f"[fedsft] outputs: {result.run_dir}")
     print(f"[fedsft] process logs: {work_dir / 'logs'}")
     if result.message:
@@ -663,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after the run, do it again, kill the SuperLink once round 1 is "
                         "recorded, restart it and resume with `fedsft submit --set "
                         "resume-from=...`: exit 1 unless it ends with the same weights")
+    p.add_argument("--kill-site", metavar="NAME",
+                   help="last, do the run again with one more round and kill that site's "
+                        "SuperNode once round 1 is recorded: exit 1 unless the run "
+                        "completes and a later round records the site by name")
     p.set_defaults(func=_rehearse)
 
     p = add("export", help="a run's final model + model card")

@@ -75,6 +75,7 @@ from deployment.registry import site_flwr_home
 from deployment.site import FINGERPRINT_ENV
 from deployment.site_attacks import Attack, fedsft_on_path, site_attacks, summary
 from server.preflight import preflight
+from server.results import read_results
 from server.run_outputs import resumable_round, run_folder
 from server.run_verdict import attempt_outcome, has_final_model, outcome_stamp, run_verdict
 from simulations.runner import APP_DIR
@@ -151,6 +152,34 @@ class RestartCheck:
         return (f"SuperLink killed after round {self.killed_after_round} of {self.rounds}, "
                 f"restarted; `fedsft {' '.join(self.resume_command[:4])} ...` exit "
                 f"{self.resume_returncode}; final weights vs the uninterrupted run: {same}"
+                + (f" ({self.message})" if self.message else ""))
+
+
+@dataclass(frozen=True)
+class SiteKillCheck:
+    """The run done again with one site's SuperNode killed in the middle."""
+
+    site: str
+    node_id: int
+    run_dir: Path
+    killed_after_round: int  # the last round recorded when its SuperNode was killed
+    rounds: int  # the run's num-server-rounds
+    problems: tuple[str, ...]  # the later rounds' clients.problems that name the site
+    status: str = ""  # the run's outcome.json status ("" when it wrote none)
+    message: str = ""  # what went wrong
+
+    @property
+    def ok(self) -> bool:
+        """Killed mid-run, the run completed without it, and a later round recorded the
+        site, by its name and node, as the one that did not answer."""
+        return (not self.message and self.status == "completed"
+                and self.killed_after_round < self.rounds and bool(self.problems))
+
+    def line(self) -> str:
+        """One line for the rehearsal's output."""
+        named = self.problems[0] if self.problems else "no round named it"
+        return (f"SuperNode of {self.site} killed after round {self.killed_after_round} of "
+                f"{self.rounds}; run {self.status or 'not ended'}; recorded: {named}"
                 + (f" ({self.message})" if self.message else ""))
 
 
@@ -242,6 +271,7 @@ class RehearsalResult:
     runs_after: int = 0  # runs the SuperLink knows after the run (admin's view)
     restart: RestartCheck | None = None  # ``restart=True``: the kill, restart and resume
     refused_sites: tuple[SiteRefusal, ...] = ()  # sites their start script refused
+    site_kill: SiteKillCheck | None = None  # ``kill_site``: the SuperNode kill and its record
 
 
 class Rehearsal:
@@ -645,6 +675,53 @@ def restart_and_resume(
         final_checkpoint(reference), final_checkpoint(run_dir)))
 
 
+def kill_a_site(
+    rehearsal: Rehearsal, run_config: Mapping[str, Any], *, site: str, node_id: int,
+    process: subprocess.Popen[bytes], sites: int, app_dir: Path,
+    on_line: Callable[[str], None], timeout: float = 600,
+) -> SiteKillCheck:
+    """Do the run of ``run_config`` again as ``<run-name>-site-killed`` with one more
+    round and ``min-nodes`` one less; kill ``site``'s SuperNode (``process``, SIGKILL:
+    its host failing) once round 1 is recorded; wait for the run's end and collect the
+    later rounds' problems that name the site (``site (node N)``): Flower answers for a
+    node that stopped its heartbeats with a "Node Unavailable" error reply, and a node
+    that just never replies is named when the round times out.
+    """
+    rounds = int(run_config.get("num-server-rounds", RunConfig().num_server_rounds)) + 1
+    config = {**run_config, "run-name": f"{run_config['run-name']}-site-killed",
+              "num-server-rounds": rounds, "min-nodes": max(1, sites - 1)}
+    run_dir = run_folder(RunConfig.from_flower(config))
+
+    def check(killed: int, message: str = "", status: str = "",
+              problems: tuple[str, ...] = ()) -> SiteKillCheck:
+        return SiteKillCheck(site=site, node_id=node_id, run_dir=run_dir,
+                             killed_after_round=killed, rounds=rounds, problems=problems,
+                             status=status, message=message)
+
+    code, _ = rehearsal.submit(config, app_dir=app_dir, stream=False,
+                               log_name="site-kill-run.log", on_line=on_line)
+    if code != 0:
+        return check(0, f"`flwr run` exited {code}")
+    deadline = time.monotonic() + timeout
+    while (resumable_round(run_dir) or 0) < 1:
+        if time.monotonic() > deadline:
+            return check(0, f"round 1 not recorded after {timeout:g} s")
+        time.sleep(0.2)
+    rehearsal.processes.kill(process)
+    killed = resumable_round(run_dir) or 0
+    on_line(f"[fedsft] SuperNode of {site} (node {node_id}) killed (SIGKILL) with round "
+            f"{killed} of {rounds} recorded; the run goes on without it")
+    while (outcome := attempt_outcome(run_dir, stamp_before=None)) is None:
+        if time.monotonic() > deadline:
+            return check(killed, f"the run did not end within {timeout:g} s")
+        time.sleep(1)
+    name = f"{site} (node {node_id})"
+    problems = tuple(problem for row in read_results(run_dir / "results.jsonl")
+                     if row.round > killed and row.clients is not None
+                     for problem in row.clients.problems if name in problem)
+    return check(killed, status=str(outcome.get("status", "")), problems=problems)
+
+
 def labels_of(sites: Sequence[Site], cfg: RunConfig) -> str:
     """The classes found in the readable site files, as a ``labels`` value."""
     files = [
@@ -667,6 +744,7 @@ def rehearse(
     attacks: bool = False,
     try_admin_calls: bool = True,
     restart: bool = False,
+    kill_site: str | None = None,
 ) -> RehearsalResult:
     """Run the app once across ``sites`` on a local, secured deployment.
 
@@ -679,6 +757,9 @@ def rehearse(
     ``restart``: after the run, do it again, kill the SuperLink mid-run, restart it and
     resume (:func:`restart_and_resume`); the result's ``returncode`` is non-zero unless
     the resumed run ends with the first run's final weights exactly.
+    ``kill_site``: last, do the run again with one more round and kill that site's
+    SuperNode mid-run (:func:`kill_a_site`); the result's ``returncode`` is non-zero
+    unless the run completes and a later round names the site as the one that failed.
 
     ``run_config`` must name the run folder (``output-dir``, ``run-name``); ``output-dir``
     is made absolute (the ServerApp runs in another working directory). ``labels``
@@ -691,6 +772,9 @@ def rehearse(
     run_config = dict(run_config)
     if "output-dir" not in run_config or "run-name" not in run_config:
         raise ValueError("run_config must set `output-dir` and `run-name`")
+    if kill_site is not None and kill_site not in {site.name for site in sites}:
+        raise ValueError(f"kill_site {kill_site!r} is not one of the sites "
+                         f"({', '.join(site.name for site in sites)})")
     run_config["output-dir"] = str(Path(str(run_config["output-dir"])).expanduser().resolve())
     if run_config.get("resume-from"):
         run_config["resume-from"] = str(Path(str(run_config["resume-from"])).expanduser()
@@ -774,6 +858,18 @@ def rehearse(
             tried = site_attacks(rehearsal, [s.name for s in running], run_config,
                                  app_dir=app_dir, on_line=on_line)
             on_line(f"[fedsft] {summary(tried)}")
+        killed_site: SiteKillCheck | None = None
+        if kill_site is not None and kill_site not in {site.name for site in running}:
+            killed_site = SiteKillCheck(
+                site=kill_site, node_id=node_ids[kill_site], run_dir=run_dir,
+                killed_after_round=0, rounds=0, problems=(),
+                message="its start script refused it: no SuperNode to kill")
+        elif kill_site is not None:
+            killed_site = kill_a_site(
+                rehearsal, run_config, site=kill_site, node_id=node_ids[kill_site],
+                process=started[kill_site], sites=len(running), app_dir=app_dir,
+                on_line=on_line)
+            on_line(f"[fedsft] {killed_site.line()}")
     # `flwr run --stream` exits 0 also when the ServerApp failed: the run folder says.
     ok, message = run_verdict(
         returncode=returncode, outcome=attempt_outcome(run_dir, stamp_before=stamp_before),
@@ -789,8 +885,11 @@ def rehearse(
         ok, message = False, summary(tried)
     if ok and restarted is not None and not restarted.ok:
         ok, message = False, restarted.line()
+    if ok and killed_site is not None and not killed_site.ok:
+        ok, message = False, killed_site.line()
     return RehearsalResult(run_dir=run_dir, returncode=0 if ok else (returncode or 1),
                            log_path=log_path, work_dir=work_dir, message=message,
                            attacks=tuple(tried), admin_attempts=tuple(attempts),
                            nodes_after=nodes_after, runs_after=runs_after,
-                           restart=restarted, refused_sites=refusals)
+                           restart=restarted, refused_sites=refusals,
+                           site_kill=killed_site)

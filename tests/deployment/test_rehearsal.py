@@ -6,7 +6,8 @@ whose file is missing (its start script refuses it) and a fourth whose file hold
 class the federation does not have (its client's data check refuses to train, and the
 server records why), all behind the proxy, while site-a
 tries six Control API calls through the public address; the same run again with the
-SuperLink killed after round 1, restarted and resumed; then `fedsft export
+SuperLink killed after round 1, restarted and resumed; once more with site-b's SuperNode
+killed after round 1 (the run goes on without it); then `fedsft export
 --consortium` + `fedsft predict` on its result. Separate short-lived SuperLinks check
 that unregistered, revoked and non-TLS SuperNodes are refused.
 """
@@ -69,7 +70,7 @@ def run(tmp_path_factory, tiny_model_dir):
         "labels": "negative,positive", "node-wait-timeout": 60.0, "round-timeout": 480.0,
         "output-dir": str(tmp / "out"), "run-name": "rehearsal",
     }, work_dir=tmp / "work", on_line=lines.append, timeout=900,  # a hang guard
-        attacks=True, restart=True)
+        attacks=True, restart=True, kill_site="site-b")
     return result, lines, tmp
 
 
@@ -158,6 +159,28 @@ def test_a_superlink_killed_mid_run_resumes_to_the_uninterrupted_runs_weights(ru
     assert len(apps) == 2 and apps[0]["run-id"] != apps[1]["run-id"]
     assert any(line.startswith("[fedsft] SuperLink killed after round 1 of 2") and
                "identical" in line for line in lines)
+
+
+def test_a_supernode_killed_mid_run_is_recorded_under_its_site_name(run):
+    result, lines, _ = run
+    kill = result.site_kill
+    assert kill is not None, "\n".join(lines[-40:])
+    registry = json.loads((result.work_dir / "consortium/registry.json").read_text())
+    assert (kill.site, kill.node_id) == ("site-b", int(registry["site-b"]["node-id"]))
+    # Killed with round 1 recorded, of 3: the run went on with site-a (site-d's data is
+    # refused every round) and completed.
+    assert kill.killed_after_round == 1 and kill.rounds == 3, kill
+    assert kill.status == "completed" and kill.ok, kill
+    # A later round names it by site and node: Flower's error reply for a node that
+    # stopped its heartbeats, or this run's own no-reply problem.
+    assert kill.problems and all("site-b (node" in p for p in kill.problems), kill
+    assert any(("Node Unavailable" in p or "no reply within round-timeout" in p)
+               for p in kill.problems), kill.problems
+    rows = _rows(kill.run_dir)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["clients"]["aggregated"] >= 1 for r in rows[1:])
+    assert any(line.startswith("[fedsft] SuperNode of site-b killed after round 1 of 3")
+               for line in lines)
 
 
 def test_the_sites_refuse_unsigned_and_foreign_apps_and_a_tampered_bundle(run):
