@@ -28,15 +28,10 @@ from common.tasks import (
 )
 
 METHODS = ("lora", "full", "head", "freeze")
-# auto: logit-adjusted, unless DP-SGD or class weighting is on (both refuse it).
-SKEW_LOSSES = ("auto", "none", "logit-adjusted")
 LOCAL_OPTIMIZERS = ("adamw", "sgd")
 # Not torch's 1e-8: under label skew a larger eps damps sites whose loss barely pulls
 # (RESULTS.md skew-sweep-adam-epsilon); refused with sgd unless left at this default.
 ADAM_EPSILON_DEFAULT = 1e-4
-CLASS_WEIGHTINGS = ("none", "inverse-frequency", "effective-number")
-CLASS_WEIGHTING_SOURCES = ("site", "global")
-AUGMENTS = ("none", "token-dropout", "random-swap", "both")
 # How LoRA adapters are aggregated: fedavg averages A and B separately (the mean of the
 # products is not the product of the means); ffa freezes every A at its seeded init and
 # trains and sends only B, so the average is exact (FFA-LoRA, Sun et al. 2024); fedsa
@@ -79,8 +74,8 @@ NO_DATASET = "none"
 # another task they are refused, not ignored), their values its `config_check`; whether
 # it has classes and a head decides the partitioners, attacks and methods it can take.
 
-# How error messages say "DP-SGD is on": either key turns it on.
-_DP_SGD_ON = "DP-SGD (`dp-sgd-noise-multiplier` > 0 or a finite `dp-sgd-target-epsilon`)"
+# How error messages say "DP-SGD is on": either key turns it on (also the tasks' checks).
+DP_SGD_ON = "DP-SGD (`dp-sgd-noise-multiplier` > 0 or a finite `dp-sgd-target-epsilon`)"
 
 
 class ConfigError(ValueError):
@@ -293,22 +288,13 @@ class RunConfig:
                 "layer's activations for per-example gradients): turn one off")
         if self.dp_sgd_enabled and self.method == "full":
             raise ConfigError(
-                f"{_DP_SGD_ON} needs `method` lora, head or freeze, got "
+                f"{DP_SGD_ON} needs `method` lora, head or freeze, got "
                 "'full': per-example gradients of the embedding matrix cost batch x "
                 "vocabulary x hidden floats per step"
             )
-        check_choice("skew-loss", self.skew_loss, SKEW_LOSSES)
-        check_range("skew-loss-tau", self.skew_loss_tau, low=0, low_open=True)
-        if self.dp_sgd_enabled and self.skew_loss == "logit-adjusted":
-            raise ConfigError(
-                f"`skew-loss` logit-adjusted cannot be combined with {_DP_SGD_ON}: "
-                "the site's class prior is computed from "
-                "its records, outside the privacy accounting; set skew-loss=none or auto"
-            )
-        self._check_imbalance_and_augmentation()
         if self.dp_sgd_enabled and self.strategy == "fedprox":
             raise ConfigError(
-                f"{_DP_SGD_ON} cannot be combined with `strategy` fedprox: "
+                f"{DP_SGD_ON} cannot be combined with `strategy` fedprox: "
                 "its proximal term is not a per-example loss, so DP-SGD would not clip it"
             )
         if self.dp_enabled and self.strategy not in MEAN_STRATEGIES:
@@ -322,14 +308,9 @@ class RunConfig:
                 f"`partitioner` must be one of {', '.join(PARTITIONERS)} or "
                 f"column:<name>, got {self.partitioner!r}"
             )
-        for key in ("dataset", "text-column", "label-column", "output-dir"):
+        for key in ("dataset", "output-dir"):
             if not getattr(self, _attr(key)).strip():
                 raise ConfigError(f"`{key}` must not be empty")
-        if self.text_column == self.label_column:
-            raise ConfigError(
-                f"`text-column` and `label-column` must differ, both are "
-                f"{self.text_column!r}"
-            )
         for key in ("lora-r", "lora-alpha", "num-server-rounds", "batch-size",
                     "max-length", "local-epochs", "min-replies", "builtin-examples",
                     "min-nodes", "krum-keep"):
@@ -363,21 +344,11 @@ class RunConfig:
             raise ConfigError(
                 "`eval-fraction` must be > 0 when no `eval-dataset` is given, got 0"
             )
-        check_range("classes-per-client", self.classes_per_client, low=1)
         self._check_model_selection()
         unknown_sinks = sorted(set(self.metric_sinks) - {"tensorboard", "mlflow"})
         if unknown_sinks:
             raise ConfigError(
                 f"`log-to` may name tensorboard and mlflow, got {', '.join(unknown_sinks)}"
-            )
-        if not isinstance(self.label_case_fold, bool):
-            raise ConfigError(
-                f"`label-case-fold` must be true or false, got {self.label_case_fold!r}"
-            )
-        names = self.label_list
-        if self.labels and (len(names) < 2 or len(set(names)) != len(names)):
-            raise ConfigError(
-                f"`labels` must name at least 2 distinct classes, got {self.labels!r}"
             )
         if self.dataset == NO_DATASET and task_info(self.task).has_classes \
                 and not self.labels:
@@ -429,31 +400,6 @@ class RunConfig:
             raise ConfigError(
                 f"`method` head trains a classification head, which task {self.task} has "
                 f"none of{why}: use lora, full or freeze")
-
-    def _check_imbalance_and_augmentation(self) -> None:
-        check_choice("class-weighting", self.class_weighting, CLASS_WEIGHTINGS)
-        check_choice("class-weighting-source", self.class_weighting_source,
-                     CLASS_WEIGHTING_SOURCES)
-        check_range("class-weighting-beta", self.class_weighting_beta, low=0, high=1,
-                    low_open=True, high_open=True)
-        check_range("focal-gamma", self.focal_gamma, low=0)
-        check_choice("augment", self.augment, AUGMENTS)
-        check_range("augment-rate", self.augment_rate, low=0, high=1, low_open=True,
-                    high_open=True)
-        if self.class_weighting == "none":
-            return
-        if self.skew_loss == "logit-adjusted":
-            raise ConfigError(
-                f"`class-weighting` {self.class_weighting!r} and `skew-loss` "
-                f"{self.skew_loss!r} both correct the loss for the class frequencies; "
-                "together they correct twice: set one of them to none (skew-loss auto "
-                "turns itself off with class weighting)")
-        if self.dp_sgd_enabled:
-            raise ConfigError(
-                f"`class-weighting` {self.class_weighting!r} cannot be combined with "
-                f"{_DP_SGD_ON}: the weights are computed from the records' labels, "
-                "outside the privacy accounting; set class-weighting=none (focal-gamma "
-                "needs no counts and works with DP-SGD)")
 
     def _check_model_selection(self) -> None:
         check_choice("select-model", self.select_model, SELECT_MODELS)

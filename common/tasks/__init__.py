@@ -154,6 +154,7 @@ _TASKS: dict[str, TaskInfo] = {
         has_classes=True,
         has_head=True,
         site_check="common.tasks.classification_check",
+        config_check="common.tasks.classification_config",
         train_reply_metrics=(
             r"label-count-\d{1,4}",  # class-weighting-source global
             r"data-rows-read", r"data-label-(count|share)-\d{1,4}", r"data-duplicate-share",
