@@ -301,25 +301,33 @@ def _part(kind: type, value: Mapping[str, Any]) -> Any:
 def read_results(path: Path) -> list[ResultsRow]:
     """The rows of a results.jsonl, in file order; [] when the file does not exist.
 
-    A torn last line (a crash mid-write) ends the list: lines are fsynced one by one, so
+    A torn last line (a crash mid-write) is left out: lines are fsynced one by one, so
     only the last can be partial.
 
     Raises
     ------
     ResultsError
-        A complete line is not a results row.
+        A complete line is not a results row, or a line that is not JSON has rows after
+        it (a damaged file, not a torn write: resuming would rewrite it without them).
     """
     path = Path(path)
     if not path.exists():
         return []
+    lines = [(n, line) for n, line in
+             enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+             if line.strip()]
     rows = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip():
-            continue
+    for position, (number, line) in enumerate(lines):
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError:
-            break
+        except json.JSONDecodeError as error:
+            if position == len(lines) - 1:
+                break  # the torn last line
+            raise ResultsError(
+                f"{path}: line {number} is not JSON ({error.msg}) and {len(lines) - 1 - position} "
+                "line(s) follow it: the file is damaged, not torn by a crash; repair or "
+                "remove that line"
+            ) from error
         rows.append(ResultsRow.from_json(obj))
     return rows
 

@@ -17,7 +17,7 @@ from common.tasks import task_names
 ROOT = Path(__file__).resolve().parents[1]
 # The machinery, and the outputs' readers that fall back to the default task.
 SCANNED = (
-    "common/config.py", "server/*.py", "client/*.py", "deployment/export.py",
+    "common/*.py", "server/*.py", "client/*.py", "deployment/export.py",
     "deployment/predict.py", "deployment/consortium.py", "simulations/report.py",
     "simulations/__main__.py",
 )

@@ -43,6 +43,16 @@ def test_a_row_written_then_read_is_the_same_record(tmp_path):
     assert rows[1].central is None and rows[1].validation is None and rows[1].privacy is None
 
 
+def test_a_line_that_is_not_json_with_rows_after_it_is_an_error_not_the_end(tmp_path):
+    # Only the last line can be torn; reading up to a damaged middle line would let a
+    # resume rewrite the file without the rounds after it.
+    path = tmp_path / "results.jsonl"
+    path.write_text(ROW.to_line() + '{"round": 2, "to\n' + ResultsRow(round=3).to_line())
+
+    with pytest.raises(ResultsError, match=r"results.jsonl: line 2 is not JSON .* 1 line"):
+        read_results(path)
+
+
 def test_the_json_keeps_the_documented_names_and_nesting():
     obj = json.loads(ROW.to_line())
     assert sorted(obj) == ["bytes", "central", "clients", "dp_sgd", "federated", "memory_mb",
