@@ -8,10 +8,11 @@ One round's replies go through
 2. ``with_common_metrics`` and ``in_digest_order``: the kept updates share one set of
    finite metrics and are sorted by content digest, so the floating-point sum does not
    depend on arrival order;
-3. an aggregation *step*: any callable with the shape of :class:`AggregationStep`
-   (``ValidatedAggregation`` here: steps 1-2, then an aggregation rule; the secure
-   protocol in server/secure_aggregation.py is another), returning an
-   :class:`Aggregate`;
+3. an aggregation *step*: anything with the shape of :class:`AggregationStep` (a
+   round set-up, the aggregation itself returning an :class:`Aggregate`, and the
+   hand-over of site statistics): ``ValidatedAggregation`` here (steps 1-2, then an
+   aggregation rule), the secure protocol in server/secure_aggregation.py another; the
+   strategy holds one and never asks which;
 4. ``restore_dtypes``: the new global state in the exchanged dtypes (Flower's FedOpt
    family returns float64).
 
@@ -116,10 +117,48 @@ class Aggregate:
     bytes_up: int = 0
 
 
+@dataclass(frozen=True)
+class RoundSetup:
+    """What an aggregation step's set-up adds to a round before its train messages go.
+
+    ``entries``: train-config entries per node id, and only the nodes listed get a
+    message (the secure protocol's keys; ``{}`` when its set-up aborted); None leaves
+    the round's messages as sampled. The rest is the set-up's own traffic and problems.
+    """
+
+    entries: Mapping[int, Mapping[str, Any]] | None = None
+    bytes_down: int = 0
+    bytes_up: int = 0
+    problems: tuple[str, ...] = ()
+
+
+class FeedbackSink(Protocol):
+    """Where a step hands a round's site statistics (``common.tasks.base.RoundFeedback``)."""
+
+    def collect(self, site: str, metrics: Mapping[str, Any]) -> None: ...
+
+    def collect_sum(self, sums: Mapping[str, int]) -> None: ...
+
+
 class AggregationStep(Protocol):
-    """One round's replies and the state sent for it -> the round's :class:`Aggregate`."""
+    """How one round's updates become the new global state, as the strategy's one step.
+
+    The strategy calls ``setup`` before the train messages go out, then the step itself
+    with the round's replies and the state sent (-> the round's :class:`Aggregate`),
+    then ``collect_feedback``. ``reads_arrays`` says whether a reply's arrays are
+    loaded into its :class:`Reply` (masked replies are only ever summed).
+    """
+
+    @property
+    def reads_arrays(self) -> bool: ...
+
+    def setup(self, rnd: int, node_ids: list[int], grid: Any,
+              summed_keys: Sequence[str] = ()) -> RoundSetup: ...
 
     def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate: ...
+
+    def collect_feedback(self, rnd: int, replies: Sequence[Reply], feedback: FeedbackSink,
+                         site_key: Callable[[int], str]) -> None: ...
 
 
 # An aggregation rule over validated updates: (round, updates) -> (arrays, metrics).
@@ -434,6 +473,22 @@ class ValidatedAggregation:
     max_update_norm: float = 0.0
     uniform_weights: bool = False
     why_no_model: Callable[[int], str] = lambda n: f"round skipped: no model from {n} replies"
+
+    @property
+    def reads_arrays(self) -> bool:
+        return True
+
+    def setup(self, rnd: int, node_ids: list[int], grid: Any,
+              summed_keys: Sequence[str] = ()) -> RoundSetup:
+        """Nothing to set up: the round's messages go as sampled."""
+        return RoundSetup()
+
+    def collect_feedback(self, rnd: int, replies: Sequence[Reply], feedback: FeedbackSink,
+                         site_key: Callable[[int], str]) -> None:
+        """Each site's own statistics, from every reply that is not an error."""
+        for reply in replies:
+            if reply.error is None:
+                feedback.collect(site_key(reply.node), reply.metrics)
 
     def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate:
         prepared = prepare_updates(

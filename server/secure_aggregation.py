@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -49,7 +49,9 @@ from common.secagg_protocol import (
 from server.reply_pipeline import (
     Aggregate,
     AggregationRule,
+    FeedbackSink,
     Reply,
+    RoundSetup,
     State,
     Update,
     error_problems,
@@ -302,16 +304,6 @@ class SecureAggregator:
         return out
 
 
-@dataclass(frozen=True)
-class SetupOutcome:
-    """The key stages of one round: train-config entries per remaining node, and cost."""
-
-    entries: dict[int, ConfigRecord]
-    bytes_down: int
-    bytes_up: int
-    problems: tuple[str, ...]
-
-
 class SecureAggregationStep:
     """Secure aggregation as an aggregation step (server/reply_pipeline.py's shape).
 
@@ -330,9 +322,14 @@ class SecureAggregationStep:
         self.min_replies = min_replies
         self._grid: Grid | None = None  # the unmask stage talks to the clients again
 
+    @property
+    def reads_arrays(self) -> bool:
+        return False  # masked replies are only ever summed
+
     def setup(self, rnd: int, node_ids: list[int], grid: Grid,
-              summed_keys: Sequence[str] = ()) -> SetupOutcome:
-        """The key stages for ``node_ids``; no entries when the set-up aborts.
+              summed_keys: Sequence[str] = ()) -> RoundSetup:
+        """The key stages for ``node_ids``; no entries (no node trains) when the set-up
+        aborts.
 
         ``summed_keys``: the site statistics the round sums with the update (after the
         round, ``sums()`` holds their total)."""
@@ -344,9 +341,15 @@ class SecureAggregationStep:
             problems.append(f"secure aggregation set-up failed: {exc}")
             entries = {}
         info = self.secure.round_info()
-        return SetupOutcome(entries=entries, bytes_down=info.setup_bytes_down,
-                            bytes_up=info.setup_bytes_up,
-                            problems=(*problems, *info.problems))
+        return RoundSetup(entries=entries, bytes_down=info.setup_bytes_down,
+                          bytes_up=info.setup_bytes_up, problems=(*problems, *info.problems))
+
+    def collect_feedback(self, rnd: int, replies: Sequence[Reply], feedback: FeedbackSink,
+                         site_key: Callable[[int], str]) -> None:
+        """Only the round's secure sums: no site's own statistics travel in plaintext."""
+        sums = self.sums(rnd)  # {} when the round's unmasking failed
+        if sums:
+            feedback.collect_sum(sums)
 
     def sums(self, rnd: int) -> dict[str, int]:
         """The unmasked sums of round ``rnd``'s summed statistics; {} when it summed none

@@ -205,14 +205,18 @@ class TrackedStrategy(Strategy):
         self.exchanged_spec = dict(exchanged_spec)
         self.encoding = encoding
         rule = InnerRule(inner)
-        self.secure_step = None if secure is None else SecureAggregationStep(
-            secure, rule=rule, spec=self.exchanged_spec, min_replies=min_replies)
-        # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only for
-        # an unweighted mean, so with DP every valid reply counts as one example.
-        self.aggregation: AggregationStep = self.secure_step or ValidatedAggregation(
-            rule=rule, spec=self.exchanged_spec, encoding=encoding, min_replies=min_replies,
-            max_update_norm=max_update_norm, uniform_weights=uniform_weights,
-            why_no_model=rule.why_no_model)
+        # The one aggregation step; the hooks below never ask which it is.
+        self.aggregation: AggregationStep
+        if secure is not None:
+            self.aggregation = SecureAggregationStep(
+                secure, rule=rule, spec=self.exchanged_spec, min_replies=min_replies)
+        else:
+            # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only
+            # for an unweighted mean, so with DP every valid reply counts as one example.
+            self.aggregation = ValidatedAggregation(
+                rule=rule, spec=self.exchanged_spec, encoding=encoding,
+                min_replies=min_replies, max_update_norm=max_update_norm,
+                uniform_weights=uniform_weights, why_no_model=rule.why_no_model)
         self._stats: dict[int, RoundStats] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # the state sent, by round
         self._sent_at: dict[int, float] = {}
@@ -271,15 +275,15 @@ class TrackedStrategy(Strategy):
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(round_config),
                                                    grid))
         stats = self._update(rnd, sampled=len(messages))
-        if self.secure_step is not None:
-            keys = (() if self.round_feedback is None
-                    else self.round_feedback.summed_keys(round_config))
-            setup = self.secure_step.setup(rnd, [m.metadata.dst_node_id for m in messages],
-                                           grid, summed_keys=keys)
+        keys = (() if self.round_feedback is None
+                else self.round_feedback.summed_keys(round_config))
+        setup = self.aggregation.setup(rnd, [m.metadata.dst_node_id for m in messages],
+                                       grid, summed_keys=keys)
+        if setup.entries is not None:
             messages = _with_entries(messages, setup.entries)
-            stats = self._update(rnd, bytes_down=stats.bytes_down + setup.bytes_down,
-                                 bytes_up=stats.bytes_up + setup.bytes_up,
-                                 problems=(*stats.problems, *setup.problems))
+        stats = self._update(rnd, bytes_down=stats.bytes_down + setup.bytes_down,
+                             bytes_up=stats.bytes_up + setup.bytes_up,
+                             problems=(*stats.problems, *setup.problems))
         self._update(rnd, bytes_down=stats.bytes_down + sum(payload_bytes(m) for m in messages))
         self._sent_at[rnd] = time.monotonic()
         self._messages[rnd] = messages
@@ -295,7 +299,7 @@ class TrackedStrategy(Strategy):
         sent = self._messages.pop(rnd, [])
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id
                    for m in sent if m.metadata.message_id}
-        plain = [reply_from_message(m, load_arrays=self.secure_step is None,
+        plain = [reply_from_message(m, load_arrays=self.aggregation.reads_arrays,
                                     sent_to=sent_to, site_key=self._site_key)
                  for m in messages]
         measured = client_measurements(plain, site_key=self._site_key)
@@ -303,16 +307,10 @@ class TrackedStrategy(Strategy):
         # SuperLink sent for a dead node is that node's: ``reply_from_message``).
         silent = silent_problems([m.metadata.dst_node_id for m in sent],
                                  [reply.node for reply in plain], site_key=self._site_key)
-        if self.round_feedback is not None and self.secure_step is None:
-            for reply in plain:
-                if reply.error is None:
-                    site = self._site_key(reply.node) if self._site_key else f"node-{reply.node}"
-                    self.round_feedback.collect(site, reply.metrics)
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
-        if self.round_feedback is not None and self.secure_step is not None:
-            sums = self.secure_step.sums(rnd)  # {} when the round's unmasking failed
-            if sums:
-                self.round_feedback.collect_sum(sums)
+        if self.round_feedback is not None:
+            self.aggregation.collect_feedback(
+                rnd, plain, self.round_feedback, self._site_key or (lambda n: f"node-{n}"))
         self._update(
             rnd, wait_seconds=wait, replies=len(messages),
             timeouts=max(stats.sampled - len(messages), 0),
@@ -390,8 +388,9 @@ class TrackedStrategy(Strategy):
         return aggregated
 
 
-def _with_entries(messages: list[Message], entries: Mapping[int, ConfigRecord]) -> list[Message]:
-    """Train messages only to the nodes with secure-aggregation entries, which they get."""
+def _with_entries(messages: list[Message],
+                  entries: Mapping[int, Mapping[str, Any]]) -> list[Message]:
+    """Train messages only to the nodes with set-up entries, which they get."""
     out = []
     for message in messages:
         extra = entries.get(message.metadata.dst_node_id)

@@ -8,6 +8,7 @@ import pytest
 from common.encoding import UpdateEncoding, encode_update
 from server.reply_pipeline import (
     Reply,
+    RoundSetup,
     Update,
     ValidatedAggregation,
     client_measurements,
@@ -180,3 +181,27 @@ def test_the_sft_statistics_and_gpu_metrics_are_read_and_bad_optional_ones_dropp
     assert data.label_counts == () and data.imbalance_ratio is None
     assert cost.tokens_per_second == 500.0 and cost.gpu_peak_mb == 2048.0
     assert cost.gpu_utilization is None  # above 100 %: not a utilization
+
+
+def test_the_plain_step_sets_nothing_up_and_hands_each_good_reply_to_the_feedback():
+    step = ValidatedAggregation(rule=lambda rnd, updates: (None, None), spec={},
+                                encoding=FP32, min_replies=1)
+    setup = step.setup(3, [1, 2], grid=None, summed_keys=("label-count-0",))
+    assert setup == RoundSetup() and setup.entries is None  # messages go as sampled
+    assert step.reads_arrays
+
+    class Sink:
+        def __init__(self):
+            self.got = []
+
+        def collect(self, site, metrics):
+            self.got.append((site, dict(metrics)))
+
+        def collect_sum(self, sums):
+            raise AssertionError("plain replies are collected one by one")
+
+    sink = Sink()
+    good = Reply(node=7, arrays=None, metrics={"label-count-0": 4})
+    failed = Reply(node=8, arrays=None, error="boom")
+    step.collect_feedback(3, [good, failed], sink, site_key=lambda n: f"site-{n}")
+    assert sink.got == [("site-7", {"label-count-0": 4})]

@@ -311,6 +311,12 @@ class _Feedback:
     def config_entries(self):
         return {"seen": len(self.collected)} if self.collected else {}
 
+    def summed_keys(self, round_config):
+        return ()  # nothing summed securely (this strategy has no secure step)
+
+    def collect_sum(self, sums):
+        raise AssertionError("a plain round hands over each site's metrics, never a sum")
+
 
 def test_round_feedback_collects_replies_by_site_and_feeds_later_round_configs():
     from flwr.app import ConfigRecord
