@@ -86,7 +86,7 @@ class ConfigError(ValueError):
 class RunConfig:
     """Every run-config key, as a typed field (``learning_rate`` is ``learning-rate``),
     except the keys only one task reads that its ``options`` record holds
-    (``task_options``, e.g. sft's ``SftOptions``).
+    (``task_options``, e.g. sft's ``SftOptions``, classification's loss keys).
 
     The defaults here and in the records equal those in ``pyproject.toml`` (a test checks
     it); the comment on each says why that value.
@@ -94,7 +94,8 @@ class RunConfig:
 
     # --- task (common/tasks/) ---
     task: str = DEFAULT_TASK  # classification | sft (chat SFT of a causal LM)
-    # The task's own keys as its record (TaskInfo.options: sft's SftOptions in
+    # The task's own keys as its record (TaskInfo.options: classification's
+    # ClassificationOptions in common/tasks/classification_config.py, sft's SftOptions in
     # common/tasks/sft_config.py; None for a task without one). None given: its defaults.
     # ``from_flower`` fills it from the run config's keys, ``replace`` and ``to_flower``
     # take and give them as if they were fields.
@@ -168,22 +169,6 @@ class RunConfig:
     adam_epsilon: float = ADAM_EPSILON_DEFAULT
     warmup_ratio: float = 0.0  # share of local steps with linear warm-up
     grad_clip: float = 1.0  # max gradient norm; 0 disables clipping
-    # auto | none | logit-adjusted (common/tasks/classification_losses.py): the site's
-    # class prior in the local loss; auto = logit-adjusted unless DP-SGD or class
-    # weighting is on (skew_loss_name)
-    skew_loss: str = "auto"
-    skew_loss_tau: float = 1.0  # logit-adjusted: weight of the log prior (1 = balanced softmax)
-    # none | inverse-frequency | effective-number
-    # (common/tasks/classification_losses.py `class_weights`)
-    class_weighting: str = "none"
-    # site: each site's own label counts | global: the federation's summed counts, which
-    # the server sends from round 2 on (round 1 uses the site's)
-    class_weighting_source: str = "site"
-    class_weighting_beta: float = 0.999  # effective-number: Cui et al.'s usual value
-    focal_gamma: float = 0.0  # focal loss exponent (Lin et al. use 2); 0 = cross-entropy
-    # none | token-dropout | random-swap | both: training batches only, seeded per step
-    augment: str = "none"
-    augment_rate: float = 0.1  # share of tokens dropped / swapped (EDA's alpha)
     # --- uplink encoding (common/encoding.py) ---
     update_encoding: str = "fp32"  # fp32 | fp16 | int8 (lossy ones send deltas)
     int8_block_size: int = 256  # values per int8 scale; 0 = one scale per tensor
@@ -504,17 +489,6 @@ class RunConfig:
         if self.selection_metric != "auto":
             return self.selection_metric
         return auto_selection_metric(self.task)
-
-    @property
-    def skew_loss_name(self) -> str:
-        """The local loss ``skew-loss`` selects: ``auto`` is logit-adjusted unless DP-SGD
-        (the site's prior would be outside the privacy accounting) or class weighting (a
-        second correction for the same class frequencies) is on."""
-        if self.skew_loss != "auto":
-            return self.skew_loss
-        if self.dp_sgd_enabled or self.class_weighting != "none":
-            return "none"
-        return "logit-adjusted"
 
     @property
     def server_reads_dataset(self) -> bool:

@@ -602,7 +602,8 @@ def scenario_defaults(cfg: RunConfig, space: Mapping[str, SpaceParam]
     else ``(None, reason)`` naming the values outside it: a trial 0 outside the space
     would not be a trial of this search.
     """
-    values = {key: getattr(cfg, key.replace("-", "_")) for key in space}
+    flat = cfg.to_flower()  # a task's own keys too (they are not RunConfig fields)
+    values = {key: flat[key] for key in space}
     outside = [f"{key}={_fmt(v)} (space: {space[key].describe()})"
                for key, v in values.items() if not space[key].contains(v)]
     if outside:

@@ -139,10 +139,9 @@ _TASKS: dict[str, TaskInfo] = {
         ),
         default_model="minilm",
         selection_metric="accuracy",
+        options="common.tasks.classification_config:ClassificationOptions",
         own_keys=("labels", "text_column", "label_column", "label_case_fold",
-                  "classes_per_client", "skew_loss", "skew_loss_tau",
-                  "class_weighting", "class_weighting_source", "class_weighting_beta",
-                  "focal_gamma", "augment", "augment_rate"),
+                  "classes_per_client"),
         site_keys=("text-column", "label-column"),
         check_flags=(
             CheckFlag("text-column", "default: the node config's, else 'text'"),

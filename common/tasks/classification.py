@@ -15,7 +15,7 @@ extra details.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from common.config import RunConfig
 from common.data import DataError
 from common.model import autocast_context
-from common.specs import DataSpec, EncodeSpec, spec_from_config
+from common.specs import DataSpec, EncodeSpec
 from common.tasks.base import Batch, ClassTask, EvalContext, LossFn, TrainContext
 from common.tasks.classification_builtin_data import generate_builtin
 from common.tasks.classification_check import DataReport, check_site, check_site_data
+from common.tasks.classification_config import options_of, resolved_skew_loss
 from common.tasks.classification_data import (
     build_label_names,
     check_columns,
@@ -59,7 +60,7 @@ class ClassificationLossSpec:
     """The classification keys that shape the local loss, the site's label-count
     metrics and the federation's label-count feedback (``ClassificationTask.loss_spec``)."""
 
-    skew_loss: str  # resolved: none or logit-adjusted (RunConfig.skew_loss_name)
+    skew_loss: str  # resolved: none or logit-adjusted (``resolved_skew_loss``)
     skew_loss_tau: float
     class_weighting: str
     class_weighting_source: str
@@ -255,7 +256,8 @@ class ClassificationTask:
         return None  # no classification key changes how a model is evaluated
 
     def loss_spec(self, cfg: RunConfig) -> ClassificationLossSpec:
-        return spec_from_config(ClassificationLossSpec, cfg, skew_loss=cfg.skew_loss_name)
+        options = options_of(cfg)
+        return ClassificationLossSpec(**{**asdict(options), "skew_loss": resolved_skew_loss(cfg)})
 
     def make_loss(
         self, examples: Any, *, spec: ClassificationLossSpec, ctx: TrainContext

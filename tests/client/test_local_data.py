@@ -18,6 +18,7 @@ from client.local_data import (
 from common.config import ConfigError, RunConfig
 from common.model import build_model
 from common.specs import ModelSpec
+from common.tasks.classification_config import ClassificationOptions
 
 LABELS = ["negative", "positive"]
 
@@ -95,7 +96,7 @@ def test_a_sft_site_names_its_chat_columns_in_its_node_config():
     assert (options.prompt_column, options.response_column) == ("question", "answer")
     plain = site_columns(RunConfig(), {"data-path": "x", "text-column": "body",
                                        "prompt-column": "prompt"})  # sft's, at its default
-    assert (plain.text_column, plain.task_options) == ("body", None)
+    assert (plain.text_column, plain.task_options) == ("body", ClassificationOptions())
 
 
 def test_a_site_key_of_another_task_is_refused_naming_its_task():

@@ -260,7 +260,7 @@ ONE, ZERO = -math.log(3 / 4), -math.log(1 / 4)  # cross-entropy of label 1 and o
 
 def _task_loss(ctx: TrainContext | None = None, **keys: object) -> float:
     # skew-loss none unless given (its default, auto, adjusts the logits by the prior)
-    cfg = RunConfig(**{"skew_loss": "none", **keys})  # type: ignore[arg-type]
+    cfg = RunConfig().replace(**{"skew_loss": "none", **keys})
     loss = TASK.make_loss(SITE, spec=TASK.loss_spec(cfg), ctx=ctx or TrainContext(seed=1))
     return loss(_Recorder(), BATCH).item()
 
@@ -288,7 +288,7 @@ def test_task_loss_with_site_and_federation_class_weights() -> None:
 def test_task_loss_augments_training_batches_per_seed_and_step() -> None:
     def ids_seen(seed: int) -> list[list[list[int]]]:
         model = _Recorder()
-        spec = TASK.loss_spec(RunConfig(augment="both", augment_rate=0.5))
+        spec = TASK.loss_spec(RunConfig().replace(augment="both", augment_rate=0.5))
         loss = TASK.make_loss(SITE, spec=spec, ctx=TrainContext(seed=seed))
         for _ in range(3):
             loss(model, BATCH)
@@ -304,7 +304,7 @@ def test_task_loss_augments_training_batches_per_seed_and_step() -> None:
 
 def test_site_reports_label_counts_only_for_federation_weights() -> None:
     def metrics(**keys: str) -> dict[str, int | float]:
-        return TASK.site_metrics(SITE, spec=TASK.loss_spec(RunConfig(**keys)))
+        return TASK.site_metrics(SITE, spec=TASK.loss_spec(RunConfig().replace(**keys)))
 
     assert metrics() == {}
     assert metrics(class_weighting="inverse-frequency") == {}
@@ -312,8 +312,8 @@ def test_site_reports_label_counts_only_for_federation_weights() -> None:
         "label-count-0": 3, "label-count-1": 1}
     # with the round's label names: a count for every class, also those without rows
     ctx = TrainContext(round_config={"label-names": ["a", "b", "c"]})
-    spec = TASK.loss_spec(RunConfig(class_weighting="inverse-frequency",
-                                    class_weighting_source="global"))
+    spec = TASK.loss_spec(RunConfig().replace(class_weighting="inverse-frequency",
+                                              class_weighting_source="global"))
     assert TASK.site_metrics(SITE, spec=spec, ctx=ctx) == {
         "label-count-0": 3, "label-count-1": 1, "label-count-2": 0}
 
@@ -337,7 +337,8 @@ def test_inverse_frequency_weights_remove_part_of_a_skewed_sites_bias(
 
 def test_federation_label_counts_are_summed_by_site_latest():
     feedback = TASK.round_feedback(TASK.loss_spec(
-        RunConfig(class_weighting="inverse-frequency", class_weighting_source="global")))
+        RunConfig().replace(class_weighting="inverse-frequency",
+                            class_weighting_source="global")))
     assert feedback is not None and feedback.config_entries() == {}  # round 1: not known
     feedback.collect("a", {"num-examples": 4, "label-count-0": 3, "label-count-1": 1})
     feedback.collect("b", {"label-count-0": 1, "label-count-1": 2, "label-count-2": 2})
@@ -350,15 +351,16 @@ def test_federation_label_counts_are_summed_by_site_latest():
 
 def test_label_counts_are_not_collected_or_sent_unless_asked():
     assert TASK.round_feedback(TASK.loss_spec(RunConfig())) is None
-    assert TASK.round_feedback(TASK.loss_spec(RunConfig(class_weighting="inverse-frequency"))
-                               ) is None
+    weighted = RunConfig().replace(class_weighting="inverse-frequency")
+    assert TASK.round_feedback(TASK.loss_spec(weighted)) is None
     sft = get_task("sft")
     assert sft.round_feedback(sft.loss_spec(RunConfig(task="sft"))) is None
 
 
 def test_federation_label_counts_through_the_secure_sum():
     feedback = TASK.round_feedback(TASK.loss_spec(
-        RunConfig(class_weighting="inverse-frequency", class_weighting_source="global")))
+        RunConfig().replace(class_weighting="inverse-frequency",
+                            class_weighting_source="global")))
     assert feedback is not None
     assert feedback.summed_keys({"label-names": ["a", "b", "c"]}) == (
         "label-count-0", "label-count-1", "label-count-2")

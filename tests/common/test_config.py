@@ -231,20 +231,22 @@ def test_an_empty_model_is_the_tasks_packaged_default():
 
 
 def test_skew_loss_auto_is_logit_adjusted_unless_dp_sgd_or_class_weighting_is_on():
-    assert RunConfig(skew_loss="auto").skew_loss_name == "logit-adjusted"
-    assert RunConfig(skew_loss="none").skew_loss_name == "none"
+    from common.tasks.classification_config import resolved_skew_loss
+
+    assert resolved_skew_loss(RunConfig().replace(skew_loss="auto")) == "logit-adjusted"
+    assert resolved_skew_loss(RunConfig().replace(skew_loss="none")) == "none"
     dp_sgd = RunConfig.from_flower({"skew-loss": "auto", "dp-sgd-noise-multiplier": 1.0})
-    assert dp_sgd.skew_loss_name == "none"
+    assert resolved_skew_loss(dp_sgd) == "none"
     weighted = RunConfig.from_flower({"skew-loss": "auto",
                                       "class-weighting": "inverse-frequency"})
-    assert weighted.skew_loss_name == "none"
+    assert resolved_skew_loss(weighted) == "none"
     # set by hand, logit-adjusted is still refused with either
     with pytest.raises(ConfigError, match="outside the privacy accounting"):
         RunConfig.from_flower({"skew-loss": "logit-adjusted", "dp-sgd-noise-multiplier": 1.0})
     # the classification loss reads the resolved value
     from common.tasks.classification import ClassificationTask
     assert ClassificationTask().loss_spec(dp_sgd).skew_loss == "none"
-    assert ClassificationTask().loss_spec(RunConfig(skew_loss="auto")).skew_loss == \
+    assert ClassificationTask().loss_spec(RunConfig().replace(skew_loss="auto")).skew_loss == \
         "logit-adjusted"
 
 
@@ -261,7 +263,7 @@ def test_imbalance_and_augmentation_keys_that_combine():
     cfg = RunConfig.from_flower({"class-weighting": "inverse-frequency",
                                  "class-weighting-source": "global",
                                  "secure-aggregation": True})
-    assert cfg.class_weighting_source == "global" and cfg.secure_aggregation
+    assert cfg.task_options.class_weighting_source == "global" and cfg.secure_aggregation
 
 
 def test_every_builtin_tasks_own_and_site_keys_are_run_config_fields():

@@ -18,6 +18,7 @@ from common.specs import (
     spec_from_config,
 )
 from common.tasks import get_task, task_names
+from common.tasks.classification_config import ClassificationOptions
 
 SPECS = (ModelSpec, DataSpec, PartitionSpec, EncodeSpec, TrainSpec, DPSGDSpec)
 # Fields in no spec: read by the server, the strategy or the client's glue directly.
@@ -108,7 +109,7 @@ def test_the_model_key_holds_the_resolved_path_and_the_labels(tiny_model_dir):
 def test_spec_from_config_takes_extra_fields_only_for_names_outside_the_config():
     spec = spec_from_config(EncodeSpec, RunConfig(max_length=32), tokenizer_path="/t")
     assert spec == EncodeSpec(task="classification", max_length=32, tokenizer_path="/t",
-                              task_options=None)
+                              task_options=ClassificationOptions())
 
 
 @pytest.mark.parametrize("change", [
@@ -117,7 +118,8 @@ def test_spec_from_config_takes_extra_fields_only_for_names_outside_the_config()
 ])
 def test_a_train_field_changes_the_train_spec_and_nothing_else_does(change):
     assert TrainSpec.of(RunConfig(**change)) != TrainSpec.of(RunConfig())
-    others = RunConfig(seed=3, proximal_mu=0.1, focal_gamma=2.0, dp_sgd_noise_multiplier=1.0)
+    others = RunConfig(seed=3, proximal_mu=0.1, dp_sgd_noise_multiplier=1.0
+                       ).replace(focal_gamma=2.0)
     assert TrainSpec.of(others) == TrainSpec.of(RunConfig())
 
 
@@ -136,8 +138,8 @@ def test_the_dp_sgd_spec_holds_the_rounds_its_budget_is_planned_over():
 def test_a_tasks_loss_spec_holds_its_own_loss_keys_only():
     task = get_task("classification")
     plain = task.loss_spec(RunConfig())
-    assert task.loss_spec(RunConfig(focal_gamma=2.0)) != plain
-    assert task.loss_spec(RunConfig(class_weighting="inverse-frequency")) != plain
+    assert task.loss_spec(RunConfig().replace(focal_gamma=2.0)) != plain
+    assert task.loss_spec(RunConfig().replace(class_weighting="inverse-frequency")) != plain
     # keys it does not own (training, data, server, sft's) leave it equal
     assert task.loss_spec(RunConfig(learning_rate=1e-3, seed=5, max_length=32,
                                     num_server_rounds=9)) == plain

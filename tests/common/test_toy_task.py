@@ -28,6 +28,7 @@ from common.tasks import (
     task_names,
     task_registered,
 )
+from common.tasks.classification_config import ClassificationOptions
 from common.tasks.sft_config import SftOptions
 from common.training import train_local
 from server.model_selection import early_stop_reason, select_round
@@ -138,7 +139,8 @@ def test_the_config_reads_and_checks_the_toys_keys_from_the_registry(toy):
             r"`toy-width`: only for task toy, and this run has `task`='classification'; "
             r"remove the key or set `task`='toy'")):
         toy_config(toy_width=8)
-    assert toy_config(toy_width=4).task_options is None  # another task's default: ignored
+    # another task's default: ignored (the run's own task's record holds the options)
+    assert toy_config(toy_width=4).task_options == ClassificationOptions()
     with pytest.raises(ConfigError, match="`toy-width`: only for task toy"):
         RunConfig().replace(toy_width=8)
     with pytest.raises(ConfigError, match="`toy-width` must be an integer"):

@@ -46,8 +46,9 @@ def rule_data(n: int, seed: int = 0) -> tuple[list[str], list[int]]:
 
 
 def setup(model_dir: Path, n: int = 64, **changes: object):  # type: ignore[no-untyped-def]
-    cfg = RunConfig(model=str(model_dir), lora_r=4, lora_alpha=8, precision="fp32",
-                    **changes)  # type: ignore[arg-type]
+    # replace: a task's own keys (e.g. skew-loss) are not RunConfig fields
+    cfg = RunConfig(model=str(model_dir), lora_r=4, lora_alpha=8, precision="fp32"
+                    ).replace(**changes)
     model, tokenizer = build_model(ModelSpec.of(cfg, LABELS))
     texts, labels = rule_data(n)
     data = encode(texts, labels, tokenizer, max_length=cfg.max_length)

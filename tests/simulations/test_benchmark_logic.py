@@ -354,10 +354,14 @@ def assert_trains_as_the_app_defaults(cfg: RunConfig) -> None:
     defaults = RunConfig.from_flower(APP_DEFAULTS)
     config_fields = {f.name for f in dataclasses.fields(RunConfig)}
     spec_fields = {f.name for spec in (TrainSpec, EncodeSpec) for f in dataclasses.fields(spec)}
-    keys = {k.replace("-", "_") for k in at_convergence.PLAIN} | (spec_fields & config_fields)
-    assert {"max_length", "local_optimizer", "learning_rate"} <= keys
-    differ = {k: (getattr(cfg, k), getattr(defaults, k)) for k in sorted(keys)
-              if getattr(cfg, k) != getattr(defaults, k)}
+    read = (spec_fields & config_fields) - {"task_options"}
+    # EncodeSpec carries the task's options record whole: each of its keys counts too
+    read |= {f.name for f in dataclasses.fields(defaults.task_options)}
+    keys = set(at_convergence.PLAIN) | {k.replace("_", "-") for k in read}
+    assert {"max-length", "local-optimizer", "learning-rate"} <= keys
+    # to_flower: a task's own keys (e.g. class-weighting) are in its options record
+    ours, theirs = cfg.to_flower(), defaults.to_flower()
+    differ = {k: (ours[k], theirs[k]) for k in sorted(keys) if ours[k] != theirs[k]}
     assert differ == {}
 
 
@@ -402,7 +406,8 @@ def test_at_convergence_reports_plateaus_drops_bytes_and_exported_vs_last(
 
     ((central_cfg, clients, central_size),) = calls
     assert (clients, central_size, central_cfg.partitioner) == (2, size, "iid")
-    assert (central_cfg.validation_fraction, central_cfg.skew_loss, central_cfg.seed) == (
+    assert (central_cfg.validation_fraction, central_cfg.task_options.skew_loss,
+            central_cfg.seed) == (
         0.1, "none", 0)
     assert [(v.run_name, v.cfg.partitioner, v.cfg.dirichlet_alpha) for v in fake.validated] == [
         ("at-convergence-plain-iid-00", "iid", 0.5),
@@ -836,7 +841,8 @@ def test_dp_sgd_reports_each_sites_spend_the_drop_and_the_targets(tmp_path, tiny
     # logit-adjusted without DP-SGD, and no DP must train the loss the DP runs train.
     set_why = result["config"]["set for every variant (why)"]
     assert set(set_why) == {"dp-sgd-noise-multiplier", "dp-noise-multiplier", "skew-loss"}
-    assert RunConfig().skew_loss == "auto" and no_dp.cfg.skew_loss == "none"
+    assert RunConfig().task_options.skew_loss == "auto"
+    assert no_dp.cfg.task_options.skew_loss == "none"
     assert result["config"]["variants add"]["no-dp"] == {"dp-sgd-target-epsilon": math.inf}
 
 
