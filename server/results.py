@@ -23,11 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from common.config import ConfigError
+
 Metrics = Mapping[str, float]
 
 
-class ResultsError(ValueError):
-    """A results line is not a results row (a field is missing or has the wrong type)."""
+class ResultsError(ConfigError):
+    """A results line is not a results row (a field is missing or has the wrong type), or
+    the file is damaged: a bad input for a resume or a report, refused like a bad config
+    (``resume-from`` checks and ``resumable_round`` treat it as one)."""
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from server.model_selection import Selection
 from server.preflight import NO_CENTRAL_EVALUATION, check_new_run_folder
 from server.privacy import PrivacyReport, sampled_per_round, wrap_with_dp
 from server.recorder import EarlyStop, RoundRecorder, arrays_to_state
+from server.results import ResultsError
 from server.run_outputs import (
     AppRecord,
     RunFailed,
@@ -74,8 +75,12 @@ def run_federation(grid: Grid, cfg: RunConfig, *, app: AppRecord | None = None) 
     except BaseException as exc:
         # Only a folder that is this run's: never an older run's that shares the name.
         if outputs.started or cfg.resume_from:
-            rows = outputs.read_results()
             message = f"the server stopped with {type(exc).__name__}: {exc}"
+            try:
+                rows = outputs.read_results()
+            except ResultsError as damaged:  # the outcome is still written
+                rows = []
+                message += f"; results.jsonl cannot be read: {damaged}"
             if rounds_aggregated(rows):  # recorded rounds are kept: say how to go on
                 message += (f"; rounds up to {rows[-1].round} are recorded with their "
                             f"checkpoints: continue with resume-from={outputs.folder}")

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from common.config import ConfigError
 from server.results import (
     Bytes,
     Clients,
@@ -51,6 +52,11 @@ def test_a_line_that_is_not_json_with_rows_after_it_is_an_error_not_the_end(tmp_
 
     with pytest.raises(ResultsError, match=r"results.jsonl: line 2 is not JSON .* 1 line"):
         read_results(path)
+    # a bad input, refused like a bad config: a resume check says "nothing to resume"
+    from server.run_outputs import resumable_round
+
+    assert issubclass(ResultsError, ConfigError)
+    assert resumable_round(tmp_path) is None
 
 
 def test_the_json_keeps_the_documented_names_and_nesting():
