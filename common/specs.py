@@ -13,7 +13,9 @@ filled by name (``spec_from_config``). ``tests/common/test_specs.py`` checks tha
 ``RunConfig`` field is in a spec (these, or a task's loss spec) or listed as in none,
 so a new config field cannot be forgotten: whoever adds one decides where it goes. A
 task's own keys (``RunConfig.task_options``, its ``TaskInfo.options`` record) travel as one
-field of the model, data and encode specs, so a new one keys every cache. Only
+field of the model, data and encode specs, so a new one keys every cache, unless the
+record holds loss keys only (``TaskInfo.options_shape_data`` False: classification's),
+which the task's loss spec reads and which must not split the caches. Only
 ``ModelSpec``, ``DataSpec``, ``PartitionSpec`` and ``EncodeSpec`` key caches; a field
 that changes a cached object belongs in one of those, not in ``TrainSpec``,
 ``DPSGDSpec`` or a loss spec (which are rebuilt every round).
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.config import RunConfig, _column_partition
+from common.tasks import task_info
 
 T = TypeVar("T")
 
@@ -35,10 +38,14 @@ T = TypeVar("T")
 def spec_from_config(cls: type[T], cfg: RunConfig, **extra: Any) -> T:
     """An instance of the spec dataclass ``cls`` with its fields copied from ``cfg``.
 
-    Fields not in ``RunConfig`` come from ``extra`` (e.g. the resolved model path).
+    Fields not in ``RunConfig`` come from ``extra`` (e.g. the resolved model path). A
+    ``task_options`` field gets the run's options record only when it shapes the cached
+    objects (``TaskInfo.options_shape_data``), else None.
     """
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     values = {name: getattr(cfg, name) for name in names - extra.keys()}
+    if "task_options" in values and not task_info(cfg.task).options_shape_data:
+        values["task_options"] = None
     return cls(**values, **extra)
 
 

@@ -68,6 +68,11 @@ class TaskInfo:
     # config as ``task_options`` (``options_class``); set for another task, its keys are
     # refused, naming this task. Empty: the task has no keys of its own.
     options: str = ""
+    # Whether ``options`` change what the cached objects hold (the model, the rows, their
+    # encoding): then the record is a field of ``ModelSpec`` / ``DataSpec`` /
+    # ``EncodeSpec`` and keys their caches (sft: its columns and template); False for a
+    # record of loss keys only (classification), which its ``loss_spec`` reads instead.
+    options_shape_data: bool = True
     # RunConfig fields only this task reads (classification's, which the data layer and
     # the generic checks read too): set (changed from the default) for another task they
     # are refused, naming this task, rather than ignored. A field may be owned by several
@@ -140,6 +145,7 @@ _TASKS: dict[str, TaskInfo] = {
         default_model="minilm",
         selection_metric="accuracy",
         options="common.tasks.classification_config:ClassificationOptions",
+        options_shape_data=False,  # loss keys only: they must not split the caches
         own_keys=("labels", "text_column", "label_column", "label_case_fold",
                   "classes_per_client"),
         site_keys=("text-column", "label-column"),

@@ -18,7 +18,6 @@ from common.specs import (
     spec_from_config,
 )
 from common.tasks import get_task, task_names
-from common.tasks.classification_config import ClassificationOptions
 
 SPECS = (ModelSpec, DataSpec, PartitionSpec, EncodeSpec, TrainSpec, DPSGDSpec)
 # Fields in no spec: read by the server, the strategy or the client's glue directly.
@@ -109,7 +108,7 @@ def test_the_model_key_holds_the_resolved_path_and_the_labels(tiny_model_dir):
 def test_spec_from_config_takes_extra_fields_only_for_names_outside_the_config():
     spec = spec_from_config(EncodeSpec, RunConfig(max_length=32), tokenizer_path="/t")
     assert spec == EncodeSpec(task="classification", max_length=32, tokenizer_path="/t",
-                              task_options=ClassificationOptions())
+                              task_options=None)  # its options are loss keys: no cache key
 
 
 @pytest.mark.parametrize("change", [
@@ -133,6 +132,19 @@ def test_the_dp_sgd_spec_holds_the_rounds_its_budget_is_planned_over():
     assert DPSGDSpec.of(cfg).num_server_rounds == 7
     assert DPSGDSpec.of(cfg) != DPSGDSpec.of(cfg.replace(dp_sgd_delta=1e-6))
     assert DPSGDSpec.of(cfg) == DPSGDSpec.of(cfg.replace(learning_rate=1e-3))
+
+
+def test_classifications_loss_keys_key_no_cache_and_sfts_keys_do(tiny_model_dir):
+    # A loss key changes the loss spec only: a sweep over it shares the cached splits,
+    # model and encoded data. sft's keys change the rows and their encoding.
+    cfg = RunConfig(model=str(tiny_model_dir))
+    for changed in (cfg.replace(focal_gamma=2.0), cfg.replace(class_weighting="inverse-frequency")):
+        assert DataSpec.of(changed) == DataSpec.of(cfg)
+        assert ModelSpec.of(changed, ["a", "b"]) == ModelSpec.of(cfg, ["a", "b"])
+        assert EncodeSpec.of(changed, "/t") == EncodeSpec.of(cfg, "/t")
+    sft = RunConfig(task="sft")
+    assert DataSpec.of(sft.replace(messages_column="chat")) != DataSpec.of(sft)
+    assert EncodeSpec.of(sft.replace(train_on="all"), "/t") != EncodeSpec.of(sft, "/t")
 
 
 def test_a_tasks_loss_spec_holds_its_own_loss_keys_only():
