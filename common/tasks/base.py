@@ -80,6 +80,8 @@ class RoundFeedback(Protocol):
     ``Task.site_metrics``, non-negative ints), each client masks them after its weight,
     and after the round the feedback gets only their sum over the round's surviving
     sampled sites (``collect_sum``), never one site's values; ``collect`` is not called.
+    The strategy asks ``summed_keys`` every round (the plain step ignores them), so a
+    feedback implements all three methods.
     """
 
     def collect(self, site: str, metrics: Mapping[str, Any]) -> None:
@@ -242,9 +244,10 @@ class Task(Protocol):
 
     def loss_spec(self, cfg: RunConfig) -> Hashable:
         """The task's own keys that shape its loss, ``site_metrics`` and
-        ``round_feedback``: a frozen dataclass of the task's, filled from ``cfg`` by name
-        (``common.specs.spec_from_config``); equal for configs that differ only in keys
-        it does not own. What ``make_loss`` and the two others take as ``spec``."""
+        ``round_feedback``: a frozen dataclass of the task's, filled from ``cfg`` (e.g.
+        from its options record, ``cfg.task_options``); equal for configs that differ
+        only in keys it does not own. What ``make_loss`` and the two others take as
+        ``spec``."""
         ...
 
     def eval_spec(self, cfg: RunConfig) -> Hashable:

@@ -707,7 +707,8 @@ def _token_losses(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     # The labels are shifted, not the logits (as transformers' own causal-LM loss does):
     # position t predicts label t+1, and the last position gets IGNORE_INDEX. Slicing
     # the logits instead would copy the whole (batch, length, vocabulary) tensor to
-    # flatten it (about a third of the loss's time on a CPU); this reshape is a view, and
+    # flatten it (about a third of the loss's time on a CPU); with fp32 logits this
+    # reshape is a view (half-precision ones are copied by ``.float()`` either way), and
     # the softmax still runs over contiguous memory.
     targets = F.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
     losses = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),

@@ -342,3 +342,32 @@ def test_round_feedback_collects_replies_by_site_and_feeds_later_round_configs()
     assert [site for site, _ in feedback.collected] == ["node-1", "node-2"]
     assert feedback.collected[0][1]["x"] == 3
     assert all(c["seen"] == 2 and c["label-names"] == ["a", "b"] for c in configs(2))
+
+
+def test_an_aborted_secure_set_up_sends_no_train_message_at_all():
+    # A node whose train config lacks the secure-aggregation entries would send its
+    # update in plaintext: after an aborted set-up no node may get a train message.
+    from flwr.app import ConfigRecord
+
+    from server.secure_aggregation import SecAggAbort, SecAggRoundInfo
+    from tests.server.messages import NodesGrid
+
+    class AbortingSetUp:  # the SecureAggregator surface the step uses
+        def setup(self, grid, node_ids, server_round, summed_keys=()):
+            raise SecAggAbort("2 of 2 nodes dropped while sharing keys")
+
+        def round_info(self):
+            return SecAggRoundInfo(round=1)
+
+    strategy = TrackedStrategy(
+        FedAvg(), exchanged_spec={"w": ((2,), np.dtype("float32"))}, seed=0, min_replies=1,
+        secure=AbortingSetUp())  # type: ignore[arg-type]
+    messages = list(strategy.configure_train(
+        1, ArrayRecord({"w": Array(ZERO["w"])}), ConfigRecord({}), NodesGrid(2)))
+
+    assert messages == []
+    stats = strategy.take_round_stats(1)
+    assert stats is not None and stats.sampled == 2
+    assert any("secure aggregation set-up failed: 2 of 2 nodes dropped" in p
+               for p in stats.problems)
+    assert not strategy.aggregation.reads_arrays  # masked replies are only summed
