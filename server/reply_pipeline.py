@@ -29,11 +29,14 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from common.encoding import UpdateEncoding, decode_update
+
+if TYPE_CHECKING:  # the protocol only: the pipeline imports no task code (torch)
+    from common.tasks.base import RoundFeedback
 from server.results import SiteCompute, SiteData
 from server.validation import (
     ArraySpec,
@@ -132,32 +135,26 @@ class RoundSetup:
     problems: tuple[str, ...] = ()
 
 
-class FeedbackSink(Protocol):
-    """Where a step hands a round's site statistics (``common.tasks.base.RoundFeedback``)."""
-
-    def collect(self, site: str, metrics: Mapping[str, Any]) -> None: ...
-
-    def collect_sum(self, sums: Mapping[str, int]) -> None: ...
-
-
 class AggregationStep(Protocol):
     """How one round's updates become the new global state, as the strategy's one step.
 
-    The strategy calls ``setup`` before the train messages go out, then the step itself
-    with the round's replies and the state sent (-> the round's :class:`Aggregate`),
-    then ``collect_feedback``. ``reads_arrays`` says whether a reply's arrays are
-    loaded into its :class:`Reply` (masked replies are only ever summed).
+    The strategy calls ``setup`` (with the round's config) before the train messages go
+    out, then the step itself with the round's replies and the state sent (-> the
+    round's :class:`Aggregate`), then ``collect_feedback``, which hands the round's site
+    statistics to the task's ``RoundFeedback`` the step was built with, if any.
+    ``reads_arrays`` says whether a reply's arrays are loaded into its :class:`Reply`
+    (masked replies are only ever summed).
     """
 
     @property
     def reads_arrays(self) -> bool: ...
 
     def setup(self, rnd: int, node_ids: list[int], grid: Any,
-              summed_keys: Sequence[str] = ()) -> RoundSetup: ...
+              round_config: Mapping[str, Any]) -> RoundSetup: ...
 
     def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate: ...
 
-    def collect_feedback(self, rnd: int, replies: Sequence[Reply], feedback: FeedbackSink,
+    def collect_feedback(self, rnd: int, replies: Sequence[Reply],
                          site_key: Callable[[int], str]) -> None: ...
 
 
@@ -473,22 +470,25 @@ class ValidatedAggregation:
     max_update_norm: float = 0.0
     uniform_weights: bool = False
     why_no_model: Callable[[int], str] = lambda n: f"round skipped: no model from {n} replies"
+    feedback: RoundFeedback | None = None  # the task's, when the run needs one
 
     @property
     def reads_arrays(self) -> bool:
         return True
 
     def setup(self, rnd: int, node_ids: list[int], grid: Any,
-              summed_keys: Sequence[str] = ()) -> RoundSetup:
+              round_config: Mapping[str, Any]) -> RoundSetup:
         """Nothing to set up: the round's messages go as sampled."""
         return RoundSetup()
 
-    def collect_feedback(self, rnd: int, replies: Sequence[Reply], feedback: FeedbackSink,
+    def collect_feedback(self, rnd: int, replies: Sequence[Reply],
                          site_key: Callable[[int], str]) -> None:
         """Each site's own statistics, from every reply that is not an error."""
+        if self.feedback is None:
+            return
         for reply in replies:
             if reply.error is None:
-                feedback.collect(site_key(reply.node), reply.metrics)
+                self.feedback.collect(site_key(reply.node), reply.metrics)
 
     def __call__(self, rnd: int, replies: Sequence[Reply], sent: State) -> Aggregate:
         prepared = prepare_updates(

@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -49,7 +49,6 @@ from common.secagg_protocol import (
 from server.reply_pipeline import (
     Aggregate,
     AggregationRule,
-    FeedbackSink,
     Reply,
     RoundSetup,
     State,
@@ -59,6 +58,9 @@ from server.reply_pipeline import (
     restore_dtypes,
 )
 from server.validation import ArraySpec
+
+if TYPE_CHECKING:  # the protocol only: no task code (torch) at import
+    from common.tasks.base import RoundFeedback
 
 __all__ = ["SecAggAbort", "SecAggRoundInfo", "SecureAggregationStep", "SecureAggregator"]
 log = logging.getLogger(__name__)
@@ -315,11 +317,13 @@ class SecureAggregationStep:
     """
 
     def __init__(self, secure: SecureAggregator, *, rule: AggregationRule,
-                 spec: Mapping[str, ArraySpec], min_replies: int) -> None:
+                 spec: Mapping[str, ArraySpec], min_replies: int,
+                 feedback: RoundFeedback | None = None) -> None:
         self.secure = secure
         self.rule = rule
         self.spec = dict(spec)
         self.min_replies = min_replies
+        self.feedback = feedback  # the task's: its summed_keys are masked with the update
         self._grid: Grid | None = None  # the unmask stage talks to the clients again
 
     @property
@@ -327,13 +331,15 @@ class SecureAggregationStep:
         return False  # masked replies are only ever summed
 
     def setup(self, rnd: int, node_ids: list[int], grid: Grid,
-              summed_keys: Sequence[str] = ()) -> RoundSetup:
+              round_config: Mapping[str, Any]) -> RoundSetup:
         """The key stages for ``node_ids``; no entries (no node trains) when the set-up
         aborts.
 
-        ``summed_keys``: the site statistics the round sums with the update (after the
-        round, ``sums()`` holds their total)."""
+        The feedback's ``summed_keys`` for ``round_config`` are the site statistics the
+        round sums with the update (after the round, ``sums()`` holds their total)."""
         self._grid = grid
+        summed_keys = (() if self.feedback is None
+                       else self.feedback.summed_keys(round_config))
         problems: list[str] = []
         try:
             entries = self.secure.setup(grid, node_ids, rnd, summed_keys=summed_keys)
@@ -344,12 +350,12 @@ class SecureAggregationStep:
         return RoundSetup(entries=entries, bytes_down=info.setup_bytes_down,
                           bytes_up=info.setup_bytes_up, problems=(*problems, *info.problems))
 
-    def collect_feedback(self, rnd: int, replies: Sequence[Reply], feedback: FeedbackSink,
+    def collect_feedback(self, rnd: int, replies: Sequence[Reply],
                          site_key: Callable[[int], str]) -> None:
         """Only the round's secure sums: no site's own statistics travel in plaintext."""
         sums = self.sums(rnd)  # {} when the round's unmasking failed
-        if sums:
-            feedback.collect_sum(sums)
+        if sums and self.feedback is not None:
+            self.feedback.collect_sum(sums)
 
     def sums(self, rnd: int) -> dict[str, int]:
         """The unmasked sums of round ``rnd``'s summed statistics; {} when it summed none

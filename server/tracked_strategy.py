@@ -209,14 +209,16 @@ class TrackedStrategy(Strategy):
         self.aggregation: AggregationStep
         if secure is not None:
             self.aggregation = SecureAggregationStep(
-                secure, rule=rule, spec=self.exchanged_spec, min_replies=min_replies)
+                secure, rule=rule, spec=self.exchanged_spec, min_replies=min_replies,
+                feedback=round_feedback)
         else:
             # DP-FedAvg's sensitivity bound (clipping norm / sampled clients) holds only
             # for an unweighted mean, so with DP every valid reply counts as one example.
             self.aggregation = ValidatedAggregation(
                 rule=rule, spec=self.exchanged_spec, encoding=encoding,
                 min_replies=min_replies, max_update_norm=max_update_norm,
-                uniform_weights=uniform_weights, why_no_model=rule.why_no_model)
+                uniform_weights=uniform_weights, why_no_model=rule.why_no_model,
+                feedback=round_feedback)
         self._stats: dict[int, RoundStats] = {}
         self._sent: dict[int, dict[str, np.ndarray]] = {}  # the state sent, by round
         self._sent_at: dict[int, float] = {}
@@ -275,10 +277,8 @@ class TrackedStrategy(Strategy):
         messages = list(self.inner.configure_train(rnd, arrays, ConfigRecord(round_config),
                                                    grid))
         stats = self._update(rnd, sampled=len(messages))
-        keys = (() if self.round_feedback is None
-                else self.round_feedback.summed_keys(round_config))
         setup = self.aggregation.setup(rnd, [m.metadata.dst_node_id for m in messages],
-                                       grid, summed_keys=keys)
+                                       grid, round_config)
         if setup.entries is not None:
             messages = _with_entries(messages, setup.entries)
         stats = self._update(rnd, bytes_down=stats.bytes_down + setup.bytes_down,
@@ -308,9 +308,7 @@ class TrackedStrategy(Strategy):
         silent = silent_problems([m.metadata.dst_node_id for m in sent],
                                  [reply.node for reply in plain], site_key=self._site_key)
         result = self.aggregation(rnd, plain, self._sent.get(rnd, {}))
-        if self.round_feedback is not None:
-            self.aggregation.collect_feedback(
-                rnd, plain, self.round_feedback, self._site_key or (lambda n: f"node-{n}"))
+        self.aggregation.collect_feedback(rnd, plain, self._site_key or (lambda n: f"node-{n}"))
         self._update(
             rnd, wait_seconds=wait, replies=len(messages),
             timeouts=max(stats.sampled - len(messages), 0),

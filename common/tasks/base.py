@@ -80,8 +80,6 @@ class RoundFeedback(Protocol):
     ``Task.site_metrics``, non-negative ints), each client masks them after its weight,
     and after the round the feedback gets only their sum over the round's surviving
     sampled sites (``collect_sum``), never one site's values; ``collect`` is not called.
-    The strategy asks ``summed_keys`` every round (the plain step ignores them), so a
-    feedback implements all three methods.
     """
 
     def collect(self, site: str, metrics: Mapping[str, Any]) -> None:

@@ -184,12 +184,6 @@ def test_the_sft_statistics_and_gpu_metrics_are_read_and_bad_optional_ones_dropp
 
 
 def test_the_plain_step_sets_nothing_up_and_hands_each_good_reply_to_the_feedback():
-    step = ValidatedAggregation(rule=lambda rnd, updates: (None, None), spec={},
-                                encoding=FP32, min_replies=1)
-    setup = step.setup(3, [1, 2], grid=None, summed_keys=("label-count-0",))
-    assert setup == RoundSetup() and setup.entries is None  # messages go as sampled
-    assert step.reads_arrays
-
     class Sink:
         def __init__(self):
             self.got = []
@@ -197,11 +191,20 @@ def test_the_plain_step_sets_nothing_up_and_hands_each_good_reply_to_the_feedbac
         def collect(self, site, metrics):
             self.got.append((site, dict(metrics)))
 
+        def summed_keys(self, round_config):
+            raise AssertionError("a plain round sums nothing securely")
+
         def collect_sum(self, sums):
             raise AssertionError("plain replies are collected one by one")
 
     sink = Sink()
+    step = ValidatedAggregation(rule=lambda rnd, updates: (None, None), spec={},
+                                encoding=FP32, min_replies=1, feedback=sink)
+    setup = step.setup(3, [1, 2], grid=None, round_config={"label-names": ["a", "b"]})
+    assert setup == RoundSetup() and setup.entries is None  # messages go as sampled
+    assert step.reads_arrays
+
     good = Reply(node=7, arrays=None, metrics={"label-count-0": 4})
     failed = Reply(node=8, arrays=None, error="boom")
-    step.collect_feedback(3, [good, failed], sink, site_key=lambda n: f"site-{n}")
+    step.collect_feedback(3, [good, failed], site_key=lambda n: f"site-{n}")
     assert sink.got == [("site-7", {"label-count-0": 4})]

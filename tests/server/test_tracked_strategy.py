@@ -312,7 +312,7 @@ class _Feedback:
         return {"seen": len(self.collected)} if self.collected else {}
 
     def summed_keys(self, round_config):
-        return ()  # nothing summed securely (this strategy has no secure step)
+        raise AssertionError("a plain round sums nothing securely")
 
     def collect_sum(self, sums):
         raise AssertionError("a plain round hands over each site's metrics, never a sum")
